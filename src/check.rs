@@ -1,0 +1,189 @@
+//! `inspect` and `fsck`: read envelopes straight from the backing directory, no mount.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::crypto::FileKey;
+use crate::envelope::{decode_region, is_hole, SizeError, SlotError};
+use crate::error::{Error, Result};
+use crate::volume::{Volume, VolumeConfig, CONFIG_NAME};
+
+/// The volume root above `path`: the nearest directory holding `envelopefs.toml`.
+pub fn find_root(path: &Path) -> Result<PathBuf> {
+    let abs = std::fs::canonicalize(path).map_err(|e| Error::io(e, format!("{}", path.display())))?;
+    let mut dir = abs.parent();
+    while let Some(d) = dir {
+        if d.join(CONFIG_NAME).is_file() {
+            return Ok(d.to_owned());
+        }
+        dir = d.parent();
+    }
+    Err(Error::new(libc::ENOENT, format!("{} is not inside an envelopefs volume (no {CONFIG_NAME} above it)", path.display())))
+}
+
+/// Print what a header says, without unwrapping anything.
+pub fn inspect(path: &Path, out: &mut impl Write) -> Result<()> {
+    let root = find_root(path)?;
+    let cfg = VolumeConfig::load(&root)?;
+    let geo = cfg.geometry()?;
+    let f = File::open(path).map_err(|e| Error::io(e, format!("opening {}", path.display())))?;
+    let len = f.metadata().map_err(|e| Error::io(e, "fstat"))?.len();
+    let w = |e: std::io::Error| Error::io(e, "writing output");
+    writeln!(out, "file:            {}", path.display()).map_err(w)?;
+    writeln!(out, "volume:          {} ({})", root.display(), cfg.volume_id).map_err(w)?;
+    writeln!(out, "backing size:    {len}").map_err(w)?;
+    match geo.plain_size(len) {
+        Ok(s) => writeln!(out, "plaintext size:  {s}"),
+        Err(e) => writeln!(out, "plaintext size:  {} (damaged: {e})", e.readable_size()),
+    }
+    .map_err(w)?;
+    if len == 0 {
+        writeln!(out, "header:          none yet (empty file)").map_err(w)?;
+        return Ok(());
+    }
+    let mut region = vec![0u8; geo.header_size as usize];
+    let n = f.read_at(&mut region, 0).map_err(|e| Error::io(e, "reading header"))?;
+    region.truncate(n);
+    region.resize(geo.header_size as usize, 0);
+    let mut slots = decode_region(&region);
+    slots.sort_by_key(|(i, _)| *i);
+    for (i, s) in slots {
+        match s {
+            Ok(v) => {
+                let h = v.header;
+                writeln!(out, "slot {i}:          generation {}, file id {}, block size {}", h.generation, hex::encode(h.file_id), h.block_size)
+                    .map_err(w)?;
+                for r in h.records {
+                    writeln!(
+                        out,
+                        "  key record:    provider {}, KEK {:?} version {}, wrapped DEK {} bytes",
+                        r.provider.name(),
+                        r.kek_id,
+                        r.kek_version,
+                        r.wrapped.len()
+                    )
+                    .map_err(w)?;
+                }
+            }
+            Err(e) => writeln!(out, "slot {i}:          {e}").map_err(w)?,
+        }
+    }
+    Ok(())
+}
+
+/// What fsck found in one file.
+#[derive(Debug)]
+pub struct Problem {
+    pub path: PathBuf,
+    pub what: String,
+    pub repaired: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct FsckReport {
+    pub files: u64,
+    pub blocks: u64,
+    pub holes: u64,
+    pub problems: Vec<Problem>,
+}
+
+/// Check that every header and every block of every envelope authenticates. Without
+/// `repair` nothing is written. With it: a damaged header slot is rewritten from the good
+/// one, and a torn trailing block fragment is cut off. Blocks that do not authenticate are
+/// never "repaired": they are reported.
+pub fn fsck(vol: &Volume, repair: bool) -> Result<FsckReport> {
+    let mut report = FsckReport::default();
+    walk(vol, &vol.root, true, repair, &mut report)?;
+    Ok(report)
+}
+
+fn walk(vol: &Volume, dir: &Path, is_root: bool, repair: bool, rep: &mut FsckReport) -> Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(e, format!("listing {}", dir.display())))?
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| Error::io(e, format!("listing {}", dir.display())))?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let path = e.path();
+        let ft = e.file_type().map_err(|e| Error::io(e, format!("{}", path.display())))?;
+        if is_root && e.file_name().to_string_lossy().starts_with("envelopefs.") {
+            continue;
+        }
+        if ft.is_dir() {
+            walk(vol, &path, false, repair, rep)?;
+        } else if ft.is_file() {
+            rep.files += 1;
+            check_file(vol, &path, repair, rep);
+        }
+    }
+    Ok(())
+}
+
+fn check_file(vol: &Volume, path: &Path, repair: bool, rep: &mut FsckReport) {
+    let mut problem = |what: String, repaired: bool| rep.problems.push(Problem { path: path.to_owned(), what, repaired });
+    let f = match std::fs::OpenOptions::new().read(true).write(repair).open(path) {
+        Ok(f) => f,
+        Err(e) => return problem(format!("cannot open: {e}"), false),
+    };
+    let geo = vol.geometry;
+    let len = match f.metadata() {
+        Ok(m) => m.len(),
+        Err(e) => return problem(format!("cannot stat: {e}"), false),
+    };
+    if len == 0 {
+        return;
+    }
+    let size = match geo.plain_size(len) {
+        Ok(s) => s,
+        Err(SizeError::ShortHeader) => return problem(format!("{len} bytes: shorter than the header region"), false),
+        Err(e @ SizeError::TornBlock { plain }) => {
+            let fixed = repair && f.set_len(geo.backing_size(plain)).is_ok();
+            problem(format!("{e} (a crash mid-append?); readable size {plain}"), fixed);
+            plain
+        }
+    };
+    let mut region = vec![0u8; geo.header_size as usize];
+    if let Err(e) = f.read_exact_at(&mut region, 0) {
+        return problem(format!("cannot read header: {e}"), false);
+    }
+    let opened = match vol.open_header(&region) {
+        Ok(o) => o,
+        Err(e) => return problem(format!("header: {e}"), false),
+    };
+    // The other slot should hold a valid header too (generation may be older).
+    let half = geo.slot_size();
+    let other = 1 - opened.slot;
+    let other_ok = match decode_region(&region).into_iter().find(|(i, _)| *i == other) {
+        Some((_, Ok(v))) => opened.key.verify_header_tag(&v.authenticated, &v.tag),
+        Some((_, Err(SlotError::Empty))) | Some((_, Err(_))) | None => false,
+    };
+    if !other_ok {
+        let good = region[opened.slot * half..(opened.slot + 1) * half].to_vec();
+        let fixed = repair && f.write_all_at(&good, (other * half) as u64).and_then(|_| f.sync_data()).is_ok();
+        problem(format!("header slot {other} is damaged; slot {} is good", opened.slot), fixed);
+    }
+    check_blocks(&f, vol, &opened.key, size, path, rep);
+}
+
+fn check_blocks(f: &File, vol: &Volume, key: &FileKey, size: u64, path: &Path, rep: &mut FsckReport) {
+    let geo = vol.geometry;
+    let mut stored = Vec::new();
+    let mut out = Vec::new();
+    for i in 0..geo.block_count(size) {
+        let blen = geo.block_len(i, size) as usize;
+        stored.resize(blen + crate::envelope::BLOCK_OVERHEAD as usize, 0);
+        out.resize(blen, 0);
+        rep.blocks += 1;
+        if let Err(e) = f.read_exact_at(&mut stored, geo.block_offset(i)) {
+            rep.problems.push(Problem { path: path.to_owned(), what: format!("block {i}: {e}"), repaired: false });
+            return;
+        }
+        if is_hole(&stored) {
+            rep.holes += 1;
+        } else if key.open_block(i, &stored, &mut out).is_err() {
+            rep.problems.push(Problem { path: path.to_owned(), what: format!("block {i} does not authenticate"), repaired: false });
+        }
+    }
+}

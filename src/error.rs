@@ -1,0 +1,108 @@
+//! One error type for the whole filesystem: an errno for the kernel plus the context a
+//! person needs in the log (which file, which key, why).
+
+use std::fmt;
+use std::io;
+
+/// An error that knows which errno to reply with and says what went wrong.
+#[derive(Debug)]
+pub struct Error {
+    errno: i32,
+    context: String,
+    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn new(errno: i32, context: impl Into<String>) -> Self {
+        Self { errno, context: context.into(), source: None }
+    }
+
+    /// An I/O error from the backing store, keeping its errno.
+    pub fn io(err: io::Error, context: impl Into<String>) -> Self {
+        Self {
+            errno: err.raw_os_error().unwrap_or(libc::EIO),
+            context: context.into(),
+            source: Some(Box::new(err)),
+        }
+    }
+
+    /// Data that does not authenticate or parse: never hand out wrong bytes.
+    pub fn corrupt(context: impl Into<String>) -> Self {
+        Self::new(libc::EIO, context)
+    }
+
+    /// The key needed is missing, disabled or refused.
+    pub fn access(context: impl Into<String>) -> Self {
+        Self::new(libc::EACCES, context)
+    }
+
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Box::new(source));
+        self
+    }
+
+    /// Prefix more context (for example the path of the file concerned).
+    pub fn context(mut self, outer: impl fmt::Display) -> Self {
+        self.context = format!("{outer}: {}", self.context);
+        self
+    }
+
+    pub fn errno(&self) -> i32 {
+        self.errno
+    }
+
+    /// Errors a healthy filesystem returns all the time (ENOENT on lookup, ENOTEMPTY…)
+    /// are not worth a warning; tampering, key trouble and I/O failures are.
+    pub fn is_noteworthy(&self) -> bool {
+        matches!(self.errno, libc::EIO | libc::EACCES | libc::ENOSPC | libc::EROFS)
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.context)?;
+        if let Some(src) = &self.source {
+            write!(f, ": {src}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_deref().map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+/// Turn the last OS error into an `Error` with context.
+pub fn last_os(context: impl Into<String>) -> Error {
+    Error::io(io::Error::last_os_error(), context)
+}
+
+/// Run a libc call returning -1 on failure.
+pub fn cvt(ret: libc::c_int, context: impl FnOnce() -> String) -> Result<libc::c_int> {
+    if ret == -1 {
+        Err(Error::io(io::Error::last_os_error(), context()))
+    } else {
+        Ok(ret)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_errors_keep_their_errno_and_context() {
+        let e = Error::io(io::Error::from_raw_os_error(libc::ENOENT), "open a/b");
+        assert_eq!(e.errno(), libc::ENOENT);
+        assert!(e.to_string().starts_with("open a/b: "));
+        assert!(!e.is_noteworthy());
+        let e = Error::corrupt("block 3 does not authenticate").context("file x");
+        assert_eq!(e.errno(), libc::EIO);
+        assert_eq!(e.to_string(), "file x: block 3 does not authenticate");
+        assert!(e.is_noteworthy());
+    }
+}

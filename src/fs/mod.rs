@@ -1,0 +1,750 @@
+//! `EncryptedFs`: POSIX semantics over a backing directory, in plain Rust. The FUSE adapter
+//! (`mount`) only translates requests to these methods; tests call them directly.
+//!
+//! Every known inode holds an O_PATH descriptor of its backing object, so renames and hard
+//! links need no path bookkeeping and nothing ever follows a symlink in the backing tree.
+
+mod sys;
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirEntryExt, FileExt};
+use std::os::unix::io::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::content::Content;
+use crate::crypto::FileKey;
+use crate::envelope::{is_hole, BLOCK_OVERHEAD};
+use crate::error::{Error, Result};
+use crate::volume::{Volume, CONFIG_NAME, KEYRING_NAME};
+
+pub const ROOT_INO: u64 = 1;
+
+/// Names in the backing root that belong to the volume, not to its users: hidden from the
+/// mount and refused as targets.
+const RESERVED: [&str; 4] =
+    [CONFIG_NAME, KEYRING_NAME, "envelopefs.toml.tmp", "envelopefs.keyring.tmp"];
+
+/// Attributes as the filesystem reports them (sizes are plaintext sizes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub size: u64,
+    pub blocks: u64,
+    pub atime: SystemTime,
+    pub mtime: SystemTime,
+    pub ctime: SystemTime,
+    /// Type and permission bits, as in `st_mode`.
+    pub mode: u32,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u32,
+    pub blksize: u32,
+}
+
+impl Attr {
+    pub fn kind(&self) -> u32 {
+        self.mode & libc::S_IFMT
+    }
+}
+
+/// Who asked: new objects are owned by the caller.
+#[derive(Clone, Copy, Debug)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// A time to set: a given instant or "now".
+#[derive(Clone, Copy, Debug)]
+pub enum SetTime {
+    At(SystemTime),
+    Now,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+    pub fh: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirEntry {
+    pub ino: u64,
+    /// Type bits (`S_IFMT`) of the entry.
+    pub kind: u32,
+    pub name: OsString,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct StatFs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+    pub frsize: u32,
+}
+
+struct ContentState {
+    /// The file's key while any handle has it open (and while it is empty: `None`).
+    key: Option<Arc<FileKey>>,
+    opens: usize,
+}
+
+struct Inode {
+    ino: u64,
+    fd: OwnedFd,
+    dev_ino: (u64, u64),
+    fmt: u32,
+    lookups: AtomicU64,
+    /// Readers share it; writes, truncates and allocations take it alone.
+    content: RwLock<ContentState>,
+}
+
+impl Inode {
+    fn raw(&self) -> i32 {
+        self.fd.as_raw_fd()
+    }
+    fn describe(&self) -> String {
+        sys::describe_fd(self.raw())
+    }
+    fn is_symlink(&self) -> bool {
+        self.fmt == libc::S_IFLNK
+    }
+}
+
+struct FileHandle {
+    inode: Arc<Inode>,
+    file: File,
+    append: bool,
+    writable: bool,
+}
+
+#[derive(Clone)]
+enum Handle {
+    File(Arc<FileHandle>),
+    Dir(Arc<Vec<DirEntry>>),
+}
+
+#[derive(Default)]
+struct Table {
+    by_ino: HashMap<u64, Arc<Inode>>,
+    by_dev_ino: HashMap<(u64, u64), u64>,
+}
+
+pub struct EncryptedFs {
+    vol: Arc<Volume>,
+    root_dev: u64,
+    /// A readable descriptor of the root, for statfs.
+    root_dir: File,
+    table: Mutex<Table>,
+    next_ino: AtomicU64,
+    handles: RwLock<HashMap<u64, Handle>>,
+    next_fh: AtomicU64,
+}
+
+fn system_time(sec: i64, nsec: i64) -> SystemTime {
+    if sec >= 0 {
+        UNIX_EPOCH + Duration::new(sec as u64, nsec as u32)
+    } else {
+        UNIX_EPOCH - Duration::from_secs((-sec) as u64) + Duration::from_nanos(nsec as u64)
+    }
+}
+
+fn timespec(t: Option<SetTime>) -> libc::timespec {
+    match t {
+        None => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
+        Some(SetTime::Now) => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW },
+        Some(SetTime::At(t)) => match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => libc::timespec { tv_sec: d.as_secs() as i64, tv_nsec: d.subsec_nanos() as i64 },
+            Err(e) => {
+                let d = e.duration();
+                let (mut s, mut n) = (-(d.as_secs() as i64), -(d.subsec_nanos() as i64));
+                if n < 0 {
+                    s -= 1;
+                    n += 1_000_000_000;
+                }
+                libc::timespec { tv_sec: s, tv_nsec: n }
+            }
+        },
+    }
+}
+
+impl EncryptedFs {
+    /// Serve `vol`. Sets the process umask to 0: modes arrive from the kernel already
+    /// masked by the caller's umask and must reach the backing store unchanged.
+    pub fn new(vol: Arc<Volume>) -> Result<Self> {
+        unsafe { libc::umask(0) };
+        let root = sys::cstr(vol.root.as_os_str())?;
+        let fd = sys::openat(libc::AT_FDCWD, &root, libc::O_PATH | libc::O_DIRECTORY, 0)
+            .map_err(|e| e.context(format!("opening backing directory {}", vol.root.display())))?;
+        let st = sys::fstat(fd.as_raw_fd())?;
+        let root_dir = sys::reopen(&fd, libc::O_RDONLY | libc::O_DIRECTORY)?;
+        let root = Arc::new(Inode {
+            ino: ROOT_INO,
+            fd,
+            dev_ino: (st.st_dev, st.st_ino),
+            fmt: libc::S_IFDIR,
+            lookups: AtomicU64::new(1),
+            content: RwLock::new(ContentState { key: None, opens: 0 }),
+        });
+        let mut table = Table::default();
+        table.by_dev_ino.insert(root.dev_ino, ROOT_INO);
+        table.by_ino.insert(ROOT_INO, root);
+        Ok(Self {
+            vol,
+            root_dev: st.st_dev,
+            root_dir,
+            table: Mutex::new(table),
+            next_ino: AtomicU64::new(1 << 63),
+            handles: RwLock::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+        })
+    }
+
+    pub fn volume(&self) -> &Arc<Volume> {
+        &self.vol
+    }
+
+    fn inode(&self, ino: u64) -> Result<Arc<Inode>> {
+        self.table.lock().unwrap().by_ino.get(&ino).cloned().ok_or_else(|| Error::new(libc::ESTALE, format!("unknown inode {ino}")))
+    }
+
+    /// Inode numbers are the backing inode numbers where that is unambiguous, so `stat`
+    /// and `readdir` agree; others (another device, or 1) get numbers from the top half.
+    /// A backing inode cannot be reused while we hold its O_PATH descriptor.
+    fn intern(&self, fd: OwnedFd, st: &libc::stat) -> Arc<Inode> {
+        let mut t = self.table.lock().unwrap();
+        let key = (st.st_dev, st.st_ino);
+        if let Some(ino) = t.by_dev_ino.get(&key) {
+            let inode = t.by_ino[ino].clone();
+            inode.lookups.fetch_add(1, Ordering::Relaxed);
+            return inode;
+        }
+        let ino = if st.st_dev == self.root_dev && st.st_ino > ROOT_INO && st.st_ino < (1 << 63) {
+            st.st_ino
+        } else {
+            self.next_ino.fetch_add(1, Ordering::Relaxed)
+        };
+        let inode = Arc::new(Inode {
+            ino,
+            fd,
+            dev_ino: key,
+            fmt: st.st_mode & libc::S_IFMT,
+            lookups: AtomicU64::new(1),
+            content: RwLock::new(ContentState { key: None, opens: 0 }),
+        });
+        t.by_dev_ino.insert(key, ino);
+        t.by_ino.insert(ino, inode.clone());
+        inode
+    }
+
+    pub fn forget(&self, ino: u64, n: u64) {
+        if ino == ROOT_INO {
+            return;
+        }
+        let mut t = self.table.lock().unwrap();
+        if let Some(inode) = t.by_ino.get(&ino) {
+            let prev = inode.lookups.fetch_sub(n.min(inode.lookups.load(Ordering::Relaxed)), Ordering::Relaxed);
+            if prev <= n {
+                let key = inode.dev_ino;
+                t.by_ino.remove(&ino);
+                t.by_dev_ino.remove(&key);
+            }
+        }
+    }
+
+    /// Number of inodes the kernel holds references to (for tests and status).
+    pub fn inode_count(&self) -> usize {
+        self.table.lock().unwrap().by_ino.len()
+    }
+
+    fn attr_of(&self, ino: u64, st: &libc::stat) -> Attr {
+        let mut size = st.st_size as u64;
+        if st.st_mode & libc::S_IFMT == libc::S_IFREG {
+            size = match self.vol.geometry.plain_size(size) {
+                Ok(s) => s,
+                Err(e) => e.readable_size(),
+            };
+        }
+        Attr {
+            ino,
+            size,
+            blocks: st.st_blocks as u64,
+            atime: system_time(st.st_atime, st.st_atime_nsec),
+            mtime: system_time(st.st_mtime, st.st_mtime_nsec),
+            ctime: system_time(st.st_ctime, st.st_ctime_nsec),
+            mode: st.st_mode,
+            nlink: st.st_nlink as u32,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            rdev: st.st_rdev as u32,
+            blksize: self.vol.geometry.block_size as u32,
+        }
+    }
+
+    fn check_name(&self, parent: u64, name: &OsStr) -> Result<()> {
+        if parent == ROOT_INO && RESERVED.iter().any(|r| OsStr::new(r) == name) {
+            return Err(Error::new(libc::EPERM, format!("{name:?} is reserved for the volume's own files")));
+        }
+        Ok(())
+    }
+
+    fn lookup_fd(&self, parent: &Inode, name: &OsStr) -> Result<Attr> {
+        let c = sys::cstr(name)?;
+        let fd = sys::open_path(parent.raw(), &c)?;
+        let st = sys::fstat(fd.as_raw_fd())?;
+        let inode = self.intern(fd, &st);
+        Ok(self.attr_of(inode.ino, &st))
+    }
+
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr> {
+        if parent == ROOT_INO && RESERVED.iter().any(|r| OsStr::new(r) == name) {
+            return Err(Error::new(libc::ENOENT, "reserved name"));
+        }
+        let p = self.inode(parent)?;
+        self.lookup_fd(&p, name)
+    }
+
+    pub fn getattr(&self, ino: u64) -> Result<Attr> {
+        let inode = self.inode(ino)?;
+        let st = sys::fstat(inode.raw())?;
+        Ok(self.attr_of(ino, &st))
+    }
+
+    /// Owner of a new object: the caller, with the group inherited from a set-gid parent.
+    fn owner_for(&self, parent: &Inode, caller: Caller) -> Result<(u32, u32)> {
+        let pst = sys::fstat(parent.raw())?;
+        let gid = if pst.st_mode & libc::S_ISGID != 0 { pst.st_gid } else { caller.gid };
+        Ok((caller.uid, gid))
+    }
+
+    /// After `make` created `name` in `parent` as root, hand it to the caller and look it up.
+    fn finish_new(&self, parent: &Inode, name: &OsStr, caller: Caller, mode: u32) -> Result<Attr> {
+        let c = sys::cstr(name)?;
+        let fd = sys::open_path(parent.raw(), &c)?;
+        let (uid, gid) = self.owner_for(parent, caller)?;
+        sys::fchown_fd(fd.as_raw_fd(), uid, gid)?;
+        let st = sys::fstat(fd.as_raw_fd())?;
+        // chown clears set-id bits of executables even for root: put them back.
+        if st.st_mode & libc::S_IFMT != libc::S_IFLNK && st.st_mode & 0o7777 != mode & 0o7777 {
+            sys::chmod_fd(fd.as_raw_fd(), mode & 0o7777)?;
+        }
+        let st = sys::fstat(fd.as_raw_fd())?;
+        let inode = self.intern(fd, &st);
+        Ok(self.attr_of(inode.ino, &st))
+    }
+
+    pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, umask: u32, caller: Caller) -> Result<Attr> {
+        self.check_name(parent, name)?;
+        let p = self.inode(parent)?;
+        let mode = mode & !umask & 0o7777;
+        sys::mkdirat(p.raw(), &sys::cstr(name)?, mode)?;
+        // A set-gid parent makes the new directory set-gid too.
+        let pst = sys::fstat(p.raw())?;
+        let mode = if pst.st_mode & libc::S_ISGID != 0 { mode | libc::S_ISGID } else { mode };
+        self.finish_new(&p, name, caller, mode)
+    }
+
+    /// Regular files, fifos, sockets and device nodes. A regular file starts empty, with
+    /// no header: its first write creates one.
+    pub fn mknod(&self, parent: u64, name: &OsStr, mode: u32, umask: u32, rdev: u32, caller: Caller) -> Result<Attr> {
+        self.check_name(parent, name)?;
+        let p = self.inode(parent)?;
+        let perm = mode & !umask & 0o7777;
+        sys::mknodat(p.raw(), &sys::cstr(name)?, (mode & libc::S_IFMT) | perm, rdev as u64)?;
+        self.finish_new(&p, name, caller, perm)
+    }
+
+    pub fn symlink(&self, parent: u64, name: &OsStr, target: &OsStr, caller: Caller) -> Result<Attr> {
+        self.check_name(parent, name)?;
+        let p = self.inode(parent)?;
+        sys::symlinkat(&sys::cstr(target)?, p.raw(), &sys::cstr(name)?)?;
+        self.finish_new(&p, name, caller, 0o777)
+    }
+
+    pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
+        sys::readlinkat(self.inode(ino)?.raw())
+    }
+
+    pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> Result<Attr> {
+        self.check_name(newparent, newname)?;
+        let inode = self.inode(ino)?;
+        let np = self.inode(newparent)?;
+        sys::linkat_fd(inode.raw(), np.raw(), &sys::cstr(newname)?)?;
+        let st = sys::fstat(inode.raw())?;
+        inode.lookups.fetch_add(1, Ordering::Relaxed);
+        Ok(self.attr_of(inode.ino, &st))
+    }
+
+    pub fn unlink(&self, parent: u64, name: &OsStr) -> Result<()> {
+        self.check_name(parent, name)?;
+        sys::unlinkat(self.inode(parent)?.raw(), &sys::cstr(name)?, 0)
+    }
+
+    pub fn rmdir(&self, parent: u64, name: &OsStr) -> Result<()> {
+        self.check_name(parent, name)?;
+        sys::unlinkat(self.inode(parent)?.raw(), &sys::cstr(name)?, libc::AT_REMOVEDIR)
+    }
+
+    /// `flags`: RENAME_NOREPLACE and RENAME_EXCHANGE pass through; RENAME_WHITEOUT is refused.
+    pub fn rename(&self, parent: u64, name: &OsStr, newparent: u64, newname: &OsStr, flags: u32) -> Result<()> {
+        self.check_name(parent, name)?;
+        self.check_name(newparent, newname)?;
+        if flags & !(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) != 0 {
+            return Err(Error::new(libc::EINVAL, "unsupported rename flags"));
+        }
+        let p = self.inode(parent)?;
+        let np = self.inode(newparent)?;
+        sys::renameat2(p.raw(), &sys::cstr(name)?, np.raw(), &sys::cstr(newname)?, flags)
+    }
+
+    pub fn setattr(&self, ino: u64, set: SetAttr) -> Result<Attr> {
+        let inode = self.inode(ino)?;
+        if let Some(mode) = set.mode {
+            if !inode.is_symlink() {
+                sys::chmod_fd(inode.raw(), mode & 0o7777)?;
+            }
+        }
+        if set.uid.is_some() || set.gid.is_some() {
+            sys::fchown_fd(inode.raw(), set.uid.unwrap_or(u32::MAX), set.gid.unwrap_or(u32::MAX))?;
+        }
+        if let Some(size) = set.size {
+            self.truncate(&inode, size, set.fh)?;
+        }
+        if set.atime.is_some() || set.mtime.is_some() {
+            sys::utimens_fd(inode.raw(), inode.is_symlink(), &[timespec(set.atime), timespec(set.mtime)])?;
+        }
+        let st = sys::fstat(inode.raw())?;
+        Ok(self.attr_of(ino, &st))
+    }
+
+    fn truncate(&self, inode: &Arc<Inode>, size: u64, fh: Option<u64>) -> Result<()> {
+        match inode.fmt {
+            libc::S_IFREG => {}
+            libc::S_IFDIR => return Err(Error::new(libc::EISDIR, "truncate of a directory")),
+            _ => return Err(Error::new(libc::EINVAL, "truncate of a special file")),
+        }
+        let handle = fh.and_then(|fh| self.file_handle(fh).ok()).filter(|h| h.writable);
+        let own;
+        let file = match &handle {
+            Some(h) => &h.file,
+            None => {
+                own = sys::reopen(&inode.fd, libc::O_RDWR)?;
+                &own
+            }
+        };
+        let mut st = inode.content.write().unwrap();
+        let key = self.key_for_write(&mut st, file, size > 0).map_err(|e| e.context(inode.describe()))?;
+        if key.is_none() {
+            return Ok(()); // empty, headerless, and staying empty
+        }
+        let c = Content { file, geo: self.vol.geometry, key: key.as_deref() };
+        c.truncate(size).map_err(|e| e.context(inode.describe()))
+    }
+
+    /// The key for a change to `file`: the loaded one, the one in its header, or (for an
+    /// empty file about to get content) a new header.
+    fn key_for_write(&self, st: &mut ContentState, file: &File, needs_header: bool) -> Result<Option<Arc<FileKey>>> {
+        if let Some(k) = &st.key {
+            return Ok(Some(k.clone()));
+        }
+        let len = file.metadata().map_err(|e| Error::io(e, "fstat"))?.len();
+        let key = if len > 0 {
+            self.load_key(file)?
+        } else if needs_header {
+            let (region, key) = self.vol.new_header()?;
+            file.write_all_at(&region, 0).map_err(|e| Error::io(e, "writing header"))?;
+            key
+        } else {
+            return Ok(None);
+        };
+        if st.opens > 0 {
+            st.key = Some(key.clone());
+        }
+        Ok(Some(key))
+    }
+
+    /// Read and authenticate the header of a non-empty envelope, then check that it belongs
+    /// to this content: a header pasted from another file unwraps fine but its key does not
+    /// open this file's first block.
+    fn load_key(&self, file: &File) -> Result<Arc<FileKey>> {
+        let geo = self.vol.geometry;
+        let len = file.metadata().map_err(|e| Error::io(e, "fstat"))?.len();
+        if len < geo.header_size {
+            return Err(Error::corrupt(format!("backing file is {len} bytes, shorter than its header region")));
+        }
+        let mut region = vec![0u8; geo.header_size as usize];
+        file.read_exact_at(&mut region, 0).map_err(|e| Error::io(e, "reading header"))?;
+        let opened = self.vol.open_header(&region)?;
+        let first = (len - geo.header_size).min(geo.stored_block_size());
+        if first > BLOCK_OVERHEAD {
+            let mut stored = vec![0u8; first as usize];
+            file.read_exact_at(&mut stored, geo.header_size).map_err(|e| Error::io(e, "reading block 0"))?;
+            let mut out = vec![0u8; first as usize - BLOCK_OVERHEAD as usize];
+            if !is_hole(&stored) && opened.key.open_block(0, &stored, &mut out).is_err() {
+                return Err(Error::corrupt(
+                    "header does not belong to this file's content (block 0 does not open with its key; pasted from another file?)",
+                ));
+            }
+        }
+        Ok(opened.key)
+    }
+
+    fn handle(&self, fh: u64) -> Result<Handle> {
+        self.handles.read().unwrap().get(&fh).cloned().ok_or_else(|| Error::new(libc::EBADF, "unknown handle"))
+    }
+
+    fn file_handle(&self, fh: u64) -> Result<Arc<FileHandle>> {
+        match self.handle(fh)? {
+            Handle::File(h) => Ok(h),
+            Handle::Dir(_) => Err(Error::new(libc::EISDIR, "handle is a directory")),
+        }
+    }
+
+    fn add_handle(&self, h: Handle) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.write().unwrap().insert(fh, h);
+        fh
+    }
+
+    fn open_inode(&self, inode: Arc<Inode>, flags: i32, file: Option<File>) -> Result<u64> {
+        if inode.fmt != libc::S_IFREG {
+            return Err(Error::new(if inode.fmt == libc::S_IFDIR { libc::EISDIR } else { libc::EINVAL }, "not a regular file"));
+        }
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        // Partial-block writes read the block first, so writers always get read access.
+        let file = match file {
+            Some(f) => f,
+            None => sys::reopen(&inode.fd, if writable { libc::O_RDWR } else { libc::O_RDONLY })?,
+        };
+        {
+            let mut st = inode.content.write().unwrap();
+            if st.key.is_none() && file.metadata().map_err(|e| Error::io(e, "fstat"))?.len() > 0 {
+                st.key = Some(self.load_key(&file).map_err(|e| e.context(inode.describe()))?);
+            }
+            st.opens += 1;
+        }
+        let trunc = writable && flags & libc::O_TRUNC != 0;
+        let fh = self.add_handle(Handle::File(Arc::new(FileHandle {
+            inode: inode.clone(),
+            file,
+            append: flags & libc::O_APPEND != 0,
+            writable,
+        })));
+        if trunc {
+            if let Err(e) = self.truncate(&inode, 0, Some(fh)) {
+                self.release(fh);
+                return Err(e);
+            }
+        }
+        Ok(fh)
+    }
+
+    pub fn open(&self, ino: u64, flags: i32) -> Result<u64> {
+        let inode = self.inode(ino)?;
+        self.open_inode(inode, flags, None)
+    }
+
+    /// Create and open a regular file. It starts without a header (see `mknod`).
+    pub fn create(&self, parent: u64, name: &OsStr, mode: u32, umask: u32, flags: i32, caller: Caller) -> Result<(Attr, u64)> {
+        self.check_name(parent, name)?;
+        let p = self.inode(parent)?;
+        let c = sys::cstr(name)?;
+        let perm = mode & !umask & 0o7777;
+        match sys::openat(p.raw(), &c, libc::O_CREAT | libc::O_EXCL | libc::O_RDWR | libc::O_NOFOLLOW, perm) {
+            Ok(fd) => {
+                let attr = self.finish_new(&p, name, caller, perm)?;
+                let fh = self.open_inode(self.inode(attr.ino)?, flags & !libc::O_TRUNC, Some(File::from(fd)))?;
+                Ok((attr, fh))
+            }
+            Err(e) if e.errno() == libc::EEXIST && flags & libc::O_EXCL == 0 => {
+                let attr = self.lookup_fd(&p, name)?;
+                let fh = self.open(attr.ino, flags)?;
+                Ok((self.getattr(attr.ino)?, fh))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let h = self.file_handle(fh)?;
+        let st = h.inode.content.read().unwrap();
+        let c = Content { file: &h.file, geo: self.vol.geometry, key: st.key.as_deref() };
+        c.read(offset, size as usize).map_err(|e| e.context(h.inode.describe()))
+    }
+
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        let h = self.file_handle(fh)?;
+        if !h.writable {
+            return Err(Error::new(libc::EBADF, "handle is read-only"));
+        }
+        let mut st = h.inode.content.write().unwrap();
+        let key = self.key_for_write(&mut st, &h.file, true).map_err(|e| e.context(h.inode.describe()))?;
+        let c = Content { file: &h.file, geo: self.vol.geometry, key: key.as_deref() };
+        let offset = if h.append { c.size()? } else { offset };
+        c.write(offset, data).map_err(|e| e.context(h.inode.describe()))?;
+        Ok(data.len() as u32)
+    }
+
+    pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> Result<()> {
+        if mode != 0 {
+            return Err(Error::new(libc::EOPNOTSUPP, "only fallocate mode 0 is supported"));
+        }
+        let h = self.file_handle(fh)?;
+        let mut st = h.inode.content.write().unwrap();
+        let key = self.key_for_write(&mut st, &h.file, true).map_err(|e| e.context(h.inode.describe()))?;
+        let c = Content { file: &h.file, geo: self.vol.geometry, key: key.as_deref() };
+        c.allocate(offset, len).map_err(|e| e.context(h.inode.describe()))
+    }
+
+    pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {
+        let h = self.file_handle(fh)?;
+        let r = if datasync { h.file.sync_data() } else { h.file.sync_all() };
+        r.map_err(|e| Error::io(e, format!("fsync {}", h.inode.describe())))
+    }
+
+    pub fn release(&self, fh: u64) {
+        let Some(h) = self.handles.write().unwrap().remove(&fh) else { return };
+        if let Handle::File(h) = h {
+            let mut st = h.inode.content.write().unwrap();
+            st.opens = st.opens.saturating_sub(1);
+            if st.opens == 0 {
+                // The cache keeps it for its TTL; the inode does not outlive the opens.
+                st.key = None;
+            }
+        }
+    }
+
+    pub fn opendir(&self, ino: u64) -> Result<u64> {
+        let inode = self.inode(ino)?;
+        let dir = sys::reopen(&inode.fd, libc::O_RDONLY | libc::O_DIRECTORY)?;
+        let path = format!("/proc/self/fd/{}", dir.as_raw_fd());
+        let mut entries = vec![
+            DirEntry { ino, kind: libc::S_IFDIR, name: ".".into() },
+            DirEntry { ino: ROOT_INO, kind: libc::S_IFDIR, name: "..".into() },
+        ];
+        for e in std::fs::read_dir(&path).map_err(|e| Error::io(e, format!("readdir {}", inode.describe())))? {
+            let e = e.map_err(|e| Error::io(e, format!("readdir {}", inode.describe())))?;
+            let name = e.file_name();
+            if ino == ROOT_INO && RESERVED.iter().any(|r| OsStr::new(r) == name) {
+                continue;
+            }
+            let ft = e.file_type().map_err(|e| Error::io(e, "readdir"))?;
+            use std::os::unix::fs::FileTypeExt;
+            let kind = if ft.is_dir() {
+                libc::S_IFDIR
+            } else if ft.is_symlink() {
+                libc::S_IFLNK
+            } else if ft.is_fifo() {
+                libc::S_IFIFO
+            } else if ft.is_socket() {
+                libc::S_IFSOCK
+            } else if ft.is_char_device() {
+                libc::S_IFCHR
+            } else if ft.is_block_device() {
+                libc::S_IFBLK
+            } else {
+                libc::S_IFREG
+            };
+            entries.push(DirEntry { ino: e.ino(), kind, name });
+        }
+        Ok(self.add_handle(Handle::Dir(Arc::new(entries))))
+    }
+
+    /// Entries from position `offset` on; an entry's position is its index + 1.
+    pub fn readdir(&self, fh: u64, offset: u64, mut add: impl FnMut(&DirEntry, u64) -> bool) -> Result<()> {
+        let Handle::Dir(entries) = self.handle(fh)? else {
+            return Err(Error::new(libc::ENOTDIR, "not a directory handle"));
+        };
+        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+            if add(e, i as u64 + 1) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        self.handles.write().unwrap().remove(&fh);
+    }
+
+    pub fn fsyncdir(&self, ino: u64) -> Result<()> {
+        let inode = self.inode(ino)?;
+        sys::reopen(&inode.fd, libc::O_RDONLY | libc::O_DIRECTORY)?.sync_all().map_err(|e| Error::io(e, "fsync directory"))
+    }
+
+    pub fn statfs(&self) -> Result<StatFs> {
+        let s = sys::fstatvfs(self.root_dir.as_raw_fd())?;
+        Ok(StatFs {
+            blocks: s.f_blocks,
+            bfree: s.f_bfree,
+            bavail: s.f_bavail,
+            files: s.f_files,
+            ffree: s.f_ffree,
+            bsize: s.f_bsize as u32,
+            namelen: s.f_namemax as u32,
+            frsize: s.f_frsize as u32,
+        })
+    }
+
+    /// Only `user.*` extended attributes pass through (stored unencrypted, like names).
+    fn xattr_name(name: &OsStr) -> Result<std::ffi::CString> {
+        if !name.as_bytes().starts_with(b"user.") {
+            return Err(Error::new(libc::EOPNOTSUPP, "only user.* extended attributes are supported"));
+        }
+        sys::cstr(name)
+    }
+
+    pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+        let inode = self.inode(ino)?;
+        if inode.is_symlink() {
+            return Err(Error::new(libc::EPERM, "no user xattrs on symlinks"));
+        }
+        sys::setxattr(inode.raw(), &Self::xattr_name(name)?, value, flags)
+    }
+
+    pub fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> Result<Vec<u8>> {
+        let inode = self.inode(ino)?;
+        if !name.as_bytes().starts_with(b"user.") || inode.is_symlink() {
+            return Err(Error::new(libc::ENODATA, "no such attribute"));
+        }
+        sys::getxattr(inode.raw(), &sys::cstr(name)?, size as usize)
+    }
+
+    /// The NUL-separated list of `user.*` names.
+    pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>> {
+        let inode = self.inode(ino)?;
+        if inode.is_symlink() {
+            return Ok(Vec::new());
+        }
+        let all = sys::listxattr(inode.raw())?;
+        let mut out = Vec::new();
+        for n in all.split(|&b| b == 0).filter(|n| n.starts_with(b"user.")) {
+            out.extend_from_slice(n);
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    pub fn removexattr(&self, ino: u64, name: &OsStr) -> Result<()> {
+        let inode = self.inode(ino)?;
+        if inode.is_symlink() {
+            return Err(Error::new(libc::EPERM, "no user xattrs on symlinks"));
+        }
+        sys::removexattr(inode.raw(), &Self::xattr_name(name)?)
+    }
+}

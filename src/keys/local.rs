@@ -1,0 +1,406 @@
+//! The `local` provider: a keyring file of KEK versions, sealed with AES-256-GCM under a key
+//! derived from a passphrase (Argon2id) or from a 32-byte key file. The embedded default:
+//! it needs nothing running.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+
+use zeroize::Zeroizing;
+
+use super::secret::Secret;
+use super::{KekVersionInfo, KeyContext, KeyProvider, VolumeId};
+use crate::crypto::{fill_random, new_aead, Backend, Dek, KEY_LEN};
+use crate::envelope::{KeyRecord, ProviderKind, NONCE_LEN, TAG_LEN};
+use crate::error::{Error, Result};
+
+const MAGIC: &[u8; 8] = b"EFSKEYR1";
+const KDF_ARGON2ID: u8 = 1;
+const KDF_KEYFILE: u8 = 2;
+/// magic, kdf, reserved, m, t, p, salt, volume id, nonce.
+const PREAMBLE_LEN: usize = 8 + 1 + 3 + 4 + 4 + 4 + 16 + 16 + NONCE_LEN;
+const ENTRY_LEN: usize = 4 + 1 + KEY_LEN;
+const WRAPPED_LEN: usize = NONCE_LEN + KEY_LEN + TAG_LEN;
+/// The KEK id local key records carry.
+pub const KEK_ID: &str = "local";
+
+/// Argon2id cost. The default follows the RFC 9106 second recommendation (64 MiB, t=3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KdfParams {
+    pub m_kib: u32,
+    pub t: u32,
+    pub p: u32,
+}
+
+impl Default for KdfParams {
+    fn default() -> Self {
+        Self { m_kib: 64 * 1024, t: 3, p: 1 }
+    }
+}
+
+struct Entry {
+    version: u32,
+    retired: bool,
+    key: Zeroizing<[u8; KEY_LEN]>,
+}
+
+struct Ring {
+    current: u32,
+    entries: Vec<Entry>,
+}
+
+/// How the keyring file is sealed, kept so rotation can write it back the same way.
+struct Seal {
+    kdf: u8,
+    params: KdfParams,
+    salt: [u8; 16],
+    key: Zeroizing<[u8; 32]>,
+}
+
+pub struct LocalProvider {
+    path: PathBuf,
+    volume_id: VolumeId,
+    seal: Seal,
+    ring: RwLock<Ring>,
+}
+
+impl LocalProvider {
+    /// Create a keyring with one fresh KEK (version 1). Fails if the file exists.
+    pub fn create(path: &Path, volume_id: VolumeId, secret: &Secret, params: KdfParams) -> Result<Self> {
+        let mut salt = [0u8; 16];
+        fill_random(&mut salt)?;
+        let seal = Seal::derive(secret, params, salt)?;
+        let mut key = Zeroizing::new([0u8; KEY_LEN]);
+        fill_random(&mut key[..])?;
+        let ring = Ring { current: 1, entries: vec![Entry { version: 1, retired: false, key }] };
+        let p = Self { path: path.to_owned(), volume_id, seal, ring: RwLock::new(ring) };
+        p.write_file(true)?;
+        Ok(p)
+    }
+
+    /// Open and unlock an existing keyring.
+    pub fn open(path: &Path, volume_id: VolumeId, secret: &Secret) -> Result<Self> {
+        let raw = fs::read(path).map_err(|e| Error::io(e, format!("reading keyring {}", path.display())))?;
+        let bad = |why: &str| Error::new(libc::EINVAL, format!("keyring {} is damaged: {why}", path.display()));
+        if raw.len() < PREAMBLE_LEN + TAG_LEN || &raw[..8] != MAGIC {
+            return Err(bad("not an envelopefs keyring"));
+        }
+        let kdf = raw[8];
+        let u32_at = |o: usize| u32::from_le_bytes(raw[o..o + 4].try_into().unwrap());
+        let params = KdfParams { m_kib: u32_at(12), t: u32_at(16), p: u32_at(20) };
+        let salt: [u8; 16] = raw[24..40].try_into().unwrap();
+        if raw[40..56] != volume_id {
+            return Err(bad("it belongs to another volume"));
+        }
+        match (kdf, secret) {
+            (KDF_ARGON2ID, Secret::KeyFile(_)) => {
+                return Err(Error::access("this keyring is sealed with a passphrase, not a key file"))
+            }
+            (KDF_KEYFILE, Secret::Passphrase(_)) => {
+                return Err(Error::access("this keyring is sealed with a key file: pass --key-file"))
+            }
+            (KDF_ARGON2ID | KDF_KEYFILE, _) => {}
+            _ => return Err(bad("unknown key derivation")),
+        }
+        let seal = Seal::derive(secret, params, salt)?;
+        let nonce: [u8; NONCE_LEN] = raw[56..PREAMBLE_LEN].try_into().unwrap();
+        let body = &raw[PREAMBLE_LEN..];
+        let (ct, tag) = body.split_at(body.len() - TAG_LEN);
+        let mut plain = Zeroizing::new(vec![0u8; ct.len()]);
+        new_aead(Backend::AwsLc, &seal.key)
+            .open(&nonce, &raw[..PREAMBLE_LEN], ct, tag.try_into().unwrap(), &mut plain)
+            .map_err(|_| Error::access("wrong passphrase or key file (the keyring does not decrypt)"))?;
+        let ring = Ring::decode(&plain).ok_or_else(|| bad("its contents do not parse"))?;
+        Ok(Self { path: path.to_owned(), volume_id, seal, ring: RwLock::new(ring) })
+    }
+
+    /// Seal the keyring and replace the file atomically (temp file, fsync, rename, fsync dir).
+    fn write_file(&self, create_new: bool) -> Result<()> {
+        let ring = self.ring.read().unwrap();
+        let mut out = Vec::with_capacity(PREAMBLE_LEN + 64);
+        out.extend_from_slice(MAGIC);
+        out.push(self.seal.kdf);
+        out.extend_from_slice(&[0; 3]);
+        for v in [self.seal.params.m_kib, self.seal.params.t, self.seal.params.p] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out.extend_from_slice(&self.seal.salt);
+        out.extend_from_slice(&self.volume_id);
+        let mut nonce = [0u8; NONCE_LEN];
+        fill_random(&mut nonce)?;
+        out.extend_from_slice(&nonce);
+        let mut body = ring.encode();
+        let tag = new_aead(Backend::AwsLc, &self.seal.key).seal(&nonce, &out, &mut body);
+        out.extend_from_slice(&body);
+        out.extend_from_slice(&tag);
+        let ctx = |what: &str| format!("{what} keyring {}", self.path.display());
+        if create_new && self.path.exists() {
+            return Err(Error::new(libc::EEXIST, ctx("refusing to overwrite")));
+        }
+        let tmp = self.path.with_extension("keyring.tmp");
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| Error::io(e, ctx("writing")))?;
+        f.write_all(&out).and_then(|_| f.sync_all()).map_err(|e| Error::io(e, ctx("writing")))?;
+        fs::rename(&tmp, &self.path).map_err(|e| Error::io(e, ctx("replacing")))?;
+        if let Some(dir) = self.path.parent() {
+            let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+            fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(e, ctx("syncing directory of")))?;
+        }
+        Ok(())
+    }
+
+    fn wrap_aad(&self, ctx: &KeyContext<'_>, version: u32) -> Vec<u8> {
+        let mut aad = b"envelopefs local wrap v1".to_vec();
+        aad.extend_from_slice(&self.volume_id);
+        aad.extend_from_slice(ctx.file_id);
+        aad.extend_from_slice(&version.to_le_bytes());
+        aad
+    }
+
+    fn wrap_under(&self, dek: &Dek, ctx: &KeyContext<'_>, version: u32) -> Result<KeyRecord> {
+        let ring = self.ring.read().unwrap();
+        let entry = ring.get(version)?;
+        let mut nonce = [0u8; NONCE_LEN];
+        fill_random(&mut nonce)?;
+        let mut wrapped = Vec::with_capacity(WRAPPED_LEN);
+        wrapped.extend_from_slice(&nonce);
+        let mut ct = Zeroizing::new(dek.expose().to_vec());
+        let tag = new_aead(Backend::AwsLc, &entry.key).seal(&nonce, &self.wrap_aad(ctx, version), &mut ct);
+        wrapped.extend_from_slice(&ct);
+        wrapped.extend_from_slice(&tag);
+        Ok(KeyRecord { provider: ProviderKind::Local, kek_id: KEK_ID.into(), kek_version: version, wrapped })
+    }
+
+    /// Mark a KEK version retired: it no longer unwraps. The caller checks first that no
+    /// header still needs it.
+    pub fn retire(&self, version: u32) -> Result<()> {
+        {
+            let mut ring = self.ring.write().unwrap();
+            if ring.current == version {
+                return Err(Error::new(libc::EBUSY, format!("KEK version {version} is current: rotate first")));
+            }
+            let e = ring.entries.iter_mut().find(|e| e.version == version);
+            e.ok_or_else(|| Error::new(libc::ENOENT, format!("no KEK version {version}")))?.retired = true;
+        }
+        self.write_file(false)
+    }
+}
+
+impl Seal {
+    fn derive(secret: &Secret, params: KdfParams, salt: [u8; 16]) -> Result<Self> {
+        let mut key = Zeroizing::new([0u8; 32]);
+        let kdf = match secret {
+            Secret::Passphrase(pw) => {
+                let p = argon2::Params::new(params.m_kib, params.t, params.p, Some(32))
+                    .map_err(|e| Error::new(libc::EINVAL, format!("bad Argon2id parameters: {e}")))?;
+                argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, p)
+                    .hash_password_into(pw, &salt, &mut key[..])
+                    .map_err(|e| Error::new(libc::EINVAL, format!("Argon2id failed: {e}")))?;
+                KDF_ARGON2ID
+            }
+            Secret::KeyFile(k) => {
+                // A key file is already full-entropy: one HMAC binds it to this keyring's salt.
+                let t = aws_lc_rs::hmac::sign(&aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &k[..]), &salt);
+                key.copy_from_slice(t.as_ref());
+                KDF_KEYFILE
+            }
+        };
+        Ok(Seal { kdf, params, salt, key })
+    }
+}
+
+impl Ring {
+    fn get(&self, version: u32) -> Result<&Entry> {
+        match self.entries.iter().find(|e| e.version == version) {
+            Some(e) if !e.retired => Ok(e),
+            Some(_) => Err(Error::access(format!("local KEK version {version} is retired"))),
+            None => Err(Error::access(format!("local KEK version {version} is not in the keyring"))),
+        }
+    }
+
+    fn encode(&self) -> Zeroizing<Vec<u8>> {
+        let mut b = Zeroizing::new(Vec::with_capacity(8 + self.entries.len() * ENTRY_LEN));
+        b.extend_from_slice(&self.current.to_le_bytes());
+        b.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
+        for e in &self.entries {
+            b.extend_from_slice(&e.version.to_le_bytes());
+            b.push(e.retired as u8);
+            b.extend_from_slice(&e.key[..]);
+        }
+        b
+    }
+
+    fn decode(b: &[u8]) -> Option<Ring> {
+        let current = u32::from_le_bytes(b.get(0..4)?.try_into().ok()?);
+        let count = u32::from_le_bytes(b.get(4..8)?.try_into().ok()?) as usize;
+        if b.len() != 8 + count * ENTRY_LEN {
+            return None;
+        }
+        let entries = b[8..]
+            .chunks_exact(ENTRY_LEN)
+            .map(|c| {
+                let mut key = Zeroizing::new([0u8; KEY_LEN]);
+                key.copy_from_slice(&c[5..]);
+                Entry { version: u32::from_le_bytes(c[..4].try_into().unwrap()), retired: c[4] != 0, key }
+            })
+            .collect::<Vec<_>>();
+        entries.iter().any(|e| e.version == current).then_some(Ring { current, entries })
+    }
+}
+
+impl KeyProvider for LocalProvider {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Local
+    }
+
+    fn describe(&self) -> String {
+        format!("local keyring {}", self.path.display())
+    }
+
+    fn generate(&self, ctx: &KeyContext<'_>) -> Result<(Dek, KeyRecord)> {
+        let dek = Dek::generate()?;
+        let version = self.ring.read().unwrap().current;
+        let rec = self.wrap_under(&dek, ctx, version)?;
+        Ok((dek, rec))
+    }
+
+    fn unwrap(&self, record: &KeyRecord, ctx: &KeyContext<'_>) -> Result<Dek> {
+        if record.provider != ProviderKind::Local {
+            return Err(Error::access(format!("key record is for provider {}", record.provider.name())));
+        }
+        if record.wrapped.len() != WRAPPED_LEN {
+            return Err(Error::access(format!("wrapped key has {} bytes, expected {WRAPPED_LEN}", record.wrapped.len())));
+        }
+        let ring = self.ring.read().unwrap();
+        let entry = ring.get(record.kek_version)?;
+        let nonce: [u8; NONCE_LEN] = record.wrapped[..NONCE_LEN].try_into().unwrap();
+        let ct = &record.wrapped[NONCE_LEN..NONCE_LEN + KEY_LEN];
+        let tag: &[u8; TAG_LEN] = record.wrapped[NONCE_LEN + KEY_LEN..].try_into().unwrap();
+        let mut plain = Zeroizing::new([0u8; KEY_LEN]);
+        new_aead(Backend::AwsLc, &entry.key)
+            .open(&nonce, &self.wrap_aad(ctx, record.kek_version), ct, tag, &mut plain[..])
+            .map_err(|_| {
+                Error::access(format!(
+                    "wrapped key does not authenticate under local KEK version {} (copied from another file or volume?)",
+                    record.kek_version
+                ))
+            })?;
+        Dek::from_slice(&plain[..])
+    }
+
+    fn current_version(&self) -> Result<u32> {
+        Ok(self.ring.read().unwrap().current)
+    }
+
+    fn rotate(&self) -> Result<u32> {
+        let mut key = Zeroizing::new([0u8; KEY_LEN]);
+        fill_random(&mut key[..])?;
+        let version = {
+            let mut ring = self.ring.write().unwrap();
+            let version = ring.entries.iter().map(|e| e.version).max().unwrap_or(0) + 1;
+            ring.entries.push(Entry { version, retired: false, key });
+            ring.current = version;
+            version
+        };
+        self.write_file(false)?;
+        Ok(version)
+    }
+
+    fn versions(&self) -> Result<Vec<KekVersionInfo>> {
+        let ring = self.ring.read().unwrap();
+        Ok(ring
+            .entries
+            .iter()
+            .map(|e| KekVersionInfo { version: e.version, current: e.version == ring.current, retired: e.retired })
+            .collect())
+    }
+
+    fn rewrap(&self, record: &KeyRecord, ctx: &KeyContext<'_>) -> Result<KeyRecord> {
+        let dek = self.unwrap(record, ctx)?;
+        let version = self.current_version()?;
+        self.wrap_under(&dek, ctx, version)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fast() -> KdfParams {
+        KdfParams { m_kib: 256, t: 1, p: 1 }
+    }
+
+    fn pw(s: &str) -> Secret {
+        Secret::Passphrase(Zeroizing::new(s.as_bytes().to_vec()))
+    }
+
+    #[test]
+    fn wrap_unwrap_rotate_reopen() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("k.keyring");
+        let vol = [1u8; 16];
+        let p = LocalProvider::create(&path, vol, &pw("hunter2"), fast()).unwrap();
+        let fid = [2u8; 16];
+        let ctx = KeyContext { volume_id: &vol, file_id: &fid };
+        let (dek, rec) = p.generate(&ctx).unwrap();
+        assert_eq!(rec.kek_version, 1);
+        assert_eq!(p.unwrap(&rec, &ctx).unwrap().expose(), dek.expose());
+
+        // Bound to the file id: another file's context does not unwrap it.
+        let other = [3u8; 16];
+        let err = p.unwrap(&rec, &KeyContext { volume_id: &vol, file_id: &other }).unwrap_err();
+        assert_eq!(err.errno(), libc::EACCES);
+
+        assert_eq!(p.rotate().unwrap(), 2);
+        let (_, rec2) = p.generate(&ctx).unwrap();
+        assert_eq!(rec2.kek_version, 2);
+        let rewrapped = p.rewrap(&rec, &ctx).unwrap();
+        assert_eq!(rewrapped.kek_version, 2);
+
+        // Reopen from disk: both versions are there and unwrap.
+        let q = LocalProvider::open(&path, vol, &pw("hunter2")).unwrap();
+        assert_eq!(q.current_version().unwrap(), 2);
+        assert_eq!(q.unwrap(&rec, &ctx).unwrap().expose(), dek.expose());
+        assert_eq!(q.unwrap(&rewrapped, &ctx).unwrap().expose(), dek.expose());
+
+        q.retire(1).unwrap();
+        let r = LocalProvider::open(&path, vol, &pw("hunter2")).unwrap();
+        assert_eq!(r.unwrap(&rec, &ctx).unwrap_err().errno(), libc::EACCES);
+        assert!(r.retire(2).is_err(), "the current version cannot be retired");
+    }
+
+    #[test]
+    fn wrong_secret_and_wrong_volume_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("k.keyring");
+        let vol = [1u8; 16];
+        LocalProvider::create(&path, vol, &pw("right"), fast()).unwrap();
+        let e = LocalProvider::open(&path, vol, &pw("wrong")).err().unwrap();
+        assert!(e.to_string().contains("wrong passphrase"), "{e}");
+        let e = LocalProvider::open(&path, [9u8; 16], &pw("right")).err().unwrap();
+        assert!(e.to_string().contains("another volume"), "{e}");
+        let e = LocalProvider::open(&path, vol, &Secret::KeyFile(Zeroizing::new([0; 32]))).err().unwrap();
+        assert!(e.to_string().contains("passphrase"), "{e}");
+        assert!(LocalProvider::create(&path, vol, &pw("x"), fast()).is_err(), "never overwrite a keyring");
+    }
+
+    #[test]
+    fn key_file_keyring() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("k.keyring");
+        let vol = [5u8; 16];
+        let kf = || Secret::KeyFile(Zeroizing::new([8u8; 32]));
+        LocalProvider::create(&path, vol, &kf(), fast()).unwrap();
+        assert!(LocalProvider::open(&path, vol, &kf()).is_ok());
+        assert!(LocalProvider::open(&path, vol, &Secret::KeyFile(Zeroizing::new([9u8; 32]))).is_err());
+        let raw = fs::read(&path).unwrap();
+        assert!(!raw.windows(4).any(|w| w == [8u8; 4]), "key file bytes never stored");
+    }
+}

@@ -1,0 +1,71 @@
+//! Key-encryption keys live in a key store ("provider"); data keys are generated per file,
+//! wrapped by the provider, and cached unwrapped in memory for a bounded time.
+
+pub mod cache;
+pub mod local;
+pub mod secret;
+
+use crate::crypto::Dek;
+use crate::envelope::{FileId, KeyRecord, ProviderKind};
+use crate::error::Result;
+
+pub const VOLUME_ID_LEN: usize = 16;
+pub type VolumeId = [u8; VOLUME_ID_LEN];
+
+/// What a wrapped key is bound to. Providers must authenticate it with the wrap (AAD for
+/// local and PKCS#11, the encryption context for KMS), so a wrapped key copied into another
+/// file or volume does not unwrap.
+#[derive(Clone, Copy, Debug)]
+pub struct KeyContext<'a> {
+    pub volume_id: &'a VolumeId,
+    pub file_id: &'a FileId,
+}
+
+impl KeyContext<'_> {
+    /// The encryption-context pairs a KMS binds (`envelopefs:volume`, `envelopefs:file`).
+    pub fn pairs(&self) -> [(&'static str, String); 2] {
+        [("envelopefs:volume", hex::encode(self.volume_id)), ("envelopefs:file", hex::encode(self.file_id))]
+    }
+}
+
+/// One KEK version as `key status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KekVersionInfo {
+    pub version: u32,
+    pub current: bool,
+    pub retired: bool,
+}
+
+/// A key store. The surface is synchronous: FUSE worker threads call it directly, and a
+/// provider that talks to a network service blocks on its own runtime (never the caller's).
+/// `unwrap_batch` exists so such providers can fan a batch out concurrently.
+pub trait KeyProvider: Send + Sync {
+    fn kind(&self) -> ProviderKind;
+
+    /// A short description for logs and `inspect` (never a secret).
+    fn describe(&self) -> String;
+
+    /// A fresh DEK and its wrapped form under the current KEK (like KMS GenerateDataKey).
+    fn generate(&self, ctx: &KeyContext<'_>) -> Result<(Dek, KeyRecord)>;
+
+    /// Recover a DEK. A missing, retired or refusing KEK is `EACCES`; a wrapped key that
+    /// does not authenticate against `ctx` is `EACCES` as well (it is not ours to open).
+    fn unwrap(&self, record: &KeyRecord, ctx: &KeyContext<'_>) -> Result<Dek>;
+
+    fn unwrap_batch(&self, items: &[(&KeyRecord, KeyContext<'_>)]) -> Vec<Result<Dek>> {
+        items.iter().map(|(r, c)| self.unwrap(r, c)).collect()
+    }
+
+    /// The KEK version new wraps use.
+    fn current_version(&self) -> Result<u32>;
+
+    /// Make a new KEK version current and return it.
+    fn rotate(&self) -> Result<u32>;
+
+    /// Every KEK version the store knows.
+    fn versions(&self) -> Result<Vec<KekVersionInfo>>;
+
+    /// Wrap the same DEK under the current KEK (header re-wrap). Providers that can do it
+    /// without the plaintext DEK leaving the store (KMS ReEncrypt) override this.
+    fn rewrap(&self, record: &KeyRecord, ctx: &KeyContext<'_>) -> Result<KeyRecord>;
+}

@@ -1,0 +1,17 @@
+//! envelopefs: a FUSE filesystem that encrypts each file with its own data key (DEK),
+//! wrapped by a key-encryption key (KEK) held in a key store.
+//!
+//! Layers: `envelope` (format, no I/O) → `crypto` (AES-256-GCM blocks) → `keys`
+//! (providers, DEK cache) → `volume` (config, headers) → `content` (block layer) →
+//! `fs` (POSIX over a backing directory) → `mount` (thin FUSE adapter).
+
+pub mod check;
+pub mod content;
+pub mod crypto;
+pub mod daemon;
+pub mod envelope;
+pub mod error;
+pub mod fs;
+pub mod keys;
+pub mod mount;
+pub mod volume;

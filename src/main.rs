@@ -1,0 +1,433 @@
+//! The `envelopefs` command line.
+
+use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tracing::{info, warn};
+
+use envelopefs::crypto::Backend;
+use envelopefs::daemon;
+use envelopefs::fs::EncryptedFs;
+use envelopefs::keys::cache::CacheConfig;
+use envelopefs::keys::local::KdfParams;
+use envelopefs::keys::secret::{SecretSource, CREDENTIAL_NAME, PASSPHRASE_ENV};
+use envelopefs::mount::MountOptions;
+use envelopefs::volume::{self, InitOptions, OpenOptions, Volume, CONFIG_NAME};
+
+#[derive(Parser)]
+#[command(
+    name = "envelopefs",
+    version,
+    about = "Transparent per-file envelope encryption as a FUSE filesystem",
+    long_about = "envelopefs mounts a plaintext view of a backing directory whose files are \
+envelopes: each holds its own random data key (DEK), wrapped by a key-encryption key (KEK) \
+that stays in its key store, followed by the content in AES-256-GCM blocks.\n\n\
+A first volume, with a passphrase:\n  \
+envelopefs init /srv/secret.enc\n  \
+envelopefs mount /srv/secret.enc /mnt/secret\n  \
+echo hello > /mnt/secret/note.txt\n  \
+envelopefs umount /mnt/secret\n\n\
+Logs go to stderr (or --log-file); RUST_LOG=debug shows more.",
+    after_help = "Secrets are never taken on the command line. The keyring secret comes from, in order: \
+--key-file, --passphrase-file, $ENVELOPEFS_PASSPHRASE, the systemd credential 'envelopefs.passphrase', \
+or a prompt on the terminal."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args, Clone, Default)]
+struct SecretArgs {
+    /// Read the keyring passphrase from this file (one trailing newline is ignored).
+    #[arg(long, value_name = "FILE")]
+    passphrase_file: Option<PathBuf>,
+    /// Unlock the keyring with a key file: 32 random bytes, or 64 hex digits.
+    /// Make one with: head -c 32 /dev/urandom > volume.key
+    #[arg(long, value_name = "FILE", conflicts_with = "passphrase_file")]
+    key_file: Option<PathBuf>,
+    /// Read the passphrase from standard input (used by a daemonizing mount for its child).
+    #[arg(long, hide = true)]
+    passphrase_stdin: bool,
+}
+
+impl SecretArgs {
+    fn source(&self) -> SecretSource {
+        SecretSource {
+            passphrase_file: self.passphrase_file.clone(),
+            key_file: self.key_file.clone(),
+            stdin: self.passphrase_stdin,
+        }
+    }
+
+    /// Would resolving the secret prompt on the terminal?
+    fn would_prompt(&self) -> bool {
+        self.passphrase_file.is_none()
+            && self.key_file.is_none()
+            && !self.passphrase_stdin
+            && std::env::var_os(PASSPHRASE_ENV).is_none()
+            && !std::env::var_os("CREDENTIALS_DIRECTORY")
+                .is_some_and(|d| Path::new(&d).join(CREDENTIAL_NAME).exists())
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ProviderArg {
+    /// A keyring file sealed by a passphrase or key file (no service needed).
+    Local,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Make an empty directory into an encrypted volume (writes envelopefs.toml and a keyring).
+    Init {
+        /// The backing directory that will hold the encrypted files. Must be empty.
+        backing: PathBuf,
+        /// Where the key-encryption key lives.
+        #[arg(long, value_enum, default_value = "local")]
+        provider: ProviderArg,
+        /// Plaintext bytes per encrypted block (power of two, 512 B to 1 MiB). Larger blocks
+        /// suit large sequential files; small random writes rewrite a whole block.
+        #[arg(long, default_value_t = 4096)]
+        block_size: u32,
+        /// Bytes reserved at the start of each file for its two header slots.
+        #[arg(long, default_value_t = 4096)]
+        header_size: u32,
+        /// Keep the keyring here instead of inside the backing directory (relative paths are
+        /// relative to the backing directory).
+        #[arg(long, value_name = "PATH")]
+        keyring: Option<PathBuf>,
+        /// Argon2id memory cost for a passphrase, in MiB.
+        #[arg(long, default_value_t = 64)]
+        kdf_memory_mib: u32,
+        /// Argon2id iterations for a passphrase.
+        #[arg(long, default_value_t = 3)]
+        kdf_iterations: u32,
+        #[command(flatten)]
+        secret: SecretArgs,
+    },
+    /// Mount a volume. Returns once the mount answers, leaving a daemon behind (or stays in
+    /// the foreground with --foreground).
+    Mount(MountArgs),
+    /// Unmount a mounted volume (waits for nothing: open files keep the old view until closed).
+    Umount {
+        mountpoint: PathBuf,
+    },
+    /// Show an encrypted file's header (file id, key records, generation). Needs no secret
+    /// and shows none.
+    Inspect {
+        /// A file in the backing directory.
+        file: PathBuf,
+    },
+    /// Check that every header and block of a volume authenticates. Writes nothing unless
+    /// --repair. Exit status 1 when problems remain.
+    Fsck {
+        backing: PathBuf,
+        /// Rewrite damaged header slots from their good twin and cut torn trailing blocks.
+        /// Blocks that fail authentication are only reported.
+        #[arg(long)]
+        repair: bool,
+        #[command(flatten)]
+        secret: SecretArgs,
+    },
+}
+
+#[derive(Args)]
+struct MountArgs {
+    /// The volume's backing directory.
+    backing: PathBuf,
+    /// An existing empty directory to mount on.
+    mountpoint: PathBuf,
+    /// Stay in the foreground (for systemd and debugging).
+    #[arg(short, long)]
+    foreground: bool,
+    /// Mount options, comma separated: allow_other, ro, rw, writeback_cache, threads=N,
+    /// attr_timeout=S, entry_timeout=S (fstab words such as _netdev, nofail, defaults,
+    /// x-systemd.* are accepted and ignored).
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Vec<String>,
+    /// Let other users use the mount (as root: files they create are theirs).
+    /// The kernel checks permissions (default_permissions is always on).
+    #[arg(long)]
+    allow_other: bool,
+    /// Mount read-only.
+    #[arg(long)]
+    read_only: bool,
+    /// FUSE worker threads.
+    #[arg(long, default_value_t = 4)]
+    threads: usize,
+    /// Seconds the kernel may cache attributes.
+    #[arg(long, default_value_t = 1.0)]
+    attr_timeout: f64,
+    /// Seconds the kernel may cache name lookups.
+    #[arg(long, default_value_t = 1.0)]
+    entry_timeout: f64,
+    /// Let the kernel cache writes and send them in pages (faster small writes).
+    #[arg(long)]
+    writeback_cache: bool,
+    /// AES-GCM implementation.
+    #[arg(long, default_value = "aws-lc", value_parser = ["aws-lc", "rustcrypto"])]
+    crypto: String,
+    /// Seconds an unwrapped data key stays cached after it was loaded. Also the bound on how
+    /// long files already opened keep working after their KEK is disabled.
+    #[arg(long, default_value_t = 300)]
+    cache_ttl: u64,
+    /// Seconds an unused cached data key survives.
+    #[arg(long, default_value_t = 60)]
+    cache_tti: u64,
+    /// Most data keys cached at once.
+    #[arg(long, default_value_t = 4096)]
+    cache_max: u64,
+    /// Append logs to this file instead of stderr.
+    #[arg(long, value_name = "FILE")]
+    log_file: Option<PathBuf>,
+    /// Do not lock the daemon's memory (data keys could then reach swap).
+    #[arg(long)]
+    no_mlock: bool,
+    #[command(flatten)]
+    secret: SecretArgs,
+}
+
+fn init_logging(log_file: Option<&Path>) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,fuser=error".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    match log_file {
+        Some(p) => {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("opening log file {}", p.display()))?;
+            builder.with_ansi(false).with_writer(Arc::new(f)).init();
+        }
+        None => builder.with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr).init(),
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let log_file = match &cli.cmd {
+        Cmd::Mount(m) => m.log_file.clone(),
+        _ => None,
+    };
+    if let Err(e) = init_logging(log_file.as_deref()) {
+        eprintln!("envelopefs: error: {e:#}");
+        return ExitCode::FAILURE;
+    }
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("envelopefs: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Init { backing, provider: ProviderArg::Local, block_size, header_size, keyring, kdf_memory_mib, kdf_iterations, secret } => {
+            let opts = InitOptions {
+                block_size,
+                header_size,
+                kdf: KdfParams { m_kib: kdf_memory_mib.saturating_mul(1024), t: kdf_iterations, p: 1 },
+                keyring,
+            };
+            let cfg = volume::init(&backing, &secret.source(), &opts)?;
+            println!("Created an envelopefs volume in {}", backing.display());
+            println!("  volume id   {}", cfg.volume_id);
+            println!("  block size  {} bytes, header {} bytes", cfg.block_size, cfg.header_size);
+            println!("  keyring     {}", cfg.keyring_path(&backing).display());
+            println!("Without the keyring and its passphrase or key file the files cannot be decrypted: back them up.");
+            println!("Mount it with: envelopefs mount {} MOUNTPOINT", backing.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Mount(args) => mount(args),
+        Cmd::Umount { mountpoint } => {
+            umount(&mountpoint)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Inspect { file } => {
+            envelopefs::check::inspect(&file, &mut std::io::stdout().lock())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Fsck { backing, repair, secret } => {
+            let vol = Volume::open(&backing, &secret.source(), &OpenOptions::default())?;
+            let rep = envelopefs::check::fsck(&vol, repair)?;
+            let mut remaining = 0;
+            for p in &rep.problems {
+                let mark = if p.repaired { "repaired" } else { "PROBLEM" };
+                remaining += usize::from(!p.repaired);
+                println!("{mark}: {}: {}", p.path.display(), p.what);
+            }
+            println!(
+                "checked {} files, {} blocks ({} holes): {} problems, {} repaired",
+                rep.files,
+                rep.blocks,
+                rep.holes,
+                rep.problems.len(),
+                rep.problems.len() - remaining
+            );
+            Ok(if remaining == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+    }
+}
+
+fn umount(mountpoint: &Path) -> Result<()> {
+    let c = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes())?;
+    if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EPERM) {
+        let st = Command::new("fusermount3").arg("-u").arg(mountpoint).status().context("running fusermount3 -u")?;
+        if st.success() {
+            return Ok(());
+        }
+        bail!("fusermount3 -u {} failed", mountpoint.display());
+    }
+    Err(anyhow!("unmounting {}: {err}", mountpoint.display()))
+}
+
+fn mount_options(args: &MountArgs) -> Result<MountOptions> {
+    let mut o = MountOptions {
+        allow_other: args.allow_other,
+        read_only: args.read_only,
+        threads: args.threads,
+        attr_timeout: Duration::from_secs_f64(args.attr_timeout),
+        entry_timeout: Duration::from_secs_f64(args.entry_timeout),
+        writeback_cache: args.writeback_cache,
+        fsname: args.backing.display().to_string(),
+        ..MountOptions::default()
+    };
+    for opt in args.options.iter().flat_map(|s| s.split(',')).filter(|s| !s.is_empty()) {
+        let (k, v) = opt.split_once('=').map_or((opt, None), |(k, v)| (k, Some(v)));
+        let num = |v: Option<&str>| -> Result<f64> {
+            v.ok_or_else(|| anyhow!("mount option {k} needs a value"))?.parse().map_err(|_| anyhow!("mount option {opt}: not a number"))
+        };
+        match k {
+            "allow_other" => o.allow_other = true,
+            "ro" => o.read_only = true,
+            "rw" => o.read_only = false,
+            "writeback_cache" => o.writeback_cache = true,
+            "threads" => o.threads = num(v)? as usize,
+            "attr_timeout" => o.attr_timeout = Duration::from_secs_f64(num(v)?),
+            "entry_timeout" => o.entry_timeout = Duration::from_secs_f64(num(v)?),
+            "default_permissions" | "defaults" | "_netdev" | "nofail" | "auto" | "noauto" | "user" | "nouser"
+            | "users" | "exec" | "noexec" | "suid" | "nosuid" | "dev" | "nodev" | "atime" | "noatime"
+            | "relatime" => {}
+            k if k.starts_with("x-systemd.") || k.starts_with("x-") || k.starts_with("comment=") => {}
+            _ => bail!("unknown mount option {opt:?} (see envelopefs mount --help)"),
+        }
+    }
+    Ok(o)
+}
+
+fn mount(mut args: MountArgs) -> Result<ExitCode> {
+    args.backing = std::fs::canonicalize(&args.backing)
+        .with_context(|| format!("backing directory {} does not exist", args.backing.display()))?;
+    let opts = mount_options(&args)?;
+    let meta = std::fs::metadata(&args.mountpoint)
+        .with_context(|| format!("mount point {} does not exist", args.mountpoint.display()))?;
+    if !meta.is_dir() {
+        bail!("mount point {} is not a directory", args.mountpoint.display());
+    }
+    if daemon::is_mount_point(&args.mountpoint) {
+        bail!("mount point {} is busy: something is already mounted there", args.mountpoint.display());
+    }
+    // Fail fast (and in the caller's terminal) on a directory that is not a volume.
+    volume::VolumeConfig::load(&args.backing)?;
+    if !args.foreground {
+        return daemonize(&args);
+    }
+    let backend: Backend = args.crypto.parse().map_err(|e: String| anyhow!(e))?;
+    let cache = CacheConfig {
+        ttl: Duration::from_secs(args.cache_ttl),
+        tti: Duration::from_secs(args.cache_tti),
+        max_entries: args.cache_max,
+    };
+    let vol = Volume::open(&args.backing, &args.secret.source(), &OpenOptions { backend, cache })?;
+    let _lock = lock_volume(&args.backing)?;
+    daemon::harden_memory(!args.no_mlock);
+    daemon::raise_fd_limit();
+    let fs = EncryptedFs::new(Arc::new(vol))?;
+    let mut session = envelopefs::mount::mount(fs, &args.mountpoint, opts)
+        .with_context(|| format!("mounting on {}", args.mountpoint.display()))?;
+    let mut unmounter = session.unmount_callable();
+    let mut signals = signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP])?;
+    let mnt = args.mountpoint.clone();
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            info!("signal {sig}: unmounting {}", mnt.display());
+            daemon::sd_notify("STOPPING=1");
+            if let Err(e) = unmounter.unmount() {
+                warn!("unmount of {} failed: {e}; unmounting lazily", mnt.display());
+                if let Ok(c) = std::ffi::CString::new(mnt.as_os_str().as_encoded_bytes()) {
+                    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+                }
+            }
+        }
+    });
+    info!("mounted {} on {}", args.backing.display(), args.mountpoint.display());
+    daemon::announce_ready(std::env::var_os("ENVELOPEFS_NOTIFY_PARENT").is_some());
+    session.run().context("serving the mount")?;
+    info!("unmounted {}", args.mountpoint.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One daemon per volume: two would each cache keys and headers the other changes.
+fn lock_volume(backing: &Path) -> Result<std::fs::File> {
+    let f = std::fs::File::open(backing.join(CONFIG_NAME))?;
+    if unsafe { libc::flock(std::os::unix::io::AsRawFd::as_raw_fd(&f), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!("{} is already mounted by another envelopefs process", backing.display());
+    }
+    Ok(f)
+}
+
+/// Start the same command with --foreground in a new session and wait until it says the
+/// mount is ready (or exits with an error, which it has printed on our stderr).
+fn daemonize(args: &MountArgs) -> Result<ExitCode> {
+    let prompt = args.secret.would_prompt();
+    let passphrase = if prompt {
+        Some(zeroize::Zeroizing::new(
+            rpassword::prompt_password("Passphrase: ").context("reading passphrase")?.into_bytes(),
+        ))
+    } else {
+        None
+    };
+    let mut child_args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    child_args.push("--foreground".into());
+    if prompt {
+        child_args.push("--passphrase-stdin".into());
+    }
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(&child_args)
+        .env("ENVELOPEFS_NOTIFY_PARENT", "1")
+        .stdin(if prompt { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped());
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting the mount daemon")?;
+    if let Some(pw) = passphrase {
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(&pw).context("passing the passphrase to the daemon")?;
+    }
+    let stdout = child.stdout.take().unwrap();
+    for line in BufReader::new(stdout).lines() {
+        if line.map(|l| l == daemon::READY_LINE).unwrap_or(false) {
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+    let status = child.wait()?;
+    Ok(ExitCode::from(status.code().unwrap_or(1).clamp(1, 255) as u8))
+}

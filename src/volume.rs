@@ -1,0 +1,281 @@
+//! A volume: the backing directory's `envelopefs.toml`, its key provider and its DEK cache.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::{fill_random, Backend, FileKey};
+use crate::envelope::{decode_region, FileId, Geometry, Header, SlotError, FILE_ID_LEN};
+use crate::error::{Error, Result};
+use crate::keys::cache::{CacheConfig, DekCache};
+use crate::keys::local::{KdfParams, LocalProvider};
+use crate::keys::secret::SecretSource;
+use crate::keys::{KeyContext, KeyProvider, VolumeId};
+
+pub const CONFIG_NAME: &str = "envelopefs.toml";
+pub const KEYRING_NAME: &str = "envelopefs.keyring";
+pub const FORMAT: u32 = 1;
+
+/// `envelopefs.toml`: everything needed to open a volume except secrets.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeConfig {
+    pub format: u32,
+    pub volume_id: String,
+    pub block_size: u32,
+    pub header_size: u32,
+    pub provider: ProviderConfig,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", deny_unknown_fields)]
+pub enum ProviderConfig {
+    /// A keyring file; a relative path is relative to the backing directory.
+    #[serde(rename = "local")]
+    Local { keyring: String },
+}
+
+impl VolumeConfig {
+    pub fn load(root: &Path) -> Result<Self> {
+        let path = root.join(CONFIG_NAME);
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::new(
+                    libc::ENOENT,
+                    format!("{} is not an envelopefs volume (no {CONFIG_NAME}); create one with `envelopefs init`", root.display()),
+                ))
+            }
+            Err(e) => return Err(Error::io(e, format!("reading {}", path.display()))),
+        };
+        let cfg: VolumeConfig = toml::from_str(&text)
+            .map_err(|e| Error::new(libc::EINVAL, format!("{} is damaged: {}", path.display(), e.message())))?;
+        if cfg.format != FORMAT {
+            return Err(Error::new(
+                libc::EINVAL,
+                format!("{}: format {} is not supported by this version (it reads format {FORMAT})", path.display(), cfg.format),
+            ));
+        }
+        cfg.volume_id()?;
+        cfg.geometry()?;
+        Ok(cfg)
+    }
+
+    pub fn volume_id(&self) -> Result<VolumeId> {
+        let mut id = [0u8; 16];
+        hex::decode_to_slice(&self.volume_id, &mut id)
+            .map_err(|_| Error::new(libc::EINVAL, format!("{CONFIG_NAME}: volume_id must be 32 hex digits")))?;
+        Ok(id)
+    }
+
+    pub fn geometry(&self) -> Result<Geometry> {
+        Geometry::new(self.header_size, self.block_size).map_err(|e| e.context(CONFIG_NAME))
+    }
+
+    pub fn keyring_path(&self, root: &Path) -> PathBuf {
+        match &self.provider {
+            ProviderConfig::Local { keyring } => root.join(keyring),
+        }
+    }
+}
+
+/// What `init` needs to know.
+#[derive(Clone, Debug)]
+pub struct InitOptions {
+    pub block_size: u32,
+    pub header_size: u32,
+    pub kdf: KdfParams,
+    /// Where the keyring goes; default inside the backing directory.
+    pub keyring: Option<PathBuf>,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        Self { block_size: 4096, header_size: 4096, kdf: KdfParams::default(), keyring: None }
+    }
+}
+
+/// Create a volume in an empty directory. On any failure nothing is left behind.
+pub fn init(root: &Path, secret: &SecretSource, opts: &InitOptions) -> Result<VolumeConfig> {
+    let meta = fs::metadata(root).map_err(|e| Error::io(e, format!("backing directory {}", root.display())))?;
+    if !meta.is_dir() {
+        return Err(Error::new(libc::ENOTDIR, format!("{} is not a directory", root.display())));
+    }
+    if root.join(CONFIG_NAME).exists() {
+        return Err(Error::new(libc::EEXIST, format!("{} is already an envelopefs volume", root.display())));
+    }
+    let mut entries = fs::read_dir(root).map_err(|e| Error::io(e, format!("listing {}", root.display())))?;
+    if entries.next().is_some() {
+        return Err(Error::new(
+            libc::ENOTEMPTY,
+            format!("{} is not empty: init needs an empty directory (existing files would not be encrypted)", root.display()),
+        ));
+    }
+    Geometry::new(opts.header_size, opts.block_size)?;
+    let mut volume_id = [0u8; 16];
+    fill_random(&mut volume_id)?;
+    let keyring_rel = match &opts.keyring {
+        Some(p) => p.to_string_lossy().into_owned(),
+        None => KEYRING_NAME.to_owned(),
+    };
+    let cfg = VolumeConfig {
+        format: FORMAT,
+        volume_id: hex::encode(volume_id),
+        block_size: opts.block_size,
+        header_size: opts.header_size,
+        provider: ProviderConfig::Local { keyring: keyring_rel },
+    };
+    let keyring = cfg.keyring_path(root);
+    let secret = secret.resolve(true)?;
+    LocalProvider::create(&keyring, volume_id, &secret, opts.kdf)?;
+    // The config is written last: a volume without it is not a volume, so a failure here
+    // leaves only the keyring, which is removed.
+    let written = (|| -> std::io::Result<()> {
+        let text = format!(
+            "# envelopefs volume. Holds no secrets; do not edit (the format is in docs/FORMAT.md).\n{}",
+            toml::to_string(&cfg).expect("config serializes")
+        );
+        let tmp = root.join(format!("{CONFIG_NAME}.tmp"));
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        fs::rename(&tmp, root.join(CONFIG_NAME))?;
+        fs::File::open(root)?.sync_all()
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&keyring);
+        return Err(Error::io(e, format!("writing {}", root.join(CONFIG_NAME).display())));
+    }
+    Ok(cfg)
+}
+
+/// Runtime options of an opened volume.
+#[derive(Clone, Debug, Default)]
+pub struct OpenOptions {
+    pub backend: Backend,
+    pub cache: CacheConfig,
+}
+
+/// An unlocked volume: geometry, provider, DEK cache.
+pub struct Volume {
+    pub root: PathBuf,
+    pub config: VolumeConfig,
+    pub volume_id: VolumeId,
+    pub geometry: Geometry,
+    pub provider: Arc<dyn KeyProvider>,
+    pub cache: DekCache,
+    pub backend: Backend,
+}
+
+/// The outcome of reading an envelope's header: its key and the slot it came from.
+pub struct OpenedHeader {
+    pub key: Arc<FileKey>,
+    pub header: Header,
+    pub slot: usize,
+}
+
+impl Volume {
+    pub fn open(root: &Path, secret: &SecretSource, opts: &OpenOptions) -> Result<Self> {
+        let config = VolumeConfig::load(root)?;
+        let volume_id = config.volume_id()?;
+        let provider: Arc<dyn KeyProvider> = match &config.provider {
+            ProviderConfig::Local { .. } => {
+                let keyring = config.keyring_path(root);
+                let secret = secret.resolve(false)?;
+                Arc::new(LocalProvider::open(&keyring, volume_id, &secret)?)
+            }
+        };
+        Ok(Self::with_provider(root, config, provider, opts)?)
+    }
+
+    pub fn with_provider(
+        root: &Path,
+        config: VolumeConfig,
+        provider: Arc<dyn KeyProvider>,
+        opts: &OpenOptions,
+    ) -> Result<Self> {
+        Ok(Self {
+            root: root.to_owned(),
+            volume_id: config.volume_id()?,
+            geometry: config.geometry()?,
+            config,
+            provider,
+            cache: DekCache::new(opts.cache),
+            backend: opts.backend,
+        })
+    }
+
+    /// A new header for a new envelope: random file id, fresh DEK wrapped by the provider.
+    /// Returns the header region (two identical slots) and the key.
+    pub fn new_header(&self) -> Result<(Vec<u8>, Arc<FileKey>)> {
+        let mut file_id: FileId = [0u8; FILE_ID_LEN];
+        fill_random(&mut file_id)?;
+        let ctx = KeyContext { volume_id: &self.volume_id, file_id: &file_id };
+        let (dek, record) = self.provider.generate(&ctx)?;
+        let key = Arc::new(FileKey::new(self.backend, file_id, &dek));
+        let header = Header { generation: 1, file_id, block_size: self.geometry.block_size as u32, records: vec![record] };
+        let slot = header.encode_slot(self.geometry.slot_size(), |b| key.header_tag(b))?;
+        let mut region = slot.clone();
+        region.extend_from_slice(&slot);
+        self.cache.insert(header.generation, key.clone());
+        Ok((region, key))
+    }
+
+    /// Find the newest slot that decodes, unwraps and authenticates. A torn or tampered
+    /// newest slot falls back to the other one.
+    pub fn open_header(&self, region: &[u8]) -> Result<OpenedHeader> {
+        let mut first_err: Option<Error> = None;
+        for (idx, slot) in decode_region(region) {
+            let view = match slot {
+                Ok(v) => v,
+                Err(SlotError::Empty) => continue,
+                Err(e) => {
+                    first_err.get_or_insert(Error::corrupt(format!("header slot {idx}: {e}")));
+                    continue;
+                }
+            };
+            let h = &view.header;
+            if h.block_size as u64 != self.geometry.block_size {
+                first_err.get_or_insert(Error::corrupt(format!(
+                    "header slot {idx} says block size {} but the volume uses {}",
+                    h.block_size, self.geometry.block_size
+                )));
+                continue;
+            }
+            let loaded = self.cache.get_or_load(h.file_id, h.generation, || self.unwrap_any(h));
+            match loaded {
+                Ok(key) if key.verify_header_tag(&view.authenticated, &view.tag) => {
+                    return Ok(OpenedHeader { key, header: view.header, slot: idx })
+                }
+                Ok(_) => {
+                    first_err.get_or_insert(Error::corrupt(format!("header slot {idx} does not authenticate")));
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e.context(format!("header slot {idx}")));
+                }
+            }
+        }
+        Err(first_err.unwrap_or_else(|| Error::corrupt("no header slot holds a header")))
+    }
+
+    /// Try each key record in turn; the first that unwraps wins.
+    fn unwrap_any(&self, h: &Header) -> Result<FileKey> {
+        let ctx = KeyContext { volume_id: &self.volume_id, file_id: &h.file_id };
+        let mut last = None;
+        for rec in &h.records {
+            if rec.provider != self.provider.kind() {
+                continue;
+            }
+            match self.provider.unwrap(rec, &ctx) {
+                Ok(dek) => return Ok(FileKey::new(self.backend, h.file_id, &dek)),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            Error::access(format!("no key record for provider {} in the header", self.provider.kind().name()))
+        }))
+    }
+}
