@@ -25,7 +25,10 @@ impl Dek {
     /// Take ownership of key bytes; the caller's copy should itself be zeroizing.
     pub fn from_slice(bytes: &[u8]) -> Result<Self> {
         if bytes.len() != KEY_LEN {
-            return Err(Error::corrupt(format!("a data key is {KEY_LEN} bytes, got {}", bytes.len())));
+            return Err(Error::corrupt(format!(
+                "a data key is {KEY_LEN} bytes, got {}",
+                bytes.len()
+            )));
         }
         let mut k = Box::new(Zeroizing::new([0u8; KEY_LEN]));
         k.copy_from_slice(bytes);
@@ -44,7 +47,8 @@ impl fmt::Debug for Dek {
 }
 
 pub fn fill_random(buf: &mut [u8]) -> Result<()> {
-    getrandom::getrandom(buf).map_err(|e| Error::new(libc::EIO, format!("system random source failed: {e}")))
+    getrandom::getrandom(buf)
+        .map_err(|e| Error::new(libc::EIO, format!("system random source failed: {e}")))
 }
 
 /// Which AES-GCM implementation seals and opens blocks.
@@ -74,7 +78,9 @@ impl FromStr for Backend {
         match s {
             "aws-lc" => Ok(Backend::AwsLc),
             "rustcrypto" => Ok(Backend::RustCrypto),
-            _ => Err(format!("unknown crypto backend {s:?} (aws-lc or rustcrypto)")),
+            _ => Err(format!(
+                "unknown crypto backend {s:?} (aws-lc or rustcrypto)"
+            )),
         }
     }
 }
@@ -90,8 +96,14 @@ pub trait BlockAead: Send + Sync {
     fn seal(&self, nonce: &[u8; NONCE_LEN], aad: &[u8], buf: &mut [u8]) -> [u8; TAG_LEN];
     /// Decrypt `ct` into `out` (same length). `Err` when the tag does not verify; `out`
     /// is then unspecified.
-    fn open(&self, nonce: &[u8; NONCE_LEN], aad: &[u8], ct: &[u8], tag: &[u8; TAG_LEN], out: &mut [u8])
-        -> Result<(), ()>;
+    fn open(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        aad: &[u8],
+        ct: &[u8],
+        tag: &[u8; TAG_LEN],
+        out: &mut [u8],
+    ) -> Result<(), ()>;
 }
 
 struct AwsLc(aws_lc_rs::aead::LessSafeKey);
@@ -106,11 +118,23 @@ impl BlockAead for AwsLc {
         tag.as_ref().try_into().unwrap()
     }
 
-    fn open(&self, nonce: &[u8; NONCE_LEN], aad: &[u8], ct: &[u8], tag: &[u8; TAG_LEN], out: &mut [u8])
-        -> Result<(), ()> {
+    fn open(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        aad: &[u8],
+        ct: &[u8],
+        tag: &[u8; TAG_LEN],
+        out: &mut [u8],
+    ) -> Result<(), ()> {
         use aws_lc_rs::aead::{Aad, Nonce};
         self.0
-            .open_separate_gather(Nonce::assume_unique_for_key(*nonce), Aad::from(aad), ct, tag, out)
+            .open_separate_gather(
+                Nonce::assume_unique_for_key(*nonce),
+                Aad::from(aad),
+                ct,
+                tag,
+                out,
+            )
             .map_err(|_| ())
     }
 }
@@ -127,11 +151,19 @@ impl BlockAead for RustCrypto {
         tag.into()
     }
 
-    fn open(&self, nonce: &[u8; NONCE_LEN], aad: &[u8], ct: &[u8], tag: &[u8; TAG_LEN], out: &mut [u8])
-        -> Result<(), ()> {
+    fn open(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        aad: &[u8],
+        ct: &[u8],
+        tag: &[u8; TAG_LEN],
+        out: &mut [u8],
+    ) -> Result<(), ()> {
         use aes_gcm::aead::AeadInPlace;
         out.copy_from_slice(ct);
-        self.0.decrypt_in_place_detached(nonce.into(), aad, out, tag.into()).map_err(|_| ())
+        self.0
+            .decrypt_in_place_detached(nonce.into(), aad, out, tag.into())
+            .map_err(|_| ())
     }
 }
 
@@ -173,17 +205,28 @@ impl FileKey {
         );
         let mut header_key = Zeroizing::new([0u8; 32]);
         header_key.copy_from_slice(derived.as_ref());
-        Self { file_id, aead: new_aead(backend, dek.expose()), header_key }
+        Self {
+            file_id,
+            aead: new_aead(backend, dek.expose()),
+            header_key,
+        }
     }
 
     pub fn header_tag(&self, bytes: &[u8]) -> [u8; HEADER_TAG_LEN] {
-        let t = aws_lc_rs::hmac::sign(&aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &self.header_key[..]), bytes);
+        let t = aws_lc_rs::hmac::sign(
+            &aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &self.header_key[..]),
+            bytes,
+        );
         t.as_ref().try_into().unwrap()
     }
 
     pub fn verify_header_tag(&self, bytes: &[u8], tag: &[u8; HEADER_TAG_LEN]) -> bool {
-        aws_lc_rs::hmac::verify(&aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &self.header_key[..]), bytes, tag)
-            .is_ok()
+        aws_lc_rs::hmac::verify(
+            &aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &self.header_key[..]),
+            bytes,
+            tag,
+        )
+        .is_ok()
     }
 
     /// Seal `plain` as block `index` into `out` (nonce ‖ ciphertext ‖ tag).
@@ -193,7 +236,9 @@ impl FileKey {
         out[..NONCE_LEN].copy_from_slice(nonce);
         let body = &mut out[NONCE_LEN..NONCE_LEN + n];
         body.copy_from_slice(plain);
-        let tag = self.aead.seal(nonce, &block_aad(&self.file_id, index), body);
+        let tag = self
+            .aead
+            .seal(nonce, &block_aad(&self.file_id, index), body);
         out[NONCE_LEN + n..].copy_from_slice(&tag);
     }
 
@@ -206,7 +251,13 @@ impl FileKey {
         debug_assert_eq!(out.len(), n);
         let nonce: &[u8; NONCE_LEN] = stored[..NONCE_LEN].try_into().unwrap();
         let tag: &[u8; TAG_LEN] = stored[NONCE_LEN + n..].try_into().unwrap();
-        let res = self.aead.open(nonce, &block_aad(&self.file_id, index), &stored[NONCE_LEN..NONCE_LEN + n], tag, out);
+        let res = self.aead.open(
+            nonce,
+            &block_aad(&self.file_id, index),
+            &stored[NONCE_LEN..NONCE_LEN + n],
+            tag,
+            out,
+        );
         if res.is_err() {
             out.zeroize();
         }
@@ -243,7 +294,10 @@ mod tests {
             assert_eq!(hex::encode(&out), PLAIN, "{b}");
             let mut bad = tag;
             bad[0] ^= 1;
-            assert!(aead.open(&nonce, &aad, &buf, &bad, &mut out).is_err(), "{b}");
+            assert!(
+                aead.open(&nonce, &aad, &buf, &bad, &mut out).is_err(),
+                "{b}"
+            );
         }
     }
 
@@ -251,7 +305,10 @@ mod tests {
     fn blocks_sealed_by_one_backend_open_with_the_other() {
         let dek = Dek::generate().unwrap();
         let fid = [3u8; 16];
-        let keys: Vec<FileKey> = Backend::ALL.iter().map(|&b| FileKey::new(b, fid, &dek)).collect();
+        let keys: Vec<FileKey> = Backend::ALL
+            .iter()
+            .map(|&b| FileKey::new(b, fid, &dek))
+            .collect();
         let plain: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
         for (i, sealer) in keys.iter().enumerate() {
             for opener in &keys {
@@ -262,7 +319,10 @@ mod tests {
                 assert_eq!(out, plain);
                 // Same block at another index, or in another file, must not open.
                 assert!(opener.open_block(6, &stored, &mut out).is_err());
-                assert!(out.iter().all(|&b| b == 0), "failed open leaves no plaintext");
+                assert!(
+                    out.iter().all(|&b| b == 0),
+                    "failed open leaves no plaintext"
+                );
                 let other = FileKey::new(Backend::AwsLc, [4u8; 16], &dek);
                 assert!(other.open_block(5, &stored, &mut out).is_err());
             }

@@ -11,7 +11,10 @@ use tracing::warn;
 pub fn harden_memory(lock: bool) {
     unsafe {
         if libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) != 0 {
-            warn!("PR_SET_DUMPABLE failed: {}", std::io::Error::last_os_error());
+            warn!(
+                "PR_SET_DUMPABLE failed: {}",
+                std::io::Error::last_os_error()
+            );
         }
         if lock && libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) != 0 {
             warn!(
@@ -35,7 +38,9 @@ pub fn raise_fd_limit() {
 
 /// Tell systemd (Type=notify) something, if it is listening.
 pub fn sd_notify(state: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
     let sock = match UnixDatagram::unbound() {
         Ok(s) => s,
         Err(e) => return warn!("sd_notify: {e}"),
@@ -43,7 +48,8 @@ pub fn sd_notify(state: &str) {
     let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
     let res = if let Some(abstract_name) = bytes.strip_prefix(b"@") {
         use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name).and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
+        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)
+            .and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
     } else {
         sock.send_to(state.as_bytes(), &path)
     };
@@ -55,28 +61,92 @@ pub fn sd_notify(state: &str) {
 /// The parent of a daemonized mount waits on our stdout for this line.
 pub const READY_LINE: &str = "envelopefs-ready";
 
-/// Say the mount is ready: to systemd, and to a waiting parent (then let go of its pipe).
+/// Say the mount is ready: to systemd, and to a waiting parent (then let go of the
+/// parent's stdout and stderr, so `$(envelopefs mount …)` or a pipe does not hang).
 pub fn announce_ready(to_parent: bool) {
     sd_notify("READY=1");
     if to_parent {
         let mut out = std::io::stdout();
         let _ = writeln!(out, "{READY_LINE}");
         let _ = out.flush();
-        unsafe {
-            let null = libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY);
-            if null >= 0 {
-                libc::dup2(null, 1);
-                libc::close(null);
-            }
-        }
+        detach_stdio();
     }
 }
 
 /// Is `path` the root of a mount (its device differs from its parent's, or it is listed in
 /// mountinfo)? Used to refuse mounting over a busy mount point.
 pub fn is_mount_point(path: &std::path::Path) -> bool {
-    let Ok(canon) = std::fs::canonicalize(path) else { return false };
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
+    let Ok(canon) = std::fs::canonicalize(path) else {
+        return false;
+    };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
     let want = canon.to_string_lossy().replace(' ', "\\040");
-    info.lines().any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+    info.lines()
+        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+}
+
+static DETACHED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Where a daemon without --log-file logs: stderr while its parent still waits (so startup
+/// errors reach the user's terminal), syslog once it has detached.
+#[derive(Clone, Copy, Default)]
+pub struct StderrThenSyslog;
+
+pub struct LineWriter(Vec<u8>);
+
+impl std::io::Write for LineWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for LineWriter {
+    fn drop(&mut self) {
+        if self.0.is_empty() {
+            return;
+        }
+        if DETACHED.load(std::sync::atomic::Ordering::Relaxed) {
+            let line = String::from_utf8_lossy(&self.0)
+                .trim_end()
+                .replace('\0', " ");
+            if let Ok(c) = std::ffi::CString::new(line) {
+                unsafe {
+                    libc::syslog(
+                        libc::LOG_DAEMON | libc::LOG_NOTICE,
+                        c"%s".as_ptr(),
+                        c.as_ptr(),
+                    )
+                };
+            }
+        } else {
+            let _ = std::io::stderr().write_all(&self.0);
+        }
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for StderrThenSyslog {
+    type Writer = LineWriter;
+    fn make_writer(&'a self) -> LineWriter {
+        LineWriter(Vec::with_capacity(256))
+    }
+}
+
+/// Let go of the terminal: stdout and stderr to /dev/null, later log lines to syslog.
+pub fn detach_stdio() {
+    unsafe {
+        libc::openlog(c"envelopefs".as_ptr(), libc::LOG_PID, libc::LOG_DAEMON);
+        DETACHED.store(true, std::sync::atomic::Ordering::Relaxed);
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY);
+        if null >= 0 {
+            libc::dup2(null, 1);
+            libc::dup2(null, 2);
+            libc::close(null);
+        }
+    }
 }

@@ -16,7 +16,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn new(errno: i32, context: impl Into<String>) -> Self {
-        Self { errno, context: context.into(), source: None }
+        Self {
+            errno,
+            context: context.into(),
+            source: None,
+        }
     }
 
     /// An I/O error from the backing store, keeping its errno.
@@ -56,7 +60,10 @@ impl Error {
     /// Errors a healthy filesystem returns all the time (ENOENT on lookup, ENOTEMPTY…)
     /// are not worth a warning; tampering, key trouble and I/O failures are.
     pub fn is_noteworthy(&self) -> bool {
-        matches!(self.errno, libc::EIO | libc::EACCES | libc::ENOSPC | libc::EROFS)
+        matches!(
+            self.errno,
+            libc::EIO | libc::EACCES | libc::ENOSPC | libc::EROFS
+        )
     }
 }
 
@@ -72,7 +79,9 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source.as_deref().map(|e| e as &(dyn std::error::Error + 'static))
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
     }
 }
 

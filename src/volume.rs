@@ -51,12 +51,20 @@ impl VolumeConfig {
             }
             Err(e) => return Err(Error::io(e, format!("reading {}", path.display()))),
         };
-        let cfg: VolumeConfig = toml::from_str(&text)
-            .map_err(|e| Error::new(libc::EINVAL, format!("{} is damaged: {}", path.display(), e.message())))?;
+        let cfg: VolumeConfig = toml::from_str(&text).map_err(|e| {
+            Error::new(
+                libc::EINVAL,
+                format!("{} is damaged: {}", path.display(), e.message()),
+            )
+        })?;
         if cfg.format != FORMAT {
             return Err(Error::new(
                 libc::EINVAL,
-                format!("{}: format {} is not supported by this version (it reads format {FORMAT})", path.display(), cfg.format),
+                format!(
+                    "{}: format {} is not supported by this version (it reads format {FORMAT})",
+                    path.display(),
+                    cfg.format
+                ),
             ));
         }
         cfg.volume_id()?;
@@ -66,8 +74,12 @@ impl VolumeConfig {
 
     pub fn volume_id(&self) -> Result<VolumeId> {
         let mut id = [0u8; 16];
-        hex::decode_to_slice(&self.volume_id, &mut id)
-            .map_err(|_| Error::new(libc::EINVAL, format!("{CONFIG_NAME}: volume_id must be 32 hex digits")))?;
+        hex::decode_to_slice(&self.volume_id, &mut id).map_err(|_| {
+            Error::new(
+                libc::EINVAL,
+                format!("{CONFIG_NAME}: volume_id must be 32 hex digits"),
+            )
+        })?;
         Ok(id)
     }
 
@@ -94,20 +106,33 @@ pub struct InitOptions {
 
 impl Default for InitOptions {
     fn default() -> Self {
-        Self { block_size: 4096, header_size: 4096, kdf: KdfParams::default(), keyring: None }
+        Self {
+            block_size: 4096,
+            header_size: 4096,
+            kdf: KdfParams::default(),
+            keyring: None,
+        }
     }
 }
 
 /// Create a volume in an empty directory. On any failure nothing is left behind.
 pub fn init(root: &Path, secret: &SecretSource, opts: &InitOptions) -> Result<VolumeConfig> {
-    let meta = fs::metadata(root).map_err(|e| Error::io(e, format!("backing directory {}", root.display())))?;
+    let meta = fs::metadata(root)
+        .map_err(|e| Error::io(e, format!("backing directory {}", root.display())))?;
     if !meta.is_dir() {
-        return Err(Error::new(libc::ENOTDIR, format!("{} is not a directory", root.display())));
+        return Err(Error::new(
+            libc::ENOTDIR,
+            format!("{} is not a directory", root.display()),
+        ));
     }
     if root.join(CONFIG_NAME).exists() {
-        return Err(Error::new(libc::EEXIST, format!("{} is already an envelopefs volume", root.display())));
+        return Err(Error::new(
+            libc::EEXIST,
+            format!("{} is already an envelopefs volume", root.display()),
+        ));
     }
-    let mut entries = fs::read_dir(root).map_err(|e| Error::io(e, format!("listing {}", root.display())))?;
+    let mut entries =
+        fs::read_dir(root).map_err(|e| Error::io(e, format!("listing {}", root.display())))?;
     if entries.next().is_some() {
         return Err(Error::new(
             libc::ENOTEMPTY,
@@ -126,7 +151,9 @@ pub fn init(root: &Path, secret: &SecretSource, opts: &InitOptions) -> Result<Vo
         volume_id: hex::encode(volume_id),
         block_size: opts.block_size,
         header_size: opts.header_size,
-        provider: ProviderConfig::Local { keyring: keyring_rel },
+        provider: ProviderConfig::Local {
+            keyring: keyring_rel,
+        },
     };
     let keyring = cfg.keyring_path(root);
     let secret = secret.resolve(true)?;
@@ -147,7 +174,10 @@ pub fn init(root: &Path, secret: &SecretSource, opts: &InitOptions) -> Result<Vo
     })();
     if let Err(e) = written {
         let _ = fs::remove_file(&keyring);
-        return Err(Error::io(e, format!("writing {}", root.join(CONFIG_NAME).display())));
+        return Err(Error::io(
+            e,
+            format!("writing {}", root.join(CONFIG_NAME).display()),
+        ));
     }
     Ok(cfg)
 }
@@ -213,10 +243,18 @@ impl Volume {
     pub fn new_header(&self) -> Result<(Vec<u8>, Arc<FileKey>)> {
         let mut file_id: FileId = [0u8; FILE_ID_LEN];
         fill_random(&mut file_id)?;
-        let ctx = KeyContext { volume_id: &self.volume_id, file_id: &file_id };
+        let ctx = KeyContext {
+            volume_id: &self.volume_id,
+            file_id: &file_id,
+        };
         let (dek, record) = self.provider.generate(&ctx)?;
         let key = Arc::new(FileKey::new(self.backend, file_id, &dek));
-        let header = Header { generation: 1, file_id, block_size: self.geometry.block_size as u32, records: vec![record] };
+        let header = Header {
+            generation: 1,
+            file_id,
+            block_size: self.geometry.block_size as u32,
+            records: vec![record],
+        };
         let slot = header.encode_slot(self.geometry.slot_size(), |b| key.header_tag(b))?;
         let mut region = slot.clone();
         region.extend_from_slice(&slot);
@@ -245,13 +283,21 @@ impl Volume {
                 )));
                 continue;
             }
-            let loaded = self.cache.get_or_load(h.file_id, h.generation, || self.unwrap_any(h));
+            let loaded = self
+                .cache
+                .get_or_load(h.file_id, h.generation, || self.unwrap_any(h));
             match loaded {
                 Ok(key) if key.verify_header_tag(&view.authenticated, &view.tag) => {
-                    return Ok(OpenedHeader { key, header: view.header, slot: idx })
+                    return Ok(OpenedHeader {
+                        key,
+                        header: view.header,
+                        slot: idx,
+                    })
                 }
                 Ok(_) => {
-                    first_err.get_or_insert(Error::corrupt(format!("header slot {idx} does not authenticate")));
+                    first_err.get_or_insert(Error::corrupt(format!(
+                        "header slot {idx} does not authenticate"
+                    )));
                 }
                 Err(e) => {
                     first_err.get_or_insert(e.context(format!("header slot {idx}")));
@@ -263,7 +309,10 @@ impl Volume {
 
     /// Try each key record in turn; the first that unwraps wins.
     fn unwrap_any(&self, h: &Header) -> Result<FileKey> {
-        let ctx = KeyContext { volume_id: &self.volume_id, file_id: &h.file_id };
+        let ctx = KeyContext {
+            volume_id: &self.volume_id,
+            file_id: &h.file_id,
+        };
         let mut last = None;
         for rec in &h.records {
             if rec.provider != self.provider.kind() {
@@ -275,7 +324,10 @@ impl Volume {
             }
         }
         Err(last.unwrap_or_else(|| {
-            Error::access(format!("no key record for provider {} in the header", self.provider.kind().name()))
+            Error::access(format!(
+                "no key record for provider {} in the header",
+                self.provider.kind().name()
+            ))
         }))
     }
 }

@@ -1,0 +1,202 @@
+//! Helpers shared by the integration tests: volumes in temp dirs, and real mounts run by
+//! the real binary that are always unmounted and stopped, even when a test fails.
+#![allow(dead_code)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use envelopefs::fs::EncryptedFs;
+use envelopefs::keys::secret::SecretSource;
+use envelopefs::volume::{self, InitOptions, OpenOptions, Volume};
+use tempfile::TempDir;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_envelopefs");
+
+/// A volume in a temp dir, unlocked by a key file.
+pub struct TestVolume {
+    pub dir: TempDir,
+    pub backing: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TestVolume {
+    pub fn new(block_size: u32) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("envelopefs-test")
+            .tempdir()
+            .unwrap();
+        let backing = dir.path().join("backing");
+        fs::create_dir(&backing).unwrap();
+        let key = dir.path().join("volume.key");
+        let mut k = [0u8; 32];
+        getrandom::getrandom(&mut k).unwrap();
+        fs::write(&key, k).unwrap();
+        let opts = InitOptions {
+            block_size,
+            ..InitOptions::default()
+        };
+        volume::init(&backing, &Self::source_for(&key), &opts).unwrap();
+        Self { dir, backing, key }
+    }
+
+    pub fn source_for(key: &Path) -> SecretSource {
+        SecretSource {
+            key_file: Some(key.to_owned()),
+            ..Default::default()
+        }
+    }
+
+    pub fn open(&self) -> Arc<Volume> {
+        Arc::new(
+            Volume::open(
+                &self.backing,
+                &Self::source_for(&self.key),
+                &OpenOptions::default(),
+            )
+            .unwrap(),
+        )
+    }
+
+    pub fn fs(&self) -> EncryptedFs {
+        EncryptedFs::new(self.open()).unwrap()
+    }
+
+    pub fn mount(&self, extra: &[&str]) -> Mounted {
+        Mounted::start(
+            &self.backing,
+            &self.key,
+            &self.dir.path().join("mnt"),
+            extra,
+        )
+    }
+}
+
+/// A running `envelopefs mount --foreground`. Dropping it unmounts and stops the daemon.
+pub struct Mounted {
+    pub mnt: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+pub fn is_mounted(mnt: &Path) -> bool {
+    let want = mnt.to_string_lossy().into_owned();
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+}
+
+impl Mounted {
+    pub fn start(backing: &Path, key: &Path, mnt: &Path, extra: &[&str]) -> Self {
+        fs::create_dir_all(mnt).unwrap();
+        let mnt = fs::canonicalize(mnt).unwrap();
+        let log = mnt.with_extension("log");
+        let child = Command::new(BIN)
+            .arg("mount")
+            .arg("--foreground")
+            .arg("--key-file")
+            .arg(key)
+            .arg("--log-file")
+            .arg(&log)
+            .args(extra)
+            .arg(backing)
+            .arg(&mnt)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut m = Mounted {
+            mnt,
+            log,
+            child: Some(child),
+        };
+        let start = Instant::now();
+        while !is_mounted(&m.mnt) {
+            if let Some(status) = m.child.as_mut().unwrap().try_wait().unwrap() {
+                let out = m.child.take().unwrap().wait_with_output().unwrap();
+                panic!(
+                    "mount exited with {status}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "mount did not appear"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        m
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Unmount and wait for the daemon to exit by itself; returns its exit status.
+    pub fn unmount(mut self) -> std::process::ExitStatus {
+        let out = Command::new(BIN)
+            .arg("umount")
+            .arg(&self.mnt)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "umount: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut child = self.child.take().unwrap();
+        let start = Instant::now();
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s;
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                let _ = child.kill();
+                panic!("daemon did not exit after unmount");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if let Ok(c) = std::ffi::CString::new(self.mnt.as_os_str().as_encoded_bytes()) {
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Run the CLI to completion.
+pub fn cli(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
+    let mut c = Command::new(BIN);
+    for a in args {
+        c.arg(a);
+    }
+    c.stdin(Stdio::null()).output().unwrap()
+}
+
+/// Deterministic, incompressible-looking test data.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
