@@ -91,14 +91,19 @@ pub fn is_mounted(mnt: &Path) -> bool {
 
 impl Mounted {
     pub fn start(backing: &Path, key: &Path, mnt: &Path, extra: &[&str]) -> Self {
+        Self::start_with(backing, "--key-file", key, mnt, extra)
+    }
+
+    /// Mount with a given secret flag (`--key-file` or `--passphrase-file`).
+    pub fn start_with(backing: &Path, secret_flag: &str, secret: &Path, mnt: &Path, extra: &[&str]) -> Self {
         fs::create_dir_all(mnt).unwrap();
         let mnt = fs::canonicalize(mnt).unwrap();
         let log = mnt.with_extension("log");
         let child = Command::new(BIN)
             .arg("mount")
             .arg("--foreground")
-            .arg("--key-file")
-            .arg(key)
+            .arg(secret_flag)
+            .arg(secret)
             .arg("--log-file")
             .arg(&log)
             .args(extra)

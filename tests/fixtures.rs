@@ -1,0 +1,128 @@
+//! Fixture volumes made by released format versions. Every later version must still open
+//! them and read back the same bytes. Regenerate only for a new format version:
+//! `ENVELOPEFS_WRITE_FIXTURES=1 cargo test --test fixtures -- --ignored make_fixtures`.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use common::{cli, pattern, Mounted};
+
+/// (path in the volume, expected content). `None`: a symlink to small.txt.
+fn expected() -> Vec<(&'static str, Option<Vec<u8>>)> {
+    let mut sparse = vec![0u8; 1 << 20];
+    sparse[..5].copy_from_slice(b"start");
+    sparse[(1 << 20) - 3..].copy_from_slice(b"end");
+    vec![
+        ("empty", Some(Vec::new())),
+        ("small.txt", Some(b"hello from envelopefs format v1\n".to_vec())),
+        ("one-block", Some(pattern(1, 4096))),
+        ("multi", Some(pattern(2, 3 * 4096 + 1000))),
+        ("sparse", Some(sparse)),
+        ("dir/nested/file", Some(pattern(3, 5000))),
+        ("link", None),
+    ]
+}
+
+struct Fixture {
+    name: &'static str,
+    block_size: u32,
+    /// Unlock arguments, relative to the fixture directory.
+    secret: (&'static str, &'static str),
+}
+
+const FIXTURES: [Fixture; 2] = [
+    Fixture { name: "v1-keyfile-4k", block_size: 4096, secret: ("--key-file", "volume.key") },
+    Fixture { name: "v1-passphrase-1k", block_size: 1024, secret: ("--passphrase-file", "passphrase") },
+];
+
+fn fixture_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for e in fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        let ft = e.file_type().unwrap();
+        if ft.is_dir() {
+            copy_tree(&e.path(), &dst);
+        } else if ft.is_symlink() {
+            std::os::unix::fs::symlink(fs::read_link(e.path()).unwrap(), &dst).unwrap();
+        } else {
+            fs::copy(e.path(), &dst).unwrap();
+        }
+    }
+}
+
+#[test]
+fn every_fixture_volume_still_opens_and_reads_back() {
+    for fx in FIXTURES {
+        let src = fixture_dir(fx.name);
+        assert!(src.join("backing/envelopefs.toml").is_file(), "fixture {} is missing", fx.name);
+        let tmp = tempfile::tempdir().unwrap();
+        copy_tree(&src, tmp.path());
+        let backing = tmp.path().join("backing");
+        let secret = tmp.path().join(fx.secret.1);
+
+        let out = cli(&[&"fsck", &fx.secret.0, &secret, &backing]);
+        assert!(out.status.success(), "{}: fsck: {}", fx.name, String::from_utf8_lossy(&out.stdout));
+
+        let m = Mounted::start_with(&backing, fx.secret.0, &secret, &tmp.path().join("mnt"), &["--read-only"]);
+        for (path, content) in expected() {
+            let p = m.path(path);
+            match content {
+                Some(c) => assert_eq!(fs::read(&p).unwrap(), c, "{}: {path}", fx.name),
+                None => {
+                    assert_eq!(fs::read_link(&p).unwrap(), PathBuf::from("small.txt"));
+                    assert_eq!(fs::read(&p).unwrap(), b"hello from envelopefs format v1\n");
+                }
+            }
+        }
+        assert!(fs::write(m.path("new"), b"x").is_err(), "read-only mount refuses writes");
+    }
+}
+
+#[test]
+#[ignore = "writes the fixtures; run only for a new format version"]
+fn make_fixtures() {
+    if std::env::var_os("ENVELOPEFS_WRITE_FIXTURES").is_none() {
+        return;
+    }
+    for fx in FIXTURES {
+        let dir = fixture_dir(fx.name);
+        assert!(!dir.exists(), "{} exists: fixtures are never rewritten", dir.display());
+        let backing = dir.join("backing");
+        fs::create_dir_all(&backing).unwrap();
+        let secret = dir.join(fx.secret.1);
+        if fx.secret.0 == "--key-file" {
+            fs::write(&secret, pattern(99, 32)).unwrap();
+        } else {
+            fs::write(&secret, "fixture passphrase, not a secret\n").unwrap();
+        }
+        let bs = fx.block_size.to_string();
+        let out = cli(&[
+            &"init", &fx.secret.0, &secret, &"--block-size", &bs, &"--kdf-memory-mib", &"8", &"--kdf-iterations", &"1", &backing,
+        ]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let tmp = tempfile::tempdir().unwrap();
+        let m = Mounted::start_with(&backing, fx.secret.0, &secret, &tmp.path().join("mnt"), &[]);
+        for (path, content) in expected() {
+            let p = m.path(path);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            match content {
+                Some(c) if path == "sparse" => {
+                    let f = fs::File::create(&p).unwrap();
+                    f.set_len(c.len() as u64).unwrap();
+                    use std::os::unix::fs::FileExt;
+                    f.write_all_at(&c[..5], 0).unwrap();
+                    f.write_all_at(&c[c.len() - 3..], c.len() as u64 - 3).unwrap();
+                }
+                Some(c) => fs::write(&p, c).unwrap(),
+                None => std::os::unix::fs::symlink("small.txt", &p).unwrap(),
+            }
+        }
+    }
+}
