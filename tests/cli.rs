@@ -263,29 +263,16 @@ fn sigterm_unmounts_cleanly() {
     let vol = TestVolume::new(4096);
     let m = vol.mount(&[]);
     fs::write(m.path("f"), b"data").unwrap();
-    let pid = fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .find(|pid| {
-            fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| {
-                    String::from_utf8_lossy(&c).contains(&*m.mnt.to_string_lossy())
-                        && c.starts_with(BIN.as_bytes())
-                })
-                .unwrap_or(false)
-        })
-        .expect("daemon pid");
-    unsafe { libc::kill(pid, libc::SIGTERM) };
-    let start = Instant::now();
-    while is_mounted(&m.mnt) {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "still mounted after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(m.log_text().contains("unmounted"), "{}", m.log_text());
-    drop(m);
+    let (mnt, log) = (m.mnt.clone(), m.log.clone());
+    unsafe { libc::kill(m.pid(), libc::SIGTERM) };
+    let status = m.wait_exit();
+    assert!(status.success(), "{status}");
+    assert!(!is_mounted(&mnt), "still mounted after SIGTERM");
+    let log = fs::read_to_string(log).unwrap();
+    assert!(
+        log.contains("signal 15") && log.contains("unmounted"),
+        "{log}"
+    );
     let m2 = Mounted::start(&vol.backing, &vol.key, &vol.dir.path().join("mnt"), &[]);
     assert_eq!(fs::read(m2.path("f")).unwrap(), b"data");
 }

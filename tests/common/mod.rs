@@ -95,7 +95,13 @@ impl Mounted {
     }
 
     /// Mount with a given secret flag (`--key-file` or `--passphrase-file`).
-    pub fn start_with(backing: &Path, secret_flag: &str, secret: &Path, mnt: &Path, extra: &[&str]) -> Self {
+    pub fn start_with(
+        backing: &Path,
+        secret_flag: &str,
+        secret: &Path,
+        mnt: &Path,
+        extra: &[&str],
+    ) -> Self {
         fs::create_dir_all(mnt).unwrap();
         let mnt = fs::canonicalize(mnt).unwrap();
         let log = mnt.with_extension("log");
@@ -145,8 +151,12 @@ impl Mounted {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
     /// Unmount and wait for the daemon to exit by itself; returns its exit status.
-    pub fn unmount(mut self) -> std::process::ExitStatus {
+    pub fn unmount(self) -> std::process::ExitStatus {
         let out = Command::new(BIN)
             .arg("umount")
             .arg(&self.mnt)
@@ -157,6 +167,11 @@ impl Mounted {
             "umount: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        self.wait_exit()
+    }
+
+    /// Wait (bounded) for the daemon to exit by itself.
+    pub fn wait_exit(mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().unwrap();
         let start = Instant::now();
         loop {
