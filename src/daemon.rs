@@ -73,6 +73,22 @@ pub fn announce_ready(to_parent: bool) {
     }
 }
 
+/// The source (for envelopefs: the backing directory) of the envelopefs mount at `path`.
+pub fn mount_source(path: &std::path::Path) -> Option<std::path::PathBuf> {
+    let canon = std::fs::canonicalize(path).ok()?;
+    let want = canon.to_string_lossy().replace(' ', "\\040");
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let line = info
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(want.as_str()))?;
+    let (_, tail) = line.split_once(" - ")?;
+    let mut f = tail.split(' ');
+    let fstype = f.next()?;
+    let source = f.next()?;
+    (fstype == "fuse.envelopefs" || fstype == "fuse")
+        .then(|| std::path::PathBuf::from(source.replace("\\040", " ")))
+}
+
 /// Is `path` the root of a mount (its device differs from its parent's, or it is listed in
 /// mountinfo)? Used to refuse mounting over a busy mount point.
 pub fn is_mount_point(path: &std::path::Path) -> bool {

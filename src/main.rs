@@ -314,24 +314,44 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// Unmount, then wait (bounded) for the daemon to let go of the volume, so that a mount
+/// right after `umount` does not find the volume still locked.
 fn umount(mountpoint: &Path) -> Result<()> {
+    let backing = daemon::mount_source(mountpoint);
     let c = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes())?;
-    if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
-        return Ok(());
-    }
-    let err = std::io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::EPERM) {
+    if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EPERM) {
+            bail!("unmounting {}: {err}", mountpoint.display());
+        }
         let st = Command::new("fusermount3")
             .arg("-u")
             .arg(mountpoint)
             .status()
             .context("running fusermount3 -u")?;
-        if st.success() {
-            return Ok(());
+        if !st.success() {
+            bail!("fusermount3 -u {} failed", mountpoint.display());
         }
-        bail!("fusermount3 -u {} failed", mountpoint.display());
     }
-    Err(anyhow!("unmounting {}: {err}", mountpoint.display()))
+    if let Some(backing) = backing {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while volume_locked(&backing) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok(())
+}
+
+fn volume_locked(backing: &Path) -> bool {
+    let Ok(f) = std::fs::File::open(backing.join(CONFIG_NAME)) else {
+        return false;
+    };
+    let fd = std::os::unix::io::AsRawFd::as_raw_fd(&f);
+    if unsafe { libc::flock(fd, libc::LOCK_SH | libc::LOCK_NB) } == 0 {
+        unsafe { libc::flock(fd, libc::LOCK_UN) };
+        return false;
+    }
+    true
 }
 
 fn mount_options(args: &MountArgs) -> Result<MountOptions> {

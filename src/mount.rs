@@ -167,7 +167,11 @@ impl Filesystem for FuseFs {
         }
         if let Err(missing) = config.add_capabilities(want) {
             warn!("kernel lacks FUSE capabilities {missing:?}");
+            want.remove(missing);
+            let _ = config.add_capabilities(want);
         }
+        self.fs
+            .set_writeback_cache(want.contains(InitFlags::FUSE_WRITEBACK_CACHE));
         Ok(())
     }
 

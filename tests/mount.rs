@@ -34,8 +34,18 @@ fn backing_files(dir: &Path, out: &mut Vec<PathBuf>) {
 
 #[test]
 fn round_trip_and_backing_holds_no_plaintext() {
+    round_trip_and_backing_holds_no_plaintext_with(&[]);
+}
+
+/// The same with the kernel's writeback cache (a mount option that changes how writes arrive).
+#[test]
+fn round_trip_and_backing_holds_no_plaintext_writeback() {
+    round_trip_and_backing_holds_no_plaintext_with(&["--writeback-cache"]);
+}
+
+fn round_trip_and_backing_holds_no_plaintext_with(opts: &[&str]) {
     let vol = TestVolume::new(4096);
-    let m = vol.mount(&[]);
+    let m = vol.mount(opts);
     let text = b"The quick brown fox jumps over the lazy dog. zebra-plaintext-marker ".repeat(900);
     let random = pattern(7, 3 * 4096 + 123);
     fs::write(m.path("text.txt"), &text).unwrap();
@@ -62,7 +72,7 @@ fn round_trip_and_backing_holds_no_plaintext() {
 
     // Survives an unmount and a new mount.
     assert!(m.unmount().success());
-    let m = vol.mount(&[]);
+    let m = vol.mount(opts);
     assert_eq!(fs::read(m.path("text.txt")).unwrap(), text);
     assert_eq!(fs::read(m.path("a/b/random.bin")).unwrap(), random);
     drop(m);
@@ -248,8 +258,18 @@ fn pasted_header_fails_the_open_and_torn_slot_falls_back() {
 
 #[test]
 fn posix_basics_through_the_mount() {
+    posix_basics_through_the_mount_with(&[]);
+}
+
+/// The same with the kernel's writeback cache (a mount option that changes how writes arrive).
+#[test]
+fn posix_basics_through_the_mount_writeback() {
+    posix_basics_through_the_mount_with(&["--writeback-cache"]);
+}
+
+fn posix_basics_through_the_mount_with(opts: &[&str]) {
     let vol = TestVolume::new(4096);
-    let m = vol.mount(&[]);
+    let m = vol.mount(opts);
     // Partial overwrite, append, truncate down and up (sparse hole in the middle).
     let p = m.path("f");
     fs::write(&p, pattern(6, 9000)).unwrap();
@@ -346,8 +366,18 @@ fn posix_basics_through_the_mount() {
 
 #[test]
 fn concurrent_writers_and_readers_on_one_file() {
+    concurrent_writers_and_readers_on_one_file_with(&[]);
+}
+
+/// The same with the kernel's writeback cache (a mount option that changes how writes arrive).
+#[test]
+fn concurrent_writers_and_readers_on_one_file_writeback() {
+    concurrent_writers_and_readers_on_one_file_with(&["--writeback-cache"]);
+}
+
+fn concurrent_writers_and_readers_on_one_file_with(opts: &[&str]) {
     let vol = TestVolume::new(4096);
-    let m = vol.mount(&["--threads", "4"]);
+    let m = vol.mount(&[&["--threads", "4"], opts].concat());
     let p = m.path("shared");
     const WRITERS: usize = 4;
     const SPAN: usize = 3000; // unaligned: neighbours share blocks

@@ -158,6 +158,9 @@ pub struct EncryptedFs {
     next_ino: AtomicU64,
     handles: RwLock<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
+    /// With the kernel's writeback cache, the kernel resolves O_APPEND itself and flushes
+    /// pages through any writable handle: offsets must then be taken as given.
+    kernel_appends: std::sync::atomic::AtomicBool,
 }
 
 fn system_time(sec: i64, nsec: i64) -> SystemTime {
@@ -231,7 +234,13 @@ impl EncryptedFs {
             next_ino: AtomicU64::new(1 << 63),
             handles: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            kernel_appends: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Call when the kernel's writeback cache is on (see `kernel_appends`).
+    pub fn set_writeback_cache(&self, on: bool) {
+        self.kernel_appends.store(on, Ordering::Relaxed);
     }
 
     pub fn volume(&self) -> &Arc<Volume> {
@@ -756,7 +765,11 @@ impl EncryptedFs {
             geo: self.vol.geometry,
             key: key.as_deref(),
         };
-        let offset = if h.append { c.size()? } else { offset };
+        let offset = if h.append && !self.kernel_appends.load(Ordering::Relaxed) {
+            c.size()?
+        } else {
+            offset
+        };
         c.write(offset, data)
             .map_err(|e| e.context(h.inode.describe()))?;
         Ok(data.len() as u32)

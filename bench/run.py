@@ -1,0 +1,422 @@
+#!/usr/bin/env python3
+"""Throughput of envelopefs beside its peers, measured side by side on one disk.
+
+Mounts fresh volumes of: the bare directory, a FUSE passthrough without crypto (bindfs),
+gocryptfs, and envelopefs (each crypto backend), then runs every workload interleaved
+across systems (A B C A B C ...) for several rounds so machine drift cancels out, and
+reports medians and ratios. Run as root:
+
+    python3 bench/run.py                 # defaults: 3 rounds, ~10 minutes on 2 cores
+    python3 bench/run.py --quick         # 1 round, smaller sizes: a smoke test
+
+Writes results/<stamp>/{results.json,results.csv,table.md,chart.svg} under bench/.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+
+def sh(*cmd, check=True, **kw):
+    return subprocess.run([str(c) for c in cmd], check=check, text=True, capture_output=True, **kw)
+
+
+def drop_caches():
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def need(tool, package):
+    if shutil.which(tool) is None:
+        print(f"installing {package} (for {tool})", file=sys.stderr)
+        r = subprocess.run(["apt-get", "install", "-y", "-qq", package], capture_output=True, text=True)
+        if r.returncode != 0:
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
+            r = subprocess.run(["apt-get", "install", "-y", "-qq", package], capture_output=True, text=True)
+        if r.returncode != 0 or shutil.which(tool) is None:
+            sys.exit(f"missing {tool}: install the Debian package {package}")
+
+
+def is_mounted(path):
+    want = str(Path(path).resolve())
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split(" ")[4] == want for line in f)
+
+
+class System:
+    """A place to run workloads: `path` is where files go."""
+
+    fuse = True
+
+    def __init__(self, name, work):
+        self.name = name
+        self.root = Path(work) / name
+        self.backing = self.root / "backing"
+        self.path = self.root / "mnt"
+
+    def create(self):
+        shutil.rmtree(self.root, ignore_errors=True)
+        self.backing.mkdir(parents=True)
+        self.path.mkdir()
+
+    def mount(self):
+        pass
+
+    def unmount(self):
+        if is_mounted(self.path):
+            sh("umount", self.path, check=False)
+            for _ in range(200):
+                if not is_mounted(self.path):
+                    break
+                time.sleep(0.05)
+
+    def remount(self):
+        self.unmount()
+        self.mount()
+
+    def stats(self):
+        return {}
+
+
+class Bare(System):
+    fuse = False
+
+    def create(self):
+        super().create()
+        self.path = self.backing
+
+
+class Passthrough(System):
+    def mount(self):
+        sh("bindfs", "--no-allow-other", self.backing, self.path)
+
+
+class Gocryptfs(System):
+    def create(self):
+        super().create()
+        self.pw = self.root / "pw"
+        self.pw.write_text("benchmark passphrase")
+        sh("gocryptfs", "-q", "-init", "-scryptn", "10", "-passfile", self.pw, self.backing)
+
+    def mount(self):
+        sh("gocryptfs", "-q", "-passfile", self.pw, self.backing, self.path)
+
+
+class Envelopefs(System):
+    def __init__(self, name, work, binary, extra):
+        super().__init__(name, work)
+        self.binary = binary
+        self.extra = extra
+
+    def create(self):
+        super().create()
+        self.key = self.root / "volume.key"
+        self.key.write_bytes(os.urandom(32))
+        sh(self.binary, "init", "--key-file", self.key, self.backing)
+
+    def mount(self):
+        self.log = self.root / "envelopefs.log"
+        sh(self.binary, "mount", "--key-file", self.key, "--log-file", self.log, *self.extra, self.backing, self.path)
+
+    def unmount(self):
+        if is_mounted(self.path):
+            sh(self.binary, "umount", self.path, check=False)
+
+
+# ---------------------------------------------------------------- workloads
+
+
+def fio(system, name, rw, bs, size, runtime=None):
+    args = ["fio", f"--name={name}", f"--filename={system.path / name}", f"--rw={rw}", f"--bs={bs}",
+            f"--size={size}", "--ioengine=psync", "--output-format=json", "--end_fsync=1", "--invalidate=1"]
+    if runtime:
+        args += [f"--runtime={runtime}", "--time_based"]
+    out = json.loads(sh(*args).stdout)
+    job = out["jobs"][0]
+    side = job["read"] if "read" in rw else job["write"]
+    return side
+
+
+def w_seq_write(s, cfg):
+    (s.path / "seq").unlink(missing_ok=True)
+    return fio(s, "seq", "write", "1M", f"{cfg.seq_mib}M")["bw_bytes"] / 1e6
+
+
+def w_seq_read(s, cfg):
+    if not (s.path / "seq").exists():
+        w_seq_write(s, cfg)
+    drop_caches()
+    return fio(s, "seq", "read", "1M", f"{cfg.seq_mib}M")["bw_bytes"] / 1e6
+
+
+def ensure_rand(s, cfg):
+    p = s.path / "rand"
+    if not p.exists() or p.stat().st_size != cfg.rand_mib << 20:
+        fio(s, "rand", "write", "1M", f"{cfg.rand_mib}M")
+
+
+def w_rand_write(s, cfg):
+    ensure_rand(s, cfg)
+    return fio(s, "rand", "randwrite", "4k", f"{cfg.rand_mib}M", cfg.rand_secs)["iops"]
+
+
+def w_rand_read(s, cfg):
+    ensure_rand(s, cfg)
+    drop_caches()
+    return fio(s, "rand", "randread", "4k", f"{cfg.rand_mib}M", cfg.rand_secs)["iops"]
+
+
+def timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def w_untar(s, cfg):
+    shutil.rmtree(s.path / "tree", ignore_errors=True)
+    (s.path / "tree").mkdir()
+    return timed(lambda: sh("tar", "xf", cfg.tarball, "-C", s.path / "tree"))
+
+
+def w_ls(s, cfg):
+    drop_caches()
+    return timed(lambda: sh("ls", "-lR", s.path / "tree"))
+
+
+def w_readall(s, cfg):
+    drop_caches()
+    return timed(lambda: sh("sh", "-c", f"find '{s.path / 'tree'}' -type f -exec cat {{}} + > /dev/null"))
+
+
+def w_rm(s, cfg):
+    return timed(lambda: shutil.rmtree(s.path / "tree"))
+
+
+def opens(s, cfg, cold):
+    d = s.path / "opens"
+    if not d.exists():
+        d.mkdir()
+        for i in range(cfg.open_files):
+            (d / f"f{i}").write_bytes(b"x" * 4096)
+    if cold:
+        s.remount()
+        drop_caches()
+    names = [str(d / f"f{i}") for i in range(cfg.open_files)]
+    t = time.perf_counter()
+    for n in names:
+        fd = os.open(n, os.O_RDONLY)
+        os.read(fd, 1)
+        os.close(fd)
+    return len(names) / (time.perf_counter() - t)
+
+
+def w_open_cold(s, cfg):
+    return opens(s, cfg, True)
+
+
+def w_open_warm(s, cfg):
+    opens(s, cfg, False)
+    return opens(s, cfg, False)
+
+
+# name, unit, higher is better, function
+WORKLOADS = [
+    ("seq-write", "MB/s", True, w_seq_write),
+    ("seq-read", "MB/s", True, w_seq_read),
+    ("rand-write-4k", "IOPS", True, w_rand_write),
+    ("rand-read-4k", "IOPS", True, w_rand_read),
+    ("untar", "s", False, w_untar),
+    ("ls-lR", "s", False, w_ls),
+    ("read-all", "s", False, w_readall),
+    ("rm-rf", "s", False, w_rm),
+    ("open-cold", "opens/s", True, w_open_cold),
+    ("open-warm", "opens/s", True, w_open_warm),
+]
+
+
+def make_tarball(path, files, seed=1):
+    """A source-like tree: many small files, a few large, a few directory levels."""
+    rnd = random.Random(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "src"
+        for i in range(files):
+            d = src / f"mod{i // 200}" / f"sub{(i // 20) % 10}"
+            d.mkdir(parents=True, exist_ok=True)
+            size = min(int(rnd.expovariate(1 / 4000)) + 16, 1 << 20)
+            (d / f"file{i}.rs").write_bytes(rnd.randbytes(size // 2).hex().encode()[:size])
+        with tarfile.open(path, "w") as t:
+            t.add(src, arcname="src")
+
+
+def machine_info(binary):
+    def first(cmd):
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            return (out.stdout or out.stderr).strip().splitlines()[0]
+        except (OSError, IndexError):
+            return "?"
+
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "kernel": platform.release(),
+        "envelopefs": first([binary, "--version"]),
+        "gocryptfs": first(["gocryptfs", "--version"]),
+        "bindfs": first(["bindfs", "--version"]),
+        "fio": first(["fio", "--version"]),
+    }
+
+
+def svg_chart(results, systems, path):
+    """Grouped bars: each workload's speed relative to gocryptfs (gocryptfs = 1)."""
+    ws = [w for w in WORKLOADS if all((w[0], s) in results for s in systems)]
+    colors = ["#777777", "#bbbbbb", "#e07b39", "#2b7bba", "#69a84f", "#9b59b6", "#c0392b"]
+    W, H, left, top, bottom = 980, 420, 60, 40, 90
+    gw = (W - left - 20) / max(len(ws), 1)
+    bw = gw * 0.8 / len(systems)
+    rel = {}
+    for name, _, higher, _ in ws:
+        base = results[(name, "gocryptfs")] if "gocryptfs" in systems else None
+        for s in systems:
+            v = results[(name, s)]
+            rel[(name, s)] = (v / base if higher else base / v) if base else 1.0
+    vmax = max(rel.values()) * 1.1
+    y = lambda v: top + (H - top - bottom) * (1 - v / vmax)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">',
+           f'<text x="{left}" y="20" font-size="14">Speed relative to gocryptfs (higher is better; gocryptfs = 1)</text>',
+           f'<line x1="{left}" y1="{y(1)}" x2="{W - 20}" y2="{y(1)}" stroke="#e07b39" stroke-dasharray="4"/>',
+           f'<line x1="{left}" y1="{H - bottom}" x2="{W - 20}" y2="{H - bottom}" stroke="black"/>']
+    for t in range(0, int(vmax) + 1):
+        out.append(f'<text x="{left - 8}" y="{y(t) + 4}" text-anchor="end">{t}x</text>')
+    for i, (name, _, _, _) in enumerate(ws):
+        x0 = left + i * gw + gw * 0.1
+        for j, s in enumerate(systems):
+            v = rel[(name, s)]
+            out.append(f'<rect x="{x0 + j * bw:.1f}" y="{y(v):.1f}" width="{bw - 1:.1f}" height="{H - bottom - y(v):.1f}" fill="{colors[j % len(colors)]}"><title>{s} {name}: {v:.2f}x</title></rect>')
+        out.append(f'<text x="{x0 + gw * 0.4:.1f}" y="{H - bottom + 14}" text-anchor="middle">{name}</text>')
+    for j, s in enumerate(systems):
+        out.append(f'<rect x="{left + j * 150}" y="{H - 40}" width="12" height="12" fill="{colors[j % len(colors)]}"/>')
+        out.append(f'<text x="{left + j * 150 + 16}" y="{H - 30}">{s}</text>')
+    out.append("</svg>")
+    path.write_text("\n".join(out))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seq-mib", type=int, default=1024, help="sequential file size")
+    ap.add_argument("--rand-mib", type=int, default=256, help="random I/O file size")
+    ap.add_argument("--rand-secs", type=int, default=6, help="seconds per random I/O run")
+    ap.add_argument("--files", type=int, default=10000, help="files in the small-file tree")
+    ap.add_argument("--open-files", type=int, default=2000)
+    ap.add_argument("--systems", default="bare,passthrough,gocryptfs,envelopefs,envelopefs-rustcrypto")
+    ap.add_argument("--workloads", default=",".join(w[0] for w in WORKLOADS))
+    ap.add_argument("--dir", default="/var/tmp/envelopefs-bench", help="work directory (same disk for all)")
+    ap.add_argument("--binary", default=str(REPO / "target/release/envelopefs"))
+    ap.add_argument("--quick", action="store_true", help="1 round, small sizes")
+    ap.add_argument("--out", default=str(HERE / "results"))
+    cfg = ap.parse_args()
+    if cfg.quick:
+        cfg.rounds, cfg.seq_mib, cfg.rand_mib, cfg.rand_secs, cfg.files, cfg.open_files = 1, 256, 64, 2, 2000, 500
+    if os.geteuid() != 0:
+        sys.exit("run as root (mounts, drop_caches)")
+    for tool, pkg in [("fio", "fio"), ("bindfs", "bindfs"), ("gocryptfs", "gocryptfs"), ("tar", "tar")]:
+        need(tool, pkg)
+    if not Path(cfg.binary).exists() or "--binary" not in sys.argv:
+        print("building envelopefs (release)", file=sys.stderr)
+        subprocess.run(["cargo", "build", "--release", "--locked", "--quiet"], cwd=REPO, check=True)
+
+    work = Path(cfg.dir)
+    work.mkdir(parents=True, exist_ok=True)
+    cfg.tarball = work / f"tree-{cfg.files}.tar"
+    if not cfg.tarball.exists():
+        make_tarball(cfg.tarball, cfg.files)
+
+    makers = {
+        "bare": lambda: Bare("bare", work),
+        "passthrough": lambda: Passthrough("passthrough", work),
+        "gocryptfs": lambda: Gocryptfs("gocryptfs", work),
+        "envelopefs": lambda: Envelopefs("envelopefs", work, cfg.binary, []),
+        "envelopefs-rustcrypto": lambda: Envelopefs("envelopefs-rustcrypto", work, cfg.binary, ["--crypto", "rustcrypto"]),
+        "envelopefs-writeback": lambda: Envelopefs("envelopefs-writeback", work, cfg.binary, ["--writeback-cache"]),
+    }
+    names = cfg.systems.split(",")
+    systems = [makers[n]() for n in names]
+    chosen = [w for w in WORKLOADS if w[0] in cfg.workloads.split(",")]
+    samples = {}
+    try:
+        for s in systems:
+            s.create()
+            s.mount()
+        for name, unit, higher, fn in chosen:
+            for r in range(cfg.rounds):
+                order = systems if r % 2 == 0 else list(reversed(systems))
+                for s in order:
+                    v = fn(s, cfg)
+                    samples.setdefault((name, s.name), []).append(v)
+                    print(f"{name:14} round {r + 1}  {s.name:22} {v:12.2f} {unit}", flush=True)
+    finally:
+        for s in systems:
+            s.unmount()
+
+    medians = {k: statistics.median(v) for k, v in samples.items()}
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(cfg.out) / stamp
+    out.mkdir(parents=True)
+    info = machine_info(cfg.binary)
+    info["command"] = "python3 bench/run.py " + " ".join(sys.argv[1:])
+    info["rounds"] = cfg.rounds
+    rows = []
+    for name, unit, higher, _ in chosen:
+        for s in names:
+            v = medians[(name, s)]
+
+            def ratio(peer):
+                p = medians.get((name, peer))
+                if p is None:
+                    return None
+                return round(v / p if higher else p / v, 2)
+
+            rows.append({"workload": name, "unit": unit, "higher_is_better": higher, "system": s,
+                         "median": round(v, 3), "samples": [round(x, 3) for x in samples[(name, s)]],
+                         "vs_gocryptfs": ratio("gocryptfs"), "vs_passthrough": ratio("passthrough"), "vs_bare": ratio("bare")})
+    (out / "results.json").write_text(json.dumps({"machine": info, "results": rows}, indent=2))
+    with open(out / "results.csv", "w") as f:
+        f.write("workload,unit,system,median,vs_gocryptfs,vs_passthrough,vs_bare\n")
+        for r in rows:
+            f.write(f"{r['workload']},{r['unit']},{r['system']},{r['median']},{r['vs_gocryptfs']},{r['vs_passthrough']},{r['vs_bare']}\n")
+    md = [f"Run {info['date']} on {info['cpu']} ({info['cores']} cores, {info['memory_gib']} GiB), kernel {info['kernel']}; "
+          f"{cfg.rounds} interleaved rounds, medians. `{info['command']}`", "",
+          "Ratios are speed-ups (>1 = faster than the peer), for times and rates alike.", "",
+          "| workload | " + " | ".join(names) + " | envelopefs vs gocryptfs | envelopefs vs passthrough | envelopefs vs bare |",
+          "|---|" + "---|" * (len(names) + 3)]
+    for name, unit, higher, _ in chosen:
+        cells = [f"{medians[(name, s)]:.2f}" for s in names]
+        e = next((r for r in rows if r["workload"] == name and r["system"] == "envelopefs"), None)
+        extra = [str(e[k]) if e else "" for k in ("vs_gocryptfs", "vs_passthrough", "vs_bare")]
+        md.append(f"| {name} ({unit}) | " + " | ".join(cells) + " | " + " | ".join(extra) + " |")
+    (out / "table.md").write_text("\n".join(md) + "\n")
+    svg_chart(medians, names, out / "chart.svg")
+    print("\n".join(md))
+    print(f"\nwritten to {out}")
+
+
+if __name__ == "__main__":
+    main()
