@@ -2,18 +2,17 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::crypto::FileKey;
 use crate::envelope::{decode_region, is_hole, SizeError, SlotError};
 use crate::error::{Error, Result};
-use crate::volume::{Volume, VolumeConfig, CONFIG_NAME};
+use crate::volume::{Volume, VolumeConfig, CONFIG_NAME, RESERVED};
 
 /// The volume root above `path`: the nearest directory holding `envelopefs.toml`.
 pub fn find_root(path: &Path) -> Result<PathBuf> {
-    let abs =
-        std::fs::canonicalize(path).map_err(|e| Error::io(e, format!("{}", path.display())))?;
+    let abs = std::fs::canonicalize(path).map_err(|e| Error::io(e, format!("{}", path.display())))?;
     let mut dir = abs.parent();
     while let Some(d) = dir {
         if d.join(CONFIG_NAME).is_file() {
@@ -23,10 +22,7 @@ pub fn find_root(path: &Path) -> Result<PathBuf> {
     }
     Err(Error::new(
         libc::ENOENT,
-        format!(
-            "{} is not inside an envelopefs volume (no {CONFIG_NAME} above it)",
-            path.display()
-        ),
+        format!("{} is not inside an envelopefs volume (no {CONFIG_NAME} above it)", path.display()),
     ))
 }
 
@@ -39,13 +35,7 @@ pub fn inspect(path: &Path, out: &mut impl Write) -> Result<()> {
     let len = f.metadata().map_err(|e| Error::io(e, "fstat"))?.len();
     let w = |e: std::io::Error| Error::io(e, "writing output");
     writeln!(out, "file:            {}", path.display()).map_err(w)?;
-    writeln!(
-        out,
-        "volume:          {} ({})",
-        root.display(),
-        cfg.volume_id
-    )
-    .map_err(w)?;
+    writeln!(out, "volume:          {} ({})", root.display(), cfg.volume_id).map_err(w)?;
     writeln!(out, "backing size:    {len}").map_err(w)?;
     match geo.plain_size(len) {
         Ok(s) => writeln!(out, "plaintext size:  {s}"),
@@ -57,9 +47,7 @@ pub fn inspect(path: &Path, out: &mut impl Write) -> Result<()> {
         return Ok(());
     }
     let mut region = vec![0u8; geo.header_size as usize];
-    let n = f
-        .read_at(&mut region, 0)
-        .map_err(|e| Error::io(e, "reading header"))?;
+    let n = f.read_at(&mut region, 0).map_err(|e| Error::io(e, "reading header"))?;
     region.truncate(n);
     region.resize(geo.header_size as usize, 0);
     let mut slots = decode_region(&region);
@@ -112,8 +100,9 @@ pub struct FsckReport {
 
 /// Check that every header and every block of every envelope authenticates. Without
 /// `repair` nothing is written. With it: a damaged header slot is rewritten from the good
-/// one, and a torn trailing block fragment is cut off. Blocks that do not authenticate are
-/// never "repaired": they are reported.
+/// one, a torn trailing fragment is cut off, and a last block that does not authenticate
+/// (a torn append) is cut. Other blocks that do not authenticate are only reported.
+/// The caller makes sure the volume is not mounted when repairing.
 pub fn fsck(vol: &Volume, repair: bool) -> Result<FsckReport> {
     let mut report = FsckReport::default();
     walk(vol, &vol.root, true, repair, &mut report)?;
@@ -128,10 +117,8 @@ fn walk(vol: &Volume, dir: &Path, is_root: bool, repair: bool, rep: &mut FsckRep
     entries.sort_by_key(|e| e.file_name());
     for e in entries {
         let path = e.path();
-        let ft = e
-            .file_type()
-            .map_err(|e| Error::io(e, format!("{}", path.display())))?;
-        if is_root && e.file_name().to_string_lossy().starts_with("envelopefs.") {
+        let ft = e.file_type().map_err(|e| Error::io(e, format!("{}", path.display())))?;
+        if is_root && RESERVED.iter().any(|r| std::ffi::OsStr::new(r) == e.file_name()) {
             continue;
         }
         if ft.is_dir() {
@@ -145,18 +132,9 @@ fn walk(vol: &Volume, dir: &Path, is_root: bool, repair: bool, rep: &mut FsckRep
 }
 
 fn check_file(vol: &Volume, path: &Path, repair: bool, rep: &mut FsckReport) {
-    let mut problem = |what: String, repaired: bool| {
-        rep.problems.push(Problem {
-            path: path.to_owned(),
-            what,
-            repaired,
-        })
-    };
-    let f = match std::fs::OpenOptions::new()
-        .read(true)
-        .write(repair)
-        .open(path)
-    {
+    let mut problem =
+        |what: String, repaired: bool| rep.problems.push(Problem { path: path.to_owned(), what, repaired });
+    let f = match std::fs::OpenOptions::new().read(true).write(repair).custom_flags(libc::O_NOFOLLOW).open(path) {
         Ok(f) => f,
         Err(e) => return problem(format!("cannot open: {e}"), false),
     };
@@ -170,18 +148,10 @@ fn check_file(vol: &Volume, path: &Path, repair: bool, rep: &mut FsckReport) {
     }
     let size = match geo.plain_size(len) {
         Ok(s) => s,
-        Err(SizeError::ShortHeader) => {
-            return problem(
-                format!("{len} bytes: shorter than the header region"),
-                false,
-            )
-        }
+        Err(SizeError::ShortHeader) => return problem(format!("{len} bytes: shorter than the header region"), false),
         Err(e @ SizeError::TornBlock { plain }) => {
             let fixed = repair && f.set_len(geo.backing_size(plain)).is_ok();
-            problem(
-                format!("{e} (a crash mid-append?); readable size {plain}"),
-                fixed,
-            );
+            problem(format!("{e} (a crash mid-append?); readable size {plain}"), fixed);
             plain
         }
     };
@@ -196,62 +166,48 @@ fn check_file(vol: &Volume, path: &Path, repair: bool, rep: &mut FsckReport) {
     // The other slot should hold a valid header too (generation may be older).
     let half = geo.slot_size();
     let other = 1 - opened.slot;
-    let other_ok = match decode_region(&region)
-        .into_iter()
-        .find(|(i, _)| *i == other)
-    {
+    let other_ok = match decode_region(&region).into_iter().find(|(i, _)| *i == other) {
         Some((_, Ok(v))) => opened.key.verify_header_tag(&v.authenticated, &v.tag),
         Some((_, Err(SlotError::Empty))) | Some((_, Err(_))) | None => false,
     };
     if !other_ok {
         let good = region[opened.slot * half..(opened.slot + 1) * half].to_vec();
-        let fixed = repair
-            && f.write_all_at(&good, (other * half) as u64)
-                .and_then(|_| f.sync_data())
-                .is_ok();
-        problem(
-            format!(
-                "header slot {other} is damaged; slot {} is good",
-                opened.slot
-            ),
-            fixed,
-        );
+        let fixed = repair && f.write_all_at(&good, (other * half) as u64).and_then(|_| f.sync_data()).is_ok();
+        problem(format!("header slot {other} is damaged; slot {} is good", opened.slot), fixed);
     }
-    check_blocks(&f, vol, &opened.key, size, path, rep);
+    check_blocks(&f, vol, &opened.key, size, path, repair, rep);
 }
 
-fn check_blocks(
-    f: &File,
-    vol: &Volume,
-    key: &FileKey,
-    size: u64,
-    path: &Path,
-    rep: &mut FsckReport,
-) {
+fn check_blocks(f: &File, vol: &Volume, key: &FileKey, size: u64, path: &Path, repair: bool, rep: &mut FsckReport) {
     let geo = vol.geometry;
     let mut stored = Vec::new();
     let mut out = Vec::new();
-    for i in 0..geo.block_count(size) {
+    let count = geo.block_count(size);
+    for i in 0..count {
         let blen = geo.block_len(i, size) as usize;
         stored.resize(blen + crate::envelope::BLOCK_OVERHEAD as usize, 0);
         out.resize(blen, 0);
         rep.blocks += 1;
         if let Err(e) = f.read_exact_at(&mut stored, geo.block_offset(i)) {
-            rep.problems.push(Problem {
-                path: path.to_owned(),
-                what: format!("block {i}: {e}"),
-                repaired: false,
-            });
+            rep.problems.push(Problem { path: path.to_owned(), what: format!("block {i}: {e}"), repaired: false });
             return;
         }
         if is_hole(&stored) {
             rep.holes += 1;
         } else if key.open_block(i, &stored, &mut out).is_err() {
-            rep.problems.push(Problem {
-                path: path.to_owned(),
-                what: format!("block {i} does not authenticate"),
-                repaired: false,
-            });
+            if i + 1 == count {
+                // A crash mid-append leaves a partly written last block. Cutting it keeps
+                // every block that still authenticates; its bytes were unreadable anyway.
+                let fixed = repair && f.set_len(geo.block_offset(i)).and_then(|_| f.sync_data()).is_ok();
+                let what = format!(
+                    "last block {i} does not authenticate (a torn append, or tampering); cutting it leaves {} bytes",
+                    i * geo.block_size
+                );
+                rep.problems.push(Problem { path: path.to_owned(), what, repaired: fixed });
+            } else {
+                let what = format!("block {i} does not authenticate");
+                rep.problems.push(Problem { path: path.to_owned(), what, repaired: false });
+            }
         }
     }
 }

@@ -20,11 +20,7 @@ pub struct Content<'a> {
 
 impl Content<'_> {
     fn backing_len(&self) -> Result<u64> {
-        Ok(self
-            .file
-            .metadata()
-            .map_err(|e| Error::io(e, "fstat"))?
-            .len())
+        Ok(self.file.metadata().map_err(|e| Error::io(e, "fstat"))?.len())
     }
 
     /// Plaintext size. A torn last block (a crash mid-append) is left out: the file reads
@@ -39,8 +35,7 @@ impl Content<'_> {
     }
 
     fn key(&self) -> Result<&FileKey> {
-        self.key
-            .ok_or_else(|| Error::corrupt("envelope has no key loaded"))
+        self.key.ok_or_else(|| Error::corrupt("envelope has no key loaded"))
     }
 
     pub fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
@@ -71,8 +66,7 @@ impl Content<'_> {
                 key.open_block(i, s, dst).map_err(|_| bad_block(i))?;
             } else {
                 scratch.resize(blen, 0);
-                key.open_block(i, s, &mut scratch)
-                    .map_err(|_| bad_block(i))?;
+                key.open_block(i, s, &mut scratch).map_err(|_| bad_block(i))?;
                 dst.copy_from_slice(&scratch[from as usize..to as usize]);
             }
         }
@@ -100,9 +94,7 @@ impl Content<'_> {
         }
         let stored = self.read_stored(i, i, size)?;
         if !is_hole(&stored) {
-            self.key()?
-                .open_block(i, &stored, &mut out)
-                .map_err(|_| bad_block(i))?;
+            self.key()?.open_block(i, &stored, &mut out).map_err(|_| bad_block(i))?;
         }
         Ok(out)
     }
@@ -111,19 +103,14 @@ impl Content<'_> {
     /// pwrite. Each block gets a fresh random nonce.
     fn write_blocks(&self, first: u64, blocks: &[&[u8]]) -> Result<()> {
         let key = self.key()?;
-        let total: usize = blocks
-            .iter()
-            .map(|b| b.len() + BLOCK_OVERHEAD as usize)
-            .sum();
+        let total: usize = blocks.iter().map(|b| b.len() + BLOCK_OVERHEAD as usize).sum();
         let mut nonces = vec![0u8; blocks.len() * NONCE_LEN];
         fill_random(&mut nonces)?;
         let mut out = vec![0u8; total];
         let mut pos = 0;
         for (k, plain) in blocks.iter().enumerate() {
             let n = plain.len() + BLOCK_OVERHEAD as usize;
-            let nonce: &[u8; NONCE_LEN] = nonces[k * NONCE_LEN..(k + 1) * NONCE_LEN]
-                .try_into()
-                .unwrap();
+            let nonce: &[u8; NONCE_LEN] = nonces[k * NONCE_LEN..(k + 1) * NONCE_LEN].try_into().unwrap();
             key.seal_block(first + k as u64, plain, nonce, &mut out[pos..pos + n]);
             pos += n;
         }
@@ -145,11 +132,22 @@ impl Content<'_> {
         self.write_blocks(i, &[&plain])
     }
 
+    /// Cut a torn trailing fragment (see `size`) before the file changes, so it can never
+    /// end up inside a block that is no longer the last.
+    fn settle(&self) -> Result<u64> {
+        let size = self.size()?;
+        let len = self.backing_len()?;
+        if len > 0 && len != self.geo.backing_size(size) {
+            self.file.set_len(self.geo.backing_size(size)).map_err(|e| Error::io(e, "cutting a torn last block"))?;
+        }
+        Ok(size)
+    }
+
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
         if data.is_empty() {
             return Ok(());
         }
-        let size = self.size()?;
+        let size = self.settle()?;
         let end = offset + data.len() as u64;
         let new_size = size.max(end);
         let bs = self.geo.block_size;
@@ -167,9 +165,8 @@ impl Content<'_> {
                 plain.resize(blen as usize, 0);
                 let from = offset.max(bstart) - bstart;
                 let to = end.min(bstart + blen) - bstart;
-                plain[from as usize..to as usize].copy_from_slice(
-                    &data[(bstart + from - offset) as usize..(bstart + to - offset) as usize],
-                );
+                plain[from as usize..to as usize]
+                    .copy_from_slice(&data[(bstart + from - offset) as usize..(bstart + to - offset) as usize]);
                 edge.push((i, plain));
             }
         }
@@ -187,7 +184,7 @@ impl Content<'_> {
     }
 
     pub fn truncate(&self, new_size: u64) -> Result<()> {
-        let size = self.size()?;
+        let size = self.settle()?;
         let bs = self.geo.block_size;
         if new_size > size {
             self.grow_tail(size, new_size)?;
@@ -198,9 +195,7 @@ impl Content<'_> {
             self.write_blocks(i, &[&plain])?;
         }
         if new_size != size || self.backing_len()? != self.geo.backing_size(new_size) {
-            self.file
-                .set_len(self.geo.backing_size(new_size))
-                .map_err(|e| Error::io(e, "ftruncate"))?;
+            self.file.set_len(self.geo.backing_size(new_size)).map_err(|e| Error::io(e, "ftruncate"))?;
         }
         Ok(())
     }
@@ -208,19 +203,15 @@ impl Content<'_> {
     /// fallocate mode 0: grow to `offset + len` if shorter (the new range reads as zeros)
     /// and reserve backing space for the stored blocks of the range.
     pub fn allocate(&self, offset: u64, len: u64) -> Result<()> {
-        let end = offset
-            .checked_add(len)
-            .ok_or_else(|| Error::new(libc::EFBIG, "fallocate range overflows"))?;
-        let size = self.size()?;
+        let end = offset.checked_add(len).ok_or_else(|| Error::new(libc::EFBIG, "fallocate range overflows"))?;
+        let size = self.settle()?;
         if end > size {
             self.truncate(end)?;
         }
         let from = self.geo.block_offset(offset / self.geo.block_size);
         let to = self.geo.backing_size(end.max(size));
         if to > from {
-            let r = unsafe {
-                libc::fallocate(self.file.as_raw_fd(), 0, from as i64, (to - from) as i64)
-            };
+            let r = unsafe { libc::fallocate(self.file.as_raw_fd(), 0, from as i64, (to - from) as i64) };
             if r != 0 {
                 return Err(crate::error::last_os("fallocate"));
             }
@@ -230,13 +221,9 @@ impl Content<'_> {
 }
 
 fn bad_block(i: u64) -> Error {
-    Error::corrupt(format!(
-        "block {i} does not authenticate (tampered, or moved from another position or file)"
-    ))
+    Error::corrupt(format!("block {i} does not authenticate (tampered, or moved from another position or file)"))
 }
 
 fn size_error(e: SizeError, len: u64) -> Error {
-    Error::corrupt(format!(
-        "backing file length {len} is impossible for an envelope: {e}"
-    ))
+    Error::corrupt(format!("backing file length {len} is impossible for an envelope: {e}"))
 }

@@ -25,10 +25,7 @@ impl Dek {
     /// Take ownership of key bytes; the caller's copy should itself be zeroizing.
     pub fn from_slice(bytes: &[u8]) -> Result<Self> {
         if bytes.len() != KEY_LEN {
-            return Err(Error::corrupt(format!(
-                "a data key is {KEY_LEN} bytes, got {}",
-                bytes.len()
-            )));
+            return Err(Error::corrupt(format!("a data key is {KEY_LEN} bytes, got {}", bytes.len())));
         }
         let mut k = Box::new(Zeroizing::new([0u8; KEY_LEN]));
         k.copy_from_slice(bytes);
@@ -47,8 +44,7 @@ impl fmt::Debug for Dek {
 }
 
 pub fn fill_random(buf: &mut [u8]) -> Result<()> {
-    getrandom::getrandom(buf)
-        .map_err(|e| Error::new(libc::EIO, format!("system random source failed: {e}")))
+    getrandom::getrandom(buf).map_err(|e| Error::new(libc::EIO, format!("system random source failed: {e}")))
 }
 
 /// Which AES-GCM implementation seals and opens blocks.
@@ -78,9 +74,7 @@ impl FromStr for Backend {
         match s {
             "aws-lc" => Ok(Backend::AwsLc),
             "rustcrypto" => Ok(Backend::RustCrypto),
-            _ => Err(format!(
-                "unknown crypto backend {s:?} (aws-lc or rustcrypto)"
-            )),
+            _ => Err(format!("unknown crypto backend {s:?} (aws-lc or rustcrypto)")),
         }
     }
 }
@@ -127,15 +121,7 @@ impl BlockAead for AwsLc {
         out: &mut [u8],
     ) -> Result<(), ()> {
         use aws_lc_rs::aead::{Aad, Nonce};
-        self.0
-            .open_separate_gather(
-                Nonce::assume_unique_for_key(*nonce),
-                Aad::from(aad),
-                ct,
-                tag,
-                out,
-            )
-            .map_err(|_| ())
+        self.0.open_separate_gather(Nonce::assume_unique_for_key(*nonce), Aad::from(aad), ct, tag, out).map_err(|_| ())
     }
 }
 
@@ -144,10 +130,8 @@ struct RustCrypto(aes_gcm::Aes256Gcm);
 impl BlockAead for RustCrypto {
     fn seal(&self, nonce: &[u8; NONCE_LEN], aad: &[u8], buf: &mut [u8]) -> [u8; TAG_LEN] {
         use aes_gcm::aead::AeadInPlace;
-        let tag = self
-            .0
-            .encrypt_in_place_detached(nonce.into(), aad, buf)
-            .expect("AES-GCM seal of a block cannot fail");
+        let tag =
+            self.0.encrypt_in_place_detached(nonce.into(), aad, buf).expect("AES-GCM seal of a block cannot fail");
         tag.into()
     }
 
@@ -161,9 +145,7 @@ impl BlockAead for RustCrypto {
     ) -> Result<(), ()> {
         use aes_gcm::aead::AeadInPlace;
         out.copy_from_slice(ct);
-        self.0
-            .decrypt_in_place_detached(nonce.into(), aad, out, tag.into())
-            .map_err(|_| ())
+        self.0.decrypt_in_place_detached(nonce.into(), aad, out, tag.into()).map_err(|_| ())
     }
 }
 
@@ -205,11 +187,7 @@ impl FileKey {
         );
         let mut header_key = Zeroizing::new([0u8; 32]);
         header_key.copy_from_slice(derived.as_ref());
-        Self {
-            file_id,
-            aead: new_aead(backend, dek.expose()),
-            header_key,
-        }
+        Self { file_id, aead: new_aead(backend, dek.expose()), header_key }
     }
 
     pub fn header_tag(&self, bytes: &[u8]) -> [u8; HEADER_TAG_LEN] {
@@ -236,9 +214,7 @@ impl FileKey {
         out[..NONCE_LEN].copy_from_slice(nonce);
         let body = &mut out[NONCE_LEN..NONCE_LEN + n];
         body.copy_from_slice(plain);
-        let tag = self
-            .aead
-            .seal(nonce, &block_aad(&self.file_id, index), body);
+        let tag = self.aead.seal(nonce, &block_aad(&self.file_id, index), body);
         out[NONCE_LEN + n..].copy_from_slice(&tag);
     }
 
@@ -251,13 +227,7 @@ impl FileKey {
         debug_assert_eq!(out.len(), n);
         let nonce: &[u8; NONCE_LEN] = stored[..NONCE_LEN].try_into().unwrap();
         let tag: &[u8; TAG_LEN] = stored[NONCE_LEN + n..].try_into().unwrap();
-        let res = self.aead.open(
-            nonce,
-            &block_aad(&self.file_id, index),
-            &stored[NONCE_LEN..NONCE_LEN + n],
-            tag,
-            out,
-        );
+        let res = self.aead.open(nonce, &block_aad(&self.file_id, index), &stored[NONCE_LEN..NONCE_LEN + n], tag, out);
         if res.is_err() {
             out.zeroize();
         }
@@ -294,10 +264,7 @@ mod tests {
             assert_eq!(hex::encode(&out), PLAIN, "{b}");
             let mut bad = tag;
             bad[0] ^= 1;
-            assert!(
-                aead.open(&nonce, &aad, &buf, &bad, &mut out).is_err(),
-                "{b}"
-            );
+            assert!(aead.open(&nonce, &aad, &buf, &bad, &mut out).is_err(), "{b}");
         }
     }
 
@@ -305,10 +272,7 @@ mod tests {
     fn blocks_sealed_by_one_backend_open_with_the_other() {
         let dek = Dek::generate().unwrap();
         let fid = [3u8; 16];
-        let keys: Vec<FileKey> = Backend::ALL
-            .iter()
-            .map(|&b| FileKey::new(b, fid, &dek))
-            .collect();
+        let keys: Vec<FileKey> = Backend::ALL.iter().map(|&b| FileKey::new(b, fid, &dek)).collect();
         let plain: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
         for (i, sealer) in keys.iter().enumerate() {
             for opener in &keys {
@@ -319,10 +283,7 @@ mod tests {
                 assert_eq!(out, plain);
                 // Same block at another index, or in another file, must not open.
                 assert!(opener.open_block(6, &stored, &mut out).is_err());
-                assert!(
-                    out.iter().all(|&b| b == 0),
-                    "failed open leaves no plaintext"
-                );
+                assert!(out.iter().all(|&b| b == 0), "failed open leaves no plaintext");
                 let other = FileKey::new(Backend::AwsLc, [4u8; 16], &dek);
                 assert!(other.open_block(5, &stored, &mut out).is_err());
             }

@@ -11,10 +11,7 @@ use tracing::warn;
 pub fn harden_memory(lock: bool) {
     unsafe {
         if libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) != 0 {
-            warn!(
-                "PR_SET_DUMPABLE failed: {}",
-                std::io::Error::last_os_error()
-            );
+            warn!("PR_SET_DUMPABLE failed: {}", std::io::Error::last_os_error());
         }
         if lock && libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) != 0 {
             warn!(
@@ -78,15 +75,12 @@ pub fn mount_source(path: &std::path::Path) -> Option<std::path::PathBuf> {
     let canon = std::fs::canonicalize(path).ok()?;
     let want = canon.to_string_lossy().replace(' ', "\\040");
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let line = info
-        .lines()
-        .find(|l| l.split(' ').nth(4) == Some(want.as_str()))?;
+    let line = info.lines().find(|l| l.split(' ').nth(4) == Some(want.as_str()))?;
     let (_, tail) = line.split_once(" - ")?;
     let mut f = tail.split(' ');
     let fstype = f.next()?;
     let source = f.next()?;
-    (fstype == "fuse.envelopefs" || fstype == "fuse")
-        .then(|| std::path::PathBuf::from(source.replace("\\040", " ")))
+    (fstype == "fuse.envelopefs" || fstype == "fuse").then(|| std::path::PathBuf::from(source.replace("\\040", " ")))
 }
 
 /// Is `path` the root of a mount (its device differs from its parent's, or it is listed in
@@ -99,8 +93,7 @@ pub fn is_mount_point(path: &std::path::Path) -> bool {
         return false;
     };
     let want = canon.to_string_lossy().replace(' ', "\\040");
-    info.lines()
-        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+    info.lines().any(|l| l.split(' ').nth(4) == Some(want.as_str()))
 }
 
 static DETACHED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -128,17 +121,9 @@ impl Drop for LineWriter {
             return;
         }
         if DETACHED.load(std::sync::atomic::Ordering::Relaxed) {
-            let line = String::from_utf8_lossy(&self.0)
-                .trim_end()
-                .replace('\0', " ");
+            let line = String::from_utf8_lossy(&self.0).trim_end().replace('\0', " ");
             if let Ok(c) = std::ffi::CString::new(line) {
-                unsafe {
-                    libc::syslog(
-                        libc::LOG_DAEMON | libc::LOG_NOTICE,
-                        c"%s".as_ptr(),
-                        c.as_ptr(),
-                    )
-                };
+                unsafe { libc::syslog(libc::LOG_DAEMON | libc::LOG_NOTICE, c"%s".as_ptr(), c.as_ptr()) };
             }
         } else {
             let _ = std::io::stderr().write_all(&self.0);

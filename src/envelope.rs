@@ -32,8 +32,7 @@ pub struct Geometry {
 
 impl Geometry {
     pub fn new(header_size: u32, block_size: u32) -> Result<Self> {
-        if !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size) || !block_size.is_power_of_two()
-        {
+        if !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size) || !block_size.is_power_of_two() {
             return Err(Error::new(
                 libc::EINVAL,
                 format!("block size {block_size} must be a power of two from {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}"),
@@ -42,13 +41,12 @@ impl Geometry {
         if !(MIN_HEADER_SIZE..=MAX_HEADER_SIZE).contains(&header_size) || header_size % 512 != 0 {
             return Err(Error::new(
                 libc::EINVAL,
-                format!("header size {header_size} must be a multiple of 512 from {MIN_HEADER_SIZE} to {MAX_HEADER_SIZE}"),
+                format!(
+                    "header size {header_size} must be a multiple of 512 from {MIN_HEADER_SIZE} to {MAX_HEADER_SIZE}"
+                ),
             ));
         }
-        Ok(Self {
-            header_size: header_size as u64,
-            block_size: block_size as u64,
-        })
+        Ok(Self { header_size: header_size as u64, block_size: block_size as u64 })
     }
 
     pub fn slot_size(&self) -> usize {
@@ -78,9 +76,7 @@ impl Geometry {
         let rest = body % self.stored_block_size();
         match rest {
             0 => Ok(full * self.block_size),
-            r if r <= BLOCK_OVERHEAD => Err(SizeError::TornBlock {
-                plain: full * self.block_size,
-            }),
+            r if r <= BLOCK_OVERHEAD => Err(SizeError::TornBlock { plain: full * self.block_size }),
             r => Ok(full * self.block_size + r - BLOCK_OVERHEAD),
         }
     }
@@ -236,11 +232,7 @@ impl std::fmt::Display for SlotError {
 impl Header {
     /// Encode into a slot of `slot_size` bytes; `tag_fn` computes the DEK-keyed tag over
     /// the bytes it is given.
-    pub fn encode_slot(
-        &self,
-        slot_size: usize,
-        tag_fn: impl FnOnce(&[u8]) -> [u8; HEADER_TAG_LEN],
-    ) -> Result<Vec<u8>> {
+    pub fn encode_slot(&self, slot_size: usize, tag_fn: impl FnOnce(&[u8]) -> [u8; HEADER_TAG_LEN]) -> Result<Vec<u8>> {
         let mut b = Vec::with_capacity(slot_size);
         b.extend_from_slice(SLOT_MAGIC);
         b.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -255,10 +247,8 @@ impl Header {
         b.push(count);
         for r in &self.records {
             let id = r.kek_id.as_bytes();
-            let id_len =
-                u16::try_from(id.len()).map_err(|_| Error::new(libc::EINVAL, "KEK id too long"))?;
-            let w_len = u16::try_from(r.wrapped.len())
-                .map_err(|_| Error::new(libc::EINVAL, "wrapped key too long"))?;
+            let id_len = u16::try_from(id.len()).map_err(|_| Error::new(libc::EINVAL, "KEK id too long"))?;
+            let w_len = u16::try_from(r.wrapped.len()).map_err(|_| Error::new(libc::EINVAL, "wrapped key too long"))?;
             b.push(r.provider as u8);
             b.push(0); // flags, reserved
             b.extend_from_slice(&id_len.to_le_bytes());
@@ -271,10 +261,7 @@ impl Header {
         if body_len + HEADER_TAG_LEN + CRC_LEN > slot_size {
             return Err(Error::new(
                 libc::EINVAL,
-                format!(
-                    "header needs {} bytes but a slot has {slot_size}",
-                    body_len + HEADER_TAG_LEN + CRC_LEN
-                ),
+                format!("header needs {} bytes but a slot has {slot_size}", body_len + HEADER_TAG_LEN + CRC_LEN),
             ));
         }
         b[10..12].copy_from_slice(&(body_len as u16).to_le_bytes());
@@ -308,10 +295,7 @@ pub fn decode_slot(slot: &[u8]) -> Result<SlotView, SlotError> {
     if crc32fast::hash(&slot[..crc_at]) != crc {
         return Err(SlotError::Checksum);
     }
-    let mut r = Reader {
-        buf: &slot[..body_len],
-        pos: 12,
-    };
+    let mut r = Reader { buf: &slot[..body_len], pos: 12 };
     let generation = r.u64()?;
     let file_id: FileId = r.take(FILE_ID_LEN)?.try_into().unwrap();
     let block_size = r.u32()?;
@@ -321,33 +305,21 @@ pub fn decode_slot(slot: &[u8]) -> Result<SlotView, SlotError> {
     }
     let mut records = Vec::with_capacity(count as usize);
     for _ in 0..count {
-        let provider =
-            ProviderKind::from_u8(r.u8()?).ok_or(SlotError::Malformed("unknown provider kind"))?;
+        let provider = ProviderKind::from_u8(r.u8()?).ok_or(SlotError::Malformed("unknown provider kind"))?;
         let _flags = r.u8()?;
         let id_len = r.u16()? as usize;
-        let kek_id = std::str::from_utf8(r.take(id_len)?)
-            .map_err(|_| SlotError::Malformed("KEK id is not UTF-8"))?
-            .to_owned();
+        let kek_id =
+            std::str::from_utf8(r.take(id_len)?).map_err(|_| SlotError::Malformed("KEK id is not UTF-8"))?.to_owned();
         let kek_version = r.u32()?;
         let w_len = r.u16()? as usize;
         let wrapped = r.take(w_len)?.to_vec();
-        records.push(KeyRecord {
-            provider,
-            kek_id,
-            kek_version,
-            wrapped,
-        });
+        records.push(KeyRecord { provider, kek_id, kek_version, wrapped });
     }
     if r.pos != body_len {
         return Err(SlotError::Malformed("trailing bytes after key records"));
     }
     Ok(SlotView {
-        header: Header {
-            generation,
-            file_id,
-            block_size,
-            records,
-        },
+        header: Header { generation, file_id, block_size, records },
         authenticated: slot[..body_len].to_vec(),
         tag: slot[body_len..crc_at].try_into().unwrap(),
     })
@@ -357,10 +329,7 @@ pub fn decode_slot(slot: &[u8]) -> Result<SlotView, SlotError> {
 /// returned with their reason so tools can report them.
 pub fn decode_region(region: &[u8]) -> Vec<(usize, Result<SlotView, SlotError>)> {
     let half = region.len() / 2;
-    let mut slots = vec![
-        (0, decode_slot(&region[..half])),
-        (1, decode_slot(&region[half..])),
-    ];
+    let mut slots = vec![(0, decode_slot(&region[..half])), (1, decode_slot(&region[half..]))];
     slots.sort_by_key(|(i, s)| match s {
         Ok(v) => (0, std::cmp::Reverse(v.header.generation), *i),
         Err(_) => (1, std::cmp::Reverse(0), *i),
@@ -413,14 +382,8 @@ mod tests {
         assert_eq!(g.plain_size(4096 + 4124), Ok(4096));
         assert_eq!(g.plain_size(4096 + 4124 + 28 + 10), Ok(4106));
         assert_eq!(g.plain_size(100), Err(SizeError::ShortHeader));
-        assert_eq!(
-            g.plain_size(4096 + 4124 + 28),
-            Err(SizeError::TornBlock { plain: 4096 })
-        );
-        assert_eq!(
-            g.plain_size(4096 + 5),
-            Err(SizeError::TornBlock { plain: 0 })
-        );
+        assert_eq!(g.plain_size(4096 + 4124 + 28), Err(SizeError::TornBlock { plain: 4096 }));
+        assert_eq!(g.plain_size(4096 + 5), Err(SizeError::TornBlock { plain: 0 }));
         assert_eq!(g.backing_size(0), 4096);
         assert_eq!(g.backing_size(1), 4096 + 29);
         assert_eq!(g.backing_size(8192), 4096 + 2 * 4124);
@@ -499,10 +462,7 @@ mod tests {
         assert_eq!(decode_slot(&bad).unwrap_err(), SlotError::BadMagic);
         let mut bad = slot.clone();
         bad[8] = 9;
-        assert_eq!(
-            decode_slot(&bad).unwrap_err(),
-            SlotError::UnsupportedVersion(9)
-        );
+        assert_eq!(decode_slot(&bad).unwrap_err(), SlotError::UnsupportedVersion(9));
         // A torn write that zeroed the second half of the slot's content.
         let mut torn = slot.clone();
         for b in &mut torn[100..] {

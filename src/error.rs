@@ -16,20 +16,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn new(errno: i32, context: impl Into<String>) -> Self {
-        Self {
-            errno,
-            context: context.into(),
-            source: None,
-        }
+        Self { errno, context: context.into(), source: None }
     }
 
     /// An I/O error from the backing store, keeping its errno.
     pub fn io(err: io::Error, context: impl Into<String>) -> Self {
-        Self {
-            errno: err.raw_os_error().unwrap_or(libc::EIO),
-            context: context.into(),
-            source: Some(Box::new(err)),
-        }
+        Self { errno: err.raw_os_error().unwrap_or(libc::EIO), context: context.into(), source: Some(Box::new(err)) }
     }
 
     /// Data that does not authenticate or parse: never hand out wrong bytes.
@@ -60,10 +52,7 @@ impl Error {
     /// Errors a healthy filesystem returns all the time (ENOENT on lookup, ENOTEMPTY…)
     /// are not worth a warning; tampering, key trouble and I/O failures are.
     pub fn is_noteworthy(&self) -> bool {
-        matches!(
-            self.errno,
-            libc::EIO | libc::EACCES | libc::ENOSPC | libc::EROFS
-        )
+        matches!(self.errno, libc::EIO | libc::EACCES | libc::ENOSPC | libc::EROFS)
     }
 }
 
@@ -79,9 +68,7 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source
-            .as_deref()
-            .map(|e| e as &(dyn std::error::Error + 'static))
+        self.source.as_deref().map(|e| e as &(dyn std::error::Error + 'static))
     }
 }
 

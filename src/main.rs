@@ -72,8 +72,7 @@ impl SecretArgs {
             && self.key_file.is_none()
             && !self.passphrase_stdin
             && std::env::var_os(PASSPHRASE_ENV).is_none()
-            && !std::env::var_os("CREDENTIALS_DIRECTORY")
-                .is_some_and(|d| Path::new(&d).join(CREDENTIAL_NAME).exists())
+            && !std::env::var_os("CREDENTIALS_DIRECTORY").is_some_and(|d| Path::new(&d).join(CREDENTIAL_NAME).exists())
     }
 }
 
@@ -127,8 +126,9 @@ enum Cmd {
     /// --repair. Exit status 1 when problems remain.
     Fsck {
         backing: PathBuf,
-        /// Rewrite damaged header slots from their good twin and cut torn trailing blocks.
-        /// Blocks that fail authentication are only reported.
+        /// Rewrite damaged header slots from their good twin, cut torn trailing blocks and a
+        /// last block that fails authentication (a torn append). Other blocks that fail
+        /// authentication are only reported. Refuses while the volume is mounted.
         #[arg(long)]
         repair: bool,
         #[command(flatten)]
@@ -193,11 +193,8 @@ struct MountArgs {
 }
 
 fn init_logging(log_file: Option<&Path>) -> Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| "info,fuser=error".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,fuser=error".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
     match log_file {
         Some(p) => {
             let f = std::fs::OpenOptions::new()
@@ -207,14 +204,10 @@ fn init_logging(log_file: Option<&Path>) -> Result<()> {
                 .with_context(|| format!("opening log file {}", p.display()))?;
             builder.with_ansi(false).with_writer(Arc::new(f)).init();
         }
-        None if std::env::var_os("ENVELOPEFS_NOTIFY_PARENT").is_some() => builder
-            .with_ansi(false)
-            .with_writer(daemon::StderrThenSyslog)
-            .init(),
-        None => builder
-            .with_ansi(std::io::stderr().is_terminal())
-            .with_writer(std::io::stderr)
-            .init(),
+        None if std::env::var_os("ENVELOPEFS_NOTIFY_PARENT").is_some() => {
+            builder.with_ansi(false).with_writer(daemon::StderrThenSyslog).init()
+        }
+        None => builder.with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr).init(),
     }
     Ok(())
 }
@@ -253,26 +246,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let opts = InitOptions {
                 block_size,
                 header_size,
-                kdf: KdfParams {
-                    m_kib: kdf_memory_mib.saturating_mul(1024),
-                    t: kdf_iterations,
-                    p: 1,
-                },
+                kdf: KdfParams { m_kib: kdf_memory_mib.saturating_mul(1024), t: kdf_iterations, p: 1 },
                 keyring,
             };
             let cfg = volume::init(&backing, &secret.source(), &opts)?;
             println!("Created an envelopefs volume in {}", backing.display());
             println!("  volume id   {}", cfg.volume_id);
-            println!(
-                "  block size  {} bytes, header {} bytes",
-                cfg.block_size, cfg.header_size
-            );
+            println!("  block size  {} bytes, header {} bytes", cfg.block_size, cfg.header_size);
             println!("  keyring     {}", cfg.keyring_path(&backing).display());
             println!("Without the keyring and its passphrase or key file the files cannot be decrypted: back them up.");
-            println!(
-                "Mount it with: envelopefs mount {} MOUNTPOINT",
-                backing.display()
-            );
+            println!("Mount it with: envelopefs mount {} MOUNTPOINT", backing.display());
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Mount(args) => mount(args),
@@ -284,12 +267,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             envelopefs::check::inspect(&file, &mut std::io::stdout().lock())?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Fsck {
-            backing,
-            repair,
-            secret,
-        } => {
+        Cmd::Fsck { backing, repair, secret } => {
             let vol = Volume::open(&backing, &secret.source(), &OpenOptions::default())?;
+            let _lock = if repair {
+                Some(lock_volume(&backing).context("fsck --repair needs the volume unmounted")?)
+            } else {
+                None
+            };
             let rep = envelopefs::check::fsck(&vol, repair)?;
             let mut remaining = 0;
             for p in &rep.problems {
@@ -305,11 +289,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 rep.problems.len(),
                 rep.problems.len() - remaining
             );
-            Ok(if remaining == 0 {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            Ok(if remaining == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
     }
 }
@@ -324,11 +304,7 @@ fn umount(mountpoint: &Path) -> Result<()> {
         if err.raw_os_error() != Some(libc::EPERM) {
             bail!("unmounting {}: {err}", mountpoint.display());
         }
-        let st = Command::new("fusermount3")
-            .arg("-u")
-            .arg(mountpoint)
-            .status()
-            .context("running fusermount3 -u")?;
+        let st = Command::new("fusermount3").arg("-u").arg(mountpoint).status().context("running fusermount3 -u")?;
         if !st.success() {
             bail!("fusermount3 -u {} failed", mountpoint.display());
         }
@@ -365,15 +341,8 @@ fn mount_options(args: &MountArgs) -> Result<MountOptions> {
         fsname: args.backing.display().to_string(),
         ..MountOptions::default()
     };
-    for opt in args
-        .options
-        .iter()
-        .flat_map(|s| s.split(','))
-        .filter(|s| !s.is_empty())
-    {
-        let (k, v) = opt
-            .split_once('=')
-            .map_or((opt, None), |(k, v)| (k, Some(v)));
+    for opt in args.options.iter().flat_map(|s| s.split(',')).filter(|s| !s.is_empty()) {
+        let (k, v) = opt.split_once('=').map_or((opt, None), |(k, v)| (k, Some(v)));
         let num = |v: Option<&str>| -> Result<f64> {
             v.ok_or_else(|| anyhow!("mount option {k} needs a value"))?
                 .parse()
@@ -405,9 +374,7 @@ fn mount_options(args: &MountArgs) -> Result<MountOptions> {
             | "atime"
             | "noatime"
             | "relatime" => {}
-            k if k.starts_with("x-systemd.")
-                || k.starts_with("x-")
-                || k.starts_with("comment=") => {}
+            k if k.starts_with("x-systemd.") || k.starts_with("x-") || k.starts_with("comment=") => {}
             _ => bail!("unknown mount option {opt:?} (see envelopefs mount --help)"),
         }
     }
@@ -415,26 +382,16 @@ fn mount_options(args: &MountArgs) -> Result<MountOptions> {
 }
 
 fn mount(mut args: MountArgs) -> Result<ExitCode> {
-    args.backing = std::fs::canonicalize(&args.backing).with_context(|| {
-        format!(
-            "backing directory {} does not exist",
-            args.backing.display()
-        )
-    })?;
+    args.backing = std::fs::canonicalize(&args.backing)
+        .with_context(|| format!("backing directory {} does not exist", args.backing.display()))?;
     let opts = mount_options(&args)?;
     let meta = std::fs::metadata(&args.mountpoint)
         .with_context(|| format!("mount point {} does not exist", args.mountpoint.display()))?;
     if !meta.is_dir() {
-        bail!(
-            "mount point {} is not a directory",
-            args.mountpoint.display()
-        );
+        bail!("mount point {} is not a directory", args.mountpoint.display());
     }
     if daemon::is_mount_point(&args.mountpoint) {
-        bail!(
-            "mount point {} is busy: something is already mounted there",
-            args.mountpoint.display()
-        );
+        bail!("mount point {} is busy: something is already mounted there", args.mountpoint.display());
     }
     // Fail fast (and in the caller's terminal) on a directory that is not a volume.
     volume::VolumeConfig::load(&args.backing)?;
@@ -447,11 +404,7 @@ fn mount(mut args: MountArgs) -> Result<ExitCode> {
         tti: Duration::from_secs(args.cache_tti),
         max_entries: args.cache_max,
     };
-    let vol = Volume::open(
-        &args.backing,
-        &args.secret.source(),
-        &OpenOptions { backend, cache },
-    )?;
+    let vol = Volume::open(&args.backing, &args.secret.source(), &OpenOptions { backend, cache })?;
     let _lock = lock_volume(&args.backing)?;
     daemon::harden_memory(!args.no_mlock);
     daemon::raise_fd_limit();
@@ -459,29 +412,21 @@ fn mount(mut args: MountArgs) -> Result<ExitCode> {
     let mut session = envelopefs::mount::mount(fs, &args.mountpoint, opts)
         .with_context(|| format!("mounting on {}", args.mountpoint.display()))?;
     let mut unmounter = session.unmount_callable();
-    let mut signals =
-        signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP])?;
+    let mut signals = signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP])?;
     let mnt = args.mountpoint.clone();
     std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
             info!("signal {sig}: unmounting {}", mnt.display());
             daemon::sd_notify("STOPPING=1");
             if let Err(e) = unmounter.unmount() {
-                warn!(
-                    "unmount of {} failed: {e}; unmounting lazily",
-                    mnt.display()
-                );
+                warn!("unmount of {} failed: {e}; unmounting lazily", mnt.display());
                 if let Ok(c) = std::ffi::CString::new(mnt.as_os_str().as_encoded_bytes()) {
                     unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
                 }
             }
         }
     });
-    info!(
-        "mounted {} on {}",
-        args.backing.display(),
-        args.mountpoint.display()
-    );
+    info!("mounted {} on {}", args.backing.display(), args.mountpoint.display());
     daemon::announce_ready(std::env::var_os("ENVELOPEFS_NOTIFY_PARENT").is_some());
     session.run().context("serving the mount")?;
     info!("unmounted {}", args.mountpoint.display());
@@ -491,17 +436,8 @@ fn mount(mut args: MountArgs) -> Result<ExitCode> {
 /// One daemon per volume: two would each cache keys and headers the other changes.
 fn lock_volume(backing: &Path) -> Result<std::fs::File> {
     let f = std::fs::File::open(backing.join(CONFIG_NAME))?;
-    if unsafe {
-        libc::flock(
-            std::os::unix::io::AsRawFd::as_raw_fd(&f),
-            libc::LOCK_EX | libc::LOCK_NB,
-        )
-    } != 0
-    {
-        bail!(
-            "{} is already mounted by another envelopefs process",
-            backing.display()
-        );
+    if unsafe { libc::flock(std::os::unix::io::AsRawFd::as_raw_fd(&f), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!("{} is already mounted by another envelopefs process", backing.display());
     }
     Ok(f)
 }
@@ -512,9 +448,7 @@ fn daemonize(args: &MountArgs) -> Result<ExitCode> {
     let prompt = args.secret.would_prompt();
     let passphrase = if prompt {
         Some(zeroize::Zeroizing::new(
-            rpassword::prompt_password("Passphrase: ")
-                .context("reading passphrase")?
-                .into_bytes(),
+            rpassword::prompt_password("Passphrase: ").context("reading passphrase")?.into_bytes(),
         ))
     } else {
         None
@@ -527,11 +461,7 @@ fn daemonize(args: &MountArgs) -> Result<ExitCode> {
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.args(&child_args)
         .env("ENVELOPEFS_NOTIFY_PARENT", "1")
-        .stdin(if prompt {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
+        .stdin(if prompt { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped());
     unsafe {
         cmd.pre_exec(|| {
@@ -542,9 +472,7 @@ fn daemonize(args: &MountArgs) -> Result<ExitCode> {
     let mut child = cmd.spawn().context("starting the mount daemon")?;
     if let Some(pw) = passphrase {
         let mut stdin = child.stdin.take().unwrap();
-        stdin
-            .write_all(&pw)
-            .context("passing the passphrase to the daemon")?;
+        stdin.write_all(&pw).context("passing the passphrase to the daemon")?;
     }
     let stdout = child.stdout.take().unwrap();
     for line in BufReader::new(stdout).lines() {
@@ -553,7 +481,5 @@ fn daemonize(args: &MountArgs) -> Result<ExitCode> {
         }
     }
     let status = child.wait()?;
-    Ok(ExitCode::from(
-        status.code().unwrap_or(1).clamp(1, 255) as u8
-    ))
+    Ok(ExitCode::from(status.code().unwrap_or(1).clamp(1, 255) as u8))
 }

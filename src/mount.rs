@@ -7,10 +7,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use fuser::{
-    AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags,
-    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, Session, SessionACL, TimeOrNow, WriteFlags,
+    AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, Session,
+    SessionACL, TimeOrNow, WriteFlags,
 };
 use tracing::{debug, warn};
 
@@ -54,11 +54,7 @@ pub struct FuseFs {
 }
 
 /// Mount `fs` at `mountpoint`. The mount is live when this returns; run the session to serve.
-pub fn mount(
-    fs: EncryptedFs,
-    mountpoint: &Path,
-    opts: MountOptions,
-) -> io::Result<Session<FuseFs>> {
+pub fn mount(fs: EncryptedFs, mountpoint: &Path, opts: MountOptions) -> io::Result<Session<FuseFs>> {
     let mut mount_options = vec![
         MountOption::FSName(opts.fsname.clone()),
         MountOption::Subtype("envelopefs".into()),
@@ -71,11 +67,7 @@ pub fn mount(
     }
     let mut config = fuser::Config::default();
     config.mount_options = mount_options;
-    config.acl = if opts.allow_other {
-        SessionACL::All
-    } else {
-        SessionACL::Owner
-    };
+    config.acl = if opts.allow_other { SessionACL::All } else { SessionACL::Owner };
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = opts.threads > 1;
     Session::new(FuseFs { fs, opts }, mountpoint, &config)
@@ -123,10 +115,7 @@ fn errno(op: &str, e: &Error) -> Errno {
 }
 
 fn caller(req: &Request) -> Caller {
-    Caller {
-        uid: req.uid(),
-        gid: req.gid(),
-    }
+    Caller { uid: req.uid(), gid: req.gid() }
 }
 
 fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
@@ -139,12 +128,9 @@ fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
 impl FuseFs {
     fn entry(&self, reply: ReplyEntry, op: &str, r: crate::error::Result<Attr>) {
         match r {
-            Ok(a) => reply.entry_with_ttls(
-                &self.opts.attr_timeout,
-                &self.opts.entry_timeout,
-                &fuse_attr(&a),
-                Generation(0),
-            ),
+            Ok(a) => {
+                reply.entry_with_ttls(&self.opts.attr_timeout, &self.opts.entry_timeout, &fuse_attr(&a), Generation(0))
+            }
             Err(e) => reply.error(errno(op, &e)),
         }
     }
@@ -170,8 +156,6 @@ impl Filesystem for FuseFs {
             want.remove(missing);
             let _ = config.add_capabilities(want);
         }
-        self.fs
-            .set_writeback_cache(want.contains(InitFlags::FUSE_WRITEBACK_CACHE));
         Ok(())
     }
 
@@ -208,15 +192,7 @@ impl Filesystem for FuseFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let set = SetAttr {
-            mode,
-            uid,
-            gid,
-            size,
-            atime: set_time(atime),
-            mtime: set_time(mtime),
-            fh: fh.map(|f| f.0),
-        };
+        let set = SetAttr { mode, uid, gid, size, atime: set_time(atime), mtime: set_time(mtime), fh: fh.map(|f| f.0) };
         match self.fs.setattr(ino.0, set) {
             Ok(a) => reply.attr(&self.opts.attr_timeout, &fuse_attr(&a)),
             Err(e) => reply.error(errno("setattr", &e)),
@@ -230,38 +206,12 @@ impl Filesystem for FuseFs {
         }
     }
 
-    fn mknod(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        umask: u32,
-        rdev: u32,
-        reply: ReplyEntry,
-    ) {
-        self.entry(
-            reply,
-            "mknod",
-            self.fs
-                .mknod(parent.0, name, mode, umask, rdev, caller(req)),
-        );
+    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
+        self.entry(reply, "mknod", self.fs.mknod(parent.0, name, mode, umask, rdev, caller(req)));
     }
 
-    fn mkdir(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        umask: u32,
-        reply: ReplyEntry,
-    ) {
-        self.entry(
-            reply,
-            "mkdir",
-            self.fs.mkdir(parent.0, name, mode, umask, caller(req)),
-        );
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        self.entry(reply, "mkdir", self.fs.mkdir(parent.0, name, mode, umask, caller(req)));
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -272,20 +222,8 @@ impl Filesystem for FuseFs {
         Self::empty(reply, "rmdir", self.fs.rmdir(parent.0, name));
     }
 
-    fn symlink(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        link_name: &OsStr,
-        target: &Path,
-        reply: ReplyEntry,
-    ) {
-        self.entry(
-            reply,
-            "symlink",
-            self.fs
-                .symlink(parent.0, link_name, target.as_os_str(), caller(req)),
-        );
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        self.entry(reply, "symlink", self.fs.symlink(parent.0, link_name, target.as_os_str(), caller(req)));
     }
 
     fn rename(
@@ -298,22 +236,10 @@ impl Filesystem for FuseFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        Self::empty(
-            reply,
-            "rename",
-            self.fs
-                .rename(parent.0, name, newparent.0, newname, flags.bits()),
-        );
+        Self::empty(reply, "rename", self.fs.rename(parent.0, name, newparent.0, newname, flags.bits()));
     }
 
-    fn link(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        newparent: INodeNo,
-        newname: &OsStr,
-        reply: ReplyEntry,
-    ) {
+    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
         self.entry(reply, "link", self.fs.link(ino.0, newparent.0, newname));
     }
 
@@ -359,14 +285,7 @@ impl Filesystem for FuseFs {
         }
     }
 
-    fn flush(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _lock_owner: LockOwner,
-        reply: ReplyEmpty,
-    ) {
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
         // Writes reach the backing file synchronously; there is nothing buffered to flush.
         reply.ok();
     }
@@ -385,14 +304,7 @@ impl Filesystem for FuseFs {
         reply.ok();
     }
 
-    fn fsync(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        datasync: bool,
-        reply: ReplyEmpty,
-    ) {
+    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
         Self::empty(reply, "fsync", self.fs.fsync(fh.0, datasync));
     }
 
@@ -403,51 +315,26 @@ impl Filesystem for FuseFs {
         }
     }
 
-    fn readdir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectory,
-    ) {
-        let r = self.fs.readdir(fh.0, offset, |e, next| {
-            reply.add(INodeNo(e.ino), next, file_type(e.kind), &e.name)
-        });
+    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let r = self.fs.readdir(fh.0, offset, |e, next| reply.add(INodeNo(e.ino), next, file_type(e.kind), &e.name));
         match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("readdir", &e)),
         }
     }
 
-    fn releasedir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        reply: ReplyEmpty,
-    ) {
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
         self.fs.releasedir(fh.0);
         reply.ok();
     }
 
-    fn fsyncdir(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        _datasync: bool,
-        reply: ReplyEmpty,
-    ) {
+    fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         Self::empty(reply, "fsyncdir", self.fs.fsyncdir(ino.0));
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         match self.fs.statfs() {
-            Ok(s) => reply.statfs(
-                s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
-            ),
+            Ok(s) => reply.statfs(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize),
             Err(e) => reply.error(errno("statfs", &e)),
         }
     }
@@ -462,11 +349,7 @@ impl Filesystem for FuseFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        Self::empty(
-            reply,
-            "setxattr",
-            self.fs.setxattr(ino.0, name, value, flags),
-        );
+        Self::empty(reply, "setxattr", self.fs.setxattr(ino.0, name, value, flags));
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -505,10 +388,7 @@ impl Filesystem for FuseFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        match self
-            .fs
-            .create(parent.0, name, mode, umask, flags, caller(req))
-        {
+        match self.fs.create(parent.0, name, mode, umask, flags, caller(req)) {
             Ok((a, fh)) => reply.created(
                 &self.opts.entry_timeout,
                 &fuse_attr(&a),
@@ -530,10 +410,6 @@ impl Filesystem for FuseFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        Self::empty(
-            reply,
-            "fallocate",
-            self.fs.fallocate(fh.0, offset, length, mode),
-        );
+        Self::empty(reply, "fallocate", self.fs.fallocate(fh.0, offset, length, mode));
     }
 }

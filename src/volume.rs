@@ -18,6 +18,9 @@ use crate::keys::{KeyContext, KeyProvider, VolumeId};
 pub const CONFIG_NAME: &str = "envelopefs.toml";
 pub const KEYRING_NAME: &str = "envelopefs.keyring";
 pub const FORMAT: u32 = 1;
+/// Names in the backing root that belong to the volume, not to its users: hidden from the
+/// mount, refused as targets, skipped by fsck.
+pub const RESERVED: [&str; 4] = [CONFIG_NAME, KEYRING_NAME, "envelopefs.toml.tmp", "envelopefs.keyring.tmp"];
 
 /// `envelopefs.toml`: everything needed to open a volume except secrets.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -46,17 +49,16 @@ impl VolumeConfig {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(Error::new(
                     libc::ENOENT,
-                    format!("{} is not an envelopefs volume (no {CONFIG_NAME}); create one with `envelopefs init`", root.display()),
+                    format!(
+                        "{} is not an envelopefs volume (no {CONFIG_NAME}); create one with `envelopefs init`",
+                        root.display()
+                    ),
                 ))
             }
             Err(e) => return Err(Error::io(e, format!("reading {}", path.display()))),
         };
-        let cfg: VolumeConfig = toml::from_str(&text).map_err(|e| {
-            Error::new(
-                libc::EINVAL,
-                format!("{} is damaged: {}", path.display(), e.message()),
-            )
-        })?;
+        let cfg: VolumeConfig = toml::from_str(&text)
+            .map_err(|e| Error::new(libc::EINVAL, format!("{} is damaged: {}", path.display(), e.message())))?;
         if cfg.format != FORMAT {
             return Err(Error::new(
                 libc::EINVAL,
@@ -74,12 +76,8 @@ impl VolumeConfig {
 
     pub fn volume_id(&self) -> Result<VolumeId> {
         let mut id = [0u8; 16];
-        hex::decode_to_slice(&self.volume_id, &mut id).map_err(|_| {
-            Error::new(
-                libc::EINVAL,
-                format!("{CONFIG_NAME}: volume_id must be 32 hex digits"),
-            )
-        })?;
+        hex::decode_to_slice(&self.volume_id, &mut id)
+            .map_err(|_| Error::new(libc::EINVAL, format!("{CONFIG_NAME}: volume_id must be 32 hex digits")))?;
         Ok(id)
     }
 
@@ -106,43 +104,44 @@ pub struct InitOptions {
 
 impl Default for InitOptions {
     fn default() -> Self {
-        Self {
-            block_size: 4096,
-            header_size: 4096,
-            kdf: KdfParams::default(),
-            keyring: None,
-        }
+        Self { block_size: 4096, header_size: 4096, kdf: KdfParams::default(), keyring: None }
     }
 }
 
 /// Create a volume in an empty directory. On any failure nothing is left behind.
 pub fn init(root: &Path, secret: &SecretSource, opts: &InitOptions) -> Result<VolumeConfig> {
-    let meta = fs::metadata(root)
-        .map_err(|e| Error::io(e, format!("backing directory {}", root.display())))?;
+    let meta = fs::metadata(root).map_err(|e| Error::io(e, format!("backing directory {}", root.display())))?;
     if !meta.is_dir() {
-        return Err(Error::new(
-            libc::ENOTDIR,
-            format!("{} is not a directory", root.display()),
-        ));
+        return Err(Error::new(libc::ENOTDIR, format!("{} is not a directory", root.display())));
     }
     if root.join(CONFIG_NAME).exists() {
-        return Err(Error::new(
-            libc::EEXIST,
-            format!("{} is already an envelopefs volume", root.display()),
-        ));
+        return Err(Error::new(libc::EEXIST, format!("{} is already an envelopefs volume", root.display())));
     }
-    let mut entries =
-        fs::read_dir(root).map_err(|e| Error::io(e, format!("listing {}", root.display())))?;
+    let mut entries = fs::read_dir(root).map_err(|e| Error::io(e, format!("listing {}", root.display())))?;
     if entries.next().is_some() {
         return Err(Error::new(
             libc::ENOTEMPTY,
-            format!("{} is not empty: init needs an empty directory (existing files would not be encrypted)", root.display()),
+            format!(
+                "{} is not empty: init needs an empty directory (existing files would not be encrypted)",
+                root.display()
+            ),
         ));
     }
     Geometry::new(opts.header_size, opts.block_size)?;
     let mut volume_id = [0u8; 16];
     fill_random(&mut volume_id)?;
     let keyring_rel = match &opts.keyring {
+        // Only the default name is hidden from the mount: anywhere else inside the backing
+        // directory the keyring would be visible (and deletable) through it.
+        Some(p) if p.is_relative() || p.starts_with(root) || fs::canonicalize(root).is_ok_and(|r| p.starts_with(r)) => {
+            return Err(Error::new(
+                libc::EINVAL,
+                format!(
+                    "--keyring {}: keep a custom keyring outside the backing directory (or omit --keyring)",
+                    p.display()
+                ),
+            ));
+        }
         Some(p) => p.to_string_lossy().into_owned(),
         None => KEYRING_NAME.to_owned(),
     };
@@ -151,9 +150,7 @@ pub fn init(root: &Path, secret: &SecretSource, opts: &InitOptions) -> Result<Vo
         volume_id: hex::encode(volume_id),
         block_size: opts.block_size,
         header_size: opts.header_size,
-        provider: ProviderConfig::Local {
-            keyring: keyring_rel,
-        },
+        provider: ProviderConfig::Local { keyring: keyring_rel },
     };
     let keyring = cfg.keyring_path(root);
     let secret = secret.resolve(true)?;
@@ -174,10 +171,7 @@ pub fn init(root: &Path, secret: &SecretSource, opts: &InitOptions) -> Result<Vo
     })();
     if let Err(e) = written {
         let _ = fs::remove_file(&keyring);
-        return Err(Error::io(
-            e,
-            format!("writing {}", root.join(CONFIG_NAME).display()),
-        ));
+        return Err(Error::io(e, format!("writing {}", root.join(CONFIG_NAME).display())));
     }
     Ok(cfg)
 }
@@ -243,18 +237,11 @@ impl Volume {
     pub fn new_header(&self) -> Result<(Vec<u8>, Arc<FileKey>)> {
         let mut file_id: FileId = [0u8; FILE_ID_LEN];
         fill_random(&mut file_id)?;
-        let ctx = KeyContext {
-            volume_id: &self.volume_id,
-            file_id: &file_id,
-        };
+        let ctx = KeyContext { volume_id: &self.volume_id, file_id: &file_id };
         let (dek, record) = self.provider.generate(&ctx)?;
         let key = Arc::new(FileKey::new(self.backend, file_id, &dek));
-        let header = Header {
-            generation: 1,
-            file_id,
-            block_size: self.geometry.block_size as u32,
-            records: vec![record],
-        };
+        let header =
+            Header { generation: 1, file_id, block_size: self.geometry.block_size as u32, records: vec![record] };
         let slot = header.encode_slot(self.geometry.slot_size(), |b| key.header_tag(b))?;
         let mut region = slot.clone();
         region.extend_from_slice(&slot);
@@ -283,21 +270,13 @@ impl Volume {
                 )));
                 continue;
             }
-            let loaded = self
-                .cache
-                .get_or_load(h.file_id, h.generation, || self.unwrap_any(h));
+            let loaded = self.cache.get_or_load(h.file_id, h.generation, || self.unwrap_any(h));
             match loaded {
                 Ok(key) if key.verify_header_tag(&view.authenticated, &view.tag) => {
-                    return Ok(OpenedHeader {
-                        key,
-                        header: view.header,
-                        slot: idx,
-                    })
+                    return Ok(OpenedHeader { key, header: view.header, slot: idx })
                 }
                 Ok(_) => {
-                    first_err.get_or_insert(Error::corrupt(format!(
-                        "header slot {idx} does not authenticate"
-                    )));
+                    first_err.get_or_insert(Error::corrupt(format!("header slot {idx} does not authenticate")));
                 }
                 Err(e) => {
                     first_err.get_or_insert(e.context(format!("header slot {idx}")));
@@ -309,10 +288,7 @@ impl Volume {
 
     /// Try each key record in turn; the first that unwraps wins.
     fn unwrap_any(&self, h: &Header) -> Result<FileKey> {
-        let ctx = KeyContext {
-            volume_id: &self.volume_id,
-            file_id: &h.file_id,
-        };
+        let ctx = KeyContext { volume_id: &self.volume_id, file_id: &h.file_id };
         let mut last = None;
         for rec in &h.records {
             if rec.provider != self.provider.kind() {
@@ -324,10 +300,7 @@ impl Volume {
             }
         }
         Err(last.unwrap_or_else(|| {
-            Error::access(format!(
-                "no key record for provider {} in the header",
-                self.provider.kind().name()
-            ))
+            Error::access(format!("no key record for provider {} in the header", self.provider.kind().name()))
         }))
     }
 }

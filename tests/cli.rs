@@ -13,10 +13,7 @@ use common::{cli, is_mounted, Mounted, TestVolume, BIN};
 fn fails_with(out: &Output, needle: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "exit status; stderr: {err}");
-    assert!(
-        err.contains(needle),
-        "stderr should mention {needle:?}: {err}"
-    );
+    assert!(err.contains(needle), "stderr should mention {needle:?}: {err}");
     assert!(!err.contains("panicked"), "{err}");
 }
 
@@ -33,11 +30,7 @@ fn init_with_passphrase(dir: &Path, pass: &str) -> (std::path::PathBuf, std::pat
     }
     args.push(&backing);
     let out = cli(&args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     (backing, pw)
 }
 
@@ -50,42 +43,16 @@ fn init_refuses_a_non_empty_dir_and_leaves_it_alone() {
     fs::create_dir(&b).unwrap();
     fs::write(b.join("existing"), b"data").unwrap();
     fails_with(&cli(&[&"init", &"--key-file", &key, &b]), "not empty");
-    let names: Vec<_> = fs::read_dir(&b)
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
+    let names: Vec<_> = fs::read_dir(&b).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(names, vec![std::ffi::OsString::from("existing")]);
-    fails_with(
-        &cli(&[&"init", &"--key-file", &key, &d.path().join("missing")]),
-        "backing directory",
-    );
-    fails_with(
-        &cli(&[
-            &"init",
-            &"--key-file",
-            &key,
-            &"--block-size",
-            &"1000",
-            &d.path().join("k"),
-        ]),
-        "not a directory",
-    );
+    fails_with(&cli(&[&"init", &"--key-file", &key, &d.path().join("missing")]), "backing directory");
+    fails_with(&cli(&[&"init", &"--key-file", &key, &"--block-size", &"1000", &d.path().join("k")]), "not a directory");
     let e = d.path().join("e");
     fs::create_dir(&e).unwrap();
-    fails_with(
-        &cli(&[&"init", &"--key-file", &key, &"--block-size", &"1000", &e]),
-        "power of two",
-    );
-    assert_eq!(
-        fs::read_dir(&e).unwrap().count(),
-        0,
-        "a refused init leaves nothing behind"
-    );
+    fails_with(&cli(&[&"init", &"--key-file", &key, &"--block-size", &"1000", &e]), "power of two");
+    assert_eq!(fs::read_dir(&e).unwrap().count(), 0, "a refused init leaves nothing behind");
     assert!(cli(&[&"init", &"--key-file", &key, &e]).status.success());
-    fails_with(
-        &cli(&[&"init", &"--key-file", &key, &e]),
-        "already an envelopefs volume",
-    );
+    fails_with(&cli(&[&"init", &"--key-file", &key, &e]), "already an envelopefs volume");
     // A key file that is not 32 bytes.
     let f = d.path().join("f");
     fs::create_dir(&f).unwrap();
@@ -103,76 +70,27 @@ fn mount_errors_are_clear() {
     fs::create_dir(&mnt).unwrap();
     let not_volume = d.join("plain");
     fs::create_dir(&not_volume).unwrap();
-    fails_with(
-        &cli(&[&"mount", &"--key-file", &vol.key, &not_volume, &mnt]),
-        "not an envelopefs volume",
-    );
-    fails_with(
-        &cli(&[
-            &"mount",
-            &"--key-file",
-            &vol.key,
-            &vol.backing,
-            &d.join("nope"),
-        ]),
-        "does not exist",
-    );
+    fails_with(&cli(&[&"mount", &"--key-file", &vol.key, &not_volume, &mnt]), "not an envelopefs volume");
+    fails_with(&cli(&[&"mount", &"--key-file", &vol.key, &vol.backing, &d.join("nope")]), "does not exist");
     let wrong = d.join("wrong.key");
     fs::write(&wrong, [9u8; 32]).unwrap();
-    fails_with(
-        &cli(&[&"mount", &"--key-file", &wrong, &vol.backing, &mnt]),
-        "wrong passphrase or key file",
-    );
+    fails_with(&cli(&[&"mount", &"--key-file", &wrong, &vol.backing, &mnt]), "wrong passphrase or key file");
     assert!(!is_mounted(&fs::canonicalize(&mnt).unwrap()));
-    fails_with(
-        &cli(&[
-            &"mount",
-            &"--key-file",
-            &vol.key,
-            &"-o",
-            &"bogus",
-            &vol.backing,
-            &mnt,
-        ]),
-        "unknown mount option",
-    );
+    fails_with(&cli(&[&"mount", &"--key-file", &vol.key, &"-o", &"bogus", &vol.backing, &mnt]), "unknown mount option");
 
     // Busy: something is mounted there already; and the volume is in use.
     let m = vol.mount(&[]);
-    fails_with(
-        &cli(&[&"mount", &"--key-file", &vol.key, &vol.backing, &m.mnt]),
-        "busy",
-    );
+    fails_with(&cli(&[&"mount", &"--key-file", &vol.key, &vol.backing, &m.mnt]), "busy");
     let other = d.join("other");
     fs::create_dir(&other).unwrap();
-    fails_with(
-        &cli(&[
-            &"mount",
-            &"--foreground",
-            &"--key-file",
-            &vol.key,
-            &vol.backing,
-            &other,
-        ]),
-        "already mounted",
-    );
+    fails_with(&cli(&[&"mount", &"--foreground", &"--key-file", &vol.key, &vol.backing, &other]), "already mounted");
     drop(m);
 
     // A damaged config.
-    fs::write(
-        vol.backing.join("envelopefs.toml"),
-        "format = 1\nvolume_id = \"zz\"\n",
-    )
-    .unwrap();
-    fails_with(
-        &cli(&[&"mount", &"--key-file", &vol.key, &vol.backing, &mnt]),
-        "envelopefs.toml is damaged",
-    );
+    fs::write(vol.backing.join("envelopefs.toml"), "format = 1\nvolume_id = \"zz\"\n").unwrap();
+    fails_with(&cli(&[&"mount", &"--key-file", &vol.key, &vol.backing, &mnt]), "envelopefs.toml is damaged");
     fs::write(vol.backing.join("envelopefs.toml"), "\u{0}\u{1}garbage").unwrap();
-    fails_with(
-        &cli(&[&"fsck", &"--key-file", &vol.key, &vol.backing]),
-        "damaged",
-    );
+    fails_with(&cli(&[&"fsck", &"--key-file", &vol.key, &vol.backing]), "damaged");
 }
 
 #[test]
@@ -180,35 +98,17 @@ fn passphrase_volume_daemonizes_and_stops_on_umount() {
     let d = tempfile::tempdir().unwrap();
     let (backing, pw) = init_with_passphrase(d.path(), "correct horse battery staple");
     let keyring = fs::read(backing.join("envelopefs.keyring")).unwrap();
-    assert!(
-        !keyring.windows(7).any(|w| w == b"correct"),
-        "passphrase is not stored"
-    );
+    assert!(!keyring.windows(7).any(|w| w == b"correct"), "passphrase is not stored");
     let mnt = d.path().join("m");
     fs::create_dir(&mnt).unwrap();
     let bad = d.path().join("bad");
     fs::write(&bad, "incorrect\n").unwrap();
-    fails_with(
-        &cli(&[&"mount", &"--passphrase-file", &bad, &backing, &mnt]),
-        "wrong passphrase",
-    );
+    fails_with(&cli(&[&"mount", &"--passphrase-file", &bad, &backing, &mnt]), "wrong passphrase");
 
     // Without --foreground: returns once the mount answers, leaving the daemon running.
     let log = d.path().join("log");
-    let out = cli(&[
-        &"mount",
-        &"--passphrase-file",
-        &pw,
-        &"--log-file",
-        &log,
-        &backing,
-        &mnt,
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = cli(&[&"mount", &"--passphrase-file", &pw, &"--log-file", &log, &backing, &mnt]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let mnt = fs::canonicalize(&mnt).unwrap();
     // A guard so a failing assertion still unmounts.
     struct Guard<'a>(&'a Path);
@@ -226,14 +126,8 @@ fn passphrase_volume_daemonizes_and_stops_on_umount() {
     assert!(!is_mounted(&mnt));
     // The daemon notices and exits.
     let start = Instant::now();
-    while !fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("unmounted")
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "daemon did not log its exit"
-        );
+    while !fs::read_to_string(&log).unwrap_or_default().contains("unmounted") {
+        assert!(start.elapsed() < Duration::from_secs(10), "daemon did not log its exit");
         std::thread::sleep(Duration::from_millis(50));
     }
 
@@ -247,11 +141,7 @@ fn passphrase_volume_daemonizes_and_stops_on_umount() {
             .env("ENVELOPEFS_PASSPHRASE", "correct horse battery staple")
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         mnt.clone()
     };
     assert_eq!(fs::read(m.join("x")).unwrap(), b"hello");
@@ -269,10 +159,7 @@ fn sigterm_unmounts_cleanly() {
     assert!(status.success(), "{status}");
     assert!(!is_mounted(&mnt), "still mounted after SIGTERM");
     let log = fs::read_to_string(log).unwrap();
-    assert!(
-        log.contains("signal 15") && log.contains("unmounted"),
-        "{log}"
-    );
+    assert!(log.contains("signal 15") && log.contains("unmounted"), "{log}");
     let m2 = Mounted::start(&vol.backing, &vol.key, &vol.dir.path().join("mnt"), &[]);
     assert_eq!(fs::read(m2.path("f")).unwrap(), b"data");
 }
@@ -281,14 +168,8 @@ fn sigterm_unmounts_cleanly() {
 fn help_teaches() {
     let out = cli(&[&"--help"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.contains("envelopefs init") && text.contains("envelopefs mount"),
-        "{text}"
-    );
+    assert!(text.contains("envelopefs init") && text.contains("envelopefs mount"), "{text}");
     let out = cli(&[&"mount", &"--help"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.contains("--allow-other") && text.contains("--cache-ttl"),
-        "{text}"
-    );
+    assert!(text.contains("--allow-other") && text.contains("--cache-ttl"), "{text}");
 }

@@ -16,10 +16,7 @@ fn expected() -> Vec<(&'static str, Option<Vec<u8>>)> {
     sparse[(1 << 20) - 3..].copy_from_slice(b"end");
     vec![
         ("empty", Some(Vec::new())),
-        (
-            "small.txt",
-            Some(b"hello from envelopefs format v1\n".to_vec()),
-        ),
+        ("small.txt", Some(b"hello from envelopefs format v1\n".to_vec())),
         ("one-block", Some(pattern(1, 4096))),
         ("multi", Some(pattern(2, 3 * 4096 + 1000))),
         ("sparse", Some(sparse)),
@@ -36,22 +33,12 @@ struct Fixture {
 }
 
 const FIXTURES: [Fixture; 2] = [
-    Fixture {
-        name: "v1-keyfile-4k",
-        block_size: 4096,
-        secret: ("--key-file", "volume.key"),
-    },
-    Fixture {
-        name: "v1-passphrase-1k",
-        block_size: 1024,
-        secret: ("--passphrase-file", "passphrase"),
-    },
+    Fixture { name: "v1-keyfile-4k", block_size: 4096, secret: ("--key-file", "volume.key") },
+    Fixture { name: "v1-passphrase-1k", block_size: 1024, secret: ("--passphrase-file", "passphrase") },
 ];
 
 fn fixture_dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
 
 fn copy_tree(from: &Path, to: &Path) {
@@ -74,31 +61,16 @@ fn copy_tree(from: &Path, to: &Path) {
 fn every_fixture_volume_still_opens_and_reads_back() {
     for fx in FIXTURES {
         let src = fixture_dir(fx.name);
-        assert!(
-            src.join("backing/envelopefs.toml").is_file(),
-            "fixture {} is missing",
-            fx.name
-        );
+        assert!(src.join("backing/envelopefs.toml").is_file(), "fixture {} is missing", fx.name);
         let tmp = tempfile::tempdir().unwrap();
         copy_tree(&src, tmp.path());
         let backing = tmp.path().join("backing");
         let secret = tmp.path().join(fx.secret.1);
 
         let out = cli(&[&"fsck", &fx.secret.0, &secret, &backing]);
-        assert!(
-            out.status.success(),
-            "{}: fsck: {}",
-            fx.name,
-            String::from_utf8_lossy(&out.stdout)
-        );
+        assert!(out.status.success(), "{}: fsck: {}", fx.name, String::from_utf8_lossy(&out.stdout));
 
-        let m = Mounted::start_with(
-            &backing,
-            fx.secret.0,
-            &secret,
-            &tmp.path().join("mnt"),
-            &["--read-only"],
-        );
+        let m = Mounted::start_with(&backing, fx.secret.0, &secret, &tmp.path().join("mnt"), &["--read-only"]);
         for (path, content) in expected() {
             let p = m.path(path);
             match content {
@@ -109,10 +81,7 @@ fn every_fixture_volume_still_opens_and_reads_back() {
                 }
             }
         }
-        assert!(
-            fs::write(m.path("new"), b"x").is_err(),
-            "read-only mount refuses writes"
-        );
+        assert!(fs::write(m.path("new"), b"x").is_err(), "read-only mount refuses writes");
     }
 }
 
@@ -124,11 +93,7 @@ fn make_fixtures() {
     }
     for fx in FIXTURES {
         let dir = fixture_dir(fx.name);
-        assert!(
-            !dir.exists(),
-            "{} exists: fixtures are never rewritten",
-            dir.display()
-        );
+        assert!(!dir.exists(), "{} exists: fixtures are never rewritten", dir.display());
         let backing = dir.join("backing");
         fs::create_dir_all(&backing).unwrap();
         let secret = dir.join(fx.secret.1);
@@ -150,11 +115,7 @@ fn make_fixtures() {
             &"1",
             &backing,
         ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let tmp = tempfile::tempdir().unwrap();
         let m = Mounted::start_with(&backing, fx.secret.0, &secret, &tmp.path().join("mnt"), &[]);
         for (path, content) in expected() {
@@ -166,8 +127,7 @@ fn make_fixtures() {
                     f.set_len(c.len() as u64).unwrap();
                     use std::os::unix::fs::FileExt;
                     f.write_all_at(&c[..5], 0).unwrap();
-                    f.write_all_at(&c[c.len() - 3..], c.len() as u64 - 3)
-                        .unwrap();
+                    f.write_all_at(&c[c.len() - 3..], c.len() as u64 - 3).unwrap();
                 }
                 Some(c) => fs::write(&p, c).unwrap(),
                 None => std::os::unix::fs::symlink("small.txt", &p).unwrap(),

@@ -33,9 +33,7 @@ fn run(block_size: u32, ops: Vec<Op>) -> Result<(), TestCaseError> {
     let vol = TestVolume::new(block_size);
     let fs = vol.fs();
     let caller = Caller { uid: 0, gid: 0 };
-    let (attr, mut fh) = fs
-        .create(ROOT_INO, OsStr::new("f"), 0o644, 0, libc::O_RDWR, caller)
-        .unwrap();
+    let (attr, mut fh) = fs.create(ROOT_INO, OsStr::new("f"), 0o644, 0, libc::O_RDWR, caller).unwrap();
     let mut model: Vec<u8> = Vec::new();
     for op in ops {
         match op {
@@ -49,15 +47,7 @@ fn run(block_size: u32, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 model[off as usize..end].copy_from_slice(&data);
             }
             Op::Truncate(size) => {
-                fs.setattr(
-                    attr.ino,
-                    SetAttr {
-                        size: Some(size),
-                        fh: Some(fh),
-                        ..Default::default()
-                    },
-                )
-                .unwrap();
+                fs.setattr(attr.ino, SetAttr { size: Some(size), fh: Some(fh), ..Default::default() }).unwrap();
                 model.resize(size as usize, 0);
             }
             Op::Fallocate { off, len } => {

@@ -54,20 +54,11 @@ fn round_trip_and_backing_holds_no_plaintext_with(opts: &[&str]) {
     fs::write(m.path("empty"), b"").unwrap();
     assert_eq!(fs::read(m.path("text.txt")).unwrap(), text);
     assert_eq!(fs::read(m.path("a/b/random.bin")).unwrap(), random);
-    assert_eq!(
-        fs::metadata(m.path("text.txt")).unwrap().len(),
-        text.len() as u64
-    );
+    assert_eq!(fs::metadata(m.path("text.txt")).unwrap().len(), text.len() as u64);
     assert_eq!(fs::metadata(m.path("empty")).unwrap().len(), 0);
     // The volume's own files are not visible through the mount.
-    let names: HashSet<_> = fs::read_dir(&m.mnt)
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert_eq!(
-        names,
-        ["text.txt", "a", "empty"].iter().map(Into::into).collect()
-    );
+    let names: HashSet<_> = fs::read_dir(&m.mnt).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names, ["text.txt", "a", "empty"].iter().map(Into::into).collect());
     assert!(!m.path("envelopefs.toml").exists());
 
     // Survives an unmount and a new mount.
@@ -89,16 +80,8 @@ fn round_trip_and_backing_holds_no_plaintext_with(opts: &[&str]) {
     assert!(files.len() >= 5);
     for f in files {
         let bytes = fs::read(&f).unwrap();
-        assert!(
-            !bytes.windows(8).any(|w| grams.contains(w)),
-            "plaintext found in backing file {}",
-            f.display()
-        );
-        assert!(
-            !bytes.windows(14).any(|w| w == b"zebra-plaintex"),
-            "{}",
-            f.display()
-        );
+        assert!(!bytes.windows(8).any(|w| grams.contains(w)), "plaintext found in backing file {}", f.display());
+        assert!(!bytes.windows(14).any(|w| w == b"zebra-plaintex"), "{}", f.display());
     }
     // Backing sizes follow the documented size math.
     let len = fs::metadata(vol.backing.join("text.txt")).unwrap().len();
@@ -115,33 +98,17 @@ fn flipped_bit_in_any_block_is_eio_and_logged_with_the_file() {
     let backing = vol.backing.join("victim");
     let len = fs::metadata(&backing).unwrap().len();
     // Flip one bit at a spread of offsets across the block area (nonces, bodies, tags).
-    let offsets = [
-        HEADER,
-        HEADER + 11,
-        HEADER + 12,
-        HEADER + 2000,
-        HEADER + STORED - 1,
-        HEADER + STORED + 5,
-        len - 1,
-        len - 20,
-    ];
+    let offsets =
+        [HEADER, HEADER + 11, HEADER + 12, HEADER + 2000, HEADER + STORED - 1, HEADER + STORED + 5, len - 1, len - 20];
     for off in offsets {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&backing)
-            .unwrap();
+        let f = OpenOptions::new().read(true).write(true).open(&backing).unwrap();
         let mut b = [0u8; 1];
         f.read_exact_at(&mut b, off).unwrap();
         f.write_all_at(&[b[0] ^ 0x10], off).unwrap();
         let e = read_err(&m.path("victim"));
         assert_eq!(e.raw_os_error(), Some(libc::EIO), "bit flip at {off}: {e}");
         f.write_all_at(&b, off).unwrap();
-        assert_eq!(
-            fs::read(m.path("victim")).unwrap(),
-            data,
-            "restored after flip at {off}"
-        );
+        assert_eq!(fs::read(m.path("victim")).unwrap(), data, "restored after flip at {off}");
     }
     let log = m.log_text();
     assert!(log.contains("victim"), "log names the file: {log}");
@@ -158,19 +125,11 @@ fn blocks_swapped_within_or_between_files_are_eio() {
     let (pa, pb) = (vol.backing.join("a"), vol.backing.join("b"));
     let block = |p: &Path, i: u64| {
         let mut buf = vec![0u8; STORED as usize];
-        File::open(p)
-            .unwrap()
-            .read_exact_at(&mut buf, HEADER + i * STORED)
-            .unwrap();
+        File::open(p).unwrap().read_exact_at(&mut buf, HEADER + i * STORED).unwrap();
         buf
     };
     let put = |p: &Path, i: u64, data: &[u8]| {
-        OpenOptions::new()
-            .write(true)
-            .open(p)
-            .unwrap()
-            .write_all_at(data, HEADER + i * STORED)
-            .unwrap();
+        OpenOptions::new().write(true).open(p).unwrap().write_all_at(data, HEADER + i * STORED).unwrap();
     };
     // Within a file: blocks 1 and 2 trade places.
     let (a1, a2) = (block(&pa, 1), block(&pa, 2));
@@ -209,25 +168,11 @@ fn pasted_header_fails_the_open_and_torn_slot_falls_back() {
         h
     };
     let (ha, hb) = (header(&pa), header(&pb));
-    OpenOptions::new()
-        .write(true)
-        .open(&pb)
-        .unwrap()
-        .write_all_at(&ha, 0)
-        .unwrap();
+    OpenOptions::new().write(true).open(&pb).unwrap().write_all_at(&ha, 0).unwrap();
     let e = File::open(m.path("b")).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
-    assert!(
-        m.log_text().contains("header does not belong"),
-        "{}",
-        m.log_text()
-    );
-    OpenOptions::new()
-        .write(true)
-        .open(&pb)
-        .unwrap()
-        .write_all_at(&hb, 0)
-        .unwrap();
+    assert!(m.log_text().contains("header does not belong"), "{}", m.log_text());
+    OpenOptions::new().write(true).open(&pb).unwrap().write_all_at(&hb, 0).unwrap();
     assert_eq!(fs::read(m.path("b")).unwrap(), b);
 
     // Zero the first slot (a torn write of the newest copy): the other slot serves.
@@ -241,19 +186,13 @@ fn pasted_header_fails_the_open_and_torn_slot_falls_back() {
     assert_eq!(fs::read(m.path("a")).unwrap(), a);
     // Both slots gone: the file cannot be opened, and nothing wrong is returned.
     f.write_all_at(&vec![0u8; HEADER as usize], 0).unwrap();
-    assert_eq!(
-        File::open(m.path("a")).unwrap_err().raw_os_error(),
-        Some(libc::EIO)
-    );
+    assert_eq!(File::open(m.path("a")).unwrap_err().raw_os_error(), Some(libc::EIO));
     // fsck (offline) reports it.
     drop(m);
     let out = common::cli(&[&"fsck", &"--key-file", &vol.key, &vol.backing]);
     assert_eq!(out.status.code(), Some(1));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        stdout.contains("PROBLEM") && stdout.contains("/a: header"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("PROBLEM") && stdout.contains("/a: header"), "{stdout}");
 }
 
 #[test]
@@ -296,69 +235,35 @@ fn posix_basics_through_the_mount_with(opts: &[&str]) {
     f.write_all_at(b"end", (64 << 20) - 3).unwrap();
     drop(f);
     assert_eq!(fs::metadata(&sparse).unwrap().len(), 64 << 20);
-    assert!(
-        fs::metadata(vol.backing.join("sparse")).unwrap().blocks() < 1024,
-        "sparse stays sparse"
-    );
+    assert!(fs::metadata(vol.backing.join("sparse")).unwrap().blocks() < 1024, "sparse stays sparse");
     let mut tail = [0u8; 3];
-    File::open(&sparse)
-        .unwrap()
-        .read_exact_at(&mut tail, (64 << 20) - 3)
-        .unwrap();
+    File::open(&sparse).unwrap().read_exact_at(&mut tail, (64 << 20) - 3).unwrap();
     assert_eq!(&tail, b"end");
 
     // Rename, hard link, symlink, chmod, xattr, fifo.
     fs::rename(&p, m.path("g")).unwrap();
     fs::hard_link(m.path("g"), m.path("h")).unwrap();
     assert_eq!(fs::metadata(m.path("g")).unwrap().nlink(), 2);
-    assert_eq!(
-        fs::metadata(m.path("g")).unwrap().ino(),
-        fs::metadata(m.path("h")).unwrap().ino()
-    );
+    assert_eq!(fs::metadata(m.path("g")).unwrap().ino(), fs::metadata(m.path("h")).unwrap().ino());
     std::os::unix::fs::symlink("g", m.path("s")).unwrap();
     assert_eq!(fs::read_link(m.path("s")).unwrap(), PathBuf::from("g"));
     assert_eq!(fs::read(m.path("s")).unwrap(), expect);
     fs::set_permissions(m.path("g"), fs::Permissions::from_mode(0o600)).unwrap();
-    assert_eq!(
-        fs::metadata(m.path("h")).unwrap().permissions().mode() & 0o777,
-        0o600
-    );
+    assert_eq!(fs::metadata(m.path("h")).unwrap().permissions().mode() & 0o777, 0o600);
     let c = std::ffi::CString::new(m.path("g").as_os_str().as_encoded_bytes()).unwrap();
-    let rc = unsafe {
-        libc::setxattr(
-            c.as_ptr(),
-            c"user.color".as_ptr(),
-            b"blue".as_ptr().cast(),
-            4,
-            0,
-        )
-    };
+    let rc = unsafe { libc::setxattr(c.as_ptr(), c"user.color".as_ptr(), b"blue".as_ptr().cast(), 4, 0) };
     assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
     let mut buf = [0u8; 16];
-    let n = unsafe {
-        libc::getxattr(
-            c.as_ptr(),
-            c"user.color".as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
+    let n = unsafe { libc::getxattr(c.as_ptr(), c"user.color".as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
     assert_eq!(&buf[..n as usize], b"blue");
     let fifo = std::ffi::CString::new(m.path("fifo").as_os_str().as_encoded_bytes()).unwrap();
     assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
-    assert!(std::os::unix::fs::FileTypeExt::is_fifo(
-        &fs::symlink_metadata(m.path("fifo")).unwrap().file_type()
-    ));
+    assert!(std::os::unix::fs::FileTypeExt::is_fifo(&fs::symlink_metadata(m.path("fifo")).unwrap().file_type()));
     // The volume's config cannot be created or replaced through the mount.
     assert!(fs::write(m.path("envelopefs.toml"), b"x").is_err());
     let st = unsafe {
         let mut s: libc::statvfs = std::mem::zeroed();
-        libc::statvfs(
-            std::ffi::CString::new(m.mnt.as_os_str().as_encoded_bytes())
-                .unwrap()
-                .as_ptr(),
-            &mut s,
-        );
+        libc::statvfs(std::ffi::CString::new(m.mnt.as_os_str().as_encoded_bytes()).unwrap().as_ptr(), &mut s);
         s
     };
     assert!(st.f_blocks > 0);
@@ -382,18 +287,14 @@ fn concurrent_writers_and_readers_on_one_file_with(opts: &[&str]) {
     const WRITERS: usize = 4;
     const SPAN: usize = 3000; // unaligned: neighbours share blocks
     const ROUNDS: usize = 40;
-    File::create(&p)
-        .unwrap()
-        .set_len((WRITERS * SPAN) as u64)
-        .unwrap();
+    File::create(&p).unwrap().set_len((WRITERS * SPAN) as u64).unwrap();
     std::thread::scope(|s| {
         for w in 0..WRITERS {
             let p = p.clone();
             s.spawn(move || {
                 let f = OpenOptions::new().write(true).open(&p).unwrap();
                 for r in 0..ROUNDS {
-                    f.write_all_at(&pattern((w * 1000 + r) as u64, SPAN), (w * SPAN) as u64)
-                        .unwrap();
+                    f.write_all_at(&pattern((w * 1000 + r) as u64, SPAN), (w * SPAN) as u64).unwrap();
                 }
             });
         }
@@ -409,11 +310,7 @@ fn concurrent_writers_and_readers_on_one_file_with(opts: &[&str]) {
     });
     let got = fs::read(&p).unwrap();
     for w in 0..WRITERS {
-        assert_eq!(
-            &got[w * SPAN..(w + 1) * SPAN],
-            &pattern((w * 1000 + ROUNDS - 1) as u64, SPAN)[..],
-            "writer {w}"
-        );
+        assert_eq!(&got[w * SPAN..(w + 1) * SPAN], &pattern((w * 1000 + ROUNDS - 1) as u64, SPAN)[..], "writer {w}");
     }
 }
 
@@ -425,25 +322,12 @@ fn files_created_for_a_caller_are_owned_by_the_caller() {
     let target = m.path("owned-by-nobody");
     // Create as uid/gid 65534 in a child process.
     let status = std::process::Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "sh",
-            "-c",
-        ])
-        .arg(format!(
-            "echo hi > '{}' && mkdir '{}.d'",
-            target.display(),
-            target.display()
-        ))
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c"])
+        .arg(format!("echo hi > '{}' && mkdir '{}.d'", target.display(), target.display()))
         .status()
         .unwrap();
     assert!(status.success());
-    for p in [
-        target.clone(),
-        PathBuf::from(format!("{}.d", target.display())),
-    ] {
+    for p in [target.clone(), PathBuf::from(format!("{}.d", target.display()))] {
         let md = fs::metadata(&p).unwrap();
         assert_eq!((md.uid(), md.gid()), (65534, 65534), "{}", p.display());
     }

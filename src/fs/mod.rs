@@ -20,18 +20,9 @@ use crate::content::Content;
 use crate::crypto::FileKey;
 use crate::envelope::{is_hole, BLOCK_OVERHEAD};
 use crate::error::{Error, Result};
-use crate::volume::{Volume, CONFIG_NAME, KEYRING_NAME};
+use crate::volume::{Volume, RESERVED};
 
 pub const ROOT_INO: u64 = 1;
-
-/// Names in the backing root that belong to the volume, not to its users: hidden from the
-/// mount and refused as targets.
-const RESERVED: [&str; 4] = [
-    CONFIG_NAME,
-    KEYRING_NAME,
-    "envelopefs.toml.tmp",
-    "envelopefs.keyring.tmp",
-];
 
 /// Attributes as the filesystem reports them (sizes are plaintext sizes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,7 +124,6 @@ impl Inode {
 struct FileHandle {
     inode: Arc<Inode>,
     file: File,
-    append: bool,
     writable: bool,
 }
 
@@ -158,9 +148,6 @@ pub struct EncryptedFs {
     next_ino: AtomicU64,
     handles: RwLock<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
-    /// With the kernel's writeback cache, the kernel resolves O_APPEND itself and flushes
-    /// pages through any writable handle: offsets must then be taken as given.
-    kernel_appends: std::sync::atomic::AtomicBool,
 }
 
 fn system_time(sec: i64, nsec: i64) -> SystemTime {
@@ -173,19 +160,10 @@ fn system_time(sec: i64, nsec: i64) -> SystemTime {
 
 fn timespec(t: Option<SetTime>) -> libc::timespec {
     match t {
-        None => libc::timespec {
-            tv_sec: 0,
-            tv_nsec: libc::UTIME_OMIT,
-        },
-        Some(SetTime::Now) => libc::timespec {
-            tv_sec: 0,
-            tv_nsec: libc::UTIME_NOW,
-        },
+        None => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
+        Some(SetTime::Now) => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW },
         Some(SetTime::At(t)) => match t.duration_since(UNIX_EPOCH) {
-            Ok(d) => libc::timespec {
-                tv_sec: d.as_secs() as i64,
-                tv_nsec: d.subsec_nanos() as i64,
-            },
+            Ok(d) => libc::timespec { tv_sec: d.as_secs() as i64, tv_nsec: d.subsec_nanos() as i64 },
             Err(e) => {
                 let d = e.duration();
                 let (mut s, mut n) = (-(d.as_secs() as i64), -(d.subsec_nanos() as i64));
@@ -193,10 +171,7 @@ fn timespec(t: Option<SetTime>) -> libc::timespec {
                     s -= 1;
                     n += 1_000_000_000;
                 }
-                libc::timespec {
-                    tv_sec: s,
-                    tv_nsec: n,
-                }
+                libc::timespec { tv_sec: s, tv_nsec: n }
             }
         },
     }
@@ -218,10 +193,7 @@ impl EncryptedFs {
             dev_ino: (st.st_dev, st.st_ino),
             fmt: libc::S_IFDIR,
             lookups: AtomicU64::new(1),
-            content: RwLock::new(ContentState {
-                key: None,
-                opens: 0,
-            }),
+            content: RwLock::new(ContentState { key: None, opens: 0 }),
         });
         let mut table = Table::default();
         table.by_dev_ino.insert(root.dev_ino, ROOT_INO);
@@ -234,13 +206,7 @@ impl EncryptedFs {
             next_ino: AtomicU64::new(1 << 63),
             handles: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
-            kernel_appends: std::sync::atomic::AtomicBool::new(false),
         })
-    }
-
-    /// Call when the kernel's writeback cache is on (see `kernel_appends`).
-    pub fn set_writeback_cache(&self, on: bool) {
-        self.kernel_appends.store(on, Ordering::Relaxed);
     }
 
     pub fn volume(&self) -> &Arc<Volume> {
@@ -279,10 +245,7 @@ impl EncryptedFs {
             dev_ino: key,
             fmt: st.st_mode & libc::S_IFMT,
             lookups: AtomicU64::new(1),
-            content: RwLock::new(ContentState {
-                key: None,
-                opens: 0,
-            }),
+            content: RwLock::new(ContentState { key: None, opens: 0 }),
         });
         t.by_dev_ino.insert(key, ino);
         t.by_ino.insert(ino, inode.clone());
@@ -295,10 +258,7 @@ impl EncryptedFs {
         }
         let mut t = self.table.lock().unwrap();
         if let Some(inode) = t.by_ino.get(&ino) {
-            let prev = inode.lookups.fetch_sub(
-                n.min(inode.lookups.load(Ordering::Relaxed)),
-                Ordering::Relaxed,
-            );
+            let prev = inode.lookups.fetch_sub(n.min(inode.lookups.load(Ordering::Relaxed)), Ordering::Relaxed);
             if prev <= n {
                 let key = inode.dev_ino;
                 t.by_ino.remove(&ino);
@@ -338,10 +298,7 @@ impl EncryptedFs {
 
     fn check_name(&self, parent: u64, name: &OsStr) -> Result<()> {
         if parent == ROOT_INO && RESERVED.iter().any(|r| OsStr::new(r) == name) {
-            return Err(Error::new(
-                libc::EPERM,
-                format!("{name:?} is reserved for the volume's own files"),
-            ));
+            return Err(Error::new(libc::EPERM, format!("{name:?} is reserved for the volume's own files")));
         }
         Ok(())
     }
@@ -358,6 +315,10 @@ impl EncryptedFs {
         if parent == ROOT_INO && RESERVED.iter().any(|r| OsStr::new(r) == name) {
             return Err(Error::new(libc::ENOENT, "reserved name"));
         }
+        if name == "." || name == ".." {
+            // Only sent for NFS export, which is off; never step above the backing root.
+            return Err(Error::new(libc::ENOENT, "no lookup of . or .."));
+        }
         let p = self.inode(parent)?;
         self.lookup_fd(&p, name)
     }
@@ -371,11 +332,7 @@ impl EncryptedFs {
     /// Owner of a new object: the caller, with the group inherited from a set-gid parent.
     fn owner_for(&self, parent: &Inode, caller: Caller) -> Result<(u32, u32)> {
         let pst = sys::fstat(parent.raw())?;
-        let gid = if pst.st_mode & libc::S_ISGID != 0 {
-            pst.st_gid
-        } else {
-            caller.gid
-        };
+        let gid = if pst.st_mode & libc::S_ISGID != 0 { pst.st_gid } else { caller.gid };
         Ok((caller.uid, gid))
     }
 
@@ -395,58 +352,28 @@ impl EncryptedFs {
         Ok(self.attr_of(inode.ino, &st))
     }
 
-    pub fn mkdir(
-        &self,
-        parent: u64,
-        name: &OsStr,
-        mode: u32,
-        umask: u32,
-        caller: Caller,
-    ) -> Result<Attr> {
+    pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, umask: u32, caller: Caller) -> Result<Attr> {
         self.check_name(parent, name)?;
         let p = self.inode(parent)?;
         let mode = mode & !umask & 0o7777;
         sys::mkdirat(p.raw(), &sys::cstr(name)?, mode)?;
         // A set-gid parent makes the new directory set-gid too.
         let pst = sys::fstat(p.raw())?;
-        let mode = if pst.st_mode & libc::S_ISGID != 0 {
-            mode | libc::S_ISGID
-        } else {
-            mode
-        };
+        let mode = if pst.st_mode & libc::S_ISGID != 0 { mode | libc::S_ISGID } else { mode };
         self.finish_new(&p, name, caller, mode)
     }
 
     /// Regular files, fifos, sockets and device nodes. A regular file starts empty, with
     /// no header: its first write creates one.
-    pub fn mknod(
-        &self,
-        parent: u64,
-        name: &OsStr,
-        mode: u32,
-        umask: u32,
-        rdev: u32,
-        caller: Caller,
-    ) -> Result<Attr> {
+    pub fn mknod(&self, parent: u64, name: &OsStr, mode: u32, umask: u32, rdev: u32, caller: Caller) -> Result<Attr> {
         self.check_name(parent, name)?;
         let p = self.inode(parent)?;
         let perm = mode & !umask & 0o7777;
-        sys::mknodat(
-            p.raw(),
-            &sys::cstr(name)?,
-            (mode & libc::S_IFMT) | perm,
-            rdev as u64,
-        )?;
+        sys::mknodat(p.raw(), &sys::cstr(name)?, (mode & libc::S_IFMT) | perm, rdev as u64)?;
         self.finish_new(&p, name, caller, perm)
     }
 
-    pub fn symlink(
-        &self,
-        parent: u64,
-        name: &OsStr,
-        target: &OsStr,
-        caller: Caller,
-    ) -> Result<Attr> {
+    pub fn symlink(&self, parent: u64, name: &OsStr, target: &OsStr, caller: Caller) -> Result<Attr> {
         self.check_name(parent, name)?;
         let p = self.inode(parent)?;
         sys::symlinkat(&sys::cstr(target)?, p.raw(), &sys::cstr(name)?)?;
@@ -474,22 +401,11 @@ impl EncryptedFs {
 
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> Result<()> {
         self.check_name(parent, name)?;
-        sys::unlinkat(
-            self.inode(parent)?.raw(),
-            &sys::cstr(name)?,
-            libc::AT_REMOVEDIR,
-        )
+        sys::unlinkat(self.inode(parent)?.raw(), &sys::cstr(name)?, libc::AT_REMOVEDIR)
     }
 
     /// `flags`: RENAME_NOREPLACE and RENAME_EXCHANGE pass through; RENAME_WHITEOUT is refused.
-    pub fn rename(
-        &self,
-        parent: u64,
-        name: &OsStr,
-        newparent: u64,
-        newname: &OsStr,
-        flags: u32,
-    ) -> Result<()> {
+    pub fn rename(&self, parent: u64, name: &OsStr, newparent: u64, newname: &OsStr, flags: u32) -> Result<()> {
         self.check_name(parent, name)?;
         self.check_name(newparent, newname)?;
         if flags & !(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) != 0 {
@@ -497,13 +413,7 @@ impl EncryptedFs {
         }
         let p = self.inode(parent)?;
         let np = self.inode(newparent)?;
-        sys::renameat2(
-            p.raw(),
-            &sys::cstr(name)?,
-            np.raw(),
-            &sys::cstr(newname)?,
-            flags,
-        )
+        sys::renameat2(p.raw(), &sys::cstr(name)?, np.raw(), &sys::cstr(newname)?, flags)
     }
 
     pub fn setattr(&self, ino: u64, set: SetAttr) -> Result<Attr> {
@@ -514,21 +424,13 @@ impl EncryptedFs {
             }
         }
         if set.uid.is_some() || set.gid.is_some() {
-            sys::fchown_fd(
-                inode.raw(),
-                set.uid.unwrap_or(u32::MAX),
-                set.gid.unwrap_or(u32::MAX),
-            )?;
+            sys::fchown_fd(inode.raw(), set.uid.unwrap_or(u32::MAX), set.gid.unwrap_or(u32::MAX))?;
         }
         if let Some(size) = set.size {
             self.truncate(&inode, size, set.fh)?;
         }
         if set.atime.is_some() || set.mtime.is_some() {
-            sys::utimens_fd(
-                inode.raw(),
-                inode.is_symlink(),
-                &[timespec(set.atime), timespec(set.mtime)],
-            )?;
+            sys::utimens_fd(inode.raw(), inode.is_symlink(), &[timespec(set.atime), timespec(set.mtime)])?;
         }
         let st = sys::fstat(inode.raw())?;
         Ok(self.attr_of(ino, &st))
@@ -540,9 +442,7 @@ impl EncryptedFs {
             libc::S_IFDIR => return Err(Error::new(libc::EISDIR, "truncate of a directory")),
             _ => return Err(Error::new(libc::EINVAL, "truncate of a special file")),
         }
-        let handle = fh
-            .and_then(|fh| self.file_handle(fh).ok())
-            .filter(|h| h.writable);
+        let handle = fh.and_then(|fh| self.file_handle(fh).ok()).filter(|h| h.writable);
         let own;
         let file = match &handle {
             Some(h) => &h.file,
@@ -552,28 +452,17 @@ impl EncryptedFs {
             }
         };
         let mut st = inode.content.write().unwrap();
-        let key = self
-            .key_for_write(&mut st, file, size > 0)
-            .map_err(|e| e.context(inode.describe()))?;
+        let key = self.key_for_write(&mut st, file, size > 0).map_err(|e| e.context(inode.describe()))?;
         if key.is_none() {
             return Ok(()); // empty, headerless, and staying empty
         }
-        let c = Content {
-            file,
-            geo: self.vol.geometry,
-            key: key.as_deref(),
-        };
+        let c = Content { file, geo: self.vol.geometry, key: key.as_deref() };
         c.truncate(size).map_err(|e| e.context(inode.describe()))
     }
 
     /// The key for a change to `file`: the loaded one, the one in its header, or (for an
     /// empty file about to get content) a new header.
-    fn key_for_write(
-        &self,
-        st: &mut ContentState,
-        file: &File,
-        needs_header: bool,
-    ) -> Result<Option<Arc<FileKey>>> {
+    fn key_for_write(&self, st: &mut ContentState, file: &File, needs_header: bool) -> Result<Option<Arc<FileKey>>> {
         if let Some(k) = &st.key {
             return Ok(Some(k.clone()));
         }
@@ -582,8 +471,11 @@ impl EncryptedFs {
             self.load_key(file)?
         } else if needs_header {
             let (region, key) = self.vol.new_header()?;
-            file.write_all_at(&region, 0)
-                .map_err(|e| Error::io(e, "writing header"))?;
+            if let Err(e) = file.write_all_at(&region, 0) {
+                // Back to a valid empty file rather than a stub shorter than its header.
+                let _ = file.set_len(0);
+                return Err(Error::io(e, "writing header"));
+            }
             key
         } else {
             return Ok(None);
@@ -601,19 +493,15 @@ impl EncryptedFs {
         let geo = self.vol.geometry;
         let len = file.metadata().map_err(|e| Error::io(e, "fstat"))?.len();
         if len < geo.header_size {
-            return Err(Error::corrupt(format!(
-                "backing file is {len} bytes, shorter than its header region"
-            )));
+            return Err(Error::corrupt(format!("backing file is {len} bytes, shorter than its header region")));
         }
         let mut region = vec![0u8; geo.header_size as usize];
-        file.read_exact_at(&mut region, 0)
-            .map_err(|e| Error::io(e, "reading header"))?;
+        file.read_exact_at(&mut region, 0).map_err(|e| Error::io(e, "reading header"))?;
         let opened = self.vol.open_header(&region)?;
         let first = (len - geo.header_size).min(geo.stored_block_size());
         if first > BLOCK_OVERHEAD {
             let mut stored = vec![0u8; first as usize];
-            file.read_exact_at(&mut stored, geo.header_size)
-                .map_err(|e| Error::io(e, "reading block 0"))?;
+            file.read_exact_at(&mut stored, geo.header_size).map_err(|e| Error::io(e, "reading block 0"))?;
             let mut out = vec![0u8; first as usize - BLOCK_OVERHEAD as usize];
             if !is_hole(&stored) && opened.key.open_block(0, &stored, &mut out).is_err() {
                 return Err(Error::corrupt(
@@ -625,12 +513,7 @@ impl EncryptedFs {
     }
 
     fn handle(&self, fh: u64) -> Result<Handle> {
-        self.handles
-            .read()
-            .unwrap()
-            .get(&fh)
-            .cloned()
-            .ok_or_else(|| Error::new(libc::EBADF, "unknown handle"))
+        self.handles.read().unwrap().get(&fh).cloned().ok_or_else(|| Error::new(libc::EBADF, "unknown handle"))
     }
 
     fn file_handle(&self, fh: u64) -> Result<Arc<FileHandle>> {
@@ -649,11 +532,7 @@ impl EncryptedFs {
     fn open_inode(&self, inode: Arc<Inode>, flags: i32, file: Option<File>) -> Result<u64> {
         if inode.fmt != libc::S_IFREG {
             return Err(Error::new(
-                if inode.fmt == libc::S_IFDIR {
-                    libc::EISDIR
-                } else {
-                    libc::EINVAL
-                },
+                if inode.fmt == libc::S_IFDIR { libc::EISDIR } else { libc::EINVAL },
                 "not a regular file",
             ));
         }
@@ -661,32 +540,17 @@ impl EncryptedFs {
         // Partial-block writes read the block first, so writers always get read access.
         let file = match file {
             Some(f) => f,
-            None => sys::reopen(
-                &inode.fd,
-                if writable {
-                    libc::O_RDWR
-                } else {
-                    libc::O_RDONLY
-                },
-            )?,
+            None => sys::reopen(&inode.fd, if writable { libc::O_RDWR } else { libc::O_RDONLY })?,
         };
         {
             let mut st = inode.content.write().unwrap();
             if st.key.is_none() && file.metadata().map_err(|e| Error::io(e, "fstat"))?.len() > 0 {
-                st.key = Some(
-                    self.load_key(&file)
-                        .map_err(|e| e.context(inode.describe()))?,
-                );
+                st.key = Some(self.load_key(&file).map_err(|e| e.context(inode.describe()))?);
             }
             st.opens += 1;
         }
         let trunc = writable && flags & libc::O_TRUNC != 0;
-        let fh = self.add_handle(Handle::File(Arc::new(FileHandle {
-            inode: inode.clone(),
-            file,
-            append: flags & libc::O_APPEND != 0,
-            writable,
-        })));
+        let fh = self.add_handle(Handle::File(Arc::new(FileHandle { inode: inode.clone(), file, writable })));
         if trunc {
             if let Err(e) = self.truncate(&inode, 0, Some(fh)) {
                 self.release(fh);
@@ -715,25 +579,19 @@ impl EncryptedFs {
         let p = self.inode(parent)?;
         let c = sys::cstr(name)?;
         let perm = mode & !umask & 0o7777;
-        match sys::openat(
-            p.raw(),
-            &c,
-            libc::O_CREAT | libc::O_EXCL | libc::O_RDWR | libc::O_NOFOLLOW,
-            perm,
-        ) {
+        match sys::openat(p.raw(), &c, libc::O_CREAT | libc::O_EXCL | libc::O_RDWR | libc::O_NOFOLLOW, perm) {
             Ok(fd) => {
                 let attr = self.finish_new(&p, name, caller, perm)?;
-                let fh = self.open_inode(
-                    self.inode(attr.ino)?,
-                    flags & !libc::O_TRUNC,
-                    Some(File::from(fd)),
-                )?;
+                // The reply carries a lookup only on success: give it back on failure.
+                let fh = self
+                    .open_inode(self.inode(attr.ino)?, flags & !libc::O_TRUNC, Some(File::from(fd)))
+                    .inspect_err(|_| self.forget(attr.ino, 1))?;
                 Ok((attr, fh))
             }
             Err(e) if e.errno() == libc::EEXIST && flags & libc::O_EXCL == 0 => {
                 let attr = self.lookup_fd(&p, name)?;
-                let fh = self.open(attr.ino, flags)?;
-                Ok((self.getattr(attr.ino)?, fh))
+                let fh = self.open(attr.ino, flags).inspect_err(|_| self.forget(attr.ino, 1))?;
+                Ok((attr, fh))
             }
             Err(e) => Err(e),
         }
@@ -742,67 +600,39 @@ impl EncryptedFs {
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
         let h = self.file_handle(fh)?;
         let st = h.inode.content.read().unwrap();
-        let c = Content {
-            file: &h.file,
-            geo: self.vol.geometry,
-            key: st.key.as_deref(),
-        };
-        c.read(offset, size as usize)
-            .map_err(|e| e.context(h.inode.describe()))
+        let c = Content { file: &h.file, geo: self.vol.geometry, key: st.key.as_deref() };
+        c.read(offset, size as usize).map_err(|e| e.context(h.inode.describe()))
     }
 
+    /// Write at `offset`. For O_APPEND the kernel has already resolved the offset against
+    /// the file size (and pages of shared mappings come back at their own offsets through
+    /// any handle), so the offset is always taken as given.
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
         let h = self.file_handle(fh)?;
         if !h.writable {
             return Err(Error::new(libc::EBADF, "handle is read-only"));
         }
         let mut st = h.inode.content.write().unwrap();
-        let key = self
-            .key_for_write(&mut st, &h.file, true)
-            .map_err(|e| e.context(h.inode.describe()))?;
-        let c = Content {
-            file: &h.file,
-            geo: self.vol.geometry,
-            key: key.as_deref(),
-        };
-        let offset = if h.append && !self.kernel_appends.load(Ordering::Relaxed) {
-            c.size()?
-        } else {
-            offset
-        };
-        c.write(offset, data)
-            .map_err(|e| e.context(h.inode.describe()))?;
+        let key = self.key_for_write(&mut st, &h.file, true).map_err(|e| e.context(h.inode.describe()))?;
+        let c = Content { file: &h.file, geo: self.vol.geometry, key: key.as_deref() };
+        c.write(offset, data).map_err(|e| e.context(h.inode.describe()))?;
         Ok(data.len() as u32)
     }
 
     pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> Result<()> {
         if mode != 0 {
-            return Err(Error::new(
-                libc::EOPNOTSUPP,
-                "only fallocate mode 0 is supported",
-            ));
+            return Err(Error::new(libc::EOPNOTSUPP, "only fallocate mode 0 is supported"));
         }
         let h = self.file_handle(fh)?;
         let mut st = h.inode.content.write().unwrap();
-        let key = self
-            .key_for_write(&mut st, &h.file, true)
-            .map_err(|e| e.context(h.inode.describe()))?;
-        let c = Content {
-            file: &h.file,
-            geo: self.vol.geometry,
-            key: key.as_deref(),
-        };
-        c.allocate(offset, len)
-            .map_err(|e| e.context(h.inode.describe()))
+        let key = self.key_for_write(&mut st, &h.file, true).map_err(|e| e.context(h.inode.describe()))?;
+        let c = Content { file: &h.file, geo: self.vol.geometry, key: key.as_deref() };
+        c.allocate(offset, len).map_err(|e| e.context(h.inode.describe()))
     }
 
     pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {
         let h = self.file_handle(fh)?;
-        let r = if datasync {
-            h.file.sync_data()
-        } else {
-            h.file.sync_all()
-        };
+        let r = if datasync { h.file.sync_data() } else { h.file.sync_all() };
         r.map_err(|e| Error::io(e, format!("fsync {}", h.inode.describe())))
     }
 
@@ -825,20 +655,10 @@ impl EncryptedFs {
         let dir = sys::reopen(&inode.fd, libc::O_RDONLY | libc::O_DIRECTORY)?;
         let path = format!("/proc/self/fd/{}", dir.as_raw_fd());
         let mut entries = vec![
-            DirEntry {
-                ino,
-                kind: libc::S_IFDIR,
-                name: ".".into(),
-            },
-            DirEntry {
-                ino: ROOT_INO,
-                kind: libc::S_IFDIR,
-                name: "..".into(),
-            },
+            DirEntry { ino, kind: libc::S_IFDIR, name: ".".into() },
+            DirEntry { ino: ROOT_INO, kind: libc::S_IFDIR, name: "..".into() },
         ];
-        for e in std::fs::read_dir(&path)
-            .map_err(|e| Error::io(e, format!("readdir {}", inode.describe())))?
-        {
+        for e in std::fs::read_dir(&path).map_err(|e| Error::io(e, format!("readdir {}", inode.describe())))? {
             let e = e.map_err(|e| Error::io(e, format!("readdir {}", inode.describe())))?;
             let name = e.file_name();
             if ino == ROOT_INO && RESERVED.iter().any(|r| OsStr::new(r) == name) {
@@ -861,22 +681,13 @@ impl EncryptedFs {
             } else {
                 libc::S_IFREG
             };
-            entries.push(DirEntry {
-                ino: e.ino(),
-                kind,
-                name,
-            });
+            entries.push(DirEntry { ino: e.ino(), kind, name });
         }
         Ok(self.add_handle(Handle::Dir(Arc::new(entries))))
     }
 
     /// Entries from position `offset` on; an entry's position is its index + 1.
-    pub fn readdir(
-        &self,
-        fh: u64,
-        offset: u64,
-        mut add: impl FnMut(&DirEntry, u64) -> bool,
-    ) -> Result<()> {
+    pub fn readdir(&self, fh: u64, offset: u64, mut add: impl FnMut(&DirEntry, u64) -> bool) -> Result<()> {
         let Handle::Dir(entries) = self.handle(fh)? else {
             return Err(Error::new(libc::ENOTDIR, "not a directory handle"));
         };
@@ -916,10 +727,7 @@ impl EncryptedFs {
     /// Only `user.*` extended attributes pass through (stored unencrypted, like names).
     fn xattr_name(name: &OsStr) -> Result<std::ffi::CString> {
         if !name.as_bytes().starts_with(b"user.") {
-            return Err(Error::new(
-                libc::EOPNOTSUPP,
-                "only user.* extended attributes are supported",
-            ));
+            return Err(Error::new(libc::EOPNOTSUPP, "only user.* extended attributes are supported"));
         }
         sys::cstr(name)
     }

@@ -20,14 +20,7 @@ pub fn proc_path(fd: RawFd) -> CString {
 }
 
 pub fn openat(dir: RawFd, name: &CStr, flags: i32, mode: u32) -> Result<OwnedFd> {
-    let fd = unsafe {
-        libc::openat(
-            dir,
-            name.as_ptr(),
-            flags | libc::O_CLOEXEC,
-            mode as libc::c_uint,
-        )
-    };
+    let fd = unsafe { libc::openat(dir, name.as_ptr(), flags | libc::O_CLOEXEC, mode as libc::c_uint) };
     let fd = cvt(fd, || format!("open {:?}", name))?;
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
@@ -47,64 +40,37 @@ pub fn reopen(fd: &OwnedFd, flags: i32) -> Result<File> {
 pub fn fstat(fd: RawFd) -> Result<libc::stat> {
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     cvt(
-        unsafe {
-            libc::fstatat(
-                fd,
-                EMPTY.as_ptr(),
-                &mut st,
-                libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
-            )
-        },
+        unsafe { libc::fstatat(fd, EMPTY.as_ptr(), &mut st, libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW) },
         || "fstat".into(),
     )?;
     Ok(st)
 }
 
 pub fn mkdirat(dir: RawFd, name: &CStr, mode: u32) -> Result<()> {
-    cvt(unsafe { libc::mkdirat(dir, name.as_ptr(), mode) }, || {
-        format!("mkdir {name:?}")
-    })
-    .map(drop)
+    cvt(unsafe { libc::mkdirat(dir, name.as_ptr(), mode) }, || format!("mkdir {name:?}")).map(drop)
 }
 
 pub fn mknodat(dir: RawFd, name: &CStr, mode: u32, rdev: u64) -> Result<()> {
-    cvt(
-        unsafe { libc::mknodat(dir, name.as_ptr(), mode, rdev) },
-        || format!("mknod {name:?}"),
-    )
-    .map(drop)
+    cvt(unsafe { libc::mknodat(dir, name.as_ptr(), mode, rdev) }, || format!("mknod {name:?}")).map(drop)
 }
 
 pub fn symlinkat(target: &CStr, dir: RawFd, name: &CStr) -> Result<()> {
-    cvt(
-        unsafe { libc::symlinkat(target.as_ptr(), dir, name.as_ptr()) },
-        || format!("symlink {name:?}"),
-    )
-    .map(drop)
+    cvt(unsafe { libc::symlinkat(target.as_ptr(), dir, name.as_ptr()) }, || format!("symlink {name:?}")).map(drop)
 }
 
 pub fn unlinkat(dir: RawFd, name: &CStr, flags: i32) -> Result<()> {
-    cvt(unsafe { libc::unlinkat(dir, name.as_ptr(), flags) }, || {
-        format!("unlink {name:?}")
-    })
-    .map(drop)
+    cvt(unsafe { libc::unlinkat(dir, name.as_ptr(), flags) }, || format!("unlink {name:?}")).map(drop)
 }
 
 pub fn renameat2(od: RawFd, on: &CStr, nd: RawFd, nn: &CStr, flags: u32) -> Result<()> {
-    cvt(
-        unsafe { libc::renameat2(od, on.as_ptr(), nd, nn.as_ptr(), flags) },
-        || format!("rename {on:?} to {nn:?}"),
-    )
-    .map(drop)
+    cvt(unsafe { libc::renameat2(od, on.as_ptr(), nd, nn.as_ptr(), flags) }, || format!("rename {on:?} to {nn:?}"))
+        .map(drop)
 }
 
 /// Hard link the object behind an O_PATH handle (needs CAP_DAC_READ_SEARCH: the daemon is root).
 pub fn linkat_fd(fd: RawFd, nd: RawFd, nn: &CStr) -> Result<()> {
-    cvt(
-        unsafe { libc::linkat(fd, EMPTY.as_ptr(), nd, nn.as_ptr(), libc::AT_EMPTY_PATH) },
-        || format!("link {nn:?}"),
-    )
-    .map(drop)
+    cvt(unsafe { libc::linkat(fd, EMPTY.as_ptr(), nd, nn.as_ptr(), libc::AT_EMPTY_PATH) }, || format!("link {nn:?}"))
+        .map(drop)
 }
 
 pub fn readlinkat(fd: RawFd) -> Result<Vec<u8>> {
@@ -120,15 +86,7 @@ pub fn readlinkat(fd: RawFd) -> Result<Vec<u8>> {
 /// chown without following symlinks; `u32::MAX` leaves an id unchanged.
 pub fn fchown_fd(fd: RawFd, uid: u32, gid: u32) -> Result<()> {
     cvt(
-        unsafe {
-            libc::fchownat(
-                fd,
-                EMPTY.as_ptr(),
-                uid,
-                gid,
-                libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
-            )
-        },
+        unsafe { libc::fchownat(fd, EMPTY.as_ptr(), uid, gid, libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW) },
         || "chown".into(),
     )
     .map(drop)
@@ -136,11 +94,7 @@ pub fn fchown_fd(fd: RawFd, uid: u32, gid: u32) -> Result<()> {
 
 pub fn chmod_fd(fd: RawFd, mode: u32) -> Result<()> {
     let p = proc_path(fd);
-    cvt(
-        unsafe { libc::fchmodat(libc::AT_FDCWD, p.as_ptr(), mode, 0) },
-        || "chmod".into(),
-    )
-    .map(drop)
+    cvt(unsafe { libc::fchmodat(libc::AT_FDCWD, p.as_ptr(), mode, 0) }, || "chmod".into()).map(drop)
 }
 
 /// Set times; `is_symlink` decides between the /proc path (follows to the object) and
@@ -163,18 +117,9 @@ pub fn fstatvfs(fd: RawFd) -> Result<libc::statvfs> {
 
 pub fn setxattr(fd: RawFd, name: &CStr, value: &[u8], flags: i32) -> Result<()> {
     let p = proc_path(fd);
-    cvt(
-        unsafe {
-            libc::setxattr(
-                p.as_ptr(),
-                name.as_ptr(),
-                value.as_ptr().cast(),
-                value.len(),
-                flags,
-            )
-        },
-        || format!("setxattr {name:?}"),
-    )
+    cvt(unsafe { libc::setxattr(p.as_ptr(), name.as_ptr(), value.as_ptr().cast(), value.len(), flags) }, || {
+        format!("setxattr {name:?}")
+    })
     .map(drop)
 }
 
@@ -210,11 +155,7 @@ pub fn listxattr(fd: RawFd) -> Result<Vec<u8>> {
 
 pub fn removexattr(fd: RawFd, name: &CStr) -> Result<()> {
     let p = proc_path(fd);
-    cvt(
-        unsafe { libc::removexattr(p.as_ptr(), name.as_ptr()) },
-        || format!("removexattr {name:?}"),
-    )
-    .map(drop)
+    cvt(unsafe { libc::removexattr(p.as_ptr(), name.as_ptr()) }, || format!("removexattr {name:?}")).map(drop)
 }
 
 /// Where an O_PATH handle points now, for log lines (best effort).

@@ -24,11 +24,7 @@ pub struct CacheConfig {
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        Self {
-            ttl: Duration::from_secs(300),
-            tti: Duration::from_secs(60),
-            max_entries: 4096,
-        }
+        Self { ttl: Duration::from_secs(300), tti: Duration::from_secs(60), max_entries: 4096 }
     }
 }
 
@@ -46,15 +42,8 @@ pub struct DekCache {
 
 impl DekCache {
     pub fn new(cfg: CacheConfig) -> Self {
-        let inner = Cache::builder()
-            .max_capacity(cfg.max_entries)
-            .time_to_live(cfg.ttl)
-            .time_to_idle(cfg.tti)
-            .build();
-        Self {
-            inner,
-            stats: CacheStats::default(),
-        }
+        let inner = Cache::builder().max_capacity(cfg.max_entries).time_to_live(cfg.ttl).time_to_idle(cfg.tti).build();
+        Self { inner, stats: CacheStats::default() }
     }
 
     /// The key for (file, header generation), loading it once even when many threads ask
@@ -72,9 +61,7 @@ impl DekCache {
                 loaded = true;
                 load().map(Arc::new)
             })
-            .map_err(|e: Arc<crate::error::Error>| {
-                crate::error::Error::new(e.errno(), e.to_string())
-            });
+            .map_err(|e: Arc<crate::error::Error>| crate::error::Error::new(e.errno(), e.to_string()));
         if loaded {
             self.stats.misses.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -129,21 +116,13 @@ mod tests {
             Ok(key(1))
         })
         .unwrap();
-        assert_eq!(
-            loads.load(Ordering::SeqCst),
-            2,
-            "expired entries are loaded again"
-        );
+        assert_eq!(loads.load(Ordering::SeqCst), 2, "expired entries are loaded again");
     }
 
     #[test]
     fn failed_loads_are_not_cached_and_keep_errno() {
         let c = DekCache::new(CacheConfig::default());
-        let e = c
-            .get_or_load([2; 16], 1, || {
-                Err(crate::error::Error::access("KEK disabled"))
-            })
-            .unwrap_err();
+        let e = c.get_or_load([2; 16], 1, || Err(crate::error::Error::access("KEK disabled"))).unwrap_err();
         assert_eq!(e.errno(), libc::EACCES);
         assert!(c.get_or_load([2; 16], 1, || Ok(key(2))).is_ok());
     }
@@ -172,11 +151,8 @@ mod tests {
 
     #[test]
     fn capacity_bounds_entries() {
-        let c = DekCache::new(CacheConfig {
-            ttl: Duration::from_secs(60),
-            tti: Duration::from_secs(60),
-            max_entries: 4,
-        });
+        let c =
+            DekCache::new(CacheConfig { ttl: Duration::from_secs(60), tti: Duration::from_secs(60), max_entries: 4 });
         for i in 0..50u8 {
             c.get_or_load([i; 16], 1, || Ok(key(i))).unwrap();
         }

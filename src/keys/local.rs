@@ -36,11 +36,7 @@ pub struct KdfParams {
 
 impl Default for KdfParams {
     fn default() -> Self {
-        Self {
-            m_kib: 64 * 1024,
-            t: 3,
-            p: 1,
-        }
+        Self { m_kib: 64 * 1024, t: 3, p: 1 }
     }
 }
 
@@ -72,69 +68,42 @@ pub struct LocalProvider {
 
 impl LocalProvider {
     /// Create a keyring with one fresh KEK (version 1). Fails if the file exists.
-    pub fn create(
-        path: &Path,
-        volume_id: VolumeId,
-        secret: &Secret,
-        params: KdfParams,
-    ) -> Result<Self> {
+    pub fn create(path: &Path, volume_id: VolumeId, secret: &Secret, params: KdfParams) -> Result<Self> {
         let mut salt = [0u8; 16];
         fill_random(&mut salt)?;
         let seal = Seal::derive(secret, params, salt)?;
         let mut key = Zeroizing::new([0u8; KEY_LEN]);
         fill_random(&mut key[..])?;
-        let ring = Ring {
-            current: 1,
-            entries: vec![Entry {
-                version: 1,
-                retired: false,
-                key,
-            }],
-        };
-        let p = Self {
-            path: path.to_owned(),
-            volume_id,
-            seal,
-            ring: RwLock::new(ring),
-        };
+        let ring = Ring { current: 1, entries: vec![Entry { version: 1, retired: false, key }] };
+        let p = Self { path: path.to_owned(), volume_id, seal, ring: RwLock::new(ring) };
         p.write_file(true)?;
         Ok(p)
     }
 
     /// Open and unlock an existing keyring.
     pub fn open(path: &Path, volume_id: VolumeId, secret: &Secret) -> Result<Self> {
-        let raw = fs::read(path)
-            .map_err(|e| Error::io(e, format!("reading keyring {}", path.display())))?;
-        let bad = |why: &str| {
-            Error::new(
-                libc::EINVAL,
-                format!("keyring {} is damaged: {why}", path.display()),
-            )
-        };
+        let raw = fs::read(path).map_err(|e| Error::io(e, format!("reading keyring {}", path.display())))?;
+        let bad = |why: &str| Error::new(libc::EINVAL, format!("keyring {} is damaged: {why}", path.display()));
         if raw.len() < PREAMBLE_LEN + TAG_LEN || &raw[..8] != MAGIC {
             return Err(bad("not an envelopefs keyring"));
         }
         let kdf = raw[8];
         let u32_at = |o: usize| u32::from_le_bytes(raw[o..o + 4].try_into().unwrap());
-        let params = KdfParams {
-            m_kib: u32_at(12),
-            t: u32_at(16),
-            p: u32_at(20),
-        };
+        let params = KdfParams { m_kib: u32_at(12), t: u32_at(16), p: u32_at(20) };
+        // Read before anything authenticates them: refuse costs no sane init would choose.
+        if kdf == KDF_ARGON2ID && (params.m_kib > 4 << 20 || params.t > 64 || params.p > 16) {
+            return Err(bad("its Argon2id cost is out of range"));
+        }
         let salt: [u8; 16] = raw[24..40].try_into().unwrap();
         if raw[40..56] != volume_id {
             return Err(bad("it belongs to another volume"));
         }
         match (kdf, secret) {
             (KDF_ARGON2ID, Secret::KeyFile(_)) => {
-                return Err(Error::access(
-                    "this keyring is sealed with a passphrase, not a key file",
-                ))
+                return Err(Error::access("this keyring is sealed with a passphrase, not a key file"))
             }
             (KDF_KEYFILE, Secret::Passphrase(_)) => {
-                return Err(Error::access(
-                    "this keyring is sealed with a key file: pass --key-file",
-                ))
+                return Err(Error::access("this keyring is sealed with a key file: pass --key-file"))
             }
             (KDF_ARGON2ID | KDF_KEYFILE, _) => {}
             _ => return Err(bad("unknown key derivation")),
@@ -145,23 +114,10 @@ impl LocalProvider {
         let (ct, tag) = body.split_at(body.len() - TAG_LEN);
         let mut plain = Zeroizing::new(vec![0u8; ct.len()]);
         new_aead(Backend::AwsLc, &seal.key)
-            .open(
-                &nonce,
-                &raw[..PREAMBLE_LEN],
-                ct,
-                tag.try_into().unwrap(),
-                &mut plain,
-            )
-            .map_err(|_| {
-                Error::access("wrong passphrase or key file (the keyring does not decrypt)")
-            })?;
+            .open(&nonce, &raw[..PREAMBLE_LEN], ct, tag.try_into().unwrap(), &mut plain)
+            .map_err(|_| Error::access("wrong passphrase or key file (the keyring does not decrypt)"))?;
         let ring = Ring::decode(&plain).ok_or_else(|| bad("its contents do not parse"))?;
-        Ok(Self {
-            path: path.to_owned(),
-            volume_id,
-            seal,
-            ring: RwLock::new(ring),
-        })
+        Ok(Self { path: path.to_owned(), volume_id, seal, ring: RwLock::new(ring) })
     }
 
     /// Seal the keyring and replace the file atomically (temp file, fsync, rename, fsync dir).
@@ -171,11 +127,7 @@ impl LocalProvider {
         out.extend_from_slice(MAGIC);
         out.push(self.seal.kdf);
         out.extend_from_slice(&[0; 3]);
-        for v in [
-            self.seal.params.m_kib,
-            self.seal.params.t,
-            self.seal.params.p,
-        ] {
+        for v in [self.seal.params.m_kib, self.seal.params.t, self.seal.params.p] {
             out.extend_from_slice(&v.to_le_bytes());
         }
         out.extend_from_slice(&self.seal.salt);
@@ -199,19 +151,11 @@ impl LocalProvider {
             .mode(0o600)
             .open(&tmp)
             .map_err(|e| Error::io(e, ctx("writing")))?;
-        f.write_all(&out)
-            .and_then(|_| f.sync_all())
-            .map_err(|e| Error::io(e, ctx("writing")))?;
+        f.write_all(&out).and_then(|_| f.sync_all()).map_err(|e| Error::io(e, ctx("writing")))?;
         fs::rename(&tmp, &self.path).map_err(|e| Error::io(e, ctx("replacing")))?;
         if let Some(dir) = self.path.parent() {
-            let dir = if dir.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                dir
-            };
-            fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| Error::io(e, ctx("syncing directory of")))?;
+            let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+            fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(e, ctx("syncing directory of")))?;
         }
         Ok(())
     }
@@ -232,19 +176,10 @@ impl LocalProvider {
         let mut wrapped = Vec::with_capacity(WRAPPED_LEN);
         wrapped.extend_from_slice(&nonce);
         let mut ct = Zeroizing::new(dek.expose().to_vec());
-        let tag = new_aead(Backend::AwsLc, &entry.key).seal(
-            &nonce,
-            &self.wrap_aad(ctx, version),
-            &mut ct,
-        );
+        let tag = new_aead(Backend::AwsLc, &entry.key).seal(&nonce, &self.wrap_aad(ctx, version), &mut ct);
         wrapped.extend_from_slice(&ct);
         wrapped.extend_from_slice(&tag);
-        Ok(KeyRecord {
-            provider: ProviderKind::Local,
-            kek_id: KEK_ID.into(),
-            kek_version: version,
-            wrapped,
-        })
+        Ok(KeyRecord { provider: ProviderKind::Local, kek_id: KEK_ID.into(), kek_version: version, wrapped })
     }
 
     /// Mark a KEK version retired: it no longer unwraps. The caller checks first that no
@@ -253,14 +188,10 @@ impl LocalProvider {
         {
             let mut ring = self.ring.write().unwrap();
             if ring.current == version {
-                return Err(Error::new(
-                    libc::EBUSY,
-                    format!("KEK version {version} is current: rotate first"),
-                ));
+                return Err(Error::new(libc::EBUSY, format!("KEK version {version} is current: rotate first")));
             }
             let e = ring.entries.iter_mut().find(|e| e.version == version);
-            e.ok_or_else(|| Error::new(libc::ENOENT, format!("no KEK version {version}")))?
-                .retired = true;
+            e.ok_or_else(|| Error::new(libc::ENOENT, format!("no KEK version {version}")))?.retired = true;
         }
         self.write_file(false)
     }
@@ -271,9 +202,8 @@ impl Seal {
         let mut key = Zeroizing::new([0u8; 32]);
         let kdf = match secret {
             Secret::Passphrase(pw) => {
-                let p = argon2::Params::new(params.m_kib, params.t, params.p, Some(32)).map_err(
-                    |e| Error::new(libc::EINVAL, format!("bad Argon2id parameters: {e}")),
-                )?;
+                let p = argon2::Params::new(params.m_kib, params.t, params.p, Some(32))
+                    .map_err(|e| Error::new(libc::EINVAL, format!("bad Argon2id parameters: {e}")))?;
                 argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, p)
                     .hash_password_into(pw, &salt, &mut key[..])
                     .map_err(|e| Error::new(libc::EINVAL, format!("Argon2id failed: {e}")))?;
@@ -281,20 +211,12 @@ impl Seal {
             }
             Secret::KeyFile(k) => {
                 // A key file is already full-entropy: one HMAC binds it to this keyring's salt.
-                let t = aws_lc_rs::hmac::sign(
-                    &aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &k[..]),
-                    &salt,
-                );
+                let t = aws_lc_rs::hmac::sign(&aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &k[..]), &salt);
                 key.copy_from_slice(t.as_ref());
                 KDF_KEYFILE
             }
         };
-        Ok(Seal {
-            kdf,
-            params,
-            salt,
-            key,
-        })
+        Ok(Seal { kdf, params, salt, key })
     }
 }
 
@@ -302,12 +224,8 @@ impl Ring {
     fn get(&self, version: u32) -> Result<&Entry> {
         match self.entries.iter().find(|e| e.version == version) {
             Some(e) if !e.retired => Ok(e),
-            Some(_) => Err(Error::access(format!(
-                "local KEK version {version} is retired"
-            ))),
-            None => Err(Error::access(format!(
-                "local KEK version {version} is not in the keyring"
-            ))),
+            Some(_) => Err(Error::access(format!("local KEK version {version} is retired"))),
+            None => Err(Error::access(format!("local KEK version {version} is not in the keyring"))),
         }
     }
 
@@ -334,17 +252,10 @@ impl Ring {
             .map(|c| {
                 let mut key = Zeroizing::new([0u8; KEY_LEN]);
                 key.copy_from_slice(&c[5..]);
-                Entry {
-                    version: u32::from_le_bytes(c[..4].try_into().unwrap()),
-                    retired: c[4] != 0,
-                    key,
-                }
+                Entry { version: u32::from_le_bytes(c[..4].try_into().unwrap()), retired: c[4] != 0, key }
             })
             .collect::<Vec<_>>();
-        entries
-            .iter()
-            .any(|e| e.version == current)
-            .then_some(Ring { current, entries })
+        entries.iter().any(|e| e.version == current).then_some(Ring { current, entries })
     }
 }
 
@@ -366,10 +277,7 @@ impl KeyProvider for LocalProvider {
 
     fn unwrap(&self, record: &KeyRecord, ctx: &KeyContext<'_>) -> Result<Dek> {
         if record.provider != ProviderKind::Local {
-            return Err(Error::access(format!(
-                "key record is for provider {}",
-                record.provider.name()
-            )));
+            return Err(Error::access(format!("key record is for provider {}", record.provider.name())));
         }
         if record.wrapped.len() != WRAPPED_LEN {
             return Err(Error::access(format!(
@@ -404,11 +312,7 @@ impl KeyProvider for LocalProvider {
         let version = {
             let mut ring = self.ring.write().unwrap();
             let version = ring.entries.iter().map(|e| e.version).max().unwrap_or(0) + 1;
-            ring.entries.push(Entry {
-                version,
-                retired: false,
-                key,
-            });
+            ring.entries.push(Entry { version, retired: false, key });
             ring.current = version;
             version
         };
@@ -421,11 +325,7 @@ impl KeyProvider for LocalProvider {
         Ok(ring
             .entries
             .iter()
-            .map(|e| KekVersionInfo {
-                version: e.version,
-                current: e.version == ring.current,
-                retired: e.retired,
-            })
+            .map(|e| KekVersionInfo { version: e.version, current: e.version == ring.current, retired: e.retired })
             .collect())
     }
 
@@ -441,11 +341,7 @@ mod tests {
     use super::*;
 
     fn fast() -> KdfParams {
-        KdfParams {
-            m_kib: 256,
-            t: 1,
-            p: 1,
-        }
+        KdfParams { m_kib: 256, t: 1, p: 1 }
     }
 
     fn pw(s: &str) -> Secret {
@@ -459,25 +355,14 @@ mod tests {
         let vol = [1u8; 16];
         let p = LocalProvider::create(&path, vol, &pw("hunter2"), fast()).unwrap();
         let fid = [2u8; 16];
-        let ctx = KeyContext {
-            volume_id: &vol,
-            file_id: &fid,
-        };
+        let ctx = KeyContext { volume_id: &vol, file_id: &fid };
         let (dek, rec) = p.generate(&ctx).unwrap();
         assert_eq!(rec.kek_version, 1);
         assert_eq!(p.unwrap(&rec, &ctx).unwrap().expose(), dek.expose());
 
         // Bound to the file id: another file's context does not unwrap it.
         let other = [3u8; 16];
-        let err = p
-            .unwrap(
-                &rec,
-                &KeyContext {
-                    volume_id: &vol,
-                    file_id: &other,
-                },
-            )
-            .unwrap_err();
+        let err = p.unwrap(&rec, &KeyContext { volume_id: &vol, file_id: &other }).unwrap_err();
         assert_eq!(err.errno(), libc::EACCES);
 
         assert_eq!(p.rotate().unwrap(), 2);
@@ -495,10 +380,7 @@ mod tests {
         q.retire(1).unwrap();
         let r = LocalProvider::open(&path, vol, &pw("hunter2")).unwrap();
         assert_eq!(r.unwrap(&rec, &ctx).unwrap_err().errno(), libc::EACCES);
-        assert!(
-            r.retire(2).is_err(),
-            "the current version cannot be retired"
-        );
+        assert!(r.retire(2).is_err(), "the current version cannot be retired");
     }
 
     #[test]
@@ -509,18 +391,11 @@ mod tests {
         LocalProvider::create(&path, vol, &pw("right"), fast()).unwrap();
         let e = LocalProvider::open(&path, vol, &pw("wrong")).err().unwrap();
         assert!(e.to_string().contains("wrong passphrase"), "{e}");
-        let e = LocalProvider::open(&path, [9u8; 16], &pw("right"))
-            .err()
-            .unwrap();
+        let e = LocalProvider::open(&path, [9u8; 16], &pw("right")).err().unwrap();
         assert!(e.to_string().contains("another volume"), "{e}");
-        let e = LocalProvider::open(&path, vol, &Secret::KeyFile(Zeroizing::new([0; 32])))
-            .err()
-            .unwrap();
+        let e = LocalProvider::open(&path, vol, &Secret::KeyFile(Zeroizing::new([0; 32]))).err().unwrap();
         assert!(e.to_string().contains("passphrase"), "{e}");
-        assert!(
-            LocalProvider::create(&path, vol, &pw("x"), fast()).is_err(),
-            "never overwrite a keyring"
-        );
+        assert!(LocalProvider::create(&path, vol, &pw("x"), fast()).is_err(), "never overwrite a keyring");
     }
 
     #[test]
@@ -531,13 +406,8 @@ mod tests {
         let kf = || Secret::KeyFile(Zeroizing::new([8u8; 32]));
         LocalProvider::create(&path, vol, &kf(), fast()).unwrap();
         assert!(LocalProvider::open(&path, vol, &kf()).is_ok());
-        assert!(
-            LocalProvider::open(&path, vol, &Secret::KeyFile(Zeroizing::new([9u8; 32]))).is_err()
-        );
+        assert!(LocalProvider::open(&path, vol, &Secret::KeyFile(Zeroizing::new([9u8; 32]))).is_err());
         let raw = fs::read(&path).unwrap();
-        assert!(
-            !raw.windows(4).any(|w| w == [8u8; 4]),
-            "key file bytes never stored"
-        );
+        assert!(!raw.windows(4).any(|w| w == [8u8; 4]), "key file bytes never stored");
     }
 }

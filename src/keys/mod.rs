@@ -24,10 +24,7 @@ pub struct KeyContext<'a> {
 impl KeyContext<'_> {
     /// The encryption-context pairs a KMS binds (`envelopefs:volume`, `envelopefs:file`).
     pub fn pairs(&self) -> [(&'static str, String); 2] {
-        [
-            ("envelopefs:volume", hex::encode(self.volume_id)),
-            ("envelopefs:file", hex::encode(self.file_id)),
-        ]
+        [("envelopefs:volume", hex::encode(self.volume_id)), ("envelopefs:file", hex::encode(self.file_id))]
     }
 }
 

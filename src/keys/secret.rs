@@ -45,40 +45,34 @@ impl SecretSource {
             return read_key_file(p).map(Secret::KeyFile);
         }
         if let Some(p) = &self.passphrase_file {
-            let raw =
-                Zeroizing::new(fs::read(p).map_err(|e| {
-                    Error::io(e, format!("reading passphrase file {}", p.display()))
-                })?);
-            return passphrase(
-                trim_newline(&raw),
-                &format!("passphrase file {}", p.display()),
+            let raw = Zeroizing::new(
+                fs::read(p).map_err(|e| Error::io(e, format!("reading passphrase file {}", p.display())))?,
             );
+            return passphrase(trim_newline(&raw), &format!("passphrase file {}", p.display()));
         }
         if self.stdin {
             use std::io::Read;
             let mut raw = Zeroizing::new(Vec::new());
-            std::io::stdin()
-                .read_to_end(&mut raw)
-                .map_err(|e| Error::io(e, "reading passphrase from stdin"))?;
+            std::io::stdin().read_to_end(&mut raw).map_err(|e| Error::io(e, "reading passphrase from stdin"))?;
             return passphrase(trim_newline(&raw), "standard input");
         }
         if let Some(v) = std::env::var_os(PASSPHRASE_ENV) {
             use std::os::unix::ffi::OsStrExt;
-            return passphrase(v.as_bytes(), PASSPHRASE_ENV);
+            // Do not hand it on to anything this process starts.
+            std::env::remove_var(PASSPHRASE_ENV);
+            let v = Zeroizing::new(v.as_bytes().to_vec());
+            return passphrase(&v, PASSPHRASE_ENV);
         }
         if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
             let p = Path::new(&dir).join(CREDENTIAL_NAME);
             if p.exists() {
-                let raw = Zeroizing::new(
-                    fs::read(&p).map_err(|e| Error::io(e, format!("reading {}", p.display())))?,
-                );
+                let raw = Zeroizing::new(fs::read(&p).map_err(|e| Error::io(e, format!("reading {}", p.display())))?);
                 return passphrase(trim_newline(&raw), "systemd credential");
             }
         }
         if std::io::stdin().is_terminal() {
             let first = Zeroizing::new(
-                rpassword::prompt_password("Passphrase: ")
-                    .map_err(|e| Error::io(e, "reading passphrase"))?,
+                rpassword::prompt_password("Passphrase: ").map_err(|e| Error::io(e, "reading passphrase"))?,
             );
             if confirm {
                 let again = Zeroizing::new(
@@ -108,19 +102,14 @@ fn trim_newline(b: &[u8]) -> &[u8] {
 
 fn passphrase(bytes: &[u8], from: &str) -> Result<Secret> {
     if bytes.is_empty() {
-        return Err(Error::new(
-            libc::EINVAL,
-            format!("empty passphrase from {from}"),
-        ));
+        return Err(Error::new(libc::EINVAL, format!("empty passphrase from {from}")));
     }
     Ok(Secret::Passphrase(Zeroizing::new(bytes.to_vec())))
 }
 
 /// A key file holds 32 raw bytes, or 64 hex digits (a trailing newline is fine).
 pub fn read_key_file(p: &Path) -> Result<Zeroizing<[u8; 32]>> {
-    let raw = Zeroizing::new(
-        fs::read(p).map_err(|e| Error::io(e, format!("reading key file {}", p.display())))?,
-    );
+    let raw = Zeroizing::new(fs::read(p).map_err(|e| Error::io(e, format!("reading key file {}", p.display())))?);
     let mut key = Zeroizing::new([0u8; 32]);
     if raw.len() == 32 {
         key.copy_from_slice(&raw);
@@ -132,11 +121,7 @@ pub fn read_key_file(p: &Path) -> Result<Zeroizing<[u8; 32]>> {
     }
     Err(Error::new(
         libc::EINVAL,
-        format!(
-            "key file {} must hold 32 raw bytes or 64 hex digits (got {} bytes)",
-            p.display(),
-            raw.len()
-        ),
+        format!("key file {} must hold 32 raw bytes or 64 hex digits (got {} bytes)", p.display(), raw.len()),
     ))
 }
 
@@ -155,10 +140,7 @@ mod tests {
         assert_eq!(*read_key_file(&hx).unwrap(), [9u8; 32]);
         let bad = d.path().join("bad");
         fs::write(&bad, b"short").unwrap();
-        assert!(read_key_file(&bad)
-            .unwrap_err()
-            .to_string()
-            .contains("32 raw bytes"));
+        assert!(read_key_file(&bad).unwrap_err().to_string().contains("32 raw bytes"));
     }
 
     #[test]
@@ -166,19 +148,12 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("pw");
         fs::write(&p, "correct horse\n").unwrap();
-        let src = SecretSource {
-            passphrase_file: Some(p.clone()),
-            ..Default::default()
-        };
+        let src = SecretSource { passphrase_file: Some(p.clone()), ..Default::default() };
         match src.resolve(false).unwrap() {
             Secret::Passphrase(b) => assert_eq!(&b[..], b"correct horse"),
             other => panic!("{other:?}"),
         }
         fs::write(&p, "\n").unwrap();
-        assert!(src
-            .resolve(false)
-            .unwrap_err()
-            .to_string()
-            .contains("empty passphrase"));
+        assert!(src.resolve(false).unwrap_err().to_string().contains("empty passphrase"));
     }
 }

@@ -24,40 +24,24 @@ pub struct TestVolume {
 
 impl TestVolume {
     pub fn new(block_size: u32) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("envelopefs-test")
-            .tempdir()
-            .unwrap();
+        let dir = tempfile::Builder::new().prefix("envelopefs-test").tempdir().unwrap();
         let backing = dir.path().join("backing");
         fs::create_dir(&backing).unwrap();
         let key = dir.path().join("volume.key");
         let mut k = [0u8; 32];
         getrandom::getrandom(&mut k).unwrap();
         fs::write(&key, k).unwrap();
-        let opts = InitOptions {
-            block_size,
-            ..InitOptions::default()
-        };
+        let opts = InitOptions { block_size, ..InitOptions::default() };
         volume::init(&backing, &Self::source_for(&key), &opts).unwrap();
         Self { dir, backing, key }
     }
 
     pub fn source_for(key: &Path) -> SecretSource {
-        SecretSource {
-            key_file: Some(key.to_owned()),
-            ..Default::default()
-        }
+        SecretSource { key_file: Some(key.to_owned()), ..Default::default() }
     }
 
     pub fn open(&self) -> Arc<Volume> {
-        Arc::new(
-            Volume::open(
-                &self.backing,
-                &Self::source_for(&self.key),
-                &OpenOptions::default(),
-            )
-            .unwrap(),
-        )
+        Arc::new(Volume::open(&self.backing, &Self::source_for(&self.key), &OpenOptions::default()).unwrap())
     }
 
     pub fn fs(&self) -> EncryptedFs {
@@ -65,12 +49,7 @@ impl TestVolume {
     }
 
     pub fn mount(&self, extra: &[&str]) -> Mounted {
-        Mounted::start(
-            &self.backing,
-            &self.key,
-            &self.dir.path().join("mnt"),
-            extra,
-        )
+        Mounted::start(&self.backing, &self.key, &self.dir.path().join("mnt"), extra)
     }
 }
 
@@ -83,10 +62,7 @@ pub struct Mounted {
 
 pub fn is_mounted(mnt: &Path) -> bool {
     let want = mnt.to_string_lossy().into_owned();
-    fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+    fs::read_to_string("/proc/self/mountinfo").unwrap().lines().any(|l| l.split(' ').nth(4) == Some(want.as_str()))
 }
 
 impl Mounted {
@@ -95,13 +71,7 @@ impl Mounted {
     }
 
     /// Mount with a given secret flag (`--key-file` or `--passphrase-file`).
-    pub fn start_with(
-        backing: &Path,
-        secret_flag: &str,
-        secret: &Path,
-        mnt: &Path,
-        extra: &[&str],
-    ) -> Self {
+    pub fn start_with(backing: &Path, secret_flag: &str, secret: &Path, mnt: &Path, extra: &[&str]) -> Self {
         fs::create_dir_all(mnt).unwrap();
         let mnt = fs::canonicalize(mnt).unwrap();
         let log = mnt.with_extension("log");
@@ -120,24 +90,14 @@ impl Mounted {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let mut m = Mounted {
-            mnt,
-            log,
-            child: Some(child),
-        };
+        let mut m = Mounted { mnt, log, child: Some(child) };
         let start = Instant::now();
         while !is_mounted(&m.mnt) {
             if let Some(status) = m.child.as_mut().unwrap().try_wait().unwrap() {
                 let out = m.child.take().unwrap().wait_with_output().unwrap();
-                panic!(
-                    "mount exited with {status}: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
+                panic!("mount exited with {status}: {}", String::from_utf8_lossy(&out.stderr));
             }
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "mount did not appear"
-            );
+            assert!(start.elapsed() < Duration::from_secs(20), "mount did not appear");
             std::thread::sleep(Duration::from_millis(20));
         }
         m
@@ -157,16 +117,8 @@ impl Mounted {
 
     /// Unmount and wait for the daemon to exit by itself; returns its exit status.
     pub fn unmount(self) -> std::process::ExitStatus {
-        let out = Command::new(BIN)
-            .arg("umount")
-            .arg(&self.mnt)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "umount: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = Command::new(BIN).arg("umount").arg(&self.mnt).output().unwrap();
+        assert!(out.status.success(), "umount: {}", String::from_utf8_lossy(&out.stderr));
         self.wait_exit()
     }
 

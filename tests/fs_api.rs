@@ -1,0 +1,144 @@
+//! `EncryptedFs` driven directly (no mount): crash leftovers, repair, reserved names.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::fs::{self, OpenOptions};
+use std::os::unix::fs::FileExt;
+
+use common::{cli, pattern, TestVolume};
+use envelopefs::fs::{Caller, ROOT_INO};
+
+const ROOT: Caller = Caller { uid: 0, gid: 0 };
+
+#[test]
+fn torn_tail_fragment_is_cut_before_the_file_grows() {
+    let vol = TestVolume::new(4096);
+    let fs = vol.fs();
+    let (attr, fh) = fs.create(ROOT_INO, OsStr::new("f"), 0o644, 0, libc::O_RDWR, ROOT).unwrap();
+    let data = pattern(1, 8192);
+    fs.write(fh, 0, &data).unwrap();
+    // A crash mid-append left 10 bytes of a third block.
+    let backing = vol.backing.join("f");
+    let f = OpenOptions::new().write(true).open(&backing).unwrap();
+    let len = fs::metadata(&backing).unwrap().len();
+    f.write_all_at(&[0xAB; 10], len).unwrap();
+    assert_eq!(fs.getattr(attr.ino).unwrap().size, 8192, "the fragment is not content");
+    // A write well past the end must not leave the fragment inside a non-final block.
+    fs.write(fh, 5 * 4096, b"later").unwrap();
+    let all = fs.read(fh, 0, 6 * 4096).unwrap();
+    assert_eq!(&all[..8192], &data[..]);
+    assert!(all[8192..5 * 4096].iter().all(|&b| b == 0));
+    assert_eq!(&all[5 * 4096..], b"later");
+    fs.release(fh);
+}
+
+#[test]
+fn fsck_repair_fixes_what_it_can_and_reports_the_rest() {
+    let vol = TestVolume::new(4096);
+    {
+        let fs = vol.fs();
+        for (name, seed) in [("torn-append", 1), ("torn-slot", 2), ("bit-flip", 3)] {
+            let (_, fh) = fs.create(ROOT_INO, OsStr::new(name), 0o644, 0, libc::O_RDWR, ROOT).unwrap();
+            fs.write(fh, 0, &pattern(seed, 3 * 4096)).unwrap();
+            fs.release(fh);
+        }
+    }
+    let open = |n: &str| OpenOptions::new().write(true).open(vol.backing.join(n)).unwrap();
+    // A torn append: the last block is only half written.
+    open("torn-append").write_all_at(&[0x55; 2000], 4096 + 2 * 4124 + 100).unwrap();
+    // A torn header slot.
+    open("torn-slot").write_all_at(&[0; 1000], 50).unwrap();
+    // A flipped bit in the middle block: reported, never "repaired".
+    open("bit-flip").write_all_at(&[0xFF], 4096 + 4124 + 50).unwrap();
+
+    let run = |repair: bool| {
+        let mut args: Vec<&dyn AsRef<OsStr>> = vec![&"fsck", &"--key-file", &vol.key];
+        if repair {
+            args.push(&"--repair");
+        }
+        args.push(&vol.backing);
+        let out = cli(&args);
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (code, text) = run(false);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("torn-append: last block 2 does not authenticate"), "{text}");
+    assert!(text.contains("torn-slot: header slot 0 is damaged"), "{text}");
+    assert!(text.contains("bit-flip: block 1 does not authenticate"), "{text}");
+    assert!(text.contains("3 problems, 0 repaired"), "{text}");
+
+    let (code, text) = run(true);
+    assert_eq!(code, Some(1), "the bit flip remains: {text}");
+    assert!(text.contains("2 repaired"), "{text}");
+    let (_, text) = run(false);
+    assert!(text.contains("1 problems"), "{text}");
+
+    let fs = vol.fs();
+    let attr = fs.lookup(ROOT_INO, OsStr::new("torn-append")).unwrap();
+    assert_eq!(attr.size, 2 * 4096);
+    let fh = fs.open(attr.ino, libc::O_RDWR).unwrap();
+    assert_eq!(fs.read(fh, 0, 8192).unwrap(), pattern(1, 3 * 4096)[..8192]);
+    fs.write(fh, 8192, b"appendable again").unwrap();
+    fs.release(fh);
+}
+
+#[test]
+fn the_volumes_own_files_are_out_of_reach() {
+    let vol = TestVolume::new(4096);
+    let fs = vol.fs();
+    for name in ["envelopefs.toml", "envelopefs.keyring"] {
+        assert_eq!(fs.lookup(ROOT_INO, OsStr::new(name)).unwrap_err().errno(), libc::ENOENT);
+        assert_eq!(fs.unlink(ROOT_INO, OsStr::new(name)).unwrap_err().errno(), libc::EPERM);
+        let e = fs.create(ROOT_INO, OsStr::new(name), 0o644, 0, libc::O_RDWR, ROOT).unwrap_err();
+        assert_eq!(e.errno(), libc::EPERM);
+    }
+    assert!(fs.lookup(ROOT_INO, OsStr::new("..")).is_err());
+    let d = fs.mkdir(ROOT_INO, OsStr::new("d"), 0o755, 0, ROOT).unwrap();
+    // Only the root's names are reserved.
+    let (a, fh) = fs.create(d.ino, OsStr::new("envelopefs.toml"), 0o644, 0, libc::O_RDWR, ROOT).unwrap();
+    fs.release(fh);
+    assert!(fs.rename(d.ino, OsStr::new("envelopefs.toml"), ROOT_INO, OsStr::new("envelopefs.toml"), 0).is_err());
+    let mut names = Vec::new();
+    let dh = fs.opendir(ROOT_INO).unwrap();
+    fs.readdir(dh, 0, |e, _| {
+        names.push(e.name.clone());
+        false
+    })
+    .unwrap();
+    fs.releasedir(dh);
+    names.sort();
+    assert_eq!(names, vec![".", "..", "d"]);
+    assert!(a.ino > 1);
+    // A custom keyring location inside the backing directory is refused at init.
+    let d2 = tempfile::tempdir().unwrap();
+    let b = d2.path().join("b");
+    fs::create_dir(&b).unwrap();
+    let ring = b.join("myring");
+    let out = cli(&[&"init", &"--key-file", &vol.key, &"--keyring", &ring, &b]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("outside the backing directory"));
+    let outside = d2.path().join("ring");
+    assert!(cli(&[&"init", &"--key-file", &vol.key, &"--keyring", &outside, &b]).status.success());
+    assert!(outside.exists());
+}
+
+#[test]
+fn forgotten_inodes_release_their_descriptors() {
+    let vol = TestVolume::new(4096);
+    let fs = vol.fs();
+    let before = fs.inode_count();
+    let mut inos = Vec::new();
+    for i in 0..50 {
+        let (a, fh) = fs.create(ROOT_INO, OsStr::new(&format!("f{i}")), 0o644, 0, libc::O_RDWR, ROOT).unwrap();
+        fs.release(fh);
+        let again = fs.lookup(ROOT_INO, OsStr::new(&format!("f{i}"))).unwrap();
+        assert_eq!(again.ino, a.ino);
+        inos.push(a.ino);
+    }
+    assert_eq!(fs.inode_count(), before + 50);
+    for ino in inos {
+        fs.forget(ino, 2);
+    }
+    assert_eq!(fs.inode_count(), before);
+}
