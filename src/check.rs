@@ -211,3 +211,56 @@ fn check_blocks(f: &File, vol: &Volume, key: &FileKey, size: u64, path: &Path, r
         }
     }
 }
+
+/// How many file headers use each KEK version of the volume's provider.
+#[derive(Debug, Default)]
+pub struct KeyUsage {
+    pub files: std::collections::BTreeMap<u32, u64>,
+    pub empty: u64,
+    pub unreadable: u64,
+}
+
+/// Count headers by KEK version (the newest slot that decodes; no key is unwrapped).
+pub fn key_usage(vol: &Volume) -> Result<KeyUsage> {
+    let mut usage = KeyUsage::default();
+    let mut files = Vec::new();
+    collect_files(&vol.root, true, &mut files)?;
+    let kind = vol.provider.kind();
+    let mut region = vec![0u8; vol.geometry.header_size as usize];
+    for path in files {
+        let Ok(f) = File::open(&path) else {
+            usage.unreadable += 1;
+            continue;
+        };
+        if f.metadata().map(|m| m.len()).unwrap_or(0) == 0 {
+            usage.empty += 1;
+            continue;
+        }
+        let newest = f.read_exact_at(&mut region, 0).ok().and_then(|_| decode_region(&region).into_iter().next());
+        match newest {
+            Some((_, Ok(v))) => {
+                for r in v.header.records.iter().filter(|r| r.provider == kind) {
+                    *usage.files.entry(r.kek_version).or_default() += 1;
+                }
+            }
+            _ => usage.unreadable += 1,
+        }
+    }
+    Ok(usage)
+}
+
+fn collect_files(dir: &Path, is_root: bool, out: &mut Vec<PathBuf>) -> Result<()> {
+    for e in std::fs::read_dir(dir).map_err(|e| Error::io(e, format!("listing {}", dir.display())))? {
+        let e = e.map_err(|e| Error::io(e, format!("listing {}", dir.display())))?;
+        if is_root && RESERVED.iter().any(|r| std::ffi::OsStr::new(r) == e.file_name()) {
+            continue;
+        }
+        let ft = e.file_type().map_err(|e| Error::io(e, "readdir"))?;
+        if ft.is_dir() {
+            collect_files(&e.path(), false, out)?;
+        } else if ft.is_file() {
+            out.push(e.path());
+        }
+    }
+    Ok(())
+}

@@ -16,7 +16,9 @@ use envelopefs::daemon;
 use envelopefs::fs::EncryptedFs;
 use envelopefs::keys::cache::CacheConfig;
 use envelopefs::keys::local::KdfParams;
-use envelopefs::keys::secret::{SecretSource, CREDENTIAL_NAME, PASSPHRASE_ENV};
+use envelopefs::keys::pkcs11::{Pkcs11Provider, Pkcs11Uri};
+use envelopefs::keys::secret::{SecretSource, CREDENTIAL_NAME, PASSPHRASE_ENV, PIN_CREDENTIAL, PIN_ENV};
+use envelopefs::keys::KeyProvider;
 use envelopefs::mount::MountOptions;
 use envelopefs::volume::{self, InitOptions, OpenOptions, Volume, CONFIG_NAME};
 
@@ -52,9 +54,12 @@ struct SecretArgs {
     /// Make one with: head -c 32 /dev/urandom > volume.key
     #[arg(long, value_name = "FILE", conflicts_with = "passphrase_file")]
     key_file: Option<PathBuf>,
-    /// Read the passphrase from standard input (used by a daemonizing mount for its child).
+    /// PKCS#11 volumes: read the token's user PIN from this file.
+    #[arg(long, value_name = "FILE")]
+    pin_file: Option<PathBuf>,
+    /// Read the passphrase or PIN from standard input (used by a daemonizing mount for its child).
     #[arg(long, hide = true)]
-    passphrase_stdin: bool,
+    secret_stdin: bool,
 }
 
 impl SecretArgs {
@@ -62,17 +67,33 @@ impl SecretArgs {
         SecretSource {
             passphrase_file: self.passphrase_file.clone(),
             key_file: self.key_file.clone(),
-            stdin: self.passphrase_stdin,
+            stdin: self.secret_stdin,
+            pin_file: self.pin_file.clone(),
         }
     }
 
-    /// Would resolving the secret prompt on the terminal?
-    fn would_prompt(&self) -> bool {
-        self.passphrase_file.is_none()
-            && self.key_file.is_none()
-            && !self.passphrase_stdin
-            && std::env::var_os(PASSPHRASE_ENV).is_none()
-            && !std::env::var_os("CREDENTIALS_DIRECTORY").is_some_and(|d| Path::new(&d).join(CREDENTIAL_NAME).exists())
+    /// What resolving the volume's secret would prompt for on the terminal, if anything.
+    fn would_prompt(&self, cfg: &volume::VolumeConfig) -> Option<&'static str> {
+        let cred =
+            |name: &str| std::env::var_os("CREDENTIALS_DIRECTORY").is_some_and(|d| Path::new(&d).join(name).exists());
+        if self.secret_stdin {
+            return None;
+        }
+        match &cfg.provider {
+            volume::ProviderConfig::Local { .. } => (self.passphrase_file.is_none()
+                && self.key_file.is_none()
+                && std::env::var_os(PASSPHRASE_ENV).is_none()
+                && !cred(CREDENTIAL_NAME))
+            .then_some("Passphrase: "),
+            volume::ProviderConfig::Pkcs11 { key, .. } => {
+                let uri_pin = key.parse::<Pkcs11Uri>().ok().and_then(|u| u.pin_source);
+                (self.pin_file.is_none()
+                    && uri_pin.is_none()
+                    && std::env::var_os(PIN_ENV).is_none()
+                    && !cred(PIN_CREDENTIAL))
+                .then_some("PKCS#11 PIN: ")
+            }
+        }
     }
 }
 
@@ -80,6 +101,8 @@ impl SecretArgs {
 enum ProviderArg {
     /// A keyring file sealed by a passphrase or key file (no service needed).
     Local,
+    /// A key in a PKCS#11 token (HSM): give --module and --key.
+    Pkcs11,
 }
 
 #[derive(Subcommand)]
@@ -108,9 +131,19 @@ enum Cmd {
         /// Argon2id iterations for a passphrase.
         #[arg(long, default_value_t = 3)]
         kdf_iterations: u32,
+        /// pkcs11: the PKCS#11 module (shared library) of the token.
+        #[arg(long, value_name = "PATH")]
+        module: Option<PathBuf>,
+        /// pkcs11: the KEK as a PKCS#11 URI, e.g. 'pkcs11:token=prod;object=envelopefs-kek'.
+        /// Versions live in the token as OBJECT/v1, OBJECT/v2…; v1 is created if missing.
+        #[arg(long, value_name = "URI")]
+        key: Option<String>,
         #[command(flatten)]
         secret: SecretArgs,
     },
+    /// Key-encryption keys: create (PKCS#11), rotate, status.
+    #[command(subcommand)]
+    Key(KeyCmd),
     /// Mount a volume. Returns once the mount answers, leaving a daemon behind (or stays in
     /// the foreground with --foreground).
     Mount(MountArgs),
@@ -131,6 +164,34 @@ enum Cmd {
         /// authentication are only reported. Refuses while the volume is mounted.
         #[arg(long)]
         repair: bool,
+        #[command(flatten)]
+        secret: SecretArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCmd {
+    /// Create version 1 of a KEK inside a PKCS#11 token (sensitive, never extractable).
+    Create {
+        /// The PKCS#11 module (shared library).
+        #[arg(long, value_name = "PATH")]
+        module: PathBuf,
+        /// The key's PKCS#11 URI, e.g. 'pkcs11:token=prod;object=envelopefs-kek'.
+        #[arg(long, value_name = "URI")]
+        key: String,
+        #[command(flatten)]
+        secret: SecretArgs,
+    },
+    /// Make a new KEK version current. New files wrap under it; old files keep opening
+    /// with the version in their header. A running mount picks it up when remounted.
+    Rotate {
+        backing: PathBuf,
+        #[command(flatten)]
+        secret: SecretArgs,
+    },
+    /// List the KEK versions and how many file headers use each.
+    Status {
+        backing: PathBuf,
         #[command(flatten)]
         secret: SecretArgs,
     },
@@ -235,30 +296,46 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
         Cmd::Init {
             backing,
-            provider: ProviderArg::Local,
+            provider,
             block_size,
             header_size,
             keyring,
             kdf_memory_mib,
             kdf_iterations,
+            module,
+            key,
             secret,
         } => {
-            let opts = InitOptions {
-                block_size,
-                header_size,
-                kdf: KdfParams { m_kib: kdf_memory_mib.saturating_mul(1024), t: kdf_iterations, p: 1 },
-                keyring,
+            let provider = match provider {
+                ProviderArg::Local => volume::ProviderInit::Local {
+                    kdf: KdfParams { m_kib: kdf_memory_mib.saturating_mul(1024), t: kdf_iterations, p: 1 },
+                    keyring,
+                },
+                ProviderArg::Pkcs11 => {
+                    let uri = key.ok_or_else(|| anyhow!("--provider pkcs11 needs --key URI"))?;
+                    let module = module
+                        .or_else(|| uri.parse::<Pkcs11Uri>().ok()?.module_path.map(PathBuf::from))
+                        .ok_or_else(|| anyhow!("--provider pkcs11 needs --module PATH (or module-path in the URI)"))?;
+                    volume::ProviderInit::Pkcs11 { module, uri }
+                }
             };
+            let opts = InitOptions { block_size, header_size, provider };
             let cfg = volume::init(&backing, &secret.source(), &opts)?;
             println!("Created an envelopefs volume in {}", backing.display());
             println!("  volume id   {}", cfg.volume_id);
             println!("  block size  {} bytes, header {} bytes", cfg.block_size, cfg.header_size);
-            println!("  keyring     {}", cfg.keyring_path(&backing).display());
-            println!("Without the keyring and its passphrase or key file the files cannot be decrypted: back them up.");
+            match cfg.keyring_path(&backing) {
+                Some(k) => {
+                    println!("  keyring     {}", k.display());
+                    println!("Without the keyring and its passphrase or key file the files cannot be decrypted: back them up.");
+                }
+                None => println!("  provider    {:?}", cfg.provider),
+            }
             println!("Mount it with: envelopefs mount {} MOUNTPOINT", backing.display());
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Mount(args) => mount(args),
+        Cmd::Key(k) => key_cmd(k),
         Cmd::Umount { mountpoint } => {
             umount(&mountpoint)?;
             Ok(ExitCode::SUCCESS)
@@ -292,6 +369,50 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(if remaining == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
     }
+}
+
+fn key_cmd(cmd: KeyCmd) -> Result<ExitCode> {
+    match cmd {
+        KeyCmd::Create { module, key, secret } => {
+            let uri: Pkcs11Uri = key.parse().map_err(|e: String| anyhow!("--key {key}: {e}"))?;
+            let pin = secret.source().resolve_pin(uri.pin_source.as_deref())?;
+            let p = Pkcs11Provider::open(&module, &uri, pin, [0; 16], true)?;
+            let v = p.current_version()?;
+            println!("{}: version {v} is current", uri.key_id());
+        }
+        KeyCmd::Rotate { backing, secret } => {
+            let vol = Volume::open(&backing, &secret.source(), &OpenOptions::default())?;
+            let v = vol.provider.rotate()?;
+            println!("{}: KEK version {v} is now current; new files wrap under it", vol.provider.describe());
+            println!("Existing files keep version they have until `envelopefs rekey`.");
+        }
+        KeyCmd::Status { backing, secret } => {
+            let vol = Volume::open(&backing, &secret.source(), &OpenOptions::default())?;
+            let usage = envelopefs::check::key_usage(&vol)?;
+            println!("{}", vol.provider.describe());
+            for v in vol.provider.versions()? {
+                let n = usage.files.get(&v.version).copied().unwrap_or(0);
+                let mark = if v.current {
+                    " (current)"
+                } else if v.retired {
+                    " (retired)"
+                } else {
+                    ""
+                };
+                println!("  version {}{mark}: {n} files", v.version);
+            }
+            for (v, n) in &usage.files {
+                if !vol.provider.versions()?.iter().any(|i| i.version == *v) {
+                    println!("  version {v} (MISSING from the key store): {n} files");
+                }
+            }
+            println!("  {} files without a header yet (empty)", usage.empty);
+            if usage.unreadable > 0 {
+                println!("  {} files whose header could not be read (run fsck)", usage.unreadable);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Unmount, then wait (bounded) for the daemon to let go of the volume, so that a mount
@@ -445,23 +566,21 @@ fn lock_volume(backing: &Path) -> Result<std::fs::File> {
 /// Start the same command with --foreground in a new session and wait until it says the
 /// mount is ready (or exits with an error, which it has printed on our stderr).
 fn daemonize(args: &MountArgs) -> Result<ExitCode> {
-    let prompt = args.secret.would_prompt();
-    let passphrase = if prompt {
-        Some(zeroize::Zeroizing::new(
-            rpassword::prompt_password("Passphrase: ").context("reading passphrase")?.into_bytes(),
-        ))
-    } else {
-        None
+    let cfg = volume::VolumeConfig::load(&args.backing)?;
+    let prompt = args.secret.would_prompt(&cfg);
+    let passphrase = match prompt {
+        Some(p) => Some(zeroize::Zeroizing::new(rpassword::prompt_password(p).context("reading secret")?.into_bytes())),
+        None => None,
     };
     let mut child_args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     child_args.push("--foreground".into());
-    if prompt {
-        child_args.push("--passphrase-stdin".into());
+    if prompt.is_some() {
+        child_args.push("--secret-stdin".into());
     }
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.args(&child_args)
         .env("ENVELOPEFS_NOTIFY_PARENT", "1")
-        .stdin(if prompt { Stdio::piped() } else { Stdio::null() })
+        .stdin(if prompt.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped());
     unsafe {
         cmd.pre_exec(|| {

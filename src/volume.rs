@@ -8,10 +8,12 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::{fill_random, Backend, FileKey};
+use crate::envelope::ProviderKind;
 use crate::envelope::{decode_region, FileId, Geometry, Header, SlotError, FILE_ID_LEN};
 use crate::error::{Error, Result};
 use crate::keys::cache::{CacheConfig, DekCache};
 use crate::keys::local::{KdfParams, LocalProvider};
+use crate::keys::pkcs11::{Pkcs11Provider, Pkcs11Uri};
 use crate::keys::secret::SecretSource;
 use crate::keys::{KeyContext, KeyProvider, VolumeId};
 
@@ -39,6 +41,9 @@ pub enum ProviderConfig {
     /// A keyring file; a relative path is relative to the backing directory.
     #[serde(rename = "local")]
     Local { keyring: String },
+    /// A key in a PKCS#11 token: the module to load and the key's URI (no PIN).
+    #[serde(rename = "pkcs11")]
+    Pkcs11 { module: String, key: String },
 }
 
 impl VolumeConfig {
@@ -85,11 +90,34 @@ impl VolumeConfig {
         Geometry::new(self.header_size, self.block_size).map_err(|e| e.context(CONFIG_NAME))
     }
 
-    pub fn keyring_path(&self, root: &Path) -> PathBuf {
+    /// The local keyring's path, for local volumes.
+    pub fn keyring_path(&self, root: &Path) -> Option<PathBuf> {
         match &self.provider {
-            ProviderConfig::Local { keyring } => root.join(keyring),
+            ProviderConfig::Local { keyring } => Some(root.join(keyring)),
+            ProviderConfig::Pkcs11 { .. } => None,
         }
     }
+
+    pub fn provider_kind(&self) -> ProviderKind {
+        match &self.provider {
+            ProviderConfig::Local { .. } => ProviderKind::Local,
+            ProviderConfig::Pkcs11 { .. } => ProviderKind::Pkcs11,
+        }
+    }
+}
+
+/// Which key store a new volume uses.
+#[derive(Clone, Debug)]
+pub enum ProviderInit {
+    Local {
+        kdf: KdfParams,
+        /// Where the keyring goes; default inside the backing directory.
+        keyring: Option<PathBuf>,
+    },
+    Pkcs11 {
+        module: PathBuf,
+        uri: String,
+    },
 }
 
 /// What `init` needs to know.
@@ -97,14 +125,16 @@ impl VolumeConfig {
 pub struct InitOptions {
     pub block_size: u32,
     pub header_size: u32,
-    pub kdf: KdfParams,
-    /// Where the keyring goes; default inside the backing directory.
-    pub keyring: Option<PathBuf>,
+    pub provider: ProviderInit,
 }
 
 impl Default for InitOptions {
     fn default() -> Self {
-        Self { block_size: 4096, header_size: 4096, kdf: KdfParams::default(), keyring: None }
+        Self {
+            block_size: 4096,
+            header_size: 4096,
+            provider: ProviderInit::Local { kdf: KdfParams::default(), keyring: None },
+        }
     }
 }
 
@@ -130,31 +160,47 @@ pub fn init(root: &Path, secret: &SecretSource, opts: &InitOptions) -> Result<Vo
     Geometry::new(opts.header_size, opts.block_size)?;
     let mut volume_id = [0u8; 16];
     fill_random(&mut volume_id)?;
-    let keyring_rel = match &opts.keyring {
-        // Only the default name is hidden from the mount: anywhere else inside the backing
-        // directory the keyring would be visible (and deletable) through it.
-        Some(p) if p.is_relative() || p.starts_with(root) || fs::canonicalize(root).is_ok_and(|r| p.starts_with(r)) => {
-            return Err(Error::new(
-                libc::EINVAL,
-                format!(
-                    "--keyring {}: keep a custom keyring outside the backing directory (or omit --keyring)",
-                    p.display()
-                ),
-            ));
+    let (provider, made_keyring) = match &opts.provider {
+        ProviderInit::Local { kdf, keyring } => {
+            let keyring_rel = match keyring {
+                // Only the default name is hidden from the mount: anywhere else inside the
+                // backing directory the keyring would be visible (and deletable) through it.
+                Some(p)
+                    if p.is_relative()
+                        || p.starts_with(root)
+                        || fs::canonicalize(root).is_ok_and(|r| p.starts_with(r)) =>
+                {
+                    return Err(Error::new(
+                        libc::EINVAL,
+                        format!(
+                            "--keyring {}: keep a custom keyring outside the backing directory (or omit --keyring)",
+                            p.display()
+                        ),
+                    ));
+                }
+                Some(p) => p.to_string_lossy().into_owned(),
+                None => KEYRING_NAME.to_owned(),
+            };
+            let path = root.join(&keyring_rel);
+            let secret = secret.resolve(true)?;
+            LocalProvider::create(&path, volume_id, &secret, *kdf)?;
+            (ProviderConfig::Local { keyring: keyring_rel }, Some(path))
         }
-        Some(p) => p.to_string_lossy().into_owned(),
-        None => KEYRING_NAME.to_owned(),
+        ProviderInit::Pkcs11 { module, uri } => {
+            let parsed: Pkcs11Uri = uri.parse().map_err(|e| Error::new(libc::EINVAL, format!("--key {uri}: {e}")))?;
+            let pin = secret.resolve_pin(parsed.pin_source.as_deref())?;
+            let p = Pkcs11Provider::open(module, &parsed, pin, volume_id, true)?;
+            self_test(&p, &volume_id)?;
+            (ProviderConfig::Pkcs11 { module: module.to_string_lossy().into_owned(), key: parsed.key_id() }, None)
+        }
     };
     let cfg = VolumeConfig {
         format: FORMAT,
         volume_id: hex::encode(volume_id),
         block_size: opts.block_size,
         header_size: opts.header_size,
-        provider: ProviderConfig::Local { keyring: keyring_rel },
+        provider,
     };
-    let keyring = cfg.keyring_path(root);
-    let secret = secret.resolve(true)?;
-    LocalProvider::create(&keyring, volume_id, &secret, opts.kdf)?;
     // The config is written last: a volume without it is not a volume, so a failure here
     // leaves only the keyring, which is removed.
     let written = (|| -> std::io::Result<()> {
@@ -170,10 +216,26 @@ pub fn init(root: &Path, secret: &SecretSource, opts: &InitOptions) -> Result<Vo
         fs::File::open(root)?.sync_all()
     })();
     if let Err(e) = written {
-        let _ = fs::remove_file(&keyring);
+        if let Some(k) = made_keyring {
+            let _ = fs::remove_file(k);
+        }
         return Err(Error::io(e, format!("writing {}", root.join(CONFIG_NAME).display())));
     }
     Ok(cfg)
+}
+
+/// Wrap and unwrap a throwaway key: proves the KEK is there and usable.
+fn self_test(p: &dyn KeyProvider, volume_id: &VolumeId) -> Result<()> {
+    let file_id = [0xEE; FILE_ID_LEN];
+    let ctx = KeyContext { volume_id, file_id: &file_id };
+    let check = || -> Result<()> {
+        let (dek, rec) = p.generate(&ctx)?;
+        if p.unwrap(&rec, &ctx)?.expose() != dek.expose() {
+            return Err(Error::new(libc::EIO, "unwrapped key differs"));
+        }
+        Ok(())
+    };
+    check().map_err(|e| e.context(format!("self-test of {}", p.describe())))
 }
 
 /// Runtime options of an opened volume.
@@ -206,13 +268,21 @@ impl Volume {
         let config = VolumeConfig::load(root)?;
         let volume_id = config.volume_id()?;
         let provider: Arc<dyn KeyProvider> = match &config.provider {
-            ProviderConfig::Local { .. } => {
-                let keyring = config.keyring_path(root);
+            ProviderConfig::Local { keyring } => {
                 let secret = secret.resolve(false)?;
-                Arc::new(LocalProvider::open(&keyring, volume_id, &secret)?)
+                Arc::new(LocalProvider::open(&root.join(keyring), volume_id, &secret)?)
+            }
+            ProviderConfig::Pkcs11 { module, key } => {
+                let uri: Pkcs11Uri = key
+                    .parse()
+                    .map_err(|e| Error::new(libc::EINVAL, format!("{CONFIG_NAME}: provider key {key:?}: {e}")))?;
+                let pin = secret.resolve_pin(uri.pin_source.as_deref())?;
+                Arc::new(Pkcs11Provider::open(Path::new(module), &uri, pin, volume_id, false)?)
             }
         };
-        Ok(Self::with_provider(root, config, provider, opts)?)
+        // Fail now, with a clear message, rather than at the first open.
+        self_test(provider.as_ref(), &volume_id)?;
+        Self::with_provider(root, config, provider, opts)
     }
 
     pub fn with_provider(

@@ -162,7 +162,7 @@ impl LocalProvider {
 
     fn wrap_aad(&self, ctx: &KeyContext<'_>, version: u32) -> Vec<u8> {
         let mut aad = b"envelopefs local wrap v1".to_vec();
-        aad.extend_from_slice(&self.volume_id);
+        aad.extend_from_slice(ctx.volume_id);
         aad.extend_from_slice(ctx.file_id);
         aad.extend_from_slice(&version.to_le_bytes());
         aad

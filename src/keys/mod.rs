@@ -3,6 +3,7 @@
 
 pub mod cache;
 pub mod local;
+pub mod pkcs11;
 pub mod secret;
 
 use crate::crypto::Dek;

@@ -10,6 +10,9 @@ use zeroize::Zeroizing;
 use crate::error::{Error, Result};
 
 pub const PASSPHRASE_ENV: &str = "ENVELOPEFS_PASSPHRASE";
+pub const PIN_ENV: &str = "ENVELOPEFS_PKCS11_PIN";
+/// systemd credential name for a PKCS#11 PIN.
+pub const PIN_CREDENTIAL: &str = "envelopefs.pin";
 /// Name of the credential `systemd` passes with `LoadCredential=` or `LoadCredentialEncrypted=`.
 pub const CREDENTIAL_NAME: &str = "envelopefs.passphrase";
 
@@ -33,8 +36,11 @@ impl std::fmt::Debug for Secret {
 pub struct SecretSource {
     pub passphrase_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
-    /// Read the passphrase from standard input (used when a daemon hands it to its child).
+    /// Read the passphrase (or PIN) from standard input (a daemonizing mount hands a
+    /// prompted secret to its child this way).
     pub stdin: bool,
+    /// PKCS#11 user PIN file.
+    pub pin_file: Option<PathBuf>,
 }
 
 impl SecretSource {
@@ -93,6 +99,62 @@ impl SecretSource {
             ),
         ))
     }
+}
+
+impl SecretSource {
+    /// The PKCS#11 user PIN. Order: --pin-file, the URI's pin-source (`file:PATH` or a
+    /// path), stdin, $ENVELOPEFS_PKCS11_PIN, systemd credential `envelopefs.pin`, prompt.
+    pub fn resolve_pin(&self, uri_pin_source: Option<&str>) -> Result<Zeroizing<String>> {
+        let from_file = |p: &Path| -> Result<Zeroizing<String>> {
+            let raw =
+                Zeroizing::new(fs::read(p).map_err(|e| Error::io(e, format!("reading PIN file {}", p.display())))?);
+            pin(trim_newline(&raw))
+        };
+        if let Some(p) = &self.pin_file {
+            return from_file(p);
+        }
+        if let Some(src) = uri_pin_source {
+            return from_file(Path::new(src.strip_prefix("file:").unwrap_or(src)));
+        }
+        if self.stdin {
+            use std::io::Read;
+            let mut raw = Zeroizing::new(Vec::new());
+            std::io::stdin().read_to_end(&mut raw).map_err(|e| Error::io(e, "reading PIN from stdin"))?;
+            return pin(trim_newline(&raw));
+        }
+        if let Some(v) = std::env::var_os(PIN_ENV) {
+            use std::os::unix::ffi::OsStrExt;
+            std::env::remove_var(PIN_ENV);
+            let v = Zeroizing::new(v.as_bytes().to_vec());
+            return pin(&v);
+        }
+        if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
+            let p = Path::new(&dir).join(PIN_CREDENTIAL);
+            if p.exists() {
+                return from_file(&p);
+            }
+        }
+        if std::io::stdin().is_terminal() {
+            let v =
+                Zeroizing::new(rpassword::prompt_password("PKCS#11 PIN: ").map_err(|e| Error::io(e, "reading PIN"))?);
+            return pin(v.as_bytes());
+        }
+        Err(Error::new(
+            libc::EINVAL,
+            format!(
+                "no PKCS#11 PIN: give --pin-file, pin-source in the key URI, set {PIN_ENV}, \
+                 pass a systemd credential named {PIN_CREDENTIAL}, or run on a terminal"
+            ),
+        ))
+    }
+}
+
+fn pin(bytes: &[u8]) -> Result<Zeroizing<String>> {
+    let s = std::str::from_utf8(bytes).map_err(|_| Error::new(libc::EINVAL, "the PIN is not UTF-8"))?;
+    if s.is_empty() {
+        return Err(Error::new(libc::EINVAL, "empty PIN"));
+    }
+    Ok(Zeroizing::new(s.to_owned()))
 }
 
 fn trim_newline(b: &[u8]) -> &[u8] {

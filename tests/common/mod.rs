@@ -172,3 +172,48 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+
+/// A SoftHSM2 token directory for this test process. SoftHSM reads SOFTHSM2_CONF once per
+/// process, so every test in a binary shares it (each test uses its own token); daemons
+/// started by the tests inherit the variable.
+pub fn softhsm() -> &'static Path {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        assert!(Path::new(SOFTHSM_MODULE).exists(), "SoftHSM2 is not installed (apt-get install softhsm2)");
+        let dir = tempfile::Builder::new().prefix("envelopefs-softhsm").tempdir().unwrap().keep();
+        fs::create_dir(dir.join("tokens")).unwrap();
+        let conf = dir.join("softhsm2.conf");
+        fs::write(
+            &conf,
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                dir.join("tokens").display()
+            ),
+        )
+        .unwrap();
+        std::env::set_var("SOFTHSM2_CONF", &conf);
+        fs::write(dir.join("pin"), "1234\n").unwrap();
+        fs::write(dir.join("wrong-pin"), "9999\n").unwrap();
+        // A process sees only the tokens that exist when it first initialises the module,
+        // so every token a test may use is made up front.
+        for label in SOFTHSM_TOKENS {
+            let out = Command::new("softhsm2-util")
+                .args(["--init-token", "--free", "--label", label, "--so-pin", "12345678", "--pin", "1234"])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "softhsm2-util: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        dir
+    })
+}
+
+/// Tokens available to tests (user PIN 1234). One per test, so tests stay independent.
+pub const SOFTHSM_TOKENS: [&str; 8] = ["contract", "errors", "attrs", "mount", "rotate", "pin", "deleted", "spare"];
+
+/// The PIN file of a prepared token.
+pub fn softhsm_token(label: &str) -> PathBuf {
+    assert!(SOFTHSM_TOKENS.contains(&label), "add {label} to SOFTHSM_TOKENS");
+    softhsm().join("pin")
+}

@@ -1,0 +1,491 @@
+//! The `pkcs11` provider: KEKs are non-extractable AES-256 keys inside a PKCS#11 token (an
+//! HSM, or SoftHSM2 in tests). DEKs are sealed with CKM_AES_GCM inside the token, with AAD
+//! binding volume id, file id and KEK version; the KEK never leaves the token.
+//!
+//! Versions: the KEK named by `object=NAME` in the URI has versions stored as separate key
+//! objects labelled `NAME/v1`, `NAME/v2`… (CKA_ID = the version, 4 bytes big-endian). The
+//! highest is current. A pre-existing key labelled exactly `NAME` is accepted as version 0.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::{Mutex, OnceLock, RwLock};
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::mechanism::{Mechanism, MechanismType};
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::AuthPin;
+use zeroize::Zeroizing;
+
+use super::{KekVersionInfo, KeyContext, KeyProvider, VolumeId};
+use crate::crypto::{fill_random, Dek, KEY_LEN};
+use crate::envelope::{KeyRecord, ProviderKind, NONCE_LEN, TAG_LEN};
+use crate::error::{Error, Result};
+
+const WRAPPED_LEN: usize = NONCE_LEN + KEY_LEN + TAG_LEN;
+/// Sessions kept open for reuse; more are opened under load and closed when returned.
+const POOL_MAX: usize = 8;
+
+/// An RFC 7512 PKCS#11 URI, the parts envelopefs uses.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Pkcs11Uri {
+    pub token: Option<String>,
+    pub serial: Option<String>,
+    pub slot_id: Option<u64>,
+    pub object: String,
+    pub pin_source: Option<String>,
+    pub module_path: Option<String>,
+}
+
+fn pct_decode(s: &str) -> std::result::Result<String, String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = s.get(i + 1..i + 3).ok_or_else(|| format!("bad percent escape in {s:?}"))?;
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| format!("bad percent escape in {s:?}"))?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("{s:?} is not UTF-8"))
+}
+
+impl FromStr for Pkcs11Uri {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let rest = s.strip_prefix("pkcs11:").ok_or("a PKCS#11 URI starts with pkcs11:")?;
+        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let mut uri = Pkcs11Uri::default();
+        let mut object = None;
+        for attr in path.split(';').filter(|a| !a.is_empty()) {
+            let (k, v) = attr.split_once('=').ok_or_else(|| format!("{attr:?} is not NAME=VALUE"))?;
+            let v = pct_decode(v)?;
+            match k {
+                "token" => uri.token = Some(v),
+                "serial" => uri.serial = Some(v),
+                "slot-id" => uri.slot_id = Some(v.parse().map_err(|_| format!("slot-id {v:?} is not a number"))?),
+                "object" => object = Some(v),
+                // Attributes that select nothing envelopefs needs are accepted and ignored.
+                "manufacturer"
+                | "model"
+                | "library-manufacturer"
+                | "library-description"
+                | "library-version"
+                | "slot-manufacturer"
+                | "slot-description"
+                | "type"
+                | "id" => {}
+                _ => return Err(format!("unknown PKCS#11 URI attribute {k:?}")),
+            }
+        }
+        for q in query.split('&').filter(|a| !a.is_empty()) {
+            let (k, v) = q.split_once('=').ok_or_else(|| format!("{q:?} is not NAME=VALUE"))?;
+            let v = pct_decode(v)?;
+            match k {
+                "pin-source" => uri.pin_source = Some(v),
+                "module-path" => uri.module_path = Some(v),
+                "pin-value" => {
+                    return Err(
+                        "pin-value in a URI would put the PIN on disk or a command line: use pin-source or --pin-file"
+                            .into(),
+                    )
+                }
+                _ => {}
+            }
+        }
+        uri.object = object.ok_or("the URI must name the key: object=LABEL")?;
+        if uri.object.contains('/') {
+            return Err("object= must not contain '/' (envelopefs adds /vN per key version)".into());
+        }
+        Ok(uri)
+    }
+}
+
+impl Pkcs11Uri {
+    /// The URI as stored in headers and config: no PIN source, no module path.
+    pub fn key_id(&self) -> String {
+        let mut s = String::from("pkcs11:");
+        if let Some(t) = &self.token {
+            s += &format!("token={};", enc(t));
+        }
+        if let Some(t) = &self.serial {
+            s += &format!("serial={};", enc(t));
+        }
+        if let Some(t) = self.slot_id {
+            s += &format!("slot-id={t};");
+        }
+        s + &format!("object={}", enc(&self.object))
+    }
+}
+
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// One initialised context per module per process: C_Initialize may run only once.
+fn context(module: &Path) -> Result<Pkcs11> {
+    static CONTEXTS: OnceLock<Mutex<HashMap<PathBuf, Pkcs11>>> = OnceLock::new();
+    let mut map = CONTEXTS.get_or_init(Default::default).lock().unwrap();
+    if let Some(c) = map.get(module) {
+        return Ok(c.clone());
+    }
+    let ctx = Pkcs11::new(module)
+        .map_err(|e| Error::new(libc::EINVAL, format!("loading PKCS#11 module {}: {e}", module.display())))?;
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+        Err(e) => return Err(Error::new(libc::EIO, format!("C_Initialize of {}: {e}", module.display()))),
+    }
+    map.insert(module.to_owned(), ctx.clone());
+    Ok(ctx)
+}
+
+fn ck(e: CkError, what: impl std::fmt::Display) -> Error {
+    let errno = match &e {
+        CkError::Pkcs11(rv, _) => match rv {
+            RvError::PinIncorrect | RvError::PinLocked | RvError::PinExpired | RvError::UserNotLoggedIn => libc::EACCES,
+            RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid | RvError::KeyFunctionNotPermitted => libc::EACCES,
+            RvError::EncryptedDataInvalid | RvError::EncryptedDataLenRange | RvError::GeneralError => libc::EACCES,
+            _ => libc::EIO,
+        },
+        _ => libc::EIO,
+    };
+    Error::new(errno, format!("PKCS#11 {what}: {e}"))
+}
+
+/// Errors after which a session is worth reopening (token reinserted, session closed…).
+fn session_lost(e: &CkError) -> bool {
+    matches!(
+        e,
+        CkError::Pkcs11(
+            RvError::SessionHandleInvalid
+                | RvError::SessionClosed
+                | RvError::DeviceRemoved
+                | RvError::TokenNotPresent
+                | RvError::UserNotLoggedIn
+                | RvError::DeviceError,
+            _
+        )
+    )
+}
+
+pub struct Pkcs11Provider {
+    ctx: Pkcs11,
+    slot: Slot,
+    pin: AuthPin,
+    uri: Pkcs11Uri,
+    module: PathBuf,
+    volume_id: VolumeId,
+    pool: Mutex<Vec<Session>>,
+    /// version → key object handle, refreshed when a handle stops working.
+    keys: RwLock<Vec<(u32, ObjectHandle)>>,
+}
+
+impl Pkcs11Provider {
+    /// Open the token named by the URI, log in, and find the KEK versions. `create` makes
+    /// version 1 when the token has none.
+    pub fn open(
+        module: &Path,
+        uri: &Pkcs11Uri,
+        pin: Zeroizing<String>,
+        volume_id: VolumeId,
+        create: bool,
+    ) -> Result<Self> {
+        let ctx = context(module)?;
+        let slot = find_slot(&ctx, uri)?;
+        let mechs = ctx.get_mechanism_list(slot).map_err(|e| ck(e, "listing mechanisms"))?;
+        if !mechs.contains(&MechanismType::AES_GCM) || !mechs.contains(&MechanismType::AES_KEY_GEN) {
+            return Err(Error::new(
+                libc::EINVAL,
+                format!("token {} lacks CKM_AES_GCM or CKM_AES_KEY_GEN", describe_uri(uri)),
+            ));
+        }
+        let p = Self {
+            ctx,
+            slot,
+            pin: AuthPin::from(pin.as_str().to_owned()),
+            uri: uri.clone(),
+            module: module.to_owned(),
+            volume_id,
+            pool: Mutex::new(Vec::new()),
+            keys: RwLock::new(Vec::new()),
+        };
+        p.refresh_keys()?;
+        if p.keys.read().unwrap().is_empty() {
+            if !create {
+                return Err(Error::access(format!(
+                    "no key labelled {:?} (or {:?}/vN) in token {}: create one with `envelopefs key create`",
+                    uri.object,
+                    uri.object,
+                    describe_uri(uri)
+                )));
+            }
+            p.generate_version(1)?;
+        }
+        Ok(p)
+    }
+
+    fn open_session(&self) -> std::result::Result<Session, CkError> {
+        let s = self.ctx.open_rw_session(self.slot)?;
+        match s.login(UserType::User, Some(&self.pin)) {
+            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(s),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Run `f` on a pooled, logged-in session; a lost session is reopened and `f` retried once.
+    fn with_session<T>(&self, what: &str, f: impl Fn(&Session) -> std::result::Result<T, CkError>) -> Result<T> {
+        for attempt in 0..2 {
+            let pooled = self.pool.lock().unwrap().pop();
+            let s = match pooled {
+                Some(s) => s,
+                None => self.open_session().map_err(|e| ck(e, format!("{what}: opening a session")))?,
+            };
+            match f(&s) {
+                Ok(v) => {
+                    let mut pool = self.pool.lock().unwrap();
+                    if pool.len() < POOL_MAX {
+                        pool.push(s);
+                    }
+                    return Ok(v);
+                }
+                Err(e) if attempt == 0 && session_lost(&e) => {
+                    tracing::warn!("PKCS#11 session lost during {what} ({e}); reopening");
+                    self.pool.lock().unwrap().clear();
+                }
+                Err(e) => return Err(ck(e, what)),
+            }
+        }
+        unreachable!()
+    }
+
+    fn label(&self, version: u32) -> String {
+        if version == 0 {
+            self.uri.object.clone()
+        } else {
+            format!("{}/v{version}", self.uri.object)
+        }
+    }
+
+    fn refresh_keys(&self) -> Result<()> {
+        let base = self.uri.object.clone();
+        let found = self.with_session("finding keys", |s| {
+            let handles =
+                s.find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY), Attribute::KeyType(KeyType::AES)])?;
+            let mut out = Vec::new();
+            for h in handles {
+                let attrs = s.get_attributes(h, &[AttributeType::Label])?;
+                if let Some(Attribute::Label(l)) = attrs.first() {
+                    let l = String::from_utf8_lossy(l);
+                    if l == base {
+                        out.push((0, h));
+                    } else if let Some(v) = l.strip_prefix(&format!("{base}/v")).and_then(|v| v.parse::<u32>().ok()) {
+                        out.push((v, h));
+                    }
+                }
+            }
+            Ok(out)
+        })?;
+        let mut found = found;
+        found.sort_by_key(|(v, _)| *v);
+        *self.keys.write().unwrap() = found;
+        Ok(())
+    }
+
+    fn handle(&self, version: u32) -> Result<ObjectHandle> {
+        let find = || self.keys.read().unwrap().iter().find(|(v, _)| *v == version).map(|(_, h)| *h);
+        if let Some(h) = find() {
+            return Ok(h);
+        }
+        self.refresh_keys()?;
+        find().ok_or_else(|| {
+            Error::access(format!("PKCS#11 key {:?} is not in token {}", self.label(version), describe_uri(&self.uri)))
+        })
+    }
+
+    fn generate_version(&self, version: u32) -> Result<()> {
+        let label = self.label(version);
+        let template = [
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::ValueLen(32.into()),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Encrypt(true),
+            Attribute::Decrypt(true),
+            Attribute::Label(label.clone().into_bytes()),
+            Attribute::Id(version.to_be_bytes().to_vec()),
+        ];
+        self.with_session("generating a key", |s| s.generate_key(&Mechanism::AesKeyGen, &template))?;
+        self.refresh_keys()?;
+        tracing::info!("created PKCS#11 key {label:?} in token {}", describe_uri(&self.uri));
+        Ok(())
+    }
+
+    /// Delete a KEK version from the token (for `key retire`; the caller checks that no
+    /// header still needs it).
+    pub fn destroy_version(&self, version: u32) -> Result<()> {
+        let h = self.handle(version)?;
+        self.with_session("destroying a key", |s| s.destroy_object(h))?;
+        self.refresh_keys()
+    }
+
+    fn aad(&self, ctx: &KeyContext<'_>, version: u32) -> Vec<u8> {
+        let mut aad = b"envelopefs pkcs11 wrap v1".to_vec();
+        aad.extend_from_slice(ctx.volume_id);
+        aad.extend_from_slice(ctx.file_id);
+        aad.extend_from_slice(&version.to_le_bytes());
+        aad
+    }
+
+    fn wrap_under(&self, dek: &Dek, ctx: &KeyContext<'_>, version: u32) -> Result<KeyRecord> {
+        let h = self.handle(version)?;
+        let aad = self.aad(ctx, version);
+        let mut iv = [0u8; NONCE_LEN];
+        fill_random(&mut iv)?;
+        let ct = self.with_session("wrapping a data key", |s| {
+            let mut iv = iv;
+            let params = GcmParams::new(&mut iv, &aad, 128.into())?;
+            s.encrypt(&Mechanism::AesGcm(params), h, dek.expose())
+        })?;
+        if ct.len() != KEY_LEN + TAG_LEN {
+            return Err(Error::new(libc::EIO, format!("PKCS#11 AES-GCM returned {} bytes", ct.len())));
+        }
+        let mut wrapped = iv.to_vec();
+        wrapped.extend_from_slice(&ct);
+        Ok(KeyRecord { provider: ProviderKind::Pkcs11, kek_id: self.uri.key_id(), kek_version: version, wrapped })
+    }
+}
+
+fn describe_uri(uri: &Pkcs11Uri) -> String {
+    uri.token.clone().or_else(|| uri.serial.clone()).unwrap_or_else(|| "(first token)".into())
+}
+
+fn find_slot(ctx: &Pkcs11, uri: &Pkcs11Uri) -> Result<Slot> {
+    let slots = ctx.get_slots_with_token().map_err(|e| ck(e, "listing slots"))?;
+    for slot in slots {
+        if uri.slot_id.is_some_and(|id| id != slot.id()) {
+            continue;
+        }
+        let info = ctx.get_token_info(slot).map_err(|e| ck(e, "reading token info"))?;
+        if uri.token.as_deref().is_some_and(|t| t != info.label().trim_end()) {
+            continue;
+        }
+        if uri.serial.as_deref().is_some_and(|t| t != info.serial_number().trim_end()) {
+            continue;
+        }
+        return Ok(slot);
+    }
+    Err(Error::new(libc::ENODEV, format!("no PKCS#11 token matches {}", uri.key_id())))
+}
+
+impl KeyProvider for Pkcs11Provider {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Pkcs11
+    }
+
+    fn describe(&self) -> String {
+        format!("PKCS#11 key {} via {}", self.uri.key_id(), self.module.display())
+    }
+
+    fn generate(&self, ctx: &KeyContext<'_>) -> Result<(Dek, KeyRecord)> {
+        let dek = Dek::generate()?;
+        let rec = self.wrap_under(&dek, ctx, self.current_version()?)?;
+        Ok((dek, rec))
+    }
+
+    fn unwrap(&self, record: &KeyRecord, ctx: &KeyContext<'_>) -> Result<Dek> {
+        if record.provider != ProviderKind::Pkcs11 {
+            return Err(Error::access(format!("key record is for provider {}", record.provider.name())));
+        }
+        if record.wrapped.len() != WRAPPED_LEN {
+            return Err(Error::access(format!(
+                "wrapped key has {} bytes, expected {WRAPPED_LEN}",
+                record.wrapped.len()
+            )));
+        }
+        let h = self.handle(record.kek_version)?;
+        let aad = self.aad(ctx, record.kek_version);
+        let plain = self
+            .with_session("unwrapping a data key", |s| {
+                let mut iv: [u8; NONCE_LEN] = record.wrapped[..NONCE_LEN].try_into().unwrap();
+                let params = GcmParams::new(&mut iv, &aad, 128.into())?;
+                s.decrypt(&Mechanism::AesGcm(params), h, &record.wrapped[NONCE_LEN..])
+            })
+            .map_err(|e| {
+                e.context(format!(
+                    "key {:?} (does the wrapped key belong to this file?)",
+                    self.label(record.kek_version)
+                ))
+            })?;
+        let plain = Zeroizing::new(plain);
+        Dek::from_slice(&plain)
+    }
+
+    fn current_version(&self) -> Result<u32> {
+        let v = self.keys.read().unwrap().last().map(|(v, _)| *v);
+        v.ok_or_else(|| Error::access(format!("no PKCS#11 key {:?} in the token", self.uri.object)))
+    }
+
+    fn rotate(&self) -> Result<u32> {
+        self.refresh_keys()?;
+        let next = self.current_version()? + 1;
+        self.generate_version(next)?;
+        Ok(next)
+    }
+
+    fn versions(&self) -> Result<Vec<KekVersionInfo>> {
+        self.refresh_keys()?;
+        let keys = self.keys.read().unwrap();
+        let last = keys.last().map(|(v, _)| *v);
+        Ok(keys
+            .iter()
+            .map(|(v, _)| KekVersionInfo { version: *v, current: Some(*v) == last, retired: false })
+            .collect())
+    }
+
+    fn rewrap(&self, record: &KeyRecord, ctx: &KeyContext<'_>) -> Result<KeyRecord> {
+        let dek = self.unwrap(record, ctx)?;
+        self.wrap_under(&dek, ctx, self.current_version()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris_parse_and_print_without_secrets() {
+        let u: Pkcs11Uri =
+            "pkcs11:token=My%20Token;object=kek;type=secret-key?pin-source=file:/run/pin&module-path=/x.so"
+                .parse()
+                .unwrap();
+        assert_eq!(u.token.as_deref(), Some("My Token"));
+        assert_eq!(u.object, "kek");
+        assert_eq!(u.pin_source.as_deref(), Some("file:/run/pin"));
+        assert_eq!(u.module_path.as_deref(), Some("/x.so"));
+        assert_eq!(u.key_id(), "pkcs11:token=My%20Token;object=kek");
+        assert!("pkcs11:token=t".parse::<Pkcs11Uri>().unwrap_err().contains("object="));
+        assert!("token=t;object=k".parse::<Pkcs11Uri>().is_err());
+        assert!("pkcs11:object=k?pin-value=1234".parse::<Pkcs11Uri>().unwrap_err().contains("pin-source"));
+        assert!("pkcs11:object=a/b".parse::<Pkcs11Uri>().is_err());
+        assert!("pkcs11:object=k;bogus=1".parse::<Pkcs11Uri>().is_err());
+    }
+}
