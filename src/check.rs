@@ -159,7 +159,7 @@ fn check_file(vol: &Volume, path: &Path, repair: bool, rep: &mut FsckReport) {
     if let Err(e) = f.read_exact_at(&mut region, 0) {
         return problem(format!("cannot read header: {e}"), false);
     }
-    let opened = match vol.open_header(&region) {
+    let opened = match vol.open_header(&region, &|| path.display().to_string()) {
         Ok(o) => o,
         Err(e) => return problem(format!("header: {e}"), false),
     };
@@ -215,7 +215,10 @@ fn check_blocks(f: &File, vol: &Volume, key: &FileKey, size: u64, path: &Path, r
 /// How many file headers use each KEK version of the volume's provider.
 #[derive(Debug, Default)]
 pub struct KeyUsage {
+    /// By the newest slot (what opens use).
     pub files: std::collections::BTreeMap<u32, u64>,
+    /// By either slot (what must still unwrap should the newest slot be torn).
+    pub any_slot: std::collections::BTreeMap<u32, u64>,
     pub empty: u64,
     pub unreadable: u64,
 }
@@ -223,8 +226,7 @@ pub struct KeyUsage {
 /// Count headers by KEK version (the newest slot that decodes; no key is unwrapped).
 pub fn key_usage(vol: &Volume) -> Result<KeyUsage> {
     let mut usage = KeyUsage::default();
-    let mut files = Vec::new();
-    collect_files(&vol.root, true, &mut files)?;
+    let files = crate::rekey::volume_files(&vol.root)?;
     let kind = vol.provider.kind();
     let mut region = vec![0u8; vol.geometry.header_size as usize];
     for path in files {
@@ -236,8 +238,12 @@ pub fn key_usage(vol: &Volume) -> Result<KeyUsage> {
             usage.empty += 1;
             continue;
         }
-        let newest = f.read_exact_at(&mut region, 0).ok().and_then(|_| decode_region(&region).into_iter().next());
-        match newest {
+        if f.read_exact_at(&mut region, 0).is_err() {
+            usage.unreadable += 1;
+            continue;
+        }
+        let slots = decode_region(&region);
+        match slots.first() {
             Some((_, Ok(v))) => {
                 for r in v.header.records.iter().filter(|r| r.provider == kind) {
                     *usage.files.entry(r.kek_version).or_default() += 1;
@@ -245,22 +251,15 @@ pub fn key_usage(vol: &Volume) -> Result<KeyUsage> {
             }
             _ => usage.unreadable += 1,
         }
+        let mut seen = std::collections::BTreeSet::new();
+        for (_, s) in &slots {
+            if let Ok(v) = s {
+                seen.extend(v.header.records.iter().filter(|r| r.provider == kind).map(|r| r.kek_version));
+            }
+        }
+        for v in seen {
+            *usage.any_slot.entry(v).or_default() += 1;
+        }
     }
     Ok(usage)
-}
-
-fn collect_files(dir: &Path, is_root: bool, out: &mut Vec<PathBuf>) -> Result<()> {
-    for e in std::fs::read_dir(dir).map_err(|e| Error::io(e, format!("listing {}", dir.display())))? {
-        let e = e.map_err(|e| Error::io(e, format!("listing {}", dir.display())))?;
-        if is_root && RESERVED.iter().any(|r| std::ffi::OsStr::new(r) == e.file_name()) {
-            continue;
-        }
-        let ft = e.file_type().map_err(|e| Error::io(e, "readdir"))?;
-        if ft.is_dir() {
-            collect_files(&e.path(), false, out)?;
-        } else if ft.is_file() {
-            out.push(e.path());
-        }
-    }
-    Ok(())
 }

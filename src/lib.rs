@@ -5,6 +5,7 @@
 //! (providers, DEK cache) → `volume` (config, headers) → `content` (block layer) →
 //! `fs` (POSIX over a backing directory) → `mount` (thin FUSE adapter).
 
+pub mod audit;
 pub mod check;
 pub mod content;
 pub mod crypto;
@@ -14,4 +15,5 @@ pub mod error;
 pub mod fs;
 pub mod keys;
 pub mod mount;
+pub mod rekey;
 pub mod volume;

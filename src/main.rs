@@ -20,6 +20,7 @@ use envelopefs::keys::pkcs11::{Pkcs11Provider, Pkcs11Uri};
 use envelopefs::keys::secret::{SecretSource, CREDENTIAL_NAME, PASSPHRASE_ENV, PIN_CREDENTIAL, PIN_ENV};
 use envelopefs::keys::KeyProvider;
 use envelopefs::mount::MountOptions;
+use envelopefs::rekey;
 use envelopefs::volume::{self, InitOptions, OpenOptions, Volume, CONFIG_NAME};
 
 #[derive(Parser)]
@@ -141,9 +142,32 @@ enum Cmd {
         #[command(flatten)]
         secret: SecretArgs,
     },
-    /// Key-encryption keys: create (PKCS#11), rotate, status.
+    /// Key-encryption keys: create (PKCS#11), rotate, status, retire.
     #[command(subcommand)]
     Key(KeyCmd),
+    /// Move files to the current KEK. --rewrap (default) re-wraps each header's data key:
+    /// cheap, data untouched, safe while mounted. --reencrypt gives each file a new data key
+    /// and rewrites its content (for a suspected DEK leak): offline only. Both are
+    /// crash-safe and resumable: run again after an interruption.
+    Rekey {
+        backing: PathBuf,
+        /// Re-wrap headers under the current KEK version (the default).
+        #[arg(long, conflicts_with = "reencrypt")]
+        rewrap: bool,
+        /// New data key and full rewrite of each file (temp file, fsync, rename).
+        #[arg(long)]
+        reencrypt: bool,
+        /// Files to work on (backing paths); default: the whole volume.
+        paths: Vec<PathBuf>,
+        /// Files processed in parallel.
+        #[arg(long, default_value_t = 4)]
+        jobs: usize,
+        /// Append one JSON line per key operation to this file.
+        #[arg(long, value_name = "FILE")]
+        audit_log: Option<PathBuf>,
+        #[command(flatten)]
+        secret: SecretArgs,
+    },
     /// Mount a volume. Returns once the mount answers, leaving a daemon behind (or stays in
     /// the foreground with --foreground).
     Mount(MountArgs),
@@ -192,6 +216,15 @@ enum KeyCmd {
     /// List the KEK versions and how many file headers use each.
     Status {
         backing: PathBuf,
+        #[command(flatten)]
+        secret: SecretArgs,
+    },
+    /// Take an old KEK version out of service (local: marked retired; PKCS#11: the key
+    /// object is destroyed). Refuses while any header still references it: run
+    /// `envelopefs rekey --rewrap` first.
+    Retire {
+        backing: PathBuf,
+        version: u32,
         #[command(flatten)]
         secret: SecretArgs,
     },
@@ -249,6 +282,9 @@ struct MountArgs {
     /// Do not lock the daemon's memory (data keys could then reach swap).
     #[arg(long)]
     no_mlock: bool,
+    /// Append one JSON line per key operation (wrap, unwrap) to this file (docs/AUDIT.md).
+    #[arg(long, value_name = "FILE")]
+    audit_log: Option<PathBuf>,
     #[command(flatten)]
     secret: SecretArgs,
 }
@@ -336,6 +372,38 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Mount(args) => mount(args),
         Cmd::Key(k) => key_cmd(k),
+        Cmd::Rekey { backing, rewrap: _, reencrypt, paths, jobs, audit_log, secret } => {
+            let mode = if reencrypt { rekey::Mode::Reencrypt } else { rekey::Mode::Rewrap };
+            let opts = OpenOptions { audit_log, ..OpenOptions::default() };
+            let vol = Volume::open(&backing, &secret.source(), &opts)?;
+            let _lock = if mode == rekey::Mode::Reencrypt {
+                Some(lock_volume(&backing).context("rekey --reencrypt rewrites files: unmount the volume first")?)
+            } else {
+                None
+            };
+            if mode == rekey::Mode::Reencrypt {
+                let n = rekey::remove_stale_temporaries(&vol.root)?;
+                if n > 0 {
+                    info!("removed {n} temporary files left by an interrupted re-encryption");
+                }
+            }
+            let files = if paths.is_empty() { rekey::volume_files(&vol.root)? } else { paths };
+            let label = if mode == rekey::Mode::Rewrap { "rewrap" } else { "reencrypt" };
+            let progress = rekey::Progress::new(files.len() as u64, label);
+            let sum = rekey::run(&vol, mode, files, jobs, &|p| progress.tick(p));
+            progress.finish();
+            for (p, e) in &sum.failed {
+                eprintln!("FAILED: {}: {e}", p.display());
+            }
+            println!(
+                "{label}: {} files changed, {} already current, {} failed (KEK version {} is current)",
+                sum.changed,
+                sum.unchanged,
+                sum.failed.len(),
+                vol.provider.current_version()?
+            );
+            Ok(if sum.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
         Cmd::Umount { mountpoint } => {
             umount(&mountpoint)?;
             Ok(ExitCode::SUCCESS)
@@ -376,7 +444,7 @@ fn key_cmd(cmd: KeyCmd) -> Result<ExitCode> {
         KeyCmd::Create { module, key, secret } => {
             let uri: Pkcs11Uri = key.parse().map_err(|e: String| anyhow!("--key {key}: {e}"))?;
             let pin = secret.source().resolve_pin(uri.pin_source.as_deref())?;
-            let p = Pkcs11Provider::open(&module, &uri, pin, [0; 16], true)?;
+            let p = Pkcs11Provider::open(&module, &uri, pin, true)?;
             let v = p.current_version()?;
             println!("{}: version {v} is current", uri.key_id());
         }
@@ -384,11 +452,27 @@ fn key_cmd(cmd: KeyCmd) -> Result<ExitCode> {
             let vol = Volume::open(&backing, &secret.source(), &OpenOptions::default())?;
             let v = vol.provider.rotate()?;
             println!("{}: KEK version {v} is now current; new files wrap under it", vol.provider.describe());
-            println!("Existing files keep version they have until `envelopefs rekey`.");
+            println!("Existing files keep the version they have until `envelopefs rekey`.");
+        }
+        KeyCmd::Retire { backing, version, secret } => {
+            let vol = Volume::open(&backing, &secret.source(), &OpenOptions::default())?;
+            let usage = envelopefs::check::key_usage(&vol)?;
+            if let Some(n) = usage.any_slot.get(&version) {
+                bail!("KEK version {version} is still referenced by {n} file headers: run `envelopefs rekey --rewrap` first");
+            }
+            if usage.unreadable > 0 {
+                bail!(
+                    "{} file headers could not be read, so they might need version {version}: run fsck first",
+                    usage.unreadable
+                );
+            }
+            vol.provider.retire(version)?;
+            println!("KEK version {version} retired");
         }
         KeyCmd::Status { backing, secret } => {
             let vol = Volume::open(&backing, &secret.source(), &OpenOptions::default())?;
             let usage = envelopefs::check::key_usage(&vol)?;
+            let current = vol.provider.current_version().ok();
             println!("{}", vol.provider.describe());
             for v in vol.provider.versions()? {
                 let n = usage.files.get(&v.version).copied().unwrap_or(0);
@@ -407,6 +491,12 @@ fn key_cmd(cmd: KeyCmd) -> Result<ExitCode> {
                 }
             }
             println!("  {} files without a header yet (empty)", usage.empty);
+            let stale: u64 = usage.any_slot.iter().filter(|(v, _)| Some(**v) != current).map(|(_, n)| n).sum();
+            if stale > 0 {
+                println!(
+                    "  {stale} files still reference an older version in a header slot: `envelopefs rekey --rewrap`"
+                );
+            }
             if usage.unreadable > 0 {
                 println!("  {} files whose header could not be read (run fsck)", usage.unreadable);
             }
@@ -525,7 +615,11 @@ fn mount(mut args: MountArgs) -> Result<ExitCode> {
         tti: Duration::from_secs(args.cache_tti),
         max_entries: args.cache_max,
     };
-    let vol = Volume::open(&args.backing, &args.secret.source(), &OpenOptions { backend, cache })?;
+    let vol = Volume::open(
+        &args.backing,
+        &args.secret.source(),
+        &OpenOptions { backend, cache, audit_log: args.audit_log.clone() },
+    )?;
     let _lock = lock_volume(&args.backing)?;
     daemon::harden_memory(!args.no_mlock);
     daemon::raise_fd_limit();

@@ -7,9 +7,10 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::audit::AuditLog;
 use crate::crypto::{fill_random, Backend, FileKey};
 use crate::envelope::ProviderKind;
-use crate::envelope::{decode_region, FileId, Geometry, Header, SlotError, FILE_ID_LEN};
+use crate::envelope::{decode_region, FileId, Geometry, Header, KeyRecord, SlotError, FILE_ID_LEN};
 use crate::error::{Error, Result};
 use crate::keys::cache::{CacheConfig, DekCache};
 use crate::keys::local::{KdfParams, LocalProvider};
@@ -189,7 +190,7 @@ pub fn init(root: &Path, secret: &SecretSource, opts: &InitOptions) -> Result<Vo
         ProviderInit::Pkcs11 { module, uri } => {
             let parsed: Pkcs11Uri = uri.parse().map_err(|e| Error::new(libc::EINVAL, format!("--key {uri}: {e}")))?;
             let pin = secret.resolve_pin(parsed.pin_source.as_deref())?;
-            let p = Pkcs11Provider::open(module, &parsed, pin, volume_id, true)?;
+            let p = Pkcs11Provider::open(module, &parsed, pin, true)?;
             self_test(&p, &volume_id)?;
             (ProviderConfig::Pkcs11 { module: module.to_string_lossy().into_owned(), key: parsed.key_id() }, None)
         }
@@ -243,6 +244,8 @@ fn self_test(p: &dyn KeyProvider, volume_id: &VolumeId) -> Result<()> {
 pub struct OpenOptions {
     pub backend: Backend,
     pub cache: CacheConfig,
+    /// Append one JSON line per key operation here.
+    pub audit_log: Option<PathBuf>,
 }
 
 /// An unlocked volume: geometry, provider, DEK cache.
@@ -254,6 +257,7 @@ pub struct Volume {
     pub provider: Arc<dyn KeyProvider>,
     pub cache: DekCache,
     pub backend: Backend,
+    pub audit: Option<AuditLog>,
 }
 
 /// The outcome of reading an envelope's header: its key and the slot it came from.
@@ -277,7 +281,7 @@ impl Volume {
                     .parse()
                     .map_err(|e| Error::new(libc::EINVAL, format!("{CONFIG_NAME}: provider key {key:?}: {e}")))?;
                 let pin = secret.resolve_pin(uri.pin_source.as_deref())?;
-                Arc::new(Pkcs11Provider::open(Path::new(module), &uri, pin, volume_id, false)?)
+                Arc::new(Pkcs11Provider::open(Path::new(module), &uri, pin, false)?)
             }
         };
         // Fail now, with a clear message, rather than at the first open.
@@ -299,16 +303,32 @@ impl Volume {
             provider,
             cache: DekCache::new(opts.cache),
             backend: opts.backend,
+            audit: opts.audit_log.as_deref().map(AuditLog::open).transpose()?,
         })
+    }
+
+    /// Record a key operation in the audit log, if there is one.
+    pub fn audit(
+        &self,
+        op: &str,
+        file_id: &FileId,
+        path: &dyn Fn() -> String,
+        rec: &KeyRecord,
+        result: Result<(), &Error>,
+    ) {
+        if let Some(a) = &self.audit {
+            a.record(op, &self.volume_id, file_id, Some(&path()), rec, result);
+        }
     }
 
     /// A new header for a new envelope: random file id, fresh DEK wrapped by the provider.
     /// Returns the header region (two identical slots) and the key.
-    pub fn new_header(&self) -> Result<(Vec<u8>, Arc<FileKey>)> {
+    pub fn new_header(&self, path: &dyn Fn() -> String) -> Result<(Vec<u8>, Arc<FileKey>)> {
         let mut file_id: FileId = [0u8; FILE_ID_LEN];
         fill_random(&mut file_id)?;
         let ctx = KeyContext { volume_id: &self.volume_id, file_id: &file_id };
         let (dek, record) = self.provider.generate(&ctx)?;
+        self.audit("wrap", &file_id, path, &record, Ok(()));
         let key = Arc::new(FileKey::new(self.backend, file_id, &dek));
         let header =
             Header { generation: 1, file_id, block_size: self.geometry.block_size as u32, records: vec![record] };
@@ -321,7 +341,7 @@ impl Volume {
 
     /// Find the newest slot that decodes, unwraps and authenticates. A torn or tampered
     /// newest slot falls back to the other one.
-    pub fn open_header(&self, region: &[u8]) -> Result<OpenedHeader> {
+    pub fn open_header(&self, region: &[u8], path: &dyn Fn() -> String) -> Result<OpenedHeader> {
         let mut first_err: Option<Error> = None;
         for (idx, slot) in decode_region(region) {
             let view = match slot {
@@ -340,7 +360,7 @@ impl Volume {
                 )));
                 continue;
             }
-            let loaded = self.cache.get_or_load(h.file_id, h.generation, || self.unwrap_any(h));
+            let loaded = self.cache.get_or_load(h.file_id, h.generation, || self.unwrap_any(h, path));
             match loaded {
                 Ok(key) if key.verify_header_tag(&view.authenticated, &view.tag) => {
                     return Ok(OpenedHeader { key, header: view.header, slot: idx })
@@ -357,14 +377,16 @@ impl Volume {
     }
 
     /// Try each key record in turn; the first that unwraps wins.
-    fn unwrap_any(&self, h: &Header) -> Result<FileKey> {
+    fn unwrap_any(&self, h: &Header, path: &dyn Fn() -> String) -> Result<FileKey> {
         let ctx = KeyContext { volume_id: &self.volume_id, file_id: &h.file_id };
         let mut last = None;
         for rec in &h.records {
             if rec.provider != self.provider.kind() {
                 continue;
             }
-            match self.provider.unwrap(rec, &ctx) {
+            let res = self.provider.unwrap(rec, &ctx);
+            self.audit("unwrap", &h.file_id, path, rec, res.as_ref().map(drop));
+            match res {
                 Ok(dek) => return Ok(FileKey::new(self.backend, h.file_id, &dek)),
                 Err(e) => last = Some(e),
             }

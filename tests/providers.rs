@@ -23,8 +23,7 @@ fn local() -> (tempfile::TempDir, Arc<dyn KeyProvider>) {
 fn pkcs11(token: &str) -> Arc<dyn KeyProvider> {
     common::softhsm_token(token);
     let uri: Pkcs11Uri = format!("pkcs11:token={token};object=kek").parse().unwrap();
-    let p =
-        Pkcs11Provider::open(common::SOFTHSM_MODULE.as_ref(), &uri, Zeroizing::new("1234".into()), VOL, true).unwrap();
+    let p = Pkcs11Provider::open(common::SOFTHSM_MODULE.as_ref(), &uri, Zeroizing::new("1234".into()), true).unwrap();
     Arc::new(p)
 }
 
@@ -107,15 +106,15 @@ fn pkcs11_wrong_pin_missing_token_and_missing_key_are_clear() {
     common::softhsm_token("errors");
     let module = std::path::Path::new(common::SOFTHSM_MODULE);
     let uri: Pkcs11Uri = "pkcs11:token=errors;object=kek".parse().unwrap();
-    let e = Pkcs11Provider::open(module, &uri, Zeroizing::new("0000".into()), VOL, true).err().unwrap();
+    let e = Pkcs11Provider::open(module, &uri, Zeroizing::new("0000".into()), true).err().unwrap();
     assert_eq!(e.errno(), libc::EACCES, "{e}");
     assert!(e.to_string().contains("PIN"), "{e}");
     let nowhere: Pkcs11Uri = "pkcs11:token=no-such-token;object=kek".parse().unwrap();
-    let e = Pkcs11Provider::open(module, &nowhere, Zeroizing::new("1234".into()), VOL, true).err().unwrap();
+    let e = Pkcs11Provider::open(module, &nowhere, Zeroizing::new("1234".into()), true).err().unwrap();
     assert!(e.to_string().contains("no PKCS#11 token matches"), "{e}");
-    let e = Pkcs11Provider::open(module, &uri, Zeroizing::new("1234".into()), VOL, false).err().unwrap();
+    let e = Pkcs11Provider::open(module, &uri, Zeroizing::new("1234".into()), false).err().unwrap();
     assert!(e.to_string().contains("envelopefs key create"), "{e}");
-    let e = Pkcs11Provider::open("/nonexistent/module.so".as_ref(), &uri, Zeroizing::new("1234".into()), VOL, true)
+    let e = Pkcs11Provider::open("/nonexistent/module.so".as_ref(), &uri, Zeroizing::new("1234".into()), true)
         .err()
         .unwrap();
     assert!(e.to_string().contains("loading PKCS#11 module"), "{e}");

@@ -470,7 +470,7 @@ impl EncryptedFs {
         let key = if len > 0 {
             self.load_key(file)?
         } else if needs_header {
-            let (region, key) = self.vol.new_header()?;
+            let (region, key) = self.vol.new_header(&|| sys::describe_fd(file.as_raw_fd()))?;
             if let Err(e) = file.write_all_at(&region, 0) {
                 // Back to a valid empty file rather than a stub shorter than its header.
                 let _ = file.set_len(0);
@@ -497,7 +497,7 @@ impl EncryptedFs {
         }
         let mut region = vec![0u8; geo.header_size as usize];
         file.read_exact_at(&mut region, 0).map_err(|e| Error::io(e, "reading header"))?;
-        let opened = self.vol.open_header(&region)?;
+        let opened = self.vol.open_header(&region, &|| sys::describe_fd(file.as_raw_fd()))?;
         let first = (len - geo.header_size).min(geo.stored_block_size());
         if first > BLOCK_OVERHEAD {
             let mut stored = vec![0u8; first as usize];

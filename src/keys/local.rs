@@ -64,6 +64,8 @@ pub struct LocalProvider {
     volume_id: VolumeId,
     seal: Seal,
     ring: RwLock<Ring>,
+    /// The keyring file as last read or written (mtime, inode, length).
+    stamp: std::sync::Mutex<(i64, i64, u64, u64)>,
 }
 
 impl LocalProvider {
@@ -75,7 +77,7 @@ impl LocalProvider {
         let mut key = Zeroizing::new([0u8; KEY_LEN]);
         fill_random(&mut key[..])?;
         let ring = Ring { current: 1, entries: vec![Entry { version: 1, retired: false, key }] };
-        let p = Self { path: path.to_owned(), volume_id, seal, ring: RwLock::new(ring) };
+        let p = Self { path: path.to_owned(), volume_id, seal, ring: RwLock::new(ring), stamp: Default::default() };
         p.write_file(true)?;
         Ok(p)
     }
@@ -109,15 +111,17 @@ impl LocalProvider {
             _ => return Err(bad("unknown key derivation")),
         }
         let seal = Seal::derive(secret, params, salt)?;
-        let nonce: [u8; NONCE_LEN] = raw[56..PREAMBLE_LEN].try_into().unwrap();
-        let body = &raw[PREAMBLE_LEN..];
-        let (ct, tag) = body.split_at(body.len() - TAG_LEN);
-        let mut plain = Zeroizing::new(vec![0u8; ct.len()]);
-        new_aead(Backend::AwsLc, &seal.key)
-            .open(&nonce, &raw[..PREAMBLE_LEN], ct, tag.try_into().unwrap(), &mut plain)
-            .map_err(|_| Error::access("wrong passphrase or key file (the keyring does not decrypt)"))?;
+        let plain = open_sealed(&raw, &seal.key)
+            .ok_or_else(|| Error::access("wrong passphrase or key file (the keyring does not decrypt)"))?;
         let ring = Ring::decode(&plain).ok_or_else(|| bad("its contents do not parse"))?;
-        Ok(Self { path: path.to_owned(), volume_id, seal, ring: RwLock::new(ring) })
+        let stamp = fs::metadata(path).map(|m| file_stamp(&m)).unwrap_or_default();
+        Ok(Self {
+            path: path.to_owned(),
+            volume_id,
+            seal,
+            ring: RwLock::new(ring),
+            stamp: std::sync::Mutex::new(stamp),
+        })
     }
 
     /// Seal the keyring and replace the file atomically (temp file, fsync, rename, fsync dir).
@@ -153,6 +157,9 @@ impl LocalProvider {
             .map_err(|e| Error::io(e, ctx("writing")))?;
         f.write_all(&out).and_then(|_| f.sync_all()).map_err(|e| Error::io(e, ctx("writing")))?;
         fs::rename(&tmp, &self.path).map_err(|e| Error::io(e, ctx("replacing")))?;
+        if let Ok(m) = fs::metadata(&self.path) {
+            *self.stamp.lock().unwrap() = file_stamp(&m);
+        }
         if let Some(dir) = self.path.parent() {
             let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
             fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(e, ctx("syncing directory of")))?;
@@ -182,19 +189,46 @@ impl LocalProvider {
         Ok(KeyRecord { provider: ProviderKind::Local, kek_id: KEK_ID.into(), kek_version: version, wrapped })
     }
 
-    /// Mark a KEK version retired: it no longer unwraps. The caller checks first that no
-    /// header still needs it.
-    pub fn retire(&self, version: u32) -> Result<()> {
-        {
-            let mut ring = self.ring.write().unwrap();
-            if ring.current == version {
-                return Err(Error::new(libc::EBUSY, format!("KEK version {version} is current: rotate first")));
-            }
-            let e = ring.entries.iter_mut().find(|e| e.version == version);
-            e.ok_or_else(|| Error::new(libc::ENOENT, format!("no KEK version {version}")))?.retired = true;
+    /// Re-read the keyring if another process (`key rotate`, `key retire`) changed it, so a
+    /// running mount wraps new files under the new current version at once.
+    fn reload_if_changed(&self) -> Result<()> {
+        let Ok(meta) = fs::metadata(&self.path) else { return Ok(()) };
+        let stamp = file_stamp(&meta);
+        if *self.stamp.lock().unwrap() == stamp {
+            return Ok(());
         }
-        self.write_file(false)
+        let raw = fs::read(&self.path).map_err(|e| Error::io(e, format!("reading keyring {}", self.path.display())))?;
+        let plain = open_sealed(&raw, &self.seal.key).ok_or_else(|| {
+            Error::access(format!("keyring {} changed and no longer opens with our key", self.path.display()))
+        })?;
+        let ring = Ring::decode(&plain).ok_or_else(|| Error::corrupt("keyring contents do not parse"))?;
+        *self.ring.write().unwrap() = ring;
+        *self.stamp.lock().unwrap() = stamp;
+        tracing::info!(
+            "reloaded keyring {} (current KEK version {})",
+            self.path.display(),
+            self.ring.read().unwrap().current
+        );
+        Ok(())
     }
+}
+
+fn file_stamp(m: &fs::Metadata) -> (i64, i64, u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    (m.mtime(), m.mtime_nsec(), m.ino(), m.len())
+}
+
+/// Decrypt a keyring file's body with the sealing key (None if it does not authenticate).
+fn open_sealed(raw: &[u8], key: &[u8; 32]) -> Option<Zeroizing<Vec<u8>>> {
+    if raw.len() < PREAMBLE_LEN + TAG_LEN {
+        return None;
+    }
+    let nonce: [u8; NONCE_LEN] = raw[56..PREAMBLE_LEN].try_into().ok()?;
+    let body = &raw[PREAMBLE_LEN..];
+    let (ct, tag) = body.split_at(body.len() - TAG_LEN);
+    let mut plain = Zeroizing::new(vec![0u8; ct.len()]);
+    new_aead(Backend::AwsLc, key).open(&nonce, &raw[..PREAMBLE_LEN], ct, tag.try_into().ok()?, &mut plain).ok()?;
+    Some(plain)
 }
 
 impl Seal {
@@ -269,6 +303,7 @@ impl KeyProvider for LocalProvider {
     }
 
     fn generate(&self, ctx: &KeyContext<'_>) -> Result<(Dek, KeyRecord)> {
+        self.reload_if_changed()?;
         let dek = Dek::generate()?;
         let version = self.ring.read().unwrap().current;
         let rec = self.wrap_under(&dek, ctx, version)?;
@@ -306,7 +341,20 @@ impl KeyProvider for LocalProvider {
         Ok(self.ring.read().unwrap().current)
     }
 
+    fn retire(&self, version: u32) -> Result<()> {
+        {
+            let mut ring = self.ring.write().unwrap();
+            if ring.current == version {
+                return Err(Error::new(libc::EBUSY, format!("KEK version {version} is current: rotate first")));
+            }
+            let e = ring.entries.iter_mut().find(|e| e.version == version);
+            e.ok_or_else(|| Error::new(libc::ENOENT, format!("no KEK version {version}")))?.retired = true;
+        }
+        self.write_file(false)
+    }
+
     fn rotate(&self) -> Result<u32> {
+        self.reload_if_changed()?;
         let mut key = Zeroizing::new([0u8; KEY_LEN]);
         fill_random(&mut key[..])?;
         let version = {

@@ -66,6 +66,10 @@ pub trait KeyProvider: Send + Sync {
     /// Every KEK version the store knows.
     fn versions(&self) -> Result<Vec<KekVersionInfo>>;
 
+    /// Take a KEK version out of service: it no longer unwraps. The caller has checked that
+    /// no header still needs it.
+    fn retire(&self, version: u32) -> Result<()>;
+
     /// Wrap the same DEK under the current KEK (header re-wrap). Providers that can do it
     /// without the plaintext DEK leaving the store (KMS ReEncrypt) override this.
     fn rewrap(&self, record: &KeyRecord, ctx: &KeyContext<'_>) -> Result<KeyRecord>;

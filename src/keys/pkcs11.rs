@@ -21,7 +21,7 @@ use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 use zeroize::Zeroizing;
 
-use super::{KekVersionInfo, KeyContext, KeyProvider, VolumeId};
+use super::{KekVersionInfo, KeyContext, KeyProvider};
 use crate::crypto::{fill_random, Dek, KEY_LEN};
 use crate::envelope::{KeyRecord, ProviderKind, NONCE_LEN, TAG_LEN};
 use crate::error::{Error, Result};
@@ -190,22 +190,18 @@ pub struct Pkcs11Provider {
     pin: AuthPin,
     uri: Pkcs11Uri,
     module: PathBuf,
-    volume_id: VolumeId,
     pool: Mutex<Vec<Session>>,
     /// version → key object handle, refreshed when a handle stops working.
     keys: RwLock<Vec<(u32, ObjectHandle)>>,
+    /// When `keys` was last read from the token: new wraps re-read it every few seconds
+    /// so a rotation made by another process is picked up by a running mount.
+    refreshed: Mutex<std::time::Instant>,
 }
 
 impl Pkcs11Provider {
     /// Open the token named by the URI, log in, and find the KEK versions. `create` makes
     /// version 1 when the token has none.
-    pub fn open(
-        module: &Path,
-        uri: &Pkcs11Uri,
-        pin: Zeroizing<String>,
-        volume_id: VolumeId,
-        create: bool,
-    ) -> Result<Self> {
+    pub fn open(module: &Path, uri: &Pkcs11Uri, pin: Zeroizing<String>, create: bool) -> Result<Self> {
         let ctx = context(module)?;
         let slot = find_slot(&ctx, uri)?;
         let mechs = ctx.get_mechanism_list(slot).map_err(|e| ck(e, "listing mechanisms"))?;
@@ -221,9 +217,9 @@ impl Pkcs11Provider {
             pin: AuthPin::from(pin.as_str().to_owned()),
             uri: uri.clone(),
             module: module.to_owned(),
-            volume_id,
             pool: Mutex::new(Vec::new()),
             keys: RwLock::new(Vec::new()),
+            refreshed: Mutex::new(std::time::Instant::now()),
         };
         p.refresh_keys()?;
         if p.keys.read().unwrap().is_empty() {
@@ -304,6 +300,7 @@ impl Pkcs11Provider {
         let mut found = found;
         found.sort_by_key(|(v, _)| *v);
         *self.keys.write().unwrap() = found;
+        *self.refreshed.lock().unwrap() = std::time::Instant::now();
         Ok(())
     }
 
@@ -337,14 +334,6 @@ impl Pkcs11Provider {
         self.refresh_keys()?;
         tracing::info!("created PKCS#11 key {label:?} in token {}", describe_uri(&self.uri));
         Ok(())
-    }
-
-    /// Delete a KEK version from the token (for `key retire`; the caller checks that no
-    /// header still needs it).
-    pub fn destroy_version(&self, version: u32) -> Result<()> {
-        let h = self.handle(version)?;
-        self.with_session("destroying a key", |s| s.destroy_object(h))?;
-        self.refresh_keys()
     }
 
     fn aad(&self, ctx: &KeyContext<'_>, version: u32) -> Vec<u8> {
@@ -406,6 +395,9 @@ impl KeyProvider for Pkcs11Provider {
     }
 
     fn generate(&self, ctx: &KeyContext<'_>) -> Result<(Dek, KeyRecord)> {
+        if self.refreshed.lock().unwrap().elapsed() > std::time::Duration::from_secs(2) {
+            self.refresh_keys()?;
+        }
         let dek = Dek::generate()?;
         let rec = self.wrap_under(&dek, ctx, self.current_version()?)?;
         Ok((dek, rec))
@@ -464,6 +456,17 @@ impl KeyProvider for Pkcs11Provider {
     fn rewrap(&self, record: &KeyRecord, ctx: &KeyContext<'_>) -> Result<KeyRecord> {
         let dek = self.unwrap(record, ctx)?;
         self.wrap_under(&dek, ctx, self.current_version()?)
+    }
+
+    /// Destroys the key object: irreversible, like retiring a key in any HSM.
+    fn retire(&self, version: u32) -> Result<()> {
+        self.refresh_keys()?;
+        if self.current_version()? == version {
+            return Err(Error::new(libc::EBUSY, format!("KEK version {version} is current: rotate first")));
+        }
+        let h = self.handle(version)?;
+        self.with_session("destroying a key", |s| s.destroy_object(h))?;
+        self.refresh_keys()
     }
 }
 
