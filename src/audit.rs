@@ -125,7 +125,7 @@ mod tests {
         assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
         assert_eq!(
             rfc3339(UNIX_EPOCH + std::time::Duration::from_millis(1_795_393_294_123)),
-            "2026-11-22T23:01:34.123Z"
+            "2026-11-23T00:21:34.123Z"
         );
         assert_eq!(rfc3339(UNIX_EPOCH + std::time::Duration::from_secs(951_782_400)), "2000-02-29T00:00:00.000Z");
     }
