@@ -151,33 +151,25 @@ def fio(system, name, rw, bs, size, runtime=None):
     return side
 
 
-def w_seq_write(s, cfg):
+def w_seq(s, cfg):
+    """Write a large file in 1 MiB I/O (fsync at the end), then read it back cold."""
     (s.path / "seq").unlink(missing_ok=True)
-    return fio(s, "seq", "write", "1M", f"{cfg.seq_mib}M")["bw_bytes"] / 1e6
-
-
-def w_seq_read(s, cfg):
-    if not (s.path / "seq").exists():
-        w_seq_write(s, cfg)
+    w = fio(s, "seq", "write", "1M", f"{cfg.seq_mib}M")["bw_bytes"] / 1e6
     drop_caches()
-    return fio(s, "seq", "read", "1M", f"{cfg.seq_mib}M")["bw_bytes"] / 1e6
+    r = fio(s, "seq", "read", "1M", f"{cfg.seq_mib}M")["bw_bytes"] / 1e6
+    (s.path / "seq").unlink()
+    return {"seq-write": w, "seq-read": r}
 
 
-def ensure_rand(s, cfg):
+def w_rand(s, cfg):
+    """4 KiB random writes then cold random reads over a file laid out beforehand."""
     p = s.path / "rand"
     if not p.exists() or p.stat().st_size != cfg.rand_mib << 20:
         fio(s, "rand", "write", "1M", f"{cfg.rand_mib}M")
-
-
-def w_rand_write(s, cfg):
-    ensure_rand(s, cfg)
-    return fio(s, "rand", "randwrite", "4k", f"{cfg.rand_mib}M", cfg.rand_secs)["iops"]
-
-
-def w_rand_read(s, cfg):
-    ensure_rand(s, cfg)
+    w = fio(s, "rand", "randwrite", "4k", f"{cfg.rand_mib}M", cfg.rand_secs)
     drop_caches()
-    return fio(s, "rand", "randread", "4k", f"{cfg.rand_mib}M", cfg.rand_secs)["iops"]
+    r = fio(s, "rand", "randread", "4k", f"{cfg.rand_mib}M", cfg.rand_secs)
+    return {"rand-write-4k": w["iops"], "rand-read-4k": r["iops"]}
 
 
 def timed(fn):
@@ -186,66 +178,59 @@ def timed(fn):
     return time.perf_counter() - t
 
 
-def w_untar(s, cfg):
-    shutil.rmtree(s.path / "tree", ignore_errors=True)
-    (s.path / "tree").mkdir()
-    return timed(lambda: sh("tar", "xf", cfg.tarball, "-C", s.path / "tree"))
-
-
-def w_ls(s, cfg):
+def w_tree(s, cfg):
+    """Extract a source-like tree, list it, read it all (cold), delete it."""
+    tree = s.path / "tree"
+    shutil.rmtree(tree, ignore_errors=True)
+    tree.mkdir()
+    out = {"untar": timed(lambda: sh("tar", "xf", cfg.tarball, "-C", tree))}
     drop_caches()
-    return timed(lambda: sh("ls", "-lR", s.path / "tree"))
-
-
-def w_readall(s, cfg):
+    out["ls-lR"] = timed(lambda: sh("ls", "-lR", tree))
     drop_caches()
-    return timed(lambda: sh("sh", "-c", f"find '{s.path / 'tree'}' -type f -exec cat {{}} + > /dev/null"))
+    out["read-all"] = timed(lambda: sh("sh", "-c", f"find '{tree}' -type f -exec cat {{}} + > /dev/null"))
+    out["rm-rf"] = timed(lambda: shutil.rmtree(tree))
+    return out
 
 
-def w_rm(s, cfg):
-    return timed(lambda: shutil.rmtree(s.path / "tree"))
-
-
-def opens(s, cfg, cold):
+def w_opens(s, cfg):
+    """open + read 1 byte + close of existing 4 KiB files: right after a remount (cold
+    caches, empty DEK cache), then again (warm)."""
     d = s.path / "opens"
     if not d.exists():
         d.mkdir()
         for i in range(cfg.open_files):
             (d / f"f{i}").write_bytes(b"x" * 4096)
-    if cold:
-        s.remount()
-        drop_caches()
     names = [str(d / f"f{i}") for i in range(cfg.open_files)]
-    t = time.perf_counter()
-    for n in names:
-        fd = os.open(n, os.O_RDONLY)
-        os.read(fd, 1)
-        os.close(fd)
-    return len(names) / (time.perf_counter() - t)
+
+    def once():
+        t = time.perf_counter()
+        for n in names:
+            fd = os.open(n, os.O_RDONLY)
+            os.read(fd, 1)
+            os.close(fd)
+        return len(names) / (time.perf_counter() - t)
+
+    s.remount()
+    drop_caches()
+    cold = once()
+    once()
+    return {"open-cold": cold, "open-warm": once()}
 
 
-def w_open_cold(s, cfg):
-    return opens(s, cfg, True)
-
-
-def w_open_warm(s, cfg):
-    opens(s, cfg, False)
-    return opens(s, cfg, False)
-
-
-# name, unit, higher is better, function
-WORKLOADS = [
-    ("seq-write", "MB/s", True, w_seq_write),
-    ("seq-read", "MB/s", True, w_seq_read),
-    ("rand-write-4k", "IOPS", True, w_rand_write),
-    ("rand-read-4k", "IOPS", True, w_rand_read),
-    ("untar", "s", False, w_untar),
-    ("ls-lR", "s", False, w_ls),
-    ("read-all", "s", False, w_readall),
-    ("rm-rf", "s", False, w_rm),
-    ("open-cold", "opens/s", True, w_open_cold),
-    ("open-warm", "opens/s", True, w_open_warm),
+# metric, unit, higher is better
+METRICS = [
+    ("seq-write", "MB/s", True),
+    ("seq-read", "MB/s", True),
+    ("rand-write-4k", "IOPS", True),
+    ("rand-read-4k", "IOPS", True),
+    ("untar", "s", False),
+    ("ls-lR", "s", False),
+    ("read-all", "s", False),
+    ("rm-rf", "s", False),
+    ("open-cold", "opens/s", True),
+    ("open-warm", "opens/s", True),
 ]
+WORKLOADS = {"seq": w_seq, "rand": w_rand, "tree": w_tree, "opens": w_opens}
 
 
 def make_tarball(path, files, seed=1):
@@ -286,13 +271,13 @@ def machine_info(binary):
 
 def svg_chart(results, systems, path):
     """Grouped bars: each workload's speed relative to gocryptfs (gocryptfs = 1)."""
-    ws = [w for w in WORKLOADS if all((w[0], s) in results for s in systems)]
+    ws = [w for w in METRICS if all((w[0], s) in results for s in systems)]
     colors = ["#777777", "#bbbbbb", "#e07b39", "#2b7bba", "#69a84f", "#9b59b6", "#c0392b"]
     W, H, left, top, bottom = 980, 420, 60, 40, 90
     gw = (W - left - 20) / max(len(ws), 1)
     bw = gw * 0.8 / len(systems)
     rel = {}
-    for name, _, higher, _ in ws:
+    for name, _, higher in ws:
         base = results[(name, "gocryptfs")] if "gocryptfs" in systems else None
         for s in systems:
             v = results[(name, s)]
@@ -305,7 +290,7 @@ def svg_chart(results, systems, path):
            f'<line x1="{left}" y1="{H - bottom}" x2="{W - 20}" y2="{H - bottom}" stroke="black"/>']
     for t in range(0, int(vmax) + 1):
         out.append(f'<text x="{left - 8}" y="{y(t) + 4}" text-anchor="end">{t}x</text>')
-    for i, (name, _, _, _) in enumerate(ws):
+    for i, (name, _, _) in enumerate(ws):
         x0 = left + i * gw + gw * 0.1
         for j, s in enumerate(systems):
             v = rel[(name, s)]
@@ -327,7 +312,7 @@ def main():
     ap.add_argument("--files", type=int, default=10000, help="files in the small-file tree")
     ap.add_argument("--open-files", type=int, default=2000)
     ap.add_argument("--systems", default="bare,passthrough,gocryptfs,envelopefs,envelopefs-rustcrypto")
-    ap.add_argument("--workloads", default=",".join(w[0] for w in WORKLOADS))
+    ap.add_argument("--workloads", default=",".join(WORKLOADS), help="of: " + ", ".join(WORKLOADS))
     ap.add_argument("--dir", default="/var/tmp/envelopefs-bench", help="work directory (same disk for all)")
     ap.add_argument("--binary", default=str(REPO / "target/release/envelopefs"))
     ap.add_argument("--quick", action="store_true", help="1 round, small sizes")
@@ -359,22 +344,24 @@ def main():
     }
     names = cfg.systems.split(",")
     systems = [makers[n]() for n in names]
-    chosen = [w for w in WORKLOADS if w[0] in cfg.workloads.split(",")]
+    units = {m: u for m, u, _ in METRICS}
     samples = {}
     try:
         for s in systems:
             s.create()
             s.mount()
-        for name, unit, higher, fn in chosen:
+        for wname in cfg.workloads.split(","):
+            fn = WORKLOADS[wname]
             for r in range(cfg.rounds):
                 order = systems if r % 2 == 0 else list(reversed(systems))
                 for s in order:
-                    v = fn(s, cfg)
-                    samples.setdefault((name, s.name), []).append(v)
-                    print(f"{name:14} round {r + 1}  {s.name:22} {v:12.2f} {unit}", flush=True)
+                    for metric, v in fn(s, cfg).items():
+                        samples.setdefault((metric, s.name), []).append(v)
+                        print(f"{metric:14} round {r + 1}  {s.name:22} {v:12.2f} {units[metric]}", flush=True)
     finally:
         for s in systems:
             s.unmount()
+    chosen = [m for m in METRICS if (m[0], names[0]) in samples]
 
     medians = {k: statistics.median(v) for k, v in samples.items()}
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -384,7 +371,7 @@ def main():
     info["command"] = "python3 bench/run.py " + " ".join(sys.argv[1:])
     info["rounds"] = cfg.rounds
     rows = []
-    for name, unit, higher, _ in chosen:
+    for name, unit, higher in chosen:
         for s in names:
             v = medians[(name, s)]
 
@@ -407,7 +394,7 @@ def main():
           "Ratios are speed-ups (>1 = faster than the peer), for times and rates alike.", "",
           "| workload | " + " | ".join(names) + " | envelopefs vs gocryptfs | envelopefs vs passthrough | envelopefs vs bare |",
           "|---|" + "---|" * (len(names) + 3)]
-    for name, unit, higher, _ in chosen:
+    for name, unit, higher in chosen:
         cells = [f"{medians[(name, s)]:.2f}" for s in names]
         e = next((r for r in rows if r["workload"] == name and r["system"] == "envelopefs"), None)
         extra = [str(e[k]) if e else "" for k in ("vs_gocryptfs", "vs_passthrough", "vs_bare")]

@@ -8,6 +8,7 @@
 pub mod audit;
 pub mod check;
 pub mod content;
+pub mod control;
 pub mod crypto;
 pub mod daemon;
 pub mod envelope;

@@ -11,6 +11,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tracing::{info, warn};
 
+use envelopefs::control;
 use envelopefs::crypto::Backend;
 use envelopefs::daemon;
 use envelopefs::fs::EncryptedFs;
@@ -86,6 +87,7 @@ impl SecretArgs {
                 && std::env::var_os(PASSPHRASE_ENV).is_none()
                 && !cred(CREDENTIAL_NAME))
             .then_some("Passphrase: "),
+            volume::ProviderConfig::AwsKms { .. } => None,
             volume::ProviderConfig::Pkcs11 { key, .. } => {
                 let uri_pin = key.parse::<Pkcs11Uri>().ok().and_then(|u| u.pin_source);
                 (self.pin_file.is_none()
@@ -104,6 +106,8 @@ enum ProviderArg {
     Local,
     /// A key in a PKCS#11 token (HSM): give --module and --key.
     Pkcs11,
+    /// An AWS KMS key: give --key-id (key id, ARN or alias/...).
+    AwsKms,
 }
 
 #[derive(Subcommand)]
@@ -139,6 +143,15 @@ enum Cmd {
         /// Versions live in the token as OBJECT/v1, OBJECT/v2…; v1 is created if missing.
         #[arg(long, value_name = "URI")]
         key: Option<String>,
+        /// aws-kms: the KMS key (id, ARN, or alias/NAME). Its ARN is stored.
+        #[arg(long, value_name = "KEY")]
+        key_id: Option<String>,
+        /// aws-kms: region (default: the usual AWS settings).
+        #[arg(long)]
+        region: Option<String>,
+        /// aws-kms: endpoint URL (a VPC endpoint, or a local KMS-compatible server).
+        #[arg(long, value_name = "URL")]
+        kms_endpoint: Option<String>,
         #[command(flatten)]
         secret: SecretArgs,
     },
@@ -173,6 +186,22 @@ enum Cmd {
     Mount(MountArgs),
     /// Unmount a mounted volume (waits for nothing: open files keep the old view until closed).
     Umount { mountpoint: PathBuf },
+    /// Ask a running mount how it is doing: uptime, open files, DEK cache, key-store calls,
+    /// errors.
+    Status {
+        mountpoint: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Install as a systemd service: the unit template, /etc/envelopefs/NAME.toml, and the
+    /// mount helper for `mount -t fuse.envelopefs` and fstab.
+    #[command(subcommand)]
+    Service(ServiceCmd),
+    /// Print shell completions (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff) to stdout: envelopefs man | man -l -
+    Man,
     /// Show an encrypted file's header (file id, key records, generation). Needs no secret
     /// and shows none.
     Inspect {
@@ -190,6 +219,26 @@ enum Cmd {
         repair: bool,
         #[command(flatten)]
         secret: SecretArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum ServiceCmd {
+    /// Write envelopefs@.service, /etc/envelopefs/NAME.toml and /sbin/mount.fuse.envelopefs,
+    /// then print how to enable the unit.
+    Install {
+        /// The instance name: envelopefs@NAME.service, /etc/envelopefs/NAME.toml.
+        name: String,
+        #[arg(long)]
+        backing: PathBuf,
+        #[arg(long)]
+        mountpoint: PathBuf,
+        /// Mount options for the instance, as for `mount -o` (e.g. key_file=/etc/envelopefs/NAME.key,allow_other).
+        #[arg(short = 'o', default_value = "")]
+        options: String,
+        /// Install under this root instead of / (for packaging and tests).
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
     },
 }
 
@@ -233,14 +282,20 @@ enum KeyCmd {
 #[derive(Args)]
 struct MountArgs {
     /// The volume's backing directory.
-    backing: PathBuf,
+    backing: Option<PathBuf>,
     /// An existing empty directory to mount on.
-    mountpoint: PathBuf,
+    mountpoint: Option<PathBuf>,
+    /// Read backing, mountpoint and options from a TOML file (what the systemd unit uses):
+    /// backing = "...", mountpoint = "...", options = "allow_other,key_file=..."
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Stay in the foreground (for systemd and debugging).
     #[arg(short, long)]
     foreground: bool,
-    /// Mount options, comma separated: allow_other, ro, rw, writeback_cache, threads=N,
-    /// attr_timeout=S, entry_timeout=S (fstab words such as _netdev, nofail, defaults,
+    /// Mount options, comma separated, for fstab and `mount -t fuse.envelopefs`: allow_other,
+    /// ro, rw, writeback_cache, threads=N, attr_timeout=S, entry_timeout=S, key_file=F,
+    /// passphrase_file=F, pin_file=F, log_file=F, audit_log=F, cache_ttl=S, cache_tti=S,
+    /// cache_max=N, crypto=aws-lc|rustcrypto (fstab words such as _netdev, nofail, defaults,
     /// x-systemd.* are accepted and ignored).
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
@@ -285,6 +340,13 @@ struct MountArgs {
     /// Append one JSON line per key operation (wrap, unwrap) to this file (docs/AUDIT.md).
     #[arg(long, value_name = "FILE")]
     audit_log: Option<PathBuf>,
+    /// aws-kms: wrapped data keys generated ahead for new files (default 32; 0 = none).
+    #[arg(long, value_name = "N")]
+    kms_pool: Option<usize>,
+    /// aws-kms: seconds one KMS call may take, retries included (default 20); an outage
+    /// longer than this is EIO.
+    #[arg(long, value_name = "S")]
+    kms_timeout: Option<f64>,
     #[command(flatten)]
     secret: SecretArgs,
 }
@@ -309,8 +371,47 @@ fn init_logging(log_file: Option<&Path>) -> Result<()> {
     Ok(())
 }
 
+/// The arguments as parsed (after mount-helper rewriting), for the daemon's child.
+static ARGS: std::sync::OnceLock<Vec<std::ffi::OsString>> = std::sync::OnceLock::new();
+
+const SUBCOMMANDS: [&str; 11] =
+    ["init", "mount", "umount", "key", "rekey", "status", "inspect", "fsck", "service", "completions", "man"];
+
+/// mount(8) runs `mount.fuse.envelopefs SRC MNT [-sfnv] [-o OPTS]`, and mount.fuse3 runs
+/// `envelopefs SRC MNT -o OPTS`: both become `envelopefs mount SRC MNT -o OPTS`.
+fn helper_args(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let argv0 = args.first().map(|a| Path::new(a).file_name().unwrap_or_default().to_string_lossy().into_owned());
+    let as_helper = argv0.as_deref().is_some_and(|n| n.starts_with("mount.fuse.envelopefs") || n == "mount.envelopefs");
+    let looks_like_mount = args.len() >= 3 && {
+        let first = args[1].to_string_lossy();
+        !first.starts_with('-') && !SUBCOMMANDS.contains(&first.as_ref()) && Path::new(&args[1]).is_dir()
+    };
+    if !as_helper && !looks_like_mount {
+        return args;
+    }
+    let mut out = vec!["envelopefs".into(), "mount".into()];
+    let mut it = args.into_iter().skip(1);
+    while let Some(a) = it.next() {
+        match a.to_string_lossy().as_ref() {
+            "-o" => out.extend(["-o".into(), it.next().unwrap_or_default()]),
+            "-t" => drop(it.next()),
+            "-s" | "-f" | "-n" | "-v" => {}
+            _ => out.push(a),
+        }
+    }
+    out
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args = helper_args(std::env::args_os().collect());
+    ARGS.set(args.clone()).ok();
+    let mut cli = Cli::parse_from(args);
+    if let Cmd::Mount(m) = &mut cli.cmd {
+        if let Err(e) = resolve_mount_args(m) {
+            eprintln!("envelopefs: error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    }
     let log_file = match &cli.cmd {
         Cmd::Mount(m) => m.log_file.clone(),
         _ => None,
@@ -340,6 +441,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             kdf_iterations,
             module,
             key,
+            key_id,
+            region,
+            kms_endpoint,
             secret,
         } => {
             let provider = match provider {
@@ -353,6 +457,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         .or_else(|| uri.parse::<Pkcs11Uri>().ok()?.module_path.map(PathBuf::from))
                         .ok_or_else(|| anyhow!("--provider pkcs11 needs --module PATH (or module-path in the URI)"))?;
                     volume::ProviderInit::Pkcs11 { module, uri }
+                }
+                ProviderArg::AwsKms => {
+                    let key_id = key_id.ok_or_else(|| anyhow!("--provider aws-kms needs --key-id"))?;
+                    let mut s = envelopefs::keys::aws_kms::KmsSettings::new(&key_id);
+                    s.region = region;
+                    s.endpoint = kms_endpoint;
+                    volume::ProviderInit::AwsKms(s)
                 }
             };
             let opts = InitOptions { block_size, header_size, provider };
@@ -372,6 +483,46 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Mount(args) => mount(args),
         Cmd::Key(k) => key_cmd(k),
+        Cmd::Status { mountpoint, json } => {
+            let st = control::query(&mountpoint)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                println!("{} on {} (pid {}, up {} s)", st.backing, st.mountpoint, st.pid, st.uptime_secs);
+                println!("  key store      {}", st.provider);
+                println!("  open files     {}", st.open_files);
+                println!(
+                    "  DEK cache      {} keys, {} hits, {} misses ({:.0}% hit rate)",
+                    st.dek_cache_entries,
+                    st.dek_cache_hits,
+                    st.dek_cache_misses,
+                    st.dek_cache_hit_rate * 100.0
+                );
+                println!("  key-store calls {} ({} failed)", st.provider_calls, st.provider_errors);
+                println!("  errors         {}", st.errors);
+                if let (Some(e), Some(ago)) = (&st.last_error, st.last_error_secs_ago) {
+                    println!("  last error     {ago} s ago: {e}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Service(ServiceCmd::Install { name, backing, mountpoint, options, root }) => {
+            service_install(&name, &backing, &mountpoint, &options, &root)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "envelopefs",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Man => {
+            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut std::io::stdout())?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Rekey { backing, rewrap: _, reencrypt, paths, jobs, audit_log, secret } => {
             let mode = if reencrypt { rekey::Mode::Reencrypt } else { rekey::Mode::Rewrap };
             let opts = OpenOptions { audit_log, ..OpenOptions::default() };
@@ -541,32 +692,52 @@ fn volume_locked(backing: &Path) -> bool {
     true
 }
 
-fn mount_options(args: &MountArgs) -> Result<MountOptions> {
-    let mut o = MountOptions {
-        allow_other: args.allow_other,
-        read_only: args.read_only,
-        threads: args.threads,
-        attr_timeout: Duration::from_secs_f64(args.attr_timeout),
-        entry_timeout: Duration::from_secs_f64(args.entry_timeout),
-        writeback_cache: args.writeback_cache,
-        fsname: args.backing.display().to_string(),
-        ..MountOptions::default()
-    };
-    for opt in args.options.iter().flat_map(|s| s.split(',')).filter(|s| !s.is_empty()) {
-        let (k, v) = opt.split_once('=').map_or((opt, None), |(k, v)| (k, Some(v)));
-        let num = |v: Option<&str>| -> Result<f64> {
-            v.ok_or_else(|| anyhow!("mount option {k} needs a value"))?
-                .parse()
-                .map_err(|_| anyhow!("mount option {opt}: not a number"))
-        };
+/// `mount --config FILE`: one mount, as a systemd unit instance describes it.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MountConfigFile {
+    backing: PathBuf,
+    mountpoint: PathBuf,
+    #[serde(default)]
+    options: String,
+}
+
+/// Fold --config and -o options into the arguments (flags given on the command line win
+/// over nothing; -o words set the same fields as their flags).
+fn resolve_mount_args(a: &mut MountArgs) -> Result<()> {
+    if let Some(path) = &a.config {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let c: MountConfigFile = toml::from_str(&text).map_err(|e| anyhow!("{}: {}", path.display(), e.message()))?;
+        a.backing.get_or_insert(c.backing);
+        a.mountpoint.get_or_insert(c.mountpoint);
+        a.options.insert(0, c.options);
+    }
+    let words: Vec<String> =
+        a.options.iter().flat_map(|s| s.split(',')).filter(|s| !s.is_empty()).map(str::to_owned).collect();
+    for opt in &words {
+        let (k, v) = opt.split_once('=').map_or((opt.as_str(), None), |(k, v)| (k, Some(v)));
+        let val = || v.ok_or_else(|| anyhow!("mount option {k} needs a value"));
+        let num = || -> Result<f64> { val()?.parse().map_err(|_| anyhow!("mount option {opt}: not a number")) };
+        let path = || val().map(PathBuf::from);
         match k {
-            "allow_other" => o.allow_other = true,
-            "ro" => o.read_only = true,
-            "rw" => o.read_only = false,
-            "writeback_cache" => o.writeback_cache = true,
-            "threads" => o.threads = num(v)? as usize,
-            "attr_timeout" => o.attr_timeout = Duration::from_secs_f64(num(v)?),
-            "entry_timeout" => o.entry_timeout = Duration::from_secs_f64(num(v)?),
+            "allow_other" => a.allow_other = true,
+            "ro" => a.read_only = true,
+            "rw" => a.read_only = false,
+            "writeback_cache" => a.writeback_cache = true,
+            "threads" => a.threads = num()? as usize,
+            "attr_timeout" => a.attr_timeout = num()?,
+            "entry_timeout" => a.entry_timeout = num()?,
+            "cache_ttl" => a.cache_ttl = num()? as u64,
+            "cache_tti" => a.cache_tti = num()? as u64,
+            "cache_max" => a.cache_max = num()? as u64,
+            "crypto" => a.crypto = val()?.to_owned(),
+            "key_file" => a.secret.key_file = Some(path()?),
+            "passphrase_file" => a.secret.passphrase_file = Some(path()?),
+            "pin_file" => a.secret.pin_file = Some(path()?),
+            "log_file" => a.log_file = Some(path()?),
+            "audit_log" => a.audit_log = Some(path()?),
+            "kms_pool" => a.kms_pool = Some(num()? as usize),
+            "kms_timeout" => a.kms_timeout = Some(num()?),
             "default_permissions"
             | "defaults"
             | "_netdev"
@@ -584,28 +755,55 @@ fn mount_options(args: &MountArgs) -> Result<MountOptions> {
             | "nodev"
             | "atime"
             | "noatime"
-            | "relatime" => {}
-            k if k.starts_with("x-systemd.") || k.starts_with("x-") || k.starts_with("comment=") => {}
+            | "relatime"
+            | "subtype"
+            | "fsname" => {}
+            k if k.starts_with("x-") || k.starts_with("comment=") => {}
             _ => bail!("unknown mount option {opt:?} (see envelopefs mount --help)"),
         }
     }
-    Ok(o)
+    if a.backing.is_none() || a.mountpoint.is_none() {
+        bail!("mount needs BACKING and MOUNTPOINT (or --config FILE)");
+    }
+    Ok(())
+}
+
+fn mount_options(args: &MountArgs) -> MountOptions {
+    MountOptions {
+        allow_other: args.allow_other,
+        read_only: args.read_only,
+        threads: args.threads,
+        attr_timeout: Duration::from_secs_f64(args.attr_timeout),
+        entry_timeout: Duration::from_secs_f64(args.entry_timeout),
+        writeback_cache: args.writeback_cache,
+        fsname: backing(args).display().to_string(),
+        ..MountOptions::default()
+    }
+}
+
+fn backing(a: &MountArgs) -> &Path {
+    a.backing.as_deref().expect("resolved")
+}
+
+fn mountpoint(a: &MountArgs) -> &Path {
+    a.mountpoint.as_deref().expect("resolved")
 }
 
 fn mount(mut args: MountArgs) -> Result<ExitCode> {
-    args.backing = std::fs::canonicalize(&args.backing)
-        .with_context(|| format!("backing directory {} does not exist", args.backing.display()))?;
-    let opts = mount_options(&args)?;
-    let meta = std::fs::metadata(&args.mountpoint)
-        .with_context(|| format!("mount point {} does not exist", args.mountpoint.display()))?;
+    let b = backing(&args).to_owned();
+    args.backing =
+        Some(std::fs::canonicalize(&b).with_context(|| format!("backing directory {} does not exist", b.display()))?);
+    let opts = mount_options(&args);
+    let meta = std::fs::metadata(mountpoint(&args))
+        .with_context(|| format!("mount point {} does not exist", mountpoint(&args).display()))?;
     if !meta.is_dir() {
-        bail!("mount point {} is not a directory", args.mountpoint.display());
+        bail!("mount point {} is not a directory", mountpoint(&args).display());
     }
-    if daemon::is_mount_point(&args.mountpoint) {
-        bail!("mount point {} is busy: something is already mounted there", args.mountpoint.display());
+    if daemon::is_mount_point(mountpoint(&args)) {
+        bail!("mount point {} is busy: something is already mounted there", mountpoint(&args).display());
     }
     // Fail fast (and in the caller's terminal) on a directory that is not a volume.
-    volume::VolumeConfig::load(&args.backing)?;
+    volume::VolumeConfig::load(backing(&args))?;
     if !args.foreground {
         return daemonize(&args);
     }
@@ -616,19 +814,25 @@ fn mount(mut args: MountArgs) -> Result<ExitCode> {
         max_entries: args.cache_max,
     };
     let vol = Volume::open(
-        &args.backing,
+        backing(&args),
         &args.secret.source(),
-        &OpenOptions { backend, cache, audit_log: args.audit_log.clone() },
+        &OpenOptions {
+            backend,
+            cache,
+            audit_log: args.audit_log.clone(),
+            kms_pool: args.kms_pool,
+            kms_timeout: args.kms_timeout.map(Duration::from_secs_f64),
+        },
     )?;
-    let _lock = lock_volume(&args.backing)?;
+    let _lock = lock_volume(backing(&args))?;
     daemon::harden_memory(!args.no_mlock);
     daemon::raise_fd_limit();
-    let fs = EncryptedFs::new(Arc::new(vol))?;
-    let mut session = envelopefs::mount::mount(fs, &args.mountpoint, opts)
-        .with_context(|| format!("mounting on {}", args.mountpoint.display()))?;
+    let fs = Arc::new(EncryptedFs::new(Arc::new(vol))?);
+    let mut session = envelopefs::mount::mount(fs.clone(), mountpoint(&args), opts)
+        .with_context(|| format!("mounting on {}", mountpoint(&args).display()))?;
     let mut unmounter = session.unmount_callable();
     let mut signals = signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP])?;
-    let mnt = args.mountpoint.clone();
+    let mnt = mountpoint(&args).to_owned();
     std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
             info!("signal {sig}: unmounting {}", mnt.display());
@@ -641,11 +845,88 @@ fn mount(mut args: MountArgs) -> Result<ExitCode> {
             }
         }
     });
-    info!("mounted {} on {}", args.backing.display(), args.mountpoint.display());
-    daemon::announce_ready(std::env::var_os("ENVELOPEFS_NOTIFY_PARENT").is_some());
+    let status = status_fn(fs, backing(&args), mountpoint(&args));
+    match control::serve(mountpoint(&args), status) {
+        Ok(p) => info!("status socket {}", p.display()),
+        Err(e) => warn!("no status socket: {e}"),
+    }
+    // Ready means "answers": stat the mount point through the running session first.
+    let (probe, mnt) = (mountpoint(&args).to_owned(), mountpoint(&args).display().to_string());
+    let back = backing(&args).display().to_string();
+    std::thread::spawn(move || match std::fs::metadata(&probe) {
+        Ok(_) => {
+            info!("mounted {back} on {mnt}");
+            daemon::announce_ready(std::env::var_os("ENVELOPEFS_NOTIFY_PARENT").is_some());
+        }
+        Err(e) => warn!("the new mount does not answer a stat: {e}"),
+    });
     session.run().context("serving the mount")?;
-    info!("unmounted {}", args.mountpoint.display());
+    info!("unmounted {}", mountpoint(&args).display());
     Ok(ExitCode::SUCCESS)
+}
+
+fn status_fn(fs: Arc<EncryptedFs>, backing: &Path, mnt: &Path) -> Arc<dyn Fn() -> control::Status + Send + Sync> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (backing, mountpoint) = (backing.display().to_string(), mnt.display().to_string());
+    let started = std::time::Instant::now();
+    Arc::new(move || {
+        let v = fs.volume();
+        let (hits, misses) = (v.cache.stats.hits.load(Relaxed), v.cache.stats.misses.load(Relaxed));
+        let last = fs.stats.last_error.lock().unwrap().clone();
+        control::Status {
+            pid: std::process::id(),
+            backing: backing.clone(),
+            mountpoint: mountpoint.clone(),
+            provider: v.provider.describe(),
+            uptime_secs: control::secs_since(started),
+            open_files: fs.open_files(),
+            dek_cache_entries: v.cache.entry_count(),
+            dek_cache_hits: hits,
+            dek_cache_misses: misses,
+            dek_cache_hit_rate: if hits + misses == 0 { 0.0 } else { hits as f64 / (hits + misses) as f64 },
+            provider_calls: v.provider_calls.load(Relaxed),
+            provider_errors: v.provider_errors.load(Relaxed),
+            errors: fs.stats.errors.load(Relaxed),
+            last_error_secs_ago: last.as_ref().and_then(|(t, _)| t.elapsed().ok()).map(|d| d.as_secs()),
+            last_error: last.map(|(_, e)| e),
+        }
+    })
+}
+
+const UNIT_TEMPLATE: &str = include_str!("../systemd/envelopefs@.service");
+
+fn service_install(name: &str, backing: &Path, mountpoint: &Path, options: &str, root: &Path) -> Result<()> {
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+        bail!("instance name {name:?}: use letters, digits, '-', '_' and '.'");
+    }
+    volume::VolumeConfig::load(backing)?;
+    let exe = std::env::current_exe()?;
+    let under = |p: &str| root.join(p.trim_start_matches('/'));
+    let write = |path: PathBuf, text: &str, mode: u32| -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(path.parent().unwrap())?;
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
+        println!("wrote {}", path.display());
+        Ok(())
+    };
+    let conf = format!(
+        "# envelopefs@{name}.service: `envelopefs mount --config` reads this.\nbacking = {:?}\nmountpoint = {:?}\noptions = {:?}\n",
+        std::fs::canonicalize(backing)?.display().to_string(),
+        mountpoint.display().to_string(),
+        options
+    );
+    write(under(&format!("/etc/envelopefs/{name}.toml")), &conf, 0o600)?;
+    let unit = UNIT_TEMPLATE.replace("/usr/local/bin/envelopefs", &exe.display().to_string());
+    write(under("/etc/systemd/system/envelopefs@.service"), &unit, 0o644)?;
+    let helper = under("/sbin/mount.fuse.envelopefs");
+    std::fs::create_dir_all(helper.parent().unwrap())?;
+    let _ = std::fs::remove_file(&helper);
+    std::os::unix::fs::symlink(&exe, &helper).with_context(|| format!("linking {}", helper.display()))?;
+    println!("linked {} -> {}", helper.display(), exe.display());
+    println!("Now: systemctl daemon-reload && systemctl enable --now envelopefs@{name}");
+    println!("Units that need it: RequiresMountsFor={}", mountpoint.display());
+    Ok(())
 }
 
 /// One daemon per volume: two would each cache keys and headers the other changes.
@@ -660,13 +941,13 @@ fn lock_volume(backing: &Path) -> Result<std::fs::File> {
 /// Start the same command with --foreground in a new session and wait until it says the
 /// mount is ready (or exits with an error, which it has printed on our stderr).
 fn daemonize(args: &MountArgs) -> Result<ExitCode> {
-    let cfg = volume::VolumeConfig::load(&args.backing)?;
+    let cfg = volume::VolumeConfig::load(backing(&args))?;
     let prompt = args.secret.would_prompt(&cfg);
     let passphrase = match prompt {
         Some(p) => Some(zeroize::Zeroizing::new(rpassword::prompt_password(p).context("reading secret")?.into_bytes())),
         None => None,
     };
-    let mut child_args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let mut child_args: Vec<std::ffi::OsString> = ARGS.get().expect("set in main").iter().skip(1).cloned().collect();
     child_args.push("--foreground".into());
     if prompt.is_some() {
         child_args.push("--secret-stdin".into());

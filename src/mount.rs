@@ -49,12 +49,12 @@ impl Default for MountOptions {
 }
 
 pub struct FuseFs {
-    fs: EncryptedFs,
+    fs: std::sync::Arc<EncryptedFs>,
     opts: MountOptions,
 }
 
 /// Mount `fs` at `mountpoint`. The mount is live when this returns; run the session to serve.
-pub fn mount(fs: EncryptedFs, mountpoint: &Path, opts: MountOptions) -> io::Result<Session<FuseFs>> {
+pub fn mount(fs: std::sync::Arc<EncryptedFs>, mountpoint: &Path, opts: MountOptions) -> io::Result<Session<FuseFs>> {
     let mut mount_options = vec![
         MountOption::FSName(opts.fsname.clone()),
         MountOption::Subtype("envelopefs".into()),
@@ -105,13 +105,17 @@ fn fuse_attr(a: &Attr) -> FileAttr {
     }
 }
 
-fn errno(op: &str, e: &Error) -> Errno {
-    if e.is_noteworthy() {
-        warn!("{op} failed: {e}");
-    } else {
-        debug!("{op}: {e}");
+impl FuseFs {
+    /// Log a failure once, where it is replied, and count the noteworthy ones for `status`.
+    fn errno(&self, op: &str, e: &Error) -> Errno {
+        if e.is_noteworthy() {
+            warn!("{op} failed: {e}");
+            self.fs.stats.error(format!("{op}: {e}"));
+        } else {
+            debug!("{op}: {e}");
+        }
+        Errno::from_i32(e.errno())
     }
-    Errno::from_i32(e.errno())
 }
 
 fn caller(req: &Request) -> Caller {
@@ -136,14 +140,14 @@ impl FuseFs {
             Ok(a) => {
                 reply.entry_with_ttls(&self.opts.attr_timeout, &self.opts.entry_timeout, &fuse_attr(&a), Generation(0))
             }
-            Err(e) => reply.error(errno(op, &e)),
+            Err(e) => reply.error(self.errno(op, &e)),
         }
     }
 
-    fn empty(reply: ReplyEmpty, op: &str, r: crate::error::Result<()>) {
+    fn empty(&self, reply: ReplyEmpty, op: &str, r: crate::error::Result<()>) {
         match r {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(op, &e)),
+            Err(e) => reply.error(self.errno(op, &e)),
         }
     }
 }
@@ -175,7 +179,7 @@ impl Filesystem for FuseFs {
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.fs.getattr(ino.0) {
             Ok(a) => reply.attr(&self.opts.attr_timeout, &fuse_attr(&a)),
-            Err(e) => reply.error(errno("getattr", &e)),
+            Err(e) => reply.error(self.errno("getattr", &e)),
         }
     }
 
@@ -201,14 +205,14 @@ impl Filesystem for FuseFs {
         let set = SetAttr { mode, uid, gid, size, atime: set_time(atime), mtime: set_time(mtime), fh: fh.map(|f| f.0) };
         match self.fs.setattr(ino.0, set) {
             Ok(a) => reply.attr(&self.opts.attr_timeout, &fuse_attr(&a)),
-            Err(e) => reply.error(errno("setattr", &e)),
+            Err(e) => reply.error(self.errno("setattr", &e)),
         }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         match self.fs.readlink(ino.0) {
             Ok(t) => reply.data(&t),
-            Err(e) => reply.error(errno("readlink", &e)),
+            Err(e) => reply.error(self.errno("readlink", &e)),
         }
     }
 
@@ -221,11 +225,11 @@ impl Filesystem for FuseFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        Self::empty(reply, "unlink", self.fs.unlink(parent.0, name));
+        self.empty(reply, "unlink", self.fs.unlink(parent.0, name));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        Self::empty(reply, "rmdir", self.fs.rmdir(parent.0, name));
+        self.empty(reply, "rmdir", self.fs.rmdir(parent.0, name));
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
@@ -242,7 +246,7 @@ impl Filesystem for FuseFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        Self::empty(reply, "rename", self.fs.rename(parent.0, name, newparent.0, newname, flags.bits()));
+        self.empty(reply, "rename", self.fs.rename(parent.0, name, newparent.0, newname, flags.bits()));
     }
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
@@ -253,7 +257,7 @@ impl Filesystem for FuseFs {
         note(req);
         match self.fs.open(ino.0, flags.0) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-            Err(e) => reply.error(errno("open", &e)),
+            Err(e) => reply.error(self.errno("open", &e)),
         }
     }
 
@@ -270,7 +274,7 @@ impl Filesystem for FuseFs {
     ) {
         match self.fs.read(fh.0, offset, size) {
             Ok(d) => reply.data(&d),
-            Err(e) => reply.error(errno("read", &e)),
+            Err(e) => reply.error(self.errno("read", &e)),
         }
     }
 
@@ -289,7 +293,7 @@ impl Filesystem for FuseFs {
         note(req);
         match self.fs.write(fh.0, offset, data) {
             Ok(n) => reply.written(n),
-            Err(e) => reply.error(errno("write", &e)),
+            Err(e) => reply.error(self.errno("write", &e)),
         }
     }
 
@@ -313,13 +317,13 @@ impl Filesystem for FuseFs {
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
-        Self::empty(reply, "fsync", self.fs.fsync(fh.0, datasync));
+        self.empty(reply, "fsync", self.fs.fsync(fh.0, datasync));
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.opendir(ino.0) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-            Err(e) => reply.error(errno("opendir", &e)),
+            Err(e) => reply.error(self.errno("opendir", &e)),
         }
     }
 
@@ -327,7 +331,7 @@ impl Filesystem for FuseFs {
         let r = self.fs.readdir(fh.0, offset, |e, next| reply.add(INodeNo(e.ino), next, file_type(e.kind), &e.name));
         match r {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno("readdir", &e)),
+            Err(e) => reply.error(self.errno("readdir", &e)),
         }
     }
 
@@ -337,13 +341,13 @@ impl Filesystem for FuseFs {
     }
 
     fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        Self::empty(reply, "fsyncdir", self.fs.fsyncdir(ino.0));
+        self.empty(reply, "fsyncdir", self.fs.fsyncdir(ino.0));
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         match self.fs.statfs() {
             Ok(s) => reply.statfs(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize),
-            Err(e) => reply.error(errno("statfs", &e)),
+            Err(e) => reply.error(self.errno("statfs", &e)),
         }
     }
 
@@ -357,14 +361,14 @@ impl Filesystem for FuseFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        Self::empty(reply, "setxattr", self.fs.setxattr(ino.0, name, value, flags));
+        self.empty(reply, "setxattr", self.fs.setxattr(ino.0, name, value, flags));
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         match self.fs.getxattr(ino.0, name, size) {
             Ok(v) if size == 0 => reply.size(v.len() as u32),
             Ok(v) => reply.data(&v),
-            Err(e) => reply.error(errno("getxattr", &e)),
+            Err(e) => reply.error(self.errno("getxattr", &e)),
         }
     }
 
@@ -373,12 +377,12 @@ impl Filesystem for FuseFs {
             Ok(v) if size == 0 => reply.size(v.len() as u32),
             Ok(v) if v.len() > size as usize => reply.error(Errno::from_i32(libc::ERANGE)),
             Ok(v) => reply.data(&v),
-            Err(e) => reply.error(errno("listxattr", &e)),
+            Err(e) => reply.error(self.errno("listxattr", &e)),
         }
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        Self::empty(reply, "removexattr", self.fs.removexattr(ino.0, name));
+        self.empty(reply, "removexattr", self.fs.removexattr(ino.0, name));
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
@@ -404,7 +408,7 @@ impl Filesystem for FuseFs {
                 FileHandle(fh),
                 FopenFlags::empty(),
             ),
-            Err(e) => reply.error(errno("create", &e)),
+            Err(e) => reply.error(self.errno("create", &e)),
         }
     }
 
@@ -419,6 +423,6 @@ impl Filesystem for FuseFs {
         reply: ReplyEmpty,
     ) {
         note(req);
-        Self::empty(reply, "fallocate", self.fs.fallocate(fh.0, offset, length, mode));
+        self.empty(reply, "fallocate", self.fs.fallocate(fh.0, offset, length, mode));
     }
 }

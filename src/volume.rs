@@ -12,6 +12,7 @@ use crate::crypto::{fill_random, Backend, FileKey};
 use crate::envelope::ProviderKind;
 use crate::envelope::{decode_region, FileId, Geometry, Header, KeyRecord, SlotError, FILE_ID_LEN};
 use crate::error::{Error, Result};
+use crate::keys::aws_kms::{AwsKmsProvider, KmsSettings};
 use crate::keys::cache::{CacheConfig, DekCache};
 use crate::keys::local::{KdfParams, LocalProvider};
 use crate::keys::pkcs11::{Pkcs11Provider, Pkcs11Uri};
@@ -45,6 +46,16 @@ pub enum ProviderConfig {
     /// A key in a PKCS#11 token: the module to load and the key's URI (no PIN).
     #[serde(rename = "pkcs11")]
     Pkcs11 { module: String, key: String },
+    /// An AWS KMS key (its ARN). Region and endpoint are optional: the usual AWS settings
+    /// (AWS_REGION, profiles, AWS_ENDPOINT_URL_KMS) apply when absent.
+    #[serde(rename = "aws-kms")]
+    AwsKms {
+        key_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        region: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        endpoint: Option<String>,
+    },
 }
 
 impl VolumeConfig {
@@ -95,7 +106,7 @@ impl VolumeConfig {
     pub fn keyring_path(&self, root: &Path) -> Option<PathBuf> {
         match &self.provider {
             ProviderConfig::Local { keyring } => Some(root.join(keyring)),
-            ProviderConfig::Pkcs11 { .. } => None,
+            ProviderConfig::Pkcs11 { .. } | ProviderConfig::AwsKms { .. } => None,
         }
     }
 
@@ -103,6 +114,7 @@ impl VolumeConfig {
         match &self.provider {
             ProviderConfig::Local { .. } => ProviderKind::Local,
             ProviderConfig::Pkcs11 { .. } => ProviderKind::Pkcs11,
+            ProviderConfig::AwsKms { .. } => ProviderKind::AwsKms,
         }
     }
 }
@@ -119,6 +131,7 @@ pub enum ProviderInit {
         module: PathBuf,
         uri: String,
     },
+    AwsKms(KmsSettings),
 }
 
 /// What `init` needs to know.
@@ -194,6 +207,16 @@ pub fn init(root: &Path, secret: &SecretSource, opts: &InitOptions) -> Result<Vo
             self_test(&p, &volume_id)?;
             (ProviderConfig::Pkcs11 { module: module.to_string_lossy().into_owned(), key: parsed.key_id() }, None)
         }
+        ProviderInit::AwsKms(settings) => {
+            let p = AwsKmsProvider::open(settings, volume_id)?;
+            self_test(&p, &volume_id)?;
+            let cfg = ProviderConfig::AwsKms {
+                key_id: p.arn().to_owned(),
+                region: settings.region.clone(),
+                endpoint: settings.endpoint.clone(),
+            };
+            (cfg, None)
+        }
     };
     let cfg = VolumeConfig {
         format: FORMAT,
@@ -246,6 +269,10 @@ pub struct OpenOptions {
     pub cache: CacheConfig,
     /// Append one JSON line per key operation here.
     pub audit_log: Option<PathBuf>,
+    /// aws-kms: wrapped data keys kept ready for new files.
+    pub kms_pool: Option<usize>,
+    /// aws-kms: bound on one call, retries included.
+    pub kms_timeout: Option<std::time::Duration>,
 }
 
 /// An unlocked volume: geometry, provider, DEK cache.
@@ -258,6 +285,9 @@ pub struct Volume {
     pub cache: DekCache,
     pub backend: Backend,
     pub audit: Option<AuditLog>,
+    /// Calls to the key store (wraps and unwraps) and how many failed, for `status`.
+    pub provider_calls: std::sync::atomic::AtomicU64,
+    pub provider_errors: std::sync::atomic::AtomicU64,
 }
 
 /// The outcome of reading an envelope's header: its key and the slot it came from.
@@ -283,6 +313,18 @@ impl Volume {
                 let pin = secret.resolve_pin(uri.pin_source.as_deref())?;
                 Arc::new(Pkcs11Provider::open(Path::new(module), &uri, pin, false)?)
             }
+            ProviderConfig::AwsKms { key_id, region, endpoint } => {
+                let mut settings = KmsSettings::new(key_id);
+                settings.region.clone_from(region);
+                settings.endpoint.clone_from(endpoint);
+                if let Some(n) = opts.kms_pool {
+                    settings.pool_size = n;
+                }
+                if let Some(t) = opts.kms_timeout {
+                    settings.call_timeout = t;
+                }
+                Arc::new(AwsKmsProvider::open(&settings, volume_id)?)
+            }
         };
         // Fail now, with a clear message, rather than at the first open.
         self_test(provider.as_ref(), &volume_id)?;
@@ -304,7 +346,18 @@ impl Volume {
             cache: DekCache::new(opts.cache),
             backend: opts.backend,
             audit: opts.audit_log.as_deref().map(AuditLog::open).transpose()?,
+            provider_calls: Default::default(),
+            provider_errors: Default::default(),
         })
+    }
+
+    fn count<T>(&self, r: Result<T>) -> Result<T> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.provider_calls.fetch_add(1, Relaxed);
+        if r.is_err() {
+            self.provider_errors.fetch_add(1, Relaxed);
+        }
+        r
     }
 
     /// Record a key operation in the audit log, if there is one.
@@ -324,10 +377,7 @@ impl Volume {
     /// A new header for a new envelope: random file id, fresh DEK wrapped by the provider.
     /// Returns the header region (two identical slots) and the key.
     pub fn new_header(&self, path: &dyn Fn() -> String) -> Result<(Vec<u8>, Arc<FileKey>)> {
-        let mut file_id: FileId = [0u8; FILE_ID_LEN];
-        fill_random(&mut file_id)?;
-        let ctx = KeyContext { volume_id: &self.volume_id, file_id: &file_id };
-        let (dek, record) = self.provider.generate(&ctx)?;
+        let (file_id, dek, record) = self.count(self.provider.generate_file_key(&self.volume_id))?;
         self.audit("wrap", &file_id, path, &record, Ok(()));
         let key = Arc::new(FileKey::new(self.backend, file_id, &dek));
         let header =
@@ -384,7 +434,7 @@ impl Volume {
             if rec.provider != self.provider.kind() {
                 continue;
             }
-            let res = self.provider.unwrap(rec, &ctx);
+            let res = self.count(self.provider.unwrap(rec, &ctx));
             self.audit("unwrap", &h.file_id, path, rec, res.as_ref().map(drop));
             match res {
                 Ok(dek) => return Ok(FileKey::new(self.backend, h.file_id, &dek)),

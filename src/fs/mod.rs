@@ -140,6 +140,8 @@ struct Table {
 }
 
 pub struct EncryptedFs {
+    /// Error counters for `envelopefs status`.
+    pub stats: crate::control::Stats,
     vol: Arc<Volume>,
     root_dev: u64,
     /// A readable descriptor of the root, for statfs.
@@ -199,6 +201,7 @@ impl EncryptedFs {
         table.by_dev_ino.insert(root.dev_ino, ROOT_INO);
         table.by_ino.insert(ROOT_INO, root);
         Ok(Self {
+            stats: Default::default(),
             vol,
             root_dev: st.st_dev,
             root_dir,
@@ -265,6 +268,11 @@ impl EncryptedFs {
                 t.by_dev_ino.remove(&key);
             }
         }
+    }
+
+    /// Open regular-file handles (for status).
+    pub fn open_files(&self) -> u64 {
+        self.handles.read().unwrap().values().filter(|h| matches!(h, Handle::File(_))).count() as u64
     }
 
     /// Number of inodes the kernel holds references to (for tests and status).
@@ -505,7 +513,7 @@ impl EncryptedFs {
             let mut out = vec![0u8; first as usize - BLOCK_OVERHEAD as usize];
             if !is_hole(&stored) && opened.key.open_block(0, &stored, &mut out).is_err() {
                 return Err(Error::corrupt(
-                    "header does not belong to this file's content (block 0 does not open with its key; pasted from another file?)",
+                    "block 0 does not authenticate under this header's key: a tampered block, or a header pasted from another file",
                 ));
             }
         }

@@ -1,6 +1,7 @@
 //! Key-encryption keys live in a key store ("provider"); data keys are generated per file,
 //! wrapped by the provider, and cached unwrapped in memory for a bounded time.
 
+pub mod aws_kms;
 pub mod cache;
 pub mod local;
 pub mod pkcs11;
@@ -48,6 +49,15 @@ pub trait KeyProvider: Send + Sync {
 
     /// A fresh DEK and its wrapped form under the current KEK (like KMS GenerateDataKey).
     fn generate(&self, ctx: &KeyContext<'_>) -> Result<(Dek, KeyRecord)>;
+
+    /// A new file's id and key at once. Providers that pre-generate keys (KMS, whose
+    /// wraps bind the file id) hand out a ready one; the default draws an id and generates.
+    fn generate_file_key(&self, volume_id: &VolumeId) -> Result<(FileId, Dek, KeyRecord)> {
+        let mut file_id = [0u8; crate::envelope::FILE_ID_LEN];
+        crate::crypto::fill_random(&mut file_id)?;
+        let (dek, rec) = self.generate(&KeyContext { volume_id, file_id: &file_id })?;
+        Ok((file_id, dek, rec))
+    }
 
     /// Recover a DEK. A missing, retired or refusing KEK is `EACCES`; a wrapped key that
     /// does not authenticate against `ctx` is `EACCES` as well (it is not ours to open).

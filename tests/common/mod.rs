@@ -75,11 +75,12 @@ impl Mounted {
         fs::create_dir_all(mnt).unwrap();
         let mnt = fs::canonicalize(mnt).unwrap();
         let log = mnt.with_extension("log");
-        let child = Command::new(BIN)
-            .arg("mount")
-            .arg("--foreground")
-            .arg(secret_flag)
-            .arg(secret)
+        let mut cmd = Command::new(BIN);
+        cmd.arg("mount").arg("--foreground");
+        if !secret_flag.is_empty() {
+            cmd.arg(secret_flag).arg(secret);
+        }
+        let child = cmd
             .arg("--log-file")
             .arg(&log)
             .args(extra)
@@ -216,4 +217,175 @@ pub const SOFTHSM_TOKENS: [&str; 8] = ["contract", "errors", "attrs", "mount", "
 pub fn softhsm_token(label: &str) -> PathBuf {
     assert!(SOFTHSM_TOKENS.contains(&label), "add {label} to SOFTHSM_TOKENS");
     softhsm().join("pin")
+}
+
+/// moto's KMS server on a free loopback port, with the fault-injection proxy in front.
+/// Both are stopped when this is dropped (and die with the test process).
+pub struct Kms {
+    moto: Child,
+    proxy: Child,
+    pub moto_url: String,
+    pub proxy_url: String,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn die_with_parent(c: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    unsafe {
+        c.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        })
+    }
+}
+
+impl Kms {
+    pub fn start() -> Self {
+        // Static test credentials; the real credential chain reads them from the environment.
+        std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
+        std::env::set_var("AWS_REGION", "us-east-1");
+        std::env::set_var("AWS_DEFAULT_REGION", "us-east-1");
+        let port = free_port();
+        let moto = die_with_parent(Command::new("moto_server").args(["-H", "127.0.0.1", "-p", &port.to_string()]))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("moto_server (pip install moto flask flask-cors)");
+        let moto_url = format!("http://127.0.0.1:{port}");
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(30), "moto_server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/kms_proxy.py");
+        let mut proxy = die_with_parent(Command::new("python3").arg(script).args(["--upstream", &moto_url]))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(proxy.stdout.take().unwrap()), &mut line).unwrap();
+        let proxy_url = format!("http://127.0.0.1:{}", line.trim());
+        Kms { moto, proxy, moto_url, proxy_url }
+    }
+
+    /// Create a symmetric key (and an alias); returns its ARN.
+    pub fn create_key(&self, alias: &str) -> String {
+        let code = format!(
+            "import boto3; c = boto3.client('kms', endpoint_url='{}'); \
+             k = c.create_key()['KeyMetadata']; c.create_alias(AliasName='alias/{alias}', TargetKeyId=k['KeyId']); \
+             print(k['Arn'])",
+            self.moto_url
+        );
+        let out = Command::new("python3").args(["-c", &code]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// Change what the proxy does: {"mode": "ok"|"disabled"|"down", "latency_ms": N, "throttle": N}.
+    pub fn proxy(&self, json: &str) {
+        let port: u16 = self.proxy_url.rsplit(':').next().unwrap().parse().unwrap();
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let req = format!(
+            "POST /__proxy HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{json}",
+            json.len()
+        );
+        std::io::Write::write_all(&mut s, req.as_bytes()).unwrap();
+        let mut resp = String::new();
+        std::io::Read::read_to_string(&mut s, &mut resp).unwrap();
+        assert!(resp.starts_with("HTTP/1.1 200") || resp.starts_with("HTTP/1.0 200"), "{resp}");
+    }
+
+    /// Calls the proxy has seen per KMS operation.
+    pub fn calls(&self, op: &str) -> u64 {
+        let port: u16 = self.proxy_url.rsplit(':').next().unwrap().parse().unwrap();
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        std::io::Write::write_all(&mut s, b"GET /__proxy HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut resp = String::new();
+        std::io::Read::read_to_string(&mut s, &mut resp).unwrap();
+        let body = resp.split("\r\n\r\n").nth(1).unwrap();
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        v["calls"][op].as_u64().unwrap_or(0)
+    }
+}
+
+impl Drop for Kms {
+    fn drop(&mut self) {
+        for c in [&mut self.moto, &mut self.proxy] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The contract every key provider meets. `versioned_keys`: each KEK version is its own
+/// key, so an unknown version cannot unwrap (KMS hides versions behind one key id).
+pub fn provider_contract(p: std::sync::Arc<dyn envelopefs::keys::KeyProvider>, versioned_keys: bool) {
+    use envelopefs::keys::KeyContext;
+    const VOL: [u8; 16] = [0x11; 16];
+    let f1 = [1u8; 16];
+    let f2 = [2u8; 16];
+    let ctx = KeyContext { volume_id: &VOL, file_id: &f1 };
+    let v1 = p.current_version().unwrap();
+
+    let (dek, rec) = p.generate(&ctx).unwrap();
+    assert_eq!(rec.provider, p.kind());
+    assert_eq!(rec.kek_version, v1);
+    assert_eq!(p.unwrap(&rec, &ctx).unwrap().expose(), dek.expose());
+    let (dek_b, _) = p.generate(&ctx).unwrap();
+    assert_ne!(dek.expose(), dek_b.expose());
+
+    let other_file = KeyContext { volume_id: &VOL, file_id: &f2 };
+    assert_eq!(p.unwrap(&rec, &other_file).unwrap_err().errno(), libc::EACCES);
+    let other_vol = KeyContext { volume_id: &[0x22; 16], file_id: &f1 };
+    assert_eq!(p.unwrap(&rec, &other_vol).unwrap_err().errno(), libc::EACCES);
+
+    let mut bad = rec.clone();
+    let last = bad.wrapped.len() - 1;
+    bad.wrapped[last] ^= 1;
+    assert_eq!(p.unwrap(&bad, &ctx).unwrap_err().errno(), libc::EACCES);
+    if versioned_keys {
+        let mut missing = rec.clone();
+        missing.kek_version = 999;
+        assert_eq!(p.unwrap(&missing, &ctx).unwrap_err().errno(), libc::EACCES);
+    }
+
+    let v2 = p.rotate().unwrap();
+    assert_eq!(v2, v1 + 1);
+    assert_eq!(p.current_version().unwrap(), v2);
+    let (_, rec2) = p.generate(&ctx).unwrap();
+    assert_eq!(rec2.kek_version, v2);
+    assert_eq!(p.unwrap(&rec, &ctx).unwrap().expose(), dek.expose());
+    let moved = p.rewrap(&rec, &ctx).unwrap();
+    assert_eq!(moved.kek_version, v2);
+    assert_eq!(p.unwrap(&moved, &ctx).unwrap().expose(), dek.expose());
+    let versions = p.versions().unwrap();
+    assert!(versions.iter().any(|v| v.version == v1 && !v.current));
+    assert!(versions.iter().any(|v| v.version == v2 && v.current));
+    assert_eq!(versions.iter().filter(|v| v.current).count(), 1);
+
+    // A new file's id and key, as creates get them.
+    let (fid, k, r) = p.generate_file_key(&VOL).unwrap();
+    assert_eq!(p.unwrap(&r, &KeyContext { volume_id: &VOL, file_id: &fid }).unwrap().expose(), k.expose());
+
+    std::thread::scope(|s| {
+        for t in 0..8u8 {
+            let p = p.clone();
+            let rec = rec.clone();
+            let dek = dek.expose().to_vec();
+            s.spawn(move || {
+                for i in 0..10u8 {
+                    let fid = [t, i, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+                    let c = KeyContext { volume_id: &VOL, file_id: &fid };
+                    let (k, r) = p.generate(&c).unwrap();
+                    assert_eq!(p.unwrap(&r, &c).unwrap().expose(), k.expose());
+                    assert_eq!(&p.unwrap(&rec, &ctx).unwrap().expose()[..], &dek[..]);
+                }
+            });
+        }
+    });
 }

@@ -1,0 +1,110 @@
+//! The daemon's control socket: `envelopefs status MNT` asks a running mount how it is doing.
+//! One Unix socket per mount under /run/envelopefs (directory 0700, socket 0600: root, or
+//! the user who mounted, only). The protocol is one request line, one JSON reply line.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Counters the filesystem and the adapter keep for `status`.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub errors: AtomicU64,
+    pub last_error: Mutex<Option<(SystemTime, String)>>,
+}
+
+impl Stats {
+    pub fn error(&self, what: String) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        *self.last_error.lock().unwrap() = Some((SystemTime::now(), what));
+    }
+}
+
+/// What `status --json` prints.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub pid: u32,
+    pub backing: String,
+    pub mountpoint: String,
+    pub provider: String,
+    pub uptime_secs: u64,
+    pub open_files: u64,
+    pub dek_cache_entries: u64,
+    pub dek_cache_hits: u64,
+    pub dek_cache_misses: u64,
+    pub dek_cache_hit_rate: f64,
+    pub provider_calls: u64,
+    pub provider_errors: u64,
+    pub errors: u64,
+    pub last_error: Option<String>,
+    pub last_error_secs_ago: Option<u64>,
+}
+
+/// Where the socket of the mount at `mountpoint` lives.
+pub fn socket_path(mountpoint: &Path) -> PathBuf {
+    let canon = std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_owned());
+    let name: String = canon
+        .to_string_lossy()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+        .collect();
+    let dir = std::env::var_os("ENVELOPEFS_RUNTIME_DIR").map(PathBuf::from).unwrap_or_else(|| "/run/envelopefs".into());
+    dir.join(format!("{}.sock", name.trim_start_matches('_')))
+}
+
+/// Serve status requests from a background thread until the process exits.
+pub fn serve(mountpoint: &Path, status: Arc<dyn Fn() -> Status + Send + Sync>) -> Result<PathBuf> {
+    let path = socket_path(mountpoint);
+    let dir = path.parent().unwrap();
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(e, format!("creating {}", dir.display())))?;
+    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    let _ = std::fs::remove_file(&path); // a socket left by a killed daemon
+    let listener = UnixListener::bind(&path).map_err(|e| Error::io(e, format!("binding {}", path.display())))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::io(e, "restricting the control socket"))?;
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut line = String::new();
+                let mut r = BufReader::new(&conn);
+                if r.read_line(&mut line).is_err() {
+                    continue;
+                }
+                let reply = match line.trim() {
+                    "status" => serde_json::to_string(&status()).unwrap(),
+                    other => format!("{{\"error\":\"unknown request {other:?}\"}}"),
+                };
+                let _ = (&conn).write_all(format!("{reply}\n").as_bytes());
+            }
+        })
+        .map_err(|e| Error::io(e, "starting the control thread"))?;
+    Ok(path)
+}
+
+/// Ask the daemon serving `mountpoint` for its status.
+pub fn query(mountpoint: &Path) -> Result<Status> {
+    let path = socket_path(mountpoint);
+    let mut s = UnixStream::connect(&path).map_err(|e| {
+        Error::io(e, format!("no envelopefs daemon answers for {} (socket {})", mountpoint.display(), path.display()))
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    s.write_all(b"status\n").map_err(|e| Error::io(e, "asking for status"))?;
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).map_err(|e| Error::io(e, "reading status"))?;
+    serde_json::from_str(&line).map_err(|e| Error::new(libc::EPROTO, format!("bad status reply: {e}")))
+}
+
+/// Seconds since `t` (for uptime).
+pub fn secs_since(t: Instant) -> u64 {
+    t.elapsed().as_secs()
+}

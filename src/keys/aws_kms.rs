@@ -1,0 +1,353 @@
+//! The `aws-kms` provider on the real `aws-sdk-kms` client. GenerateDataKey wraps, Decrypt
+//! unwraps, ReEncrypt re-wraps (the DEK never leaves KMS in plaintext for that), always with
+//! the encryption context {"envelopefs:volume": …, "envelopefs:file": …}.
+//!
+//! Creates must not wait on KMS: a small pool of wrapped DEKs, each generated for a
+//! pre-drawn file id, is kept filled by concurrent background calls. KEK "versions" are
+//! KMS's rotations of the key (ListKeyRotations); the key id never changes.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_config::BehaviorVersion;
+use aws_sdk_kms::error::ProvideErrorMetadata;
+use aws_sdk_kms::primitives::Blob;
+use aws_sdk_kms::types::DataKeySpec;
+use aws_sdk_kms::Client;
+use zeroize::Zeroizing;
+
+use super::{KekVersionInfo, KeyContext, KeyProvider, VolumeId};
+use crate::crypto::{fill_random, Dek};
+use crate::envelope::{FileId, KeyRecord, ProviderKind, FILE_ID_LEN};
+use crate::error::{Error, Result};
+
+/// How to reach KMS (credentials come from the standard chain: environment, profile, web
+/// identity, container, instance metadata).
+#[derive(Clone, Debug, Default)]
+pub struct KmsSettings {
+    /// Key id, ARN or alias/…; resolved to the key ARN at open.
+    pub key_id: String,
+    pub region: Option<String>,
+    /// A VPC endpoint or a local KMS-compatible server.
+    pub endpoint: Option<String>,
+    /// Wrapped DEKs kept ready for new files (0: none, every first write calls KMS).
+    pub pool_size: usize,
+    /// Attempts per call (throttling and 5xx are retried with backoff and jitter).
+    pub max_attempts: u32,
+    /// Bound on one call, retries included: a KMS outage is EIO after this.
+    pub call_timeout: Duration,
+}
+
+impl KmsSettings {
+    pub fn new(key_id: &str) -> Self {
+        Self {
+            key_id: key_id.to_owned(),
+            region: None,
+            endpoint: None,
+            pool_size: 32,
+            max_attempts: 6,
+            call_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+type Ready = (FileId, Dek, KeyRecord);
+
+pub struct AwsKmsProvider {
+    rt: tokio::runtime::Runtime,
+    client: Client,
+    /// The key's ARN as DescribeKey answered it.
+    arn: String,
+    volume_id: VolumeId,
+    /// Rotations of the key seen at start (and after our own rotate): the "version".
+    rotations: AtomicU32,
+    pool: Arc<Mutex<VecDeque<Ready>>>,
+    pool_size: usize,
+    refilling: Arc<std::sync::atomic::AtomicBool>,
+}
+
+fn context_map(volume_id: &VolumeId, file_id: &FileId) -> HashMap<String, String> {
+    let ctx = KeyContext { volume_id, file_id };
+    ctx.pairs().into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+}
+
+/// Map a KMS failure to an errno: refusals (the key is disabled, pending deletion, gone,
+/// not ours, or the wrapped key does not belong here) are EACCES; anything else that
+/// survived the retries (outage, throttling storm, timeout) is EIO.
+fn kms_error<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static>(
+    e: aws_sdk_kms::error::SdkError<E>,
+    what: &str,
+) -> Error {
+    let code = e.code().map(str::to_owned);
+    let detail = match &e {
+        aws_sdk_kms::error::SdkError::ServiceError(s) => {
+            format!("{}: {}", s.err().code().unwrap_or("error"), s.err().message().unwrap_or(""))
+        }
+        other => format!("{}", aws_sdk_kms::error::DisplayErrorContext(other)),
+    };
+    let errno = match code.as_deref() {
+        Some(
+            "AccessDeniedException"
+            | "DisabledException"
+            | "KMSInvalidStateException"
+            | "NotFoundException"
+            | "IncorrectKeyException"
+            | "InvalidCiphertextException"
+            | "KeyUnavailableException"
+            | "InvalidKeyUsageException"
+            | "InvalidGrantTokenException",
+        ) => libc::EACCES,
+        _ => libc::EIO,
+    };
+    Error::new(errno, format!("KMS {what}: {detail}"))
+}
+
+impl AwsKmsProvider {
+    /// Connect, resolve the key (DescribeKey), and start filling the pool.
+    pub fn open(settings: &KmsSettings, volume_id: VolumeId) -> Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("kms")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io(e, "starting the KMS runtime"))?;
+        let client = rt.block_on(async {
+            let mut loader = aws_config::defaults(BehaviorVersion::latest())
+                .retry_config(
+                    RetryConfig::standard()
+                        .with_max_attempts(settings.max_attempts.max(1))
+                        .with_initial_backoff(Duration::from_millis(50)),
+                )
+                .timeout_config(
+                    TimeoutConfig::builder()
+                        .connect_timeout(Duration::from_secs(3))
+                        .operation_attempt_timeout(Duration::from_secs(5))
+                        .operation_timeout(settings.call_timeout)
+                        .build(),
+                );
+            if let Some(r) = &settings.region {
+                loader = loader.region(aws_config::Region::new(r.clone()));
+            }
+            if let Some(e) = &settings.endpoint {
+                loader = loader.endpoint_url(e.clone());
+            }
+            Client::new(&loader.load().await)
+        });
+        let key_id = settings.key_id.clone();
+        let described = rt
+            .block_on(client.describe_key().key_id(&key_id).send())
+            .map_err(|e| kms_error(e, &format!("DescribeKey {key_id}")))?;
+        let meta = described
+            .key_metadata()
+            .ok_or_else(|| Error::new(libc::EIO, format!("KMS DescribeKey {key_id}: no key metadata")))?;
+        let arn = meta.arn().unwrap_or(&key_id).to_owned();
+        if !meta.enabled() {
+            return Err(Error::access(format!("KMS key {arn} is not enabled ({:?})", meta.key_state())));
+        }
+        let p = Self {
+            rt,
+            client,
+            arn,
+            volume_id,
+            rotations: AtomicU32::new(0),
+            pool: Arc::new(Mutex::new(VecDeque::new())),
+            pool_size: settings.pool_size,
+            refilling: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        };
+        p.rotations.store(p.count_rotations()?, Ordering::Relaxed);
+        p.refill();
+        Ok(p)
+    }
+
+    pub fn arn(&self) -> &str {
+        &self.arn
+    }
+
+    fn count_rotations(&self) -> Result<u32> {
+        let mut n = 0u32;
+        let mut marker: Option<String> = None;
+        loop {
+            let out = self
+                .rt
+                .block_on(self.client.list_key_rotations().key_id(&self.arn).set_marker(marker.clone()).send())
+                .map_err(|e| kms_error(e, "ListKeyRotations"))?;
+            n += out.rotations().len() as u32;
+            match out.next_marker() {
+                Some(m) if out.truncated() => marker = Some(m.to_owned()),
+                _ => return Ok(n),
+            }
+        }
+    }
+
+    async fn generate_one(client: Client, arn: String, volume_id: VolumeId, version: u32) -> Result<Ready> {
+        let mut file_id = [0u8; FILE_ID_LEN];
+        fill_random(&mut file_id)?;
+        let out = client
+            .generate_data_key()
+            .key_id(&arn)
+            .key_spec(DataKeySpec::Aes256)
+            .set_encryption_context(Some(context_map(&volume_id, &file_id)))
+            .send()
+            .await
+            .map_err(|e| kms_error(e, "GenerateDataKey"))?;
+        let plain = out.plaintext().ok_or_else(|| Error::new(libc::EIO, "KMS GenerateDataKey: no plaintext"))?;
+        let plain = Zeroizing::new(plain.as_ref().to_vec());
+        let dek = Dek::from_slice(&plain)?;
+        let blob = out.ciphertext_blob().ok_or_else(|| Error::new(libc::EIO, "KMS GenerateDataKey: no ciphertext"))?;
+        let rec = KeyRecord {
+            provider: ProviderKind::AwsKms,
+            kek_id: out.key_id().unwrap_or(&arn).to_owned(),
+            kek_version: version,
+            wrapped: blob.as_ref().to_vec(),
+        };
+        Ok((file_id, dek, rec))
+    }
+
+    /// Top the pool up in the background, concurrently, if it is below half full.
+    fn refill(&self) {
+        let missing = {
+            let pool = self.pool.lock().unwrap();
+            if pool.len() * 2 >= self.pool_size {
+                return;
+            }
+            self.pool_size - pool.len()
+        };
+        if self.refilling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (client, arn, vid, pool, flag) =
+            (self.client.clone(), self.arn.clone(), self.volume_id, self.pool.clone(), self.refilling.clone());
+        let version = self.rotations.load(Ordering::Relaxed);
+        self.rt.spawn(async move {
+            let mut tasks = tokio::task::JoinSet::new();
+            for _ in 0..missing {
+                tasks.spawn(Self::generate_one(client.clone(), arn.clone(), vid, version));
+            }
+            while let Some(r) = tasks.join_next().await {
+                match r {
+                    Ok(Ok(ready)) => pool.lock().unwrap().push_back(ready),
+                    Ok(Err(e)) => tracing::warn!("refilling the data-key pool: {e}"),
+                    Err(e) => tracing::warn!("refilling the data-key pool: {e}"),
+                }
+            }
+            flag.store(false, Ordering::Release);
+        });
+    }
+}
+
+impl KeyProvider for AwsKmsProvider {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::AwsKms
+    }
+
+    fn describe(&self) -> String {
+        format!("AWS KMS key {}", self.arn)
+    }
+
+    fn generate_file_key(&self, volume_id: &VolumeId) -> Result<(FileId, Dek, KeyRecord)> {
+        if *volume_id == self.volume_id {
+            let ready = self.pool.lock().unwrap().pop_front();
+            self.refill();
+            if let Some(r) = ready {
+                return Ok(r);
+            }
+        }
+        let version = self.rotations.load(Ordering::Relaxed);
+        self.rt.block_on(Self::generate_one(self.client.clone(), self.arn.clone(), *volume_id, version))
+    }
+
+    fn generate(&self, ctx: &KeyContext<'_>) -> Result<(Dek, KeyRecord)> {
+        let out = self
+            .rt
+            .block_on(
+                self.client
+                    .generate_data_key()
+                    .key_id(&self.arn)
+                    .key_spec(DataKeySpec::Aes256)
+                    .set_encryption_context(Some(context_map(ctx.volume_id, ctx.file_id)))
+                    .send(),
+            )
+            .map_err(|e| kms_error(e, "GenerateDataKey"))?;
+        let plain = Zeroizing::new(out.plaintext().map(|b| b.as_ref().to_vec()).unwrap_or_default());
+        let rec = KeyRecord {
+            provider: ProviderKind::AwsKms,
+            kek_id: out.key_id().unwrap_or(&self.arn).to_owned(),
+            kek_version: self.rotations.load(Ordering::Relaxed),
+            wrapped: out.ciphertext_blob().map(|b| b.as_ref().to_vec()).unwrap_or_default(),
+        };
+        Ok((Dek::from_slice(&plain)?, rec))
+    }
+
+    fn unwrap(&self, record: &KeyRecord, ctx: &KeyContext<'_>) -> Result<Dek> {
+        if record.provider != ProviderKind::AwsKms {
+            return Err(Error::access(format!("key record is for provider {}", record.provider.name())));
+        }
+        let out = self
+            .rt
+            .block_on(
+                self.client
+                    .decrypt()
+                    .key_id(&record.kek_id)
+                    .ciphertext_blob(Blob::new(record.wrapped.clone()))
+                    .set_encryption_context(Some(context_map(ctx.volume_id, ctx.file_id)))
+                    .send(),
+            )
+            .map_err(|e| kms_error(e, &format!("Decrypt with {}", record.kek_id)))?;
+        let plain = Zeroizing::new(out.plaintext().map(|b| b.as_ref().to_vec()).unwrap_or_default());
+        Dek::from_slice(&plain)
+    }
+
+    fn current_version(&self) -> Result<u32> {
+        Ok(self.rotations.load(Ordering::Relaxed))
+    }
+
+    fn rotate(&self) -> Result<u32> {
+        self.rt
+            .block_on(self.client.rotate_key_on_demand().key_id(&self.arn).send())
+            .map_err(|e| kms_error(e, "RotateKeyOnDemand"))?;
+        let n = self.count_rotations()?;
+        self.rotations.store(n, Ordering::Relaxed);
+        self.pool.lock().unwrap().clear();
+        Ok(n)
+    }
+
+    fn versions(&self) -> Result<Vec<KekVersionInfo>> {
+        let n = self.count_rotations()?;
+        Ok((0..=n).map(|v| KekVersionInfo { version: v, current: v == n, retired: false }).collect())
+    }
+
+    /// ReEncrypt: the DEK is re-wrapped inside KMS and never seen here.
+    fn rewrap(&self, record: &KeyRecord, ctx: &KeyContext<'_>) -> Result<KeyRecord> {
+        let ec = context_map(ctx.volume_id, ctx.file_id);
+        let out = self
+            .rt
+            .block_on(
+                self.client
+                    .re_encrypt()
+                    .ciphertext_blob(Blob::new(record.wrapped.clone()))
+                    .source_key_id(&record.kek_id)
+                    .set_source_encryption_context(Some(ec.clone()))
+                    .destination_key_id(&self.arn)
+                    .set_destination_encryption_context(Some(ec))
+                    .send(),
+            )
+            .map_err(|e| kms_error(e, "ReEncrypt"))?;
+        Ok(KeyRecord {
+            provider: ProviderKind::AwsKms,
+            kek_id: out.key_id().unwrap_or(&self.arn).to_owned(),
+            kek_version: self.rotations.load(Ordering::Relaxed),
+            wrapped: out.ciphertext_blob().map(|b| b.as_ref().to_vec()).unwrap_or_default(),
+        })
+    }
+
+    fn retire(&self, _version: u32) -> Result<()> {
+        Err(Error::new(
+            libc::EOPNOTSUPP,
+            "KMS keeps every rotation of a key; retire the whole key in KMS (disable or schedule deletion) instead",
+        ))
+    }
+}

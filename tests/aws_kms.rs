@@ -1,0 +1,159 @@
+//! The aws-kms provider, driven by the real aws-sdk-kms client against moto's KMS server on
+//! 127.0.0.1. Behaviours moto does not have (disabled keys, throttling, outages) come from
+//! the fault-injection proxy in tests/support/kms_proxy.py.
+
+mod common;
+
+use std::fs;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{cli, pattern, Kms, Mounted};
+use envelopefs::keys::aws_kms::{AwsKmsProvider, KmsSettings};
+
+fn ok(out: std::process::Output) -> String {
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn aws_kms_provider_meets_the_contract() {
+    let kms = Kms::start();
+    kms.create_key("contract");
+    let mut s = KmsSettings::new("alias/contract");
+    s.endpoint = Some(kms.moto_url.clone());
+    s.pool_size = 4;
+    let p = AwsKmsProvider::open(&s, [0x11; 16]).unwrap();
+    assert!(p.arn().starts_with("arn:aws:kms:"), "the alias resolves to the key ARN: {}", p.arn());
+    common::provider_contract(Arc::new(p), false);
+}
+
+struct KmsVol {
+    dir: tempfile::TempDir,
+    backing: PathBuf,
+}
+
+/// A volume on a KMS key reached through the proxy.
+fn kms_volume(kms: &Kms, alias: &str) -> KmsVol {
+    let arn = kms.create_key(alias);
+    let dir = tempfile::Builder::new().prefix("envelopefs-test").tempdir().unwrap();
+    let backing = dir.path().join("backing");
+    fs::create_dir(&backing).unwrap();
+    let key = format!("alias/{alias}");
+    ok(cli(&[&"init", &"--provider", &"aws-kms", &"--key-id", &key, &"--kms-endpoint", &kms.proxy_url, &backing]));
+    let cfg = fs::read_to_string(backing.join("envelopefs.toml")).unwrap();
+    assert!(cfg.contains(&arn), "the key ARN is stored: {cfg}");
+    KmsVol { dir, backing }
+}
+
+fn mount(v: &KmsVol, extra: &[&str]) -> Mounted {
+    // KMS volumes need no secret: credentials come from the AWS chain.
+    Mounted::start_with(&v.backing, "", std::path::Path::new(""), &v.dir.path().join("mnt"), extra)
+}
+
+#[test]
+fn kms_volume_round_trip_context_binding_and_header_paste() {
+    let kms = Kms::start();
+    let v = kms_volume(&kms, "roundtrip");
+    let m = mount(&v, &[]);
+    let (a, b) = (pattern(1, 20_000), pattern(2, 20_000));
+    fs::write(m.path("a"), &a).unwrap();
+    fs::write(m.path("b"), &b).unwrap();
+    assert!(m.unmount().success());
+    let m = mount(&v, &[]);
+    assert_eq!(fs::read(m.path("a")).unwrap(), a);
+    let inspect = ok(cli(&[&"inspect", &v.backing.join("a")]));
+    assert!(inspect.contains("provider aws-kms, KEK \"arn:aws:kms:"), "{inspect}");
+    // The header of a pasted onto b: its key unwraps (its own context), but not for b's content.
+    let ha = fs::read(v.backing.join("a")).unwrap()[..4096].to_vec();
+    let fb = fs::OpenOptions::new().write(true).open(v.backing.join("b")).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&fb, &ha, 0).unwrap();
+    assert_eq!(fs::File::open(m.path("b")).unwrap_err().raw_os_error(), Some(libc::EIO));
+    // A wrapped key moved into another file's header (its context) does not unwrap at KMS.
+    drop(m);
+    let out = cli(&[&"fsck", &v.backing]);
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn disabled_key_is_eacces_for_new_opens_while_cached_keys_serve_until_the_ttl() {
+    let kms = Kms::start();
+    let v = kms_volume(&kms, "disabled");
+    let m = mount(&v, &[]);
+    fs::write(m.path("cached"), b"cached").unwrap();
+    fs::write(m.path("cold"), b"cold").unwrap();
+    drop(m);
+    let m = mount(&v, &["--cache-ttl", "3", "--cache-tti", "3"]);
+    assert_eq!(fs::read(m.path("cached")).unwrap(), b"cached");
+    kms.proxy(r#"{"mode": "disabled"}"#);
+    assert_eq!(fs::read(m.path("cached")).unwrap(), b"cached", "a cached key keeps serving");
+    let e = fs::File::open(m.path("cold")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
+    let log = m.log_text();
+    assert!(log.contains("/cold") && log.contains("DisabledException") && log.contains("arn:aws:kms"), "{log}");
+    std::thread::sleep(Duration::from_millis(3500));
+    assert_eq!(fs::File::open(m.path("cached")).unwrap_err().raw_os_error(), Some(libc::EACCES), "after the TTL");
+    kms.proxy(r#"{"mode": "ok"}"#);
+    assert_eq!(fs::read(m.path("cold")).unwrap(), b"cold");
+}
+
+#[test]
+fn outage_is_eio_within_the_bound_then_recovers_and_throttling_is_survived() {
+    let kms = Kms::start();
+    let v = kms_volume(&kms, "outage");
+    let m = mount(&v, &[]);
+    let data = pattern(3, 50_000);
+    fs::write(m.path("f"), &data).unwrap();
+    drop(m);
+    let m = mount(&v, &["--kms-timeout", "3"]);
+    kms.proxy(r#"{"mode": "down"}"#);
+    let t = Instant::now();
+    let e = fs::File::open(m.path("f")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(10), "bounded: {:?}", t.elapsed());
+    kms.proxy(r#"{"mode": "ok"}"#);
+    assert_eq!(fs::read(m.path("f")).unwrap(), data, "recovered, nothing lost");
+    // A throttling storm: the next 4 calls are refused with ThrottlingException.
+    drop(m);
+    let m = mount(&v, &[]);
+    kms.proxy(r#"{"throttle": 4}"#);
+    assert_eq!(fs::read(m.path("f")).unwrap(), data, "retried with backoff");
+    for i in 0..20 {
+        fs::write(m.path(&format!("new{i}")), b"x").unwrap();
+    }
+    assert_eq!(fs::read(m.path("new19")).unwrap(), b"x");
+}
+
+#[test]
+fn creates_use_pre_generated_keys_and_opens_hit_kms_once_per_file() {
+    let kms = Kms::start();
+    let v = kms_volume(&kms, "pool");
+    let m = mount(&v, &[]);
+    // Let the pool fill, then every create with content takes a ready key.
+    let start = Instant::now();
+    while kms.calls("GenerateDataKey") < 33 {
+        assert!(start.elapsed() < Duration::from_secs(20), "pool did not fill");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    kms.proxy(r#"{"latency_ms": 200}"#);
+    let t = Instant::now();
+    for i in 0..10 {
+        fs::write(m.path(&format!("f{i}")), b"data").unwrap();
+    }
+    assert!(t.elapsed() < Duration::from_millis(1500), "creates did not wait on 200 ms KMS calls: {:?}", t.elapsed());
+    kms.proxy(r#"{"latency_ms": 0}"#);
+    drop(m);
+    let m = mount(&v, &[]);
+    let before = kms.calls("Decrypt");
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                for i in 0..10 {
+                    assert_eq!(fs::read(m.path(&format!("f{i}"))).unwrap(), b"data");
+                }
+            });
+        }
+    });
+    assert_eq!(kms.calls("Decrypt") - before, 10, "one Decrypt per file, shared by concurrent opens");
+}

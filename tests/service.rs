@@ -1,0 +1,232 @@
+//! Running as a service: the systemd unit, sd_notify readiness and stop, the mount helper,
+//! the status socket, completions and the man page.
+
+mod common;
+
+use std::fs;
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{cli, is_mounted, TestVolume, BIN};
+
+fn ok(out: std::process::Output) -> String {
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn service_install_writes_a_unit_that_systemd_accepts() {
+    let vol = TestVolume::new(4096);
+    let root = vol.dir.path().join("root");
+    let mnt = vol.dir.path().join("mnt");
+    let opts = format!("key_file={},allow_other", vol.key.display());
+    ok(cli(&[
+        &"service",
+        &"install",
+        &"secret",
+        &"--backing",
+        &vol.backing,
+        &"--mountpoint",
+        &mnt,
+        &"-o",
+        &opts,
+        &"--root",
+        &root,
+    ]));
+    let unit = root.join("etc/systemd/system/envelopefs@.service");
+    let text = fs::read_to_string(&unit).unwrap();
+    assert!(text.contains(&format!("ExecStart={BIN} mount --foreground --config /etc/envelopefs/%i.toml")), "{text}");
+    assert!(text.contains("Type=notify"));
+    let conf = fs::read_to_string(root.join("etc/envelopefs/secret.toml")).unwrap();
+    assert!(conf.contains("allow_other"), "{conf}");
+    assert_eq!(fs::read_link(root.join("sbin/mount.fuse.envelopefs")).unwrap(), Path::new(BIN));
+
+    // systemd's own check, on an instance of the template.
+    let inst = vol.dir.path().join("units");
+    fs::create_dir(&inst).unwrap();
+    fs::copy(&unit, inst.join("envelopefs@.service")).unwrap();
+    let out =
+        Command::new("systemd-analyze").arg("verify").arg(inst.join("envelopefs@secret.service")).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "systemd-analyze verify: {err}");
+    assert!(!err.contains("envelopefs@"), "no warnings about the unit: {err}");
+
+    // The config the unit points at mounts.
+    fs::create_dir(&mnt).unwrap();
+    let conf_path = root.join("etc/envelopefs/secret.toml");
+    let log = vol.dir.path().join("log");
+    let out = cli(&[&"mount", &"--config", &conf_path, &"--log-file", &log]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mnt = fs::canonicalize(&mnt).unwrap();
+    assert!(is_mounted(&mnt));
+    fs::write(mnt.join("f"), b"via config").unwrap();
+    ok(cli(&[&"umount", &mnt]));
+}
+
+fn recv(sock: &UnixDatagram) -> String {
+    let mut buf = [0u8; 256];
+    let n = sock.recv(&mut buf).expect("a notification in time");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[test]
+fn notify_ready_after_the_mount_answers_and_clean_stop_on_sigterm() {
+    let vol = TestVolume::new(4096);
+    let mnt = vol.dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let mnt = fs::canonicalize(&mnt).unwrap();
+    let sock_path = vol.dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["mount", "--foreground", "--key-file"])
+        .arg(&vol.key)
+        .arg(&vol.backing)
+        .arg(&mnt)
+        .env("NOTIFY_SOCKET", &sock_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Guard<'a>(&'a Path, &'a mut std::process::Child);
+    impl Drop for Guard<'_> {
+        fn drop(&mut self) {
+            let c = std::ffi::CString::new(self.0.as_os_str().as_encoded_bytes()).unwrap();
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            let _ = self.1.kill();
+            let _ = self.1.wait();
+        }
+    }
+    let pid = child.id() as i32;
+    let g = Guard(&mnt, &mut child);
+    assert_eq!(recv(&sock), "READY=1");
+    // READY means the mount already answers.
+    assert!(is_mounted(&mnt));
+    fs::metadata(&mnt).unwrap();
+    let data = common::pattern(5, 300_000);
+    fs::write(mnt.join("pending"), &data).unwrap();
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    assert_eq!(recv(&sock), "STOPPING=1");
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = g.1.try_wait().unwrap() {
+            break s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "daemon did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    assert!(!is_mounted(&mnt));
+    drop(g);
+    let m = vol.mount(&[]);
+    assert_eq!(fs::read(m.path("pending")).unwrap(), data, "writes made before SIGTERM are there");
+}
+
+#[test]
+fn mount_helper_works_with_mount_t_fuse_envelopefs() {
+    let vol = TestVolume::new(4096);
+    let mnt = vol.dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let mnt = fs::canonicalize(&mnt).unwrap();
+    struct Guard<'a>(&'a Path, Option<&'static str>);
+    impl Drop for Guard<'_> {
+        fn drop(&mut self) {
+            let c = std::ffi::CString::new(self.0.as_os_str().as_encoded_bytes()).unwrap();
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            if let Some(link) = self.1 {
+                let _ = fs::remove_file(link);
+            }
+        }
+    }
+    let opts = format!("key_file={},nofail,_netdev", vol.key.display());
+    let check = |how: &str| {
+        assert!(is_mounted(&mnt), "{how}: not mounted");
+        fs::write(mnt.join("x"), how).unwrap();
+        assert_eq!(fs::read_to_string(mnt.join("x")).unwrap(), how);
+        ok(cli(&[&"umount", &mnt]));
+    };
+
+    // mount(8) runs /sbin/mount.fuse.envelopefs SRC MNT -o OPTS: install the helper the way
+    // `service install` does, unless the system already has one.
+    const HELPER: &str = "/sbin/mount.fuse.envelopefs";
+    let ours = !Path::new(HELPER).exists() && std::os::unix::fs::symlink(BIN, HELPER).is_ok();
+    let mut g = Guard(&mnt, ours.then_some(HELPER));
+    if fs::read_link(HELPER).is_ok_and(|t| t == Path::new(BIN)) {
+        let out = Command::new("mount")
+            .args(["-t", "fuse.envelopefs"])
+            .arg(&vol.backing)
+            .arg(&mnt)
+            .args(["-o", &opts])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "mount -t fuse.envelopefs: {}", String::from_utf8_lossy(&out.stderr));
+        check("mount -t fuse.envelopefs");
+    }
+    if ours {
+        let _ = fs::remove_file(HELPER);
+        g.1 = None;
+    }
+
+    // Without a dedicated helper mount(8) uses fuse3's mount.fuse3, which runs
+    // `envelopefs SRC MNT -o OPTS` from PATH.
+    let bin_dir = Path::new(BIN).parent().unwrap();
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let out = Command::new("mount.fuse3")
+        .arg(&vol.backing)
+        .arg(&mnt)
+        .args(["-t", "fuse.envelopefs", "-o", &opts])
+        .env("PATH", &path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "mount.fuse3: {}", String::from_utf8_lossy(&out.stderr));
+    check("mount.fuse3");
+
+    // The helper's calling convention by hand, through a link with the helper's name.
+    let link = vol.dir.path().join("mount.fuse.envelopefs");
+    std::os::unix::fs::symlink(BIN, &link).unwrap();
+    let out = Command::new(&link).arg(&vol.backing).arg(&mnt).args(["-n", "-o", &opts]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    check("helper by hand");
+    drop(g);
+}
+
+#[test]
+fn status_json_moves_as_files_are_used() {
+    let vol = TestVolume::new(4096);
+    let m = vol.mount(&[]);
+    let status = || -> serde_json::Value { serde_json::from_str(&ok(cli(&[&"status", &"--json", &m.mnt]))).unwrap() };
+    let s0 = status();
+    assert_eq!(s0["open_files"], 0);
+    assert_eq!(s0["errors"], 0);
+    fs::write(m.path("a"), b"hello").unwrap();
+    let f = fs::File::open(m.path("a")).unwrap();
+    let s1 = status();
+    assert_eq!(s1["open_files"], 1, "{s1}");
+    assert!(s1["provider_calls"].as_u64().unwrap() > s0["provider_calls"].as_u64().unwrap(), "{s1}");
+    assert!(s1["dek_cache_hits"].as_u64().unwrap() >= 1, "the open after the write hit the cache: {s1}");
+    drop(f);
+    // A tampered file shows up as an error with a reason.
+    let backing = vol.backing.join("a");
+    let mut raw = fs::read(&backing).unwrap();
+    let last = raw.len() - 1;
+    raw[last] ^= 1;
+    fs::write(&backing, raw).unwrap();
+    assert!(fs::read(m.path("a")).is_err());
+    let s2 = status();
+    assert_eq!(s2["open_files"], 0, "{s2}");
+    assert!(s2["errors"].as_u64().unwrap() >= 1, "{s2}");
+    assert!(s2["last_error"].as_str().unwrap().contains("does not authenticate"), "{s2}");
+    let human = ok(cli(&[&"status", &m.mnt]));
+    assert!(human.contains("DEK cache") && human.contains("open files"), "{human}");
+}
+
+#[test]
+fn completions_and_man_page() {
+    let bash = ok(cli(&[&"completions", &"bash"]));
+    assert!(bash.contains("envelopefs") && bash.contains("rekey"), "{}", &bash[..200.min(bash.len())]);
+    let man = ok(cli(&[&"man"]));
+    assert!(man.starts_with(".ie") || man.contains(".TH envelopefs"), "{}", &man[..200.min(man.len())]);
+}

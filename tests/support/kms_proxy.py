@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""A loopback proxy in front of a KMS-compatible server (moto) for fault injection.
+
+moto does not enforce disabled keys and answers some errors differently from real KMS;
+this proxy lets tests (and bench/) add latency, answer DisabledException, throttle, or drop
+connections, and counts calls per KMS operation. Control it with
+POST /__proxy {"mode": "ok"|"disabled"|"down", "latency_ms": N, "throttle": N}
+and read counts with GET /__proxy.
+
+    kms_proxy.py --port 0 --upstream http://127.0.0.1:5000   # prints the port it took
+"""
+
+import argparse
+import http.client
+import json
+import threading
+import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+STATE = {"mode": "ok", "latency_ms": 0, "throttle": 0, "calls": {}}
+LOCK = threading.Lock()
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def reply(self, status, body, ctype="application/x-amz-json-1.1"):
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        with LOCK:
+            self.reply(200, {k: v for k, v in STATE.items()}, "application/json")
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.path.startswith("/__proxy"):
+            with LOCK:
+                STATE.update(json.loads(body or b"{}"))
+                if STATE.get("reset_calls"):
+                    STATE["calls"] = {}
+                    STATE.pop("reset_calls")
+            return self.reply(200, {"ok": True}, "application/json")
+        op = self.headers.get("X-Amz-Target", "?").split(".")[-1]
+        with LOCK:
+            STATE["calls"][op] = STATE["calls"].get(op, 0) + 1
+            mode, latency = STATE["mode"], STATE["latency_ms"]
+            throttled = STATE["throttle"] > 0
+            if throttled:
+                STATE["throttle"] -= 1
+        if latency:
+            time.sleep(latency / 1000)
+        if mode == "down":
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
+        if throttled:
+            return self.reply(400, {"__type": "ThrottlingException", "message": "Rate exceeded"})
+        if mode == "disabled" and op in ("Decrypt", "GenerateDataKey", "ReEncrypt", "Encrypt"):
+            return self.reply(400, {"__type": "DisabledException", "message": "key is disabled (injected)"})
+        up = urllib.parse.urlparse(self.server.upstream)
+        conn = http.client.HTTPConnection(up.hostname, up.port, timeout=30)
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "content-length")}
+        conn.request("POST", self.path, body=body, headers=headers)
+        resp = conn.getresponse()
+        data = resp.read()
+        self.send_response(resp.status)
+        for k, v in resp.getheaders():
+            if k.lower() not in ("connection", "content-length", "transfer-encoding", "server", "date"):
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        conn.close()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--upstream", required=True)
+    ap.add_argument("--latency-ms", type=int, default=0)
+    a = ap.parse_args()
+    STATE["latency_ms"] = a.latency_ms
+    srv = ThreadingHTTPServer(("127.0.0.1", a.port), Handler)
+    srv.daemon_threads = True
+    srv.upstream = a.upstream
+    print(srv.server_address[1], flush=True)
+    srv.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
