@@ -8,6 +8,8 @@ reports medians and ratios. Run as root:
 
     python3 bench/run.py                 # defaults: 3 rounds, ~10 minutes on 2 cores
     python3 bench/run.py --quick         # 1 round, smaller sizes: a smoke test
+    python3 bench/run.py --systems envelopefs,envelopefs-kms,envelopefs-kms-10ms --workloads smallfiles
+                                         # the aws-kms provider vs local (needs moto: pip install moto flask flask-cors)
 
 Writes results/<stamp>/{results.json,results.csv,table.md,chart.svg} under bench/.
 """
@@ -137,6 +139,68 @@ class Envelopefs(System):
             sh(self.binary, "umount", self.path, check=False)
 
 
+class EnvelopefsKms(Envelopefs):
+    """envelopefs on the aws-kms provider: moto's KMS on loopback behind the fault-injection
+    proxy from tests/support, which adds `latency_ms` to every KMS call and counts calls."""
+
+    def __init__(self, name, work, binary, latency_ms):
+        super().__init__(name, work, binary, [])
+        self.latency_ms = latency_ms
+        self.env = dict(os.environ, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+                        AWS_REGION="us-east-1", AWS_DEFAULT_REGION="us-east-1")
+
+    def create(self):
+        System.create(self)
+        if shutil.which("moto_server") is None:
+            sys.exit("missing moto_server: pip install moto flask flask-cors")
+        port = free_port()
+        self.moto = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                import socket
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        self.proxy = subprocess.Popen(["python3", str(REPO / "tests/support/kms_proxy.py"), "--upstream", url,
+                                       "--latency-ms", str(self.latency_ms)], stdout=subprocess.PIPE, text=True)
+        self.proxy_url = f"http://127.0.0.1:{self.proxy.stdout.readline().strip()}"
+        code = (f"import boto3; c = boto3.client('kms', endpoint_url='{url}'); "
+                "print(c.create_key()['KeyMetadata']['Arn'])")
+        arn = subprocess.run(["python3", "-c", code], env=self.env, check=True, capture_output=True, text=True).stdout.strip()
+        subprocess.run([self.binary, "init", "--provider", "aws-kms", "--key-id", arn, "--kms-endpoint", self.proxy_url,
+                        self.backing], env=self.env, check=True, capture_output=True)
+
+    def mount(self):
+        self.log = self.root / "envelopefs.log"
+        subprocess.run([self.binary, "mount", "--log-file", self.log, self.backing, self.path],
+                       env=self.env, check=True, capture_output=True)
+
+    def calls(self):
+        import urllib.request
+        with urllib.request.urlopen(self.proxy_url + "/__proxy") as r:
+            return json.load(r)["calls"]
+
+    def unmount(self):
+        super().unmount()
+
+    def stop(self):
+        for p in (getattr(self, "proxy", None), getattr(self, "moto", None)):
+            if p:
+                p.kill()
+
+
+def free_port():
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
 # ---------------------------------------------------------------- workloads
 
 
@@ -217,6 +281,37 @@ def w_opens(s, cfg):
     return {"open-cold": cold, "open-warm": once()}
 
 
+def w_smallfiles(s, cfg):
+    """Create many 1 KiB files (each needs a new wrapped DEK), then open them all after a
+    remount (each needs an unwrap). KMS systems also report KMS calls per operation."""
+    d = s.path / "small"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir()
+    n = cfg.small_files
+    calls0 = s.calls() if hasattr(s, "calls") else None
+    t = time.perf_counter()
+    for i in range(n):
+        with open(d / f"f{i}", "wb") as f:
+            f.write(b"x" * 1024)
+    creates = n / (time.perf_counter() - t)
+    s.remount()
+    calls1 = s.calls() if hasattr(s, "calls") else None
+    t = time.perf_counter()
+    for i in range(n):
+        with open(d / f"f{i}", "rb") as f:
+            f.read(1)
+    opens = n / (time.perf_counter() - t)
+    out = {"create-1k": creates, "open-after-remount": opens}
+    if calls0 is not None:
+        calls2 = s.calls()
+        gen = calls1.get("GenerateDataKey", 0) - calls0.get("GenerateDataKey", 0)
+        dec = calls2.get("Decrypt", 0) - calls1.get("Decrypt", 0)
+        out["kms-calls-per-create"] = gen / n
+        out["kms-calls-per-open"] = dec / n
+    shutil.rmtree(d)
+    return out
+
+
 # metric, unit, higher is better
 METRICS = [
     ("seq-write", "MB/s", True),
@@ -229,8 +324,12 @@ METRICS = [
     ("rm-rf", "s", False),
     ("open-cold", "opens/s", True),
     ("open-warm", "opens/s", True),
+    ("create-1k", "files/s", True),
+    ("open-after-remount", "opens/s", True),
+    ("kms-calls-per-create", "calls", False),
+    ("kms-calls-per-open", "calls", False),
 ]
-WORKLOADS = {"seq": w_seq, "rand": w_rand, "tree": w_tree, "opens": w_opens}
+WORKLOADS = {"seq": w_seq, "rand": w_rand, "tree": w_tree, "opens": w_opens, "smallfiles": w_smallfiles}
 
 
 def make_tarball(path, files, seed=1):
@@ -311,8 +410,9 @@ def main():
     ap.add_argument("--rand-secs", type=int, default=6, help="seconds per random I/O run")
     ap.add_argument("--files", type=int, default=10000, help="files in the small-file tree")
     ap.add_argument("--open-files", type=int, default=2000)
+    ap.add_argument("--small-files", type=int, default=2000, help="files in the smallfiles workload")
     ap.add_argument("--systems", default="bare,passthrough,gocryptfs,envelopefs,envelopefs-rustcrypto")
-    ap.add_argument("--workloads", default=",".join(WORKLOADS), help="of: " + ", ".join(WORKLOADS))
+    ap.add_argument("--workloads", default="seq,rand,tree,opens", help="of: " + ", ".join(WORKLOADS))
     ap.add_argument("--dir", default="/var/tmp/envelopefs-bench", help="work directory (same disk for all)")
     ap.add_argument("--binary", default=str(REPO / "target/release/envelopefs"))
     ap.add_argument("--quick", action="store_true", help="1 round, small sizes")
@@ -341,6 +441,8 @@ def main():
         "envelopefs": lambda: Envelopefs("envelopefs", work, cfg.binary, []),
         "envelopefs-rustcrypto": lambda: Envelopefs("envelopefs-rustcrypto", work, cfg.binary, ["--crypto", "rustcrypto"]),
         "envelopefs-writeback": lambda: Envelopefs("envelopefs-writeback", work, cfg.binary, ["--writeback-cache"]),
+        "envelopefs-kms": lambda: EnvelopefsKms("envelopefs-kms", work, cfg.binary, 0),
+        "envelopefs-kms-10ms": lambda: EnvelopefsKms("envelopefs-kms-10ms", work, cfg.binary, 10),
     }
     names = cfg.systems.split(",")
     systems = [makers[n]() for n in names]
@@ -361,6 +463,8 @@ def main():
     finally:
         for s in systems:
             s.unmount()
+            if hasattr(s, "stop"):
+                s.stop()
     chosen = [m for m in METRICS if (m[0], names[0]) in samples]
 
     medians = {k: statistics.median(v) for k, v in samples.items()}

@@ -221,6 +221,8 @@ pub struct KeyUsage {
     pub any_slot: std::collections::BTreeMap<u32, u64>,
     pub empty: u64,
     pub unreadable: u64,
+    /// Files whose newest header wraps under another KEK than the current one (KMS `--to-key`).
+    pub other_key: u64,
 }
 
 /// Count headers by KEK version (the newest slot that decodes; no key is unwrapped).
@@ -228,6 +230,7 @@ pub fn key_usage(vol: &Volume) -> Result<KeyUsage> {
     let mut usage = KeyUsage::default();
     let files = crate::rekey::volume_files(&vol.root)?;
     let kind = vol.provider.kind();
+    let current_id = vol.provider.kek_id();
     let mut region = vec![0u8; vol.geometry.header_size as usize];
     for path in files {
         let Ok(f) = File::open(&path) else {
@@ -246,7 +249,11 @@ pub fn key_usage(vol: &Volume) -> Result<KeyUsage> {
         match slots.first() {
             Some((_, Ok(v))) => {
                 for r in v.header.records.iter().filter(|r| r.provider == kind) {
-                    *usage.files.entry(r.kek_version).or_default() += 1;
+                    if r.kek_id == current_id {
+                        *usage.files.entry(r.kek_version).or_default() += 1;
+                    } else {
+                        usage.other_key += 1;
+                    }
                 }
             }
             _ => usage.unreadable += 1,

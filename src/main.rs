@@ -175,6 +175,11 @@ enum Cmd {
         /// Files processed in parallel.
         #[arg(long, default_value_t = 4)]
         jobs: usize,
+        /// aws-kms: move the volume to another KMS key (ReEncrypt), e.g. alias/app/next.
+        /// The config names the new key at once; files move as rekey proceeds, and the old
+        /// key can be disabled when `key status` shows none left on it.
+        #[arg(long, value_name = "KEY", requires = "rewrap")]
+        to_key: Option<String>,
         /// Append one JSON line per key operation to this file.
         #[arg(long, value_name = "FILE")]
         audit_log: Option<PathBuf>,
@@ -340,7 +345,7 @@ struct MountArgs {
     /// Append one JSON line per key operation (wrap, unwrap) to this file (docs/AUDIT.md).
     #[arg(long, value_name = "FILE")]
     audit_log: Option<PathBuf>,
-    /// aws-kms: wrapped data keys generated ahead for new files (default 32; 0 = none).
+    /// aws-kms: wrapped data keys generated ahead for new files (default 256; 0 = none).
     #[arg(long, value_name = "N")]
     kms_pool: Option<usize>,
     /// aws-kms: seconds one KMS call may take, retries included (default 20); an outage
@@ -523,10 +528,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut std::io::stdout())?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Rekey { backing, rewrap: _, reencrypt, paths, jobs, audit_log, secret } => {
+        Cmd::Rekey { backing, rewrap: _, reencrypt, paths, jobs, to_key, audit_log, secret } => {
             let mode = if reencrypt { rekey::Mode::Reencrypt } else { rekey::Mode::Rewrap };
             let opts = OpenOptions { audit_log, ..OpenOptions::default() };
-            let vol = Volume::open(&backing, &secret.source(), &opts)?;
+            let vol = match to_key {
+                None => Volume::open(&backing, &secret.source(), &opts)?,
+                Some(k) => move_to_key(&backing, &k, &opts)?,
+            };
             let _lock = if mode == rekey::Mode::Reencrypt {
                 Some(lock_volume(&backing).context("rekey --reencrypt rewrites files: unmount the volume first")?)
             } else {
@@ -590,6 +598,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// `rekey --to-key`: point the volume at another KMS key, then rewrap moves the files.
+fn move_to_key(backing: &Path, key: &str, opts: &OpenOptions) -> Result<Volume> {
+    let mut cfg = volume::VolumeConfig::load(backing)?;
+    let volume_id = cfg.volume_id()?;
+    let volume::ProviderConfig::AwsKms { key_id, region, endpoint } = &mut cfg.provider else {
+        bail!("--to-key is supported for aws-kms volumes (local and pkcs11 rotate versions with `key rotate`)");
+    };
+    let mut settings = envelopefs::keys::aws_kms::KmsSettings::new(key);
+    settings.region.clone_from(region);
+    settings.endpoint.clone_from(endpoint);
+    let dest = envelopefs::keys::aws_kms::AwsKmsProvider::open(&settings, volume_id)?;
+    if *key_id != dest.arn() {
+        info!("moving the volume from {key_id} to {}", dest.arn());
+        *key_id = dest.arn().to_owned();
+        volume::write_config(backing, &cfg).context("updating envelopefs.toml")?;
+    }
+    Ok(Volume::with_provider(backing, cfg, Arc::new(dest), opts)?)
+}
+
 fn key_cmd(cmd: KeyCmd) -> Result<ExitCode> {
     match cmd {
         KeyCmd::Create { module, key, secret } => {
@@ -642,6 +669,9 @@ fn key_cmd(cmd: KeyCmd) -> Result<ExitCode> {
                 }
             }
             println!("  {} files without a header yet (empty)", usage.empty);
+            if usage.other_key > 0 {
+                println!("  {} files still wrap under another key: `envelopefs rekey --rewrap`", usage.other_key);
+            }
             let stale: u64 = usage.any_slot.iter().filter(|(v, _)| Some(**v) != current).map(|(_, n)| n).sum();
             if stale > 0 {
                 println!(

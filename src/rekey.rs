@@ -128,8 +128,10 @@ pub fn rewrap_file(vol: &Volume, path: &Path) -> Result<bool> {
     f.read_exact_at(&mut region, 0).map_err(|e| ctx_err(Error::io(e, "reading header")))?;
     let opened = vol.open_header(&region, &describe(path)).map_err(ctx_err)?;
     let current = vol.provider.current_version().map_err(ctx_err)?;
+    let kek_id = vol.provider.kek_id();
     let kind = vol.provider.kind();
-    let is_current = |h: &Header| h.records.iter().filter(|r| r.provider == kind).all(|r| r.kek_version == current);
+    let stale = |r: &crate::envelope::KeyRecord| r.provider == kind && (r.kek_version != current || r.kek_id != kek_id);
+    let is_current = |h: &Header| !h.records.iter().any(stale);
     let other = 1 - opened.slot;
     let other_current = match decode_region(&region).into_iter().find(|(i, _)| *i == other) {
         Some((_, Ok(v))) => is_current(&v.header) && opened.key.verify_header_tag(&v.authenticated, &v.tag),
@@ -142,7 +144,7 @@ pub fn rewrap_file(vol: &Volume, path: &Path) -> Result<bool> {
     let ctx = KeyContext { volume_id: &vol.volume_id, file_id: &h.file_id };
     let mut records = Vec::with_capacity(h.records.len());
     for r in &h.records {
-        if r.provider == kind && r.kek_version != current {
+        if stale(r) {
             let res = vol.provider.rewrap(r, &ctx);
             vol.audit("rewrap", &h.file_id, &describe(path), r, res.as_ref().map(drop));
             records.push(res.map_err(ctx_err)?);

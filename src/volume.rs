@@ -227,25 +227,27 @@ pub fn init(root: &Path, secret: &SecretSource, opts: &InitOptions) -> Result<Vo
     };
     // The config is written last: a volume without it is not a volume, so a failure here
     // leaves only the keyring, which is removed.
-    let written = (|| -> std::io::Result<()> {
-        let text = format!(
-            "# envelopefs volume. Holds no secrets; do not edit (the format is in docs/FORMAT.md).\n{}",
-            toml::to_string(&cfg).expect("config serializes")
-        );
-        let tmp = root.join(format!("{CONFIG_NAME}.tmp"));
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        fs::rename(&tmp, root.join(CONFIG_NAME))?;
-        fs::File::open(root)?.sync_all()
-    })();
-    if let Err(e) = written {
+    if let Err(e) = write_config(root, &cfg) {
         if let Some(k) = made_keyring {
             let _ = fs::remove_file(k);
         }
         return Err(Error::io(e, format!("writing {}", root.join(CONFIG_NAME).display())));
     }
     Ok(cfg)
+}
+
+/// Replace `envelopefs.toml` atomically (temp file, fsync, rename, fsync of the directory).
+pub fn write_config(root: &Path, cfg: &VolumeConfig) -> std::io::Result<()> {
+    let text = format!(
+        "# envelopefs volume. Holds no secrets; do not edit (the format is in docs/FORMAT.md).\n{}",
+        toml::to_string(cfg).expect("config serializes")
+    );
+    let tmp = root.join(format!("{CONFIG_NAME}.tmp"));
+    let mut f = fs::File::create(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    fs::rename(&tmp, root.join(CONFIG_NAME))?;
+    fs::File::open(root)?.sync_all()
 }
 
 /// Wrap and unwrap a throwaway key: proves the KEK is there and usable.

@@ -132,7 +132,7 @@ fn creates_use_pre_generated_keys_and_opens_hit_kms_once_per_file() {
     let m = mount(&v, &[]);
     // Let the pool fill, then every create with content takes a ready key.
     let start = Instant::now();
-    while kms.calls("GenerateDataKey") < 33 {
+    while kms.calls("GenerateDataKey") < 257 {
         assert!(start.elapsed() < Duration::from_secs(20), "pool did not fill");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -156,4 +156,43 @@ fn creates_use_pre_generated_keys_and_opens_hit_kms_once_per_file() {
         }
     });
     assert_eq!(kms.calls("Decrypt") - before, 10, "one Decrypt per file, shared by concurrent opens");
+}
+
+#[test]
+fn kms_rotate_rewrap_with_reencrypt_then_move_to_another_key_and_disable_the_old_one() {
+    let kms = Kms::start();
+    let v = kms_volume(&kms, "first");
+    let first = fs::read_to_string(v.backing.join("envelopefs.toml")).unwrap();
+    let first_arn = first.split("key_id = \"").nth(1).unwrap().split('"').next().unwrap().to_owned();
+    let m = mount(&v, &[]);
+    let mut expect = Vec::new();
+    for i in 0..5 {
+        let data = pattern(50 + i, 9000);
+        fs::write(m.path(&format!("f{i}")), &data).unwrap();
+        expect.push((format!("f{i}"), data));
+    }
+    drop(m);
+    // Rotation keeps the key id; ReEncrypt moves headers to the new rotation.
+    assert!(ok(cli(&[&"key", &"rotate", &v.backing])).contains("version 1 is now current"));
+    let before = kms.calls("ReEncrypt");
+    assert!(ok(cli(&[&"rekey", &"--rewrap", &v.backing])).contains("5 files changed"));
+    assert_eq!(kms.calls("ReEncrypt") - before, 5, "re-wrapped by ReEncrypt, the DEK never left KMS");
+    let status = ok(cli(&[&"key", &"status", &v.backing]));
+    assert!(status.contains("version 1 (current): 5 files") && status.contains("version 0: 0 files"), "{status}");
+
+    // Move to another key, then disable the first: every file still opens.
+    let second_arn = kms.create_key("second");
+    let text = ok(cli(&[&"rekey", &"--rewrap", &"--to-key", &"alias/second", &v.backing]));
+    assert!(text.contains("5 files changed"), "{text}");
+    let cfg = fs::read_to_string(v.backing.join("envelopefs.toml")).unwrap();
+    assert!(cfg.contains(&second_arn), "{cfg}");
+    assert!(ok(cli(&[&"inspect", &v.backing.join("f0")])).contains(&second_arn));
+    kms.proxy(&format!(r#"{{"disabled_keys": ["{first_arn}"]}}"#));
+    let m = mount(&v, &[]);
+    for (name, data) in &expect {
+        assert_eq!(&fs::read(m.path(name)).unwrap(), data, "{name}");
+    }
+    fs::write(m.path("new"), b"on the second key").unwrap();
+    drop(m);
+    assert!(ok(cli(&[&"inspect", &v.backing.join("new")])).contains(&second_arn));
 }

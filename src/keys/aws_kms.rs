@@ -48,7 +48,7 @@ impl KmsSettings {
             key_id: key_id.to_owned(),
             region: None,
             endpoint: None,
-            pool_size: 32,
+            pool_size: 256,
             max_attempts: 6,
             call_timeout: Duration::from_secs(20),
         }
@@ -56,6 +56,9 @@ impl KmsSettings {
 }
 
 type Ready = (FileId, Dek, KeyRecord);
+
+/// GenerateDataKey calls in flight at once while refilling the pool.
+const REFILL_CONCURRENCY: usize = 16;
 
 pub struct AwsKmsProvider {
     rt: tokio::runtime::Runtime,
@@ -223,15 +226,22 @@ impl AwsKmsProvider {
             (self.client.clone(), self.arn.clone(), self.volume_id, self.pool.clone(), self.refilling.clone());
         let version = self.rotations.load(Ordering::Relaxed);
         self.rt.spawn(async move {
+            // Bounded concurrency: fast to refill, gentle on the KMS request quota.
             let mut tasks = tokio::task::JoinSet::new();
-            for _ in 0..missing {
-                tasks.spawn(Self::generate_one(client.clone(), arn.clone(), vid, version));
-            }
-            while let Some(r) = tasks.join_next().await {
-                match r {
-                    Ok(Ok(ready)) => pool.lock().unwrap().push_back(ready),
-                    Ok(Err(e)) => tracing::warn!("refilling the data-key pool: {e}"),
-                    Err(e) => tracing::warn!("refilling the data-key pool: {e}"),
+            let mut started = 0;
+            loop {
+                while started < missing && tasks.len() < REFILL_CONCURRENCY {
+                    tasks.spawn(Self::generate_one(client.clone(), arn.clone(), vid, version));
+                    started += 1;
+                }
+                match tasks.join_next().await {
+                    Some(Ok(Ok(ready))) => pool.lock().unwrap().push_back(ready),
+                    Some(Ok(Err(e))) => {
+                        tracing::warn!("refilling the data-key pool: {e}");
+                        break;
+                    }
+                    Some(Err(e)) => tracing::warn!("refilling the data-key pool: {e}"),
+                    None => break,
                 }
             }
             flag.store(false, Ordering::Release);
@@ -242,6 +252,10 @@ impl AwsKmsProvider {
 impl KeyProvider for AwsKmsProvider {
     fn kind(&self) -> ProviderKind {
         ProviderKind::AwsKms
+    }
+
+    fn kek_id(&self) -> String {
+        self.arn.clone()
     }
 
     fn describe(&self) -> String {

@@ -298,6 +298,10 @@ impl KeyProvider for LocalProvider {
         ProviderKind::Local
     }
 
+    fn kek_id(&self) -> String {
+        KEK_ID.to_owned()
+    }
+
     fn describe(&self) -> String {
         format!("local keyring {}", self.path.display())
     }

@@ -47,6 +47,9 @@ pub trait KeyProvider: Send + Sync {
     /// A short description for logs and `inspect` (never a secret).
     fn describe(&self) -> String;
 
+    /// The KEK id new key records carry (with `current_version`, what "current" means).
+    fn kek_id(&self) -> String;
+
     /// A fresh DEK and its wrapped form under the current KEK (like KMS GenerateDataKey).
     fn generate(&self, ctx: &KeyContext<'_>) -> Result<(Dek, KeyRecord)>;
 

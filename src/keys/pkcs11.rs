@@ -390,6 +390,10 @@ impl KeyProvider for Pkcs11Provider {
         ProviderKind::Pkcs11
     }
 
+    fn kek_id(&self) -> String {
+        self.uri.key_id()
+    }
+
     fn describe(&self) -> String {
         format!("PKCS#11 key {} via {}", self.uri.key_id(), self.module.display())
     }

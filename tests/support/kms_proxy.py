@@ -4,7 +4,8 @@
 moto does not enforce disabled keys and answers some errors differently from real KMS;
 this proxy lets tests (and bench/) add latency, answer DisabledException, throttle, or drop
 connections, and counts calls per KMS operation. Control it with
-POST /__proxy {"mode": "ok"|"disabled"|"down", "latency_ms": N, "throttle": N}
+POST /__proxy {"mode": "ok"|"disabled"|"down", "latency_ms": N, "throttle": N,
+"disabled_keys": [ARN, ...]}
 and read counts with GET /__proxy.
 
     kms_proxy.py --port 0 --upstream http://127.0.0.1:5000   # prints the port it took
@@ -13,17 +14,25 @@ and read counts with GET /__proxy.
 import argparse
 import http.client
 import json
+import socket
 import threading
 import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-STATE = {"mode": "ok", "latency_ms": 0, "throttle": 0, "calls": {}}
+STATE = {"mode": "ok", "latency_ms": 0, "throttle": 0, "calls": {}, "disabled_keys": []}
 LOCK = threading.Lock()
 
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Buffer each reply and send it in one piece: headers and body in separate segments
+    # meet delayed ACKs and cost ~40 ms per call.
+    wbufsize = 1 << 16
+
+    def setup(self):
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def log_message(self, *args):
         pass
@@ -35,6 +44,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+        self.wfile.flush()
 
     def do_GET(self):
         with LOCK:
@@ -53,6 +63,7 @@ class Handler(BaseHTTPRequestHandler):
         with LOCK:
             STATE["calls"][op] = STATE["calls"].get(op, 0) + 1
             mode, latency = STATE["mode"], STATE["latency_ms"]
+            disabled_keys = list(STATE["disabled_keys"])
             throttled = STATE["throttle"] > 0
             if throttled:
                 STATE["throttle"] -= 1
@@ -60,10 +71,18 @@ class Handler(BaseHTTPRequestHandler):
             time.sleep(latency / 1000)
         if mode == "down":
             self.close_connection = True
+            self.wfile.flush()
             self.connection.shutdown(2)
             return
         if throttled:
             return self.reply(400, {"__type": "ThrottlingException", "message": "Rate exceeded"})
+        try:
+            req = json.loads(body or b"{}")
+        except ValueError:
+            req = {}
+        uses = {req.get("KeyId"), req.get("SourceKeyId"), req.get("DestinationKeyId")}
+        if disabled_keys and uses & set(disabled_keys):
+            return self.reply(400, {"__type": "DisabledException", "message": "key is disabled (injected)"})
         if mode == "disabled" and op in ("Decrypt", "GenerateDataKey", "ReEncrypt", "Encrypt"):
             return self.reply(400, {"__type": "DisabledException", "message": "key is disabled (injected)"})
         up = urllib.parse.urlparse(self.server.upstream)
@@ -79,6 +98,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+        self.wfile.flush()
         conn.close()
 
 
