@@ -440,7 +440,7 @@ def main():
         "gocryptfs": lambda: Gocryptfs("gocryptfs", work),
         "envelopefs": lambda: Envelopefs("envelopefs", work, cfg.binary, []),
         "envelopefs-rustcrypto": lambda: Envelopefs("envelopefs-rustcrypto", work, cfg.binary, ["--crypto", "rustcrypto"]),
-        "envelopefs-writeback": lambda: Envelopefs("envelopefs-writeback", work, cfg.binary, ["--writeback-cache"]),
+        "envelopefs-no-writeback": lambda: Envelopefs("envelopefs-no-writeback", work, cfg.binary, ["--no-writeback-cache"]),
         "envelopefs-kms": lambda: EnvelopefsKms("envelopefs-kms", work, cfg.binary, 0),
         "envelopefs-kms-10ms": lambda: EnvelopefsKms("envelopefs-kms-10ms", work, cfg.binary, 10),
     }

@@ -298,7 +298,7 @@ struct MountArgs {
     #[arg(short, long)]
     foreground: bool,
     /// Mount options, comma separated, for fstab and `mount -t fuse.envelopefs`: allow_other,
-    /// ro, rw, writeback_cache, threads=N, attr_timeout=S, entry_timeout=S, key_file=F,
+    /// ro, rw, no_writeback_cache, threads=N, attr_timeout=S, entry_timeout=S, key_file=F,
     /// passphrase_file=F, pin_file=F, log_file=F, audit_log=F, cache_ttl=S, cache_tti=S,
     /// cache_max=N, crypto=aws-lc|rustcrypto (fstab words such as _netdev, nofail, defaults,
     /// x-systemd.* are accepted and ignored).
@@ -320,9 +320,13 @@ struct MountArgs {
     /// Seconds the kernel may cache name lookups.
     #[arg(long, default_value_t = 1.0)]
     entry_timeout: f64,
-    /// Let the kernel cache writes and send them in pages (faster small writes).
-    #[arg(long)]
+    /// Let the kernel cache writes and send them in pages (the default; kept for scripts).
+    #[arg(long, hide = true)]
     writeback_cache: bool,
+    /// Send every write straight to the daemon instead of through the kernel's writeback
+    /// cache (slower small writes; see docs/PERFORMANCE.md).
+    #[arg(long)]
+    no_writeback_cache: bool,
     /// AES-GCM implementation.
     #[arg(long, default_value = "aws-lc", value_parser = ["aws-lc", "rustcrypto"])]
     crypto: String,
@@ -753,7 +757,8 @@ fn resolve_mount_args(a: &mut MountArgs) -> Result<()> {
             "allow_other" => a.allow_other = true,
             "ro" => a.read_only = true,
             "rw" => a.read_only = false,
-            "writeback_cache" => a.writeback_cache = true,
+            "writeback_cache" => a.no_writeback_cache = false,
+            "no_writeback_cache" => a.no_writeback_cache = true,
             "threads" => a.threads = num()? as usize,
             "attr_timeout" => a.attr_timeout = num()?,
             "entry_timeout" => a.entry_timeout = num()?,
@@ -805,7 +810,7 @@ fn mount_options(args: &MountArgs) -> MountOptions {
         threads: args.threads,
         attr_timeout: Duration::from_secs_f64(args.attr_timeout),
         entry_timeout: Duration::from_secs_f64(args.entry_timeout),
-        writeback_cache: args.writeback_cache,
+        writeback_cache: !args.no_writeback_cache,
         fsname: backing(args).display().to_string(),
         ..MountOptions::default()
     }

@@ -142,3 +142,35 @@ fn forgotten_inodes_release_their_descriptors() {
     }
     assert_eq!(fs.inode_count(), before);
 }
+
+#[test]
+fn readdirplus_counts_a_lookup_per_entry_and_gives_back_what_does_not_fit() {
+    let vol = TestVolume::new(4096);
+    let fs = vol.fs();
+    for i in 0..5 {
+        let (a, fh) = fs.create(ROOT_INO, OsStr::new(&format!("f{i}")), 0o644, 0, libc::O_RDWR, ROOT).unwrap();
+        fs.write(fh, 0, &pattern(i, 100 * (i as usize + 1))).unwrap();
+        fs.release(fh);
+        fs.forget(a.ino, 1);
+    }
+    let base = fs.inode_count();
+    let dh = fs.opendir(ROOT_INO).unwrap();
+    let mut seen = Vec::new();
+    // Room for ".", "..", and two files: the third file does not fit and is given back.
+    fs.readdirplus(dh, 0, |e, _, a| {
+        if seen.len() == 4 {
+            return true;
+        }
+        seen.push((e.name.clone(), a.size));
+        false
+    })
+    .unwrap();
+    assert_eq!(fs.inode_count(), base + 2, "two files were handed out with a lookup each");
+    let files: Vec<_> = seen.iter().filter(|(n, _)| n != "." && n != "..").collect();
+    assert_eq!(files.len(), 2);
+    for (name, size) in files {
+        let i: u64 = name.to_str().unwrap()[1..].parse().unwrap();
+        assert_eq!(*size, 100 * (i + 1), "plaintext size in the attributes");
+    }
+    fs.releasedir(dh);
+}

@@ -37,10 +37,10 @@ fn round_trip_and_backing_holds_no_plaintext() {
     round_trip_and_backing_holds_no_plaintext_with(&[]);
 }
 
-/// The same with the kernel's writeback cache (a mount option that changes how writes arrive).
+/// The same without the kernel's writeback cache (every write reaches the daemon as issued).
 #[test]
-fn round_trip_and_backing_holds_no_plaintext_writeback() {
-    round_trip_and_backing_holds_no_plaintext_with(&["--writeback-cache"]);
+fn round_trip_and_backing_holds_no_plaintext_no_writeback() {
+    round_trip_and_backing_holds_no_plaintext_with(&["--no-writeback-cache"]);
 }
 
 fn round_trip_and_backing_holds_no_plaintext_with(opts: &[&str]) {
@@ -200,10 +200,10 @@ fn posix_basics_through_the_mount() {
     posix_basics_through_the_mount_with(&[]);
 }
 
-/// The same with the kernel's writeback cache (a mount option that changes how writes arrive).
+/// The same without the kernel's writeback cache (every write reaches the daemon as issued).
 #[test]
-fn posix_basics_through_the_mount_writeback() {
-    posix_basics_through_the_mount_with(&["--writeback-cache"]);
+fn posix_basics_through_the_mount_no_writeback() {
+    posix_basics_through_the_mount_with(&["--no-writeback-cache"]);
 }
 
 fn posix_basics_through_the_mount_with(opts: &[&str]) {
@@ -274,10 +274,10 @@ fn concurrent_writers_and_readers_on_one_file() {
     concurrent_writers_and_readers_on_one_file_with(&[]);
 }
 
-/// The same with the kernel's writeback cache (a mount option that changes how writes arrive).
+/// The same without the kernel's writeback cache (every write reaches the daemon as issued).
 #[test]
-fn concurrent_writers_and_readers_on_one_file_writeback() {
-    concurrent_writers_and_readers_on_one_file_with(&["--writeback-cache"]);
+fn concurrent_writers_and_readers_on_one_file_no_writeback() {
+    concurrent_writers_and_readers_on_one_file_with(&["--no-writeback-cache"]);
 }
 
 fn concurrent_writers_and_readers_on_one_file_with(opts: &[&str]) {
