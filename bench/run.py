@@ -6,7 +6,7 @@ gocryptfs, and envelopefs (each crypto backend), then runs every workload interl
 across systems (A B C A B C ...) for several rounds so machine drift cancels out, and
 reports medians and ratios. Run as root:
 
-    python3 bench/run.py                 # defaults: 3 rounds, ~10 minutes on 2 cores
+    python3 bench/run.py                 # defaults: 3 rounds, 5 systems, under 10 minutes on 2 cores
     python3 bench/run.py --quick         # 1 round, smaller sizes: a smoke test
     python3 bench/run.py --systems envelopefs,envelopefs-kms,envelopefs-kms-10ms --workloads smallfiles
                                          # the aws-kms provider vs local (needs moto: pip install moto flask flask-cors)
@@ -405,10 +405,10 @@ def svg_chart(results, systems, path):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--seq-mib", type=int, default=1024, help="sequential file size")
-    ap.add_argument("--rand-mib", type=int, default=256, help="random I/O file size")
-    ap.add_argument("--rand-secs", type=int, default=6, help="seconds per random I/O run")
-    ap.add_argument("--files", type=int, default=10000, help="files in the small-file tree")
+    ap.add_argument("--seq-mib", type=int, default=512, help="sequential file size")
+    ap.add_argument("--rand-mib", type=int, default=128, help="random I/O file size")
+    ap.add_argument("--rand-secs", type=int, default=4, help="seconds per random I/O run")
+    ap.add_argument("--files", type=int, default=5000, help="files in the small-file tree")
     ap.add_argument("--open-files", type=int, default=2000)
     ap.add_argument("--small-files", type=int, default=2000, help="files in the smallfiles workload")
     ap.add_argument("--systems", default="bare,passthrough,gocryptfs,envelopefs,envelopefs-rustcrypto")

@@ -175,9 +175,10 @@ enum Cmd {
         /// Files processed in parallel.
         #[arg(long, default_value_t = 4)]
         jobs: usize,
-        /// aws-kms: move the volume to another KMS key (ReEncrypt), e.g. alias/app/next.
-        /// The config names the new key at once; files move as rekey proceeds, and the old
-        /// key can be disabled when `key status` shows none left on it.
+        /// Move the volume to another key: a KMS key (ReEncrypt), e.g. alias/app/next, or a
+        /// PKCS#11 key URI in the same token. The config names the new key at once; files
+        /// move as rekey proceeds; disable or delete the old key when `key status` shows
+        /// none left on it.
         #[arg(long, value_name = "KEY", requires = "rewrap")]
         to_key: Option<String>,
         /// Append one JSON line per key operation to this file.
@@ -537,7 +538,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let opts = OpenOptions { audit_log, ..OpenOptions::default() };
             let vol = match to_key {
                 None => Volume::open(&backing, &secret.source(), &opts)?,
-                Some(k) => move_to_key(&backing, &k, &opts)?,
+                Some(k) => move_to_key(&backing, &k, &secret.source(), &opts)?,
             };
             let _lock = if mode == rekey::Mode::Reencrypt {
                 Some(lock_volume(&backing).context("rekey --reencrypt rewrites files: unmount the volume first")?)
@@ -602,23 +603,40 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-/// `rekey --to-key`: point the volume at another KMS key, then rewrap moves the files.
-fn move_to_key(backing: &Path, key: &str, opts: &OpenOptions) -> Result<Volume> {
+/// `rekey --to-key`: point the volume at another KMS key or PKCS#11 key, then rewrap
+/// moves the files (records under the old key keep unwrapping meanwhile).
+fn move_to_key(backing: &Path, key: &str, secret: &SecretSource, opts: &OpenOptions) -> Result<Volume> {
     let mut cfg = volume::VolumeConfig::load(backing)?;
     let volume_id = cfg.volume_id()?;
-    let volume::ProviderConfig::AwsKms { key_id, region, endpoint } = &mut cfg.provider else {
-        bail!("--to-key is supported for aws-kms volumes (local and pkcs11 rotate versions with `key rotate`)");
+    let (dest, new_id): (Arc<dyn KeyProvider>, String) = match &cfg.provider {
+        volume::ProviderConfig::AwsKms { region, endpoint, .. } => {
+            let mut settings = envelopefs::keys::aws_kms::KmsSettings::new(key);
+            settings.region.clone_from(region);
+            settings.endpoint.clone_from(endpoint);
+            let p = envelopefs::keys::aws_kms::AwsKmsProvider::open(&settings, volume_id)?;
+            let arn = p.arn().to_owned();
+            (Arc::new(p), arn)
+        }
+        volume::ProviderConfig::Pkcs11 { module, .. } => {
+            let uri: Pkcs11Uri = key.parse().map_err(|e: String| anyhow!("--to-key {key}: {e}"))?;
+            let pin = secret.resolve_pin(uri.pin_source.as_deref())?;
+            let p = Pkcs11Provider::open(Path::new(module), &uri, pin, true)?;
+            (Arc::new(p), uri.key_id())
+        }
+        volume::ProviderConfig::Local { .. } => {
+            bail!("--to-key is for aws-kms and pkcs11 volumes; a local keyring rotates with `key rotate`")
+        }
     };
-    let mut settings = envelopefs::keys::aws_kms::KmsSettings::new(key);
-    settings.region.clone_from(region);
-    settings.endpoint.clone_from(endpoint);
-    let dest = envelopefs::keys::aws_kms::AwsKmsProvider::open(&settings, volume_id)?;
-    if *key_id != dest.arn() {
-        info!("moving the volume from {key_id} to {}", dest.arn());
-        *key_id = dest.arn().to_owned();
+    let changed = match &mut cfg.provider {
+        volume::ProviderConfig::AwsKms { key_id, .. } => std::mem::replace(key_id, new_id.clone()) != new_id,
+        volume::ProviderConfig::Pkcs11 { key, .. } => std::mem::replace(key, new_id.clone()) != new_id,
+        volume::ProviderConfig::Local { .. } => false,
+    };
+    if changed {
+        info!("the volume now names {new_id}; rekey moves its files");
         volume::write_config(backing, &cfg).context("updating envelopefs.toml")?;
     }
-    Ok(Volume::with_provider(backing, cfg, Arc::new(dest), opts)?)
+    Ok(Volume::with_provider(backing, cfg, dest, opts)?)
 }
 
 fn key_cmd(cmd: KeyCmd) -> Result<ExitCode> {

@@ -112,3 +112,47 @@ fn pkcs11_key_create_then_init_uses_it() {
     assert_eq!(fs::read(m.path("x")).unwrap(), b"x");
     assert!(Path::new(&m.mnt).exists());
 }
+
+#[test]
+fn pkcs11_rekey_to_another_key_then_the_old_one_can_go() {
+    let pin = common::softhsm_token("deleted");
+    let d = tempfile::Builder::new().prefix("envelopefs-test").tempdir().unwrap();
+    let backing = d.path().join("backing");
+    fs::create_dir(&backing).unwrap();
+    let old = "pkcs11:token=deleted;object=old";
+    ok(cli(&[
+        &"init",
+        &"--provider",
+        &"pkcs11",
+        &"--module",
+        &SOFTHSM_MODULE,
+        &"--key",
+        &old,
+        &"--pin-file",
+        &pin,
+        &backing,
+    ]));
+    let mnt = d.path().join("mnt");
+    let m = Mounted::start_with(&backing, "--pin-file", &pin, &mnt, &[]);
+    let files: Vec<_> = (0..6).map(|i| (format!("f{i}"), pattern(70 + i, 6000))).collect();
+    for (n, data) in &files {
+        fs::write(m.path(n), data).unwrap();
+    }
+    drop(m);
+    let new = "pkcs11:token=deleted;object=new";
+    let text = ok(cli(&[&"rekey", &"--rewrap", &"--to-key", &new, &"--pin-file", &pin, &backing]));
+    assert!(text.contains("6 files changed"), "{text}");
+    assert!(fs::read_to_string(backing.join("envelopefs.toml")).unwrap().contains("object=new"));
+    let status = ok(cli(&[&"key", &"status", &"--pin-file", &pin, &backing]));
+    assert!(status.contains("version 1 (current): 6 files") && !status.contains("another key"), "{status}");
+    let out = Command::new("pkcs11-tool")
+        .args(["--module", SOFTHSM_MODULE, "--token-label", "deleted", "--login", "--pin", "1234"])
+        .args(["--delete-object", "--type", "secrkey", "--label", "old/v1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let m = Mounted::start_with(&backing, "--pin-file", &pin, &mnt, &[]);
+    for (n, data) in &files {
+        assert_eq!(&fs::read(m.path(n)).unwrap(), data, "{n}");
+    }
+}

@@ -315,6 +315,24 @@ impl Pkcs11Provider {
         })
     }
 
+    /// The key object for a record: one of our versions, or (after `rekey --to-key`) a
+    /// version of the key the volume used before, in the same token.
+    fn handle_for(&self, kek_id: &str, version: u32) -> Result<ObjectHandle> {
+        if kek_id == self.uri.key_id() {
+            return self.handle(version);
+        }
+        let other: Pkcs11Uri =
+            kek_id.parse().map_err(|e| Error::access(format!("key record names {kek_id:?}: {e}")))?;
+        if other.token != self.uri.token || other.serial != self.uri.serial || other.slot_id != self.uri.slot_id {
+            return Err(Error::access(format!("key record names a key in another token: {kek_id}")));
+        }
+        let label = if version == 0 { other.object.clone() } else { format!("{}/v{version}", other.object) };
+        let found = self.with_session("finding a key", |s| {
+            s.find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY), Attribute::Label(label.clone().into_bytes())])
+        })?;
+        found.first().copied().ok_or_else(|| Error::access(format!("PKCS#11 key {label:?} is not in the token")))
+    }
+
     fn generate_version(&self, version: u32) -> Result<()> {
         let label = self.label(version);
         let template = [
@@ -417,7 +435,7 @@ impl KeyProvider for Pkcs11Provider {
                 record.wrapped.len()
             )));
         }
-        let h = self.handle(record.kek_version)?;
+        let h = self.handle_for(&record.kek_id, record.kek_version)?;
         let aad = self.aad(ctx, record.kek_version);
         let plain = self
             .with_session("unwrapping a data key", |s| {
