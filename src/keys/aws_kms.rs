@@ -186,9 +186,22 @@ impl AwsKmsProvider {
         }
     }
 
-    async fn generate_one(client: Client, arn: String, volume_id: VolumeId, version: u32) -> Result<Ready> {
-        let mut file_id = [0u8; FILE_ID_LEN];
-        fill_random(&mut file_id)?;
+    /// GenerateDataKey for a new file id (drawn here when `file_id` is None).
+    async fn generate_one(
+        client: Client,
+        arn: String,
+        volume_id: VolumeId,
+        file_id: Option<FileId>,
+        version: u32,
+    ) -> Result<Ready> {
+        let file_id = match file_id {
+            Some(f) => f,
+            None => {
+                let mut f = [0u8; FILE_ID_LEN];
+                fill_random(&mut f)?;
+                f
+            }
+        };
         let out = client
             .generate_data_key()
             .key_id(&arn)
@@ -231,7 +244,7 @@ impl AwsKmsProvider {
             let mut started = 0;
             loop {
                 while started < missing && tasks.len() < REFILL_CONCURRENCY {
-                    tasks.spawn(Self::generate_one(client.clone(), arn.clone(), vid, version));
+                    tasks.spawn(Self::generate_one(client.clone(), arn.clone(), vid, None, version));
                     started += 1;
                 }
                 match tasks.join_next().await {
@@ -271,29 +284,19 @@ impl KeyProvider for AwsKmsProvider {
             }
         }
         let version = self.rotations.load(Ordering::Relaxed);
-        self.rt.block_on(Self::generate_one(self.client.clone(), self.arn.clone(), *volume_id, version))
+        self.rt.block_on(Self::generate_one(self.client.clone(), self.arn.clone(), *volume_id, None, version))
     }
 
     fn generate(&self, ctx: &KeyContext<'_>) -> Result<(Dek, KeyRecord)> {
-        let out = self
-            .rt
-            .block_on(
-                self.client
-                    .generate_data_key()
-                    .key_id(&self.arn)
-                    .key_spec(DataKeySpec::Aes256)
-                    .set_encryption_context(Some(context_map(ctx.volume_id, ctx.file_id)))
-                    .send(),
-            )
-            .map_err(|e| kms_error(e, "GenerateDataKey"))?;
-        let plain = Zeroizing::new(out.plaintext().map(|b| b.as_ref().to_vec()).unwrap_or_default());
-        let rec = KeyRecord {
-            provider: ProviderKind::AwsKms,
-            kek_id: out.key_id().unwrap_or(&self.arn).to_owned(),
-            kek_version: self.rotations.load(Ordering::Relaxed),
-            wrapped: out.ciphertext_blob().map(|b| b.as_ref().to_vec()).unwrap_or_default(),
-        };
-        Ok((Dek::from_slice(&plain)?, rec))
+        let version = self.rotations.load(Ordering::Relaxed);
+        let (_, dek, rec) = self.rt.block_on(Self::generate_one(
+            self.client.clone(),
+            self.arn.clone(),
+            *ctx.volume_id,
+            Some(*ctx.file_id),
+            version,
+        ))?;
+        Ok((dek, rec))
     }
 
     fn unwrap(&self, record: &KeyRecord, ctx: &KeyContext<'_>) -> Result<Dek> {
