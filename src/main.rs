@@ -473,6 +473,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     let mut s = envelopefs::keys::aws_kms::KmsSettings::new(&key_id);
                     s.region = region;
                     s.endpoint = kms_endpoint;
+                    s.pool_size = 0;
                     volume::ProviderInit::AwsKms(s)
                 }
             };
@@ -608,11 +609,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
 fn move_to_key(backing: &Path, key: &str, secret: &SecretSource, opts: &OpenOptions) -> Result<Volume> {
     let mut cfg = volume::VolumeConfig::load(backing)?;
     let volume_id = cfg.volume_id()?;
+    let cfg_allowed: Vec<String> = match &cfg.provider {
+        volume::ProviderConfig::AwsKms { key_id, previous_key_ids, .. } => {
+            std::iter::once(key_id.clone()).chain(previous_key_ids.iter().cloned()).collect()
+        }
+        _ => Vec::new(),
+    };
     let (dest, new_id): (Arc<dyn KeyProvider>, String) = match &cfg.provider {
         volume::ProviderConfig::AwsKms { region, endpoint, .. } => {
             let mut settings = envelopefs::keys::aws_kms::KmsSettings::new(key);
             settings.region.clone_from(region);
             settings.endpoint.clone_from(endpoint);
+            settings.pool_size = 0;
+            // Records still under the current (soon previous) key must keep unwrapping.
+            settings.allowed_key_ids = cfg_allowed;
             let p = envelopefs::keys::aws_kms::AwsKmsProvider::open(&settings, volume_id)?;
             let arn = p.arn().to_owned();
             (Arc::new(p), arn)
@@ -628,7 +638,13 @@ fn move_to_key(backing: &Path, key: &str, secret: &SecretSource, opts: &OpenOpti
         }
     };
     let changed = match &mut cfg.provider {
-        volume::ProviderConfig::AwsKms { key_id, .. } => std::mem::replace(key_id, new_id.clone()) != new_id,
+        volume::ProviderConfig::AwsKms { key_id, previous_key_ids, .. } => {
+            let old = std::mem::replace(key_id, new_id.clone());
+            if old != new_id && !previous_key_ids.contains(&old) {
+                previous_key_ids.push(old.clone());
+            }
+            old != new_id
+        }
         volume::ProviderConfig::Pkcs11 { key, .. } => std::mem::replace(key, new_id.clone()) != new_id,
         volume::ProviderConfig::Local { .. } => false,
     };
@@ -674,6 +690,10 @@ fn key_cmd(cmd: KeyCmd) -> Result<ExitCode> {
             let usage = envelopefs::check::key_usage(&vol)?;
             let current = vol.provider.current_version().ok();
             println!("{}", vol.provider.describe());
+            if volume_locked(&backing) {
+                println!("  note: the volume is mounted; a mount started before a rotation or --to-key may still");
+                println!("  wrap new files under the old key until it is remounted: remount before retiring a key");
+            }
             for v in vol.provider.versions()? {
                 let n = usage.files.get(&v.version).copied().unwrap_or(0);
                 let mark = if v.current {
@@ -733,7 +753,10 @@ fn umount(mountpoint: &Path) -> Result<()> {
 }
 
 fn volume_locked(backing: &Path) -> bool {
-    let Ok(f) = std::fs::File::open(backing.join(CONFIG_NAME)) else {
+    if !backing.join(CONFIG_NAME).exists() {
+        return false;
+    }
+    let Ok(f) = std::fs::File::open(backing) else {
         return false;
     };
     let fd = std::os::unix::io::AsRawFd::as_raw_fd(&f);
@@ -873,7 +896,7 @@ fn mount(mut args: MountArgs) -> Result<ExitCode> {
             backend,
             cache,
             audit_log: args.audit_log.clone(),
-            kms_pool: args.kms_pool,
+            kms_pool: Some(args.kms_pool.unwrap_or(envelopefs::keys::aws_kms::DEFAULT_POOL)),
             kms_timeout: args.kms_timeout.map(Duration::from_secs_f64),
         },
     )?;
@@ -911,7 +934,13 @@ fn mount(mut args: MountArgs) -> Result<ExitCode> {
             info!("mounted {back} on {mnt}");
             daemon::announce_ready(std::env::var_os("ENVELOPEFS_NOTIFY_PARENT").is_some());
         }
-        Err(e) => warn!("the new mount does not answer a stat: {e}"),
+        Err(e) => {
+            tracing::error!("the new mount does not answer a stat: {e}; giving up");
+            if let Ok(c) = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes()) {
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+            std::process::exit(1);
+        }
     });
     session.run().context("serving the mount")?;
     info!("unmounted {}", mountpoint(&args).display());
@@ -983,10 +1012,13 @@ fn service_install(name: &str, backing: &Path, mountpoint: &Path, options: &str,
 }
 
 /// One daemon per volume: two would each cache keys and headers the other changes.
+/// The lock is on the backing directory itself, which nothing ever replaces (the config
+/// file is replaced by rename when `rekey --to-key` updates it).
 fn lock_volume(backing: &Path) -> Result<std::fs::File> {
-    let f = std::fs::File::open(backing.join(CONFIG_NAME))?;
+    volume::VolumeConfig::load(backing)?;
+    let f = std::fs::File::open(backing)?;
     if unsafe { libc::flock(std::os::unix::io::AsRawFd::as_raw_fd(&f), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        bail!("{} is already mounted by another envelopefs process", backing.display());
+        bail!("{} is in use: mounted (or being repaired) by another envelopefs process", backing.display());
     }
     Ok(f)
 }

@@ -26,8 +26,8 @@ pub struct MountOptions {
     pub threads: usize,
     pub attr_timeout: Duration,
     pub entry_timeout: Duration,
-    /// FUSE writeback cache: the kernel batches small writes into pages (on by default:
-    /// faster untar and random writes in bench/, pjdfstest clean either way).
+    /// FUSE writeback cache: the kernel batches small writes into pages (on by default; see
+    /// docs/PERFORMANCE.md for what the benchmark does and does not show).
     pub writeback_cache: bool,
     pub read_only: bool,
     pub max_write: u32,

@@ -51,6 +51,10 @@ pub enum ProviderConfig {
     #[serde(rename = "aws-kms")]
     AwsKms {
         key_id: String,
+        /// Keys the volume used before `rekey --to-key`: records naming them still unwrap.
+        /// Records naming any other key are refused, whatever the KMS would allow.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        previous_key_ids: Vec<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         region: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -212,6 +216,7 @@ pub fn init(root: &Path, secret: &SecretSource, opts: &InitOptions) -> Result<Vo
             self_test(&p, &volume_id)?;
             let cfg = ProviderConfig::AwsKms {
                 key_id: p.arn().to_owned(),
+                previous_key_ids: Vec::new(),
                 region: settings.region.clone(),
                 endpoint: settings.endpoint.clone(),
             };
@@ -315,13 +320,13 @@ impl Volume {
                 let pin = secret.resolve_pin(uri.pin_source.as_deref())?;
                 Arc::new(Pkcs11Provider::open(Path::new(module), &uri, pin, false)?)
             }
-            ProviderConfig::AwsKms { key_id, region, endpoint } => {
+            ProviderConfig::AwsKms { key_id, previous_key_ids, region, endpoint } => {
                 let mut settings = KmsSettings::new(key_id);
                 settings.region.clone_from(region);
                 settings.endpoint.clone_from(endpoint);
-                if let Some(n) = opts.kms_pool {
-                    settings.pool_size = n;
-                }
+                settings.allowed_key_ids = previous_key_ids.clone();
+                // Only a mount creates files: other commands fill no pool.
+                settings.pool_size = opts.kms_pool.unwrap_or(0);
                 if let Some(t) = opts.kms_timeout {
                     settings.call_timeout = t;
                 }

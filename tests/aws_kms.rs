@@ -27,6 +27,20 @@ fn aws_kms_provider_meets_the_contract() {
     let p = AwsKmsProvider::open(&s, [0x11; 16]).unwrap();
     assert!(p.arn().starts_with("arn:aws:kms:"), "the alias resolves to the key ARN: {}", p.arn());
     common::provider_contract(Arc::new(p), false);
+
+    // A header naming a KMS key the volume does not use is refused before KMS is asked,
+    // even though this role could decrypt with that key.
+    kms.create_key("foreign");
+    let mut f = KmsSettings::new("alias/foreign");
+    f.endpoint = Some(kms.moto_url.clone());
+    f.pool_size = 0;
+    let foreign = AwsKmsProvider::open(&f, [0x11; 16]).unwrap();
+    let ctx = envelopefs::keys::KeyContext { volume_id: &[0x11; 16], file_id: &[9; 16] };
+    let (_, rec) = envelopefs::keys::KeyProvider::generate(&foreign, &ctx).unwrap();
+    let ours = AwsKmsProvider::open(&s, [0x11; 16]).unwrap();
+    let e = envelopefs::keys::KeyProvider::unwrap(&ours, &rec, &ctx).unwrap_err();
+    assert_eq!(e.errno(), libc::EACCES);
+    assert!(e.to_string().contains("does not use"), "{e}");
 }
 
 struct KmsVol {
@@ -182,8 +196,15 @@ fn kms_rotate_rewrap_with_reencrypt_then_move_to_another_key_and_disable_the_old
 
     // Move to another key, then disable the first: every file still opens.
     let second_arn = kms.create_key("second");
+    let m = mount(&v, &[]);
     let text = ok(cli(&[&"rekey", &"--rewrap", &"--to-key", &"alias/second", &v.backing]));
     assert!(text.contains("5 files changed"), "{text}");
+    // The config was replaced under the running mount: the volume is still locked.
+    let other = v.dir.path().join("other");
+    fs::create_dir(&other).unwrap();
+    let out = cli(&[&"mount", &"--foreground", &v.backing, &other]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is in use"), "{}", String::from_utf8_lossy(&out.stderr));
+    drop(m);
     let cfg = fs::read_to_string(v.backing.join("envelopefs.toml")).unwrap();
     assert!(cfg.contains(&second_arn), "{cfg}");
     assert!(ok(cli(&[&"inspect", &v.backing.join("f0")])).contains(&second_arn));

@@ -83,7 +83,7 @@ fn mount_errors_are_clear() {
     fails_with(&cli(&[&"mount", &"--key-file", &vol.key, &vol.backing, &m.mnt]), "busy");
     let other = d.join("other");
     fs::create_dir(&other).unwrap();
-    fails_with(&cli(&[&"mount", &"--foreground", &"--key-file", &vol.key, &vol.backing, &other]), "already mounted");
+    fails_with(&cli(&[&"mount", &"--foreground", &"--key-file", &vol.key, &vol.backing, &other]), "is in use");
     drop(m);
 
     // A damaged config.

@@ -313,6 +313,10 @@ impl EncryptedFs {
         if parent == ROOT_INO && RESERVED.iter().any(|r| OsStr::new(r) == name) {
             return Err(Error::new(libc::EPERM, format!("{name:?} is reserved for the volume's own files")));
         }
+        // Re-encryption's temporaries: such a name would be taken for a leftover and removed.
+        if name.as_bytes().ends_with(crate::rekey::TMP_SUFFIX.as_bytes()) {
+            return Err(Error::new(libc::EPERM, format!("names ending in {} are reserved", crate::rekey::TMP_SUFFIX)));
+        }
         Ok(())
     }
 
@@ -720,20 +724,28 @@ impl EncryptedFs {
             return Err(Error::new(libc::ENOTDIR, "not a directory handle"));
         };
         let dir_attr = self.attr_of(dir.inode.ino, &sys::fstat(dir.inode.raw())?);
+        let mut added = 0;
         for (i, e) in dir.entries.iter().enumerate().skip(offset as usize) {
             if e.name == "." || e.name == ".." {
                 if add(e, i as u64 + 1, &Attr { ino: e.ino, ..dir_attr }) {
                     break;
                 }
+                added += 1;
                 continue;
             }
-            let Ok(attr) = self.lookup_fd(&dir.inode, &e.name) else {
-                continue; // removed since opendir
+            let attr = match self.lookup_fd(&dir.inode, &e.name) {
+                Ok(a) => a,
+                Err(err) if err.errno() == libc::ENOENT => continue, // removed since opendir
+                // Hand back what is already in the reply; the next call starts at this entry
+                // and reports the error (EMFILE, EIO…) instead of silently skipping it.
+                Err(_) if added > 0 => break,
+                Err(err) => return Err(err.context(format!("readdirplus of {}", dir.inode.describe()))),
             };
             if add(e, i as u64 + 1, &attr) {
                 self.forget(attr.ino, 1);
                 break;
             }
+            added += 1;
         }
         Ok(())
     }

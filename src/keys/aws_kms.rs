@@ -40,7 +40,12 @@ pub struct KmsSettings {
     pub max_attempts: u32,
     /// Bound on one call, retries included: a KMS outage is EIO after this.
     pub call_timeout: Duration,
+    /// Other key ARNs whose records may be unwrapped (keys the volume used before).
+    pub allowed_key_ids: Vec<String>,
 }
+
+/// Wrapped DEKs a mount keeps ready by default.
+pub const DEFAULT_POOL: usize = 256;
 
 impl KmsSettings {
     pub fn new(key_id: &str) -> Self {
@@ -48,9 +53,10 @@ impl KmsSettings {
             key_id: key_id.to_owned(),
             region: None,
             endpoint: None,
-            pool_size: 256,
+            pool_size: DEFAULT_POOL,
             max_attempts: 6,
             call_timeout: Duration::from_secs(20),
+            allowed_key_ids: Vec::new(),
         }
     }
 }
@@ -71,6 +77,10 @@ pub struct AwsKmsProvider {
     pool: Arc<Mutex<VecDeque<Ready>>>,
     pool_size: usize,
     refilling: Arc<std::sync::atomic::AtomicBool>,
+    /// Key ARNs a record may name: ours and the volume's previous keys. A header naming
+    /// any other key is refused before KMS is asked (an attacker who can write the backing
+    /// store must not be able to bring a key of their own that our role may use).
+    allowed: Vec<String>,
 }
 
 fn context_map(volume_id: &VolumeId, file_id: &FileId) -> HashMap<String, String> {
@@ -154,12 +164,13 @@ impl AwsKmsProvider {
         let p = Self {
             rt,
             client,
-            arn,
+            arn: arn.clone(),
             volume_id,
             rotations: AtomicU32::new(0),
             pool: Arc::new(Mutex::new(VecDeque::new())),
             pool_size: settings.pool_size,
             refilling: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            allowed: std::iter::once(arn.clone()).chain(settings.allowed_key_ids.iter().cloned()).collect(),
         };
         p.rotations.store(p.count_rotations()?, Ordering::Relaxed);
         p.refill();
@@ -225,6 +236,9 @@ impl AwsKmsProvider {
 
     /// Top the pool up in the background, concurrently, if it is below half full.
     fn refill(&self) {
+        if self.pool_size == 0 {
+            return;
+        }
         let missing = {
             let pool = self.pool.lock().unwrap();
             if pool.len() * 2 >= self.pool_size {
@@ -303,6 +317,12 @@ impl KeyProvider for AwsKmsProvider {
         if record.provider != ProviderKind::AwsKms {
             return Err(Error::access(format!("key record is for provider {}", record.provider.name())));
         }
+        if !self.allowed.contains(&record.kek_id) {
+            return Err(Error::access(format!(
+                "key record names KMS key {}, which this volume does not use",
+                record.kek_id
+            )));
+        }
         let out = self
             .rt
             .block_on(
@@ -339,6 +359,12 @@ impl KeyProvider for AwsKmsProvider {
 
     /// ReEncrypt: the DEK is re-wrapped inside KMS and never seen here.
     fn rewrap(&self, record: &KeyRecord, ctx: &KeyContext<'_>) -> Result<KeyRecord> {
+        if !self.allowed.contains(&record.kek_id) {
+            return Err(Error::access(format!(
+                "key record names KMS key {}, which this volume does not use",
+                record.kek_id
+            )));
+        }
         let ec = context_map(ctx.volume_id, ctx.file_id);
         let out = self
             .rt
