@@ -143,9 +143,10 @@ class EnvelopefsKms(Envelopefs):
     """envelopefs on the aws-kms provider: moto's KMS on loopback behind the fault-injection
     proxy from tests/support, which adds `latency_ms` to every KMS call and counts calls."""
 
-    def __init__(self, name, work, binary, latency_ms):
+    def __init__(self, name, work, binary, latency_ms, init_extra=()):
         super().__init__(name, work, binary, [])
         self.latency_ms = latency_ms
+        self.init_extra = list(init_extra)
         self.env = dict(os.environ, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
                         AWS_REGION="us-east-1", AWS_DEFAULT_REGION="us-east-1")
 
@@ -171,7 +172,7 @@ class EnvelopefsKms(Envelopefs):
                 "print(c.create_key()['KeyMetadata']['Arn'])")
         arn = subprocess.run(["python3", "-c", code], env=self.env, check=True, capture_output=True, text=True).stdout.strip()
         subprocess.run([self.binary, "init", "--provider", "aws-kms", "--key-id", arn, "--kms-endpoint", self.proxy_url,
-                        self.backing], env=self.env, check=True, capture_output=True)
+                        *self.init_extra, self.backing], env=self.env, check=True, capture_output=True)
 
     def mount(self):
         self.log = self.root / "envelopefs.log"
@@ -443,6 +444,8 @@ def main():
         "envelopefs-no-writeback": lambda: Envelopefs("envelopefs-no-writeback", work, cfg.binary, ["--no-writeback-cache"]),
         "envelopefs-kms": lambda: EnvelopefsKms("envelopefs-kms", work, cfg.binary, 0),
         "envelopefs-kms-10ms": lambda: EnvelopefsKms("envelopefs-kms-10ms", work, cfg.binary, 10),
+        "envelopefs-kms-ik-10ms": lambda: EnvelopefsKms("envelopefs-kms-ik-10ms", work, cfg.binary, 10,
+                                                        ["--kms-intermediate-key"]),
     }
     names = cfg.systems.split(",")
     systems = [makers[n]() for n in names]

@@ -152,6 +152,12 @@ enum Cmd {
         /// aws-kms: endpoint URL (a VPC endpoint, or a local KMS-compatible server).
         #[arg(long, value_name = "URL")]
         kms_endpoint: Option<String>,
+        /// aws-kms: wrap each file's DEK locally under an intermediate key that KMS wraps
+        /// (S3-Bucket-Key style, rotated every 15 min): creates and opens make no KMS call
+        /// per file. The per-file encryption context then binds the intermediate key, and
+        /// the file binding is local (AAD). Default: one KMS call per file.
+        #[arg(long)]
+        kms_intermediate_key: bool,
         #[command(flatten)]
         secret: SecretArgs,
     },
@@ -454,6 +460,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             key_id,
             region,
             kms_endpoint,
+            kms_intermediate_key,
             secret,
         } => {
             let provider = match provider {
@@ -474,6 +481,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     s.region = region;
                     s.endpoint = kms_endpoint;
                     s.pool_size = 0;
+                    s.intermediate_key = kms_intermediate_key;
                     volume::ProviderInit::AwsKms(s)
                 }
             };
@@ -616,8 +624,9 @@ fn move_to_key(backing: &Path, key: &str, secret: &SecretSource, opts: &OpenOpti
         _ => Vec::new(),
     };
     let (dest, new_id): (Arc<dyn KeyProvider>, String) = match &cfg.provider {
-        volume::ProviderConfig::AwsKms { region, endpoint, .. } => {
+        volume::ProviderConfig::AwsKms { region, endpoint, intermediate_key, .. } => {
             let mut settings = envelopefs::keys::aws_kms::KmsSettings::new(key);
+            settings.intermediate_key = *intermediate_key;
             settings.region.clone_from(region);
             settings.endpoint.clone_from(endpoint);
             settings.pool_size = 0;

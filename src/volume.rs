@@ -55,6 +55,9 @@ pub enum ProviderConfig {
         /// Records naming any other key are refused, whatever the KMS would allow.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         previous_key_ids: Vec<String>,
+        /// Wrap DEKs under a KMS-wrapped intermediate key (S3-Bucket-Key style).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        intermediate_key: bool,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         region: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -217,6 +220,7 @@ pub fn init(root: &Path, secret: &SecretSource, opts: &InitOptions) -> Result<Vo
             let cfg = ProviderConfig::AwsKms {
                 key_id: p.arn().to_owned(),
                 previous_key_ids: Vec::new(),
+                intermediate_key: settings.intermediate_key,
                 region: settings.region.clone(),
                 endpoint: settings.endpoint.clone(),
             };
@@ -320,8 +324,9 @@ impl Volume {
                 let pin = secret.resolve_pin(uri.pin_source.as_deref())?;
                 Arc::new(Pkcs11Provider::open(Path::new(module), &uri, pin, false)?)
             }
-            ProviderConfig::AwsKms { key_id, previous_key_ids, region, endpoint } => {
+            ProviderConfig::AwsKms { key_id, previous_key_ids, intermediate_key, region, endpoint } => {
                 let mut settings = KmsSettings::new(key_id);
+                settings.intermediate_key = *intermediate_key;
                 settings.region.clone_from(region);
                 settings.endpoint.clone_from(endpoint);
                 settings.allowed_key_ids = previous_key_ids.clone();

@@ -28,6 +28,13 @@ fn aws_kms_provider_meets_the_contract() {
     assert!(p.arn().starts_with("arn:aws:kms:"), "the alias resolves to the key ARN: {}", p.arn());
     common::provider_contract(Arc::new(p), false);
 
+    // The same contract with DEKs wrapped under an intermediate key.
+    kms.create_key("contract-ik");
+    let mut ik = KmsSettings::new("alias/contract-ik");
+    ik.endpoint = Some(kms.moto_url.clone());
+    ik.intermediate_key = true;
+    common::provider_contract(Arc::new(AwsKmsProvider::open(&ik, [0x11; 16]).unwrap()), false);
+
     // A header naming a KMS key the volume does not use is refused before KMS is asked,
     // even though this role could decrypt with that key.
     kms.create_key("foreign");
@@ -216,4 +223,49 @@ fn kms_rotate_rewrap_with_reencrypt_then_move_to_another_key_and_disable_the_old
     fs::write(m.path("new"), b"on the second key").unwrap();
     drop(m);
     assert!(ok(cli(&[&"inspect", &v.backing.join("new")])).contains(&second_arn));
+}
+
+#[test]
+fn intermediate_key_volume_makes_no_kms_call_per_create_or_open() {
+    let kms = Kms::start();
+    let arn = kms.create_key("ik");
+    let dir = tempfile::Builder::new().prefix("envelopefs-test").tempdir().unwrap();
+    let backing = dir.path().join("backing");
+    fs::create_dir(&backing).unwrap();
+    ok(cli(&[
+        &"init",
+        &"--provider",
+        &"aws-kms",
+        &"--key-id",
+        &arn,
+        &"--kms-intermediate-key",
+        &"--kms-endpoint",
+        &kms.proxy_url,
+        &backing,
+    ]));
+    assert!(fs::read_to_string(backing.join("envelopefs.toml")).unwrap().contains("intermediate_key = true"));
+    let v = KmsVol { dir, backing };
+    let m = mount(&v, &[]);
+    kms.proxy(r#"{"latency_ms": 200}"#);
+    let gen = kms.calls("GenerateDataKey");
+    let t = Instant::now();
+    for i in 0..50 {
+        fs::write(m.path(&format!("f{i}")), pattern(i, 3000)).unwrap();
+    }
+    assert!(t.elapsed() < Duration::from_millis(1500), "creates did not wait on 200 ms KMS calls: {:?}", t.elapsed());
+    assert_eq!(kms.calls("GenerateDataKey"), gen, "no KMS call per create");
+    drop(m);
+    let m = mount(&v, &[]);
+    let dec = kms.calls("Decrypt");
+    for i in 0..50 {
+        assert_eq!(fs::read(m.path(&format!("f{i}"))).unwrap(), pattern(i, 3000));
+    }
+    assert_eq!(kms.calls("Decrypt") - dec, 1, "one Decrypt for the intermediate key, none per file");
+    kms.proxy(r#"{"latency_ms": 0}"#);
+    drop(m);
+    // Rotation and ReEncrypt work on intermediate-key records too.
+    ok(cli(&[&"key", &"rotate", &v.backing]));
+    assert!(ok(cli(&[&"rekey", &"--rewrap", &v.backing])).contains("50 files changed"));
+    let m = mount(&v, &[]);
+    assert_eq!(fs::read(m.path("f7")).unwrap(), pattern(7, 3000));
 }

@@ -42,6 +42,9 @@ pub struct KmsSettings {
     pub call_timeout: Duration,
     /// Other key ARNs whose records may be unwrapped (keys the volume used before).
     pub allowed_key_ids: Vec<String>,
+    /// S3-Bucket-Key style: wrap DEKs locally under an intermediate key that KMS wraps
+    /// (one KMS call per intermediate key instead of one per file). See docs/FORMAT.md.
+    pub intermediate_key: bool,
 }
 
 /// Wrapped DEKs a mount keeps ready by default.
@@ -57,11 +60,29 @@ impl KmsSettings {
             max_attempts: 6,
             call_timeout: Duration::from_secs(20),
             allowed_key_ids: Vec::new(),
+            intermediate_key: false,
         }
     }
 }
 
 type Ready = (FileId, Dek, KeyRecord);
+
+/// Marks a wrapped DEK made under an intermediate key (KMS ciphertext blobs never start so).
+const IK_MAGIC: &[u8; 4] = b"EFIK";
+/// A new intermediate key after this long or this many files.
+const IK_LIFETIME: Duration = Duration::from_secs(15 * 60);
+const IK_MAX_FILES: u64 = 100_000;
+
+/// The intermediate key new files wrap under.
+struct Intermediate {
+    id: [u8; 16],
+    key: Arc<Zeroizing<[u8; 32]>>,
+    blob: Vec<u8>,
+    kek_id: String,
+    version: u32,
+    born: std::time::Instant,
+    files: u64,
+}
 
 /// GenerateDataKey calls in flight at once while refilling the pool.
 const REFILL_CONCURRENCY: usize = 16;
@@ -81,6 +102,50 @@ pub struct AwsKmsProvider {
     /// any other key is refused before KMS is asked (an attacker who can write the backing
     /// store must not be able to bring a key of their own that our role may use).
     allowed: Vec<String>,
+    intermediate: bool,
+    current_ik: Mutex<Option<Intermediate>>,
+    /// Unwrapped intermediate keys by id; wiped on eviction like DEKs.
+    ik_cache: moka::sync::Cache<[u8; 16], Arc<Zeroizing<[u8; 32]>>>,
+}
+
+fn ik_context(volume_id: &VolumeId, ik_id: &[u8; 16]) -> HashMap<String, String> {
+    HashMap::from([
+        ("envelopefs:volume".to_owned(), hex::encode(volume_id)),
+        ("envelopefs:intermediate-key".to_owned(), hex::encode(ik_id)),
+    ])
+}
+
+fn ik_aad(volume_id: &VolumeId, file_id: &FileId, ik_id: &[u8; 16]) -> Vec<u8> {
+    let mut aad = b"envelopefs kms intermediate wrap v1".to_vec();
+    aad.extend_from_slice(volume_id);
+    aad.extend_from_slice(file_id);
+    aad.extend_from_slice(ik_id);
+    aad
+}
+
+/// `EFIK ‖ ik id (16) ‖ blob length (u16) ‖ KMS blob of the IK ‖ nonce (12) ‖ DEK under IK (32) ‖ tag (16)`
+struct IkWrapped<'a> {
+    ik_id: [u8; 16],
+    blob: &'a [u8],
+    sealed: &'a [u8],
+}
+
+fn parse_ik(w: &[u8]) -> Option<IkWrapped<'_>> {
+    let rest = w.strip_prefix(IK_MAGIC)?;
+    let ik_id: [u8; 16] = rest.get(..16)?.try_into().ok()?;
+    let len = u16::from_le_bytes(rest.get(16..18)?.try_into().ok()?) as usize;
+    let blob = rest.get(18..18 + len)?;
+    let sealed = rest.get(18 + len..)?;
+    (sealed.len() == 12 + 32 + 16).then_some(IkWrapped { ik_id, blob, sealed })
+}
+
+fn build_ik(ik_id: &[u8; 16], blob: &[u8], sealed: &[u8]) -> Vec<u8> {
+    let mut w = IK_MAGIC.to_vec();
+    w.extend_from_slice(ik_id);
+    w.extend_from_slice(&(blob.len() as u16).to_le_bytes());
+    w.extend_from_slice(blob);
+    w.extend_from_slice(sealed);
+    w
 }
 
 fn context_map(volume_id: &VolumeId, file_id: &FileId) -> HashMap<String, String> {
@@ -171,14 +236,130 @@ impl AwsKmsProvider {
             pool_size: settings.pool_size,
             refilling: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             allowed: std::iter::once(arn.clone()).chain(settings.allowed_key_ids.iter().cloned()).collect(),
+            intermediate: settings.intermediate_key,
+            current_ik: Mutex::new(None),
+            ik_cache: moka::sync::Cache::builder().max_capacity(1024).time_to_live(Duration::from_secs(300)).build(),
         };
         p.rotations.store(p.count_rotations()?, Ordering::Relaxed);
-        p.refill();
+        if p.intermediate {
+            if settings.pool_size > 0 {
+                p.intermediate_key()?; // ready before the first create
+            }
+        } else {
+            p.refill();
+        }
         Ok(p)
     }
 
     pub fn arn(&self) -> &str {
         &self.arn
+    }
+
+    /// The current intermediate key, made (one GenerateDataKey) when missing or old.
+    fn intermediate_key(&self) -> Result<([u8; 16], Arc<Zeroizing<[u8; 32]>>, Vec<u8>, String, u32)> {
+        let mut cur = self.current_ik.lock().unwrap();
+        let stale = cur.as_ref().is_none_or(|ik| ik.born.elapsed() > IK_LIFETIME || ik.files >= IK_MAX_FILES);
+        if stale {
+            let mut id = [0u8; 16];
+            fill_random(&mut id)?;
+            let out = self
+                .rt
+                .block_on(
+                    self.client
+                        .generate_data_key()
+                        .key_id(&self.arn)
+                        .key_spec(DataKeySpec::Aes256)
+                        .set_encryption_context(Some(ik_context(&self.volume_id, &id)))
+                        .send(),
+                )
+                .map_err(|e| kms_error(e, "GenerateDataKey (intermediate key)"))?;
+            let mut key = Zeroizing::new([0u8; 32]);
+            let plain = out.plaintext().map(|b| b.as_ref()).unwrap_or_default();
+            if plain.len() != 32 {
+                return Err(Error::new(libc::EIO, "KMS GenerateDataKey: bad plaintext length"));
+            }
+            key.copy_from_slice(plain);
+            let key = Arc::new(key);
+            self.ik_cache.insert(id, key.clone());
+            *cur = Some(Intermediate {
+                id,
+                key,
+                blob: out.ciphertext_blob().map(|b| b.as_ref().to_vec()).unwrap_or_default(),
+                kek_id: out.key_id().unwrap_or(&self.arn).to_owned(),
+                version: self.rotations.load(Ordering::Relaxed),
+                born: std::time::Instant::now(),
+                files: 0,
+            });
+        }
+        let ik = cur.as_mut().unwrap();
+        ik.files += 1;
+        Ok((ik.id, ik.key.clone(), ik.blob.clone(), ik.kek_id.clone(), ik.version))
+    }
+
+    fn wrap_under_ik(&self, volume_id: &VolumeId, file_id: &FileId) -> Result<(Dek, KeyRecord)> {
+        let (id, key, blob, kek_id, version) = self.intermediate_key()?;
+        let dek = Dek::generate()?;
+        let mut nonce = [0u8; 12];
+        fill_random(&mut nonce)?;
+        let mut ct = Zeroizing::new(dek.expose().to_vec());
+        let tag = crate::crypto::new_aead(crate::crypto::Backend::AwsLc, &key).seal(
+            &nonce,
+            &ik_aad(volume_id, file_id, &id),
+            &mut ct,
+        );
+        let mut sealed = nonce.to_vec();
+        sealed.extend_from_slice(&ct);
+        sealed.extend_from_slice(&tag);
+        let rec = KeyRecord {
+            provider: ProviderKind::AwsKms,
+            kek_id,
+            kek_version: version,
+            wrapped: build_ik(&id, &blob, &sealed),
+        };
+        Ok((dek, rec))
+    }
+
+    fn unwrap_ik(&self, record: &KeyRecord, w: IkWrapped<'_>, ctx: &KeyContext<'_>) -> Result<Dek> {
+        let key = self
+            .ik_cache
+            .try_get_with(w.ik_id, || -> Result<_> {
+                let out = self
+                    .rt
+                    .block_on(
+                        self.client
+                            .decrypt()
+                            .key_id(&record.kek_id)
+                            .ciphertext_blob(Blob::new(w.blob.to_vec()))
+                            .set_encryption_context(Some(ik_context(ctx.volume_id, &w.ik_id)))
+                            .send(),
+                    )
+                    .map_err(|e| kms_error(e, &format!("Decrypt (intermediate key) with {}", record.kek_id)))?;
+                let mut key = Zeroizing::new([0u8; 32]);
+                let plain = Zeroizing::new(out.plaintext().map(|b| b.as_ref().to_vec()).unwrap_or_default());
+                if plain.len() != 32 {
+                    return Err(Error::access("KMS returned an intermediate key of the wrong length"));
+                }
+                key.copy_from_slice(&plain);
+                Ok(Arc::new(key))
+            })
+            .map_err(|e: Arc<Error>| Error::new(e.errno(), e.to_string()))?;
+        let (nonce, rest) = w.sealed.split_at(12);
+        let (ct, tag) = rest.split_at(32);
+        let mut plain = Zeroizing::new([0u8; 32]);
+        crate::crypto::new_aead(crate::crypto::Backend::AwsLc, &key)
+            .open(
+                nonce.try_into().unwrap(),
+                &ik_aad(ctx.volume_id, ctx.file_id, &w.ik_id),
+                ct,
+                tag.try_into().unwrap(),
+                &mut plain[..],
+            )
+            .map_err(|_| {
+                Error::access(
+                    "wrapped key does not authenticate under its intermediate key (copied from another file?)",
+                )
+            })?;
+        Dek::from_slice(&plain[..])
     }
 
     fn count_rotations(&self) -> Result<u32> {
@@ -290,6 +471,12 @@ impl KeyProvider for AwsKmsProvider {
     }
 
     fn generate_file_key(&self, volume_id: &VolumeId) -> Result<(FileId, Dek, KeyRecord)> {
+        if self.intermediate {
+            let mut file_id = [0u8; FILE_ID_LEN];
+            fill_random(&mut file_id)?;
+            let (dek, rec) = self.wrap_under_ik(volume_id, &file_id)?;
+            return Ok((file_id, dek, rec));
+        }
         if *volume_id == self.volume_id {
             let ready = self.pool.lock().unwrap().pop_front();
             self.refill();
@@ -302,6 +489,9 @@ impl KeyProvider for AwsKmsProvider {
     }
 
     fn generate(&self, ctx: &KeyContext<'_>) -> Result<(Dek, KeyRecord)> {
+        if self.intermediate {
+            return self.wrap_under_ik(ctx.volume_id, ctx.file_id);
+        }
         let version = self.rotations.load(Ordering::Relaxed);
         let (_, dek, rec) = self.rt.block_on(Self::generate_one(
             self.client.clone(),
@@ -322,6 +512,9 @@ impl KeyProvider for AwsKmsProvider {
                 "key record names KMS key {}, which this volume does not use",
                 record.kek_id
             )));
+        }
+        if let Some(w) = parse_ik(&record.wrapped) {
+            return self.unwrap_ik(record, w, ctx);
         }
         let out = self
             .rt
@@ -349,6 +542,7 @@ impl KeyProvider for AwsKmsProvider {
         let n = self.count_rotations()?;
         self.rotations.store(n, Ordering::Relaxed);
         self.pool.lock().unwrap().clear();
+        *self.current_ik.lock().unwrap() = None;
         Ok(n)
     }
 
@@ -364,6 +558,30 @@ impl KeyProvider for AwsKmsProvider {
                 "key record names KMS key {}, which this volume does not use",
                 record.kek_id
             )));
+        }
+        if let Some(w) = parse_ik(&record.wrapped) {
+            // Re-wrap the intermediate key inside KMS; the DEK's local wrap is unchanged.
+            let ec = ik_context(ctx.volume_id, &w.ik_id);
+            let out = self
+                .rt
+                .block_on(
+                    self.client
+                        .re_encrypt()
+                        .ciphertext_blob(Blob::new(w.blob.to_vec()))
+                        .source_key_id(&record.kek_id)
+                        .set_source_encryption_context(Some(ec.clone()))
+                        .destination_key_id(&self.arn)
+                        .set_destination_encryption_context(Some(ec))
+                        .send(),
+                )
+                .map_err(|e| kms_error(e, "ReEncrypt (intermediate key)"))?;
+            let blob = out.ciphertext_blob().map(|b| b.as_ref().to_vec()).unwrap_or_default();
+            return Ok(KeyRecord {
+                provider: ProviderKind::AwsKms,
+                kek_id: out.key_id().unwrap_or(&self.arn).to_owned(),
+                kek_version: self.rotations.load(Ordering::Relaxed),
+                wrapped: build_ik(&w.ik_id, &blob, w.sealed),
+            });
         }
         let ec = context_map(ctx.volume_id, ctx.file_id);
         let out = self
