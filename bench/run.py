@@ -468,7 +468,7 @@ def main():
             s.unmount()
             if hasattr(s, "stop"):
                 s.stop()
-    chosen = [m for m in METRICS if (m[0], names[0]) in samples]
+    chosen = [m for m in METRICS if any((m[0], n) in samples for n in names)]
 
     medians = {k: statistics.median(v) for k, v in samples.items()}
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -480,6 +480,8 @@ def main():
     rows = []
     for name, unit, higher in chosen:
         for s in names:
+            if (name, s) not in medians:
+                continue
             v = medians[(name, s)]
 
             def ratio(peer):
@@ -496,18 +498,20 @@ def main():
         f.write("workload,unit,system,median,vs_gocryptfs,vs_passthrough,vs_bare\n")
         for r in rows:
             f.write(f"{r['workload']},{r['unit']},{r['system']},{r['median']},{r['vs_gocryptfs']},{r['vs_passthrough']},{r['vs_bare']}\n")
+    peers = [p for p in ("gocryptfs", "passthrough", "bare") if p in names and "envelopefs" in names]
     md = [f"Run {info['date']} on {info['cpu']} ({info['cores']} cores, {info['memory_gib']} GiB), kernel {info['kernel']}; "
           f"{cfg.rounds} interleaved rounds, medians. `{info['command']}`", "",
           "Ratios are speed-ups (>1 = faster than the peer), for times and rates alike.", "",
-          "| workload | " + " | ".join(names) + " | envelopefs vs gocryptfs | envelopefs vs passthrough | envelopefs vs bare |",
-          "|---|" + "---|" * (len(names) + 3)]
+          "| workload | " + " | ".join(names) + "".join(f" | envelopefs vs {p}" for p in peers) + " |",
+          "|---|" + "---|" * (len(names) + len(peers))]
     for name, unit, higher in chosen:
-        cells = [f"{medians[(name, s)]:.2f}" for s in names]
+        cells = [f"{medians[(name, s)]:.2f}" if (name, s) in medians else "—" for s in names]
         e = next((r for r in rows if r["workload"] == name and r["system"] == "envelopefs"), None)
-        extra = [str(e[k]) if e else "" for k in ("vs_gocryptfs", "vs_passthrough", "vs_bare")]
-        md.append(f"| {name} ({unit}) | " + " | ".join(cells) + " | " + " | ".join(extra) + " |")
+        extra = [str(e[f"vs_{p}"]) if e else "" for p in peers]
+        md.append(f"| {name} ({unit}) | " + " | ".join(cells + extra) + " |")
     (out / "table.md").write_text("\n".join(md) + "\n")
-    svg_chart(medians, names, out / "chart.svg")
+    if "gocryptfs" in names:
+        svg_chart(medians, names, out / "chart.svg")
     print("\n".join(md))
     print(f"\nwritten to {out}")
 
