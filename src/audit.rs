@@ -55,6 +55,7 @@ impl AuditLog {
             .create(true)
             .append(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(path)
             .map_err(|e| Error::io(e, format!("opening audit log {}", path.display())))?;
         Ok(Self { out: Mutex::new(f) })

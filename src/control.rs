@@ -57,15 +57,19 @@ pub fn socket_path(mountpoint: &Path) -> PathBuf {
         .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
         .collect();
     let dir = std::env::var_os("ENVELOPEFS_RUNTIME_DIR").map(PathBuf::from).unwrap_or_else(|| "/run/envelopefs".into());
-    dir.join(format!("{}.sock", name.trim_start_matches('_')))
+    // The checksum keeps /mnt/a_b and /mnt/a/b apart.
+    let crc = crc32fast::hash(canon.as_os_str().as_encoded_bytes());
+    dir.join(format!("{}-{crc:08x}.sock", name.trim_start_matches('_')))
 }
 
 /// Serve status requests from a background thread until the process exits.
 pub fn serve(mountpoint: &Path, status: Arc<dyn Fn() -> Status + Send + Sync>) -> Result<PathBuf> {
     let path = socket_path(mountpoint);
     let dir = path.parent().unwrap();
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(e, format!("creating {}", dir.display())))?;
-    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    // Made 0700 if we make it; an existing directory keeps its mode (never chmod /tmp).
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(dir)
+        .map_err(|e| Error::io(e, format!("creating {}", dir.display())))?;
     let _ = std::fs::remove_file(&path); // a socket left by a killed daemon
     let listener = UnixListener::bind(&path).map_err(|e| Error::io(e, format!("binding {}", path.display())))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))

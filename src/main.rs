@@ -1,6 +1,7 @@
 //! The `envelopefs` command line.
 
 use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -375,6 +376,8 @@ fn init_logging(log_file: Option<&Path>) -> Result<()> {
             let f = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
+                .mode(0o640)
+                .custom_flags(libc::O_NOFOLLOW)
                 .open(p)
                 .with_context(|| format!("opening log file {}", p.display()))?;
             builder.with_ansi(false).with_writer(Arc::new(f)).init();
