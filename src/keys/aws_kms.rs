@@ -559,37 +559,19 @@ impl KeyProvider for AwsKmsProvider {
                 record.kek_id
             )));
         }
-        if let Some(w) = parse_ik(&record.wrapped) {
-            // Re-wrap the intermediate key inside KMS; the DEK's local wrap is unchanged.
-            let ec = ik_context(ctx.volume_id, &w.ik_id);
-            let out = self
-                .rt
-                .block_on(
-                    self.client
-                        .re_encrypt()
-                        .ciphertext_blob(Blob::new(w.blob.to_vec()))
-                        .source_key_id(&record.kek_id)
-                        .set_source_encryption_context(Some(ec.clone()))
-                        .destination_key_id(&self.arn)
-                        .set_destination_encryption_context(Some(ec))
-                        .send(),
-                )
-                .map_err(|e| kms_error(e, "ReEncrypt (intermediate key)"))?;
-            let blob = out.ciphertext_blob().map(|b| b.as_ref().to_vec()).unwrap_or_default();
-            return Ok(KeyRecord {
-                provider: ProviderKind::AwsKms,
-                kek_id: out.key_id().unwrap_or(&self.arn).to_owned(),
-                kek_version: self.rotations.load(Ordering::Relaxed),
-                wrapped: build_ik(&w.ik_id, &blob, w.sealed),
-            });
-        }
-        let ec = context_map(ctx.volume_id, ctx.file_id);
+        // Per-file records carry the DEK's blob; intermediate-key records the intermediate
+        // key's blob (the DEK's local wrap stays as it is). Either way KMS re-wraps it.
+        let ik = parse_ik(&record.wrapped);
+        let (blob, ec) = match &ik {
+            Some(w) => (w.blob.to_vec(), ik_context(ctx.volume_id, &w.ik_id)),
+            None => (record.wrapped.clone(), context_map(ctx.volume_id, ctx.file_id)),
+        };
         let out = self
             .rt
             .block_on(
                 self.client
                     .re_encrypt()
-                    .ciphertext_blob(Blob::new(record.wrapped.clone()))
+                    .ciphertext_blob(Blob::new(blob))
                     .source_key_id(&record.kek_id)
                     .set_source_encryption_context(Some(ec.clone()))
                     .destination_key_id(&self.arn)
@@ -597,11 +579,15 @@ impl KeyProvider for AwsKmsProvider {
                     .send(),
             )
             .map_err(|e| kms_error(e, "ReEncrypt"))?;
+        let new_blob = out.ciphertext_blob().map(|b| b.as_ref().to_vec()).unwrap_or_default();
         Ok(KeyRecord {
             provider: ProviderKind::AwsKms,
             kek_id: out.key_id().unwrap_or(&self.arn).to_owned(),
             kek_version: self.rotations.load(Ordering::Relaxed),
-            wrapped: out.ciphertext_blob().map(|b| b.as_ref().to_vec()).unwrap_or_default(),
+            wrapped: match ik {
+                Some(w) => build_ik(&w.ik_id, &new_blob, w.sealed),
+                None => new_blob,
+            },
         })
     }
 
