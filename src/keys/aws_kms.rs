@@ -319,23 +319,35 @@ impl AwsKmsProvider {
         Ok((dek, rec))
     }
 
+    /// KMS Decrypt of a blob under `key_id` with an encryption context.
+    fn decrypt(
+        &self,
+        key_id: &str,
+        blob: &[u8],
+        ec: HashMap<String, String>,
+        what: &str,
+    ) -> Result<Zeroizing<Vec<u8>>> {
+        let out = self
+            .rt
+            .block_on(
+                self.client
+                    .decrypt()
+                    .key_id(key_id)
+                    .ciphertext_blob(Blob::new(blob.to_vec()))
+                    .set_encryption_context(Some(ec))
+                    .send(),
+            )
+            .map_err(|e| kms_error(e, &format!("Decrypt ({what}) with {key_id}")))?;
+        Ok(Zeroizing::new(out.plaintext().map(|b| b.as_ref().to_vec()).unwrap_or_default()))
+    }
+
     fn unwrap_ik(&self, record: &KeyRecord, w: IkWrapped<'_>, ctx: &KeyContext<'_>) -> Result<Dek> {
         let key = self
             .ik_cache
             .try_get_with(w.ik_id, || -> Result<_> {
-                let out = self
-                    .rt
-                    .block_on(
-                        self.client
-                            .decrypt()
-                            .key_id(&record.kek_id)
-                            .ciphertext_blob(Blob::new(w.blob.to_vec()))
-                            .set_encryption_context(Some(ik_context(ctx.volume_id, &w.ik_id)))
-                            .send(),
-                    )
-                    .map_err(|e| kms_error(e, &format!("Decrypt (intermediate key) with {}", record.kek_id)))?;
+                let plain =
+                    self.decrypt(&record.kek_id, w.blob, ik_context(ctx.volume_id, &w.ik_id), "intermediate key")?;
                 let mut key = Zeroizing::new([0u8; 32]);
-                let plain = Zeroizing::new(out.plaintext().map(|b| b.as_ref().to_vec()).unwrap_or_default());
                 if plain.len() != 32 {
                     return Err(Error::access("KMS returned an intermediate key of the wrong length"));
                 }
@@ -516,18 +528,8 @@ impl KeyProvider for AwsKmsProvider {
         if let Some(w) = parse_ik(&record.wrapped) {
             return self.unwrap_ik(record, w, ctx);
         }
-        let out = self
-            .rt
-            .block_on(
-                self.client
-                    .decrypt()
-                    .key_id(&record.kek_id)
-                    .ciphertext_blob(Blob::new(record.wrapped.clone()))
-                    .set_encryption_context(Some(context_map(ctx.volume_id, ctx.file_id)))
-                    .send(),
-            )
-            .map_err(|e| kms_error(e, &format!("Decrypt with {}", record.kek_id)))?;
-        let plain = Zeroizing::new(out.plaintext().map(|b| b.as_ref().to_vec()).unwrap_or_default());
+        let plain =
+            self.decrypt(&record.kek_id, &record.wrapped, context_map(ctx.volume_id, ctx.file_id), "data key")?;
         Dek::from_slice(&plain)
     }
 
