@@ -26,7 +26,10 @@ impl Content<'_> {
     /// Plaintext size. A torn last block (a crash mid-append) is left out: the file reads
     /// up to the blocks before it, and the next write or truncate overwrites it.
     pub fn size(&self) -> Result<u64> {
-        let len = self.backing_len()?;
+        self.size_of(self.backing_len()?)
+    }
+
+    fn size_of(&self, len: u64) -> Result<u64> {
         match self.geo.plain_size(len) {
             Ok(s) => Ok(s),
             Err(SizeError::TornBlock { plain }) => Ok(plain),
@@ -135,8 +138,8 @@ impl Content<'_> {
     /// Cut a torn trailing fragment (see `size`) before the file changes, so it can never
     /// end up inside a block that is no longer the last.
     fn settle(&self) -> Result<u64> {
-        let size = self.size()?;
         let len = self.backing_len()?;
+        let size = self.size_of(len)?;
         if len > 0 && len != self.geo.backing_size(size) {
             self.file.set_len(self.geo.backing_size(size)).map_err(|e| Error::io(e, "cutting a torn last block"))?;
         }

@@ -485,7 +485,7 @@ impl EncryptedFs {
         }
         let len = file.metadata().map_err(|e| Error::io(e, "fstat"))?.len();
         let key = if len > 0 {
-            self.load_key(file)?
+            self.load_key(file, len)?
         } else if needs_header {
             let (region, key) = self.vol.new_header(&|| sys::describe_fd(file.as_raw_fd()))?;
             if let Err(e) = file.write_all_at(&region, 0) {
@@ -506,9 +506,8 @@ impl EncryptedFs {
     /// Read and authenticate the header of a non-empty envelope, then check that it belongs
     /// to this content: a header pasted from another file unwraps fine but its key does not
     /// open this file's first block.
-    fn load_key(&self, file: &File) -> Result<Arc<FileKey>> {
+    fn load_key(&self, file: &File, len: u64) -> Result<Arc<FileKey>> {
         let geo = self.vol.geometry;
-        let len = file.metadata().map_err(|e| Error::io(e, "fstat"))?.len();
         if len < geo.header_size {
             return Err(Error::corrupt(format!("backing file is {len} bytes, shorter than its header region")));
         }
@@ -561,8 +560,11 @@ impl EncryptedFs {
         };
         {
             let mut st = inode.content.write().unwrap();
-            if st.key.is_none() && file.metadata().map_err(|e| Error::io(e, "fstat"))?.len() > 0 {
-                st.key = Some(self.load_key(&file).map_err(|e| e.context(inode.describe()))?);
+            if st.key.is_none() {
+                let len = file.metadata().map_err(|e| Error::io(e, "fstat"))?.len();
+                if len > 0 {
+                    st.key = Some(self.load_key(&file, len).map_err(|e| e.context(inode.describe()))?);
+                }
             }
             st.opens += 1;
         }
