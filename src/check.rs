@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use crate::crypto::FileKey;
 use crate::envelope::{decode_region, is_hole, SizeError, SlotError};
 use crate::error::{Error, Result};
-use crate::volume::{Volume, VolumeConfig, CONFIG_NAME, RESERVED};
+use crate::volume::{Volume, VolumeConfig, CONFIG_NAME};
 
 /// The volume root above `path`: the nearest directory holding `envelopefs.toml`.
 pub fn find_root(path: &Path) -> Result<PathBuf> {
@@ -105,30 +105,11 @@ pub struct FsckReport {
 /// The caller makes sure the volume is not mounted when repairing.
 pub fn fsck(vol: &Volume, repair: bool) -> Result<FsckReport> {
     let mut report = FsckReport::default();
-    walk(vol, &vol.root, true, repair, &mut report)?;
-    Ok(report)
-}
-
-fn walk(vol: &Volume, dir: &Path, is_root: bool, repair: bool, rep: &mut FsckReport) -> Result<()> {
-    let mut entries: Vec<_> = std::fs::read_dir(dir)
-        .map_err(|e| Error::io(e, format!("listing {}", dir.display())))?
-        .collect::<std::result::Result<_, _>>()
-        .map_err(|e| Error::io(e, format!("listing {}", dir.display())))?;
-    entries.sort_by_key(|e| e.file_name());
-    for e in entries {
-        let path = e.path();
-        let ft = e.file_type().map_err(|e| Error::io(e, format!("{}", path.display())))?;
-        if is_root && RESERVED.iter().any(|r| std::ffi::OsStr::new(r) == e.file_name()) {
-            continue;
-        }
-        if ft.is_dir() {
-            walk(vol, &path, false, repair, rep)?;
-        } else if ft.is_file() {
-            rep.files += 1;
-            check_file(vol, &path, repair, rep);
-        }
+    for path in crate::rekey::volume_files(&vol.root)? {
+        report.files += 1;
+        check_file(vol, &path, repair, &mut report);
     }
-    Ok(())
+    Ok(report)
 }
 
 fn check_file(vol: &Volume, path: &Path, repair: bool, rep: &mut FsckReport) {

@@ -8,7 +8,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
@@ -106,9 +106,4 @@ pub fn query(mountpoint: &Path) -> Result<Status> {
     let mut line = String::new();
     BufReader::new(&s).read_line(&mut line).map_err(|e| Error::io(e, "reading status"))?;
     serde_json::from_str(&line).map_err(|e| Error::new(libc::EPROTO, format!("bad status reply: {e}")))
-}
-
-/// Seconds since `t` (for uptime).
-pub fn secs_since(t: Instant) -> u64 {
-    t.elapsed().as_secs()
 }

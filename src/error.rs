@@ -34,11 +34,6 @@ impl Error {
         Self::new(libc::EACCES, context)
     }
 
-    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
-        self.source = Some(Box::new(source));
-        self
-    }
-
     /// Prefix more context (for example the path of the file concerned).
     pub fn context(mut self, outer: impl fmt::Display) -> Self {
         self.context = format!("{outer}: {}", self.context);

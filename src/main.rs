@@ -972,7 +972,7 @@ fn status_fn(fs: Arc<EncryptedFs>, backing: &Path, mnt: &Path) -> Arc<dyn Fn() -
             backing: backing.clone(),
             mountpoint: mountpoint.clone(),
             provider: v.provider.describe(),
-            uptime_secs: control::secs_since(started),
+            uptime_secs: started.elapsed().as_secs(),
             open_files: fs.open_files(),
             dek_cache_entries: v.cache.entry_count(),
             dek_cache_hits: hits,

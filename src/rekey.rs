@@ -34,47 +34,45 @@ pub struct Summary {
 
 /// Every regular file of the volume (the volume's own files and stale temporaries aside).
 pub fn volume_files(root: &Path) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    walk(root, true, &mut out)?;
-    out.sort();
-    Ok(out)
-}
-
-fn walk(dir: &Path, is_root: bool, out: &mut Vec<PathBuf>) -> Result<()> {
-    for e in fs::read_dir(dir).map_err(|e| Error::io(e, format!("listing {}", dir.display())))? {
-        let e = e.map_err(|e| Error::io(e, format!("listing {}", dir.display())))?;
-        let name = e.file_name();
-        if is_root && RESERVED.iter().any(|r| std::ffi::OsStr::new(r) == name) {
-            continue;
-        }
-        let ft = e.file_type().map_err(|e| Error::io(e, "readdir"))?;
-        if ft.is_dir() {
-            walk(&e.path(), false, out)?;
-        } else if ft.is_file() && !name.to_string_lossy().ends_with(TMP_SUFFIX) {
-            out.push(e.path());
-        }
-    }
-    Ok(())
+    Ok(regular_files(root)?.into_iter().filter(|p| !is_temporary(p)).collect())
 }
 
 /// Remove temporaries a killed re-encryption left (their originals are intact).
 pub fn remove_stale_temporaries(root: &Path) -> Result<u64> {
-    fn go(dir: &Path, n: &mut u64) -> Result<()> {
+    let mut n = 0;
+    for p in regular_files(root)?.into_iter().filter(|p| is_temporary(p)) {
+        fs::remove_file(&p).map_err(|e| Error::io(e, format!("removing stale temporary {}", p.display())))?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+fn is_temporary(p: &Path) -> bool {
+    p.file_name().is_some_and(|n| n.as_encoded_bytes().ends_with(TMP_SUFFIX.as_bytes()))
+}
+
+/// All regular files below `root`, sorted, except the volume's own files in the root.
+fn regular_files(root: &Path) -> Result<Vec<PathBuf>> {
+    fn walk(dir: &Path, is_root: bool, out: &mut Vec<PathBuf>) -> Result<()> {
         for e in fs::read_dir(dir).map_err(|e| Error::io(e, format!("listing {}", dir.display())))? {
-            let e = e.map_err(|e| Error::io(e, "readdir"))?;
+            let e = e.map_err(|e| Error::io(e, format!("listing {}", dir.display())))?;
+            let name = e.file_name();
+            if is_root && RESERVED.iter().any(|r| std::ffi::OsStr::new(r) == name) {
+                continue;
+            }
             let ft = e.file_type().map_err(|e| Error::io(e, "readdir"))?;
             if ft.is_dir() {
-                go(&e.path(), n)?;
-            } else if ft.is_file() && e.file_name().to_string_lossy().ends_with(TMP_SUFFIX) {
-                fs::remove_file(e.path()).map_err(|e| Error::io(e, "removing a stale temporary"))?;
-                *n += 1;
+                walk(&e.path(), false, out)?;
+            } else if ft.is_file() {
+                out.push(e.path());
             }
         }
         Ok(())
     }
-    let mut n = 0;
-    go(root, &mut n)?;
-    Ok(n)
+    let mut out = Vec::new();
+    walk(root, true, &mut out)?;
+    out.sort();
+    Ok(out)
 }
 
 /// Run `mode` over `files` with `jobs` threads; `progress` is told after each file.

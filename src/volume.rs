@@ -9,7 +9,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::audit::AuditLog;
 use crate::crypto::{fill_random, Backend, FileKey};
-use crate::envelope::ProviderKind;
 use crate::envelope::{decode_region, FileId, Geometry, Header, KeyRecord, SlotError, FILE_ID_LEN};
 use crate::error::{Error, Result};
 use crate::keys::aws_kms::{AwsKmsProvider, KmsSettings};
@@ -114,14 +113,6 @@ impl VolumeConfig {
         match &self.provider {
             ProviderConfig::Local { keyring } => Some(root.join(keyring)),
             ProviderConfig::Pkcs11 { .. } | ProviderConfig::AwsKms { .. } => None,
-        }
-    }
-
-    pub fn provider_kind(&self) -> ProviderKind {
-        match &self.provider {
-            ProviderConfig::Local { .. } => ProviderKind::Local,
-            ProviderConfig::Pkcs11 { .. } => ProviderKind::Pkcs11,
-            ProviderConfig::AwsKms { .. } => ProviderKind::AwsKms,
         }
     }
 }

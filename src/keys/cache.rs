@@ -74,10 +74,6 @@ impl DekCache {
         self.inner.insert((key.file_id, generation), key);
     }
 
-    pub fn invalidate_all(&self) {
-        self.inner.invalidate_all();
-    }
-
     pub fn entry_count(&self) -> u64 {
         self.inner.run_pending_tasks();
         self.inner.entry_count()
