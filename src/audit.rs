@@ -2,7 +2,6 @@
 //! every provider. CloudTrail covers KMS; this covers local and PKCS#11 too, and says which
 //! file and which local user caused it. The schema is in docs/AUDIT.md.
 
-use std::cell::Cell;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -16,14 +15,21 @@ use crate::envelope::{FileId, KeyRecord};
 use crate::error::{Error, Result};
 use crate::keys::VolumeId;
 
-thread_local! {
-    /// (uid, pid) of the request this thread is serving; set by the FUSE adapter.
-    static REQUESTER: Cell<Option<(u32, u32)>> = const { Cell::new(None) };
+/// Who a key operation is for: the process behind the FUSE request (passed explicitly
+/// with every call), or for writes the kernel flushes later, the process that opened the
+/// file for writing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Requester {
+    pub uid: u32,
+    pub pid: u32,
 }
 
-/// Remember who the current request on this thread is for (the FUSE adapter calls this).
-pub fn set_requester(uid: u32, pid: u32) {
-    REQUESTER.with(|r| r.set(Some((uid, pid))));
+impl Requester {
+    /// This process (offline tools).
+    pub fn this_process() -> Self {
+        // SAFETY: getuid has no preconditions and cannot fail.
+        Self { uid: unsafe { libc::getuid() }, pid: std::process::id() }
+    }
 }
 
 #[derive(Serialize)]
@@ -70,8 +76,9 @@ impl AuditLog {
         path: Option<&str>,
         rec: &KeyRecord,
         result: std::result::Result<(), &Error>,
+        who: Option<Requester>,
     ) {
-        let (uid, pid) = REQUESTER.with(|r| r.get()).unwrap_or_else(|| (unsafe { libc::getuid() }, std::process::id()));
+        let Requester { uid, pid } = who.unwrap_or_else(Requester::this_process);
         let ev = Event {
             time: rfc3339(SystemTime::now()),
             op,

@@ -43,6 +43,51 @@ impl fmt::Debug for Dek {
     }
 }
 
+/// The volume key (format 2): random, wrapped by the KEK in the config. Keys for each
+/// purpose are derived from it (HMAC-SHA256(volume key, purpose)), never used raw.
+pub struct VolumeKey(Zeroizing<[u8; KEY_LEN]>);
+
+impl VolumeKey {
+    pub fn generate() -> Result<Self> {
+        let mut k = Zeroizing::new([0u8; KEY_LEN]);
+        fill_random(&mut k[..])?;
+        Ok(Self(k))
+    }
+
+    pub fn from_dek(dek: &Dek) -> Self {
+        Self(Zeroizing::new(*dek.expose()))
+    }
+
+    /// The key as a DEK, to be wrapped by a provider.
+    pub fn as_dek(&self) -> Dek {
+        Dek(Box::new(self.0.clone()))
+    }
+
+    fn subkey(&self, purpose: &str) -> aws_lc_rs::hmac::Key {
+        let k = aws_lc_rs::hmac::sign(
+            &aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &self.0[..]),
+            purpose.as_bytes(),
+        );
+        aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, k.as_ref())
+    }
+
+    /// HMAC-SHA256 of `data` under the key derived for `purpose`.
+    pub fn mac(&self, purpose: &str, data: &[u8]) -> [u8; 32] {
+        aws_lc_rs::hmac::sign(&self.subkey(purpose), data).as_ref().try_into().unwrap()
+    }
+
+    /// Constant-time check of a `mac`.
+    pub fn verify(&self, purpose: &str, data: &[u8], tag: &[u8]) -> bool {
+        aws_lc_rs::hmac::verify(&self.subkey(purpose), data, tag).is_ok()
+    }
+}
+
+impl fmt::Debug for VolumeKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("VolumeKey(..)")
+    }
+}
+
 pub fn fill_random(buf: &mut [u8]) -> Result<()> {
     getrandom::getrandom(buf).map_err(|e| Error::new(libc::EIO, format!("system random source failed: {e}")))
 }

@@ -7,19 +7,21 @@ use tracing::warn;
 
 /// Keep secrets out of swap and core dumps: no core dumps or ptrace by other users
 /// (PR_SET_DUMPABLE=0), and every page locked in RAM as it is touched (MCL_ONFAULT keeps
-/// the cost to what is used).
-pub fn harden_memory(lock: bool) {
-    unsafe {
-        if libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) != 0 {
-            warn!("PR_SET_DUMPABLE failed: {}", std::io::Error::last_os_error());
-        }
-        if lock && libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) != 0 {
-            warn!(
-                "mlockall failed ({}): data keys may reach swap; run as root or raise RLIMIT_MEMLOCK",
-                std::io::Error::last_os_error()
-            );
-        }
+/// the cost to what is used). Called first thing, before any secret is read. A failure to
+/// lock is returned for the caller to report (non-root users may lack RLIMIT_MEMLOCK).
+pub fn harden_memory(lock: bool) -> Result<(), String> {
+    // SAFETY: prctl(PR_SET_DUMPABLE) takes integer arguments only and touches no memory.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        return Err(format!("PR_SET_DUMPABLE failed: {}", std::io::Error::last_os_error()));
     }
+    // SAFETY: mlockall takes flags only; it changes no memory contents.
+    if lock && unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) } != 0 {
+        return Err(format!(
+            "mlockall failed ({}): data keys may reach swap; run as root or raise RLIMIT_MEMLOCK",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
 }
 
 /// Every inode the kernel knows costs one descriptor: take the hard limit.

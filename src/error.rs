@@ -9,19 +9,81 @@ use std::io;
 pub struct Error {
     errno: i32,
     context: String,
+    class: Option<Class>,
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+/// What a script needs to tell failures apart; each is a distinct exit code of the binary
+/// (documented in the man page). Errors without a class are told apart by errno.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Class {
+    /// A bad argument (what clap would call a usage error).
+    Usage,
+    /// The directory is not an envelopefs volume.
+    NotVolume,
+    /// The passphrase or key file does not unlock the keyring.
+    WrongSecret,
+    /// The volume names settings (code, endpoints, keys, paths) this host has not trusted.
+    Untrusted,
+    /// The volume's own files were changed by someone without its keys (or are damaged).
+    Tampered,
+    /// The key store did not answer (network, token, service).
+    KeyStoreUnreachable,
+    /// The mount point is missing, not a directory, or busy.
+    Mountpoint,
+    /// Another envelopefs process holds the volume.
+    Busy,
+}
+
+impl Class {
+    pub const fn exit_code(self) -> u8 {
+        match self {
+            Class::Usage => 2,
+            Class::NotVolume => 10,
+            Class::WrongSecret => 11,
+            Class::Mountpoint => 12,
+            Class::KeyStoreUnreachable => 13,
+            Class::Untrusted => 15,
+            Class::Tampered => 16,
+            Class::Busy => 17,
+        }
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn new(errno: i32, context: impl Into<String>) -> Self {
-        Self { errno, context: context.into(), source: None }
+        Self { errno, context: context.into(), class: None, source: None }
     }
 
     /// An I/O error from the backing store, keeping its errno.
     pub fn io(err: io::Error, context: impl Into<String>) -> Self {
-        Self { errno: err.raw_os_error().unwrap_or(libc::EIO), context: context.into(), source: Some(Box::new(err)) }
+        Self {
+            errno: err.raw_os_error().unwrap_or(libc::EIO),
+            context: context.into(),
+            class: None,
+            source: Some(Box::new(err)),
+        }
+    }
+
+    /// The volume's own files do not authenticate: edited, swapped or rolled back.
+    pub fn tampered(context: impl Into<String>) -> Self {
+        Self::new(libc::EIO, context).with_class(Class::Tampered)
+    }
+
+    /// Settings the host has not trusted.
+    pub fn untrusted(context: impl Into<String>) -> Self {
+        Self::new(libc::EACCES, context).with_class(Class::Untrusted)
+    }
+
+    pub fn with_class(mut self, class: Class) -> Self {
+        self.class = Some(class);
+        self
+    }
+
+    pub fn class(&self) -> Option<Class> {
+        self.class
     }
 
     /// Data that does not authenticate or parse: never hand out wrong bytes.

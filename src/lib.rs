@@ -5,8 +5,10 @@
 //! (providers, DEK cache) → `volume` (config, headers) → `content` (block layer) →
 //! `fs` (POSIX over a backing directory) → `mount` (thin FUSE adapter).
 
+pub mod atomic_file;
 pub mod audit;
 pub mod check;
+pub mod config;
 pub mod content;
 pub mod control;
 pub mod crypto;
@@ -17,4 +19,5 @@ pub mod fs;
 pub mod keys;
 pub mod mount;
 pub mod rekey;
+pub mod trust;
 pub mod volume;

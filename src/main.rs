@@ -15,11 +15,12 @@ use tracing::{info, warn};
 use envelopefs::control;
 use envelopefs::crypto::Backend;
 use envelopefs::daemon;
+use envelopefs::error::Class;
 use envelopefs::fs::EncryptedFs;
 use envelopefs::keys::cache::CacheConfig;
 use envelopefs::keys::local::KdfParams;
 use envelopefs::keys::pkcs11::{Pkcs11Provider, Pkcs11Uri};
-use envelopefs::keys::secret::{SecretSource, CREDENTIAL_NAME, PASSPHRASE_ENV, PIN_CREDENTIAL, PIN_ENV};
+use envelopefs::keys::secret::{SecretSource, CREDENTIAL_NAME, PIN_CREDENTIAL};
 use envelopefs::keys::KeyProvider;
 use envelopefs::mount::MountOptions;
 use envelopefs::rekey;
@@ -40,8 +41,13 @@ echo hello > /mnt/secret/note.txt\n  \
 envelopefs umount /mnt/secret\n\n\
 Logs go to stderr (or --log-file); RUST_LOG=debug shows more.",
     after_help = "Secrets are never taken on the command line. The keyring secret comes from, in order: \
---key-file, --passphrase-file, $ENVELOPEFS_PASSPHRASE, the systemd credential 'envelopefs.passphrase', \
-or a prompt on the terminal."
+--key-file, --passphrase-file, the systemd credential 'envelopefs.passphrase', or a prompt on the \
+terminal (never the environment).\n\n\
+The backing directory is untrusted: what code to load, which KMS key and endpoint to use come \
+from this host (init records them; `envelopefs trust` pins them on a new host).\n\n\
+Exit status: 0 ok; 1 failure (fsck: problems remain); 2 usage; 10 not a volume; 11 wrong \
+passphrase or key file; 12 mount point missing or busy; 13 key store unreachable; 15 settings \
+this host does not trust; 16 volume files tampered with or damaged; 17 volume in use."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -79,23 +85,18 @@ impl SecretArgs {
     fn would_prompt(&self, cfg: &volume::VolumeConfig) -> Option<&'static str> {
         let cred =
             |name: &str| std::env::var_os("CREDENTIALS_DIRECTORY").is_some_and(|d| Path::new(&d).join(name).exists());
-        if self.secret_stdin {
+        // Without a terminal there is nobody to ask: the daemon says what is missing.
+        if self.secret_stdin || !std::io::stdin().is_terminal() {
             return None;
         }
         match &cfg.provider {
-            volume::ProviderConfig::Local { .. } => (self.passphrase_file.is_none()
-                && self.key_file.is_none()
-                && std::env::var_os(PASSPHRASE_ENV).is_none()
-                && !cred(CREDENTIAL_NAME))
-            .then_some("Passphrase: "),
+            volume::ProviderConfig::Local { .. } => {
+                (self.passphrase_file.is_none() && self.key_file.is_none() && !cred(CREDENTIAL_NAME))
+                    .then_some("Passphrase: ")
+            }
             volume::ProviderConfig::AwsKms { .. } => None,
-            volume::ProviderConfig::Pkcs11 { key, .. } => {
-                let uri_pin = key.parse::<Pkcs11Uri>().ok().and_then(|u| u.pin_source);
-                (self.pin_file.is_none()
-                    && uri_pin.is_none()
-                    && std::env::var_os(PIN_ENV).is_none()
-                    && !cred(PIN_CREDENTIAL))
-                .then_some("PKCS#11 PIN: ")
+            volume::ProviderConfig::Pkcs11 { .. } => {
+                (self.pin_file.is_none() && !cred(PIN_CREDENTIAL)).then_some("PKCS#11 PIN: ")
             }
         }
     }
@@ -165,6 +166,30 @@ enum Cmd {
     /// Key-encryption keys: create (PKCS#11), rotate, status, retire.
     #[command(subcommand)]
     Key(KeyCmd),
+    /// Pin a volume's key-store settings on this host: the PKCS#11 module to load, the KMS
+    /// key ARNs and endpoint, the keyring's place. `init` does this for the host that made
+    /// the volume; on another host run this once. It shows what it will pin, asks (or takes
+    /// --yes), authenticates the volume with those settings, and only then records them
+    /// under /var/lib/envelopefs/trust (or $ENVELOPEFS_TRUST_DIR).
+    Trust {
+        backing: PathBuf,
+        /// Pin without asking.
+        #[arg(long)]
+        yes: bool,
+        /// pkcs11: the module the volume names, confirmed by you (needed when it is not
+        /// registered with p11-kit on this host).
+        #[arg(long, value_name = "PATH")]
+        module: Option<PathBuf>,
+        #[command(flatten)]
+        secret: SecretArgs,
+    },
+    /// Move a format-1 volume to format 2 (authenticated config, pinned keys). Offline;
+    /// files are untouched. Older envelopefs versions cannot open the volume afterwards.
+    Upgrade {
+        backing: PathBuf,
+        #[command(flatten)]
+        secret: SecretArgs,
+    },
     /// Move files to the current KEK. --rewrap (default) re-wraps each header's data key:
     /// cheap, data untouched, safe while mounted. --reencrypt gives each file a new data key
     /// and rewrites its content (for a suspected DEK leak): offline only. Both are
@@ -268,8 +293,9 @@ enum KeyCmd {
         #[command(flatten)]
         secret: SecretArgs,
     },
-    /// Make a new KEK version current. New files wrap under it; old files keep opening
-    /// with the version in their header. A running mount picks it up when remounted.
+    /// Make a new KEK version current. New files wrap under it (running mounts too: they
+    /// pick up the new version within seconds); old files keep opening with the version
+    /// in their header until `rekey --rewrap`.
     Rotate {
         backing: PathBuf,
         #[command(flatten)]
@@ -281,8 +307,9 @@ enum KeyCmd {
         #[command(flatten)]
         secret: SecretArgs,
     },
-    /// Take an old KEK version out of service (local: marked retired; PKCS#11: the key
-    /// object is destroyed). Refuses while any header still references it: run
+    /// Take an old KEK version out of service for good (local: its key is erased from the
+    /// keyring; PKCS#11: the key object is destroyed). Running mounts stop unwrapping with
+    /// it at once. Refuses while any header still references it: run
     /// `envelopefs rekey --rewrap` first.
     Retire {
         backing: PathBuf,
@@ -393,8 +420,21 @@ fn init_logging(log_file: Option<&Path>) -> Result<()> {
 /// The arguments as parsed (after mount-helper rewriting), for the daemon's child.
 static ARGS: std::sync::OnceLock<Vec<std::ffi::OsString>> = std::sync::OnceLock::new();
 
-const SUBCOMMANDS: [&str; 11] =
-    ["init", "mount", "umount", "key", "rekey", "status", "inspect", "fsck", "service", "completions", "man"];
+const SUBCOMMANDS: [&str; 13] = [
+    "init",
+    "mount",
+    "umount",
+    "key",
+    "trust",
+    "upgrade",
+    "rekey",
+    "status",
+    "inspect",
+    "fsck",
+    "service",
+    "completions",
+    "man",
+];
 
 /// mount(8) runs `mount.fuse.envelopefs SRC MNT [-sfnv] [-o OPTS]`, and mount.fuse3 runs
 /// `envelopefs SRC MNT -o OPTS`: both become `envelopefs mount SRC MNT -o OPTS`.
@@ -425,10 +465,14 @@ fn main() -> ExitCode {
     let args = helper_args(std::env::args_os().collect());
     ARGS.set(args.clone()).ok();
     let mut cli = Cli::parse_from(args);
+    // Before any secret is read, in every command: no core dumps, no ptrace by others, and
+    // pages locked in RAM (a mount may opt out with --no-mlock; others warn nowhere).
+    let lock = !matches!(&cli.cmd, Cmd::Mount(m) if m.no_mlock);
+    let hardened = daemon::harden_memory(lock);
     if let Cmd::Mount(m) = &mut cli.cmd {
         if let Err(e) = resolve_mount_args(m) {
             eprintln!("envelopefs: error: {e:#}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(Class::Usage.exit_code());
         }
     }
     let log_file = match &cli.cmd {
@@ -439,13 +483,24 @@ fn main() -> ExitCode {
         eprintln!("envelopefs: error: {e:#}");
         return ExitCode::FAILURE;
     }
+    if let (Err(e), Cmd::Mount(_)) = (&hardened, &cli.cmd) {
+        warn!("{e}");
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("envelopefs: error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(exit_code(&e))
         }
     }
+}
+
+/// The exit code of a failure: its class, where the library gave one (see --help).
+fn exit_code(e: &anyhow::Error) -> u8 {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<envelopefs::error::Error>())
+        .find_map(|e| e.class())
+        .map_or(1, |c| c.exit_code())
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -488,7 +543,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     volume::ProviderInit::AwsKms(s)
                 }
             };
-            let opts = InitOptions { block_size, header_size, provider };
+            let opts = InitOptions { block_size, header_size, provider, ..InitOptions::default() };
             let cfg = volume::init(&backing, &secret.source(), &opts)?;
             println!("Created an envelopefs volume in {}", backing.display());
             println!("  volume id   {}", cfg.volume_id);
@@ -505,6 +560,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Mount(args) => mount(args),
         Cmd::Key(k) => key_cmd(k),
+        Cmd::Trust { backing, yes, module, secret } => trust_cmd(&backing, yes, module.as_deref(), &secret.source()),
+        Cmd::Upgrade { backing, secret } => {
+            let _lock = lock_volume(&backing).context("upgrade rewrites the config: unmount the volume first")?;
+            let mut vol = Volume::open(&backing, &secret.source(), &OpenOptions::default())?;
+            if vol.upgrade()? {
+                println!("{} is now format {}: its config is authenticated", backing.display(), vol.config.format);
+            } else {
+                println!("{} is already format {}", backing.display(), vol.config.format);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Status { mountpoint, json } => {
             let st = control::query(&mountpoint)?;
             if json {
@@ -616,55 +682,96 @@ fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 /// `rekey --to-key`: point the volume at another KMS key or PKCS#11 key, then rewrap
-/// moves the files (records under the old key keep unwrapping meanwhile).
+/// moves the files (records under the old key keep unwrapping meanwhile). The admin names
+/// the new key here, so this host's trust record follows.
 fn move_to_key(backing: &Path, key: &str, secret: &SecretSource, opts: &OpenOptions) -> Result<Volume> {
-    let mut cfg = volume::VolumeConfig::load(backing)?;
-    let volume_id = cfg.volume_id()?;
-    let cfg_allowed: Vec<String> = match &cfg.provider {
-        volume::ProviderConfig::AwsKms { key_id, previous_key_ids, .. } => {
-            std::iter::once(key_id.clone()).chain(previous_key_ids.iter().cloned()).collect()
-        }
-        _ => Vec::new(),
-    };
-    let (dest, new_id): (Arc<dyn KeyProvider>, String) = match &cfg.provider {
-        volume::ProviderConfig::AwsKms { region, endpoint, intermediate_key, .. } => {
+    let mut vol = Volume::open(backing, secret, opts)?;
+    let volume_id = vol.volume_id;
+    let (dest, settings): (Arc<dyn KeyProvider>, volume::ProviderConfig) = match vol.config.provider.clone() {
+        volume::ProviderConfig::AwsKms { key_id, mut previous_key_ids, region, endpoint, intermediate_key } => {
             let mut settings = envelopefs::keys::aws_kms::KmsSettings::new(key);
-            settings.intermediate_key = *intermediate_key;
-            settings.region.clone_from(region);
-            settings.endpoint.clone_from(endpoint);
+            settings.intermediate_key = intermediate_key;
+            settings.region.clone_from(&region);
+            settings.endpoint.clone_from(&endpoint);
             settings.pool_size = 0;
             // Records still under the current (soon previous) key must keep unwrapping.
-            settings.allowed_key_ids = cfg_allowed;
+            settings.allowed_key_ids = std::iter::once(key_id.clone()).chain(previous_key_ids.clone()).collect();
             let p = envelopefs::keys::aws_kms::AwsKmsProvider::open(&settings, volume_id)?;
             let arn = p.arn().to_owned();
-            (Arc::new(p), arn)
+            if arn != key_id && !previous_key_ids.contains(&key_id) {
+                previous_key_ids.push(key_id);
+            }
+            previous_key_ids.retain(|k| *k != arn);
+            let cfg =
+                volume::ProviderConfig::AwsKms { key_id: arn, previous_key_ids, region, endpoint, intermediate_key };
+            (Arc::new(p), cfg)
         }
-        volume::ProviderConfig::Pkcs11 { module, .. } => {
+        volume::ProviderConfig::Pkcs11 { module, key: old, objects, mut previous_keys } => {
             let uri: Pkcs11Uri = key.parse().map_err(|e: String| anyhow!("--to-key {key}: {e}"))?;
-            let pin = secret.resolve_pin(uri.pin_source.as_deref())?;
-            let p = Pkcs11Provider::open(Path::new(module), &uri, pin, true)?;
-            (Arc::new(p), uri.key_id())
+            if uri.pin_source.is_some() || uri.module_path.is_some() {
+                bail!("--to-key {key}: name the key only (the PIN comes from --pin-file, the module from the volume)");
+            }
+            let pin = secret.resolve_pin(None)?;
+            let p = Pkcs11Provider::open(Path::new(&module), &uri, pin, true)?;
+            let new_id = uri.key_id();
+            if new_id != old && !previous_keys.contains(&old) {
+                previous_keys.push(old);
+            }
+            previous_keys.retain(|k| *k != new_id);
+            p.set_previous_keys(previous_keys.clone());
+            if vol.config.format >= 2 {
+                let current = p.label(p.current_version()?);
+                p.pin_objects(objects.iter().cloned().chain([current]).collect())?;
+            }
+            let cfg = volume::ProviderConfig::Pkcs11 { module, key: new_id, objects, previous_keys };
+            (Arc::new(p), cfg)
         }
         volume::ProviderConfig::Local { .. } => {
             bail!("--to-key is for aws-kms and pkcs11 volumes; a local keyring rotates with `key rotate`")
         }
     };
-    let changed = match &mut cfg.provider {
-        volume::ProviderConfig::AwsKms { key_id, previous_key_ids, .. } => {
-            let old = std::mem::replace(key_id, new_id.clone());
-            if old != new_id && !previous_key_ids.contains(&old) {
-                previous_key_ids.push(old.clone());
-            }
-            old != new_id
-        }
-        volume::ProviderConfig::Pkcs11 { key, .. } => std::mem::replace(key, new_id.clone()) != new_id,
-        volume::ProviderConfig::Local { .. } => false,
-    };
-    if changed {
-        info!("the volume now names {new_id}; rekey moves its files");
-        volume::write_config(backing, &cfg).context("updating envelopefs.toml")?;
+    let before = vol.config.provider.clone();
+    vol.switch_provider(dest, settings)?;
+    if vol.config.provider != before {
+        info!("the volume now names {}; rekey moves its files", vol.provider.kek_id());
     }
-    Ok(Volume::with_provider(backing, cfg, dest, opts)?)
+    Ok(vol)
+}
+
+/// `envelopefs trust`: show what would be pinned, ask, authenticate with it, pin it.
+fn trust_cmd(backing: &Path, yes: bool, module: Option<&Path>, secret: &SecretSource) -> Result<ExitCode> {
+    let root = std::fs::canonicalize(backing).with_context(|| format!("backing directory {}", backing.display()))?;
+    let cfg = volume::VolumeConfig::load(&root)?;
+    let store = envelopefs::trust::TrustStore::host();
+    let existing = store.get(&cfg.volume_id)?;
+    let rec = envelopefs::trust::candidate(&root, &cfg, module, existing.as_ref())?;
+    println!("{} asks this host to trust:", root.display());
+    for line in envelopefs::trust::describe(&rec) {
+        println!("  {line}");
+    }
+    if cfg.format < 2 {
+        println!("  note: format 1: the config is not authenticated; `envelopefs upgrade` makes it format 2");
+    }
+    if let Some(old) = &existing {
+        for d in old.provider.differences(&cfg.provider) {
+            println!("  changed: {d}");
+        }
+    }
+    if !yes {
+        if !std::io::stdin().is_terminal() {
+            bail!("not pinned: confirm with --yes (no terminal to ask on)");
+        }
+        eprint!("Pin these settings for this volume on this host? [y/N] ");
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            bail!("not pinned");
+        }
+    }
+    let vol = Volume::open_trusting(&root, cfg, Some(rec), secret, &OpenOptions::default())?;
+    vol.save_trust()?;
+    println!("pinned in {}", store.dir().display());
+    Ok(ExitCode::SUCCESS)
 }
 
 fn key_cmd(cmd: KeyCmd) -> Result<ExitCode> {
@@ -677,13 +784,17 @@ fn key_cmd(cmd: KeyCmd) -> Result<ExitCode> {
             println!("{}: version {v} is current", uri.key_id());
         }
         KeyCmd::Rotate { backing, secret } => {
-            let vol = Volume::open(&backing, &secret.source(), &OpenOptions::default())?;
+            let mut vol = Volume::open(&backing, &secret.source(), &OpenOptions::default())?;
             let v = vol.provider.rotate()?;
+            vol.update_config(|_| {})?;
             println!("{}: KEK version {v} is now current; new files wrap under it", vol.provider.describe());
             println!("Existing files keep the version they have until `envelopefs rekey`.");
         }
         KeyCmd::Retire { backing, version, secret } => {
-            let vol = Volume::open(&backing, &secret.source(), &OpenOptions::default())?;
+            let mut vol = Volume::open(&backing, &secret.source(), &OpenOptions::default())?;
+            if vol.config.volume_key.as_ref().is_some_and(|k| k.kek_version == version) {
+                bail!("KEK version {version} still wraps the volume key: run `envelopefs key rotate` first");
+            }
             let usage = envelopefs::check::key_usage(&vol)?;
             if let Some(n) = usage.any_slot.get(&version) {
                 bail!("KEK version {version} is still referenced by {n} file headers: run `envelopefs rekey --rewrap` first");
@@ -695,7 +806,8 @@ fn key_cmd(cmd: KeyCmd) -> Result<ExitCode> {
                 );
             }
             vol.provider.retire(version)?;
-            println!("KEK version {version} retired");
+            vol.update_config(|_| {})?;
+            println!("KEK version {version} retired: its key is gone");
         }
         KeyCmd::Status { backing, secret } => {
             let vol = Volume::open(&backing, &secret.source(), &OpenOptions::default())?;
@@ -882,13 +994,16 @@ fn mount(mut args: MountArgs) -> Result<ExitCode> {
     args.backing =
         Some(std::fs::canonicalize(&b).with_context(|| format!("backing directory {} does not exist", b.display()))?);
     let opts = mount_options(&args);
-    let meta = std::fs::metadata(mountpoint(&args))
-        .with_context(|| format!("mount point {} does not exist", mountpoint(&args).display()))?;
+    let mnt_err = |errno, why: &str| {
+        envelopefs::error::Error::new(errno, format!("mount point {} {why}", mountpoint(&args).display()))
+            .with_class(Class::Mountpoint)
+    };
+    let meta = std::fs::metadata(mountpoint(&args)).map_err(|_| mnt_err(libc::ENOENT, "does not exist"))?;
     if !meta.is_dir() {
-        bail!("mount point {} is not a directory", mountpoint(&args).display());
+        return Err(mnt_err(libc::ENOTDIR, "is not a directory").into());
     }
     if daemon::is_mount_point(mountpoint(&args)) {
-        bail!("mount point {} is busy: something is already mounted there", mountpoint(&args).display());
+        return Err(mnt_err(libc::EBUSY, "is busy: something is already mounted there").into());
     }
     // Fail fast (and in the caller's terminal) on a directory that is not a volume.
     volume::VolumeConfig::load(backing(&args))?;
@@ -910,10 +1025,10 @@ fn mount(mut args: MountArgs) -> Result<ExitCode> {
             audit_log: args.audit_log.clone(),
             kms_pool: Some(args.kms_pool.unwrap_or(envelopefs::keys::aws_kms::DEFAULT_POOL)),
             kms_timeout: args.kms_timeout.map(Duration::from_secs_f64),
+            ..OpenOptions::default()
         },
     )?;
     let _lock = lock_volume(backing(&args))?;
-    daemon::harden_memory(!args.no_mlock);
     daemon::raise_fd_limit();
     let fs = Arc::new(EncryptedFs::new(Arc::new(vol))?);
     let mut session = envelopefs::mount::mount(fs.clone(), mountpoint(&args), opts)
@@ -1029,8 +1144,14 @@ fn service_install(name: &str, backing: &Path, mountpoint: &Path, options: &str,
 fn lock_volume(backing: &Path) -> Result<std::fs::File> {
     volume::VolumeConfig::load(backing)?;
     let f = std::fs::File::open(backing)?;
+    // SAFETY: flock on a descriptor we own; no memory is involved.
     if unsafe { libc::flock(std::os::unix::io::AsRawFd::as_raw_fd(&f), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        bail!("{} is in use: mounted (or being repaired) by another envelopefs process", backing.display());
+        return Err(envelopefs::error::Error::new(
+            libc::EBUSY,
+            format!("{} is in use: mounted (or being repaired) by another envelopefs process", backing.display()),
+        )
+        .with_class(Class::Busy)
+        .into());
     }
     Ok(f)
 }

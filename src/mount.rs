@@ -120,12 +120,7 @@ impl FuseFs {
 }
 
 fn caller(req: &Request) -> Caller {
-    Caller { uid: req.uid(), gid: req.gid() }
-}
-
-/// Requests that may need a key say who asked, for the audit log.
-fn note(req: &Request) {
-    crate::audit::set_requester(req.uid(), req.pid());
+    Caller { uid: req.uid(), gid: req.gid(), pid: req.pid() }
 }
 
 fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
@@ -189,7 +184,7 @@ impl Filesystem for FuseFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -205,9 +200,8 @@ impl Filesystem for FuseFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        note(_req);
         let set = SetAttr { mode, uid, gid, size, atime: set_time(atime), mtime: set_time(mtime), fh: fh.map(|f| f.0) };
-        match self.fs.setattr(ino.0, set) {
+        match self.fs.setattr(ino.0, set, caller(req)) {
             Ok(a) => reply.attr(&self.opts.attr_timeout, &fuse_attr(&a)),
             Err(e) => reply.error(self.errno("setattr", &e)),
         }
@@ -258,8 +252,7 @@ impl Filesystem for FuseFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        note(req);
-        match self.fs.open(ino.0, flags.0) {
+        match self.fs.open(ino.0, flags.0, caller(req)) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(self.errno("open", &e)),
         }
@@ -294,8 +287,7 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        note(req);
-        match self.fs.write(fh.0, offset, data) {
+        match self.fs.write(fh.0, offset, data, caller(req)) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(self.errno("write", &e)),
         }
@@ -439,7 +431,6 @@ impl Filesystem for FuseFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        note(req);
-        self.empty(reply, "fallocate", self.fs.fallocate(fh.0, offset, length, mode));
+        self.empty(reply, "fallocate", self.fs.fallocate(fh.0, offset, length, mode, caller(req)));
     }
 }

@@ -9,7 +9,7 @@ use std::os::unix::fs::FileExt;
 use common::{cli, pattern, TestVolume};
 use envelopefs::fs::{Caller, ROOT_INO};
 
-const ROOT: Caller = Caller { uid: 0, gid: 0 };
+const ROOT: Caller = Caller { uid: 0, gid: 0, pid: 1 };
 
 #[test]
 fn torn_tail_fragment_is_cut_before_the_file_grows() {
@@ -17,7 +17,7 @@ fn torn_tail_fragment_is_cut_before_the_file_grows() {
     let fs = vol.fs();
     let (attr, fh) = fs.create(ROOT_INO, OsStr::new("f"), 0o644, 0, libc::O_RDWR, ROOT).unwrap();
     let data = pattern(1, 8192);
-    fs.write(fh, 0, &data).unwrap();
+    fs.write(fh, 0, &data, ROOT).unwrap();
     // A crash mid-append left 10 bytes of a third block.
     let backing = vol.backing.join("f");
     let f = OpenOptions::new().write(true).open(&backing).unwrap();
@@ -25,7 +25,7 @@ fn torn_tail_fragment_is_cut_before_the_file_grows() {
     f.write_all_at(&[0xAB; 10], len).unwrap();
     assert_eq!(fs.getattr(attr.ino).unwrap().size, 8192, "the fragment is not content");
     // A write well past the end must not leave the fragment inside a non-final block.
-    fs.write(fh, 5 * 4096, b"later").unwrap();
+    fs.write(fh, 5 * 4096, b"later", ROOT).unwrap();
     let all = fs.read(fh, 0, 6 * 4096).unwrap();
     assert_eq!(&all[..8192], &data[..]);
     assert!(all[8192..5 * 4096].iter().all(|&b| b == 0));
@@ -40,7 +40,7 @@ fn fsck_repair_fixes_what_it_can_and_reports_the_rest() {
         let fs = vol.fs();
         for (name, seed) in [("torn-append", 1), ("torn-slot", 2), ("bit-flip", 3)] {
             let (_, fh) = fs.create(ROOT_INO, OsStr::new(name), 0o644, 0, libc::O_RDWR, ROOT).unwrap();
-            fs.write(fh, 0, &pattern(seed, 3 * 4096)).unwrap();
+            fs.write(fh, 0, &pattern(seed, 3 * 4096), ROOT).unwrap();
             fs.release(fh);
         }
     }
@@ -77,9 +77,9 @@ fn fsck_repair_fixes_what_it_can_and_reports_the_rest() {
     let fs = vol.fs();
     let attr = fs.lookup(ROOT_INO, OsStr::new("torn-append")).unwrap();
     assert_eq!(attr.size, 2 * 4096);
-    let fh = fs.open(attr.ino, libc::O_RDWR).unwrap();
+    let fh = fs.open(attr.ino, libc::O_RDWR, ROOT).unwrap();
     assert_eq!(fs.read(fh, 0, 8192).unwrap(), pattern(1, 3 * 4096)[..8192]);
-    fs.write(fh, 8192, b"appendable again").unwrap();
+    fs.write(fh, 8192, b"appendable again", ROOT).unwrap();
     fs.release(fh);
 }
 
@@ -149,7 +149,7 @@ fn readdirplus_counts_a_lookup_per_entry_and_gives_back_what_does_not_fit() {
     let fs = vol.fs();
     for i in 0..5 {
         let (a, fh) = fs.create(ROOT_INO, OsStr::new(&format!("f{i}")), 0o644, 0, libc::O_RDWR, ROOT).unwrap();
-        fs.write(fh, 0, &pattern(i, 100 * (i as usize + 1))).unwrap();
+        fs.write(fh, 0, &pattern(i, 100 * (i as usize + 1)), ROOT).unwrap();
         fs.release(fh);
         fs.forget(a.ino, 1);
     }

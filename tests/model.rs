@@ -32,14 +32,14 @@ fn ops(max: u64) -> impl Strategy<Value = Vec<Op>> {
 fn run(block_size: u32, ops: Vec<Op>) -> Result<(), TestCaseError> {
     let vol = TestVolume::new(block_size);
     let fs = vol.fs();
-    let caller = Caller { uid: 0, gid: 0 };
+    let caller = Caller { uid: 0, gid: 0, pid: 1 };
     let (attr, mut fh) = fs.create(ROOT_INO, OsStr::new("f"), 0o644, 0, libc::O_RDWR, caller).unwrap();
     let mut model: Vec<u8> = Vec::new();
     for op in ops {
         match op {
             Op::Write { off, len, seed } => {
                 let data = pattern(seed, len);
-                prop_assert_eq!(fs.write(fh, off, &data).unwrap() as usize, len);
+                prop_assert_eq!(fs.write(fh, off, &data, caller).unwrap() as usize, len);
                 let end = off as usize + len;
                 if model.len() < end {
                     model.resize(end, 0);
@@ -47,11 +47,11 @@ fn run(block_size: u32, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 model[off as usize..end].copy_from_slice(&data);
             }
             Op::Truncate(size) => {
-                fs.setattr(attr.ino, SetAttr { size: Some(size), fh: Some(fh), ..Default::default() }).unwrap();
+                fs.setattr(attr.ino, SetAttr { size: Some(size), fh: Some(fh), ..Default::default() }, caller).unwrap();
                 model.resize(size as usize, 0);
             }
             Op::Fallocate { off, len } => {
-                fs.fallocate(fh, off, len, 0).unwrap();
+                fs.fallocate(fh, off, len, 0, caller).unwrap();
                 let end = (off + len) as usize;
                 if model.len() < end {
                     model.resize(end, 0);
@@ -65,7 +65,7 @@ fn run(block_size: u32, ops: Vec<Op>) -> Result<(), TestCaseError> {
             }
             Op::Reopen => {
                 fs.release(fh);
-                fh = fs.open(attr.ino, libc::O_RDWR).unwrap();
+                fh = fs.open(attr.ino, libc::O_RDWR, caller).unwrap();
             }
         }
         prop_assert_eq!(fs.getattr(attr.ino).unwrap().size, model.len() as u64);

@@ -16,7 +16,7 @@ const VOL: [u8; 16] = [0x11; 16];
 fn local() -> (tempfile::TempDir, Arc<dyn KeyProvider>) {
     let d = tempfile::tempdir().unwrap();
     let secret = Secret::KeyFile(Zeroizing::new([7; 32]));
-    let p = LocalProvider::create(&d.path().join("keyring"), VOL, &secret, KdfParams::default()).unwrap();
+    let p = LocalProvider::create(&d.path().join("keyring"), VOL, &secret, KdfParams::default(), 2).unwrap();
     (d, Arc::new(p))
 }
 

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::{cli, pattern, Mounted, BIN, SOFTHSM_MODULE};
+use common::{cli, pattern, Mounted, SOFTHSM_MODULE};
 
 fn ok(out: std::process::Output) -> String {
     assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
@@ -43,7 +43,7 @@ impl Vol {
     fn init(dir: tempfile::TempDir, flag: &'static str, secret: PathBuf, extra: &[&str]) -> Self {
         let backing = dir.path().join("backing");
         fs::create_dir(&backing).unwrap();
-        let mut c = Command::new(BIN);
+        let mut c = common::bin();
         c.arg("init").arg(flag).arg(&secret).args(extra).arg(&backing);
         ok(c.output().unwrap());
         let mnt = dir.path().join("mnt");
@@ -51,7 +51,7 @@ impl Vol {
     }
 
     fn run(&self, args: &[&str]) -> std::process::Output {
-        let mut c = Command::new(BIN);
+        let mut c = common::bin();
         c.args(&args[..args.len() - 1]).arg(self.flag).arg(&self.secret);
         c.arg(args[args.len() - 1]);
         c.stdin(Stdio::null()).output().unwrap()
@@ -99,7 +99,7 @@ fn rotation_flow(v: Vol) {
     let status = ok(v.run(&["key", "status", &b]));
     assert!(status.contains("version 2 (current): 13 files") && !status.contains("version 1: 1"), "{status}");
     drop(m);
-    let mut c = Command::new(BIN);
+    let mut c = common::bin();
     c.args(["key", "retire"]).arg(v.flag).arg(&v.secret).arg(&v.backing).arg("1");
     ok(c.output().unwrap());
     let m = v.mount(&[]);
@@ -165,7 +165,7 @@ fn online_rewrap_survives_kill_9_while_writers_append() {
             .collect();
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
         for _ in 0..8 {
-            let mut c = Command::new(BIN);
+            let mut c = common::bin();
             c.args(["rekey", "--rewrap"]).arg(v.flag).arg(&v.secret).arg(&v.backing);
             kill_after(c, 5 + next(&mut seed) % 150);
         }
@@ -218,7 +218,7 @@ fn reencrypt_is_offline_crash_safe_and_changes_the_key() {
 
     let mut seed = 0x1234_5678_9abc_def1u64;
     for _ in 0..8 {
-        let mut c = Command::new(BIN);
+        let mut c = common::bin();
         c.args(["rekey", "--reencrypt"]).arg(v.flag).arg(&v.secret).arg(&v.backing);
         kill_after(c, 5 + next(&mut seed) % 300);
         // After any kill, every file is either the old or the new one, and opens.

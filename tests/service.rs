@@ -80,7 +80,7 @@ fn notify_ready_after_the_mount_answers_and_clean_stop_on_sigterm() {
     let sock_path = vol.dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let mut child = Command::new(BIN)
+    let mut child = common::bin()
         .args(["mount", "--foreground", "--key-file"])
         .arg(&vol.key)
         .arg(&vol.backing)

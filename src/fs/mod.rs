@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::audit::Requester;
 use crate::content::Content;
 use crate::crypto::FileKey;
 use crate::envelope::{is_hole, BLOCK_OVERHEAD};
@@ -48,11 +49,19 @@ impl Attr {
     }
 }
 
-/// Who asked: new objects are owned by the caller.
+/// Who asked, from the FUSE request: new objects are owned by the caller, and key
+/// operations are audited as theirs. pid 0 is the kernel itself (writeback).
 #[derive(Clone, Copy, Debug)]
 pub struct Caller {
     pub uid: u32,
     pub gid: u32,
+    pub pid: u32,
+}
+
+impl Caller {
+    fn requester(self) -> Requester {
+        Requester { uid: self.uid, pid: self.pid }
+    }
 }
 
 /// A time to set: a given instant or "now".
@@ -125,6 +134,20 @@ struct FileHandle {
     inode: Arc<Inode>,
     file: File,
     writable: bool,
+    /// Who opened it: the kernel's later writeback through it is theirs.
+    opener: Caller,
+}
+
+impl FileHandle {
+    /// The requester of a write through this handle: the caller, or for the kernel's own
+    /// writeback (pid 0), whoever opened the handle.
+    fn writer(&self, caller: Caller) -> Caller {
+        if caller.pid == 0 {
+            self.opener
+        } else {
+            caller
+        }
+    }
 }
 
 struct DirHandle {
@@ -433,7 +456,7 @@ impl EncryptedFs {
         sys::renameat2(p.raw(), &sys::cstr(name)?, np.raw(), &sys::cstr(newname)?, flags)
     }
 
-    pub fn setattr(&self, ino: u64, set: SetAttr) -> Result<Attr> {
+    pub fn setattr(&self, ino: u64, set: SetAttr, caller: Caller) -> Result<Attr> {
         let inode = self.inode(ino)?;
         if let Some(mode) = set.mode {
             if !inode.is_symlink() {
@@ -444,7 +467,7 @@ impl EncryptedFs {
             sys::fchown_fd(inode.raw(), set.uid.unwrap_or(u32::MAX), set.gid.unwrap_or(u32::MAX))?;
         }
         if let Some(size) = set.size {
-            self.truncate(&inode, size, set.fh)?;
+            self.truncate(&inode, size, set.fh, caller)?;
         }
         if set.atime.is_some() || set.mtime.is_some() {
             sys::utimens_fd(inode.raw(), inode.is_symlink(), &[timespec(set.atime), timespec(set.mtime)])?;
@@ -453,7 +476,7 @@ impl EncryptedFs {
         Ok(self.attr_of(ino, &st))
     }
 
-    fn truncate(&self, inode: &Arc<Inode>, size: u64, fh: Option<u64>) -> Result<()> {
+    fn truncate(&self, inode: &Arc<Inode>, size: u64, fh: Option<u64>, caller: Caller) -> Result<()> {
         match inode.fmt {
             libc::S_IFREG => {}
             libc::S_IFDIR => return Err(Error::new(libc::EISDIR, "truncate of a directory")),
@@ -469,7 +492,8 @@ impl EncryptedFs {
             }
         };
         let mut st = inode.content.write().unwrap();
-        let key = self.key_for_write(&mut st, file, size > 0).map_err(|e| e.context(inode.describe()))?;
+        let who = handle.as_ref().map_or(caller, |h| h.writer(caller));
+        let key = self.key_for_write(&mut st, file, size > 0, who).map_err(|e| e.context(inode.describe()))?;
         if key.is_none() {
             return Ok(()); // empty, headerless, and staying empty
         }
@@ -479,15 +503,22 @@ impl EncryptedFs {
 
     /// The key for a change to `file`: the loaded one, the one in its header, or (for an
     /// empty file about to get content) a new header.
-    fn key_for_write(&self, st: &mut ContentState, file: &File, needs_header: bool) -> Result<Option<Arc<FileKey>>> {
+    fn key_for_write(
+        &self,
+        st: &mut ContentState,
+        file: &File,
+        needs_header: bool,
+        who: Caller,
+    ) -> Result<Option<Arc<FileKey>>> {
         if let Some(k) = &st.key {
             return Ok(Some(k.clone()));
         }
         let len = file.metadata().map_err(|e| Error::io(e, "fstat"))?.len();
         let key = if len > 0 {
-            self.load_key(file, len)?
+            self.load_key(file, len, who)?
         } else if needs_header {
-            let (region, key) = self.vol.new_header(&|| sys::describe_fd(file.as_raw_fd()))?;
+            let (region, key) =
+                self.vol.new_header_for(&|| sys::describe_fd(file.as_raw_fd()), Some(who.requester()))?;
             if let Err(e) = file.write_all_at(&region, 0) {
                 // Back to a valid empty file rather than a stub shorter than its header.
                 let _ = file.set_len(0);
@@ -506,14 +537,15 @@ impl EncryptedFs {
     /// Read and authenticate the header of a non-empty envelope, then check that it belongs
     /// to this content: a header pasted from another file unwraps fine but its key does not
     /// open this file's first block.
-    fn load_key(&self, file: &File, len: u64) -> Result<Arc<FileKey>> {
+    fn load_key(&self, file: &File, len: u64, who: Caller) -> Result<Arc<FileKey>> {
         let geo = self.vol.geometry;
         if len < geo.header_size {
             return Err(Error::corrupt(format!("backing file is {len} bytes, shorter than its header region")));
         }
         let mut region = vec![0u8; geo.header_size as usize];
         file.read_exact_at(&mut region, 0).map_err(|e| Error::io(e, "reading header"))?;
-        let opened = self.vol.open_header(&region, &|| sys::describe_fd(file.as_raw_fd()))?;
+        let opened =
+            self.vol.open_header_for(&region, &|| sys::describe_fd(file.as_raw_fd()), Some(who.requester()))?;
         let first = (len - geo.header_size).min(geo.stored_block_size());
         if first > BLOCK_OVERHEAD {
             let mut stored = vec![0u8; first as usize];
@@ -545,7 +577,7 @@ impl EncryptedFs {
         fh
     }
 
-    fn open_inode(&self, inode: Arc<Inode>, flags: i32, file: Option<File>) -> Result<u64> {
+    fn open_inode(&self, inode: Arc<Inode>, flags: i32, file: Option<File>, caller: Caller) -> Result<u64> {
         if inode.fmt != libc::S_IFREG {
             return Err(Error::new(
                 if inode.fmt == libc::S_IFDIR { libc::EISDIR } else { libc::EINVAL },
@@ -563,15 +595,16 @@ impl EncryptedFs {
             if st.key.is_none() {
                 let len = file.metadata().map_err(|e| Error::io(e, "fstat"))?.len();
                 if len > 0 {
-                    st.key = Some(self.load_key(&file, len).map_err(|e| e.context(inode.describe()))?);
+                    st.key = Some(self.load_key(&file, len, caller).map_err(|e| e.context(inode.describe()))?);
                 }
             }
             st.opens += 1;
         }
         let trunc = writable && flags & libc::O_TRUNC != 0;
-        let fh = self.add_handle(Handle::File(Arc::new(FileHandle { inode: inode.clone(), file, writable })));
+        let handle = FileHandle { inode: inode.clone(), file, writable, opener: caller };
+        let fh = self.add_handle(Handle::File(Arc::new(handle)));
         if trunc {
-            if let Err(e) = self.truncate(&inode, 0, Some(fh)) {
+            if let Err(e) = self.truncate(&inode, 0, Some(fh), caller) {
                 self.release(fh);
                 return Err(e);
             }
@@ -579,9 +612,9 @@ impl EncryptedFs {
         Ok(fh)
     }
 
-    pub fn open(&self, ino: u64, flags: i32) -> Result<u64> {
+    pub fn open(&self, ino: u64, flags: i32, caller: Caller) -> Result<u64> {
         let inode = self.inode(ino)?;
-        self.open_inode(inode, flags, None)
+        self.open_inode(inode, flags, None, caller)
     }
 
     /// Create and open a regular file. It starts without a header (see `mknod`).
@@ -603,13 +636,13 @@ impl EncryptedFs {
                 let attr = self.finish_new(&p, name, caller, perm)?;
                 // The reply carries a lookup only on success: give it back on failure.
                 let fh = self
-                    .open_inode(self.inode(attr.ino)?, flags & !libc::O_TRUNC, Some(File::from(fd)))
+                    .open_inode(self.inode(attr.ino)?, flags & !libc::O_TRUNC, Some(File::from(fd)), caller)
                     .inspect_err(|_| self.forget(attr.ino, 1))?;
                 Ok((attr, fh))
             }
             Err(e) if e.errno() == libc::EEXIST && flags & libc::O_EXCL == 0 => {
                 let attr = self.lookup_fd(&p, name)?;
-                let fh = self.open(attr.ino, flags).inspect_err(|_| self.forget(attr.ino, 1))?;
+                let fh = self.open(attr.ino, flags, caller).inspect_err(|_| self.forget(attr.ino, 1))?;
                 Ok((attr, fh))
             }
             Err(e) => Err(e),
@@ -626,25 +659,27 @@ impl EncryptedFs {
     /// Write at `offset`. For O_APPEND the kernel has already resolved the offset against
     /// the file size (and pages of shared mappings come back at their own offsets through
     /// any handle), so the offset is always taken as given.
-    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8], caller: Caller) -> Result<u32> {
         let h = self.file_handle(fh)?;
         if !h.writable {
             return Err(Error::new(libc::EBADF, "handle is read-only"));
         }
         let mut st = h.inode.content.write().unwrap();
-        let key = self.key_for_write(&mut st, &h.file, true).map_err(|e| e.context(h.inode.describe()))?;
+        let key =
+            self.key_for_write(&mut st, &h.file, true, h.writer(caller)).map_err(|e| e.context(h.inode.describe()))?;
         let c = Content { file: &h.file, geo: self.vol.geometry, key: key.as_deref() };
         c.write(offset, data).map_err(|e| e.context(h.inode.describe()))?;
         Ok(data.len() as u32)
     }
 
-    pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> Result<()> {
+    pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32, caller: Caller) -> Result<()> {
         if mode != 0 {
             return Err(Error::new(libc::EOPNOTSUPP, "only fallocate mode 0 is supported"));
         }
         let h = self.file_handle(fh)?;
         let mut st = h.inode.content.write().unwrap();
-        let key = self.key_for_write(&mut st, &h.file, true).map_err(|e| e.context(h.inode.describe()))?;
+        let key =
+            self.key_for_write(&mut st, &h.file, true, h.writer(caller)).map_err(|e| e.context(h.inode.describe()))?;
         let c = Content { file: &h.file, geo: self.vol.geometry, key: key.as_deref() };
         c.allocate(offset, len).map_err(|e| e.context(h.inode.describe()))
     }

@@ -74,6 +74,11 @@ impl DekCache {
         self.inner.insert((key.file_id, generation), key);
     }
 
+    /// Forget every key (a KEK was taken out of service).
+    pub fn clear(&self) {
+        self.inner.invalidate_all();
+    }
+
     pub fn entry_count(&self) -> u64 {
         self.inner.run_pending_tasks();
         self.inner.entry_count()

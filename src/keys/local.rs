@@ -3,8 +3,6 @@
 //! it needs nothing running.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
@@ -14,9 +12,12 @@ use super::secret::Secret;
 use super::{KekVersionInfo, KeyContext, KeyProvider, VolumeId};
 use crate::crypto::{fill_random, new_aead, Backend, Dek, KEY_LEN};
 use crate::envelope::{KeyRecord, ProviderKind, NONCE_LEN, TAG_LEN};
-use crate::error::{Error, Result};
+use crate::error::{Class, Error, Result};
 
-const MAGIC: &[u8; 8] = b"EFSKEYR1";
+/// Version 1 keyrings (read only) and version 2 (written): v2 adds a version counter, the
+/// format of the volume it belongs to, and erases retired keys.
+const MAGIC_V1: &[u8; 8] = b"EFSKEYR1";
+const MAGIC: &[u8; 8] = b"EFSKEYR2";
 const KDF_ARGON2ID: u8 = 1;
 const KDF_KEYFILE: u8 = 2;
 /// magic, kdf, reserved, m, t, p, salt, volume id, nonce.
@@ -40,13 +41,47 @@ impl Default for KdfParams {
     }
 }
 
+impl KdfParams {
+    /// The costs a keyring may ask for. They are read before anything authenticates them,
+    /// so an edited keyring must not be able to demand hours or gigabytes; init holds new
+    /// keyrings to the same bounds.
+    pub const MAX_M_KIB: u32 = 1 << 20;
+    pub const MAX_T: u32 = 16;
+    pub const MAX_P: u32 = 8;
+
+    pub fn check(&self) -> Result<()> {
+        if self.m_kib > Self::MAX_M_KIB || self.t > Self::MAX_T || self.p > Self::MAX_P {
+            return Err(Error::new(
+                libc::EINVAL,
+                format!(
+                    "Argon2id cost {} MiB × {} passes × {} lanes is out of range (at most {} MiB, {} passes, {} lanes)",
+                    self.m_kib / 1024,
+                    self.t,
+                    self.p,
+                    Self::MAX_M_KIB / 1024,
+                    Self::MAX_T,
+                    Self::MAX_P
+                ),
+            ));
+        }
+        argon2::Params::new(self.m_kib, self.t, self.p, Some(32))
+            .map(drop)
+            .map_err(|e| Error::new(libc::EINVAL, format!("bad Argon2id parameters: {e}")))
+    }
+}
+
 struct Entry {
     version: u32,
-    retired: bool,
-    key: Zeroizing<[u8; KEY_LEN]>,
+    /// None once retired: the key material is erased from the keyring.
+    key: Option<Zeroizing<[u8; KEY_LEN]>>,
 }
 
 struct Ring {
+    /// Bumped on every write: the host refuses a keyring older than one it has seen.
+    version: u64,
+    /// The format of the volume this keyring belongs to (a v2 volume's config swapped for
+    /// a v1 one is caught here on a host that never saw the volume).
+    volume_format: u32,
     current: u32,
     entries: Vec<Entry>,
 }
@@ -66,35 +101,52 @@ pub struct LocalProvider {
     ring: RwLock<Ring>,
     /// The keyring file as last read or written (mtime, inode, length).
     stamp: std::sync::Mutex<(i64, i64, u64, u64)>,
+    /// Keys this process has seen retired (see `KeyProvider::revocations`).
+    revoked: std::sync::atomic::AtomicU64,
 }
 
 impl LocalProvider {
     /// Create a keyring with one fresh KEK (version 1). Fails if the file exists.
-    pub fn create(path: &Path, volume_id: VolumeId, secret: &Secret, params: KdfParams) -> Result<Self> {
+    pub fn create(
+        path: &Path,
+        volume_id: VolumeId,
+        secret: &Secret,
+        params: KdfParams,
+        volume_format: u32,
+    ) -> Result<Self> {
+        params.check()?;
         let mut salt = [0u8; 16];
         fill_random(&mut salt)?;
         let seal = Seal::derive(secret, params, salt)?;
         let mut key = Zeroizing::new([0u8; KEY_LEN]);
         fill_random(&mut key[..])?;
-        let ring = Ring { current: 1, entries: vec![Entry { version: 1, retired: false, key }] };
-        let p = Self { path: path.to_owned(), volume_id, seal, ring: RwLock::new(ring), stamp: Default::default() };
+        let ring = Ring { version: 0, volume_format, current: 1, entries: vec![Entry { version: 1, key: Some(key) }] };
+        let p = Self {
+            path: path.to_owned(),
+            volume_id,
+            seal,
+            ring: RwLock::new(ring),
+            stamp: Default::default(),
+            revoked: Default::default(),
+        };
         p.write_file(true)?;
         Ok(p)
     }
 
-    /// Open and unlock an existing keyring.
+    /// Open and unlock an existing keyring (never through a symlink).
     pub fn open(path: &Path, volume_id: VolumeId, secret: &Secret) -> Result<Self> {
-        let raw = fs::read(path).map_err(|e| Error::io(e, format!("reading keyring {}", path.display())))?;
-        let bad = |why: &str| Error::new(libc::EINVAL, format!("keyring {} is damaged: {why}", path.display()));
-        if raw.len() < PREAMBLE_LEN + TAG_LEN || &raw[..8] != MAGIC {
+        let raw = crate::atomic_file::read(path)
+            .map_err(|e| Error::io(e, format!("reading keyring {}", path.display())).with_class(Class::NotVolume))?;
+        let bad = |why: &str| Error::tampered(format!("keyring {} is damaged: {why}", path.display()));
+        if raw.len() < PREAMBLE_LEN + TAG_LEN || (&raw[..8] != MAGIC && &raw[..8] != MAGIC_V1) {
             return Err(bad("not an envelopefs keyring"));
         }
         let kdf = raw[8];
         let u32_at = |o: usize| u32::from_le_bytes(raw[o..o + 4].try_into().unwrap());
         let params = KdfParams { m_kib: u32_at(12), t: u32_at(16), p: u32_at(20) };
         // Read before anything authenticates them: refuse costs no sane init would choose.
-        if kdf == KDF_ARGON2ID && (params.m_kib > 4 << 20 || params.t > 64 || params.p > 16) {
-            return Err(bad("its Argon2id cost is out of range"));
+        if kdf == KDF_ARGON2ID {
+            params.check().map_err(|e| bad(&format!("its KDF cost is refused before deriving anything: {e}")))?;
         }
         let salt: [u8; 16] = raw[24..40].try_into().unwrap();
         if raw[40..56] != volume_id {
@@ -102,30 +154,51 @@ impl LocalProvider {
         }
         match (kdf, secret) {
             (KDF_ARGON2ID, Secret::KeyFile(_)) => {
-                return Err(Error::access("this keyring is sealed with a passphrase, not a key file"))
+                return Err(Error::access("this keyring is sealed with a passphrase, not a key file")
+                    .with_class(Class::WrongSecret))
             }
             (KDF_KEYFILE, Secret::Passphrase(_)) => {
-                return Err(Error::access("this keyring is sealed with a key file: pass --key-file"))
+                return Err(Error::access("this keyring is sealed with a key file: pass --key-file")
+                    .with_class(Class::WrongSecret))
             }
             (KDF_ARGON2ID | KDF_KEYFILE, _) => {}
             _ => return Err(bad("unknown key derivation")),
         }
         let seal = Seal::derive(secret, params, salt)?;
-        let plain = open_sealed(&raw, &seal.key)
-            .ok_or_else(|| Error::access("wrong passphrase or key file (the keyring does not decrypt)"))?;
-        let ring = Ring::decode(&plain).ok_or_else(|| bad("its contents do not parse"))?;
-        let stamp = fs::metadata(path).map(|m| file_stamp(&m)).unwrap_or_default();
+        let plain = open_sealed(&raw, &seal.key).ok_or_else(|| {
+            Error::access("wrong passphrase or key file (the keyring does not decrypt)").with_class(Class::WrongSecret)
+        })?;
+        let ring = Ring::decode(&raw[..8], &plain).ok_or_else(|| bad("its contents do not parse"))?;
+        let stamp = fs::symlink_metadata(path).map(|m| file_stamp(&m)).unwrap_or_default();
         Ok(Self {
             path: path.to_owned(),
             volume_id,
             seal,
             ring: RwLock::new(ring),
             stamp: std::sync::Mutex::new(stamp),
+            revoked: Default::default(),
         })
+    }
+
+    /// The keyring's version counter (bumped on every write).
+    pub fn ring_version(&self) -> u64 {
+        self.ring.read().unwrap().version
+    }
+
+    /// The format of the volume this keyring says it belongs to (1 for a v1 keyring).
+    pub fn volume_format(&self) -> u32 {
+        self.ring.read().unwrap().volume_format
+    }
+
+    /// Record that the volume is now of `format` (upgrade).
+    pub fn set_volume_format(&self, format: u32) -> Result<()> {
+        self.ring.write().unwrap().volume_format = format;
+        self.write_file(false)
     }
 
     /// Seal the keyring and replace the file atomically (temp file, fsync, rename, fsync dir).
     fn write_file(&self, create_new: bool) -> Result<()> {
+        self.ring.write().unwrap().version += 1;
         let ring = self.ring.read().unwrap();
         let mut out = Vec::with_capacity(PREAMBLE_LEN + 64);
         out.extend_from_slice(MAGIC);
@@ -144,25 +217,12 @@ impl LocalProvider {
         out.extend_from_slice(&body);
         out.extend_from_slice(&tag);
         let ctx = |what: &str| format!("{what} keyring {}", self.path.display());
-        if create_new && self.path.exists() {
+        if create_new && fs::symlink_metadata(&self.path).is_ok() {
             return Err(Error::new(libc::EEXIST, ctx("refusing to overwrite")));
         }
-        let tmp = self.path.with_extension("keyring.tmp");
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| Error::io(e, ctx("writing")))?;
-        f.write_all(&out).and_then(|_| f.sync_all()).map_err(|e| Error::io(e, ctx("writing")))?;
-        fs::rename(&tmp, &self.path).map_err(|e| Error::io(e, ctx("replacing")))?;
-        if let Ok(m) = fs::metadata(&self.path) {
+        crate::atomic_file::replace(&self.path, &out, 0o600).map_err(|e| Error::io(e, ctx("writing")))?;
+        if let Ok(m) = fs::symlink_metadata(&self.path) {
             *self.stamp.lock().unwrap() = file_stamp(&m);
-        }
-        if let Some(dir) = self.path.parent() {
-            let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
-            fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(e, ctx("syncing directory of")))?;
         }
         Ok(())
     }
@@ -183,27 +243,44 @@ impl LocalProvider {
         let mut wrapped = Vec::with_capacity(WRAPPED_LEN);
         wrapped.extend_from_slice(&nonce);
         let mut ct = Zeroizing::new(dek.expose().to_vec());
-        let tag = new_aead(Backend::AwsLc, &entry.key).seal(&nonce, &self.wrap_aad(ctx, version), &mut ct);
+        let tag = new_aead(Backend::AwsLc, entry.key()?).seal(&nonce, &self.wrap_aad(ctx, version), &mut ct);
         wrapped.extend_from_slice(&ct);
         wrapped.extend_from_slice(&tag);
         Ok(KeyRecord { provider: ProviderKind::Local, kek_id: KEK_ID.into(), kek_version: version, wrapped })
     }
 
     /// Re-read the keyring if another process (`key rotate`, `key retire`) changed it, so a
-    /// running mount wraps new files under the new current version at once.
+    /// running mount wraps new files under the new current version, and stops unwrapping
+    /// with a retired one, at once. An older keyring put in its place is not taken.
     fn reload_if_changed(&self) -> Result<()> {
-        let Ok(meta) = fs::metadata(&self.path) else { return Ok(()) };
+        let Ok(meta) = fs::symlink_metadata(&self.path) else { return Ok(()) };
         let stamp = file_stamp(&meta);
         if *self.stamp.lock().unwrap() == stamp {
             return Ok(());
         }
-        let raw = fs::read(&self.path).map_err(|e| Error::io(e, format!("reading keyring {}", self.path.display())))?;
+        let raw = crate::atomic_file::read(&self.path)
+            .map_err(|e| Error::io(e, format!("reading keyring {}", self.path.display())))?;
         let plain = open_sealed(&raw, &self.seal.key).ok_or_else(|| {
             Error::access(format!("keyring {} changed and no longer opens with our key", self.path.display()))
         })?;
-        let ring = Ring::decode(&plain).ok_or_else(|| Error::corrupt("keyring contents do not parse"))?;
-        *self.ring.write().unwrap() = ring;
+        let ring = Ring::decode(&raw[..8], &plain).ok_or_else(|| Error::corrupt("keyring contents do not parse"))?;
         *self.stamp.lock().unwrap() = stamp;
+        let ours = self.ring.read().unwrap().version;
+        if ring.version < ours {
+            tracing::error!(
+                "keyring {} was replaced by an older one (version {} < {ours}): ignored, the newer keys stay in use",
+                self.path.display(),
+                ring.version
+            );
+            return Ok(());
+        }
+        let usable = |r: &Ring| r.entries.iter().filter(|e| e.key.is_some()).map(|e| e.version).collect::<Vec<_>>();
+        let before = usable(&self.ring.read().unwrap());
+        let after = usable(&ring);
+        if before.iter().any(|v| !after.contains(v)) {
+            self.revoked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        *self.ring.write().unwrap() = ring;
         tracing::info!(
             "reloaded keyring {} (current KEK version {})",
             self.path.display(),
@@ -254,42 +331,65 @@ impl Seal {
     }
 }
 
+impl Entry {
+    fn key(&self) -> Result<&[u8; KEY_LEN]> {
+        self.key
+            .as_deref()
+            .ok_or_else(|| Error::access(format!("local KEK version {} is retired (its key was erased)", self.version)))
+    }
+}
+
 impl Ring {
     fn get(&self, version: u32) -> Result<&Entry> {
-        match self.entries.iter().find(|e| e.version == version) {
-            Some(e) if !e.retired => Ok(e),
-            Some(_) => Err(Error::access(format!("local KEK version {version} is retired"))),
-            None => Err(Error::access(format!("local KEK version {version} is not in the keyring"))),
-        }
+        let e = self.entries.iter().find(|e| e.version == version);
+        let e = e.ok_or_else(|| Error::access(format!("local KEK version {version} is not in the keyring")))?;
+        e.key()?;
+        Ok(e)
     }
 
+    /// Version 2 body: ring version (u64) ‖ volume format (u32) ‖ current (u32) ‖ count
+    /// (u32) ‖ count × (version (u32) ‖ retired (u8) ‖ KEK (32, zero once retired)).
     fn encode(&self) -> Zeroizing<Vec<u8>> {
-        let mut b = Zeroizing::new(Vec::with_capacity(8 + self.entries.len() * ENTRY_LEN));
+        let mut b = Zeroizing::new(Vec::with_capacity(20 + self.entries.len() * ENTRY_LEN));
+        b.extend_from_slice(&self.version.to_le_bytes());
+        b.extend_from_slice(&self.volume_format.to_le_bytes());
         b.extend_from_slice(&self.current.to_le_bytes());
         b.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
         for e in &self.entries {
             b.extend_from_slice(&e.version.to_le_bytes());
-            b.push(e.retired as u8);
-            b.extend_from_slice(&e.key[..]);
+            b.push(e.key.is_none() as u8);
+            b.extend_from_slice(e.key.as_deref().unwrap_or(&[0u8; KEY_LEN]));
         }
         b
     }
 
-    fn decode(b: &[u8]) -> Option<Ring> {
-        let current = u32::from_le_bytes(b.get(0..4)?.try_into().ok()?);
-        let count = u32::from_le_bytes(b.get(4..8)?.try_into().ok()?) as usize;
-        if b.len() != 8 + count * ENTRY_LEN {
+    /// Both versions; a v1 body is `current ‖ count ‖ entries` (ring version 0, format 1).
+    fn decode(magic: &[u8], b: &[u8]) -> Option<Ring> {
+        let u32_at = |o: usize| Some(u32::from_le_bytes(b.get(o..o + 4)?.try_into().ok()?));
+        let (version, volume_format, at) = if magic == MAGIC {
+            (u64::from_le_bytes(b.get(0..8)?.try_into().ok()?), u32_at(8)?, 12)
+        } else {
+            (0, 1, 0)
+        };
+        let current = u32_at(at)?;
+        let count = u32_at(at + 4)? as usize;
+        if b.len() != at + 8 + count.checked_mul(ENTRY_LEN)? {
             return None;
         }
-        let entries = b[8..]
+        let entries = b[at + 8..]
             .chunks_exact(ENTRY_LEN)
             .map(|c| {
-                let mut key = Zeroizing::new([0u8; KEY_LEN]);
-                key.copy_from_slice(&c[5..]);
-                Entry { version: u32::from_le_bytes(c[..4].try_into().unwrap()), retired: c[4] != 0, key }
+                let retired = c[4] != 0;
+                let key = (!retired).then(|| {
+                    let mut key = Zeroizing::new([0u8; KEY_LEN]);
+                    key.copy_from_slice(&c[5..]);
+                    key
+                });
+                Entry { version: u32::from_le_bytes(c[..4].try_into().unwrap()), key }
             })
             .collect::<Vec<_>>();
-        entries.iter().any(|e| e.version == current).then_some(Ring { current, entries })
+        let current_ok = entries.iter().any(|e| e.version == current && e.key.is_some());
+        current_ok.then_some(Ring { version, volume_format, current, entries })
     }
 }
 
@@ -324,13 +424,14 @@ impl KeyProvider for LocalProvider {
                 record.wrapped.len()
             )));
         }
+        self.reload_if_changed()?;
         let ring = self.ring.read().unwrap();
         let entry = ring.get(record.kek_version)?;
         let nonce: [u8; NONCE_LEN] = record.wrapped[..NONCE_LEN].try_into().unwrap();
         let ct = &record.wrapped[NONCE_LEN..NONCE_LEN + KEY_LEN];
         let tag: &[u8; TAG_LEN] = record.wrapped[NONCE_LEN + KEY_LEN..].try_into().unwrap();
         let mut plain = Zeroizing::new([0u8; KEY_LEN]);
-        new_aead(Backend::AwsLc, &entry.key)
+        new_aead(Backend::AwsLc, entry.key()?)
             .open(&nonce, &self.wrap_aad(ctx, record.kek_version), ct, tag, &mut plain[..])
             .map_err(|_| {
                 Error::access(format!(
@@ -352,8 +453,9 @@ impl KeyProvider for LocalProvider {
                 return Err(Error::new(libc::EBUSY, format!("KEK version {version} is current: rotate first")));
             }
             let e = ring.entries.iter_mut().find(|e| e.version == version);
-            e.ok_or_else(|| Error::new(libc::ENOENT, format!("no KEK version {version}")))?.retired = true;
+            e.ok_or_else(|| Error::new(libc::ENOENT, format!("no KEK version {version}")))?.key = None;
         }
+        self.revoked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.write_file(false)
     }
 
@@ -364,7 +466,7 @@ impl KeyProvider for LocalProvider {
         let version = {
             let mut ring = self.ring.write().unwrap();
             let version = ring.entries.iter().map(|e| e.version).max().unwrap_or(0) + 1;
-            ring.entries.push(Entry { version, retired: false, key });
+            ring.entries.push(Entry { version, key: Some(key) });
             ring.current = version;
             version
         };
@@ -377,7 +479,11 @@ impl KeyProvider for LocalProvider {
         Ok(ring
             .entries
             .iter()
-            .map(|e| KekVersionInfo { version: e.version, current: e.version == ring.current, retired: e.retired })
+            .map(|e| KekVersionInfo {
+                version: e.version,
+                current: e.version == ring.current,
+                retired: e.key.is_none(),
+            })
             .collect())
     }
 
@@ -385,6 +491,24 @@ impl KeyProvider for LocalProvider {
         let dek = self.unwrap(record, ctx)?;
         let version = self.current_version()?;
         self.wrap_under(&dek, ctx, version)
+    }
+
+    fn revocations(&self) -> u64 {
+        if let Err(e) = self.reload_if_changed() {
+            tracing::warn!("{e}");
+        }
+        self.revoked.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn keyring_state(&self) -> Option<(u64, u32)> {
+        Some((self.ring_version(), self.volume_format()))
+    }
+
+    fn mark_volume_format(&self, format: u32) -> Result<()> {
+        if self.volume_format() < format {
+            self.set_volume_format(format)?;
+        }
+        Ok(())
     }
 }
 
@@ -405,7 +529,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join("k.keyring");
         let vol = [1u8; 16];
-        let p = LocalProvider::create(&path, vol, &pw("hunter2"), fast()).unwrap();
+        let p = LocalProvider::create(&path, vol, &pw("hunter2"), fast(), 2).unwrap();
         let fid = [2u8; 16];
         let ctx = KeyContext { volume_id: &vol, file_id: &fid };
         let (dek, rec) = p.generate(&ctx).unwrap();
@@ -429,10 +553,15 @@ mod tests {
         assert_eq!(q.unwrap(&rec, &ctx).unwrap().expose(), dek.expose());
         assert_eq!(q.unwrap(&rewrapped, &ctx).unwrap().expose(), dek.expose());
 
+        let v1_key = *q.ring.read().unwrap().get(1).unwrap().key().unwrap();
         q.retire(1).unwrap();
         let r = LocalProvider::open(&path, vol, &pw("hunter2")).unwrap();
         assert_eq!(r.unwrap(&rec, &ctx).unwrap_err().errno(), libc::EACCES);
         assert!(r.retire(2).is_err(), "the current version cannot be retired");
+        // Retiring erases: the sealed body no longer holds version 1's key.
+        let body = r.ring.read().unwrap().encode();
+        assert!(!body.windows(KEY_LEN).any(|w| w == v1_key), "a retired key stays in the keyring");
+        assert_eq!(r.ring_version(), 3, "create, rotate and retire each bump the version");
     }
 
     #[test]
@@ -440,14 +569,14 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join("k.keyring");
         let vol = [1u8; 16];
-        LocalProvider::create(&path, vol, &pw("right"), fast()).unwrap();
+        LocalProvider::create(&path, vol, &pw("right"), fast(), 2).unwrap();
         let e = LocalProvider::open(&path, vol, &pw("wrong")).err().unwrap();
         assert!(e.to_string().contains("wrong passphrase"), "{e}");
         let e = LocalProvider::open(&path, [9u8; 16], &pw("right")).err().unwrap();
         assert!(e.to_string().contains("another volume"), "{e}");
         let e = LocalProvider::open(&path, vol, &Secret::KeyFile(Zeroizing::new([0; 32]))).err().unwrap();
         assert!(e.to_string().contains("passphrase"), "{e}");
-        assert!(LocalProvider::create(&path, vol, &pw("x"), fast()).is_err(), "never overwrite a keyring");
+        assert!(LocalProvider::create(&path, vol, &pw("x"), fast(), 2).is_err(), "never overwrite a keyring");
     }
 
     #[test]
@@ -456,7 +585,7 @@ mod tests {
         let path = d.path().join("k.keyring");
         let vol = [5u8; 16];
         let kf = || Secret::KeyFile(Zeroizing::new([8u8; 32]));
-        LocalProvider::create(&path, vol, &kf(), fast()).unwrap();
+        LocalProvider::create(&path, vol, &kf(), fast(), 2).unwrap();
         assert!(LocalProvider::open(&path, vol, &kf()).is_ok());
         assert!(LocalProvider::open(&path, vol, &Secret::KeyFile(Zeroizing::new([9u8; 32]))).is_err());
         let raw = fs::read(&path).unwrap();

@@ -86,4 +86,37 @@ pub trait KeyProvider: Send + Sync {
     /// Wrap the same DEK under the current KEK (header re-wrap). Providers that can do it
     /// without the plaintext DEK leaving the store (KMS ReEncrypt) override this.
     fn rewrap(&self, record: &KeyRecord, ctx: &KeyContext<'_>) -> Result<KeyRecord>;
+
+    /// The key objects this store is limited to, for stores that hold other keys too
+    /// (PKCS#11 tokens): the volume's authenticated config pins them.
+    fn pinned_objects(&self) -> Option<Vec<String>> {
+        None
+    }
+
+    /// Limit the store to these key objects (the config's authenticated list).
+    fn pin(&self, _objects: Vec<String>) -> Result<()> {
+        Ok(())
+    }
+
+    /// A keyring file's (version counter, volume format), for the host's rollback check.
+    fn keyring_state(&self) -> Option<(u64, u32)> {
+        None
+    }
+
+    /// A counter that grows whenever the store takes a key out of service (a retire seen
+    /// by this process): data keys cached before then are dropped, so none unwrapped with
+    /// a retired KEK keeps serving new opens.
+    fn revocations(&self) -> u64 {
+        0
+    }
+
+    /// Record in the store that the volume is now of `format` (stores that keep it).
+    fn mark_volume_format(&self, _format: u32) -> Result<()> {
+        Ok(())
+    }
+
+    /// Pin every key object the volume can use now (upgrading a volume that pinned none).
+    fn pin_found(&self) -> Result<()> {
+        Ok(())
+    }
 }

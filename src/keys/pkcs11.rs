@@ -196,6 +196,12 @@ pub struct Pkcs11Provider {
     /// When `keys` was last read from the token: new wraps re-read it every few seconds
     /// so a rotation made by another process is picked up by a running mount.
     refreshed: Mutex<std::time::Instant>,
+    /// The labels of the key objects the volume may use (format 2 pins them in its
+    /// authenticated config); None for a format-1 volume, which takes any `OBJECT/vN`.
+    pins: RwLock<Option<Vec<String>>>,
+    /// Keys (URIs) the volume used before `rekey --to-key`; records may name only these
+    /// besides the current key.
+    previous: RwLock<Vec<String>>,
 }
 
 impl Pkcs11Provider {
@@ -220,6 +226,8 @@ impl Pkcs11Provider {
             pool: Mutex::new(Vec::new()),
             keys: RwLock::new(Vec::new()),
             refreshed: Mutex::new(std::time::Instant::now()),
+            pins: RwLock::new(None),
+            previous: RwLock::new(Vec::new()),
         };
         p.refresh_keys()?;
         if p.keys.read().unwrap().is_empty() {
@@ -270,12 +278,41 @@ impl Pkcs11Provider {
         unreachable!()
     }
 
-    fn label(&self, version: u32) -> String {
+    /// The label of a version's key object.
+    pub fn label(&self, version: u32) -> String {
         if version == 0 {
             self.uri.object.clone()
         } else {
             format!("{}/v{version}", self.uri.object)
         }
+    }
+
+    /// Limit the volume to these key objects (labels), as its config pins them.
+    pub fn pin_objects(&self, labels: Vec<String>) -> Result<()> {
+        *self.pins.write().unwrap() = Some(labels);
+        self.refresh_keys()?;
+        if self.keys.read().unwrap().is_empty() {
+            return Err(Error::access(format!(
+                "none of the key objects the volume pins ({}) is in token {}",
+                self.pins.read().unwrap().as_deref().unwrap_or_default().join(", "),
+                describe_uri(&self.uri)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Pin the current version alone (a new volume).
+    pub fn pin_current(&self) -> Result<()> {
+        let label = self.label(self.current_version()?);
+        self.pin_objects(vec![label])
+    }
+
+    pub fn set_previous_keys(&self, keys: Vec<String>) {
+        *self.previous.write().unwrap() = keys;
+    }
+
+    fn pinned(&self, label: &str) -> bool {
+        self.pins.read().unwrap().as_ref().is_none_or(|p| p.iter().any(|l| l == label))
     }
 
     fn refresh_keys(&self) -> Result<()> {
@@ -297,7 +334,8 @@ impl Pkcs11Provider {
             }
             Ok(out)
         })?;
-        let mut found = found;
+        let mut found: Vec<(u32, ObjectHandle)> =
+            found.into_iter().filter(|(v, _)| self.pinned(&self.label(*v))).collect();
         found.sort_by_key(|(v, _)| *v);
         *self.keys.write().unwrap() = found;
         *self.refreshed.lock().unwrap() = std::time::Instant::now();
@@ -321,12 +359,20 @@ impl Pkcs11Provider {
         if kek_id == self.uri.key_id() {
             return self.handle(version);
         }
+        if self.pins.read().unwrap().is_some() && !self.previous.read().unwrap().iter().any(|k| k == kek_id) {
+            return Err(Error::access(format!(
+                "key record names {kek_id:?}, which is not a key of this volume (not pinned in its config)"
+            )));
+        }
         let other: Pkcs11Uri =
             kek_id.parse().map_err(|e| Error::access(format!("key record names {kek_id:?}: {e}")))?;
         if other.token != self.uri.token || other.serial != self.uri.serial || other.slot_id != self.uri.slot_id {
             return Err(Error::access(format!("key record names a key in another token: {kek_id}")));
         }
         let label = if version == 0 { other.object.clone() } else { format!("{}/v{version}", other.object) };
+        if !self.pinned(&label) {
+            return Err(Error::access(format!("PKCS#11 key {label:?} is not pinned in the volume's config")));
+        }
         let found = self.with_session("finding a key", |s| {
             s.find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY), Attribute::Label(label.clone().into_bytes())])
         })?;
@@ -459,8 +505,25 @@ impl KeyProvider for Pkcs11Provider {
     }
 
     fn rotate(&self) -> Result<u32> {
-        self.refresh_keys()?;
-        let next = self.current_version()? + 1;
+        // Past every version in the token, pinned or not, so a label is never reused.
+        let highest = self.with_session("finding keys", |s| {
+            let handles =
+                s.find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY), Attribute::KeyType(KeyType::AES)])?;
+            let prefix = format!("{}/v", self.uri.object);
+            let mut max = 0;
+            for h in handles {
+                if let Some(Attribute::Label(l)) = s.get_attributes(h, &[AttributeType::Label])?.first() {
+                    if let Some(v) = String::from_utf8_lossy(l).strip_prefix(&prefix).and_then(|v| v.parse().ok()) {
+                        max = max.max(v);
+                    }
+                }
+            }
+            Ok(max)
+        })?;
+        let next = highest.max(self.current_version()?) + 1;
+        if let Some(p) = self.pins.write().unwrap().as_mut() {
+            p.push(self.label(next));
+        }
         self.generate_version(next)?;
         Ok(next)
     }
@@ -488,7 +551,27 @@ impl KeyProvider for Pkcs11Provider {
         }
         let h = self.handle(version)?;
         self.with_session("destroying a key", |s| s.destroy_object(h))?;
+        let label = self.label(version);
+        if let Some(p) = self.pins.write().unwrap().as_mut() {
+            p.retain(|l| *l != label);
+        }
         self.refresh_keys()
+    }
+
+    fn pinned_objects(&self) -> Option<Vec<String>> {
+        self.pins.read().unwrap().clone()
+    }
+
+    fn pin(&self, objects: Vec<String>) -> Result<()> {
+        self.pin_objects(objects)
+    }
+
+    fn pin_found(&self) -> Result<()> {
+        if self.pins.read().unwrap().is_some() {
+            return Ok(());
+        }
+        let labels = self.keys.read().unwrap().iter().map(|(v, _)| self.label(*v)).collect();
+        self.pin_objects(labels)
     }
 }
 

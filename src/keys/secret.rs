@@ -1,5 +1,7 @@
-//! Where the secret that unlocks a keyring comes from: a passphrase (file, environment,
-//! systemd credential, terminal prompt) or a 32-byte key file. Held in zeroizing memory.
+//! Where the secret that unlocks a keyring comes from: a passphrase (file, systemd
+//! credential, standard input, terminal prompt) or a 32-byte key file. Held in zeroizing
+//! memory. Never the environment: `/proc/PID/environ` keeps the original block readable
+//! for the process's whole life, whatever `unsetenv` does.
 
 use std::fs;
 use std::io::IsTerminal;
@@ -9,8 +11,6 @@ use zeroize::Zeroizing;
 
 use crate::error::{Error, Result};
 
-pub const PASSPHRASE_ENV: &str = "ENVELOPEFS_PASSPHRASE";
-pub const PIN_ENV: &str = "ENVELOPEFS_PKCS11_PIN";
 /// systemd credential name for a PKCS#11 PIN.
 pub const PIN_CREDENTIAL: &str = "envelopefs.pin";
 /// Name of the credential `systemd` passes with `LoadCredential=` or `LoadCredentialEncrypted=`.
@@ -44,8 +44,8 @@ pub struct SecretSource {
 }
 
 impl SecretSource {
-    /// Order: --key-file, --passphrase-file, stdin, $ENVELOPEFS_PASSPHRASE, systemd
-    /// credential, terminal prompt. `confirm` asks twice on a terminal (for init).
+    /// Order: --key-file, --passphrase-file, stdin, systemd credential, terminal prompt.
+    /// `confirm` asks twice on a terminal (for init).
     pub fn resolve(&self, confirm: bool) -> Result<Secret> {
         if let Some(p) = &self.key_file {
             return read_key_file(p).map(Secret::KeyFile);
@@ -61,13 +61,6 @@ impl SecretSource {
             let mut raw = Zeroizing::new(Vec::new());
             std::io::stdin().read_to_end(&mut raw).map_err(|e| Error::io(e, "reading passphrase from stdin"))?;
             return passphrase(trim_newline(&raw), "standard input");
-        }
-        if let Some(v) = std::env::var_os(PASSPHRASE_ENV) {
-            use std::os::unix::ffi::OsStrExt;
-            // Do not hand it on to anything this process starts.
-            std::env::remove_var(PASSPHRASE_ENV);
-            let v = Zeroizing::new(v.as_bytes().to_vec());
-            return passphrase(&v, PASSPHRASE_ENV);
         }
         if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
             let p = Path::new(&dir).join(CREDENTIAL_NAME);
@@ -94,8 +87,8 @@ impl SecretSource {
         Err(Error::new(
             libc::EINVAL,
             format!(
-                "no passphrase: give --passphrase-file or --key-file, set {PASSPHRASE_ENV}, \
-                 pass a systemd credential named {CREDENTIAL_NAME}, or run on a terminal"
+                "no passphrase: give --passphrase-file or --key-file, pass a systemd credential named \
+                 {CREDENTIAL_NAME}, or run on a terminal"
             ),
         ))
     }
@@ -103,7 +96,8 @@ impl SecretSource {
 
 impl SecretSource {
     /// The PKCS#11 user PIN. Order: --pin-file, the URI's pin-source (`file:PATH` or a
-    /// path), stdin, $ENVELOPEFS_PKCS11_PIN, systemd credential `envelopefs.pin`, prompt.
+    /// path; only a URI the admin typed, never one from the backing directory), stdin,
+    /// systemd credential `envelopefs.pin`, prompt.
     pub fn resolve_pin(&self, uri_pin_source: Option<&str>) -> Result<Zeroizing<String>> {
         let from_file = |p: &Path| -> Result<Zeroizing<String>> {
             let raw =
@@ -122,12 +116,6 @@ impl SecretSource {
             std::io::stdin().read_to_end(&mut raw).map_err(|e| Error::io(e, "reading PIN from stdin"))?;
             return pin(trim_newline(&raw));
         }
-        if let Some(v) = std::env::var_os(PIN_ENV) {
-            use std::os::unix::ffi::OsStrExt;
-            std::env::remove_var(PIN_ENV);
-            let v = Zeroizing::new(v.as_bytes().to_vec());
-            return pin(&v);
-        }
         if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
             let p = Path::new(&dir).join(PIN_CREDENTIAL);
             if p.exists() {
@@ -142,8 +130,8 @@ impl SecretSource {
         Err(Error::new(
             libc::EINVAL,
             format!(
-                "no PKCS#11 PIN: give --pin-file, pin-source in the key URI, set {PIN_ENV}, \
-                 pass a systemd credential named {PIN_CREDENTIAL}, or run on a terminal"
+                "no PKCS#11 PIN: give --pin-file, pin-source in the key URI, pass a systemd \
+                 credential named {PIN_CREDENTIAL}, or run on a terminal"
             ),
         ))
     }

@@ -15,6 +15,35 @@ use tempfile::TempDir;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_envelopefs");
 
+/// Exit codes the binary promises to scripts (`envelopefs man`, EXIT STATUS).
+pub const EXIT_USAGE: i32 = 2;
+pub const EXIT_UNTRUSTED: i32 = 15;
+pub const EXIT_TAMPERED: i32 = 16;
+
+/// The host trust store every test process uses (the daemons and CLI runs it starts get it
+/// through ENVELOPEFS_TRUST_DIR), so tests never touch the machine's own.
+pub fn trust_dir() -> &'static Path {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| tempfile::Builder::new().prefix("envelopefs-trust").tempdir().unwrap().keep())
+}
+
+/// The library's view of the same store.
+pub fn test_trust() -> envelopefs::trust::TrustStore {
+    envelopefs::trust::TrustStore::at(trust_dir())
+}
+
+/// Open options for library opens in tests: default, with the test trust store.
+pub fn open_options() -> OpenOptions {
+    OpenOptions { trust: test_trust(), ..OpenOptions::default() }
+}
+
+/// The binary, with this test process's trust store.
+pub fn bin() -> Command {
+    let mut c = Command::new(BIN);
+    c.env("ENVELOPEFS_TRUST_DIR", trust_dir());
+    c
+}
+
 /// A volume in a temp dir, unlocked by a key file.
 pub struct TestVolume {
     pub dir: TempDir,
@@ -31,7 +60,7 @@ impl TestVolume {
         let mut k = [0u8; 32];
         getrandom::getrandom(&mut k).unwrap();
         fs::write(&key, k).unwrap();
-        let opts = InitOptions { block_size, ..InitOptions::default() };
+        let opts = InitOptions { block_size, trust: test_trust(), ..InitOptions::default() };
         volume::init(&backing, &Self::source_for(&key), &opts).unwrap();
         Self { dir, backing, key }
     }
@@ -41,7 +70,7 @@ impl TestVolume {
     }
 
     pub fn open(&self) -> Arc<Volume> {
-        Arc::new(Volume::open(&self.backing, &Self::source_for(&self.key), &OpenOptions::default()).unwrap())
+        Arc::new(Volume::open(&self.backing, &Self::source_for(&self.key), &open_options()).unwrap())
     }
 
     pub fn fs(&self) -> EncryptedFs {
@@ -75,7 +104,7 @@ impl Mounted {
         fs::create_dir_all(mnt).unwrap();
         let mnt = fs::canonicalize(mnt).unwrap();
         let log = mnt.with_extension("log");
-        let mut cmd = Command::new(BIN);
+        let mut cmd = bin();
         cmd.arg("mount").arg("--foreground");
         if !secret_flag.is_empty() {
             cmd.arg(secret_flag).arg(secret);
@@ -104,6 +133,13 @@ impl Mounted {
         m
     }
 
+    /// Take charge of a mount some other command started (a daemonized `mount`), so that it
+    /// is unmounted when this is dropped.
+    pub fn adopt(mnt: &Path) -> Self {
+        let mnt = fs::canonicalize(mnt).unwrap();
+        Mounted { log: mnt.with_extension("log"), mnt, child: None }
+    }
+
     pub fn path(&self, rel: &str) -> PathBuf {
         self.mnt.join(rel)
     }
@@ -118,7 +154,7 @@ impl Mounted {
 
     /// Unmount and wait for the daemon to exit by itself; returns its exit status.
     pub fn unmount(self) -> std::process::ExitStatus {
-        let out = Command::new(BIN).arg("umount").arg(&self.mnt).output().unwrap();
+        let out = bin().arg("umount").arg(&self.mnt).output().unwrap();
         assert!(out.status.success(), "umount: {}", String::from_utf8_lossy(&out.stderr));
         self.wait_exit()
     }
@@ -154,7 +190,13 @@ impl Drop for Mounted {
 
 /// Run the CLI to completion.
 pub fn cli(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
+    cli_with_trust(trust_dir(), args)
+}
+
+/// Run the CLI as on another host: with its own trust store.
+pub fn cli_with_trust(trust: &Path, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
     let mut c = Command::new(BIN);
+    c.env("ENVELOPEFS_TRUST_DIR", trust);
     for a in args {
         c.arg(a);
     }

@@ -1,0 +1,335 @@
+//! What this host trusts about each volume, kept outside the backing directory: the
+//! settings that choose code (the PKCS#11 module), endpoints and keys (KMS key ARNs,
+//! region, endpoint, the keyring's place), the lowest format it opens the volume as, and
+//! the newest keyring and config it has seen (so a restored older one is refused).
+//!
+//! `init` writes the record; `envelopefs trust BACKING` writes it on a new host after
+//! showing what it pins. A local volume whose keyring is inside it needs no record to
+//! open: its secret authenticates everything, and the first open records what it saw.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ProviderConfig, VolumeConfig, KEYRING_NAME};
+use crate::error::{Error, Result};
+
+pub const DEFAULT_DIR: &str = "/var/lib/envelopefs/trust";
+/// Overrides DEFAULT_DIR (tests, packaging); it is the host's environment, not the volume's.
+pub const DIR_ENV: &str = "ENVELOPEFS_TRUST_DIR";
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrustStore {
+    dir: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrustRecord {
+    pub volume_id: String,
+    /// The lowest format this host opens the volume as: a config swapped for an older
+    /// format's is refused.
+    pub format: u32,
+    /// The newest local keyring version this host has seen.
+    #[serde(default)]
+    pub keyring_version: u64,
+    /// The newest config generation this host has seen.
+    #[serde(default)]
+    pub config_generation: u64,
+    /// The provider settings, as the host pins them (`ProviderConfig::host_view`).
+    pub provider: ProviderConfig,
+}
+
+impl TrustRecord {
+    /// What trusting `cfg` as it stands would pin.
+    pub fn for_config(cfg: &VolumeConfig) -> Self {
+        Self {
+            volume_id: cfg.volume_id.clone(),
+            format: cfg.format,
+            keyring_version: 0,
+            config_generation: cfg.generation,
+            provider: cfg.provider.host_view(),
+        }
+    }
+}
+
+impl Default for TrustStore {
+    fn default() -> Self {
+        Self::host()
+    }
+}
+
+impl TrustStore {
+    /// This host's store: $ENVELOPEFS_TRUST_DIR, else /var/lib/envelopefs/trust.
+    pub fn host() -> Self {
+        Self { dir: std::env::var_os(DIR_ENV).map_or_else(|| PathBuf::from(DEFAULT_DIR), PathBuf::from) }
+    }
+
+    pub fn at(dir: &Path) -> Self {
+        Self { dir: dir.to_owned() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn path(&self, volume_id: &str) -> Result<PathBuf> {
+        if volume_id.len() != 32 || !volume_id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Error::tampered(format!("volume id {volume_id:?} is not 32 hex digits")));
+        }
+        Ok(self.dir.join(format!("{}.toml", volume_id.to_ascii_lowercase())))
+    }
+
+    /// The record for a volume, if this host has one. A record others could have written
+    /// (not ours, or group/world-writable) is refused like a missing trust.
+    pub fn get(&self, volume_id: &str) -> Result<Option<TrustRecord>> {
+        let path = self.path(volume_id)?;
+        let raw = match crate::atomic_file::read(&path) {
+            Ok(r) => r,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(e, format!("reading trust record {}", path.display()))),
+        };
+        let meta = std::fs::symlink_metadata(&path).map_err(|e| Error::io(e, format!("{}", path.display())))?;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let me = unsafe { libc::geteuid() };
+        if meta.uid() != me || meta.mode() & 0o022 != 0 {
+            return Err(Error::untrusted(format!(
+                "trust record {} is not owned by uid {me} or is writable by others: fix or remove it",
+                path.display()
+            )));
+        }
+        let text = String::from_utf8_lossy(&raw);
+        let rec: TrustRecord = toml::from_str(&text)
+            .map_err(|e| Error::untrusted(format!("trust record {} is damaged: {}", path.display(), e.message())))?;
+        if !rec.volume_id.eq_ignore_ascii_case(volume_id) {
+            return Err(Error::untrusted(format!("trust record {} names another volume", path.display())));
+        }
+        Ok(Some(rec))
+    }
+
+    pub fn put(&self, rec: &TrustRecord) -> Result<()> {
+        let path = self.path(&rec.volume_id)?;
+        let ctx = |e| Error::io(e, format!("writing trust record {}", path.display()));
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.dir).map_err(ctx)?;
+        }
+        let text = format!(
+            "# envelopefs: what this host trusts about volume {}. Written by init, trust and opens.\n{}",
+            rec.volume_id,
+            toml::to_string(rec).expect("record serializes")
+        );
+        crate::atomic_file::replace(&path, text.as_bytes(), 0o600).map_err(ctx)
+    }
+}
+
+/// The provider settings to use for `cfg`, from the host: the record's, after checking the
+/// volume says the same; or, with no record, the volume's own only where they choose no
+/// code, no endpoint and no key (a local keyring inside the volume, which its secret
+/// authenticates).
+pub fn settle(root: &Path, cfg: &VolumeConfig, trusted: Option<&TrustRecord>) -> Result<ProviderConfig> {
+    match trusted {
+        Some(t) => {
+            let diffs = t.provider.differences(&cfg.provider);
+            if !diffs.is_empty() {
+                return Err(Error::untrusted(format!(
+                    "{}/envelopefs.toml names provider settings this host does not trust ({}). \
+                     If the change is yours (a --to-key on another host), check it and run `envelopefs trust {}`",
+                    root.display(),
+                    diffs.join("; "),
+                    root.display()
+                )));
+            }
+            if cfg.format < t.format {
+                return Err(Error::tampered(format!(
+                    "{}/envelopefs.toml says format {} but this host opens this volume as format {}: \
+                     a config swapped for an older format's is refused",
+                    root.display(),
+                    cfg.format,
+                    t.format
+                )));
+            }
+            // The stored object list is authenticated by the MAC; the rest is the host's.
+            let mut p = t.provider.clone();
+            if let (ProviderConfig::Pkcs11 { objects, .. }, ProviderConfig::Pkcs11 { objects: stored, .. }) =
+                (&mut p, &cfg.provider)
+            {
+                objects.clone_from(stored);
+            }
+            Ok(p)
+        }
+        None => match &cfg.provider {
+            ProviderConfig::Local { keyring } if keyring == KEYRING_NAME => Ok(cfg.provider.clone()),
+            other => Err(Error::untrusted(format!(
+                "this host does not trust volume {} in {} yet: its {} settings choose {}. \
+                 Check them and pin them with `envelopefs trust {}`",
+                cfg.volume_id,
+                root.display(),
+                other.kind().name(),
+                match other {
+                    ProviderConfig::Pkcs11 { .. } => "code to load (a PKCS#11 module) and a key",
+                    ProviderConfig::AwsKms { .. } => "a KMS key and where to reach it",
+                    ProviderConfig::Local { .. } => "a keyring outside the volume",
+                },
+                root.display()
+            ))),
+        },
+    }
+}
+
+/// The record `envelopefs trust` would pin for `cfg`: its settings as they stand, after
+/// the checks a host makes before trusting code. A PKCS#11 module must be registered with
+/// p11-kit or named by the admin (`module`), and never lies inside the backing directory.
+/// What this host has seen already (keyring and config generations) is kept.
+pub fn candidate(
+    root: &Path,
+    cfg: &VolumeConfig,
+    module: Option<&Path>,
+    existing: Option<&TrustRecord>,
+) -> Result<TrustRecord> {
+    let mut rec = TrustRecord::for_config(cfg);
+    if let Some(old) = existing {
+        rec.keyring_version = old.keyring_version;
+        rec.config_generation = rec.config_generation.max(old.config_generation);
+        rec.format = rec.format.max(old.format);
+    }
+    if let ProviderConfig::Pkcs11 { module: stored, .. } = &rec.provider {
+        let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
+        let stored_c = canon(Path::new(stored));
+        if stored_c.starts_with(canon(root)) {
+            return Err(Error::untrusted(format!(
+                "the volume names PKCS#11 module {stored}, inside its own backing directory: never loaded"
+            )));
+        }
+        match module {
+            Some(m) if canon(m) == stored_c => {}
+            Some(m) => {
+                return Err(Error::untrusted(format!(
+                    "the volume names PKCS#11 module {stored}, not {}: check which one this host should load",
+                    m.display()
+                )))
+            }
+            None if p11kit_modules().contains(&stored_c) => {}
+            None => {
+                return Err(Error::untrusted(format!(
+                    "PKCS#11 module {stored} is not registered with p11-kit on this host; \
+                     if you trust it, name it: envelopefs trust --module {stored} {}",
+                    root.display()
+                )))
+            }
+        }
+    }
+    Ok(rec)
+}
+
+/// What a record pins, one setting a line, for a person to confirm.
+pub fn describe(rec: &TrustRecord) -> Vec<String> {
+    let mut out = vec![format!("volume    {}", rec.volume_id), format!("format    {}", rec.format)];
+    match &rec.provider {
+        ProviderConfig::Local { keyring } => out.push(format!("keyring   {keyring}")),
+        ProviderConfig::Pkcs11 { module, key, previous_keys, .. } => {
+            out.push(format!("module    {module}  (code this host will load)"));
+            out.push(format!("key       {key}"));
+            out.extend(previous_keys.iter().map(|k| format!("previous  {k}")));
+        }
+        ProviderConfig::AwsKms { key_id, previous_key_ids, intermediate_key, region, endpoint } => {
+            out.push(format!("KMS key   {key_id}"));
+            out.extend(previous_key_ids.iter().map(|k| format!("previous  {k}")));
+            out.push(format!("region    {}", region.as_deref().unwrap_or("(the AWS defaults)")));
+            out.push(format!("endpoint  {}", endpoint.as_deref().unwrap_or("(the AWS defaults)")));
+            out.push(format!("mode      {}", if *intermediate_key { "intermediate key" } else { "per-file keys" }));
+        }
+    }
+    out
+}
+
+/// Modules registered with p11-kit, the host's list of trusted PKCS#11 modules
+/// (`module:` lines of `*.module` files), as canonical paths.
+pub fn p11kit_modules() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for dir in ["/etc/pkcs11/modules", "/usr/share/p11-kit/modules"] {
+        let Ok(entries) = std::fs::read_dir(dir) else { continue };
+        for e in entries.flatten() {
+            if e.path().extension().is_none_or(|x| x != "module") {
+                continue;
+            }
+            let Ok(text) = std::fs::read_to_string(e.path()) else { continue };
+            for line in text.lines() {
+                if let Some(m) = line.trim().strip_prefix("module:") {
+                    let m = Path::new(m.trim());
+                    let full = if m.is_absolute() { m.to_owned() } else { p11kit_default_dir().join(m) };
+                    if let Ok(c) = std::fs::canonicalize(full) {
+                        out.push(c);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn p11kit_default_dir() -> PathBuf {
+    let multiarch = format!("/usr/lib/{}-linux-gnu/pkcs11", std::env::consts::ARCH);
+    if Path::new(&multiarch).is_dir() {
+        PathBuf::from(multiarch)
+    } else {
+        PathBuf::from("/usr/lib/pkcs11")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(provider: ProviderConfig) -> VolumeConfig {
+        VolumeConfig {
+            format: 2,
+            volume_id: "ab".repeat(16),
+            block_size: 4096,
+            header_size: 4096,
+            generation: 1,
+            mac: None,
+            provider,
+            volume_key: None,
+        }
+    }
+
+    #[test]
+    fn records_round_trip_and_others_records_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let store = TrustStore::at(&d.path().join("trust"));
+        let c = cfg(ProviderConfig::Local { keyring: KEYRING_NAME.into() });
+        assert_eq!(store.get(&c.volume_id).unwrap(), None);
+        let rec = TrustRecord::for_config(&c);
+        store.put(&rec).unwrap();
+        assert_eq!(store.get(&c.volume_id).unwrap(), Some(rec));
+        let path = d.path().join("trust").join(format!("{}.toml", c.volume_id));
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        assert_eq!(store.get(&c.volume_id).unwrap_err().class(), Some(crate::error::Class::Untrusted));
+        assert!(store.get("../../etc/passwd").is_err());
+    }
+
+    #[test]
+    fn without_a_record_only_an_inside_keyring_opens() {
+        let root = Path::new("/b");
+        let local = cfg(ProviderConfig::Local { keyring: KEYRING_NAME.into() });
+        assert!(settle(root, &local, None).is_ok());
+        let outside = cfg(ProviderConfig::Local { keyring: "/etc/k".into() });
+        assert!(settle(root, &outside, None).unwrap_err().to_string().contains("envelopefs trust"));
+        let p11 = cfg(ProviderConfig::Pkcs11 {
+            module: "/x.so".into(),
+            key: "pkcs11:token=t;object=k".into(),
+            objects: vec![],
+            previous_keys: vec![],
+        });
+        assert!(settle(root, &p11, None).is_err());
+        // With a record: the host's settings, and the downgrade rule.
+        let rec = TrustRecord::for_config(&local);
+        let mut v1 = local.clone();
+        v1.format = 1;
+        assert!(settle(root, &v1, Some(&rec)).unwrap_err().to_string().contains("format 1"));
+        assert!(settle(root, &p11, Some(&rec)).unwrap_err().to_string().contains("kind: this host trusts"));
+    }
+}

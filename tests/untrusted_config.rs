@@ -1,0 +1,364 @@
+//! Attacks by someone who can write the backing directory and then waits for the admin's
+//! usual `mount`, `fsck`, `key` or `rekey`. Each test plays the attack against the real
+//! binary and checks that it now fails (docs/THREAT-MODEL.md, "An attacker with the backing
+//! directory").
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{cli, pattern, Kms, Mounted, TestVolume};
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn ok(out: std::process::Output) -> String {
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A local volume made by the binary (so this host trusts it, as after a real `init`).
+fn local_volume() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let d = tempfile::Builder::new().prefix("envelopefs-test").tempdir().unwrap();
+    let backing = d.path().join("backing");
+    fs::create_dir(&backing).unwrap();
+    let key = d.path().join("volume.key");
+    fs::write(&key, pattern(7, 32)).unwrap();
+    ok(cli(&[&"init", &"--key-file", &key, &backing]));
+    (d, backing, key)
+}
+
+fn edit_config(backing: &Path, f: impl FnOnce(&mut toml::Table)) {
+    let path = backing.join("envelopefs.toml");
+    let mut t: toml::Table = fs::read_to_string(&path).unwrap().parse().unwrap();
+    f(&mut t);
+    fs::write(&path, toml::to_string(&t).unwrap()).unwrap();
+}
+
+/// A shared library whose constructor leaves a marker file: proof that it was loaded.
+fn evil_module(dir: &Path, marker: &Path) -> PathBuf {
+    let src = dir.join("evil.c");
+    fs::write(
+        &src,
+        format!(
+            "#include <stdio.h>\n__attribute__((constructor)) static void own(void) {{ \
+             FILE *f = fopen(\"{}\", \"w\"); if (f) {{ fputs(\"loaded\", f); fclose(f); }} }}\n",
+            marker.display()
+        ),
+    )
+    .unwrap();
+    let so = dir.join("backing/evil.so");
+    let out = Command::new("cc").args(["-shared", "-fPIC", "-o"]).arg(&so).arg(&src).output().unwrap();
+    assert!(out.status.success(), "cc: {}", stderr(&out));
+    so
+}
+
+#[test]
+fn a_planted_pkcs11_module_is_never_loaded() {
+    let (d, backing, key) = local_volume();
+    let marker = d.path().join("module-was-loaded");
+    let so = evil_module(d.path(), &marker);
+    let original = fs::read_to_string(backing.join("envelopefs.toml")).unwrap();
+    let plant = |key_uri: String| {
+        fs::write(backing.join("envelopefs.toml"), &original).unwrap();
+        edit_config(&backing, |t| {
+            let mut p = toml::Table::new();
+            p.insert("kind".into(), "pkcs11".into());
+            p.insert("module".into(), so.display().to_string().into());
+            p.insert("key".into(), key_uri.into());
+            t.insert("provider".into(), p.into());
+        });
+    };
+    // The attacker's URI names a PIN file of theirs, so nothing stops before loading
+    // (before the fix this loaded the module as root): a stored pin-source is refused.
+    fs::write(backing.join("pin"), "1234").unwrap();
+    plant(format!("pkcs11:token=x;object=y?pin-source={}", backing.join("pin").display()));
+    let out = cli(&[&"fsck", &"--key-file", &key, &backing]);
+    assert!(!marker.exists(), "fsck loaded a module named by the backing directory");
+    assert_eq!(out.status.code(), Some(common::EXIT_TAMPERED), "{}", stderr(&out));
+    assert!(stderr(&out).contains("pin-source"), "{}", stderr(&out));
+    // With the PIN from the admin's own flag, the planted module differs from the host's
+    // trust: refused by name, for every command.
+    plant("pkcs11:token=x;object=y".into());
+    let pin = d.path().join("admin-pin");
+    fs::write(&pin, "1234").unwrap();
+    for args in [vec!["fsck"], vec!["key", "status"], vec!["rekey", "--rewrap"]] {
+        let mut a: Vec<&dyn AsRef<std::ffi::OsStr>> = args.iter().map(|s| s as &dyn AsRef<std::ffi::OsStr>).collect();
+        a.extend([&"--pin-file" as &dyn AsRef<std::ffi::OsStr>, &pin, &backing]);
+        let out = cli(&a);
+        assert!(!marker.exists(), "`{}` loaded a module named by the backing directory", args.join(" "));
+        assert_eq!(out.status.code(), Some(common::EXIT_UNTRUSTED), "{}", stderr(&out));
+        let e = stderr(&out);
+        assert!(e.contains("kind: this host trusts \"local\"") && e.contains("module"), "names the difference: {e}");
+    }
+    let mnt = d.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let out = cli(&[&"mount", &"--pin-file", &pin, &backing, &mnt]);
+    assert!(!marker.exists(), "mount loaded a module named by the backing directory");
+    assert_eq!(out.status.code(), Some(common::EXIT_UNTRUSTED), "{}", stderr(&out));
+    // `trust` will not pin a module inside the backing directory either.
+    let out = cli(&[&"trust", &"--yes", &"--module", &so, &"--pin-file", &pin, &backing]);
+    assert!(!marker.exists(), "trust loaded a module named by the backing directory");
+    assert_eq!(out.status.code(), Some(common::EXIT_UNTRUSTED), "{}", stderr(&out));
+    assert!(stderr(&out).contains("inside its own backing directory"), "{}", stderr(&out));
+    let _ = key;
+}
+
+#[test]
+fn a_pin_source_in_the_stored_key_uri_is_refused() {
+    // Even on a host that trusts the module, the stored URI's pin-source never chooses a file.
+    let uri: Result<envelopefs::keys::pkcs11::Pkcs11Uri, _> = "pkcs11:token=t;object=k?pin-source=/etc/shadow".parse();
+    let uri = uri.unwrap();
+    let e = envelopefs::volume::ProviderConfig::Pkcs11 {
+        module: common::SOFTHSM_MODULE.into(),
+        key: format!("{}?pin-source=/etc/shadow", uri.key_id()),
+        objects: vec![],
+        previous_keys: vec![],
+    }
+    .check_stored()
+    .unwrap_err();
+    assert_eq!(e.errno(), libc::EINVAL);
+    assert!(e.to_string().contains("pin-source"), "{e}");
+}
+
+#[test]
+fn every_edit_of_the_config_is_refused_naming_the_file() {
+    let (_d, backing, key) = local_volume();
+    let original = fs::read_to_string(backing.join("envelopefs.toml")).unwrap();
+    let edits: [(&str, Box<dyn Fn(&mut toml::Table)>); 3] = [
+        ("block size", Box::new(|t| drop(t.insert("block_size".into(), 8192.into())))),
+        ("header size", Box::new(|t| drop(t.insert("header_size".into(), 8192.into())))),
+        ("mac", Box::new(|t| drop(t.insert("mac".into(), "00".repeat(32).into())))),
+    ];
+    for (what, edit) in edits {
+        fs::write(backing.join("envelopefs.toml"), &original).unwrap();
+        edit_config(&backing, edit);
+        let out = cli(&[&"fsck", &"--key-file", &key, &backing]);
+        assert_eq!(out.status.code(), Some(common::EXIT_TAMPERED), "{what}: {}", stderr(&out));
+        assert!(stderr(&out).contains("envelopefs.toml"), "{what}: {}", stderr(&out));
+    }
+    fs::write(backing.join("envelopefs.toml"), &original).unwrap();
+    ok(cli(&[&"fsck", &"--key-file", &key, &backing]));
+}
+
+#[test]
+fn a_v2_volume_whose_config_is_swapped_for_v1_does_not_open_as_v1() {
+    let (_d, backing, key) = local_volume();
+    edit_config(&backing, |t| {
+        t.insert("format".into(), 1.into());
+        t.remove("mac");
+        t.remove("generation");
+        t.remove("volume_key");
+    });
+    let out = cli(&[&"fsck", &"--key-file", &key, &backing]);
+    assert_eq!(out.status.code(), Some(common::EXIT_TAMPERED), "{}", stderr(&out));
+    assert!(stderr(&out).contains("format 1"), "{}", stderr(&out));
+    // On a host that never saw the volume the keyring says it belongs to a format-2 volume.
+    let fresh = tempfile::tempdir().unwrap();
+    let out = common::cli_with_trust(fresh.path(), &[&"fsck", &"--key-file", &key, &backing]);
+    assert_eq!(out.status.code(), Some(common::EXIT_TAMPERED), "{}", stderr(&out));
+    assert!(stderr(&out).contains("format 1"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_symlinked_keyring_temp_file_is_not_followed() {
+    let (d, backing, key) = local_volume();
+    let victim = d.path().join("victim");
+    fs::write(&victim, b"root-owned file elsewhere").unwrap();
+    std::os::unix::fs::symlink(&victim, backing.join("envelopefs.keyring.tmp")).unwrap();
+    std::os::unix::fs::symlink(&victim, backing.join("envelopefs.toml.tmp")).unwrap();
+    ok(cli(&[&"key", &"rotate", &"--key-file", &key, &backing]));
+    assert_eq!(fs::read(&victim).unwrap(), b"root-owned file elsewhere");
+    for name in ["envelopefs.keyring", "envelopefs.toml"] {
+        let m = fs::symlink_metadata(backing.join(name)).unwrap();
+        assert!(m.file_type().is_file(), "{name} stays a regular file");
+    }
+}
+
+#[test]
+fn a_restored_older_keyring_is_refused_and_a_retired_key_is_gone() {
+    let (d, backing, key) = local_volume();
+    let mnt = d.path().join("mnt");
+    let old = fs::read(backing.join("envelopefs.keyring")).unwrap();
+    let m = Mounted::start(&backing, &key, &mnt, &[]);
+    fs::write(m.path("f"), b"before rotation").unwrap();
+    let old_header = fs::read(backing.join("f")).unwrap()[..4096].to_vec();
+    ok(cli(&[&"key", &"rotate", &"--key-file", &key, &backing]));
+    ok(cli(&[&"rekey", &"--rewrap", &"--key-file", &key, &backing]));
+    ok(cli(&[&"key", &"retire", &"--key-file", &key, &backing, &"1"]));
+    // The running mount stops unwrapping with version 1 at once: an old header pasted back
+    // (same DEK, record under version 1) no longer opens.
+    let f = fs::OpenOptions::new().write(true).open(backing.join("f")).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &old_header, 0).unwrap();
+    drop(f);
+    let e = fs::read(m.path("f")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
+    drop(m);
+    // Restoring the keyring from before the retire brings nothing back.
+    fs::write(backing.join("envelopefs.keyring"), &old).unwrap();
+    let out = cli(&[&"fsck", &"--key-file", &key, &backing]);
+    assert_eq!(out.status.code(), Some(common::EXIT_TAMPERED), "{}", stderr(&out));
+    assert!(stderr(&out).contains("older"), "{}", stderr(&out));
+}
+
+#[test]
+fn an_absurd_kdf_cost_in_the_keyring_is_refused_before_deriving() {
+    let d = tempfile::Builder::new().prefix("envelopefs-test").tempdir().unwrap();
+    let backing = d.path().join("backing");
+    fs::create_dir(&backing).unwrap();
+    let pw = d.path().join("pw");
+    fs::write(&pw, "correct horse").unwrap();
+    ok(cli(&[&"init", &"--passphrase-file", &pw, &"--kdf-memory-mib", &"8", &"--kdf-iterations", &"1", &backing]));
+    let path = backing.join("envelopefs.keyring");
+    let mut raw = fs::read(&path).unwrap();
+    raw[12..16].copy_from_slice(&(2u32 << 20).to_le_bytes()); // 2 GiB
+    raw[16..20].copy_from_slice(&64u32.to_le_bytes());
+    fs::write(&path, &raw).unwrap();
+    let t = Instant::now();
+    let out = cli(&[&"fsck", &"--passphrase-file", &pw, &backing]);
+    assert!(t.elapsed() < Duration::from_secs(10), "refused without deriving: {:?}", t.elapsed());
+    assert_eq!(out.status.code(), Some(common::EXIT_TAMPERED), "{}", stderr(&out));
+    assert!(stderr(&out).contains("cost"), "{}", stderr(&out));
+}
+
+#[test]
+fn the_passphrase_never_comes_from_the_environment() {
+    let (d, backing, _key) = local_volume();
+    let mnt = d.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let out = common::bin()
+        .args(["mount", "--foreground"])
+        .arg(&backing)
+        .arg(&mnt)
+        .env("ENVELOPEFS_PASSPHRASE", "anything")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!common::is_mounted(&mnt));
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("no passphrase"), "{}", stderr(&out));
+}
+
+#[test]
+fn kms_key_substitution_and_endpoint_are_refused() {
+    let kms = Kms::start();
+    let arn = kms.create_key("real");
+    let evil = kms.create_key("substitute");
+    let d = tempfile::Builder::new().prefix("envelopefs-test").tempdir().unwrap();
+    let backing = d.path().join("backing");
+    fs::create_dir(&backing).unwrap();
+    ok(cli(&[
+        &"init",
+        &"--provider",
+        &"aws-kms",
+        &"--key-id",
+        &"alias/real",
+        &"--kms-endpoint",
+        &kms.moto_url,
+        &backing,
+    ]));
+    let original = fs::read_to_string(backing.join("envelopefs.toml")).unwrap();
+    let mnt = d.path().join("mnt");
+    let attacks: [(&str, Box<dyn Fn(&mut toml::Table)>); 3] = [
+        (
+            "key_id",
+            Box::new(|t| {
+                let p = t["provider"].as_table_mut().unwrap();
+                p.insert("key_id".into(), evil.clone().into());
+                p.insert("previous_key_ids".into(), vec![toml::Value::from(arn.clone())].into());
+            }),
+        ),
+        (
+            "endpoint",
+            Box::new(|t| {
+                let p = t["provider"].as_table_mut().unwrap();
+                p.insert("endpoint".into(), kms.proxy_url.clone().into());
+            }),
+        ),
+        (
+            "intermediate_key",
+            Box::new(|t| drop(t["provider"].as_table_mut().unwrap().insert("intermediate_key".into(), true.into()))),
+        ),
+    ];
+    for (what, attack) in attacks {
+        fs::write(backing.join("envelopefs.toml"), &original).unwrap();
+        edit_config(&backing, attack);
+        fs::create_dir_all(&mnt).unwrap();
+        let out = cli(&[&"mount", &backing, &mnt]);
+        if common::is_mounted(&mnt) {
+            // The attack worked: show what a new file got before failing.
+            let m = Mounted::adopt(&mnt);
+            fs::write(m.path("new"), b"secret").unwrap();
+            drop(m);
+            panic!(
+                "{what}: a mount opened with an edited KMS setting: {}",
+                ok(cli(&[&"inspect", &backing.join("new")]))
+            );
+        }
+        assert_eq!(out.status.code(), Some(common::EXIT_UNTRUSTED), "{what}: {}", stderr(&out));
+        assert!(stderr(&out).contains(what), "{what}: the error names the difference: {}", stderr(&out));
+    }
+}
+
+#[test]
+fn plain_http_to_a_remote_kms_endpoint_is_refused() {
+    let d = tempfile::Builder::new().prefix("envelopefs-test").tempdir().unwrap();
+    let backing = d.path().join("backing");
+    fs::create_dir(&backing).unwrap();
+    let out = cli(&[
+        &"init",
+        &"--provider",
+        &"aws-kms",
+        &"--key-id",
+        &"alias/x",
+        &"--kms-endpoint",
+        &"http://kms.example.com",
+        &backing,
+    ]);
+    assert_eq!(out.status.code(), Some(common::EXIT_USAGE), "{}", stderr(&out));
+    assert!(stderr(&out).contains("https"), "{}", stderr(&out));
+}
+
+#[test]
+fn writeback_wraps_are_attributed_to_the_process_that_opened_the_file() {
+    let (d, backing, key) = local_volume();
+    let audit = d.path().join("audit.jsonl");
+    let m = Mounted::start(
+        &backing,
+        &key,
+        &d.path().join("mnt"),
+        &["--allow-other", "--audit-log", audit.to_str().unwrap()],
+    );
+    fs::set_permissions(&m.mnt, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let target = m.path("nobody-file");
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c"])
+        .arg(format!("printf hello > {}", target.display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(fs::metadata(&target).unwrap().uid(), 65534);
+    drop(m);
+    let text = fs::read_to_string(&audit).unwrap();
+    let wraps: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["op"] == "wrap" && v["path"].as_str().is_some_and(|p| p.ends_with("nobody-file")))
+        .collect();
+    assert_eq!(wraps.len(), 1, "{text}");
+    assert_eq!(wraps[0]["uid"], 65534, "{text}");
+    assert_ne!(wraps[0]["pid"], 0, "{text}");
+}
+
+#[test]
+fn fixture_style_library_volume_still_opens() {
+    // A volume made through the library (as the other suites do) opens with no trust step:
+    // a local volume with its keyring inside is authenticated by its own secret.
+    let v = TestVolume::new(4096);
+    drop(v.open());
+}
