@@ -4,7 +4,7 @@
 //! Every known inode holds an O_PATH descriptor of its backing object, so renames and hard
 //! links need no path bookkeeping and nothing ever follows a symlink in the backing tree.
 
-mod sys;
+pub(crate) mod sys;
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};

@@ -46,6 +46,15 @@ pub fn fstat(fd: RawFd) -> Result<libc::stat> {
     Ok(st)
 }
 
+/// `fstatat` of `name` in `dir`, not following a final symlink.
+pub fn fstatat_nofollow(dir: RawFd, name: &CStr) -> Result<libc::stat> {
+    // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `name` is NUL-terminated and `st` is a valid, writable `stat`.
+    cvt(unsafe { libc::fstatat(dir, name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) }, || format!("stat {name:?}"))?;
+    Ok(st)
+}
+
 pub fn mkdirat(dir: RawFd, name: &CStr, mode: u32) -> Result<()> {
     cvt(unsafe { libc::mkdirat(dir, name.as_ptr(), mode) }, || format!("mkdir {name:?}")).map(drop)
 }
