@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::content::Content;
-use crate::envelope::{decode_region, Header};
+use crate::envelope::{decode_region, is_hole, Geometry, Header, BLOCK_OVERHEAD};
 use crate::error::{Error, Result};
 use crate::fs::sys;
 use crate::keys::KeyContext;
@@ -319,22 +319,24 @@ pub fn reencrypt_file(vol: &Volume, tree: &Tree, path: &Path) -> Result<bool> {
         let mut off = 0;
         while off < size {
             let data = src.read(off, CHUNK.min(size - off) as usize)?;
-            // Write runs of blocks with content; all-zero blocks stay holes.
+            // Every block that was sealed is sealed again, zero blocks included: a hole would
+            // show which blocks are zero and leave them unauthenticated. Only blocks stored as
+            // holes (never written: the write path leaves them so too) stay holes.
             let bs = geo.block_size as usize;
+            let holes = stored_holes(&old, geo, off / bs as u64, data.len().div_ceil(bs), size)?;
             let mut run_start = None;
-            for (i, block) in data.chunks(bs).enumerate() {
-                let zero = block.iter().all(|&b| b == 0);
-                match (zero, run_start) {
+            for (i, &hole) in holes.iter().enumerate() {
+                match (hole, run_start) {
                     (false, None) => run_start = Some(i),
-                    (true, Some(st)) => {
-                        dst.write(off + (st * bs) as u64, &data[st * bs..i * bs])?;
+                    (true, Some(first)) => {
+                        dst.write(off + (first * bs) as u64, &data[first * bs..i * bs])?;
                         run_start = None;
                     }
                     _ => {}
                 }
             }
-            if let Some(st) = run_start {
-                dst.write(off + (st * bs) as u64, &data[st * bs..])?;
+            if let Some(first) = run_start {
+                dst.write(off + (first * bs) as u64, &data[first * bs..])?;
             }
             off += CHUNK;
         }
@@ -361,6 +363,22 @@ pub fn reencrypt_file(vol: &Volume, tree: &Tree, path: &Path) -> Result<bool> {
         return Err(ctx_err(e));
     }
     Ok(true)
+}
+
+/// For blocks `first..first + n` of `f` (a file of `size` plaintext bytes): which are
+/// stored as holes (all-zero stored bytes).
+fn stored_holes(f: &File, geo: Geometry, first: u64, n: usize, size: u64) -> Result<Vec<bool>> {
+    let last = first + n as u64 - 1;
+    let start = geo.block_offset(first);
+    let end = geo.block_offset(last) + geo.block_len(last, size) + BLOCK_OVERHEAD;
+    let mut stored = vec![0u8; (end - start) as usize];
+    f.read_exact_at(&mut stored, start).map_err(|e| Error::io(e, format!("reading blocks {first}..={last}")))?;
+    Ok((first..=last)
+        .map(|i| {
+            let at = (geo.block_offset(i) - start) as usize;
+            is_hole(&stored[at..at + (geo.block_len(i, size) + BLOCK_OVERHEAD) as usize])
+        })
+        .collect())
 }
 
 fn not_regular() -> Error {
