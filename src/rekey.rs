@@ -388,6 +388,8 @@ fn not_regular() -> Error {
 /// Owner, mode, user.* xattrs and times of `from` onto `to`.
 fn copy_metadata(from: &File, to: &File, meta: &fs::Metadata) -> Result<()> {
     let (src, dst) = (from.as_raw_fd(), to.as_raw_fd());
+    // SAFETY: `src` and `dst` are open descriptors of `from` and `to`; every buffer passed
+    // is writable/readable for the length given, and every name is NUL-terminated.
     unsafe {
         if libc::fchown(dst, meta.uid(), meta.gid()) != 0 || libc::fchmod(dst, meta.mode() & 0o7777) != 0 {
             return Err(crate::error::last_os("copying owner and mode"));

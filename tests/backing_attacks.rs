@@ -291,6 +291,19 @@ fn allow_other_creates_are_owned_by_the_caller() {
         let dmode = if dir == "sg" { 0o2755 } else { 0o755 };
         assert_eq!(mode("dir"), dmode, "{dir}: a set-gid parent makes set-gid directories");
     }
+    // Write access through a supplementary group (which the daemon is never told): the
+    // kernel checked it on the mount, the backing store does not refuse it.
+    fs::create_dir(m.path("grp")).unwrap();
+    std::os::unix::fs::chown(m.path("grp"), None, Some(100)).unwrap();
+    fs::set_permissions(m.path("grp"), fs::Permissions::from_mode(0o770)).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--groups=100", "mkdir"])
+        .arg(m.path("grp/dir"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let b = fs::symlink_metadata(v.backing.join("grp/dir")).unwrap();
+    assert_eq!((b.uid(), b.gid()), (65534, 65534));
 }
 
 /// Item: the creation race itself. The daemon used to create as root, then look the name
@@ -332,5 +345,8 @@ fn allow_other_mkdir_race_does_not_give_away_another_directory() {
     assert_eq!(marked.len(), 1);
     let owner = fs::symlink_metadata(&marked[0]).unwrap().uid();
     assert_eq!(owner, 0, "root's directory was handed to uid 65534 by a create ({})", text(&out).trim());
+    // Before the fix the victim changed hands within a few dozen attempts.
+    let attempts: u64 = text(&out).split_whitespace().next().unwrap().parse().unwrap();
+    assert!(attempts > 1000, "only {attempts} creates were tried");
     drop(m);
 }
