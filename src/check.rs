@@ -97,6 +97,8 @@ pub struct FsckReport {
     pub blocks: u64,
     pub holes: u64,
     pub problems: Vec<Problem>,
+    /// File id → the first file met with it, and that file's (dev, ino).
+    ids: std::collections::HashMap<[u8; 16], (PathBuf, (u64, u64))>,
 }
 
 /// Check that every header and every block of every envelope authenticates. Without
@@ -127,8 +129,8 @@ fn check_file(vol: &Volume, e: &Found<'_>, repair: bool, rep: &mut FsckReport) {
     rep.files += 1;
     let mut problem =
         |what: String, repaired: bool| rep.problems.push(Problem { path: path.to_owned(), what, repaired });
-    let f = match opened {
-        Ok(Some((f, _))) => f,
+    let (f, st) = match opened {
+        Ok(Some(o)) => o,
         Ok(None) => return,
         Err(e) => return problem(format!("cannot open: {e}"), false),
     };
@@ -157,6 +159,28 @@ fn check_file(vol: &Volume, e: &Found<'_>, repair: bool, rep: &mut FsckReport) {
         Ok(o) => o,
         Err(e) => return problem(format!("header: {e}"), false),
     };
+    // A copy of a backing file keeps its file id and so its data key: the two files' blocks
+    // can be swapped for each other undetected, and the key is used twice. (Hard links are
+    // one file.)
+    let id = opened.header.file_id;
+    match rep.ids.get(&id) {
+        Some((first, dev_ino)) if *dev_ino != (st.st_dev, st.st_ino) => {
+            let what = format!(
+                "shares file id {} (and so its data key) with {}: one is a copy of the other; \
+                 give this one its own key with `envelopefs rekey --reencrypt BACKING {}`",
+                hex::encode(id),
+                first.display(),
+                path.display()
+            );
+            rep.problems.push(Problem { path: path.to_owned(), what, repaired: false });
+        }
+        Some(_) => {}
+        None => {
+            rep.ids.insert(id, (path.to_owned(), (st.st_dev, st.st_ino)));
+        }
+    }
+    let mut problem =
+        |what: String, repaired: bool| rep.problems.push(Problem { path: path.to_owned(), what, repaired });
     // The other slot should hold a valid header too (generation may be older).
     let half = geo.slot_size();
     let other = 1 - opened.slot;

@@ -216,6 +216,11 @@ fn fsck_reports_files_that_share_a_file_id() {
             && lines[0].contains("file id"),
         "{t}"
     );
+    // What the line advises: the copy gets its own file id and key.
+    let out = cli(&[&"rekey", &"--reencrypt", &"--key-file", &v.key, &v.backing, &copy]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = cli(&[&"fsck", &"--key-file", &v.key, &v.backing]);
+    assert!(out.status.success(), "{}", text(&out));
 }
 
 /// Item: status sockets are removed when the mount goes away.
