@@ -355,3 +355,45 @@ fn allow_other_mkdir_race_does_not_give_away_another_directory() {
     assert!(attempts > 1000, "only {attempts} creates were tried");
     drop(m);
 }
+
+/// Item: PKCS#11 error mapping. SoftHSM2 answers CKR_GENERAL_ERROR (also its word for a
+/// token fault) when a wrapped key's GCM tag does not verify; the provider tells the two
+/// apart with a round trip under the same key. A tampered wrapped key (CRC fixed up, so the
+/// slot decodes) is a key that does not authenticate: EACCES, and the log says so. A token
+/// fault cannot be provoked in SoftHSM2; its mapping to EIO is a unit test in the module.
+#[test]
+fn pkcs11_tampered_wrapped_key_is_eacces_and_says_why() {
+    let pin = common::softhsm_token("spare");
+    let dir = tempfile::Builder::new().prefix("envelopefs-test").tempdir().unwrap();
+    let backing = dir.path().join("backing");
+    fs::create_dir(&backing).unwrap();
+    let out = Command::new(common::BIN)
+        .arg("init")
+        .arg("--pin-file")
+        .arg(&pin)
+        .args(["--provider", "pkcs11", "--module", common::SOFTHSM_MODULE, "--key", "pkcs11:token=spare;object=kek"])
+        .arg(&backing)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let mnt = dir.path().join("mnt");
+    let m = common::Mounted::start_with(&backing, "--pin-file", &pin, &mnt, &[]);
+    fs::write(m.path("f"), b"secret").unwrap();
+    m.unmount();
+    let mut region = vec![0u8; HEADER as usize];
+    let f = fs::OpenOptions::new().read(true).write(true).open(backing.join("f")).unwrap();
+    f.read_exact_at(&mut region, 0).unwrap();
+    for slot in region.chunks_mut(HEADER as usize / 2) {
+        let body = u16::from_le_bytes([slot[10], slot[11]]) as usize;
+        slot[body - 1] ^= 1; // the wrapped key's last byte (its GCM tag)
+        let crc = crc32fast::hash(&slot[..body + 32]);
+        slot[body + 32..body + 36].copy_from_slice(&crc.to_le_bytes());
+    }
+    f.write_all_at(&region, 0).unwrap();
+    drop(f);
+    let m = common::Mounted::start_with(&backing, "--pin-file", &pin, &mnt, &[]);
+    let e = fs::read(m.path("f")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
+    let log = m.log_text();
+    assert!(log.contains("does not authenticate") && log.contains("the token works"), "{log}");
+}
