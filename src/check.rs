@@ -2,12 +2,13 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::crypto::FileKey;
 use crate::envelope::{decode_region, is_hole, SizeError, SlotError};
 use crate::error::{Error, Result};
+use crate::rekey::{is_temporary, open_regular, Found, Tree};
 use crate::volume::{Volume, VolumeConfig, CONFIG_NAME};
 
 /// The volume root above `path`: the nearest directory holding `envelopefs.toml`.
@@ -96,6 +97,8 @@ pub struct FsckReport {
     pub blocks: u64,
     pub holes: u64,
     pub problems: Vec<Problem>,
+    /// File id → the first file met with it, and that file's (dev, ino).
+    ids: std::collections::HashMap<[u8; 16], (PathBuf, (u64, u64))>,
 }
 
 /// Check that every header and every block of every envelope authenticates. Without
@@ -103,20 +106,32 @@ pub struct FsckReport {
 /// one, a torn trailing fragment is cut off, and a last block that does not authenticate
 /// (a torn append) is cut. Other blocks that do not authenticate are only reported.
 /// The caller makes sure the volume is not mounted when repairing.
+/// Files are checked as the walk meets them, each opened relative to its directory's
+/// descriptor (see `rekey::Tree`): nothing swapped into the backing directory meanwhile can
+/// lead a repair outside the volume.
 pub fn fsck(vol: &Volume, repair: bool) -> Result<FsckReport> {
     let mut report = FsckReport::default();
-    for path in crate::rekey::volume_files(&vol.root)? {
-        report.files += 1;
-        check_file(vol, &path, repair, &mut report);
-    }
+    Tree::open(&vol.root)?.walk(&mut |e| {
+        if !is_temporary(e.path) {
+            check_file(vol, e, repair, &mut report);
+        }
+    })?;
     Ok(report)
 }
 
-fn check_file(vol: &Volume, path: &Path, repair: bool, rep: &mut FsckReport) {
+fn check_file(vol: &Volume, e: &Found<'_>, repair: bool, rep: &mut FsckReport) {
+    let path = e.path;
+    let flags = if repair { libc::O_RDWR } else { libc::O_RDONLY };
+    let opened = open_regular(e.dir, e.name, flags);
+    if let Ok(None) = opened {
+        return; // no longer a regular file: not one of the volume's files
+    }
+    rep.files += 1;
     let mut problem =
         |what: String, repaired: bool| rep.problems.push(Problem { path: path.to_owned(), what, repaired });
-    let f = match std::fs::OpenOptions::new().read(true).write(repair).custom_flags(libc::O_NOFOLLOW).open(path) {
-        Ok(f) => f,
+    let (f, st) = match opened {
+        Ok(Some(o)) => o,
+        Ok(None) => return,
         Err(e) => return problem(format!("cannot open: {e}"), false),
     };
     let geo = vol.geometry;
@@ -144,6 +159,28 @@ fn check_file(vol: &Volume, path: &Path, repair: bool, rep: &mut FsckReport) {
         Ok(o) => o,
         Err(e) => return problem(format!("header: {e}"), false),
     };
+    // A copy of a backing file keeps its file id and so its data key: the two files' blocks
+    // can be swapped for each other undetected, and the key is used twice. (Hard links are
+    // one file.)
+    let id = opened.header.file_id;
+    match rep.ids.get(&id) {
+        Some((first, dev_ino)) if *dev_ino != (st.st_dev, st.st_ino) => {
+            let what = format!(
+                "shares file id {} (and so its data key) with {}: one is a copy of the other; \
+                 give this one its own key with `envelopefs rekey --reencrypt BACKING {}`",
+                hex::encode(id),
+                first.display(),
+                path.display()
+            );
+            rep.problems.push(Problem { path: path.to_owned(), what, repaired: false });
+        }
+        Some(_) => {}
+        None => {
+            rep.ids.insert(id, (path.to_owned(), (st.st_dev, st.st_ino)));
+        }
+    }
+    let mut problem =
+        |what: String, repaired: bool| rep.problems.push(Problem { path: path.to_owned(), what, repaired });
     // The other slot should hold a valid header too (generation may be older).
     let half = geo.slot_size();
     let other = 1 - opened.slot;
@@ -209,22 +246,28 @@ pub struct KeyUsage {
 /// Count headers by KEK version (the newest slot that decodes; no key is unwrapped).
 pub fn key_usage(vol: &Volume) -> Result<KeyUsage> {
     let mut usage = KeyUsage::default();
-    let files = crate::rekey::volume_files(&vol.root)?;
     let kind = vol.provider.kind();
     let current_id = vol.provider.kek_id();
     let mut region = vec![0u8; vol.geometry.header_size as usize];
-    for path in files {
-        let Ok(f) = File::open(&path) else {
-            usage.unreadable += 1;
-            continue;
+    Tree::open(&vol.root)?.walk(&mut |e| {
+        if is_temporary(e.path) {
+            return;
+        }
+        let f = match open_regular(e.dir, e.name, libc::O_RDONLY) {
+            Ok(Some((f, _))) => f,
+            Ok(None) => return,
+            Err(_) => {
+                usage.unreadable += 1;
+                return;
+            }
         };
         if f.metadata().map(|m| m.len()).unwrap_or(0) == 0 {
             usage.empty += 1;
-            continue;
+            return;
         }
         if f.read_exact_at(&mut region, 0).is_err() {
             usage.unreadable += 1;
-            continue;
+            return;
         }
         let slots = decode_region(&region);
         match slots.first() {
@@ -248,6 +291,6 @@ pub fn key_usage(vol: &Volume) -> Result<KeyUsage> {
         for v in seen {
             *usage.any_slot.entry(v).or_default() += 1;
         }
-    }
+    })?;
     Ok(usage)
 }

@@ -62,8 +62,31 @@ pub fn socket_path(mountpoint: &Path) -> PathBuf {
     dir.join(format!("{}-{crc:08x}.sock", name.trim_start_matches('_')))
 }
 
-/// Serve status requests from a background thread until the process exits.
-pub fn serve(mountpoint: &Path, status: Arc<dyn Fn() -> Status + Send + Sync>) -> Result<PathBuf> {
+/// The socket a mount serves on. Dropping it removes the socket file, if that path still
+/// names the socket this process bound (a later daemon's is left alone).
+pub struct Socket {
+    path: PathBuf,
+    dev_ino: (u64, u64),
+}
+
+impl Socket {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Socket {
+    fn drop(&mut self) {
+        use std::os::unix::fs::MetadataExt;
+        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.dev_ino) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Serve status requests from a background thread until the process exits; the socket
+/// is removed when the returned `Socket` is dropped (at unmount).
+pub fn serve(mountpoint: &Path, status: Arc<dyn Fn() -> Status + Send + Sync>) -> Result<Socket> {
     let path = socket_path(mountpoint);
     let dir = path.parent().unwrap();
     // Made 0700 if we make it; an existing directory keeps its mode (never chmod /tmp).
@@ -74,6 +97,11 @@ pub fn serve(mountpoint: &Path, status: Arc<dyn Fn() -> Status + Send + Sync>) -
     let listener = UnixListener::bind(&path).map_err(|e| Error::io(e, format!("binding {}", path.display())))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| Error::io(e, "restricting the control socket"))?;
+    let meta = std::fs::symlink_metadata(&path).map_err(|e| Error::io(e, "stat of the control socket"))?;
+    let socket = Socket {
+        path,
+        dev_ino: (std::os::unix::fs::MetadataExt::dev(&meta), std::os::unix::fs::MetadataExt::ino(&meta)),
+    };
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
@@ -92,7 +120,7 @@ pub fn serve(mountpoint: &Path, status: Arc<dyn Fn() -> Status + Send + Sync>) -
             }
         })
         .map_err(|e| Error::io(e, "starting the control thread"))?;
-    Ok(path)
+    Ok(socket)
 }
 
 /// Ask the daemon serving `mountpoint` for its status.

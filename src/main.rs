@@ -1049,13 +1049,21 @@ fn mount(mut args: MountArgs) -> Result<ExitCode> {
         }
     });
     let status = status_fn(fs, backing(&args), mountpoint(&args));
-    match control::serve(mountpoint(&args), status) {
-        Ok(p) => info!("status socket {}", p.display()),
-        Err(e) => warn!("no status socket: {e}"),
-    }
+    // Removed when this function returns, that is once the mount is gone.
+    let _socket = match control::serve(mountpoint(&args), status) {
+        Ok(s) => {
+            info!("status socket {}", s.path().display());
+            Some(s)
+        }
+        Err(e) => {
+            warn!("no status socket: {e}");
+            None
+        }
+    };
     // Ready means "answers": stat the mount point through the running session first.
     let (probe, mnt) = (mountpoint(&args).to_owned(), mountpoint(&args).display().to_string());
     let back = backing(&args).display().to_string();
+    let sock = _socket.as_ref().map(|s| s.path().to_owned());
     std::thread::spawn(move || match std::fs::metadata(&probe) {
         Ok(_) => {
             info!("mounted {back} on {mnt}");
@@ -1064,7 +1072,12 @@ fn mount(mut args: MountArgs) -> Result<ExitCode> {
         Err(e) => {
             tracing::error!("the new mount does not answer a stat: {e}; giving up");
             if let Ok(c) = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes()) {
+                // SAFETY: `c` is NUL-terminated and outlives the call.
                 unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+            // exit() runs no destructors: the socket this process bound goes by hand.
+            if let Some(p) = sock {
+                let _ = std::fs::remove_file(p);
             }
             std::process::exit(1);
         }

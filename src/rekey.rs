@@ -2,17 +2,20 @@
 //! safe while mounted); `reencrypt` gives each file a new DEK and rewrites its content
 //! (offline). Both are crash-safe and resumable: a rerun finishes what is left.
 
-use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
-use std::os::unix::io::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::ffi::{CStr, CString, OsStr};
+use std::fs::{self, File};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::io::{AsRawFd, OwnedFd, RawFd};
+use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::content::Content;
-use crate::envelope::{decode_region, Header};
+use crate::envelope::{decode_region, is_hole, Geometry, Header, BLOCK_OVERHEAD};
 use crate::error::{Error, Result};
+use crate::fs::sys;
 use crate::keys::KeyContext;
 use crate::volume::{Volume, RESERVED};
 
@@ -32,51 +35,166 @@ pub struct Summary {
     pub failed: Vec<(PathBuf, Error)>,
 }
 
+/// The volume's tree, reached only through directory descriptors. The backing directory is
+/// untrusted storage: between a listing and an action on a file, anything in it may have
+/// been swapped for a symlink. So the root is opened once, every directory below it with
+/// `O_NOFOLLOW | O_DIRECTORY` relative to its parent, every file with `O_NOFOLLOW` relative
+/// to its directory and checked to be a regular file by `fstat` of the opened handle. Paths
+/// are kept for messages only.
+pub struct Tree {
+    root: OwnedFd,
+    /// The root as given (made absolute, symlinks not resolved): how paths are printed.
+    path: PathBuf,
+}
+
+/// A regular file (by its directory entry) met by `Tree::walk`.
+pub struct Found<'a> {
+    /// Its directory, opened without following symlinks.
+    pub dir: RawFd,
+    pub name: &'a CStr,
+    /// For messages only.
+    pub path: &'a Path,
+}
+
+const DIR_FLAGS: i32 = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW;
+
+impl Tree {
+    /// Open the volume root. Its own path is the admin's to choose, so it is followed.
+    pub fn open(root: &Path) -> Result<Self> {
+        let path = std::path::absolute(root).map_err(|e| Error::io(e, format!("{}", root.display())))?;
+        let c = sys::cstr(path.as_os_str())?;
+        let root = sys::openat(libc::AT_FDCWD, &c, libc::O_RDONLY | libc::O_DIRECTORY, 0)
+            .map_err(|e| e.context(format!("opening the volume root {}", path.display())))?;
+        Ok(Self { root, path })
+    }
+
+    /// Call `f` for every regular file below the root, in path order, except the volume's
+    /// own files in the root. Directories that are no longer directories when they are
+    /// opened (swapped for a symlink since the listing) are skipped.
+    pub fn walk(&self, f: &mut dyn FnMut(&Found<'_>)) -> Result<()> {
+        self.walk_dir(self.root.as_raw_fd(), &self.path, true, f)
+    }
+
+    fn walk_dir(&self, dir: RawFd, path: &Path, is_root: bool, f: &mut dyn FnMut(&Found<'_>)) -> Result<()> {
+        // The magic link names this very directory; nothing in the backing tree is followed.
+        let listing = format!("/proc/self/fd/{dir}");
+        let mut entries = Vec::new();
+        for e in fs::read_dir(&listing).map_err(|e| Error::io(e, format!("listing {}", path.display())))? {
+            let e = e.map_err(|e| Error::io(e, format!("listing {}", path.display())))?;
+            let name = e.file_name();
+            if is_root && RESERVED.iter().any(|r| OsStr::new(r) == name) {
+                continue;
+            }
+            let ft = e.file_type().map_err(|e| Error::io(e, format!("readdir of {}", path.display())))?;
+            if ft.is_dir() || ft.is_file() {
+                entries.push((name, ft.is_dir()));
+            }
+        }
+        entries.sort();
+        for (name, is_dir) in entries {
+            let c = sys::cstr(&name)?;
+            let p = path.join(&name);
+            if is_dir {
+                match sys::openat(dir, &c, DIR_FLAGS, 0) {
+                    Ok(sub) => self.walk_dir(sub.as_raw_fd(), &p, false, f)?,
+                    // Gone, or no longer a directory (a symlink now): not part of the tree.
+                    Err(e) if [libc::ENOENT, libc::ELOOP, libc::ENOTDIR].contains(&e.errno()) => {}
+                    Err(e) => return Err(e.context(format!("opening directory {}", p.display()))),
+                }
+            } else {
+                f(&Found { dir, name: &c, path: &p });
+            }
+        }
+        Ok(())
+    }
+
+    /// Every regular file of the volume (the volume's own files and stale temporaries
+    /// aside), as paths for listing and messages; act on them through `resolve`.
+    pub fn files(&self) -> Result<Vec<PathBuf>> {
+        let mut out = Vec::new();
+        self.walk(&mut |e| {
+            if !is_temporary(e.path) {
+                out.push(e.path.to_owned());
+            }
+        })?;
+        Ok(out)
+    }
+
+    /// The directory (opened one name at a time from the root, never following a symlink)
+    /// and the name of `path`, which must lie inside the volume.
+    pub fn resolve(&self, path: &Path) -> Result<(OwnedFd, CString)> {
+        let abs = std::path::absolute(path).map_err(|e| Error::io(e, format!("{}", path.display())))?;
+        let outside = || Error::new(libc::EINVAL, "not a file inside the volume");
+        let rel = abs.strip_prefix(&self.path).map_err(|_| outside())?;
+        let mut names = Vec::new();
+        for c in rel.components() {
+            match c {
+                Component::Normal(n) => names.push(n),
+                Component::CurDir => {}
+                _ => return Err(outside()),
+            }
+        }
+        let (name, dirs) = names.split_last().ok_or_else(outside)?;
+        if dirs.is_empty() && RESERVED.iter().any(|r| OsStr::new(r) == *name) {
+            return Err(Error::new(libc::EPERM, "one of the volume's own files"));
+        }
+        let mut dir = sys::openat(self.root.as_raw_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+        for d in dirs {
+            dir = sys::openat(dir.as_raw_fd(), &sys::cstr(d)?, DIR_FLAGS, 0)
+                .map_err(|e| e.context(format!("{d:?} is not a directory of the volume (a symlink?)")))?;
+        }
+        Ok((dir, sys::cstr(name)?))
+    }
+}
+
+/// Open `name` in `dir` for I/O if it is a regular file: an O_PATH handle that does not
+/// follow a symlink, `fstat` of that handle, then that same inode reopened with `flags`.
+/// `None` when it is something else (a symlink, a fifo, a device) by now.
+pub fn open_regular(dir: RawFd, name: &CStr, flags: i32) -> Result<Option<(File, libc::stat)>> {
+    let fd = sys::open_path(dir, name)?;
+    let st = sys::fstat(fd.as_raw_fd())?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Ok(None);
+    }
+    Ok(Some((sys::reopen(&fd, flags)?, st)))
+}
+
 /// Every regular file of the volume (the volume's own files and stale temporaries aside).
 pub fn volume_files(root: &Path) -> Result<Vec<PathBuf>> {
-    Ok(regular_files(root)?.into_iter().filter(|p| !is_temporary(p)).collect())
+    Tree::open(root)?.files()
 }
 
 /// Remove temporaries a killed re-encryption left (their originals are intact).
 pub fn remove_stale_temporaries(root: &Path) -> Result<u64> {
     let mut n = 0;
-    for p in regular_files(root)?.into_iter().filter(|p| is_temporary(p)) {
-        fs::remove_file(&p).map_err(|e| Error::io(e, format!("removing stale temporary {}", p.display())))?;
-        n += 1;
-    }
-    Ok(n)
-}
-
-fn is_temporary(p: &Path) -> bool {
-    p.file_name().is_some_and(|n| n.as_encoded_bytes().ends_with(TMP_SUFFIX.as_bytes()))
-}
-
-/// All regular files below `root`, sorted, except the volume's own files in the root.
-fn regular_files(root: &Path) -> Result<Vec<PathBuf>> {
-    fn walk(dir: &Path, is_root: bool, out: &mut Vec<PathBuf>) -> Result<()> {
-        for e in fs::read_dir(dir).map_err(|e| Error::io(e, format!("listing {}", dir.display())))? {
-            let e = e.map_err(|e| Error::io(e, format!("listing {}", dir.display())))?;
-            let name = e.file_name();
-            if is_root && RESERVED.iter().any(|r| std::ffi::OsStr::new(r) == name) {
-                continue;
-            }
-            let ft = e.file_type().map_err(|e| Error::io(e, "readdir"))?;
-            if ft.is_dir() {
-                walk(&e.path(), false, out)?;
-            } else if ft.is_file() {
-                out.push(e.path());
+    let mut err = None;
+    Tree::open(root)?.walk(&mut |e| {
+        if err.is_some() || !is_temporary(e.path) {
+            return;
+        }
+        // unlinkat never follows a symlink; only a regular file is removed.
+        let regular = sys::fstatat_nofollow(e.dir, e.name).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG);
+        if regular {
+            match sys::unlinkat(e.dir, e.name, 0) {
+                Ok(()) => n += 1,
+                Err(x) => err = Some(x.context(format!("removing stale temporary {}", e.path.display()))),
             }
         }
-        Ok(())
-    }
-    let mut out = Vec::new();
-    walk(root, true, &mut out)?;
-    out.sort();
-    Ok(out)
+    })?;
+    err.map_or(Ok(n), Err)
+}
+
+/// A re-encryption's temporary (by name).
+pub fn is_temporary(p: &Path) -> bool {
+    p.file_name().is_some_and(|n| n.as_encoded_bytes().ends_with(TMP_SUFFIX.as_bytes()))
 }
 
 /// Run `mode` over `files` with `jobs` threads; `progress` is told after each file.
 pub fn run(vol: &Volume, mode: Mode, files: Vec<PathBuf>, jobs: usize, progress: &(dyn Fn(&Path) + Sync)) -> Summary {
+    let tree = match Tree::open(&vol.root) {
+        Ok(t) => t,
+        Err(e) => return Summary { failed: vec![(vol.root.clone(), e)], ..Summary::default() },
+    };
     let queue = Mutex::new(files.into_iter());
     let summary = Mutex::new(Summary::default());
     std::thread::scope(|s| {
@@ -84,8 +202,8 @@ pub fn run(vol: &Volume, mode: Mode, files: Vec<PathBuf>, jobs: usize, progress:
             s.spawn(|| loop {
                 let Some(path) = queue.lock().unwrap().next() else { break };
                 let res = match mode {
-                    Mode::Rewrap => rewrap_file(vol, &path),
-                    Mode::Reencrypt => reencrypt_file(vol, &path),
+                    Mode::Rewrap => rewrap_file(vol, &tree, &path),
+                    Mode::Reencrypt => reencrypt_file(vol, &tree, &path),
                 };
                 let mut sum = summary.lock().unwrap();
                 match res {
@@ -110,16 +228,14 @@ fn describe(path: &Path) -> impl Fn() -> String + '_ {
 /// Re-wrap one header under the current KEK version. Writes the older slot (generation + 1)
 /// and fsyncs, then the other (generation + 2) and fsyncs: at every instant one slot that
 /// verifies holds the DEK. Returns whether anything changed.
-pub fn rewrap_file(vol: &Volume, path: &Path) -> Result<bool> {
+pub fn rewrap_file(vol: &Volume, tree: &Tree, path: &Path) -> Result<bool> {
     let ctx_err = |e: Error| e.context(path.display());
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-        .map_err(|e| Error::io(e, format!("opening {}", path.display())))?;
+    let (dir, name) = tree.resolve(path).map_err(ctx_err)?;
+    let (f, st) = open_regular(dir.as_raw_fd(), &name, libc::O_RDWR)
+        .map_err(|e| e.context(format!("opening {}", path.display())))?
+        .ok_or_else(|| ctx_err(not_regular()))?;
     let geo = vol.geometry;
-    if f.metadata().map_err(|e| Error::io(e, "fstat"))?.len() == 0 {
+    if st.st_size == 0 {
         return Ok(false); // no header yet: it will be made under the current KEK
     }
     let mut region = vec![0u8; geo.header_size as usize];
@@ -164,13 +280,13 @@ pub fn rewrap_file(vol: &Volume, path: &Path) -> Result<bool> {
 /// Give one file a new file id and DEK and rewrite its content: a temporary beside it,
 /// fsync, rename over the original, fsync the directory. A crash leaves the old file or
 /// the new one, never neither. Hard-linked files are refused (a rename would split them).
-pub fn reencrypt_file(vol: &Volume, path: &Path) -> Result<bool> {
+pub fn reencrypt_file(vol: &Volume, tree: &Tree, path: &Path) -> Result<bool> {
     let ctx_err = |e: Error| e.context(path.display());
-    let old = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-        .map_err(|e| Error::io(e, format!("opening {}", path.display())))?;
+    let (dir, name) = tree.resolve(path).map_err(ctx_err)?;
+    let dir = dir.as_raw_fd();
+    let (old, old_st) = open_regular(dir, &name, libc::O_RDONLY)
+        .map_err(|e| e.context(format!("opening {}", path.display())))?
+        .ok_or_else(|| ctx_err(not_regular()))?;
     let meta = old.metadata().map_err(|e| Error::io(e, "fstat"))?;
     if meta.len() == 0 {
         return Ok(false);
@@ -185,16 +301,16 @@ pub fn reencrypt_file(vol: &Volume, path: &Path) -> Result<bool> {
     let src = Content { file: &old, geo, key: Some(&opened.key) };
     let size = src.size().map_err(ctx_err)?;
 
-    let name = path.file_name().ok_or_else(|| Error::new(libc::EINVAL, "no file name"))?;
-    let tmp = path.with_file_name(format!(".{}{TMP_SUFFIX}", name.to_string_lossy()));
-    let new = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&tmp)
-        .map_err(|e| ctx_err(Error::io(e, format!("creating {}", tmp.display()))))?;
+    let mut tmp_name = b".".to_vec();
+    tmp_name.extend_from_slice(name.to_bytes());
+    tmp_name.extend_from_slice(TMP_SUFFIX.as_bytes());
+    let tmp = sys::cstr(OsStr::from_bytes(&tmp_name))?;
+    let tmp_path = path.with_file_name(OsStr::from_bytes(&tmp_name));
+    let flags = libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW;
+    let new = File::from(
+        sys::openat(dir, &tmp, flags, 0o600)
+            .map_err(|e| ctx_err(e.context(format!("creating {}", tmp_path.display()))))?,
+    );
     let result = (|| -> Result<()> {
         let (new_region, new_key) = vol.new_header(&describe(path))?;
         new.write_all_at(&new_region, 0).map_err(|e| Error::io(e, "writing header"))?;
@@ -203,46 +319,77 @@ pub fn reencrypt_file(vol: &Volume, path: &Path) -> Result<bool> {
         let mut off = 0;
         while off < size {
             let data = src.read(off, CHUNK.min(size - off) as usize)?;
-            // Write runs of blocks with content; all-zero blocks stay holes.
+            // Every block that was sealed is sealed again, zero blocks included: a hole would
+            // show which blocks are zero and leave them unauthenticated. Only blocks stored as
+            // holes (never written: the write path leaves them so too) stay holes.
             let bs = geo.block_size as usize;
+            let holes = stored_holes(&old, geo, off / bs as u64, data.len().div_ceil(bs), size)?;
             let mut run_start = None;
-            for (i, block) in data.chunks(bs).enumerate() {
-                let zero = block.iter().all(|&b| b == 0);
-                match (zero, run_start) {
+            for (i, &hole) in holes.iter().enumerate() {
+                match (hole, run_start) {
                     (false, None) => run_start = Some(i),
-                    (true, Some(st)) => {
-                        dst.write(off + (st * bs) as u64, &data[st * bs..i * bs])?;
+                    (true, Some(first)) => {
+                        dst.write(off + (first * bs) as u64, &data[first * bs..i * bs])?;
                         run_start = None;
                     }
                     _ => {}
                 }
             }
-            if let Some(st) = run_start {
-                dst.write(off + (st * bs) as u64, &data[st * bs..])?;
+            if let Some(first) = run_start {
+                dst.write(off + (first * bs) as u64, &data[first * bs..])?;
             }
             off += CHUNK;
         }
         dst.truncate(size)?;
         copy_metadata(&old, &new, &meta)?;
         new.sync_all().map_err(|e| Error::io(e, "fsync"))?;
-        fs::rename(&tmp, path).map_err(|e| Error::io(e, "renaming over the original"))?;
-        if let Some(dir) = path.parent() {
-            File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(e, "fsync of the directory"))?;
+        // The name must still be the file that was read (a swap inside the volume is
+        // refused rather than overwritten); the rename never leaves this directory.
+        let now = sys::fstatat_nofollow(dir, &name)?;
+        if (now.st_dev, now.st_ino) != (old_st.st_dev, old_st.st_ino) {
+            return Err(Error::new(libc::EAGAIN, "was replaced while being re-encrypted; run rekey again"));
+        }
+        sys::renameat2(dir, &tmp, dir, &name, 0).map_err(|e| e.context("renaming over the original"))?;
+        // SAFETY: `dir` is an open directory descriptor owned by this function's caller frame.
+        if unsafe { libc::fsync(dir) } != 0 {
+            return Err(crate::error::last_os("fsync of the directory"));
         }
         let rec = &opened.header.records[0];
         vol.audit("reencrypt", &opened.header.file_id, &describe(path), rec, Ok(()));
         Ok(())
     })();
     if let Err(e) = result {
-        let _ = fs::remove_file(&tmp);
+        let _ = sys::unlinkat(dir, &tmp, 0);
         return Err(ctx_err(e));
     }
     Ok(true)
 }
 
+/// For blocks `first..first + n` of `f` (a file of `size` plaintext bytes): which are
+/// stored as holes (all-zero stored bytes).
+fn stored_holes(f: &File, geo: Geometry, first: u64, n: usize, size: u64) -> Result<Vec<bool>> {
+    let last = first + n as u64 - 1;
+    let start = geo.block_offset(first);
+    let end = geo.block_offset(last) + geo.block_len(last, size) + BLOCK_OVERHEAD;
+    let mut stored = vec![0u8; (end - start) as usize];
+    f.read_exact_at(&mut stored, start).map_err(|e| Error::io(e, format!("reading blocks {first}..={last}")))?;
+    Ok((first..=last)
+        .map(|i| {
+            let at = (geo.block_offset(i) - start) as usize;
+            is_hole(&stored[at..at + (geo.block_len(i, size) + BLOCK_OVERHEAD) as usize])
+        })
+        .collect())
+}
+
+fn not_regular() -> Error {
+    Error::new(libc::EINVAL, "is not a regular file (any more)")
+}
+
 /// Owner, mode, user.* xattrs and times of `from` onto `to`.
 fn copy_metadata(from: &File, to: &File, meta: &fs::Metadata) -> Result<()> {
     let (src, dst) = (from.as_raw_fd(), to.as_raw_fd());
+    // SAFETY: `src` and `dst` are open descriptors of `from` and `to`; every buffer passed
+    // is writable/readable for the length given, and every name is NUL-terminated.
     unsafe {
         if libc::fchown(dst, meta.uid(), meta.gid()) != 0 || libc::fchmod(dst, meta.mode() & 0o7777) != 0 {
             return Err(crate::error::last_os("copying owner and mode"));

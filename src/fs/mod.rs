@@ -4,7 +4,7 @@
 //! Every known inode holds an O_PATH descriptor of its backing object, so renames and hard
 //! links need no path bookkeeping and nothing ever follows a symlink in the backing tree.
 
-mod sys;
+pub(crate) mod sys;
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -211,6 +211,7 @@ impl EncryptedFs {
     /// Serve `vol`. Sets the process umask to 0: modes arrive from the kernel already
     /// masked by the caller's umask and must reach the backing store unchanged.
     pub fn new(vol: Arc<Volume>) -> Result<Self> {
+        // SAFETY: umask only sets the process file-mode mask; it cannot fail.
         unsafe { libc::umask(0) };
         let root = sys::cstr(vol.root.as_os_str())?;
         let fd = sys::openat(libc::AT_FDCWD, &root, libc::O_PATH | libc::O_DIRECTORY, 0)
@@ -376,31 +377,34 @@ impl EncryptedFs {
         Ok((caller.uid, gid))
     }
 
-    /// After `make` created `name` in `parent` as root, hand it to the caller and look it up.
-    fn finish_new(&self, parent: &Inode, name: &OsStr, caller: Caller, mode: u32) -> Result<Attr> {
-        let c = sys::cstr(name)?;
-        let fd = sys::open_path(parent.raw(), &c)?;
-        let (uid, gid) = self.owner_for(parent, caller)?;
-        sys::fchown_fd(fd.as_raw_fd(), uid, gid)?;
+    /// Look up what `make` just created as the caller (see `sys::FsIds`). Nothing is
+    /// chowned or chmodded by name: an object swapped into the name in between keeps its
+    /// owner and mode, and is refused unless it is of the kind made and the caller's.
+    fn finish_new(&self, parent: &Inode, name: &OsStr, caller: Caller, kind: u32) -> Result<Attr> {
+        let fd = sys::open_path(parent.raw(), &sys::cstr(name)?)?;
         let st = sys::fstat(fd.as_raw_fd())?;
-        // chown clears set-id bits of executables even for root: put them back.
-        if st.st_mode & libc::S_IFMT != libc::S_IFLNK && st.st_mode & 0o7777 != mode & 0o7777 {
-            sys::chmod_fd(fd.as_raw_fd(), mode & 0o7777)?;
+        if st.st_mode & libc::S_IFMT != kind || st.st_uid != caller.uid {
+            return Err(Error::new(libc::EAGAIN, format!("{name:?} was replaced while it was being created")));
         }
-        let st = sys::fstat(fd.as_raw_fd())?;
         let inode = self.intern(fd, &st);
         Ok(self.attr_of(inode.ino, &st))
+    }
+
+    /// Make an object with this thread's filesystem ids set to the caller's: it is theirs
+    /// from the moment it exists (group and set-gid directories by the kernel's rule for a
+    /// set-gid parent, set-id bits as asked).
+    fn make_as(caller: Caller, make: impl FnOnce() -> Result<()>) -> Result<()> {
+        let _ids = sys::FsIds::switch(caller.uid, caller.gid)?;
+        make()
     }
 
     pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, umask: u32, caller: Caller) -> Result<Attr> {
         self.check_name(parent, name)?;
         let p = self.inode(parent)?;
         let mode = mode & !umask & 0o7777;
-        sys::mkdirat(p.raw(), &sys::cstr(name)?, mode)?;
-        // A set-gid parent makes the new directory set-gid too.
-        let pst = sys::fstat(p.raw())?;
-        let mode = if pst.st_mode & libc::S_ISGID != 0 { mode | libc::S_ISGID } else { mode };
-        self.finish_new(&p, name, caller, mode)
+        let c = sys::cstr(name)?;
+        Self::make_as(caller, || sys::mkdirat(p.raw(), &c, mode))?;
+        self.finish_new(&p, name, caller, libc::S_IFDIR)
     }
 
     /// Regular files, fifos, sockets and device nodes. A regular file starts empty, with
@@ -409,15 +413,17 @@ impl EncryptedFs {
         self.check_name(parent, name)?;
         let p = self.inode(parent)?;
         let perm = mode & !umask & 0o7777;
-        sys::mknodat(p.raw(), &sys::cstr(name)?, (mode & libc::S_IFMT) | perm, rdev as u64)?;
-        self.finish_new(&p, name, caller, perm)
+        let c = sys::cstr(name)?;
+        Self::make_as(caller, || sys::mknodat(p.raw(), &c, (mode & libc::S_IFMT) | perm, rdev as u64))?;
+        self.finish_new(&p, name, caller, mode & libc::S_IFMT)
     }
 
     pub fn symlink(&self, parent: u64, name: &OsStr, target: &OsStr, caller: Caller) -> Result<Attr> {
         self.check_name(parent, name)?;
         let p = self.inode(parent)?;
-        sys::symlinkat(&sys::cstr(target)?, p.raw(), &sys::cstr(name)?)?;
-        self.finish_new(&p, name, caller, 0o777)
+        let (t, c) = (sys::cstr(target)?, sys::cstr(name)?);
+        Self::make_as(caller, || sys::symlinkat(&t, p.raw(), &c))?;
+        self.finish_new(&p, name, caller, libc::S_IFLNK)
     }
 
     pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
@@ -633,10 +639,21 @@ impl EncryptedFs {
         let perm = mode & !umask & 0o7777;
         match sys::openat(p.raw(), &c, libc::O_CREAT | libc::O_EXCL | libc::O_RDWR | libc::O_NOFOLLOW, perm) {
             Ok(fd) => {
-                let attr = self.finish_new(&p, name, caller, perm)?;
+                // Owner and mode go to the descriptor just created, never to whatever the
+                // name holds by now.
+                let (uid, gid) = self.owner_for(&p, caller)?;
+                sys::fchown_fd(fd.as_raw_fd(), uid, gid)?;
+                let st = sys::fstat(fd.as_raw_fd())?;
+                // chown clears set-id bits of executables even for root: put them back.
+                if st.st_mode & 0o7777 != perm {
+                    sys::fchmod(fd.as_raw_fd(), perm)?;
+                }
+                let st = sys::fstat(fd.as_raw_fd())?;
+                let inode = self.intern(sys::path_handle(fd.as_raw_fd())?, &st);
+                let attr = self.attr_of(inode.ino, &st);
                 // The reply carries a lookup only on success: give it back on failure.
                 let fh = self
-                    .open_inode(self.inode(attr.ino)?, flags & !libc::O_TRUNC, Some(File::from(fd)), caller)
+                    .open_inode(inode, flags & !libc::O_TRUNC, Some(File::from(fd)), caller)
                     .inspect_err(|_| self.forget(attr.ino, 1))?;
                 Ok((attr, fh))
             }

@@ -20,8 +20,10 @@ pub fn proc_path(fd: RawFd) -> CString {
 }
 
 pub fn openat(dir: RawFd, name: &CStr, flags: i32, mode: u32) -> Result<OwnedFd> {
+    // SAFETY: `name` is a NUL-terminated string that outlives the call.
     let fd = unsafe { libc::openat(dir, name.as_ptr(), flags | libc::O_CLOEXEC, mode as libc::c_uint) };
     let fd = cvt(fd, || format!("open {:?}", name))?;
+    // SAFETY: `fd` was just returned by openat and is owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
@@ -38,43 +40,61 @@ pub fn reopen(fd: &OwnedFd, flags: i32) -> Result<File> {
 }
 
 pub fn fstat(fd: RawFd) -> Result<libc::stat> {
+    // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     cvt(
+        // SAFETY: EMPTY is NUL-terminated and `st` is a valid, writable `stat`.
         unsafe { libc::fstatat(fd, EMPTY.as_ptr(), &mut st, libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW) },
         || "fstat".into(),
     )?;
     Ok(st)
 }
 
+/// `fstatat` of `name` in `dir`, not following a final symlink.
+pub fn fstatat_nofollow(dir: RawFd, name: &CStr) -> Result<libc::stat> {
+    // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `name` is NUL-terminated and `st` is a valid, writable `stat`.
+    cvt(unsafe { libc::fstatat(dir, name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) }, || format!("stat {name:?}"))?;
+    Ok(st)
+}
+
 pub fn mkdirat(dir: RawFd, name: &CStr, mode: u32) -> Result<()> {
+    // SAFETY: `name` is NUL-terminated and outlives the call.
     cvt(unsafe { libc::mkdirat(dir, name.as_ptr(), mode) }, || format!("mkdir {name:?}")).map(drop)
 }
 
 pub fn mknodat(dir: RawFd, name: &CStr, mode: u32, rdev: u64) -> Result<()> {
+    // SAFETY: `name` is NUL-terminated and outlives the call.
     cvt(unsafe { libc::mknodat(dir, name.as_ptr(), mode, rdev) }, || format!("mknod {name:?}")).map(drop)
 }
 
 pub fn symlinkat(target: &CStr, dir: RawFd, name: &CStr) -> Result<()> {
+    // SAFETY: `target` and `name` are NUL-terminated and outlive the call.
     cvt(unsafe { libc::symlinkat(target.as_ptr(), dir, name.as_ptr()) }, || format!("symlink {name:?}")).map(drop)
 }
 
 pub fn unlinkat(dir: RawFd, name: &CStr, flags: i32) -> Result<()> {
+    // SAFETY: `name` is NUL-terminated and outlives the call.
     cvt(unsafe { libc::unlinkat(dir, name.as_ptr(), flags) }, || format!("unlink {name:?}")).map(drop)
 }
 
 pub fn renameat2(od: RawFd, on: &CStr, nd: RawFd, nn: &CStr, flags: u32) -> Result<()> {
+    // SAFETY: both names are NUL-terminated and outlive the call.
     cvt(unsafe { libc::renameat2(od, on.as_ptr(), nd, nn.as_ptr(), flags) }, || format!("rename {on:?} to {nn:?}"))
         .map(drop)
 }
 
 /// Hard link the object behind an O_PATH handle (needs CAP_DAC_READ_SEARCH: the daemon is root).
 pub fn linkat_fd(fd: RawFd, nd: RawFd, nn: &CStr) -> Result<()> {
+    // SAFETY: EMPTY and `nn` are NUL-terminated and outlive the call.
     cvt(unsafe { libc::linkat(fd, EMPTY.as_ptr(), nd, nn.as_ptr(), libc::AT_EMPTY_PATH) }, || format!("link {nn:?}"))
         .map(drop)
 }
 
 pub fn readlinkat(fd: RawFd) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
+    // SAFETY: `buf` is writable for `buf.len()` bytes; readlinkat writes at most that.
     let n = unsafe { libc::readlinkat(fd, EMPTY.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
     if n < 0 {
         return Err(crate::error::last_os("readlink"));
@@ -83,17 +103,128 @@ pub fn readlinkat(fd: RawFd) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// `capget`/`capset` data, version 3 (two 32-bit words per set).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+const CAP_VERSION_3: u32 = 0x2008_0522;
+
+fn thread_caps() -> Result<[CapData; 2]> {
+    let mut hdr = CapHeader { version: CAP_VERSION_3, pid: 0 };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: capget(2) with a version-3 header (pid 0: this thread) writes two CapData
+    // records, which `data` provides.
+    let r = unsafe { libc::syscall(libc::SYS_capget, &mut hdr as *mut CapHeader, data.as_mut_ptr()) };
+    if r != 0 {
+        return Err(crate::error::last_os("capget"));
+    }
+    Ok(data)
+}
+
+fn set_thread_caps(data: &[CapData; 2]) -> Result<()> {
+    let mut hdr = CapHeader { version: CAP_VERSION_3, pid: 0 };
+    // SAFETY: capset(2) with a version-3 header (pid 0: this thread) reads two CapData
+    // records from `data`.
+    let r = unsafe { libc::syscall(libc::SYS_capset, &mut hdr as *mut CapHeader, data.as_ptr()) };
+    if r != 0 {
+        return Err(crate::error::last_os("capset"));
+    }
+    Ok(())
+}
+
+/// This thread's filesystem ids as another user's, for as long as the guard lives: an
+/// object the thread creates meanwhile is owned by that user (group: `gid`, or the
+/// parent's for a set-gid parent, by the kernel's own rule) from the moment it exists, so
+/// nothing can be swapped into its name before it is handed over. On Linux `setfsuid` and
+/// `setfsgid` act on the calling thread only, so other FUSE worker threads are unaffected.
+///
+/// Changing the fsuid away from 0 drops the filesystem capabilities from the effective set;
+/// they are raised again (as they were), so the backing store checks nothing the kernel has
+/// not already checked on the mount with the caller's full credentials (supplementary
+/// groups included, which the daemon does not know), and set-id bits are kept as asked.
+pub struct FsIds {
+    saved: Option<(u32, u32, [CapData; 2])>,
+}
+
+impl FsIds {
+    pub fn switch(uid: u32, gid: u32) -> Result<Self> {
+        // SAFETY: setfsuid/setfsgid with -1 (an invalid id) change nothing and return the
+        // current value.
+        let (cur_uid, cur_gid) = unsafe { (libc::setfsuid(u32::MAX) as u32, libc::setfsgid(u32::MAX) as u32) };
+        if (cur_uid, cur_gid) == (uid, gid) {
+            return Ok(Self { saved: None });
+        }
+        let caps = thread_caps()?;
+        let guard = Self { saved: Some((cur_uid, cur_gid, caps)) };
+        // Group first: while the fsuid is still ours the change is allowed.
+        // SAFETY: plain syscalls on this thread's credentials; the guard restores them.
+        let ok = unsafe {
+            libc::setfsgid(gid);
+            libc::setfsuid(uid);
+            (libc::setfsuid(u32::MAX) as u32, libc::setfsgid(u32::MAX) as u32) == (uid, gid)
+        };
+        if !ok {
+            return Err(Error::new(libc::EPERM, format!("cannot create as uid {uid} gid {gid}")));
+        }
+        set_thread_caps(&caps)?;
+        Ok(guard)
+    }
+}
+
+impl Drop for FsIds {
+    fn drop(&mut self) {
+        if let Some((uid, gid, caps)) = self.saved.take() {
+            // SAFETY: restores this thread's own filesystem ids saved by `switch`.
+            let back = unsafe {
+                libc::setfsuid(uid);
+                libc::setfsgid(gid);
+                (libc::setfsuid(u32::MAX) as u32, libc::setfsgid(u32::MAX) as u32) == (uid, gid)
+            };
+            let caps = set_thread_caps(&caps);
+            if !back || caps.is_err() {
+                // A worker left with another user's credentials would act as that user: stop.
+                tracing::error!("restoring this thread's credentials after a create failed: {caps:?}");
+                std::process::abort();
+            }
+        }
+    }
+}
+
+/// A new O_PATH handle on the object behind `fd` (any kind of descriptor).
+pub fn path_handle(fd: RawFd) -> Result<OwnedFd> {
+    openat(libc::AT_FDCWD, &proc_path(fd), libc::O_PATH, 0)
+}
+
 /// chown without following symlinks; `u32::MAX` leaves an id unchanged.
 pub fn fchown_fd(fd: RawFd, uid: u32, gid: u32) -> Result<()> {
     cvt(
+        // SAFETY: EMPTY is NUL-terminated; a plain syscall on a descriptor the caller holds.
         unsafe { libc::fchownat(fd, EMPTY.as_ptr(), uid, gid, libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW) },
         || "chown".into(),
     )
     .map(drop)
 }
 
+/// fchmod of a descriptor opened for I/O (not O_PATH).
+pub fn fchmod(fd: RawFd, mode: u32) -> Result<()> {
+    // SAFETY: a plain syscall on a descriptor the caller owns.
+    cvt(unsafe { libc::fchmod(fd, mode) }, || "fchmod".into()).map(drop)
+}
+
 pub fn chmod_fd(fd: RawFd, mode: u32) -> Result<()> {
     let p = proc_path(fd);
+    // SAFETY: `p` is NUL-terminated and outlives the call.
     cvt(unsafe { libc::fchmodat(libc::AT_FDCWD, p.as_ptr(), mode, 0) }, || "chmod".into()).map(drop)
 }
 
@@ -101,22 +232,27 @@ pub fn chmod_fd(fd: RawFd, mode: u32) -> Result<()> {
 /// AT_EMPTY_PATH on the handle itself.
 pub fn utimens_fd(fd: RawFd, is_symlink: bool, times: &[libc::timespec; 2]) -> Result<()> {
     let r = if is_symlink {
+        // SAFETY: EMPTY is NUL-terminated and `times` points to two timespecs.
         unsafe { libc::utimensat(fd, EMPTY.as_ptr(), times.as_ptr(), libc::AT_EMPTY_PATH) }
     } else {
         let p = proc_path(fd);
+        // SAFETY: `p` is NUL-terminated and `times` points to two timespecs.
         unsafe { libc::utimensat(libc::AT_FDCWD, p.as_ptr(), times.as_ptr(), 0) }
     };
     cvt(r, || "utimensat".into()).map(drop)
 }
 
 pub fn fstatvfs(fd: RawFd) -> Result<libc::statvfs> {
+    // SAFETY: an all-zero `statvfs` is a valid value of this plain C struct.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a valid, writable `statvfs`.
     cvt(unsafe { libc::fstatvfs(fd, &mut st) }, || "statvfs".into())?;
     Ok(st)
 }
 
 pub fn setxattr(fd: RawFd, name: &CStr, value: &[u8], flags: i32) -> Result<()> {
     let p = proc_path(fd);
+    // SAFETY: `p` and `name` are NUL-terminated; `value` is readable for its length.
     cvt(unsafe { libc::setxattr(p.as_ptr(), name.as_ptr(), value.as_ptr().cast(), value.len(), flags) }, || {
         format!("setxattr {name:?}")
     })
@@ -127,6 +263,7 @@ pub fn setxattr(fd: RawFd, name: &CStr, value: &[u8], flags: i32) -> Result<()> 
 pub fn getxattr(fd: RawFd, name: &CStr, size: usize) -> Result<Vec<u8>> {
     let p = proc_path(fd);
     let mut buf = vec![0u8; size];
+    // SAFETY: `p` and `name` are NUL-terminated; `buf` is writable for `size` bytes.
     let n = unsafe { libc::getxattr(p.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), size) };
     if n < 0 {
         return Err(crate::error::last_os(format!("getxattr {name:?}")));
@@ -140,11 +277,13 @@ pub fn getxattr(fd: RawFd, name: &CStr, size: usize) -> Result<Vec<u8>> {
 
 pub fn listxattr(fd: RawFd) -> Result<Vec<u8>> {
     let p = proc_path(fd);
+    // SAFETY: `p` is NUL-terminated; a null buffer of size 0 only asks for the length.
     let n = unsafe { libc::listxattr(p.as_ptr(), std::ptr::null_mut(), 0) };
     if n < 0 {
         return Err(crate::error::last_os("listxattr"));
     }
     let mut buf = vec![0u8; n as usize];
+    // SAFETY: `p` is NUL-terminated; `buf` is writable for its length.
     let n = unsafe { libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
     if n < 0 {
         return Err(crate::error::last_os("listxattr"));
@@ -155,6 +294,7 @@ pub fn listxattr(fd: RawFd) -> Result<Vec<u8>> {
 
 pub fn removexattr(fd: RawFd, name: &CStr) -> Result<()> {
     let p = proc_path(fd);
+    // SAFETY: `p` and `name` are NUL-terminated and outlive the call.
     cvt(unsafe { libc::removexattr(p.as_ptr(), name.as_ptr()) }, || format!("removexattr {name:?}")).map(drop)
 }
 

@@ -155,16 +155,23 @@ fn context(module: &Path) -> Result<Pkcs11> {
     Ok(ctx)
 }
 
+/// EACCES for a key that is missing, refused or does not authenticate; EIO for everything
+/// else, token faults (CKR_GENERAL_ERROR, CKR_DEVICE_ERROR…) included: those say nothing
+/// about the key, and "key missing" would send the admin looking in the wrong place. (An
+/// unwrap that fails with CKR_GENERAL_ERROR is told apart in `unwrap`.)
 fn ck(e: CkError, what: impl std::fmt::Display) -> Error {
     let errno = match &e {
         CkError::Pkcs11(rv, _) => match rv {
             RvError::PinIncorrect | RvError::PinLocked | RvError::PinExpired | RvError::UserNotLoggedIn => libc::EACCES,
             RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid | RvError::KeyFunctionNotPermitted => libc::EACCES,
-            RvError::EncryptedDataInvalid | RvError::EncryptedDataLenRange | RvError::GeneralError => libc::EACCES,
+            RvError::EncryptedDataInvalid | RvError::EncryptedDataLenRange => libc::EACCES,
             _ => libc::EIO,
         },
         _ => libc::EIO,
     };
+    if errno == libc::EIO && matches!(e, CkError::Pkcs11(..)) {
+        return Error::new(errno, format!("PKCS#11 token failed during {what}: {e}"));
+    }
     Error::new(errno, format!("PKCS#11 {what}: {e}"))
 }
 
@@ -427,6 +434,28 @@ impl Pkcs11Provider {
     }
 }
 
+impl Pkcs11Provider {
+    /// Seal and open a random value under key `h`: Ok when the token and the key work.
+    fn probe(&self, h: ObjectHandle) -> Result<()> {
+        let aad = b"envelopefs pkcs11 probe v1".to_vec();
+        let mut iv = [0u8; NONCE_LEN];
+        let mut value = Zeroizing::new([0u8; KEY_LEN]);
+        fill_random(&mut iv)?;
+        fill_random(&mut value[..])?;
+        let back = self.with_session("a test round trip", |s| {
+            let mut iv1 = iv;
+            let ct = s.encrypt(&Mechanism::AesGcm(GcmParams::new(&mut iv1, &aad, 128.into())?), h, &value[..])?;
+            let mut iv2 = iv;
+            s.decrypt(&Mechanism::AesGcm(GcmParams::new(&mut iv2, &aad, 128.into())?), h, &ct)
+        })?;
+        let back = Zeroizing::new(back);
+        if back[..] != value[..] {
+            return Err(Error::new(libc::EIO, "PKCS#11 token failed: a test round trip returned other bytes"));
+        }
+        Ok(())
+    }
+}
+
 fn describe_uri(uri: &Pkcs11Uri) -> String {
     uri.token.clone().or_else(|| uri.serial.clone()).unwrap_or_else(|| "(first token)".into())
 }
@@ -483,18 +512,36 @@ impl KeyProvider for Pkcs11Provider {
         }
         let h = self.handle_for(&record.kek_id, record.kek_version)?;
         let aad = self.aad(ctx, record.kek_version);
+        let label = self.label(record.kek_version);
         let plain = self
             .with_session("unwrapping a data key", |s| {
                 let mut iv: [u8; NONCE_LEN] = record.wrapped[..NONCE_LEN].try_into().unwrap();
                 let params = GcmParams::new(&mut iv, &aad, 128.into())?;
-                s.decrypt(&Mechanism::AesGcm(params), h, &record.wrapped[NONCE_LEN..])
+                match s.decrypt(&Mechanism::AesGcm(params), h, &record.wrapped[NONCE_LEN..]) {
+                    Err(CkError::Pkcs11(RvError::GeneralError, _)) => Ok(None),
+                    r => r.map(Some),
+                }
             })
-            .map_err(|e| {
-                e.context(format!(
-                    "key {:?} (does the wrapped key belong to this file?)",
-                    self.label(record.kek_version)
-                ))
-            })?;
+            .map_err(|e| e.context(format!("key {label:?} (does the wrapped key belong to this file?)")))?;
+        // CKR_GENERAL_ERROR on the decrypt of a record of the right length is ambiguous:
+        // SoftHSM2 (and other tokens) answer it for a GCM tag that does not verify, that is
+        // for a wrapped key that is tampered or belongs to another file, but it is also what
+        // a failing token says. A round trip under the same key tells them apart: if the
+        // token seals and opens a probe fine, the record does not authenticate (EACCES, as
+        // for the other providers); if not, the token is at fault (EIO).
+        let Some(plain) = plain else {
+            return Err(match self.probe(h) {
+                Ok(()) => Error::access(format!(
+                    "PKCS#11 key {label:?}: the wrapped key does not authenticate (tampered, or from another \
+                     file or volume); the token works (it answered CKR_GENERAL_ERROR, and a test round trip \
+                     under the same key succeeded)"
+                )),
+                Err(e) => e.context(format!(
+                    "PKCS#11 token failed: unwrapping under key {label:?} answered CKR_GENERAL_ERROR and a test \
+                     round trip under the same key failed too"
+                )),
+            });
+        };
         let plain = Zeroizing::new(plain);
         Dek::from_slice(&plain)
     }
@@ -578,6 +625,19 @@ impl KeyProvider for Pkcs11Provider {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_faults_are_eio_not_a_missing_key() {
+        let fault = |rv| ck(CkError::Pkcs11(rv, cryptoki::context::Function::Encrypt), "wrapping a data key");
+        for rv in [RvError::GeneralError, RvError::DeviceError, RvError::DeviceMemory, RvError::FunctionFailed] {
+            let e = fault(rv);
+            assert_eq!(e.errno(), libc::EIO, "{rv:?}");
+            assert!(e.to_string().contains("token failed"), "{e}");
+        }
+        for rv in [RvError::EncryptedDataInvalid, RvError::KeyHandleInvalid, RvError::PinIncorrect] {
+            assert_eq!(fault(rv).errno(), libc::EACCES, "{rv:?}");
+        }
+    }
 
     #[test]
     fn uris_parse_and_print_without_secrets() {

@@ -1,0 +1,399 @@
+//! Attacks from the backing directory: it is untrusted storage (a sync service, an NFS
+//! server can write it), and the attacker waits for the admin to run `mount`, `fsck`,
+//! `rekey`. Each test plays the attack against the real binary and checks that it fails.
+
+mod common;
+
+use std::ffi::CString;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{cli, pattern, TestVolume};
+
+const HEADER: u64 = 4096;
+const STORED: u64 = 4096 + 28;
+
+fn cstr(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).unwrap()
+}
+
+/// Swaps two names atomically (RENAME_EXCHANGE) in a loop until dropped.
+struct Swapper {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl Swapper {
+    fn start(a: &Path, b: &Path) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (a, b, s) = (cstr(a), cstr(b), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut swaps = 0;
+            while !s.load(Ordering::Relaxed) {
+                // SAFETY: both are valid NUL-terminated paths that outlive the call.
+                let r = unsafe {
+                    libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_EXCHANGE)
+                };
+                swaps += u64::from(r == 0);
+            }
+            swaps
+        });
+        Self { stop, thread: Some(thread) }
+    }
+
+    /// Stop swapping; returns how many swaps were made.
+    fn stop(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for Swapper {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `d` is a directory of the volume and `d_link` a symlink to `outside`; the attacker
+/// keeps exchanging the two names while the admin's tool runs.
+fn swapped_dir(v: &TestVolume) -> (PathBuf, Swapper) {
+    let outside = v.dir.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    fs::create_dir(v.backing.join("d")).unwrap();
+    std::os::unix::fs::symlink(&outside, v.backing.join("d_link")).unwrap();
+    let s = Swapper::start(&v.backing.join("d"), &v.backing.join("d_link"));
+    (outside, s)
+}
+
+fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// Item: path races in the offline tools. `fsck --repair` cuts a torn last block with no
+/// key needed; a directory swapped for a symlink between the listing and the repair once
+/// made it cut a file outside the volume.
+#[test]
+fn fsck_repair_through_a_swapped_directory_leaves_outside_files_alone() {
+    let v = TestVolume::new(4096);
+    let (outside, swapper) = swapped_dir(&v);
+    // A file with a torn trailing fragment (10 bytes after the header): what repair cuts.
+    let torn = pattern(1, HEADER as usize + 10);
+    fs::write(outside.join("f"), &torn).unwrap();
+    fs::write(v.backing.join("d/f"), &torn).unwrap();
+    let start = Instant::now();
+    let mut runs = 0;
+    while runs < 200 && start.elapsed() < Duration::from_secs(20) {
+        runs += 1;
+        let out = cli(&[&"fsck", &"--repair", &"--key-file", &v.key, &v.backing]);
+        assert!(out.status.code().is_some(), "fsck crashed: {}", text(&out));
+        assert!(
+            fs::read(outside.join("f")).unwrap() == torn,
+            "fsck --repair cut a file outside the volume (run {runs})"
+        );
+        // Give the inside file its torn fragment back, wherever the swap left it.
+        for d in ["d", "d_link"] {
+            let p = v.backing.join(d).join("f");
+            if fs::symlink_metadata(v.backing.join(d)).is_ok_and(|m| m.is_dir()) {
+                let _ = fs::write(p, &torn);
+            }
+        }
+    }
+    assert!(swapper.stop() > 1000, "the attacker did not get to swap");
+    assert!(fs::read(outside.join("f")).unwrap() == torn);
+}
+
+/// The same race against `rekey --reencrypt`, which reads a file, writes a temporary beside
+/// it and renames it over the original: through a swapped directory that replaced a file
+/// outside the volume (here a copy of one of the volume's envelopes, so it decrypts).
+#[test]
+fn reencrypt_through_a_swapped_directory_leaves_outside_files_alone() {
+    let v = TestVolume::new(4096);
+    {
+        let m = v.mount(&[]);
+        fs::write(m.path("seed"), pattern(2, 3 * 4096 + 5)).unwrap();
+        m.unmount();
+    }
+    let (outside, swapper) = swapped_dir(&v);
+    let envelope = fs::read(v.backing.join("seed")).unwrap();
+    fs::write(outside.join("f"), &envelope).unwrap();
+    fs::rename(v.backing.join("seed"), v.backing.join("d/f")).unwrap_or_else(|_| {
+        fs::write(v.backing.join("d_link/f"), &envelope).unwrap();
+    });
+    let start = Instant::now();
+    let mut runs = 0;
+    while runs < 100 && start.elapsed() < Duration::from_secs(30) {
+        runs += 1;
+        let out = cli(&[&"rekey", &"--reencrypt", &"--key-file", &v.key, &v.backing]);
+        assert!(out.status.code().is_some(), "rekey crashed: {}", text(&out));
+        let names: Vec<_> = fs::read_dir(&outside).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, ["f"], "rekey --reencrypt wrote into a directory outside the volume (run {runs})");
+        assert!(
+            fs::read(outside.join("f")).unwrap() == envelope,
+            "rekey --reencrypt replaced a file outside the volume (run {runs})"
+        );
+    }
+    assert!(swapper.stop() > 1000, "the attacker did not get to swap");
+}
+
+/// Item: re-encryption leaves written all-zero blocks as holes (revealing which blocks are
+/// zero, and leaving them unauthenticated). After the fix every block that was sealed is
+/// sealed again; never-written regions stay holes, as the normal write path leaves them.
+#[test]
+fn reencrypt_seals_zero_blocks() {
+    let v = TestVolume::new(4096);
+    let mut data = pattern(3, 3 * 4096);
+    data[4096..8192].fill(0);
+    {
+        let m = v.mount(&[]);
+        fs::write(m.path("zeros"), &data).unwrap();
+        // Grown by truncate: never written, a hole in the normal write path too.
+        fs::File::create(m.path("sparse")).unwrap().set_len(2 * 4096).unwrap();
+        m.unmount();
+    }
+    let block = |name: &str, i: u64| {
+        let mut b = vec![0u8; STORED as usize];
+        fs::File::open(v.backing.join(name)).unwrap().read_exact_at(&mut b, HEADER + i * STORED).unwrap();
+        b
+    };
+    assert!(block("zeros", 1).iter().any(|&b| b != 0), "the write path seals written zeros");
+    let out = cli(&[&"rekey", &"--reencrypt", &"--key-file", &v.key, &v.backing]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("2 files changed"), "{}", text(&out));
+    assert!(block("zeros", 1).iter().any(|&b| b != 0), "re-encryption left a written zero block as a hole");
+    assert!(block("sparse", 0).iter().all(|&b| b == 0), "a never-written block stays a hole");
+    assert!(block("sparse", 1).iter().all(|&b| b == 0), "a never-written block stays a hole");
+
+    let m = v.mount(&[]);
+    assert!(fs::read(m.path("zeros")).unwrap() == data);
+    assert!(fs::read(m.path("sparse")).unwrap() == vec![0u8; 2 * 4096]);
+    drop(m);
+    // Tamper one byte of the re-sealed zero block: reading it fails, it is not zeros.
+    let f = fs::OpenOptions::new().write(true).open(v.backing.join("zeros")).unwrap();
+    let mut b = block("zeros", 1);
+    b[100] ^= 1;
+    f.write_all_at(&b, HEADER + STORED).unwrap();
+    drop(f);
+    let m = v.mount(&[]);
+    let mut buf = vec![0u8; 4096];
+    let e = fs::File::open(m.path("zeros")).unwrap().read_exact_at(&mut buf, 4096).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    let mut first = vec![0u8; 4096];
+    fs::File::open(m.path("zeros")).unwrap().read_exact_at(&mut first, 0).unwrap();
+    assert!(first == data[..4096]);
+}
+
+/// Item: copies of one backing file share its file id and data key; fsck says so.
+#[test]
+fn fsck_reports_files_that_share_a_file_id() {
+    let v = TestVolume::new(4096);
+    {
+        let m = v.mount(&[]);
+        fs::write(m.path("orig"), pattern(4, 5000)).unwrap();
+        fs::write(m.path("other"), pattern(5, 5000)).unwrap();
+        fs::hard_link(m.path("other"), m.path("other-link")).unwrap();
+        m.unmount();
+    }
+    fs::create_dir(v.backing.join("sub")).unwrap();
+    fs::copy(v.backing.join("orig"), v.backing.join("sub/copy")).unwrap();
+    let out = cli(&[&"fsck", &"--key-file", &v.key, &v.backing]);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    let lines: Vec<&str> = t.lines().filter(|l| l.starts_with("PROBLEM")).collect();
+    assert_eq!(lines.len(), 1, "one problem, and hard links are not copies: {t}");
+    let (orig, copy) = (v.backing.join("orig"), v.backing.join("sub/copy"));
+    assert!(
+        lines[0].contains(&*orig.to_string_lossy())
+            && lines[0].contains(&*copy.to_string_lossy())
+            && lines[0].contains("file id"),
+        "{t}"
+    );
+    // What the line advises: the copy gets its own file id and key.
+    let out = cli(&[&"rekey", &"--reencrypt", &"--key-file", &v.key, &v.backing, &copy]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = cli(&[&"fsck", &"--key-file", &v.key, &v.backing]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+/// Item: status sockets are removed when the mount goes away.
+#[test]
+fn status_socket_is_removed_on_unmount() {
+    let v = TestVolume::new(4096);
+    let run = v.dir.path().join("run");
+    // Every test of this binary that mounts sees the same variable; only this one looks.
+    std::env::set_var("ENVELOPEFS_RUNTIME_DIR", &run);
+    let m = v.mount(&[]);
+    let sock = envelopefs::control::socket_path(&m.mnt);
+    assert!(sock.starts_with(&run), "{}", sock.display());
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(start.elapsed() < Duration::from_secs(10), "no status socket at {}", sock.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let st = envelopefs::control::query(&m.mnt).unwrap();
+    assert_eq!(st.pid as i32, m.pid());
+    assert!(m.unmount().success());
+    assert!(fs::symlink_metadata(&sock).is_err(), "status socket {} left after unmount", sock.display());
+}
+
+fn as_nobody(cmd: &str, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
+    let mut c = Command::new("setpriv");
+    // A system PATH: the caller's may lead through directories uid 65534 cannot enter.
+    c.env("PATH", "/usr/local/bin:/usr/bin:/bin").args(["--reuid=65534", "--regid=65534", "--clear-groups", cmd]);
+    for a in args {
+        c.arg(a);
+    }
+    c.output().unwrap()
+}
+
+fn allow_other_volume() -> (TestVolume, common::Mounted) {
+    let v = TestVolume::new(4096);
+    // Let uid 65534 reach the mount point.
+    fs::set_permissions(v.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let m = v.mount(&["--allow-other"]);
+    (v, m)
+}
+
+/// Item: new objects belong to their creator, with set-gid group inheritance and set-id
+/// bits as requested. The daemon creates them with the caller's filesystem ids (or, for
+/// regular files, chowns the descriptor it created), never by name afterwards.
+#[test]
+fn allow_other_creates_are_owned_by_the_caller() {
+    let (v, m) = allow_other_volume();
+    fs::create_dir(m.path("pub")).unwrap();
+    fs::set_permissions(m.path("pub"), fs::Permissions::from_mode(0o777)).unwrap();
+    fs::create_dir(m.path("sg")).unwrap();
+    std::os::unix::fs::chown(m.path("sg"), None, Some(100)).unwrap();
+    fs::set_permissions(m.path("sg"), fs::Permissions::from_mode(0o2777)).unwrap();
+    let code = "import os, sys\n\
+                for d in sys.argv[1:]:\n\
+                \x20   os.close(os.open(d + '/file', os.O_CREAT | os.O_WRONLY, 0o644))\n\
+                \x20   os.close(os.open(d + '/setid', os.O_CREAT | os.O_WRONLY, 0o4755))\n\
+                \x20   os.mkdir(d + '/dir', 0o755)\n\
+                \x20   os.symlink('target', d + '/link')\n\
+                \x20   os.mkfifo(d + '/fifo', 0o644)\n\
+                \x20   os.mknod(d + '/node', 0o644 | 0o100000)\n";
+    let out = as_nobody("python3", &[&"-c", &code, &m.path("pub"), &m.path("sg")]);
+    assert!(out.status.success(), "{}", text(&out));
+    for (dir, gid) in [("pub", 65534), ("sg", 100)] {
+        for name in ["file", "setid", "dir", "link", "fifo", "node"] {
+            let b = fs::symlink_metadata(v.backing.join(dir).join(name)).unwrap();
+            let mnt = fs::symlink_metadata(m.path(&format!("{dir}/{name}"))).unwrap();
+            assert_eq!((b.uid(), b.gid()), (65534, gid), "backing {dir}/{name}");
+            assert_eq!((mnt.uid(), mnt.gid()), (65534, gid), "mounted {dir}/{name}");
+        }
+        let mode = |n: &str| fs::symlink_metadata(v.backing.join(dir).join(n)).unwrap().mode() & 0o7777;
+        assert_eq!(mode("file"), 0o644, "{dir}");
+        assert_eq!(mode("setid"), 0o4755, "{dir}: set-uid bit kept");
+        let dmode = if dir == "sg" { 0o2755 } else { 0o755 };
+        assert_eq!(mode("dir"), dmode, "{dir}: a set-gid parent makes set-gid directories");
+    }
+    // Write access through a supplementary group (which the daemon is never told): the
+    // kernel checked it on the mount, the backing store does not refuse it.
+    fs::create_dir(m.path("grp")).unwrap();
+    std::os::unix::fs::chown(m.path("grp"), None, Some(100)).unwrap();
+    fs::set_permissions(m.path("grp"), fs::Permissions::from_mode(0o770)).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--groups=100", "mkdir"])
+        .arg(m.path("grp/dir"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let b = fs::symlink_metadata(v.backing.join("grp/dir")).unwrap();
+    assert_eq!((b.uid(), b.gid()), (65534, 65534));
+}
+
+/// Item: the creation race itself. The daemon used to create as root, then look the name
+/// up again and chown what it found: an attacker exchanging a root-owned directory into
+/// that name in between got it handed to the creating user. The window is a few syscalls
+/// wide; the attacker below exchanges names non-stop while uid 65534 makes directories.
+#[test]
+fn allow_other_mkdir_race_does_not_give_away_another_directory() {
+    let (v, m) = allow_other_volume();
+    let public = v.backing.join("pub");
+    fs::create_dir(&public).unwrap();
+    fs::set_permissions(&public, fs::Permissions::from_mode(0o777)).unwrap();
+    let victim = public.join("victim");
+    fs::create_dir(&victim).unwrap();
+    fs::write(victim.join("marker"), b"root's").unwrap();
+    let swapper = Swapper::start(&public.join("x"), &victim);
+    // Stops early once the victim (seen in the backing directory) has changed hands.
+    let code = "import os, sys, time\n\
+                end = time.time() + float(sys.argv[3])\n\
+                def given_away():\n\
+                \x20   for n in ('x', 'victim'):\n\
+                \x20       try: fd = os.open(sys.argv[2] + '/' + n, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)\n\
+                \x20       except OSError: continue\n\
+                \x20       try:\n\
+                \x20           if 'marker' in os.listdir(fd) and os.fstat(fd).st_uid != 0: return True\n\
+                \x20       finally: os.close(fd)\n\
+                \x20   return False\n\
+                n = 0\n\
+                while time.time() < end and not given_away():\n\
+                \x20   n += 1\n\
+                \x20   for f in (os.mkdir, os.rmdir):\n\
+                \x20       try: f(sys.argv[1] + '/x')\n\
+                \x20       except OSError: pass\n\
+                print(n, 'attempts')\n";
+    let out = as_nobody("python3", &[&"-c", &code, &m.path("pub"), &public, &"6"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(swapper.stop() > 0, "the attacker did not get to swap");
+    let marked: Vec<_> = ["x", "victim"].iter().map(|n| public.join(n)).filter(|p| p.join("marker").exists()).collect();
+    assert_eq!(marked.len(), 1);
+    let owner = fs::symlink_metadata(&marked[0]).unwrap().uid();
+    assert_eq!(owner, 0, "root's directory was handed to uid 65534 by a create ({})", text(&out).trim());
+    // Before the fix the victim changed hands within a few dozen attempts.
+    let attempts: u64 = text(&out).split_whitespace().next().unwrap().parse().unwrap();
+    assert!(attempts > 1000, "only {attempts} creates were tried");
+    drop(m);
+}
+
+/// Item: PKCS#11 error mapping. SoftHSM2 answers CKR_GENERAL_ERROR (also its word for a
+/// token fault) when a wrapped key's GCM tag does not verify; the provider tells the two
+/// apart with a round trip under the same key. A tampered wrapped key (CRC fixed up, so the
+/// slot decodes) is a key that does not authenticate: EACCES, and the log says so. A token
+/// fault cannot be provoked in SoftHSM2; its mapping to EIO is a unit test in the module.
+#[test]
+fn pkcs11_tampered_wrapped_key_is_eacces_and_says_why() {
+    let pin = common::softhsm_token("spare");
+    let dir = tempfile::Builder::new().prefix("envelopefs-test").tempdir().unwrap();
+    let backing = dir.path().join("backing");
+    fs::create_dir(&backing).unwrap();
+    let out = common::bin()
+        .arg("init")
+        .arg("--pin-file")
+        .arg(&pin)
+        .args(["--provider", "pkcs11", "--module", common::SOFTHSM_MODULE, "--key", "pkcs11:token=spare;object=kek"])
+        .arg(&backing)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let mnt = dir.path().join("mnt");
+    let m = common::Mounted::start_with(&backing, "--pin-file", &pin, &mnt, &[]);
+    fs::write(m.path("f"), b"secret").unwrap();
+    m.unmount();
+    let mut region = vec![0u8; HEADER as usize];
+    let f = fs::OpenOptions::new().read(true).write(true).open(backing.join("f")).unwrap();
+    f.read_exact_at(&mut region, 0).unwrap();
+    for slot in region.chunks_mut(HEADER as usize / 2) {
+        let body = u16::from_le_bytes([slot[10], slot[11]]) as usize;
+        slot[body - 1] ^= 1; // the wrapped key's last byte (its GCM tag)
+        let crc = crc32fast::hash(&slot[..body + 32]);
+        slot[body + 32..body + 36].copy_from_slice(&crc.to_le_bytes());
+    }
+    f.write_all_at(&region, 0).unwrap();
+    drop(f);
+    let m = common::Mounted::start_with(&backing, "--pin-file", &pin, &mnt, &[]);
+    let e = fs::read(m.path("f")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
+    let log = m.log_text();
+    assert!(log.contains("does not authenticate") && log.contains("the token works"), "{log}");
+}
