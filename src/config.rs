@@ -123,10 +123,15 @@ impl VolumeConfig {
             }
             Err(e) => return Err(Error::io(e, format!("reading {}", path.display())).with_class(Class::Tampered)),
         };
-        let damaged = |why: String| Error::tampered(format!("{} is damaged: {why}", path.display()));
-        let text = String::from_utf8(raw).map_err(|_| damaged("not UTF-8".into()))?;
-        let cfg: VolumeConfig = toml::from_str(&text).map_err(|e| damaged(e.message().to_owned()))?;
-        cfg.check_shape().map_err(|e| e.context(path.display()))?;
+        Self::parse(&raw).map_err(|e| e.context(format!("{} is damaged", path.display())))
+    }
+
+    /// Parse and check the shape of a config's bytes (the fuzz target's entry point).
+    pub fn parse(raw: &[u8]) -> Result<Self> {
+        let damaged = |why: String| Error::tampered(why);
+        let text = std::str::from_utf8(raw).map_err(|_| damaged("not UTF-8".into()))?;
+        let cfg: VolumeConfig = toml::from_str(text).map_err(|e| damaged(e.message().to_owned()))?;
+        cfg.check_shape()?;
         Ok(cfg)
     }
 

@@ -138,18 +138,8 @@ impl LocalProvider {
         let raw = crate::atomic_file::read(path)
             .map_err(|e| Error::io(e, format!("reading keyring {}", path.display())).with_class(Class::NotVolume))?;
         let bad = |why: &str| Error::tampered(format!("keyring {} is damaged: {why}", path.display()));
-        if raw.len() < PREAMBLE_LEN + TAG_LEN || (&raw[..8] != MAGIC && &raw[..8] != MAGIC_V1) {
-            return Err(bad("not an envelopefs keyring"));
-        }
-        let kdf = raw[8];
-        let u32_at = |o: usize| u32::from_le_bytes(raw[o..o + 4].try_into().unwrap());
-        let params = KdfParams { m_kib: u32_at(12), t: u32_at(16), p: u32_at(20) };
-        // Read before anything authenticates them: refuse costs no sane init would choose.
-        if kdf == KDF_ARGON2ID {
-            params.check().map_err(|e| bad(&format!("its KDF cost is refused before deriving anything: {e}")))?;
-        }
-        let salt: [u8; 16] = raw[24..40].try_into().unwrap();
-        if raw[40..56] != volume_id {
+        let Preamble { kdf, params, salt, volume_id: theirs, .. } = Preamble::parse(&raw).map_err(|e| bad(&e))?;
+        if theirs != volume_id {
             return Err(bad("it belongs to another volume"));
         }
         match (kdf, secret) {
@@ -287,6 +277,52 @@ impl LocalProvider {
             self.ring.read().unwrap().current
         );
         Ok(())
+    }
+}
+
+/// The keyring's unauthenticated preamble, checked before any key is derived from it.
+struct Preamble {
+    magic: [u8; 8],
+    kdf: u8,
+    params: KdfParams,
+    salt: [u8; 16],
+    volume_id: VolumeId,
+}
+
+impl Preamble {
+    fn parse(raw: &[u8]) -> std::result::Result<Self, String> {
+        if raw.len() < PREAMBLE_LEN + TAG_LEN || (&raw[..8] != MAGIC && &raw[..8] != MAGIC_V1) {
+            return Err("not an envelopefs keyring".into());
+        }
+        let u32_at = |o: usize| u32::from_le_bytes(raw[o..o + 4].try_into().unwrap());
+        let p = Preamble {
+            magic: raw[..8].try_into().unwrap(),
+            kdf: raw[8],
+            params: KdfParams { m_kib: u32_at(12), t: u32_at(16), p: u32_at(20) },
+            salt: raw[24..40].try_into().unwrap(),
+            volume_id: raw[40..56].try_into().unwrap(),
+        };
+        if raw[9..12] != [0; 3] {
+            return Err("reserved bytes are not zero".into());
+        }
+        match p.kdf {
+            // Read before anything authenticates them: refuse costs no sane init would choose.
+            KDF_ARGON2ID => {
+                p.params.check().map_err(|e| format!("its KDF cost is refused before deriving anything: {e}"))?
+            }
+            KDF_KEYFILE => {}
+            _ => return Err("unknown key derivation".into()),
+        }
+        Ok(p)
+    }
+}
+
+/// The keyring decoders on untrusted bytes, for the fuzz target: the preamble, and the
+/// body as if it had decrypted to what follows the preamble. Never panics.
+pub fn decode_for_fuzzing(raw: &[u8]) -> bool {
+    match Preamble::parse(raw) {
+        Ok(p) => Ring::decode(&p.magic, &raw[PREAMBLE_LEN..]).is_some(),
+        Err(_) => false,
     }
 }
 
