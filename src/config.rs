@@ -362,7 +362,8 @@ mod tests {
         };
         cfg.seal(&key);
         cfg.verify(&key).unwrap();
-        let edits: Vec<Box<dyn Fn(&mut VolumeConfig)>> = vec![
+        type Edit = Box<dyn Fn(&mut VolumeConfig)>;
+        let edits: Vec<Edit> = vec![
             Box::new(|c| c.block_size = 8192),
             Box::new(|c| c.header_size = 8192),
             Box::new(|c| c.generation = 2),

@@ -1172,7 +1172,7 @@ fn lock_volume(backing: &Path) -> Result<std::fs::File> {
 /// Start the same command with --foreground in a new session and wait until it says the
 /// mount is ready (or exits with an error, which it has printed on our stderr).
 fn daemonize(args: &MountArgs) -> Result<ExitCode> {
-    let cfg = volume::VolumeConfig::load(backing(&args))?;
+    let cfg = volume::VolumeConfig::load(backing(args))?;
     let prompt = args.secret.would_prompt(&cfg);
     let passphrase = match prompt {
         Some(p) => Some(zeroize::Zeroizing::new(rpassword::prompt_password(p).context("reading secret")?.into_bytes())),

@@ -32,9 +32,18 @@ struct Fixture {
     secret: (&'static str, &'static str),
 }
 
-const FIXTURES: [Fixture; 2] = [
+const FIXTURES: [Fixture; 3] = [
     Fixture { name: "v1-keyfile-4k", block_size: 4096, secret: ("--key-file", "volume.key") },
     Fixture { name: "v1-passphrase-1k", block_size: 1024, secret: ("--passphrase-file", "passphrase") },
+    Fixture { name: "v2-keyfile-4k", block_size: 4096, secret: ("--key-file", "volume.key") },
+];
+
+/// Broken volumes, made from `v2-keyfile-4k`: each must be refused with exit 16
+/// (tampered) and a message naming what is wrong.
+const BROKEN: [(&str, &str); 3] = [
+    ("broken-v2-edited-config", "does not authenticate under the volume key"),
+    ("broken-v2-config-as-v1", "format 1"),
+    ("broken-v2-old-keyring-cost", "KDF cost is refused"),
 ];
 
 fn fixture_dir(name: &str) -> PathBuf {
@@ -86,6 +95,24 @@ fn every_fixture_volume_still_opens_and_reads_back() {
 }
 
 #[test]
+fn broken_fixtures_are_refused_as_tampered() {
+    for (name, why) in BROKEN {
+        let src = fixture_dir(name);
+        assert!(src.join("backing/envelopefs.toml").is_file(), "fixture {name} is missing");
+        let tmp = tempfile::tempdir().unwrap();
+        copy_tree(&src, tmp.path());
+        let backing = tmp.path().join("backing");
+        // On a host that never saw the volume: the files themselves must give it away.
+        let fresh = tempfile::tempdir().unwrap();
+        let key = tmp.path().join("volume.key");
+        let out = common::cli_with_trust(fresh.path(), &[&"fsck", &"--key-file", &key, &backing]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(common::EXIT_TAMPERED), "{name}: {err}");
+        assert!(err.contains(why), "{name}: {err}");
+    }
+}
+
+#[test]
 #[ignore = "writes the fixtures; run only for a new format version"]
 fn make_fixtures() {
     if std::env::var_os("ENVELOPEFS_WRITE_FIXTURES").is_none() {
@@ -93,7 +120,9 @@ fn make_fixtures() {
     }
     for fx in FIXTURES {
         let dir = fixture_dir(fx.name);
-        assert!(!dir.exists(), "{} exists: fixtures are never rewritten", dir.display());
+        if dir.exists() {
+            continue; // fixtures are never rewritten
+        }
         let backing = dir.join("backing");
         fs::create_dir_all(&backing).unwrap();
         let secret = dir.join(fx.secret.1);
@@ -134,4 +163,40 @@ fn make_fixtures() {
             }
         }
     }
+    make_broken_fixtures();
+}
+
+fn make_broken_fixtures() {
+    let src = fixture_dir("v2-keyfile-4k");
+    let edit = |name: &str, f: &dyn Fn(&Path)| {
+        let dir = fixture_dir(name);
+        if dir.exists() {
+            return;
+        }
+        copy_tree(&src, &dir);
+        f(&dir.join("backing"));
+    };
+    let config = |b: &Path| b.join("envelopefs.toml");
+    edit("broken-v2-edited-config", &|b| {
+        let text = fs::read_to_string(config(b)).unwrap().replace("block_size = 4096", "block_size = 8192");
+        fs::write(config(b), text).unwrap();
+    });
+    edit("broken-v2-config-as-v1", &|b| {
+        let mut t: toml::Table = fs::read_to_string(config(b)).unwrap().parse().unwrap();
+        t.insert("format".into(), 1.into());
+        for k in ["generation", "mac", "volume_key"] {
+            t.remove(k);
+        }
+        fs::write(config(b), toml::to_string(&t).unwrap()).unwrap();
+    });
+    edit("broken-v2-old-keyring-cost", &|b| {
+        // A keyring demanding an absurd Argon2id cost (sealed by a key file, but the cost
+        // is refused before the kind of seal matters).
+        let k = b.join("envelopefs.keyring");
+        let mut raw = fs::read(&k).unwrap();
+        raw[8] = 1;
+        raw[12..16].copy_from_slice(&(4u32 << 20).to_le_bytes());
+        raw[16..20].copy_from_slice(&64u32.to_le_bytes());
+        fs::write(&k, raw).unwrap();
+    });
 }

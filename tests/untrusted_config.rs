@@ -106,7 +106,12 @@ fn a_planted_pkcs11_module_is_never_loaded() {
     assert!(!marker.exists(), "trust loaded a module named by the backing directory");
     assert_eq!(out.status.code(), Some(common::EXIT_UNTRUSTED), "{}", stderr(&out));
     assert!(stderr(&out).contains("inside its own backing directory"), "{}", stderr(&out));
-    let _ = key;
+    // The volume itself was never touched: with its config back (and the planted files
+    // gone, which fsck would rightly call damaged envelopes) it checks clean.
+    fs::write(backing.join("envelopefs.toml"), &original).unwrap();
+    fs::remove_file(&so).unwrap();
+    fs::remove_file(backing.join("pin")).unwrap();
+    ok(cli(&[&"fsck", &"--key-file", &key, &backing]));
 }
 
 #[test]
@@ -361,4 +366,83 @@ fn fixture_style_library_volume_still_opens() {
     // a local volume with its keyring inside is authenticated by its own secret.
     let v = TestVolume::new(4096);
     drop(v.open());
+}
+
+#[test]
+fn a_new_host_pins_a_pkcs11_volume_once_with_trust() {
+    let pin = common::softhsm_token("trust");
+    let d = tempfile::Builder::new().prefix("envelopefs-test").tempdir().unwrap();
+    let backing = d.path().join("backing");
+    fs::create_dir(&backing).unwrap();
+    let uri = "pkcs11:token=trust;object=kek";
+    ok(cli(&[
+        &"init",
+        &"--provider",
+        &"pkcs11",
+        &"--module",
+        &common::SOFTHSM_MODULE,
+        &"--key",
+        &uri,
+        &"--pin-file",
+        &pin,
+        &backing,
+    ]));
+    ok(cli(&[&"fsck", &"--pin-file", &pin, &backing]));
+    // Another host: nothing trusted yet, so nothing is loaded.
+    let other = tempfile::tempdir().unwrap();
+    let on_other = |args: &[&dyn AsRef<std::ffi::OsStr>]| common::cli_with_trust(other.path(), args);
+    let out = on_other(&[&"fsck", &"--pin-file", &pin, &backing]);
+    assert_eq!(out.status.code(), Some(common::EXIT_UNTRUSTED), "{}", stderr(&out));
+    assert!(stderr(&out).contains("envelopefs trust"), "the error says what to do: {}", stderr(&out));
+    // `trust` shows what it pins and wants a yes.
+    let out = on_other(&[&"trust", &"--pin-file", &pin, &backing]);
+    assert!(!out.status.success());
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(shown.contains("module") && shown.contains(uri), "{shown}");
+    assert!(stderr(&out).contains("--yes"), "{}", stderr(&out));
+    // SoftHSM2 is registered with p11-kit here, so its module needs no --module.
+    ok(on_other(&[&"trust", &"--yes", &"--pin-file", &pin, &backing]));
+    ok(on_other(&[&"fsck", &"--pin-file", &pin, &backing]));
+    // A module the host has not registered needs the admin's word: --module.
+    edit_config(&backing, |t| {
+        t["provider"]
+            .as_table_mut()
+            .unwrap()
+            .insert("module".into(), "/usr/lib/softhsm/../softhsm/libsofthsm2.so".into());
+    });
+    let out = on_other(&[&"fsck", &"--pin-file", &pin, &backing]);
+    assert_eq!(
+        out.status.code(),
+        Some(common::EXIT_UNTRUSTED),
+        "a changed module path is a changed setting: {}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn upgrade_makes_a_v1_volume_authenticated_and_refuses_the_old_config_after() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1-keyfile-4k");
+    let d = tempfile::Builder::new().prefix("envelopefs-test").tempdir().unwrap();
+    let backing = d.path().join("backing");
+    let out = Command::new("cp").arg("-a").arg(src.join("backing")).arg(&backing).output().unwrap();
+    assert!(out.status.success());
+    let key = src.join("volume.key");
+    let v1_config = fs::read_to_string(backing.join("envelopefs.toml")).unwrap();
+    let text = ok(cli(&[&"upgrade", &"--key-file", &key, &backing]));
+    assert!(text.contains("now format 2"), "{text}");
+    let cfg = fs::read_to_string(backing.join("envelopefs.toml")).unwrap();
+    assert!(cfg.contains("format = 2") && cfg.contains("mac = "), "{cfg}");
+    assert!(ok(cli(&[&"upgrade", &"--key-file", &key, &backing])).contains("already format 2"));
+    ok(cli(&[&"fsck", &"--key-file", &key, &backing]));
+    let m = Mounted::start(&backing, &key, &d.path().join("mnt"), &["--read-only"]);
+    assert_eq!(fs::read(m.path("small.txt")).unwrap(), b"hello from envelopefs format v1\n");
+    drop(m);
+    // Putting the v1 config back is a downgrade: refused here and on a fresh host.
+    fs::write(backing.join("envelopefs.toml"), &v1_config).unwrap();
+    let out = cli(&[&"fsck", &"--key-file", &key, &backing]);
+    assert_eq!(out.status.code(), Some(common::EXIT_TAMPERED), "{}", stderr(&out));
+    let fresh = tempfile::tempdir().unwrap();
+    let out = common::cli_with_trust(fresh.path(), &[&"fsck", &"--key-file", &key, &backing]);
+    assert_eq!(out.status.code(), Some(common::EXIT_TAMPERED), "{}", stderr(&out));
+    assert!(stderr(&out).contains("format 1"), "{}", stderr(&out));
 }
