@@ -269,3 +269,14 @@ fn intermediate_key_volume_makes_no_kms_call_per_create_or_open() {
     let m = mount(&v, &[]);
     assert_eq!(fs::read(m.path("f7")).unwrap(), pattern(7, 3000));
 }
+
+#[test]
+fn an_unreachable_kms_is_its_own_exit_code() {
+    let kms = Kms::start();
+    let v = kms_volume(&kms, "unreachable");
+    kms.proxy(r#"{"mode": "down"}"#);
+    let out = cli(&[&"fsck", &v.backing]);
+    assert_eq!(out.status.code(), Some(13), "{}", String::from_utf8_lossy(&out.stderr));
+    kms.proxy(r#"{"mode": "ok"}"#);
+    ok(cli(&[&"fsck", &v.backing]));
+}

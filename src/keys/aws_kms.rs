@@ -181,7 +181,14 @@ fn kms_error<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static
         ) => libc::EACCES,
         _ => libc::EIO,
     };
-    Error::new(errno, format!("KMS {what}: {detail}"))
+    let err = Error::new(errno, format!("KMS {what}: {detail}"));
+    let unreachable =
+        matches!(e, aws_sdk_kms::error::SdkError::DispatchFailure(_) | aws_sdk_kms::error::SdkError::TimeoutError(_));
+    if unreachable {
+        err.with_class(crate::error::Class::KeyStoreUnreachable)
+    } else {
+        err
+    }
 }
 
 impl AwsKmsProvider {

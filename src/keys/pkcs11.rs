@@ -145,11 +145,17 @@ fn context(module: &Path) -> Result<Pkcs11> {
     if let Some(c) = map.get(module) {
         return Ok(c.clone());
     }
-    let ctx = Pkcs11::new(module)
-        .map_err(|e| Error::new(libc::EINVAL, format!("loading PKCS#11 module {}: {e}", module.display())))?;
+    let unreachable = crate::error::Class::KeyStoreUnreachable;
+    let ctx = Pkcs11::new(module).map_err(|e| {
+        Error::new(libc::EINVAL, format!("loading PKCS#11 module {}: {e}", module.display())).with_class(unreachable)
+    })?;
     match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
         Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
-        Err(e) => return Err(Error::new(libc::EIO, format!("C_Initialize of {}: {e}", module.display()))),
+        Err(e) => {
+            return Err(
+                Error::new(libc::EIO, format!("C_Initialize of {}: {e}", module.display())).with_class(unreachable)
+            )
+        }
     }
     map.insert(module.to_owned(), ctx.clone());
     Ok(ctx)
@@ -475,7 +481,8 @@ fn find_slot(ctx: &Pkcs11, uri: &Pkcs11Uri) -> Result<Slot> {
         }
         return Ok(slot);
     }
-    Err(Error::new(libc::ENODEV, format!("no PKCS#11 token matches {}", uri.key_id())))
+    Err(Error::new(libc::ENODEV, format!("no PKCS#11 token matches {}", uri.key_id()))
+        .with_class(crate::error::Class::KeyStoreUnreachable))
 }
 
 impl KeyProvider for Pkcs11Provider {
