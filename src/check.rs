@@ -5,8 +5,8 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::crypto::FileKey;
-use crate::envelope::{decode_region, is_hole, SizeError, SlotError};
+use crate::envelope::decode_region;
+use crate::envelope_file::{EnvelopeFile, Finding};
 use crate::error::{Error, Result};
 use crate::rekey::{is_temporary, open_regular, Found, Tree};
 use crate::volume::{Volume, VolumeConfig, CONFIG_NAME};
@@ -134,35 +134,18 @@ fn check_file(vol: &Volume, e: &Found<'_>, repair: bool, rep: &mut FsckReport) {
         Ok(None) => return,
         Err(e) => return problem(format!("cannot open: {e}"), false),
     };
-    let geo = vol.geometry;
-    let len = match f.metadata() {
-        Ok(m) => m.len(),
-        Err(e) => return problem(format!("cannot stat: {e}"), false),
-    };
-    if len == 0 {
-        return;
+    let describe = || path.display().to_string();
+    let verdict = EnvelopeFile { vol, file: &f, describe: &describe, who: None }.verify(repair);
+    rep.blocks += verdict.blocks;
+    rep.holes += verdict.holes;
+    for Finding { what, repaired } in verdict.findings {
+        problem(what, repaired);
     }
-    let size = match geo.plain_size(len) {
-        Ok(s) => s,
-        Err(SizeError::ShortHeader) => return problem(format!("{len} bytes: shorter than the header region"), false),
-        Err(e @ SizeError::TornBlock { plain }) => {
-            let fixed = repair && f.set_len(geo.backing_size(plain)).is_ok();
-            problem(format!("{e} (a crash mid-append?); readable size {plain}"), fixed);
-            plain
-        }
-    };
-    let mut region = vec![0u8; geo.header_size as usize];
-    if let Err(e) = f.read_exact_at(&mut region, 0) {
-        return problem(format!("cannot read header: {e}"), false);
-    }
-    let opened = match vol.open_header(&region, &|| path.display().to_string()) {
-        Ok(o) => o,
-        Err(e) => return problem(format!("header: {e}"), false),
-    };
     // A copy of a backing file keeps its file id and so its data key: the two files' blocks
     // can be swapped for each other undetected, and the key is used twice. (Hard links are
     // one file.)
-    let id = opened.header.file_id;
+    let Some(header) = verdict.header else { return };
+    let id = header.file_id;
     match rep.ids.get(&id) {
         Some((first, dev_ino)) if *dev_ino != (st.st_dev, st.st_ino) => {
             let what = format!(
@@ -177,55 +160,6 @@ fn check_file(vol: &Volume, e: &Found<'_>, repair: bool, rep: &mut FsckReport) {
         Some(_) => {}
         None => {
             rep.ids.insert(id, (path.to_owned(), (st.st_dev, st.st_ino)));
-        }
-    }
-    let mut problem =
-        |what: String, repaired: bool| rep.problems.push(Problem { path: path.to_owned(), what, repaired });
-    // The other slot should hold a valid header too (generation may be older).
-    let half = geo.slot_size();
-    let other = 1 - opened.slot;
-    let other_ok = match decode_region(&region).into_iter().find(|(i, _)| *i == other) {
-        Some((_, Ok(v))) => opened.key.verify_header_tag(&v.authenticated, &v.tag),
-        Some((_, Err(SlotError::Empty))) | Some((_, Err(_))) | None => false,
-    };
-    if !other_ok {
-        let good = region[opened.slot * half..(opened.slot + 1) * half].to_vec();
-        let fixed = repair && f.write_all_at(&good, (other * half) as u64).and_then(|_| f.sync_data()).is_ok();
-        problem(format!("header slot {other} is damaged; slot {} is good", opened.slot), fixed);
-    }
-    check_blocks(&f, vol, &opened.key, size, path, repair, rep);
-}
-
-fn check_blocks(f: &File, vol: &Volume, key: &FileKey, size: u64, path: &Path, repair: bool, rep: &mut FsckReport) {
-    let geo = vol.geometry;
-    let mut stored = Vec::new();
-    let mut out = Vec::new();
-    let count = geo.block_count(size);
-    for i in 0..count {
-        let blen = geo.block_len(i, size) as usize;
-        stored.resize(blen + crate::envelope::BLOCK_OVERHEAD as usize, 0);
-        out.resize(blen, 0);
-        rep.blocks += 1;
-        if let Err(e) = f.read_exact_at(&mut stored, geo.block_offset(i)) {
-            rep.problems.push(Problem { path: path.to_owned(), what: format!("block {i}: {e}"), repaired: false });
-            return;
-        }
-        if is_hole(&stored) {
-            rep.holes += 1;
-        } else if key.open_block(i, &stored, &mut out).is_err() {
-            if i + 1 == count {
-                // A crash mid-append leaves a partly written last block. Cutting it keeps
-                // every block that still authenticates; its bytes were unreadable anyway.
-                let fixed = repair && f.set_len(geo.block_offset(i)).and_then(|_| f.sync_data()).is_ok();
-                let what = format!(
-                    "last block {i} does not authenticate (a torn append, or tampering); cutting it leaves {} bytes",
-                    i * geo.block_size
-                );
-                rep.problems.push(Problem { path: path.to_owned(), what, repaired: fixed });
-            } else {
-                let what = format!("block {i} does not authenticate");
-                rep.problems.push(Problem { path: path.to_owned(), what, repaired: false });
-            }
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod control;
 pub mod crypto;
 pub mod daemon;
 pub mod envelope;
+pub mod envelope_file;
 pub mod error;
 pub mod fs;
 pub mod keys;

@@ -12,15 +12,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::content::Content;
-use crate::envelope::{decode_region, is_hole, Geometry, Header, BLOCK_OVERHEAD};
+use crate::envelope::{is_hole, Geometry, BLOCK_OVERHEAD};
+use crate::envelope_file::EnvelopeFile;
 use crate::error::{Error, Result};
 use crate::fs::sys;
-use crate::keys::KeyContext;
 use crate::volume::{Volume, RESERVED};
 
-/// Suffix of the temporary file a re-encryption writes next to its original.
-pub const TMP_SUFFIX: &str = ".envelopefs-reencrypt";
+use crate::volume::REENCRYPT_SUFFIX as TMP_SUFFIX;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -225,56 +223,15 @@ fn describe(path: &Path) -> impl Fn() -> String + '_ {
     move || path.display().to_string()
 }
 
-/// Re-wrap one header under the current KEK version. Writes the older slot (generation + 1)
-/// and fsyncs, then the other (generation + 2) and fsyncs: at every instant one slot that
-/// verifies holds the DEK. Returns whether anything changed.
+/// Re-wrap one header under the current KEK version (`EnvelopeFile::rewrap`). Returns
+/// whether anything changed.
 pub fn rewrap_file(vol: &Volume, tree: &Tree, path: &Path) -> Result<bool> {
     let ctx_err = |e: Error| e.context(path.display());
     let (dir, name) = tree.resolve(path).map_err(ctx_err)?;
-    let (f, st) = open_regular(dir.as_raw_fd(), &name, libc::O_RDWR)
+    let (f, _) = open_regular(dir.as_raw_fd(), &name, libc::O_RDWR)
         .map_err(|e| e.context(format!("opening {}", path.display())))?
         .ok_or_else(|| ctx_err(not_regular()))?;
-    let geo = vol.geometry;
-    if st.st_size == 0 {
-        return Ok(false); // no header yet: it will be made under the current KEK
-    }
-    let mut region = vec![0u8; geo.header_size as usize];
-    f.read_exact_at(&mut region, 0).map_err(|e| ctx_err(Error::io(e, "reading header")))?;
-    let opened = vol.open_header(&region, &describe(path)).map_err(ctx_err)?;
-    let current = vol.provider.current_version().map_err(ctx_err)?;
-    let kek_id = vol.provider.kek_id();
-    let kind = vol.provider.kind();
-    let stale = |r: &crate::envelope::KeyRecord| r.provider == kind && (r.kek_version != current || r.kek_id != kek_id);
-    let is_current = |h: &Header| !h.records.iter().any(stale);
-    let other = 1 - opened.slot;
-    let other_current = match decode_region(&region).into_iter().find(|(i, _)| *i == other) {
-        Some((_, Ok(v))) => is_current(&v.header) && opened.key.verify_header_tag(&v.authenticated, &v.tag),
-        _ => false,
-    };
-    if is_current(&opened.header) && other_current {
-        return Ok(false);
-    }
-    let h = &opened.header;
-    let ctx = KeyContext { volume_id: &vol.volume_id, file_id: &h.file_id };
-    let mut records = Vec::with_capacity(h.records.len());
-    for r in &h.records {
-        if stale(r) {
-            let res = vol.provider.rewrap(r, &ctx);
-            vol.audit("rewrap", &h.file_id, &describe(path), r, res.as_ref().map(drop));
-            records.push(res.map_err(ctx_err)?);
-        } else {
-            records.push(r.clone());
-        }
-    }
-    let half = geo.slot_size();
-    for (step, slot) in [(1, other), (2, opened.slot)] {
-        let newer = Header { generation: h.generation + step, records: records.clone(), ..h.clone() };
-        let bytes = newer.encode_slot(half, |b| opened.key.header_tag(b)).map_err(ctx_err)?;
-        f.write_all_at(&bytes, (slot * half) as u64)
-            .and_then(|_| f.sync_data())
-            .map_err(|e| ctx_err(Error::io(e, format!("writing header slot {slot}"))))?;
-    }
-    Ok(true)
+    EnvelopeFile { vol, file: &f, describe: &describe(path), who: None }.rewrap().map_err(ctx_err)
 }
 
 /// Give one file a new file id and DEK and rewrite its content: a temporary beside it,
@@ -295,10 +252,10 @@ pub fn reencrypt_file(vol: &Volume, tree: &Tree, path: &Path) -> Result<bool> {
         return Err(ctx_err(Error::new(libc::EMLINK, "has hard links; re-encrypting it would split them")));
     }
     let geo = vol.geometry;
-    let mut region = vec![0u8; geo.header_size as usize];
-    old.read_exact_at(&mut region, 0).map_err(|e| ctx_err(Error::io(e, "reading header")))?;
-    let opened = vol.open_header(&region, &describe(path)).map_err(ctx_err)?;
-    let src = Content { file: &old, geo, key: Some(&opened.key) };
+    let describe = describe(path);
+    let source = EnvelopeFile { vol, file: &old, describe: &describe, who: None };
+    let opened = source.load(meta.len()).map_err(ctx_err)?;
+    let src = source.content(Some(&opened.key));
     let size = src.size().map_err(ctx_err)?;
 
     let mut tmp_name = b".".to_vec();
@@ -312,9 +269,9 @@ pub fn reencrypt_file(vol: &Volume, tree: &Tree, path: &Path) -> Result<bool> {
             .map_err(|e| ctx_err(e.context(format!("creating {}", tmp_path.display()))))?,
     );
     let result = (|| -> Result<()> {
-        let (new_region, new_key) = vol.new_header(&describe(path))?;
-        new.write_all_at(&new_region, 0).map_err(|e| Error::io(e, "writing header"))?;
-        let dst = Content { file: &new, geo, key: Some(&new_key) };
+        let target = EnvelopeFile { vol, file: &new, describe: &describe, who: None };
+        let new_key = target.create_header()?;
+        let dst = target.content(Some(&new_key));
         const CHUNK: u64 = 1 << 20;
         let mut off = 0;
         while off < size {
@@ -355,7 +312,7 @@ pub fn reencrypt_file(vol: &Volume, tree: &Tree, path: &Path) -> Result<bool> {
             return Err(crate::error::last_os("fsync of the directory"));
         }
         let rec = &opened.header.records[0];
-        vol.audit("reencrypt", &opened.header.file_id, &describe(path), rec, Ok(()));
+        vol.audit("reencrypt", &opened.header.file_id, &describe, rec, Ok(()));
         Ok(())
     })();
     if let Err(e) = result {

@@ -20,6 +20,17 @@ pub use crate::config::{ProviderConfig, VolumeConfig, WrappedKey, CONFIG_NAME, F
 /// Names in the backing root that belong to the volume, not to its users: hidden from the
 /// mount, refused as targets, skipped by fsck.
 pub const RESERVED: [&str; 4] = [CONFIG_NAME, KEYRING_NAME, "envelopefs.toml.tmp", "envelopefs.keyring.tmp"];
+/// Suffix of the temporary a re-encryption writes beside its original.
+pub const REENCRYPT_SUFFIX: &str = ".envelopefs-reencrypt";
+
+/// Whether `name` belongs to the volume, not to its users: its own files in the root, and
+/// re-encryption temporaries anywhere (a user's file of that name would be taken for a
+/// leftover and removed). Such names are hidden from the mount and refused as targets.
+pub fn is_reserved(name: &std::ffi::OsStr, in_root: bool) -> bool {
+    (in_root && RESERVED.iter().any(|r| std::ffi::OsStr::new(r) == name))
+        || name.as_encoded_bytes().ends_with(REENCRYPT_SUFFIX.as_bytes())
+}
+
 /// The file id the volume key's wrap is bound to. No file may carry it (file ids are
 /// random; a header naming this one is refused), so a file header can never unwrap it.
 pub const VOLUME_KEY_FILE_ID: FileId = [0; FILE_ID_LEN];

@@ -174,3 +174,55 @@ fn readdirplus_counts_a_lookup_per_entry_and_gives_back_what_does_not_fit() {
     }
     fs.releasedir(dh);
 }
+
+/// One verdict per file: a header pasted from another file is refused by the mount (EIO on
+/// open) and reported as such by fsck, which does not "repair" it by cutting blocks.
+#[test]
+fn a_pasted_header_gets_one_verdict_from_the_mount_and_from_fsck() {
+    let vol = TestVolume::new(4096);
+    {
+        let fs = vol.fs();
+        for (name, seed) in [("a", 1), ("b", 2)] {
+            let (_, fh) = fs.create(ROOT_INO, OsStr::new(name), 0o644, 0, libc::O_RDWR, ROOT).unwrap();
+            fs.write(fh, 0, &pattern(seed, 3 * 4096), ROOT).unwrap();
+            fs.release(fh);
+        }
+    }
+    let header_a = fs::read(vol.backing.join("a")).unwrap()[..4096].to_vec();
+    OpenOptions::new().write(true).open(vol.backing.join("b")).unwrap().write_all_at(&header_a, 0).unwrap();
+    let len_before = fs::metadata(vol.backing.join("b")).unwrap().len();
+
+    let fs = vol.fs();
+    let b = fs.lookup(ROOT_INO, OsStr::new("b")).unwrap();
+    assert_eq!(fs.open(b.ino, libc::O_RDONLY, ROOT).unwrap_err().errno(), libc::EIO);
+    drop(fs);
+
+    let out = cli(&[&"fsck", &"--repair", &"--key-file", &vol.key, &vol.backing]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains("/b:")).collect();
+    assert_eq!(lines.len(), 1, "one verdict for b: {text}");
+    assert!(lines[0].starts_with("PROBLEM:") && lines[0].contains("pasted from another file"), "{text}");
+    assert_eq!(fs::metadata(vol.backing.join("b")).unwrap().len(), len_before, "nothing was cut");
+}
+
+#[test]
+fn reencryption_temporaries_are_hidden_and_refused_everywhere() {
+    let vol = TestVolume::new(4096);
+    fs::create_dir(vol.backing.join("d")).unwrap();
+    fs::write(vol.backing.join("d/.x.envelopefs-reencrypt"), b"").unwrap();
+    let fs = vol.fs();
+    let d = fs.lookup(ROOT_INO, OsStr::new("d")).unwrap();
+    let name = OsStr::new(".x.envelopefs-reencrypt");
+    assert_eq!(fs.lookup(d.ino, name).unwrap_err().errno(), libc::ENOENT);
+    let fh = fs.opendir(d.ino).unwrap();
+    let mut names = Vec::new();
+    fs.readdir(fh, 0, |e, _| {
+        names.push(e.name.clone());
+        false
+    })
+    .unwrap();
+    assert_eq!(names, [".", ".."]);
+    let e = fs.create(d.ino, OsStr::new("y.envelopefs-reencrypt"), 0o644, 0, libc::O_RDWR, ROOT).unwrap_err();
+    assert_eq!(e.errno(), libc::EPERM);
+}

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirEntryExt, FileExt};
+use std::os::unix::fs::DirEntryExt;
 use std::os::unix::io::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -19,9 +19,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::audit::Requester;
 use crate::content::Content;
 use crate::crypto::FileKey;
-use crate::envelope::{is_hole, BLOCK_OVERHEAD};
+use crate::envelope_file::EnvelopeFile;
 use crate::error::{Error, Result};
-use crate::volume::{Volume, RESERVED};
+use crate::volume::{is_reserved, Volume};
 
 pub const ROOT_INO: u64 = 1;
 
@@ -334,12 +334,8 @@ impl EncryptedFs {
     }
 
     fn check_name(&self, parent: u64, name: &OsStr) -> Result<()> {
-        if parent == ROOT_INO && RESERVED.iter().any(|r| OsStr::new(r) == name) {
+        if is_reserved(name, parent == ROOT_INO) {
             return Err(Error::new(libc::EPERM, format!("{name:?} is reserved for the volume's own files")));
-        }
-        // Re-encryption's temporaries: such a name would be taken for a leftover and removed.
-        if name.as_bytes().ends_with(crate::rekey::TMP_SUFFIX.as_bytes()) {
-            return Err(Error::new(libc::EPERM, format!("names ending in {} are reserved", crate::rekey::TMP_SUFFIX)));
         }
         Ok(())
     }
@@ -353,7 +349,7 @@ impl EncryptedFs {
     }
 
     pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr> {
-        if parent == ROOT_INO && RESERVED.iter().any(|r| OsStr::new(r) == name) {
+        if is_reserved(name, parent == ROOT_INO) {
             return Err(Error::new(libc::ENOENT, "reserved name"));
         }
         if name == "." || name == ".." {
@@ -507,8 +503,8 @@ impl EncryptedFs {
         c.truncate(size).map_err(|e| e.context(inode.describe()))
     }
 
-    /// The key for a change to `file`: the loaded one, the one in its header, or (for an
-    /// empty file about to get content) a new header.
+    /// The key for a change to `file` (see `EnvelopeFile::key_for_write`), kept in the
+    /// inode while it is open.
     fn key_for_write(
         &self,
         st: &mut ContentState,
@@ -516,54 +512,20 @@ impl EncryptedFs {
         needs_header: bool,
         who: Caller,
     ) -> Result<Option<Arc<FileKey>>> {
-        if let Some(k) = &st.key {
-            return Ok(Some(k.clone()));
+        let describe = || sys::describe_fd(file.as_raw_fd());
+        let env = EnvelopeFile { vol: &self.vol, file, describe: &describe, who: Some(who.requester()) };
+        let key = env.key_for_write(st.key.as_ref(), needs_header)?;
+        if st.opens > 0 && st.key.is_none() {
+            st.key.clone_from(&key);
         }
-        let len = file.metadata().map_err(|e| Error::io(e, "fstat"))?.len();
-        let key = if len > 0 {
-            self.load_key(file, len, who)?
-        } else if needs_header {
-            let (region, key) =
-                self.vol.new_header_for(&|| sys::describe_fd(file.as_raw_fd()), Some(who.requester()))?;
-            if let Err(e) = file.write_all_at(&region, 0) {
-                // Back to a valid empty file rather than a stub shorter than its header.
-                let _ = file.set_len(0);
-                return Err(Error::io(e, "writing header"));
-            }
-            key
-        } else {
-            return Ok(None);
-        };
-        if st.opens > 0 {
-            st.key = Some(key.clone());
-        }
-        Ok(Some(key))
+        Ok(key)
     }
 
-    /// Read and authenticate the header of a non-empty envelope, then check that it belongs
-    /// to this content: a header pasted from another file unwraps fine but its key does not
-    /// open this file's first block.
+    /// The key of a non-empty envelope (see `EnvelopeFile::load`).
     fn load_key(&self, file: &File, len: u64, who: Caller) -> Result<Arc<FileKey>> {
-        let geo = self.vol.geometry;
-        if len < geo.header_size {
-            return Err(Error::corrupt(format!("backing file is {len} bytes, shorter than its header region")));
-        }
-        let mut region = vec![0u8; geo.header_size as usize];
-        file.read_exact_at(&mut region, 0).map_err(|e| Error::io(e, "reading header"))?;
-        let opened =
-            self.vol.open_header_for(&region, &|| sys::describe_fd(file.as_raw_fd()), Some(who.requester()))?;
-        let first = (len - geo.header_size).min(geo.stored_block_size());
-        if first > BLOCK_OVERHEAD {
-            let mut stored = vec![0u8; first as usize];
-            file.read_exact_at(&mut stored, geo.header_size).map_err(|e| Error::io(e, "reading block 0"))?;
-            let mut out = vec![0u8; first as usize - BLOCK_OVERHEAD as usize];
-            if !is_hole(&stored) && opened.key.open_block(0, &stored, &mut out).is_err() {
-                return Err(Error::corrupt(
-                    "block 0 does not authenticate under this header's key: a tampered block, or a header pasted from another file",
-                ));
-            }
-        }
-        Ok(opened.key)
+        let describe = || sys::describe_fd(file.as_raw_fd());
+        let env = EnvelopeFile { vol: &self.vol, file, describe: &describe, who: Some(who.requester()) };
+        Ok(env.load(len)?.key)
     }
 
     fn handle(&self, fh: u64) -> Result<Handle> {
@@ -732,7 +694,7 @@ impl EncryptedFs {
         for e in std::fs::read_dir(&path).map_err(|e| Error::io(e, format!("readdir {}", inode.describe())))? {
             let e = e.map_err(|e| Error::io(e, format!("readdir {}", inode.describe())))?;
             let name = e.file_name();
-            if ino == ROOT_INO && RESERVED.iter().any(|r| OsStr::new(r) == name) {
+            if is_reserved(&name, ino == ROOT_INO) {
                 continue;
             }
             let ft = e.file_type().map_err(|e| Error::io(e, "readdir"))?;
