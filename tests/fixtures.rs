@@ -90,7 +90,8 @@ fn every_fixture_volume_still_opens_and_reads_back() {
                 }
             }
         }
-        assert!(fs::write(m.path("new"), b"x").is_err(), "read-only mount refuses writes");
+        let e = fs::write(m.path("new"), b"x").unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EROFS), "read-only mount refuses writes");
     }
 }
 

@@ -93,12 +93,13 @@ fn the_volumes_own_files_are_out_of_reach() {
         let e = fs.create(ROOT_INO, OsStr::new(name), 0o644, 0, libc::O_RDWR, ROOT).unwrap_err();
         assert_eq!(e.errno(), libc::EPERM);
     }
-    assert!(fs.lookup(ROOT_INO, OsStr::new("..")).is_err());
+    assert_eq!(fs.lookup(ROOT_INO, OsStr::new("..")).unwrap_err().errno(), libc::ENOENT);
     let d = fs.mkdir(ROOT_INO, OsStr::new("d"), 0o755, 0, ROOT).unwrap();
     // Only the root's names are reserved.
     let (a, fh) = fs.create(d.ino, OsStr::new("envelopefs.toml"), 0o644, 0, libc::O_RDWR, ROOT).unwrap();
     fs.release(fh);
-    assert!(fs.rename(d.ino, OsStr::new("envelopefs.toml"), ROOT_INO, OsStr::new("envelopefs.toml"), 0).is_err());
+    let e = fs.rename(d.ino, OsStr::new("envelopefs.toml"), ROOT_INO, OsStr::new("envelopefs.toml"), 0).unwrap_err();
+    assert_eq!(e.errno(), libc::EPERM);
     let mut names = Vec::new();
     let dh = fs.opendir(ROOT_INO).unwrap();
     fs.readdir(dh, 0, |e, _| {

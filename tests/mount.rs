@@ -260,7 +260,7 @@ fn posix_basics_through_the_mount_with(opts: &[&str]) {
     assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
     assert!(std::os::unix::fs::FileTypeExt::is_fifo(&fs::symlink_metadata(m.path("fifo")).unwrap().file_type()));
     // The volume's config cannot be created or replaced through the mount.
-    assert!(fs::write(m.path("envelopefs.toml"), b"x").is_err());
+    assert_eq!(fs::write(m.path("envelopefs.toml"), b"x").unwrap_err().raw_os_error(), Some(libc::EPERM));
     let st = unsafe {
         let mut s: libc::statvfs = std::mem::zeroed();
         libc::statvfs(std::ffi::CString::new(m.mnt.as_os_str().as_encoded_bytes()).unwrap().as_ptr(), &mut s);
@@ -301,9 +301,31 @@ fn concurrent_writers_and_readers_on_one_file_with(opts: &[&str]) {
         for _ in 0..2 {
             let p = p.clone();
             s.spawn(move || {
+                // What a writer's span may hold at any moment: zeros, or one of its rounds.
+                // A read racing a write may see pages of two rounds, so compare page by page.
+                let versions: Vec<Vec<Vec<u8>>> = (0..WRITERS)
+                    .map(|w| {
+                        let mut v = vec![vec![0u8; SPAN]];
+                        v.extend((0..ROUNDS).map(|r| pattern((w * 1000 + r) as u64, SPAN)));
+                        v
+                    })
+                    .collect();
                 for _ in 0..ROUNDS {
                     let got = fs::read(&p).unwrap();
                     assert_eq!(got.len(), WRITERS * SPAN, "readers never see a torn size");
+                    for (w, vs) in versions.iter().enumerate() {
+                        let (start, end) = (w * SPAN, (w + 1) * SPAN);
+                        let mut at = start;
+                        while at < end {
+                            let stop = ((at / 4096 + 1) * 4096).min(end);
+                            let piece = &got[at..stop];
+                            assert!(
+                                vs.iter().any(|v| &v[at - start..stop - start] == piece),
+                                "writer {w}: bytes {at}..{stop} are no version that writer wrote"
+                            );
+                            at = stop;
+                        }
+                    }
                 }
             });
         }

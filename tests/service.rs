@@ -214,7 +214,7 @@ fn status_json_moves_as_files_are_used() {
     let last = raw.len() - 1;
     raw[last] ^= 1;
     fs::write(&backing, raw).unwrap();
-    assert!(fs::read(m.path("a")).is_err());
+    assert_eq!(fs::read(m.path("a")).unwrap_err().raw_os_error(), Some(libc::EIO));
     let s2 = status();
     assert_eq!(s2["open_files"], 0, "{s2}");
     assert!(s2["errors"].as_u64().unwrap() >= 1, "{s2}");

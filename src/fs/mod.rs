@@ -43,12 +43,6 @@ pub struct Attr {
     pub blksize: u32,
 }
 
-impl Attr {
-    pub fn kind(&self) -> u32 {
-        self.mode & libc::S_IFMT
-    }
-}
-
 /// Who asked, from the FUSE request: new objects are owned by the caller, and key
 /// operations are audited as theirs. pid 0 is the kernel itself (writeback).
 #[derive(Clone, Copy, Debug)]

@@ -40,7 +40,6 @@ pub struct KekVersionInfo {
 
 /// A key store. The surface is synchronous: FUSE worker threads call it directly, and a
 /// provider that talks to a network service blocks on its own runtime (never the caller's).
-/// `unwrap_batch` exists so such providers can fan a batch out concurrently.
 pub trait KeyProvider: Send + Sync {
     fn kind(&self) -> ProviderKind;
 
@@ -65,10 +64,6 @@ pub trait KeyProvider: Send + Sync {
     /// Recover a DEK. A missing, retired or refusing KEK is `EACCES`; a wrapped key that
     /// does not authenticate against `ctx` is `EACCES` as well (it is not ours to open).
     fn unwrap(&self, record: &KeyRecord, ctx: &KeyContext<'_>) -> Result<Dek>;
-
-    fn unwrap_batch(&self, items: &[(&KeyRecord, KeyContext<'_>)]) -> Vec<Result<Dek>> {
-        items.iter().map(|(r, c)| self.unwrap(r, c)).collect()
-    }
 
     /// The KEK version new wraps use.
     fn current_version(&self) -> Result<u32>;
