@@ -554,3 +554,18 @@ proptest! {
         run(ops)?;
     }
 }
+
+/// Shrunk from the model's first finding: a header pasted onto a file whose only block is
+/// a hole is not detected (nothing sealed to check it against), and the file reads as the
+/// zeros it held. Kept as a regression test of that documented limit.
+#[test]
+fn a_header_pasted_onto_a_file_of_holes_reads_as_its_zeros() {
+    run(vec![
+        Op::Create { dir: 0, name: 6 },
+        Op::Create { dir: 0, name: 19 },
+        Op::Truncate { dir: 0, name: 27, size: 1 },
+        Op::Write { dir: 1, name: 2, off: 0, len: 1, seed: 0 },
+        Op::PasteHeader { from: (0, 26), to: (1, 31) },
+    ])
+    .unwrap();
+}
