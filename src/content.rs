@@ -214,6 +214,7 @@ impl Content<'_> {
         let from = self.geo.block_offset(offset / self.geo.block_size);
         let to = self.geo.backing_size(end.max(size));
         if to > from {
+            // SAFETY: fallocate on a descriptor this envelope owns, integer arguments only.
             let r = unsafe { libc::fallocate(self.file.as_raw_fd(), 0, from as i64, (to - from) as i64) };
             if r != 0 {
                 return Err(crate::error::last_os("fallocate"));

@@ -26,6 +26,7 @@ pub fn harden_memory(lock: bool) -> Result<(), String> {
 
 /// Every inode the kernel knows costs one descriptor: take the hard limit.
 pub fn raise_fd_limit() {
+    // SAFETY: rlimit is plain data; getrlimit/setrlimit read and write only that struct.
     unsafe {
         let mut r: libc::rlimit = std::mem::zeroed();
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
@@ -125,6 +126,8 @@ impl Drop for LineWriter {
         if DETACHED.load(std::sync::atomic::Ordering::Relaxed) {
             let line = String::from_utf8_lossy(&self.0).trim_end().replace('\0', " ");
             if let Ok(c) = std::ffi::CString::new(line) {
+                // SAFETY: a constant "%s" format with one NUL-terminated argument that lives
+                // across the call.
                 unsafe { libc::syslog(libc::LOG_DAEMON | libc::LOG_NOTICE, c"%s".as_ptr(), c.as_ptr()) };
             }
         } else {
@@ -142,6 +145,8 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for StderrThenSyslog {
 
 /// Let go of the terminal: stdout and stderr to /dev/null, later log lines to syslog.
 pub fn detach_stdio() {
+    // SAFETY: static NUL-terminated strings; open/dup2/close act on descriptors only, and
+    // replacing 1 and 2 with /dev/null leaves every std handle valid.
     unsafe {
         libc::openlog(c"envelopefs".as_ptr(), libc::LOG_PID, libc::LOG_DAEMON);
         DETACHED.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -60,7 +60,8 @@ pub struct Verdict {
 }
 
 impl EnvelopeFile<'_> {
-    pub fn len(&self) -> Result<u64> {
+    /// The backing file's length.
+    pub fn backing_len(&self) -> Result<u64> {
         Ok(self.file.metadata().map_err(|e| Error::io(e, "fstat"))?.len())
     }
 
@@ -106,7 +107,7 @@ impl EnvelopeFile<'_> {
         if let Some(k) = loaded {
             return Ok(Some(k.clone()));
         }
-        let len = self.len()?;
+        let len = self.backing_len()?;
         if len > 0 {
             Ok(Some(self.load(len)?.key))
         } else if needs_header {
@@ -121,11 +122,11 @@ impl EnvelopeFile<'_> {
         Content { file: self.file, geo: self.vol.geometry, key }
     }
 
-    /// Re-wrap the header under the current KEK version. Writes the older slot (generation
-    /// + 1) and fsyncs, then the other (generation + 2) and fsyncs: at every instant one
-    /// slot that verifies holds the DEK. Returns whether anything changed.
+    /// Re-wrap the header under the current KEK version. Writes the older slot (at
+    /// generation + 1) and fsyncs, then the other (at generation + 2) and fsyncs: at every
+    /// instant one slot that verifies holds the DEK. Returns whether anything changed.
     pub fn rewrap(&self) -> Result<bool> {
-        let len = self.len()?;
+        let len = self.backing_len()?;
         if len == 0 {
             return Ok(false); // no header yet: it will be made under the current KEK
         }
@@ -176,7 +177,7 @@ impl EnvelopeFile<'_> {
         let mut v = Verdict::default();
         let mut found = |what: String, repaired: bool| v.findings.push(Finding { what, repaired });
         let geo = self.vol.geometry;
-        let len = match self.len() {
+        let len = match self.backing_len() {
             Ok(l) => l,
             Err(e) => {
                 found(format!("cannot stat: {e}"), false);

@@ -5,6 +5,8 @@
 //! (providers, DEK cache) → `volume` (config, headers) → `content` (block layer) →
 //! `fs` (POSIX over a backing directory) → `mount` (thin FUSE adapter).
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod atomic_file;
 pub mod audit;
 pub mod check;
