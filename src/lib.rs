@@ -22,5 +22,6 @@ pub mod fs;
 pub mod keys;
 pub mod mount;
 pub mod rekey;
+pub mod sync;
 pub mod trust;
 pub mod volume;

@@ -4,6 +4,7 @@
 //! Every known inode holds an O_PATH descriptor of its backing object, so renames and hard
 //! links need no path bookkeeping and nothing ever follows a symlink in the backing tree.
 
+mod inodes;
 pub(crate) mod sys;
 
 use std::collections::HashMap;
@@ -13,7 +14,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::DirEntryExt;
 use std::os::unix::io::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::audit::Requester;
@@ -102,17 +103,17 @@ struct ContentState {
     opens: usize,
 }
 
-struct Inode {
-    ino: u64,
+/// What the filesystem keeps with each known inode (the table keeps number and lookups).
+struct InodeData {
     fd: OwnedFd,
-    dev_ino: (u64, u64),
     fmt: u32,
-    lookups: AtomicU64,
     /// Readers share it; writes, truncates and allocations take it alone.
     content: RwLock<ContentState>,
 }
 
-impl Inode {
+type Inode = inodes::Node<InodeData>;
+
+impl InodeData {
     fn raw(&self) -> i32 {
         self.fd.as_raw_fd()
     }
@@ -155,12 +156,6 @@ enum Handle {
     Dir(Arc<DirHandle>),
 }
 
-#[derive(Default)]
-struct Table {
-    by_ino: HashMap<u64, Arc<Inode>>,
-    by_dev_ino: HashMap<(u64, u64), u64>,
-}
-
 pub struct EncryptedFs {
     /// Error counters for `envelopefs status`.
     pub stats: crate::control::Stats,
@@ -168,7 +163,7 @@ pub struct EncryptedFs {
     root_dev: u64,
     /// A readable descriptor of the root, for statfs.
     root_dir: File,
-    table: Mutex<Table>,
+    table: inodes::InodeTable<InodeData>,
     next_ino: AtomicU64,
     handles: RwLock<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
@@ -212,23 +207,14 @@ impl EncryptedFs {
             .map_err(|e| e.context(format!("opening backing directory {}", vol.root.display())))?;
         let st = sys::fstat(fd.as_raw_fd())?;
         let root_dir = sys::reopen(&fd, libc::O_RDONLY | libc::O_DIRECTORY)?;
-        let root = Arc::new(Inode {
-            ino: ROOT_INO,
-            fd,
-            dev_ino: (st.st_dev, st.st_ino),
-            fmt: libc::S_IFDIR,
-            lookups: AtomicU64::new(1),
-            content: RwLock::new(ContentState { key: None, opens: 0 }),
-        });
-        let mut table = Table::default();
-        table.by_dev_ino.insert(root.dev_ino, ROOT_INO);
-        table.by_ino.insert(ROOT_INO, root);
+        let root = InodeData { fd, fmt: libc::S_IFDIR, content: RwLock::new(ContentState { key: None, opens: 0 }) };
+        let table = inodes::InodeTable::new(ROOT_INO, (st.st_dev, st.st_ino), root);
         Ok(Self {
             stats: Default::default(),
             vol,
             root_dev: st.st_dev,
             root_dir,
-            table: Mutex::new(table),
+            table,
             next_ino: AtomicU64::new(1 << 63),
             handles: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -240,57 +226,30 @@ impl EncryptedFs {
     }
 
     fn inode(&self, ino: u64) -> Result<Arc<Inode>> {
-        self.table
-            .lock()
-            .unwrap()
-            .by_ino
-            .get(&ino)
-            .cloned()
-            .ok_or_else(|| Error::new(libc::ESTALE, format!("unknown inode {ino}")))
+        self.table.get(ino).ok_or_else(|| Error::new(libc::ESTALE, format!("unknown inode {ino}")))
     }
 
     /// Inode numbers are the backing inode numbers where that is unambiguous, so `stat`
     /// and `readdir` agree; others (another device, or 1) get numbers from the top half.
     /// A backing inode cannot be reused while we hold its O_PATH descriptor.
     fn intern(&self, fd: OwnedFd, st: &libc::stat) -> Arc<Inode> {
-        let mut t = self.table.lock().unwrap();
-        let key = (st.st_dev, st.st_ino);
-        if let Some(ino) = t.by_dev_ino.get(&key) {
-            let inode = t.by_ino[ino].clone();
-            inode.lookups.fetch_add(1, Ordering::Relaxed);
-            return inode;
-        }
-        let ino = if st.st_dev == self.root_dev && st.st_ino > ROOT_INO && st.st_ino < (1 << 63) {
-            st.st_ino
-        } else {
-            self.next_ino.fetch_add(1, Ordering::Relaxed)
+        let number = || {
+            if st.st_dev == self.root_dev && st.st_ino > ROOT_INO && st.st_ino < (1 << 63) {
+                st.st_ino
+            } else {
+                self.next_ino.fetch_add(1, Ordering::Relaxed)
+            }
         };
-        let inode = Arc::new(Inode {
-            ino,
+        let make = || InodeData {
             fd,
-            dev_ino: key,
             fmt: st.st_mode & libc::S_IFMT,
-            lookups: AtomicU64::new(1),
             content: RwLock::new(ContentState { key: None, opens: 0 }),
-        });
-        t.by_dev_ino.insert(key, ino);
-        t.by_ino.insert(ino, inode.clone());
-        inode
+        };
+        self.table.intern((st.st_dev, st.st_ino), number, make)
     }
 
     pub fn forget(&self, ino: u64, n: u64) {
-        if ino == ROOT_INO {
-            return;
-        }
-        let mut t = self.table.lock().unwrap();
-        if let Some(inode) = t.by_ino.get(&ino) {
-            let prev = inode.lookups.fetch_sub(n.min(inode.lookups.load(Ordering::Relaxed)), Ordering::Relaxed);
-            if prev <= n {
-                let key = inode.dev_ino;
-                t.by_ino.remove(&ino);
-                t.by_dev_ino.remove(&key);
-            }
-        }
+        self.table.forget(ino, n);
     }
 
     /// Open regular-file handles (for status).
@@ -300,7 +259,7 @@ impl EncryptedFs {
 
     /// Number of inodes the kernel holds references to (for tests and status).
     pub fn inode_count(&self) -> usize {
-        self.table.lock().unwrap().by_ino.len()
+        self.table.len()
     }
 
     fn attr_of(&self, ino: u64, st: &libc::stat) -> Attr {
@@ -426,7 +385,7 @@ impl EncryptedFs {
         let np = self.inode(newparent)?;
         sys::linkat_fd(inode.raw(), np.raw(), &sys::cstr(newname)?)?;
         let st = sys::fstat(inode.raw())?;
-        inode.lookups.fetch_add(1, Ordering::Relaxed);
+        let inode = self.table.add_lookup(&inode);
         Ok(self.attr_of(inode.ino, &st))
     }
 

@@ -1,0 +1,187 @@
+//! The inode table: which backing objects the kernel knows, under which inode numbers, and
+//! how many lookups it holds on each. Every change of a lookup count happens under the
+//! table's lock, so a `forget` racing a lookup (or a `link`) can never drop an inode the
+//! kernel was just handed.
+
+use std::collections::HashMap;
+
+use crate::sync::{Arc, AtomicU64, Mutex, Ordering};
+
+/// One known inode and what the filesystem keeps with it.
+pub struct Node<T> {
+    pub ino: u64,
+    /// (device, inode) of the backing object.
+    pub key: (u64, u64),
+    lookups: AtomicU64,
+    pub value: T,
+}
+
+impl<T> std::ops::Deref for Node<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.value
+    }
+}
+
+impl<T> Node<T> {
+    #[cfg(test)]
+    pub fn lookups(&self) -> u64 {
+        self.lookups.load(Ordering::SeqCst)
+    }
+}
+
+struct Maps<T> {
+    by_ino: HashMap<u64, Arc<Node<T>>>,
+    by_key: HashMap<(u64, u64), u64>,
+}
+
+pub struct InodeTable<T> {
+    maps: Mutex<Maps<T>>,
+    root: u64,
+}
+
+impl<T> InodeTable<T> {
+    /// A table that knows the root (which is never forgotten).
+    pub fn new(root: u64, key: (u64, u64), value: T) -> Self {
+        let node = Arc::new(Node { ino: root, key, lookups: AtomicU64::new(1), value });
+        let maps = Maps { by_ino: HashMap::from([(root, node)]), by_key: HashMap::from([(key, root)]) };
+        Self { maps: Mutex::new(maps), root }
+    }
+
+    pub fn get(&self, ino: u64) -> Option<Arc<Node<T>>> {
+        self.maps.lock().unwrap().by_ino.get(&ino).cloned()
+    }
+
+    /// The node for backing object `key`, with one more lookup: the known one, or a new one
+    /// numbered by `number` and holding `make()`.
+    pub fn intern(&self, key: (u64, u64), number: impl FnOnce() -> u64, make: impl FnOnce() -> T) -> Arc<Node<T>> {
+        let mut m = self.maps.lock().unwrap();
+        if let Some(ino) = m.by_key.get(&key) {
+            let node = m.by_ino[ino].clone();
+            node.lookups.fetch_add(1, Ordering::SeqCst);
+            return node;
+        }
+        let ino = number();
+        let node = Arc::new(Node { ino, key, lookups: AtomicU64::new(1), value: make() });
+        m.by_key.insert(key, ino);
+        m.by_ino.insert(ino, node.clone());
+        node
+    }
+
+    /// One more lookup on a node the caller holds (a `link` reply hands out its inode
+    /// again), returning the node the table now knows for that object: if a concurrent
+    /// `forget` dropped it meanwhile it is known again, and if the object was looked up
+    /// anew since, the lookup counts on that node.
+    pub fn add_lookup(&self, node: &Arc<Node<T>>) -> Arc<Node<T>> {
+        let mut m = self.maps.lock().unwrap();
+        let current = m.by_key.get(&node.key).and_then(|i| m.by_ino.get(i)).cloned();
+        match current {
+            Some(c) => {
+                c.lookups.fetch_add(1, Ordering::SeqCst);
+                c
+            }
+            None => {
+                node.lookups.fetch_add(1, Ordering::SeqCst);
+                m.by_key.insert(node.key, node.ino);
+                m.by_ino.insert(node.ino, node.clone());
+                node.clone()
+            }
+        }
+    }
+
+    /// The kernel gives back `n` lookups; at zero the inode is forgotten.
+    pub fn forget(&self, ino: u64, n: u64) {
+        if ino == self.root {
+            return;
+        }
+        let mut m = self.maps.lock().unwrap();
+        let Some(node) = m.by_ino.get(&ino).cloned() else { return };
+        let left = node.lookups.load(Ordering::SeqCst).saturating_sub(n);
+        node.lookups.store(left, Ordering::SeqCst);
+        if left == 0 {
+            m.by_ino.remove(&ino);
+            m.by_key.remove(&node.key);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.maps.lock().unwrap().by_ino.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> Arc<InodeTable<u32>> {
+        Arc::new(InodeTable::new(1, (0, 1), 0))
+    }
+
+    /// Lookups and forgets of one object from several threads, in every interleaving shuttle
+    /// tries: when all are given back, only the root is left, and while any is held the
+    /// inode resolves.
+    #[test]
+    fn concurrent_lookups_and_forgets_balance() {
+        shuttle::check_random(
+            || {
+                let t = table();
+                let threads: Vec<_> = (0..3)
+                    .map(|_| {
+                        let t = t.clone();
+                        shuttle::thread::spawn(move || {
+                            let n = t.intern((0, 7), || 7, || 70);
+                            assert_eq!(t.get(n.ino).map(|x| x.ino), Some(7), "held, so known");
+                            t.forget(n.ino, 1);
+                        })
+                    })
+                    .collect();
+                for th in threads {
+                    th.join().unwrap();
+                }
+                assert_eq!(t.len(), 1, "only the root is left");
+            },
+            2000,
+        );
+    }
+
+    /// A `link` reply adds a lookup to a node obtained earlier while the kernel forgets the
+    /// last lookup it had: the new lookup must keep the inode known.
+    #[test]
+    fn a_link_racing_the_last_forget_keeps_the_inode() {
+        shuttle::check_random(
+            || {
+                let t = table();
+                let node = t.intern((0, 9), || 9, || 90);
+                let forgetter = {
+                    let t = t.clone();
+                    shuttle::thread::spawn(move || t.forget(9, 1))
+                };
+                let linker = {
+                    let t = t.clone();
+                    shuttle::thread::spawn(move || drop(t.add_lookup(&node)))
+                };
+                forgetter.join().unwrap();
+                linker.join().unwrap();
+                let known = t.get(9).expect("the link's lookup keeps it");
+                assert_eq!(known.lookups(), 1);
+            },
+            2000,
+        );
+    }
+
+    #[test]
+    fn the_root_is_never_forgotten_and_numbers_are_stable() {
+        shuttle::check_random(
+            || {
+                let t = table();
+                t.forget(1, 100);
+                assert!(t.get(1).is_some());
+                let a = t.intern((0, 5), || 5, || 1);
+                let b = t.intern((0, 5), || 6, || 2);
+                assert_eq!((a.ino, b.ino, b.value), (5, 5, 1), "a known object keeps its number and value");
+                assert_eq!(a.lookups(), 2);
+            },
+            10,
+        );
+    }
+}
