@@ -108,15 +108,28 @@ fn fuse_attr(a: &Attr) -> FileAttr {
 
 impl FuseFs {
     /// Log a failure once, where it is replied, and count the noteworthy ones for `status`.
-    fn errno(&self, op: &str, e: &Error) -> Errno {
+    /// Log a failure once, where it is replied, naming what it concerned, and count the
+    /// noteworthy ones for `status`.
+    fn errno(&self, op: &str, on: On<'_>, e: &Error) -> Errno {
+        let what = || match on {
+            On::Ino(ino) => self.fs.describe(ino),
+            On::Name(parent, name) => format!("{name:?} in {}", self.fs.describe(parent)),
+        };
         if e.is_noteworthy() {
-            warn!("{op} failed: {e}");
-            self.fs.stats.error(format!("{op}: {e}"));
+            warn!("{op} {} failed: {e}", what());
+            self.fs.stats.error(format!("{op} {}: {e}", what()));
         } else {
-            debug!("{op}: {e}");
+            debug!("{op} {}: {e}", what());
         }
         Errno::from_i32(e.errno())
     }
+}
+
+/// What a request was about, described (from the backing store) only when it fails.
+#[derive(Clone, Copy)]
+enum On<'a> {
+    Ino(u64),
+    Name(u64, &'a OsStr),
 }
 
 fn caller(req: &Request) -> Caller {
@@ -131,19 +144,19 @@ fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
 }
 
 impl FuseFs {
-    fn entry(&self, reply: ReplyEntry, op: &str, r: crate::error::Result<Attr>) {
+    fn entry(&self, reply: ReplyEntry, op: &str, on: On<'_>, r: crate::error::Result<Attr>) {
         match r {
             Ok(a) => {
                 reply.entry_with_ttls(&self.opts.attr_timeout, &self.opts.entry_timeout, &fuse_attr(&a), Generation(0))
             }
-            Err(e) => reply.error(self.errno(op, &e)),
+            Err(e) => reply.error(self.errno(op, on, &e)),
         }
     }
 
-    fn empty(&self, reply: ReplyEmpty, op: &str, r: crate::error::Result<()>) {
+    fn empty(&self, reply: ReplyEmpty, op: &str, on: On<'_>, r: crate::error::Result<()>) {
         match r {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(self.errno(op, &e)),
+            Err(e) => reply.error(self.errno(op, on, &e)),
         }
     }
 }
@@ -168,7 +181,7 @@ impl Filesystem for FuseFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        self.entry(reply, "lookup", self.fs.lookup(parent.0, name));
+        self.entry(reply, "lookup", On::Name(parent.0, name), self.fs.lookup(parent.0, name));
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -178,7 +191,7 @@ impl Filesystem for FuseFs {
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.fs.getattr(ino.0) {
             Ok(a) => reply.attr(&self.opts.attr_timeout, &fuse_attr(&a)),
-            Err(e) => reply.error(self.errno("getattr", &e)),
+            Err(e) => reply.error(self.errno("getattr", On::Ino(ino.0), &e)),
         }
     }
 
@@ -203,35 +216,45 @@ impl Filesystem for FuseFs {
         let set = SetAttr { mode, uid, gid, size, atime: set_time(atime), mtime: set_time(mtime), fh: fh.map(|f| f.0) };
         match self.fs.setattr(ino.0, set, caller(req)) {
             Ok(a) => reply.attr(&self.opts.attr_timeout, &fuse_attr(&a)),
-            Err(e) => reply.error(self.errno("setattr", &e)),
+            Err(e) => reply.error(self.errno("setattr", On::Ino(ino.0), &e)),
         }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         match self.fs.readlink(ino.0) {
             Ok(t) => reply.data(&t),
-            Err(e) => reply.error(self.errno("readlink", &e)),
+            Err(e) => reply.error(self.errno("readlink", On::Ino(ino.0), &e)),
         }
     }
 
     fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
-        self.entry(reply, "mknod", self.fs.mknod(parent.0, name, mode, umask, rdev, caller(req)));
+        self.entry(
+            reply,
+            "mknod",
+            On::Name(parent.0, name),
+            self.fs.mknod(parent.0, name, mode, umask, rdev, caller(req)),
+        );
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
-        self.entry(reply, "mkdir", self.fs.mkdir(parent.0, name, mode, umask, caller(req)));
+        self.entry(reply, "mkdir", On::Name(parent.0, name), self.fs.mkdir(parent.0, name, mode, umask, caller(req)));
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.empty(reply, "unlink", self.fs.unlink(parent.0, name));
+        self.empty(reply, "unlink", On::Name(parent.0, name), self.fs.unlink(parent.0, name));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.empty(reply, "rmdir", self.fs.rmdir(parent.0, name));
+        self.empty(reply, "rmdir", On::Name(parent.0, name), self.fs.rmdir(parent.0, name));
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
-        self.entry(reply, "symlink", self.fs.symlink(parent.0, link_name, target.as_os_str(), caller(req)));
+        self.entry(
+            reply,
+            "symlink",
+            On::Name(parent.0, link_name),
+            self.fs.symlink(parent.0, link_name, target.as_os_str(), caller(req)),
+        );
     }
 
     fn rename(
@@ -244,24 +267,29 @@ impl Filesystem for FuseFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        self.empty(reply, "rename", self.fs.rename(parent.0, name, newparent.0, newname, flags.bits()));
+        self.empty(
+            reply,
+            "rename",
+            On::Name(parent.0, name),
+            self.fs.rename(parent.0, name, newparent.0, newname, flags.bits()),
+        );
     }
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
-        self.entry(reply, "link", self.fs.link(ino.0, newparent.0, newname));
+        self.entry(reply, "link", On::Ino(ino.0), self.fs.link(ino.0, newparent.0, newname));
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.open(ino.0, flags.0, caller(req)) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-            Err(e) => reply.error(self.errno("open", &e)),
+            Err(e) => reply.error(self.errno("open", On::Ino(ino.0), &e)),
         }
     }
 
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -271,14 +299,14 @@ impl Filesystem for FuseFs {
     ) {
         match self.fs.read(fh.0, offset, size) {
             Ok(d) => reply.data(&d),
-            Err(e) => reply.error(self.errno("read", &e)),
+            Err(e) => reply.error(self.errno("read", On::Ino(ino.0), &e)),
         }
     }
 
     fn write(
         &self,
         req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
@@ -289,7 +317,7 @@ impl Filesystem for FuseFs {
     ) {
         match self.fs.write(fh.0, offset, data, caller(req)) {
             Ok(n) => reply.written(n),
-            Err(e) => reply.error(self.errno("write", &e)),
+            Err(e) => reply.error(self.errno("write", On::Ino(ino.0), &e)),
         }
     }
 
@@ -314,33 +342,33 @@ impl Filesystem for FuseFs {
         reply.ok();
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
-        self.empty(reply, "fsync", self.fs.fsync(fh.0, datasync));
+    fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        self.empty(reply, "fsync", On::Ino(ino.0), self.fs.fsync(fh.0, datasync));
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.opendir(ino.0) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-            Err(e) => reply.error(self.errno("opendir", &e)),
+            Err(e) => reply.error(self.errno("opendir", On::Ino(ino.0), &e)),
         }
     }
 
-    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         let r = self.fs.readdir(fh.0, offset, |e, next| reply.add(INodeNo(e.ino), next, file_type(e.kind), &e.name));
         match r {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(self.errno("readdir", &e)),
+            Err(e) => reply.error(self.errno("readdir", On::Ino(ino.0), &e)),
         }
     }
 
-    fn readdirplus(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
         let ttl = self.opts.entry_timeout;
         let r = self.fs.readdirplus(fh.0, offset, |e, next, a| {
             reply.add(INodeNo(a.ino), next, &e.name, &ttl, &fuse_attr(a), Generation(0))
         });
         match r {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(self.errno("readdirplus", &e)),
+            Err(e) => reply.error(self.errno("readdirplus", On::Ino(ino.0), &e)),
         }
     }
 
@@ -350,13 +378,13 @@ impl Filesystem for FuseFs {
     }
 
     fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        self.empty(reply, "fsyncdir", self.fs.fsyncdir(ino.0));
+        self.empty(reply, "fsyncdir", On::Ino(ino.0), self.fs.fsyncdir(ino.0));
     }
 
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+    fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
         match self.fs.statfs() {
             Ok(s) => reply.statfs(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize),
-            Err(e) => reply.error(self.errno("statfs", &e)),
+            Err(e) => reply.error(self.errno("statfs", On::Ino(ino.0), &e)),
         }
     }
 
@@ -370,14 +398,14 @@ impl Filesystem for FuseFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        self.empty(reply, "setxattr", self.fs.setxattr(ino.0, name, value, flags));
+        self.empty(reply, "setxattr", On::Ino(ino.0), self.fs.setxattr(ino.0, name, value, flags));
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         match self.fs.getxattr(ino.0, name, size) {
             Ok(v) if size == 0 => reply.size(v.len() as u32),
             Ok(v) => reply.data(&v),
-            Err(e) => reply.error(self.errno("getxattr", &e)),
+            Err(e) => reply.error(self.errno("getxattr", On::Ino(ino.0), &e)),
         }
     }
 
@@ -386,12 +414,12 @@ impl Filesystem for FuseFs {
             Ok(v) if size == 0 => reply.size(v.len() as u32),
             Ok(v) if v.len() > size as usize => reply.error(Errno::from_i32(libc::ERANGE)),
             Ok(v) => reply.data(&v),
-            Err(e) => reply.error(self.errno("listxattr", &e)),
+            Err(e) => reply.error(self.errno("listxattr", On::Ino(ino.0), &e)),
         }
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.empty(reply, "removexattr", self.fs.removexattr(ino.0, name));
+        self.empty(reply, "removexattr", On::Ino(ino.0), self.fs.removexattr(ino.0, name));
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
@@ -417,20 +445,20 @@ impl Filesystem for FuseFs {
                 FileHandle(fh),
                 FopenFlags::empty(),
             ),
-            Err(e) => reply.error(self.errno("create", &e)),
+            Err(e) => reply.error(self.errno("create", On::Name(parent.0, name), &e)),
         }
     }
 
     fn fallocate(
         &self,
         req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         length: u64,
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        self.empty(reply, "fallocate", self.fs.fallocate(fh.0, offset, length, mode, caller(req)));
+        self.empty(reply, "fallocate", On::Ino(ino.0), self.fs.fallocate(fh.0, offset, length, mode, caller(req)));
     }
 }

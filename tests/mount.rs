@@ -357,3 +357,22 @@ fn files_created_for_a_caller_are_owned_by_the_caller() {
     let bmd = fs::metadata(vol.backing.join("owned-by-nobody")).unwrap();
     assert_eq!(bmd.uid(), 65534);
 }
+
+#[test]
+fn failures_of_any_operation_are_logged_with_what_they_concerned() {
+    let vol = TestVolume::new(4096);
+    let m = vol.mount(&[]);
+    fs::create_dir(m.path("sub")).unwrap();
+    fs::write(m.path("sub/f"), pattern(4, 5000)).unwrap();
+    drop(m);
+    // Block 0 tampered: a truncate (setattr) must load the key, and fails.
+    let backing = vol.backing.join("sub/f");
+    let f = OpenOptions::new().read(true).write(true).open(&backing).unwrap();
+    f.write_all_at(&[0xEE; 4], HEADER + 100).unwrap();
+    let m = vol.mount(&["--no-writeback-cache"]);
+    let e = OpenOptions::new().write(true).open(m.path("sub/f")).and_then(|f| f.set_len(10)).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO));
+    let log = m.log_text();
+    let line = log.lines().find(|l| l.contains("failed")).unwrap_or_default();
+    assert!(line.contains(&backing.display().to_string()), "the log names the file: {log}");
+}

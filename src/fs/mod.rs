@@ -252,6 +252,12 @@ impl EncryptedFs {
         self.table.forget(ino, n);
     }
 
+    /// The backing object behind an inode, for messages: its path as the kernel sees it
+    /// now, or the inode number if it is no longer known.
+    pub fn describe(&self, ino: u64) -> String {
+        self.inode(ino).map_or_else(|_| format!("inode {ino}"), |i| i.describe())
+    }
+
     /// Open regular-file handles (for status).
     pub fn open_files(&self) -> u64 {
         self.handles.read().unwrap().values().filter(|h| matches!(h, Handle::File(_))).count() as u64
