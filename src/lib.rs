@@ -19,5 +19,8 @@ pub mod fs;
 pub mod keys;
 pub mod mount;
 pub mod rekey;
+#[cfg(test)]
+mod test_support;
 pub mod trust;
 pub mod volume;
+pub mod volume_lock;
