@@ -18,6 +18,7 @@ pub mod error;
 pub mod fs;
 pub mod keys;
 pub mod mount;
+pub mod mount_options;
 pub mod rekey;
 #[cfg(test)]
 mod test_support;
