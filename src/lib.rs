@@ -16,10 +16,12 @@ pub mod daemon;
 pub mod envelope;
 pub mod error;
 pub mod fs;
+pub mod key_move;
 pub mod keys;
 pub mod mount;
 pub mod mount_options;
 pub mod rekey;
+pub mod retire;
 #[cfg(test)]
 mod test_support;
 pub mod trust;
