@@ -3,11 +3,14 @@
 //!
 //! Layers: `envelope` (format, no I/O) → `crypto` (AES-256-GCM blocks) → `keys`
 //! (providers, DEK cache) → `volume` (config, headers) → `content` (block layer) →
-//! `fs` (POSIX over a backing directory) → `mount` (thin FUSE adapter).
+//! `fs` (POSIX over a backing directory) → `mount` (thin FUSE adapter). On top: what
+//! the commands do (`volume_lock`, `retire`, `key_move`, `mount_options`, `status`,
+//! `service`, `daemonize`, `umount`, `helper_args`) and `cli`, the command line itself.
 
 pub mod atomic_file;
 pub mod audit;
 pub mod check;
+pub mod cli;
 pub mod config;
 pub mod content;
 pub mod control;
