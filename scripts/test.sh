@@ -25,3 +25,5 @@ command -v moto_server >/dev/null || python3 -m pip install -q moto flask flask-
 awk '$3 ~ /^fuse/ && $2 ~ /envelopefs-test/ {print $2}' /proc/mounts | xargs -r -n1 umount -l
 
 cargo test --locked "$@"
+# The concurrency tests of the inode table run under shuttle (src/sync.rs).
+cargo test --locked --features shuttle --lib fs::inodes

@@ -11,6 +11,7 @@ use crate::crypto::VolumeKey;
 use crate::envelope::{Geometry, KeyRecord, ProviderKind};
 use crate::error::{Class, Error, Result};
 use crate::keys::pkcs11::Pkcs11Uri;
+use crate::keys::secret::SecretKind;
 use crate::keys::VolumeId;
 
 pub const CONFIG_NAME: &str = "envelopefs.toml";
@@ -204,6 +205,15 @@ impl VolumeConfig {
 }
 
 impl ProviderConfig {
+    /// The secret opening the volume needs from the user, if any (KMS needs none).
+    pub fn secret_kind(&self) -> Option<SecretKind> {
+        match self {
+            ProviderConfig::Local { .. } => Some(SecretKind::Keyring),
+            ProviderConfig::Pkcs11 { .. } => Some(SecretKind::Pin),
+            ProviderConfig::AwsKms { .. } => None,
+        }
+    }
+
     pub fn kind(&self) -> ProviderKind {
         match self {
             ProviderConfig::Local { .. } => ProviderKind::Local,

@@ -36,6 +36,18 @@ pub enum Class {
 }
 
 impl Class {
+    /// Every class, in exit-code order.
+    pub const ALL: [Class; 8] = [
+        Class::Usage,
+        Class::NotVolume,
+        Class::WrongSecret,
+        Class::Mountpoint,
+        Class::KeyStoreUnreachable,
+        Class::Untrusted,
+        Class::Tampered,
+        Class::Busy,
+    ];
+
     pub const fn exit_code(self) -> u8 {
         match self {
             Class::Usage => 2,
@@ -49,6 +61,20 @@ impl Class {
         }
     }
 }
+
+/// The binary's exit codes and what each means (the man page's EXIT STATUS section).
+pub const EXIT_STATUS: [(u8, &str); 10] = [
+    (0, "success"),
+    (1, "failure without a class of its own (fsck and rekey: problems remain)"),
+    (Class::Usage.exit_code(), "usage: a bad argument, mount option or --config file"),
+    (Class::NotVolume.exit_code(), "the directory is not an envelopefs volume"),
+    (Class::WrongSecret.exit_code(), "wrong passphrase or key file"),
+    (Class::Mountpoint.exit_code(), "the mount point is missing, not a directory, or busy"),
+    (Class::KeyStoreUnreachable.exit_code(), "the key store cannot be reached (KMS, PKCS#11 module or token)"),
+    (Class::Untrusted.exit_code(), "the volume names settings this host does not trust"),
+    (Class::Tampered.exit_code(), "the volume's files were tampered with or are damaged"),
+    (Class::Busy.exit_code(), "the volume is in use by another envelopefs process"),
+];
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -157,5 +183,19 @@ mod tests {
         assert_eq!(e.errno(), libc::EIO);
         assert_eq!(e.to_string(), "file x: block 3 does not authenticate");
         assert!(e.is_noteworthy());
+    }
+
+    #[test]
+    fn every_class_has_a_distinct_documented_exit_code() {
+        let documented: Vec<u8> = EXIT_STATUS.iter().map(|(c, _)| *c).collect();
+        let mut codes: Vec<u8> = Class::ALL.iter().map(|c| c.exit_code()).collect();
+        for c in &codes {
+            assert!(documented.contains(c), "exit code {c} is not documented");
+            assert!(*c > 1, "exit code {c} is taken by success or plain failure");
+        }
+        codes.sort();
+        codes.dedup();
+        assert_eq!(codes.len(), Class::ALL.len(), "two classes share an exit code");
+        assert_eq!(documented.len(), Class::ALL.len() + 2);
     }
 }

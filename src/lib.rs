@@ -3,25 +3,39 @@
 //!
 //! Layers: `envelope` (format, no I/O) → `crypto` (AES-256-GCM blocks) → `keys`
 //! (providers, DEK cache) → `volume` (config, headers) → `content` (block layer) →
-//! `fs` (POSIX over a backing directory) → `mount` (thin FUSE adapter).
+//! `fs` (POSIX over a backing directory) → `mount` (thin FUSE adapter). On top: what
+//! the commands do (`volume_lock`, `retire`, `key_move`, `mount_options`, `status`,
+//! `service`, `daemonize`, `umount`, `helper_args`) and `cli`, the command line itself.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod atomic_file;
 pub mod audit;
 pub mod check;
+pub mod cli;
 pub mod config;
 pub mod content;
 pub mod control;
 pub mod crypto;
 pub mod daemon;
+pub mod daemonize;
 pub mod envelope;
 pub mod envelope_file;
 pub mod error;
 pub mod fs;
+pub mod helper_args;
+pub mod key_move;
 pub mod keys;
 pub mod mount;
+pub mod mount_options;
 pub mod rekey;
+pub mod retire;
+pub mod service;
+pub mod status;
 pub mod sync;
+#[cfg(test)]
+mod test_support;
 pub mod trust;
+pub mod umount;
 pub mod volume;
+pub mod volume_lock;

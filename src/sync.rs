@@ -1,14 +1,14 @@
-//! The synchronisation primitives of the state that concurrency tests explore. In the
-//! library's own unit tests they are shuttle's (which runs a test under many thread
-//! interleavings, each one reproducible from a seed); everywhere else they are std's.
-//! Only modules whose unit tests run inside `shuttle::check_*` may use this shim.
+//! The synchronisation primitives of the state that concurrency tests explore. Built with
+//! `--features shuttle` they are shuttle's (which runs a test under many thread
+//! interleavings, each reproducible from a seed), for `cargo test --features shuttle --lib
+//! fs::inodes`; otherwise std's. With the feature on, only shuttle tests may run.
 
-#[cfg(test)]
+#[cfg(feature = "shuttle")]
 pub use shuttle::sync::{
     atomic::{AtomicU64, Ordering},
     Arc, Mutex,
 };
-#[cfg(not(test))]
+#[cfg(not(feature = "shuttle"))]
 pub use std::sync::{
     atomic::{AtomicU64, Ordering},
     Arc, Mutex,

@@ -73,7 +73,8 @@ fn battery(crypto: &str, writeback: bool, block: u32) {
         f.write_all_at(&[x[0] ^ 1], off).unwrap();
         if i == 0 {
             // Block 0 vouches for the header at open.
-            assert_eq!(File::open(m.path("victim")).unwrap_err().raw_os_error(), Some(libc::EIO));
+            let e = common::open_fails_once_released(&m.path("victim"), &data);
+            assert_eq!(e.raw_os_error(), Some(libc::EIO));
         } else {
             let mut r = File::open(m.path("victim")).unwrap();
             let mut buf = vec![0u8; b];

@@ -169,7 +169,7 @@ fn pasted_header_fails_the_open_and_torn_slot_falls_back() {
     };
     let (ha, hb) = (header(&pa), header(&pb));
     OpenOptions::new().write(true).open(&pb).unwrap().write_all_at(&ha, 0).unwrap();
-    let e = File::open(m.path("b")).unwrap_err();
+    let e = common::open_fails_once_released(&m.path("b"), &b);
     assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
     assert!(m.log_text().contains("pasted from another file"), "{}", m.log_text());
     OpenOptions::new().write(true).open(&pb).unwrap().write_all_at(&hb, 0).unwrap();
@@ -186,7 +186,7 @@ fn pasted_header_fails_the_open_and_torn_slot_falls_back() {
     assert_eq!(fs::read(m.path("a")).unwrap(), a);
     // Both slots gone: the file cannot be opened, and nothing wrong is returned.
     f.write_all_at(&vec![0u8; HEADER as usize], 0).unwrap();
-    assert_eq!(File::open(m.path("a")).unwrap_err().raw_os_error(), Some(libc::EIO));
+    assert_eq!(common::open_fails_once_released(&m.path("a"), &a).raw_os_error(), Some(libc::EIO));
     // fsck (offline) reports it.
     drop(m);
     let out = common::cli(&[&"fsck", &"--key-file", &vol.key, &vol.backing]);

@@ -24,7 +24,7 @@ impl<T> std::ops::Deref for Node<T> {
 }
 
 impl<T> Node<T> {
-    #[cfg(test)]
+    #[cfg(all(test, feature = "shuttle"))]
     pub fn lookups(&self) -> u64 {
         self.lookups.load(Ordering::SeqCst)
     }
@@ -109,7 +109,7 @@ impl<T> InodeTable<T> {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "shuttle"))]
 mod tests {
     use super::*;
 

@@ -466,13 +466,29 @@ fn describe_uri(uri: &Pkcs11Uri) -> String {
     uri.token.clone().or_else(|| uri.serial.clone()).unwrap_or_else(|| "(first token)".into())
 }
 
+/// A token's info. SoftHSM2 answers CKR_GENERAL_ERROR now and then while another process
+/// rewrites one of its token files (seen with several processes on one token directory);
+/// the read is idempotent, so it is tried a few times before that counts as a fault.
+fn token_info(ctx: &Pkcs11, slot: Slot) -> Result<cryptoki::slot::TokenInfo> {
+    let mut attempt = 0;
+    loop {
+        match ctx.get_token_info(slot) {
+            Err(CkError::Pkcs11(RvError::GeneralError, _)) if attempt < 5 => {
+                attempt += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20 * attempt));
+            }
+            r => return r.map_err(|e| ck(e, "reading token info")),
+        }
+    }
+}
+
 fn find_slot(ctx: &Pkcs11, uri: &Pkcs11Uri) -> Result<Slot> {
     let slots = ctx.get_slots_with_token().map_err(|e| ck(e, "listing slots"))?;
     for slot in slots {
         if uri.slot_id.is_some_and(|id| id != slot.id()) {
             continue;
         }
-        let info = ctx.get_token_info(slot).map_err(|e| ck(e, "reading token info"))?;
+        let info = token_info(ctx, slot)?;
         if uri.token.as_deref().is_some_and(|t| t != info.label().trim_end()) {
             continue;
         }

@@ -32,7 +32,7 @@ impl std::fmt::Debug for Secret {
 }
 
 /// How the user said to get the secret; `resolve` tries them in a fixed order.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SecretSource {
     pub passphrase_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
@@ -43,97 +43,179 @@ pub struct SecretSource {
     pub pin_file: Option<PathBuf>,
 }
 
-impl SecretSource {
-    /// Order: --key-file, --passphrase-file, stdin, systemd credential, terminal prompt.
-    /// `confirm` asks twice on a terminal (for init).
-    pub fn resolve(&self, confirm: bool) -> Result<Secret> {
-        if let Some(p) = &self.key_file {
-            return read_key_file(p).map(Secret::KeyFile);
+/// What a secret unlocks: a local keyring (passphrase or key file) or a PKCS#11 token (PIN).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SecretKind {
+    Keyring,
+    Pin,
+}
+
+impl SecretKind {
+    /// What the terminal prompt says.
+    pub fn prompt(self) -> &'static str {
+        match self {
+            SecretKind::Keyring => "Passphrase: ",
+            SecretKind::Pin => "PKCS#11 PIN: ",
         }
-        if let Some(p) = &self.passphrase_file {
-            let raw = Zeroizing::new(
-                fs::read(p).map_err(|e| Error::io(e, format!("reading passphrase file {}", p.display())))?,
-            );
-            return passphrase(trim_newline(&raw), &format!("passphrase file {}", p.display()));
+    }
+
+    fn credential(self) -> &'static str {
+        match self {
+            SecretKind::Keyring => CREDENTIAL_NAME,
+            SecretKind::Pin => PIN_CREDENTIAL,
         }
-        if self.stdin {
-            use std::io::Read;
-            let mut raw = Zeroizing::new(Vec::new());
-            std::io::stdin().read_to_end(&mut raw).map_err(|e| Error::io(e, "reading passphrase from stdin"))?;
-            return passphrase(trim_newline(&raw), "standard input");
-        }
-        if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
-            let p = Path::new(&dir).join(CREDENTIAL_NAME);
-            if p.exists() {
-                let raw = Zeroizing::new(fs::read(&p).map_err(|e| Error::io(e, format!("reading {}", p.display())))?);
-                return passphrase(trim_newline(&raw), "systemd credential");
-            }
-        }
-        if std::io::stdin().is_terminal() {
-            let first = Zeroizing::new(
-                rpassword::prompt_password("Passphrase: ").map_err(|e| Error::io(e, "reading passphrase"))?,
-            );
-            if confirm {
-                let again = Zeroizing::new(
-                    rpassword::prompt_password("Repeat passphrase: ")
-                        .map_err(|e| Error::io(e, "reading passphrase"))?,
-                );
-                if *first != *again {
-                    return Err(Error::new(libc::EINVAL, "the passphrases differ"));
-                }
-            }
-            return passphrase(first.as_bytes(), "prompt");
-        }
-        Err(Error::new(
-            libc::EINVAL,
-            format!(
-                "no passphrase: give --passphrase-file or --key-file, pass a systemd credential named \
-                 {CREDENTIAL_NAME}, or run on a terminal"
-            ),
-        ))
     }
 }
 
+/// Where a secret is read from: the first of the user's choices in the lookup order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Place {
+    /// A keyring key file (32 bytes or 64 hex digits).
+    KeyFile(PathBuf),
+    /// A passphrase or PIN file.
+    File(PathBuf),
+    Stdin,
+    /// A systemd credential file (present in `$CREDENTIALS_DIRECTORY`).
+    Credential(PathBuf),
+    /// Ask on the terminal.
+    Prompt,
+    /// Nothing given and nobody to ask.
+    Nowhere,
+}
+
+fn credentials_dir() -> Option<PathBuf> {
+    std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from)
+}
+
 impl SecretSource {
-    /// The PKCS#11 user PIN. Order: --pin-file, the URI's pin-source (`file:PATH` or a
-    /// path; only a URI the admin typed, never one from the backing directory), stdin,
-    /// systemd credential `envelopefs.pin`, prompt.
+    /// The one lookup order. Keyring: --key-file, --passphrase-file, stdin, systemd
+    /// credential `envelopefs.passphrase`, terminal prompt. PIN: --pin-file, the URI's
+    /// pin-source (`file:PATH` or a path; only a URI the admin typed, never one from the
+    /// backing directory), stdin, systemd credential `envelopefs.pin`, prompt. Never the
+    /// environment.
+    pub fn place(
+        &self,
+        kind: SecretKind,
+        uri_pin_source: Option<&str>,
+        credentials: Option<&Path>,
+        stdin_is_terminal: bool,
+    ) -> Place {
+        match kind {
+            SecretKind::Keyring => {
+                if let Some(p) = &self.key_file {
+                    return Place::KeyFile(p.clone());
+                }
+                if let Some(p) = &self.passphrase_file {
+                    return Place::File(p.clone());
+                }
+            }
+            SecretKind::Pin => {
+                if let Some(p) = &self.pin_file {
+                    return Place::File(p.clone());
+                }
+                if let Some(src) = uri_pin_source {
+                    return Place::File(PathBuf::from(src.strip_prefix("file:").unwrap_or(src)));
+                }
+            }
+        }
+        if self.stdin {
+            return Place::Stdin;
+        }
+        if let Some(p) = credentials.map(|d| d.join(kind.credential())).filter(|p| p.exists()) {
+            return Place::Credential(p);
+        }
+        if stdin_is_terminal {
+            return Place::Prompt;
+        }
+        Place::Nowhere
+    }
+
+    /// What resolving this secret would prompt for on the terminal, if anything (a
+    /// daemonizing mount asks before it forks and hands the answer to its child).
+    pub fn would_prompt(&self, kind: SecretKind, stdin_is_terminal: bool) -> Option<&'static str> {
+        (self.place(kind, None, credentials_dir().as_deref(), stdin_is_terminal) == Place::Prompt)
+            .then(|| kind.prompt())
+    }
+
+    /// The keyring secret, from the first place in [`SecretSource::place`]'s order.
+    /// `confirm` asks twice on a terminal (for init).
+    pub fn resolve(&self, confirm: bool) -> Result<Secret> {
+        let place = self.place(SecretKind::Keyring, None, credentials_dir().as_deref(), std::io::stdin().is_terminal());
+        match place {
+            Place::KeyFile(p) => read_key_file(&p).map(Secret::KeyFile),
+            Place::File(p) => {
+                let raw = Zeroizing::new(
+                    fs::read(&p).map_err(|e| Error::io(e, format!("reading passphrase file {}", p.display())))?,
+                );
+                passphrase(trim_newline(&raw), &format!("passphrase file {}", p.display()))
+            }
+            Place::Stdin => {
+                use std::io::Read;
+                let mut raw = Zeroizing::new(Vec::new());
+                std::io::stdin().read_to_end(&mut raw).map_err(|e| Error::io(e, "reading passphrase from stdin"))?;
+                passphrase(trim_newline(&raw), "standard input")
+            }
+            Place::Credential(p) => {
+                let raw = Zeroizing::new(fs::read(&p).map_err(|e| Error::io(e, format!("reading {}", p.display())))?);
+                passphrase(trim_newline(&raw), "systemd credential")
+            }
+            Place::Prompt => {
+                let first = Zeroizing::new(
+                    rpassword::prompt_password(SecretKind::Keyring.prompt())
+                        .map_err(|e| Error::io(e, "reading passphrase"))?,
+                );
+                if confirm {
+                    let again = Zeroizing::new(
+                        rpassword::prompt_password("Repeat passphrase: ")
+                            .map_err(|e| Error::io(e, "reading passphrase"))?,
+                    );
+                    if *first != *again {
+                        return Err(Error::new(libc::EINVAL, "the passphrases differ"));
+                    }
+                }
+                passphrase(first.as_bytes(), "prompt")
+            }
+            Place::Nowhere => Err(Error::new(
+                libc::EINVAL,
+                format!(
+                    "no passphrase: give --passphrase-file or --key-file, pass a systemd credential named \
+                     {CREDENTIAL_NAME}, or run on a terminal"
+                ),
+            )),
+        }
+    }
+
+    /// The PKCS#11 user PIN, from the first place in [`SecretSource::place`]'s order.
     pub fn resolve_pin(&self, uri_pin_source: Option<&str>) -> Result<Zeroizing<String>> {
         let from_file = |p: &Path| -> Result<Zeroizing<String>> {
             let raw =
                 Zeroizing::new(fs::read(p).map_err(|e| Error::io(e, format!("reading PIN file {}", p.display())))?);
             pin(trim_newline(&raw))
         };
-        if let Some(p) = &self.pin_file {
-            return from_file(p);
-        }
-        if let Some(src) = uri_pin_source {
-            return from_file(Path::new(src.strip_prefix("file:").unwrap_or(src)));
-        }
-        if self.stdin {
-            use std::io::Read;
-            let mut raw = Zeroizing::new(Vec::new());
-            std::io::stdin().read_to_end(&mut raw).map_err(|e| Error::io(e, "reading PIN from stdin"))?;
-            return pin(trim_newline(&raw));
-        }
-        if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
-            let p = Path::new(&dir).join(PIN_CREDENTIAL);
-            if p.exists() {
-                return from_file(&p);
+        let place =
+            self.place(SecretKind::Pin, uri_pin_source, credentials_dir().as_deref(), std::io::stdin().is_terminal());
+        match place {
+            Place::File(p) | Place::Credential(p) | Place::KeyFile(p) => from_file(&p),
+            Place::Stdin => {
+                use std::io::Read;
+                let mut raw = Zeroizing::new(Vec::new());
+                std::io::stdin().read_to_end(&mut raw).map_err(|e| Error::io(e, "reading PIN from stdin"))?;
+                pin(trim_newline(&raw))
             }
+            Place::Prompt => {
+                let v = Zeroizing::new(
+                    rpassword::prompt_password(SecretKind::Pin.prompt()).map_err(|e| Error::io(e, "reading PIN"))?,
+                );
+                pin(v.as_bytes())
+            }
+            Place::Nowhere => Err(Error::new(
+                libc::EINVAL,
+                format!(
+                    "no PKCS#11 PIN: give --pin-file, pin-source in the key URI, pass a systemd \
+                     credential named {PIN_CREDENTIAL}, or run on a terminal"
+                ),
+            )),
         }
-        if std::io::stdin().is_terminal() {
-            let v =
-                Zeroizing::new(rpassword::prompt_password("PKCS#11 PIN: ").map_err(|e| Error::io(e, "reading PIN"))?);
-            return pin(v.as_bytes());
-        }
-        Err(Error::new(
-            libc::EINVAL,
-            format!(
-                "no PKCS#11 PIN: give --pin-file, pin-source in the key URI, pass a systemd \
-                 credential named {PIN_CREDENTIAL}, or run on a terminal"
-            ),
-        ))
     }
 }
 
@@ -205,5 +287,73 @@ mod tests {
         }
         fs::write(&p, "\n").unwrap();
         assert!(src.resolve(false).unwrap_err().to_string().contains("empty passphrase"));
+    }
+
+    #[test]
+    fn the_lookup_order_is_flags_then_stdin_then_credential_then_prompt() {
+        let d = tempfile::tempdir().unwrap();
+        let creds = d.path();
+        let (kf, pf, pin) = (PathBuf::from("k"), PathBuf::from("p"), PathBuf::from("pin"));
+        let all = SecretSource {
+            key_file: Some(kf.clone()),
+            passphrase_file: Some(pf.clone()),
+            stdin: true,
+            pin_file: Some(pin.clone()),
+        };
+        let none = SecretSource::default();
+        let stdin = SecretSource { stdin: true, ..Default::default() };
+        let pass = SecretSource { passphrase_file: Some(pf.clone()), ..Default::default() };
+        let no_creds: Option<&Path> = None;
+        use SecretKind::{Keyring, Pin};
+        // (source, kind, uri pin-source, credential present, terminal) -> place
+        type Case<'a> = (&'a SecretSource, SecretKind, Option<&'a str>, bool, bool, Place);
+        let cases: Vec<Case> = vec![
+            (&all, Keyring, None, true, true, Place::KeyFile(kf.clone())),
+            (&pass, Keyring, None, true, true, Place::File(pf.clone())),
+            (&stdin, Keyring, None, true, true, Place::Stdin),
+            (&none, Keyring, None, true, true, Place::Credential(creds.join(CREDENTIAL_NAME))),
+            (&none, Keyring, None, false, true, Place::Prompt),
+            (&none, Keyring, None, false, false, Place::Nowhere),
+            (&all, Pin, Some("file:/u"), true, true, Place::File(pin.clone())),
+            (&none, Pin, Some("file:/u"), true, true, Place::File(PathBuf::from("/u"))),
+            (&none, Pin, Some("/u"), true, true, Place::File(PathBuf::from("/u"))),
+            (&stdin, Pin, None, true, true, Place::Stdin),
+            (&pass, Pin, None, true, true, Place::Credential(creds.join(PIN_CREDENTIAL))),
+            (&pass, Pin, None, false, true, Place::Prompt),
+            (&pass, Pin, None, false, false, Place::Nowhere),
+        ];
+        for (i, (src, kind, uri, cred, tty, want)) in cases.into_iter().enumerate() {
+            for name in [CREDENTIAL_NAME, PIN_CREDENTIAL] {
+                let p = creds.join(name);
+                if cred {
+                    fs::write(&p, "x").unwrap();
+                } else {
+                    let _ = fs::remove_file(&p);
+                }
+            }
+            assert_eq!(src.place(kind, uri, Some(creds), tty), want, "case {i}");
+        }
+        // Without a credentials directory the credential step is skipped.
+        assert_eq!(none.place(Keyring, None, no_creds, true), Place::Prompt);
+    }
+
+    #[test]
+    fn would_prompt_only_on_a_terminal_and_only_when_nothing_was_given() {
+        let none = SecretSource::default();
+        let key = SecretSource { key_file: Some("k".into()), ..Default::default() };
+        let pin = SecretSource { pin_file: Some("p".into()), ..Default::default() };
+        let stdin = SecretSource { stdin: true, ..Default::default() };
+        if std::env::var_os("CREDENTIALS_DIRECTORY").is_some() {
+            return; // run under a systemd unit with credentials: the answers differ
+        }
+        assert_eq!(none.would_prompt(SecretKind::Keyring, true), Some("Passphrase: "));
+        assert_eq!(none.would_prompt(SecretKind::Pin, true), Some("PKCS#11 PIN: "));
+        assert_eq!(none.would_prompt(SecretKind::Keyring, false), None);
+        assert_eq!(key.would_prompt(SecretKind::Keyring, true), None);
+        assert_eq!(key.would_prompt(SecretKind::Pin, true), Some("PKCS#11 PIN: "));
+        assert_eq!(pin.would_prompt(SecretKind::Pin, true), None);
+        assert_eq!(pin.would_prompt(SecretKind::Keyring, true), Some("Passphrase: "));
+        assert_eq!(stdin.would_prompt(SecretKind::Keyring, true), None);
+        assert_eq!(stdin.would_prompt(SecretKind::Pin, true), None);
     }
 }

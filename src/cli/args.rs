@@ -1,0 +1,383 @@
+//! The command line's shape: every command, flag and help text (clap derive).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::keys::secret::SecretSource;
+use crate::mount_options::MountSettings;
+
+#[derive(Parser)]
+#[command(
+    name = "envelopefs",
+    version,
+    about = "Transparent per-file envelope encryption as a FUSE filesystem",
+    long_about = "envelopefs mounts a plaintext view of a backing directory whose files are \
+envelopes: each holds its own random data key (DEK), wrapped by a key-encryption key (KEK) \
+that stays in its key store, followed by the content in AES-256-GCM blocks.\n\n\
+A first volume, with a passphrase:\n  \
+envelopefs init /srv/secret.enc\n  \
+envelopefs mount /srv/secret.enc /mnt/secret\n  \
+echo hello > /mnt/secret/note.txt\n  \
+envelopefs umount /mnt/secret\n\n\
+Logs go to stderr (or --log-file); RUST_LOG=debug shows more.",
+    after_help = "Secrets are never taken on the command line. The keyring secret comes from, in order: \
+--key-file, --passphrase-file, the systemd credential 'envelopefs.passphrase', or a prompt on the \
+terminal (never the environment).\n\n\
+The backing directory is untrusted: what code to load, which KMS key and endpoint to use come \
+from this host (init records them; `envelopefs trust` pins them on a new host).\n\n\
+Exit status: 0 ok; 1 failure (fsck: problems remain); 2 usage; 10 not a volume; 11 wrong \
+passphrase or key file; 12 mount point missing or busy; 13 key store unreachable; 15 settings \
+this host does not trust; 16 volume files tampered with or damaged; 17 volume in use."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Args, Clone, Default)]
+pub struct SecretArgs {
+    /// Read the keyring passphrase from this file (one trailing newline is ignored).
+    #[arg(long, value_name = "FILE")]
+    pub passphrase_file: Option<PathBuf>,
+    /// Unlock the keyring with a key file: 32 random bytes, or 64 hex digits.
+    /// Make one with: head -c 32 /dev/urandom > volume.key
+    #[arg(long, value_name = "FILE", conflicts_with = "passphrase_file")]
+    pub key_file: Option<PathBuf>,
+    /// PKCS#11 volumes: read the token's user PIN from this file.
+    #[arg(long, value_name = "FILE")]
+    pub pin_file: Option<PathBuf>,
+    /// Read the passphrase or PIN from standard input (used by a daemonizing mount for its child).
+    #[arg(long, hide = true)]
+    pub secret_stdin: bool,
+}
+
+impl SecretArgs {
+    pub fn source(&self) -> SecretSource {
+        SecretSource {
+            passphrase_file: self.passphrase_file.clone(),
+            key_file: self.key_file.clone(),
+            stdin: self.secret_stdin,
+            pin_file: self.pin_file.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ProviderArg {
+    /// A keyring file sealed by a passphrase or key file (no service needed).
+    Local,
+    /// A key in a PKCS#11 token (HSM): give --module and --key.
+    Pkcs11,
+    /// An AWS KMS key: give --key-id (key id, ARN or alias/...).
+    AwsKms,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Make an empty directory into an encrypted volume (writes envelopefs.toml and a keyring).
+    Init {
+        /// The backing directory that will hold the encrypted files. Must be empty.
+        backing: PathBuf,
+        /// Where the key-encryption key lives.
+        #[arg(long, value_enum, default_value = "local")]
+        provider: ProviderArg,
+        /// Plaintext bytes per encrypted block (power of two, 512 B to 1 MiB). Larger blocks
+        /// suit large sequential files; small random writes rewrite a whole block.
+        #[arg(long, default_value_t = 4096)]
+        block_size: u32,
+        /// Bytes reserved at the start of each file for its two header slots.
+        #[arg(long, default_value_t = 4096)]
+        header_size: u32,
+        /// Keep the keyring here instead of inside the backing directory (relative paths are
+        /// relative to the backing directory).
+        #[arg(long, value_name = "PATH")]
+        keyring: Option<PathBuf>,
+        /// Argon2id memory cost for a passphrase, in MiB.
+        #[arg(long, default_value_t = 64)]
+        kdf_memory_mib: u32,
+        /// Argon2id iterations for a passphrase.
+        #[arg(long, default_value_t = 3)]
+        kdf_iterations: u32,
+        /// pkcs11: the PKCS#11 module (shared library) of the token.
+        #[arg(long, value_name = "PATH")]
+        module: Option<PathBuf>,
+        /// pkcs11: the KEK as a PKCS#11 URI, e.g. 'pkcs11:token=prod;object=envelopefs-kek'.
+        /// Versions live in the token as OBJECT/v1, OBJECT/v2…; v1 is created if missing.
+        #[arg(long, value_name = "URI")]
+        key: Option<String>,
+        /// aws-kms: the KMS key (id, ARN, or alias/NAME). Its ARN is stored.
+        #[arg(long, value_name = "KEY")]
+        key_id: Option<String>,
+        /// aws-kms: region (default: the usual AWS settings).
+        #[arg(long)]
+        region: Option<String>,
+        /// aws-kms: endpoint URL (a VPC endpoint, or a local KMS-compatible server).
+        #[arg(long, value_name = "URL")]
+        kms_endpoint: Option<String>,
+        /// aws-kms: wrap each file's DEK locally under an intermediate key that KMS wraps
+        /// (S3-Bucket-Key style, rotated every 15 min): creates and opens make no KMS call
+        /// per file. The per-file encryption context then binds the intermediate key, and
+        /// the file binding is local (AAD). Default: one KMS call per file.
+        #[arg(long)]
+        kms_intermediate_key: bool,
+        #[command(flatten)]
+        secret: SecretArgs,
+    },
+    /// Key-encryption keys: create (PKCS#11), rotate, status, retire.
+    #[command(subcommand)]
+    Key(KeyCmd),
+    /// Pin a volume's key-store settings on this host: the PKCS#11 module to load, the KMS
+    /// key ARNs and endpoint, the keyring's place. `init` does this for the host that made
+    /// the volume; on another host run this once. It shows what it will pin, asks (or takes
+    /// --yes), authenticates the volume with those settings, and only then records them
+    /// under /var/lib/envelopefs/trust (or $ENVELOPEFS_TRUST_DIR).
+    Trust {
+        backing: PathBuf,
+        /// Pin without asking.
+        #[arg(long)]
+        yes: bool,
+        /// pkcs11: the module the volume names, confirmed by you (needed when it is not
+        /// registered with p11-kit on this host).
+        #[arg(long, value_name = "PATH")]
+        module: Option<PathBuf>,
+        #[command(flatten)]
+        secret: SecretArgs,
+    },
+    /// Move a format-1 volume to format 2 (authenticated config, pinned keys). Offline;
+    /// files are untouched. Older envelopefs versions cannot open the volume afterwards.
+    Upgrade {
+        backing: PathBuf,
+        #[command(flatten)]
+        secret: SecretArgs,
+    },
+    /// Move files to the current KEK. --rewrap (default) re-wraps each header's data key:
+    /// cheap, data untouched, safe while mounted. --reencrypt gives each file a new data key
+    /// and rewrites its content (for a suspected DEK leak): offline only. Both are
+    /// crash-safe and resumable: run again after an interruption.
+    Rekey {
+        backing: PathBuf,
+        /// Re-wrap headers under the current KEK version (the default).
+        #[arg(long, conflicts_with = "reencrypt")]
+        rewrap: bool,
+        /// New data key and full rewrite of each file (temp file, fsync, rename).
+        #[arg(long)]
+        reencrypt: bool,
+        /// Files to work on (backing paths); default: the whole volume.
+        paths: Vec<PathBuf>,
+        /// Files processed in parallel.
+        #[arg(long, default_value_t = 4)]
+        jobs: usize,
+        /// Move the volume to another key: a KMS key (ReEncrypt), e.g. alias/app/next, or a
+        /// PKCS#11 key URI in the same token. The config names the new key at once; files
+        /// move as rekey proceeds; disable or delete the old key when `key status` shows
+        /// none left on it.
+        #[arg(long, value_name = "KEY", requires = "rewrap")]
+        to_key: Option<String>,
+        /// Append one JSON line per key operation to this file.
+        #[arg(long, value_name = "FILE")]
+        audit_log: Option<PathBuf>,
+        #[command(flatten)]
+        secret: SecretArgs,
+    },
+    /// Mount a volume. Returns once the mount answers, leaving a daemon behind (or stays in
+    /// the foreground with --foreground).
+    Mount(MountArgs),
+    /// Unmount a mounted volume (waits for nothing: open files keep the old view until closed).
+    Umount { mountpoint: PathBuf },
+    /// Ask a running mount how it is doing: uptime, open files, DEK cache, key-store calls,
+    /// errors.
+    Status {
+        mountpoint: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Install as a systemd service: the unit template, /etc/envelopefs/NAME.toml, and the
+    /// mount helper for `mount -t fuse.envelopefs` and fstab.
+    #[command(subcommand)]
+    Service(ServiceCmd),
+    /// Print shell completions (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff) to stdout: envelopefs man | man -l -
+    Man,
+    /// Show an encrypted file's header (file id, key records, generation). Needs no secret
+    /// and shows none.
+    Inspect {
+        /// A file in the backing directory.
+        file: PathBuf,
+    },
+    /// Check that every header and block of a volume authenticates. Writes nothing unless
+    /// --repair. Exit status 1 when problems remain.
+    Fsck {
+        backing: PathBuf,
+        /// Rewrite damaged header slots from their good twin, cut torn trailing blocks and a
+        /// last block that fails authentication (a torn append). Other blocks that fail
+        /// authentication are only reported. Refuses while the volume is mounted.
+        #[arg(long)]
+        repair: bool,
+        #[command(flatten)]
+        secret: SecretArgs,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ServiceCmd {
+    /// Write envelopefs@.service, /etc/envelopefs/NAME.toml and /sbin/mount.fuse.envelopefs,
+    /// then print how to enable the unit.
+    Install {
+        /// The instance name: envelopefs@NAME.service, /etc/envelopefs/NAME.toml.
+        name: String,
+        #[arg(long)]
+        backing: PathBuf,
+        #[arg(long)]
+        mountpoint: PathBuf,
+        /// Mount options for the instance, as for `mount -o` (e.g. key_file=/etc/envelopefs/NAME.key,allow_other).
+        #[arg(short = 'o', default_value = "")]
+        options: String,
+        /// Install under this root instead of / (for packaging and tests).
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum KeyCmd {
+    /// Create version 1 of a KEK inside a PKCS#11 token (sensitive, never extractable).
+    Create {
+        /// The PKCS#11 module (shared library).
+        #[arg(long, value_name = "PATH")]
+        module: PathBuf,
+        /// The key's PKCS#11 URI, e.g. 'pkcs11:token=prod;object=envelopefs-kek'.
+        #[arg(long, value_name = "URI")]
+        key: String,
+        #[command(flatten)]
+        secret: SecretArgs,
+    },
+    /// Make a new KEK version current. New files wrap under it (running mounts too: they
+    /// pick up the new version within seconds); old files keep opening with the version
+    /// in their header until `rekey --rewrap`.
+    Rotate {
+        backing: PathBuf,
+        #[command(flatten)]
+        secret: SecretArgs,
+    },
+    /// List the KEK versions and how many file headers use each.
+    Status {
+        backing: PathBuf,
+        #[command(flatten)]
+        secret: SecretArgs,
+    },
+    /// Take an old KEK version out of service for good (local: its key is erased from the
+    /// keyring; PKCS#11: the key object is destroyed). Running mounts stop unwrapping with
+    /// it at once. Refuses while any header still references it: run
+    /// `envelopefs rekey --rewrap` first.
+    Retire {
+        backing: PathBuf,
+        version: u32,
+        #[command(flatten)]
+        secret: SecretArgs,
+    },
+}
+
+#[derive(Args)]
+pub struct MountArgs {
+    /// The volume's backing directory.
+    pub backing: Option<PathBuf>,
+    /// An existing empty directory to mount on.
+    pub mountpoint: Option<PathBuf>,
+    /// Read backing, mountpoint and options from a TOML file (what the systemd unit uses):
+    /// backing = "...", mountpoint = "...", options = "allow_other,key_file=..."
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Stay in the foreground (for systemd and debugging).
+    #[arg(short, long)]
+    pub foreground: bool,
+    /// Mount options, comma separated, for fstab and `mount -t fuse.envelopefs`: allow_other,
+    /// ro, rw, no_writeback_cache, threads=N, attr_timeout=S, entry_timeout=S, key_file=F,
+    /// passphrase_file=F, pin_file=F, log_file=F, audit_log=F, cache_ttl=S, cache_tti=S,
+    /// cache_max=N, crypto=aws-lc|rustcrypto (fstab words such as _netdev, nofail, defaults,
+    /// x-systemd.*, comment=… are accepted and ignored). In a value, write a comma as \, and
+    /// a backslash as \\.
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    pub options: Vec<String>,
+    /// Let other users use the mount (as root: files they create are theirs).
+    /// The kernel checks permissions (default_permissions is always on).
+    #[arg(long)]
+    pub allow_other: bool,
+    /// Mount read-only.
+    #[arg(long)]
+    pub read_only: bool,
+    /// FUSE worker threads.
+    #[arg(long, default_value_t = 4)]
+    pub threads: usize,
+    /// Seconds the kernel may cache attributes.
+    #[arg(long, default_value_t = 1.0)]
+    pub attr_timeout: f64,
+    /// Seconds the kernel may cache name lookups.
+    #[arg(long, default_value_t = 1.0)]
+    pub entry_timeout: f64,
+    /// Let the kernel cache writes and send them in pages (the default; kept for scripts).
+    #[arg(long, hide = true)]
+    pub writeback_cache: bool,
+    /// Send every write straight to the daemon instead of through the kernel's writeback
+    /// cache (slower small writes; see docs/PERFORMANCE.md).
+    #[arg(long)]
+    pub no_writeback_cache: bool,
+    /// AES-GCM implementation.
+    #[arg(long, default_value = "aws-lc", value_parser = ["aws-lc", "rustcrypto"])]
+    pub crypto: String,
+    /// Seconds an unwrapped data key stays cached after it was loaded. Also the bound on how
+    /// long files already opened keep working after their KEK is disabled.
+    #[arg(long, default_value_t = 300)]
+    pub cache_ttl: u64,
+    /// Seconds an unused cached data key survives.
+    #[arg(long, default_value_t = 60)]
+    pub cache_tti: u64,
+    /// Most data keys cached at once.
+    #[arg(long, default_value_t = 4096)]
+    pub cache_max: u64,
+    /// Append logs to this file instead of stderr.
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
+    /// Do not lock the daemon's memory (data keys could then reach swap).
+    #[arg(long)]
+    pub no_mlock: bool,
+    /// Append one JSON line per key operation (wrap, unwrap) to this file (docs/AUDIT.md).
+    #[arg(long, value_name = "FILE")]
+    pub audit_log: Option<PathBuf>,
+    /// aws-kms: wrapped data keys generated ahead for new files (default 256; 0 = none).
+    #[arg(long, value_name = "N")]
+    pub kms_pool: Option<usize>,
+    /// aws-kms: seconds one KMS call may take, retries included (default 20); an outage
+    /// longer than this is EIO.
+    #[arg(long, value_name = "S")]
+    pub kms_timeout: Option<f64>,
+    #[command(flatten)]
+    pub secret: SecretArgs,
+}
+
+impl MountArgs {
+    /// The mount's settings as the flags give them (before `--config` and `-o` fold in).
+    pub fn settings(&self) -> MountSettings {
+        MountSettings {
+            backing: self.backing.clone(),
+            mountpoint: self.mountpoint.clone(),
+            allow_other: self.allow_other,
+            read_only: self.read_only,
+            threads: self.threads,
+            attr_timeout: self.attr_timeout,
+            entry_timeout: self.entry_timeout,
+            no_writeback_cache: self.no_writeback_cache,
+            crypto: self.crypto.clone(),
+            cache_ttl: self.cache_ttl,
+            cache_tti: self.cache_tti,
+            cache_max: self.cache_max,
+            log_file: self.log_file.clone(),
+            audit_log: self.audit_log.clone(),
+            kms_pool: self.kms_pool,
+            kms_timeout: self.kms_timeout,
+            secret: self.secret.source(),
+        }
+    }
+}

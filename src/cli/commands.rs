@@ -1,0 +1,207 @@
+//! The commands that open a volume and report on it: init, trust, upgrade, rekey, fsck,
+//! inspect, status.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{anyhow, bail, Context, Result};
+use tracing::info;
+
+use super::args::{Cmd, ProviderArg};
+use crate::keys::aws_kms::KmsSettings;
+use crate::keys::local::KdfParams;
+use crate::keys::pkcs11::Pkcs11Uri;
+use crate::keys::secret::SecretSource;
+use crate::rekey;
+use crate::volume::{self, InitOptions, OpenOptions, Volume};
+use crate::volume_lock::lock_volume;
+
+/// Run one of this module's commands.
+pub fn run(cmd: Cmd) -> Result<ExitCode> {
+    match cmd {
+        Cmd::Init {
+            backing,
+            provider,
+            block_size,
+            header_size,
+            keyring,
+            kdf_memory_mib,
+            kdf_iterations,
+            module,
+            key,
+            key_id,
+            region,
+            kms_endpoint,
+            kms_intermediate_key,
+            secret,
+        } => {
+            let provider = match provider {
+                ProviderArg::Local => volume::ProviderInit::Local {
+                    kdf: KdfParams { m_kib: kdf_memory_mib.saturating_mul(1024), t: kdf_iterations, p: 1 },
+                    keyring,
+                },
+                ProviderArg::Pkcs11 => {
+                    let uri = key.ok_or_else(|| anyhow!("--provider pkcs11 needs --key URI"))?;
+                    let module = module
+                        .or_else(|| uri.parse::<Pkcs11Uri>().ok()?.module_path.map(PathBuf::from))
+                        .ok_or_else(|| anyhow!("--provider pkcs11 needs --module PATH (or module-path in the URI)"))?;
+                    volume::ProviderInit::Pkcs11 { module, uri }
+                }
+                ProviderArg::AwsKms => {
+                    let key_id = key_id.ok_or_else(|| anyhow!("--provider aws-kms needs --key-id"))?;
+                    let mut s = KmsSettings::new(&key_id);
+                    s.region = region;
+                    s.endpoint = kms_endpoint;
+                    s.pool_size = 0;
+                    s.intermediate_key = kms_intermediate_key;
+                    volume::ProviderInit::AwsKms(s)
+                }
+            };
+            let opts = InitOptions { block_size, header_size, provider, ..InitOptions::default() };
+            init(&backing, &secret.source(), &opts)
+        }
+        Cmd::Trust { backing, yes, module, secret } => trust(&backing, yes, module.as_deref(), &secret.source()),
+        Cmd::Upgrade { backing, secret } => {
+            let _lock = lock_volume(&backing).context("upgrade rewrites the config: unmount the volume first")?;
+            let mut vol = Volume::open(&backing, &secret.source(), &OpenOptions::default())?;
+            if vol.upgrade()? {
+                println!("{} is now format {}: its config is authenticated", backing.display(), vol.config.format);
+            } else {
+                println!("{} is already format {}", backing.display(), vol.config.format);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Status { mountpoint, json } => {
+            let st = crate::control::query(&mountpoint)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                crate::status::write_human(&st, &mut std::io::stdout())?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Rekey { backing, rewrap: _, reencrypt, paths, jobs, to_key, audit_log, secret } => {
+            let mode = if reencrypt { rekey::Mode::Reencrypt } else { rekey::Mode::Rewrap };
+            let opts = OpenOptions { audit_log, ..OpenOptions::default() };
+            let vol = match to_key {
+                None => Volume::open(&backing, &secret.source(), &opts)?,
+                Some(k) => crate::key_move::move_to_key(&backing, &k, &secret.source(), &opts)?,
+            };
+            rekey_files(&vol, &backing, mode, paths, jobs)
+        }
+        Cmd::Inspect { file } => {
+            crate::check::inspect(&file, &mut std::io::stdout().lock())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Fsck { backing, repair, secret } => {
+            let vol = Volume::open(&backing, &secret.source(), &OpenOptions::default())?;
+            let _lock = if repair {
+                Some(lock_volume(&backing).context("fsck --repair needs the volume unmounted")?)
+            } else {
+                None
+            };
+            let rep = crate::check::fsck(&vol, repair)?;
+            let mut remaining = 0;
+            for p in &rep.problems {
+                let mark = if p.repaired { "repaired" } else { "PROBLEM" };
+                remaining += usize::from(!p.repaired);
+                println!("{mark}: {}: {}", p.path.display(), p.what);
+            }
+            println!(
+                "checked {} files, {} blocks ({} holes): {} problems, {} repaired",
+                rep.files,
+                rep.blocks,
+                rep.holes,
+                rep.problems.len(),
+                rep.problems.len() - remaining
+            );
+            Ok(if remaining == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Cmd::Mount(_) | Cmd::Key(_) | Cmd::Service(_) | Cmd::Umount { .. } | Cmd::Completions { .. } | Cmd::Man => {
+            unreachable!("dispatched by cli::run")
+        }
+    }
+}
+
+fn init(backing: &Path, secret: &SecretSource, opts: &InitOptions) -> Result<ExitCode> {
+    let cfg = volume::init(backing, secret, opts)?;
+    println!("Created an envelopefs volume in {}", backing.display());
+    println!("  volume id   {}", cfg.volume_id);
+    println!("  block size  {} bytes, header {} bytes", cfg.block_size, cfg.header_size);
+    match cfg.keyring_path(backing) {
+        Some(k) => {
+            println!("  keyring     {}", k.display());
+            println!("Without the keyring and its passphrase or key file the files cannot be decrypted: back them up.");
+        }
+        None => println!("  provider    {:?}", cfg.provider),
+    }
+    println!("Mount it with: envelopefs mount {} MOUNTPOINT", backing.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn rekey_files(vol: &Volume, backing: &Path, mode: rekey::Mode, paths: Vec<PathBuf>, jobs: usize) -> Result<ExitCode> {
+    let _lock = if mode == rekey::Mode::Reencrypt {
+        Some(lock_volume(backing).context("rekey --reencrypt rewrites files: unmount the volume first")?)
+    } else {
+        None
+    };
+    if mode == rekey::Mode::Reencrypt {
+        let n = rekey::remove_stale_temporaries(&vol.root)?;
+        if n > 0 {
+            info!("removed {n} temporary files left by an interrupted re-encryption");
+        }
+    }
+    let files = if paths.is_empty() { rekey::volume_files(&vol.root)? } else { paths };
+    let label = if mode == rekey::Mode::Rewrap { "rewrap" } else { "reencrypt" };
+    let progress = rekey::Progress::new(files.len() as u64, label);
+    let sum = rekey::run(vol, mode, files, jobs, &|p| progress.tick(p));
+    progress.finish();
+    for (p, e) in &sum.failed {
+        eprintln!("FAILED: {}: {e}", p.display());
+    }
+    println!(
+        "{label}: {} files changed, {} already current, {} failed (KEK version {} is current)",
+        sum.changed,
+        sum.unchanged,
+        sum.failed.len(),
+        vol.provider.current_version()?
+    );
+    Ok(if sum.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// `envelopefs trust`: show what would be pinned, ask, authenticate with it, pin it.
+fn trust(backing: &Path, yes: bool, module: Option<&Path>, secret: &SecretSource) -> Result<ExitCode> {
+    let root = std::fs::canonicalize(backing).with_context(|| format!("backing directory {}", backing.display()))?;
+    let cfg = volume::VolumeConfig::load(&root)?;
+    let store = crate::trust::TrustStore::host();
+    let existing = store.get(&cfg.volume_id)?;
+    let rec = crate::trust::candidate(&root, &cfg, module, existing.as_ref())?;
+    println!("{} asks this host to trust:", root.display());
+    for line in crate::trust::describe(&rec) {
+        println!("  {line}");
+    }
+    if cfg.format < 2 {
+        println!("  note: format 1: the config is not authenticated; `envelopefs upgrade` makes it format 2");
+    }
+    if let Some(old) = &existing {
+        for d in old.provider.differences(&cfg.provider) {
+            println!("  changed: {d}");
+        }
+    }
+    if !yes {
+        if !std::io::stdin().is_terminal() {
+            bail!("not pinned: confirm with --yes (no terminal to ask on)");
+        }
+        eprint!("Pin these settings for this volume on this host? [y/N] ");
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            bail!("not pinned");
+        }
+    }
+    let vol = Volume::open_trusting(&root, cfg, Some(rec), secret, &OpenOptions::default())?;
+    vol.save_trust()?;
+    println!("pinned in {}", store.dir().display());
+    Ok(ExitCode::SUCCESS)
+}

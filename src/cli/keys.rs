@@ -1,0 +1,75 @@
+//! `envelopefs key`: create (PKCS#11), rotate, status, retire.
+
+use std::process::ExitCode;
+
+use anyhow::{anyhow, Result};
+
+use super::args::KeyCmd;
+use crate::keys::pkcs11::{Pkcs11Provider, Pkcs11Uri};
+use crate::keys::KeyProvider;
+use crate::volume::{OpenOptions, Volume};
+use crate::volume_lock::volume_locked;
+
+pub fn key_cmd(cmd: KeyCmd) -> Result<ExitCode> {
+    match cmd {
+        KeyCmd::Create { module, key, secret } => {
+            let uri: Pkcs11Uri = key.parse().map_err(|e: String| anyhow!("--key {key}: {e}"))?;
+            let pin = secret.source().resolve_pin(uri.pin_source.as_deref())?;
+            let p = Pkcs11Provider::open(&module, &uri, pin, true)?;
+            let v = p.current_version()?;
+            println!("{}: version {v} is current", uri.key_id());
+        }
+        KeyCmd::Rotate { backing, secret } => {
+            let mut vol = Volume::open(&backing, &secret.source(), &OpenOptions::default())?;
+            let v = vol.provider.rotate()?;
+            vol.update_config(|_| {})?;
+            println!("{}: KEK version {v} is now current; new files wrap under it", vol.provider.describe());
+            println!("Existing files keep the version they have until `envelopefs rekey`.");
+        }
+        KeyCmd::Retire { backing, version, secret } => {
+            let mut vol = Volume::open(&backing, &secret.source(), &OpenOptions::default())?;
+            crate::retire::retire(&mut vol, version)?;
+            println!("KEK version {version} retired: its key is gone");
+        }
+        KeyCmd::Status { backing, secret } => {
+            let vol = Volume::open(&backing, &secret.source(), &OpenOptions::default())?;
+            let usage = crate::check::key_usage(&vol)?;
+            let current = vol.provider.current_version().ok();
+            println!("{}", vol.provider.describe());
+            if volume_locked(&backing) {
+                println!("  note: the volume is mounted; a mount started before a rotation or --to-key may still");
+                println!("  wrap new files under the old key until it is remounted: remount before retiring a key");
+            }
+            for v in vol.provider.versions()? {
+                let n = usage.files.get(&v.version).copied().unwrap_or(0);
+                let mark = if v.current {
+                    " (current)"
+                } else if v.retired {
+                    " (retired)"
+                } else {
+                    ""
+                };
+                println!("  version {}{mark}: {n} files", v.version);
+            }
+            for (v, n) in &usage.files {
+                if !vol.provider.versions()?.iter().any(|i| i.version == *v) {
+                    println!("  version {v} (MISSING from the key store): {n} files");
+                }
+            }
+            println!("  {} files without a header yet (empty)", usage.empty);
+            if usage.other_key > 0 {
+                println!("  {} files still wrap under another key: `envelopefs rekey --rewrap`", usage.other_key);
+            }
+            let stale: u64 = usage.any_slot.iter().filter(|(v, _)| Some(**v) != current).map(|(_, n)| n).sum();
+            if stale > 0 {
+                println!(
+                    "  {stale} files still reference an older version in a header slot: `envelopefs rekey --rewrap`"
+                );
+            }
+            if usage.unreadable > 0 {
+                println!("  {} files whose header could not be read (run fsck)", usage.unreadable);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,195 @@
+//! The `envelopefs` command line: parse (see [`args`]), harden the process, fold the mount
+//! options, start logging, and run the command. The binary's `main` only calls [`run`]
+//! and turns an error into its exit code with [`exit_code`].
+
+pub mod args;
+mod commands;
+mod keys;
+mod mount;
+
+use std::ffi::OsString;
+use std::io::IsTerminal;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::CommandFactory;
+use tracing::warn;
+
+pub use args::Cli;
+use args::{Cmd, ServiceCmd};
+
+use crate::daemon;
+use crate::error::EXIT_STATUS;
+use crate::mount_options;
+
+/// Run one command. `argv` is the argument list `cli` was parsed from (after
+/// [`crate::helper_args::rewrite`]): a daemonizing mount starts its child with it.
+pub fn run(cli: Cli, argv: &[OsString]) -> Result<ExitCode> {
+    // Before any secret is read, in every command: no core dumps, no ptrace by others, and
+    // pages locked in RAM (a mount may opt out with --no-mlock; others warn nowhere).
+    let lock = !matches!(&cli.cmd, Cmd::Mount(m) if m.no_mlock);
+    let hardened = daemon::harden_memory(lock);
+    let mount = match &cli.cmd {
+        Cmd::Mount(m) => Some(mount_options::resolve(m.settings(), m.config.as_deref(), &m.options)?),
+        _ => None,
+    };
+    init_logging(mount.as_ref().and_then(|m| m.log_file.as_deref()))?;
+    if let (Err(e), Some(_)) = (&hardened, &mount) {
+        warn!("{e}");
+    }
+    match (cli.cmd, mount) {
+        (Cmd::Mount(m), Some(settings)) => mount::mount(settings, m.foreground, argv),
+        (Cmd::Mount(_), None) => unreachable!("resolved above"),
+        (Cmd::Key(k), _) => keys::key_cmd(k),
+        (Cmd::Service(ServiceCmd::Install { name, backing, mountpoint, options, root }), _) => {
+            let exe = std::env::current_exe()?;
+            crate::service::install(&name, &backing, &mountpoint, &options, &root, &exe, &mut std::io::stdout())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        (Cmd::Umount { mountpoint }, _) => {
+            crate::umount::umount(&mountpoint)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        (Cmd::Completions { shell }, _) => {
+            clap_complete::generate(shell, &mut Cli::command(), "envelopefs", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        (Cmd::Man, _) => {
+            std::io::Write::write_all(&mut std::io::stdout(), &man_page()?)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        (cmd, _) => commands::run(cmd),
+    }
+}
+
+/// The exit code of a failure: its class, where the library gave one (see the man page's
+/// EXIT STATUS); 1 otherwise.
+pub fn exit_code(e: &anyhow::Error) -> u8 {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<crate::error::Error>())
+        .find_map(|e| e.class())
+        .map_or(1, |c| c.exit_code())
+}
+
+/// The man page (roff): what clap knows, with an EXIT STATUS section before the notes.
+pub fn man_page() -> std::io::Result<Vec<u8>> {
+    let mut page = Vec::new();
+    clap_mangen::Man::new(Cli::command()).render(&mut page)?;
+    let mut section = String::from(".SH \"EXIT STATUS\"\n");
+    for (code, what) in EXIT_STATUS {
+        section.push_str(&format!(".TP\n\\fB{code}\\fR\n{}\n", roff_escape(what)));
+    }
+    let text = String::from_utf8_lossy(&page).into_owned();
+    let at = ["\n.SH EXTRA", "\n.SH VERSION"].iter().find_map(|h| text.find(h)).map_or(text.len(), |i| i + 1);
+    let mut out = text[..at].to_owned();
+    if !out.ends_with('\n') {
+        out.push('\n');
+    }
+    out.push_str(&section);
+    out.push_str(&text[at..]);
+    Ok(out.into_bytes())
+}
+
+/// Text safe inside a roff paragraph: backslashes doubled, no line starting with a
+/// control character.
+fn roff_escape(s: &str) -> String {
+    let s = s.replace('\\', "\\\\").replace('-', "\\-");
+    if s.starts_with(['.', '\'']) {
+        format!("\\&{s}")
+    } else {
+        s
+    }
+}
+
+fn init_logging(log_file: Option<&Path>) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,fuser=error".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    match log_file {
+        Some(p) => {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o640)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(p)
+                .with_context(|| format!("opening log file {}", p.display()))?;
+            builder.with_ansi(false).with_writer(Arc::new(f)).init();
+        }
+        None if std::env::var_os("ENVELOPEFS_NOTIFY_PARENT").is_some() => {
+            builder.with_ansi(false).with_writer(daemon::StderrThenSyslog).init()
+        }
+        None => builder.with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr).init(),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::error::{Class, Error};
+    use crate::helper_args::SUBCOMMANDS;
+    use crate::mount_options::MountSettings;
+
+    #[test]
+    fn the_man_page_has_an_exit_status_section_with_every_code() {
+        let page = String::from_utf8(man_page().unwrap()).unwrap();
+        let at = page.find(".SH \"EXIT STATUS\"").expect("an EXIT STATUS section");
+        let section = &page[at..];
+        let section = &section[..section[1..].find("\n.SH ").map_or(section.len(), |i| i + 1)];
+        for (code, _) in EXIT_STATUS {
+            assert!(section.contains(&format!("\\fB{code}\\fR")), "exit code {code} missing: {section}");
+        }
+        for class in Class::ALL {
+            assert!(section.contains(&format!("\\fB{}\\fR", class.exit_code())), "{class:?}");
+        }
+        assert!(page.starts_with(".ie") || page.contains(".TH envelopefs"));
+    }
+
+    #[test]
+    fn help_lists_every_exit_code() {
+        let help = Cli::command().render_long_help().to_string();
+        let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+        for (code, _) in EXIT_STATUS {
+            assert!(help.contains(&format!(" {code} ")), "--help does not mention exit code {code}");
+        }
+    }
+
+    #[test]
+    fn exit_codes_follow_the_class_anywhere_in_the_chain() {
+        let plain = anyhow::anyhow!("no class");
+        assert_eq!(exit_code(&plain), 1);
+        for class in Class::ALL {
+            let e = anyhow::Error::from(Error::new(libc::EIO, "x").with_class(class)).context("outer");
+            assert_eq!(exit_code(&e), class.exit_code(), "{class:?}");
+        }
+        let unclassed = anyhow::Error::from(Error::new(libc::EIO, "x"));
+        assert_eq!(exit_code(&unclassed), 1);
+    }
+
+    #[test]
+    fn the_helper_knows_every_subcommand() {
+        let mut clap: Vec<String> = Cli::command().get_subcommands().map(|c| c.get_name().to_owned()).collect();
+        let mut ours: Vec<String> = SUBCOMMANDS.iter().map(|s| s.to_string()).collect();
+        clap.sort();
+        ours.sort();
+        assert_eq!(clap, ours);
+    }
+
+    #[test]
+    fn mount_flags_default_to_the_library_defaults() {
+        let cli = Cli::parse_from(["envelopefs", "mount", "/b", "/m"]);
+        let Cmd::Mount(m) = cli.cmd else { panic!("not a mount") };
+        let want = MountSettings { backing: Some("/b".into()), mountpoint: Some("/m".into()), ..Default::default() };
+        assert_eq!(m.settings(), want);
+        let cli =
+            Cli::parse_from(["envelopefs", "mount", "--threads", "9", "--key-file", "/k", "-o", "ro", "/b", "/m"]);
+        let Cmd::Mount(m) = cli.cmd else { panic!("not a mount") };
+        let s = mount_options::resolve(m.settings(), None, &m.options).unwrap();
+        assert_eq!((s.threads, s.read_only, s.secret.key_file.as_deref()), (9, true, Some(Path::new("/k"))));
+    }
+}

@@ -1,0 +1,113 @@
+//! `envelopefs mount`: check the mount point, then daemonize, or serve in the foreground
+//! until unmounted or signalled.
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use tracing::{info, warn};
+
+use crate::crypto::Backend;
+use crate::daemon;
+use crate::error::{Class, Error};
+use crate::fs::EncryptedFs;
+use crate::mount_options::MountSettings;
+use crate::volume::{OpenOptions, Volume, VolumeConfig};
+use crate::volume_lock::lock_volume;
+
+/// Lazily detach the mount at `path` (when it cannot be unmounted cleanly).
+fn detach(path: &std::path::Path) {
+    if let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) {
+        // SAFETY: `c` is NUL-terminated and outlives the call.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+pub fn mount(mut s: MountSettings, foreground: bool, argv: &[OsString]) -> Result<ExitCode> {
+    let b = s.backing().to_owned();
+    s.backing =
+        Some(std::fs::canonicalize(&b).with_context(|| format!("backing directory {} does not exist", b.display()))?);
+    let opts = s.mount_options();
+    let mnt_err = |errno, why: &str| {
+        Error::new(errno, format!("mount point {} {why}", s.mountpoint().display())).with_class(Class::Mountpoint)
+    };
+    let meta = std::fs::metadata(s.mountpoint()).map_err(|_| mnt_err(libc::ENOENT, "does not exist"))?;
+    if !meta.is_dir() {
+        return Err(mnt_err(libc::ENOTDIR, "is not a directory").into());
+    }
+    if daemon::is_mount_point(s.mountpoint()) {
+        return Err(mnt_err(libc::EBUSY, "is busy: something is already mounted there").into());
+    }
+    // Fail fast (and in the caller's terminal) on a directory that is not a volume.
+    VolumeConfig::load(s.backing())?;
+    if !foreground {
+        return Ok(ExitCode::from(crate::daemonize::daemonize(s.backing(), &s.secret, argv)?));
+    }
+    let backend: Backend = s.crypto.parse().map_err(|e: String| anyhow!(e))?;
+    let vol = Volume::open(
+        s.backing(),
+        &s.secret,
+        &OpenOptions {
+            backend,
+            cache: s.cache(),
+            audit_log: s.audit_log.clone(),
+            kms_pool: Some(s.kms_pool.unwrap_or(crate::keys::aws_kms::DEFAULT_POOL)),
+            kms_timeout: s.kms_timeout.map(Duration::from_secs_f64),
+            ..OpenOptions::default()
+        },
+    )?;
+    let _lock = lock_volume(s.backing())?;
+    daemon::raise_fd_limit();
+    let fs = Arc::new(EncryptedFs::new(Arc::new(vol))?);
+    let mut session = crate::mount::mount(fs.clone(), s.mountpoint(), opts)
+        .with_context(|| format!("mounting on {}", s.mountpoint().display()))?;
+    let mut unmounter = session.unmount_callable();
+    let mut signals = signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP])?;
+    let mnt = s.mountpoint().to_owned();
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            info!("signal {sig}: unmounting {}", mnt.display());
+            daemon::sd_notify("STOPPING=1");
+            if let Err(e) = unmounter.unmount() {
+                warn!("unmount of {} failed: {e}; unmounting lazily", mnt.display());
+                detach(&mnt);
+            }
+        }
+    });
+    let status = crate::status::reporter(fs, s.backing(), s.mountpoint());
+    // Removed when this function returns, that is once the mount is gone.
+    let socket = match crate::control::serve(s.mountpoint(), status) {
+        Ok(sock) => {
+            info!("status socket {}", sock.path().display());
+            Some(sock)
+        }
+        Err(e) => {
+            warn!("no status socket: {e}");
+            None
+        }
+    };
+    // Ready means "answers": stat the mount point through the running session first.
+    let (probe, mnt) = (s.mountpoint().to_owned(), s.mountpoint().display().to_string());
+    let back = s.backing().display().to_string();
+    let sock = socket.as_ref().map(|s| s.path().to_owned());
+    std::thread::spawn(move || match std::fs::metadata(&probe) {
+        Ok(_) => {
+            info!("mounted {back} on {mnt}");
+            daemon::announce_ready(std::env::var_os("ENVELOPEFS_NOTIFY_PARENT").is_some());
+        }
+        Err(e) => {
+            tracing::error!("the new mount does not answer a stat: {e}; giving up");
+            detach(&probe);
+            // exit() runs no destructors: the socket this process bound goes by hand.
+            if let Some(p) = sock {
+                let _ = std::fs::remove_file(p);
+            }
+            std::process::exit(1);
+        }
+    });
+    session.run().context("serving the mount")?;
+    info!("unmounted {}", s.mountpoint().display());
+    Ok(ExitCode::SUCCESS)
+}
