@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use crate::envelope::decode_region;
 use crate::envelope_file::{EnvelopeFile, Finding};
 use crate::error::{Error, Result};
-use crate::rekey::{is_temporary, open_regular, Found, Tree};
+use crate::tree::{is_temporary, open_regular, Found, Tree};
 use crate::volume::{Volume, VolumeConfig, CONFIG_NAME};
 
 /// The volume root above `path`: the nearest directory holding `envelopefs.toml`.
@@ -107,7 +107,7 @@ pub struct FsckReport {
 /// (a torn append) is cut. Other blocks that do not authenticate are only reported.
 /// The caller makes sure the volume is not mounted when repairing.
 /// Files are checked as the walk meets them, each opened relative to its directory's
-/// descriptor (see `rekey::Tree`): nothing swapped into the backing directory meanwhile can
+/// descriptor (see `tree::Tree`): nothing swapped into the backing directory meanwhile can
 /// lead a repair outside the volume.
 pub fn fsck(vol: &Volume, repair: bool) -> Result<FsckReport> {
     let mut report = FsckReport::default();

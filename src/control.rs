@@ -6,27 +6,12 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-
-/// Counters the filesystem and the adapter keep for `status`.
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub errors: AtomicU64,
-    pub last_error: Mutex<Option<(SystemTime, String)>>,
-}
-
-impl Stats {
-    pub fn error(&self, what: String) {
-        self.errors.fetch_add(1, Ordering::Relaxed);
-        *self.last_error.lock().unwrap() = Some((SystemTime::now(), what));
-    }
-}
 
 /// What `status --json` prints.
 #[derive(Debug, Serialize, Deserialize, PartialEq)]

@@ -33,8 +33,10 @@ pub mod retire;
 pub mod service;
 pub mod status;
 pub mod sync;
+pub mod sys;
 #[cfg(test)]
 mod test_support;
+pub mod tree;
 pub mod trust;
 pub mod umount;
 pub mod volume;

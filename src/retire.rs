@@ -68,7 +68,7 @@ mod tests {
         let e = retire(&mut vol, 1).unwrap_err();
         assert!(e.to_string().contains("referenced by 1 file headers"), "{e}");
 
-        let files = rekey::volume_files(&vol.root).unwrap();
+        let files = crate::tree::volume_files(&vol.root).unwrap();
         let sum = rekey::run(&vol, rekey::Mode::Rewrap, files, 1, &|_| {});
         assert!(sum.failed.is_empty(), "{:?}", sum.failed);
         // A header nobody can read might need the version.

@@ -147,12 +147,12 @@ fn rekey_files(vol: &Volume, backing: &Path, mode: rekey::Mode, paths: Vec<PathB
         None
     };
     if mode == rekey::Mode::Reencrypt {
-        let n = rekey::remove_stale_temporaries(&vol.root)?;
+        let n = crate::tree::remove_stale_temporaries(&vol.root)?;
         if n > 0 {
             info!("removed {n} temporary files left by an interrupted re-encryption");
         }
     }
-    let files = if paths.is_empty() { rekey::volume_files(&vol.root)? } else { paths };
+    let files = if paths.is_empty() { crate::tree::volume_files(&vol.root)? } else { paths };
     let label = if mode == rekey::Mode::Rewrap { "rewrap" } else { "reencrypt" };
     let progress = rekey::Progress::new(files.len() as u64, label);
     let sum = rekey::run(vol, mode, files, jobs, &|p| progress.tick(p));

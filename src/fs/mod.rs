@@ -5,7 +5,6 @@
 //! links need no path bookkeeping and nothing ever follows a symlink in the backing tree.
 
 mod inodes;
-pub(crate) mod sys;
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -14,7 +13,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::DirEntryExt;
 use std::os::unix::io::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::audit::Requester;
@@ -22,6 +21,7 @@ use crate::content::Content;
 use crate::crypto::FileKey;
 use crate::envelope_file::EnvelopeFile;
 use crate::error::{Error, Result};
+use crate::sys;
 use crate::volume::{is_reserved, Volume};
 
 pub const ROOT_INO: u64 = 1;
@@ -156,9 +156,23 @@ enum Handle {
     Dir(Arc<DirHandle>),
 }
 
+/// Counters the filesystem and the adapter keep for `status`.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub errors: AtomicU64,
+    pub last_error: Mutex<Option<(SystemTime, String)>>,
+}
+
+impl Stats {
+    pub fn error(&self, what: String) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        *self.last_error.lock().unwrap() = Some((SystemTime::now(), what));
+    }
+}
+
 pub struct EncryptedFs {
     /// Error counters for `envelopefs status`.
-    pub stats: crate::control::Stats,
+    pub stats: Stats,
     vol: Arc<Volume>,
     root_dev: u64,
     /// A readable descriptor of the root, for statfs.
