@@ -151,7 +151,7 @@ impl EnvelopeFile<'_> {
         for r in &h.records {
             if stale(r) {
                 let res = vol.provider.rewrap(r, &ctx);
-                vol.audit("rewrap", &h.file_id, self.describe, r, res.as_ref().map(drop));
+                vol.audit("rewrap", &h.file_id, self.describe, r, res.as_ref().map(drop), self.who);
                 records.push(res?);
             } else {
                 records.push(r.clone());

@@ -518,19 +518,9 @@ impl Volume {
         r
     }
 
-    /// Record a key operation in the audit log, if there is one.
+    /// Record a key operation in the audit log, if there is one, as `who`'s (None: this
+    /// process's).
     pub fn audit(
-        &self,
-        op: &str,
-        file_id: &FileId,
-        path: &dyn Fn() -> String,
-        rec: &KeyRecord,
-        result: Result<(), &Error>,
-    ) {
-        self.audit_for(op, file_id, path, rec, result, None);
-    }
-
-    fn audit_for(
         &self,
         op: &str,
         file_id: &FileId,
@@ -554,7 +544,7 @@ impl Volume {
     pub fn new_header_for(&self, path: &dyn Fn() -> String, who: Option<Requester>) -> Result<(Vec<u8>, Arc<FileKey>)> {
         self.follow_pinned_objects();
         let (file_id, dek, record) = self.count(self.provider.generate_file_key(&self.volume_id))?;
-        self.audit_for("wrap", &file_id, path, &record, Ok(()), who);
+        self.audit("wrap", &file_id, path, &record, Ok(()), who);
         let key = Arc::new(FileKey::new(self.backend, file_id, &dek));
         let header =
             Header { generation: 1, file_id, block_size: self.geometry.block_size as u32, records: vec![record] };
@@ -630,7 +620,7 @@ impl Volume {
                 continue;
             }
             let res = self.count(self.provider.unwrap(rec, &ctx));
-            self.audit_for("unwrap", &h.file_id, path, rec, res.as_ref().map(drop), who);
+            self.audit("unwrap", &h.file_id, path, rec, res.as_ref().map(drop), who);
             match res {
                 Ok(dek) => return Ok(FileKey::new(self.backend, h.file_id, &dek)),
                 Err(e) => last = Some(e),
