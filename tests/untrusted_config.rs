@@ -33,6 +33,9 @@ fn local_volume() -> (tempfile::TempDir, PathBuf, PathBuf) {
     (d, backing, key)
 }
 
+/// A change an attacker makes to the config.
+type Edit<'a> = Box<dyn Fn(&mut toml::Table) + 'a>;
+
 fn edit_config(backing: &Path, f: impl FnOnce(&mut toml::Table)) {
     let path = backing.join("envelopefs.toml");
     let mut t: toml::Table = fs::read_to_string(&path).unwrap().parse().unwrap();
@@ -135,7 +138,7 @@ fn a_pin_source_in_the_stored_key_uri_is_refused() {
 fn every_edit_of_the_config_is_refused_naming_the_file() {
     let (_d, backing, key) = local_volume();
     let original = fs::read_to_string(backing.join("envelopefs.toml")).unwrap();
-    let edits: [(&str, Box<dyn Fn(&mut toml::Table)>); 3] = [
+    let edits: [(&str, Edit); 3] = [
         ("block size", Box::new(|t| drop(t.insert("block_size".into(), 8192.into())))),
         ("header size", Box::new(|t| drop(t.insert("header_size".into(), 8192.into())))),
         ("mac", Box::new(|t| drop(t.insert("mac".into(), "00".repeat(32).into())))),
@@ -269,7 +272,7 @@ fn kms_key_substitution_and_endpoint_are_refused() {
     ]));
     let original = fs::read_to_string(backing.join("envelopefs.toml")).unwrap();
     let mnt = d.path().join("mnt");
-    let attacks: [(&str, Box<dyn Fn(&mut toml::Table)>); 3] = [
+    let attacks: [(&str, Edit<'_>); 3] = [
         (
             "key_id",
             Box::new(|t| {
