@@ -522,6 +522,24 @@ mod tests {
         assert!(decode_region(&region).iter().all(|(_, s)| s.is_ok()));
     }
 
+    /// The header fuzz target's crashing inputs: the header region of a fixture file read as
+    /// one slot decoded as slot 0 (slot 1 ignored), and so did not re-encode to its bytes.
+    #[test]
+    fn fixture_region_is_not_one_slot() {
+        for file in [
+            &include_bytes!("../tests/fixtures/v1-keyfile-4k/backing/small.txt")[..],
+            &include_bytes!("../tests/fixtures/v1-keyfile-4k/backing/one-block")[..],
+        ] {
+            let region = &file[..4096];
+            assert_eq!(decode_slot(region).unwrap_err(), SlotError::Malformed("bytes after the checksum are not zero"));
+            for (idx, slot) in decode_region(region) {
+                let bytes = &region[idx * 2048..(idx + 1) * 2048];
+                let view = slot.unwrap();
+                assert_eq!(view.header.encode_slot(2048, |_| view.tag).unwrap(), bytes);
+            }
+        }
+    }
+
     #[test]
     fn region_orders_newest_valid_first() {
         let mut a = sample_header();
