@@ -274,7 +274,9 @@ impl Header {
     }
 }
 
-/// Decode one slot. Checks magic, version and checksum; the tag is the caller's to check.
+/// Decode one slot. Checks magic, version, checksum and structure; the tag is the caller's
+/// to check. Strict: reserved fields and every byte after the checksum must be zero, so a
+/// slot that decodes is exactly what `Header::encode_slot` writes for it.
 pub fn decode_slot(slot: &[u8]) -> Result<SlotView, SlotError> {
     if slot.iter().all(|&b| b == 0) {
         return Err(SlotError::Empty);
@@ -295,6 +297,9 @@ pub fn decode_slot(slot: &[u8]) -> Result<SlotView, SlotError> {
     if crc32fast::hash(&slot[..crc_at]) != crc {
         return Err(SlotError::Checksum);
     }
+    if slot[crc_at + CRC_LEN..].iter().any(|&b| b != 0) {
+        return Err(SlotError::Malformed("bytes after the checksum are not zero"));
+    }
     let mut r = Reader { buf: &slot[..body_len], pos: 12 };
     let generation = r.u64()?;
     let file_id: FileId = r.take(FILE_ID_LEN)?.try_into().unwrap();
@@ -306,7 +311,9 @@ pub fn decode_slot(slot: &[u8]) -> Result<SlotView, SlotError> {
     let mut records = Vec::with_capacity(count as usize);
     for _ in 0..count {
         let provider = ProviderKind::from_u8(r.u8()?).ok_or(SlotError::Malformed("unknown provider kind"))?;
-        let _flags = r.u8()?;
+        if r.u8()? != 0 {
+            return Err(SlotError::Malformed("key record flags (reserved) are not zero"));
+        }
         let id_len = r.u16()? as usize;
         let kek_id =
             std::str::from_utf8(r.take(id_len)?).map_err(|_| SlotError::Malformed("KEK id is not UTF-8"))?.to_owned();
@@ -469,6 +476,68 @@ mod tests {
             *b = 0;
         }
         assert!(decode_slot(&torn).is_err());
+    }
+
+    /// Rewrite the checksum after an edit, as a forger without the DEK could.
+    fn fix_crc(slot: &mut [u8]) {
+        let crc_at = u16::from_le_bytes([slot[10], slot[11]]) as usize + HEADER_TAG_LEN;
+        let crc = crc32fast::hash(&slot[..crc_at]);
+        slot[crc_at..crc_at + CRC_LEN].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    #[test]
+    fn reserved_and_unused_bytes_must_be_zero() {
+        let h = sample_header();
+        let slot = h.encode_slot(2048, |_| [5; 32]).unwrap();
+        let body_len = u16::from_le_bytes([slot[10], slot[11]]) as usize;
+        let end = body_len + HEADER_TAG_LEN + CRC_LEN;
+        assert!(decode_slot(&slot).is_ok());
+        // A byte past the checksum (the CRC does not cover it).
+        for at in [end, 1000, 2047] {
+            let mut bad = slot.clone();
+            bad[at] = 1;
+            assert_eq!(
+                decode_slot(&bad).unwrap_err(),
+                SlotError::Malformed("bytes after the checksum are not zero"),
+                "byte {at}"
+            );
+        }
+        // The first record's flags, with a checksum to match.
+        let mut bad = slot.clone();
+        bad[FIXED_LEN + 1] = 0x80;
+        fix_crc(&mut bad);
+        assert_eq!(decode_slot(&bad).unwrap_err(), SlotError::Malformed("key record flags (reserved) are not zero"));
+        // The second record's flags.
+        let second = FIXED_LEN + 1 + 1 + 2 + "local".len() + 4 + 2 + 60;
+        let mut bad = slot.clone();
+        assert_eq!(bad[second], ProviderKind::AwsKms as u8);
+        bad[second + 1] = 1;
+        fix_crc(&mut bad);
+        assert_eq!(decode_slot(&bad).unwrap_err(), SlotError::Malformed("key record flags (reserved) are not zero"));
+        // A whole header region read as one slot: slot 1 is garbage after slot 0's checksum
+        // (the fuzzer's first find: this used to decode as slot 0).
+        let mut region = slot.clone();
+        region.extend_from_slice(&slot);
+        assert!(decode_slot(&region).is_err());
+        assert!(decode_region(&region).iter().all(|(_, s)| s.is_ok()));
+    }
+
+    /// The header fuzz target's crashing inputs: the header region of a fixture file read as
+    /// one slot decoded as slot 0 (slot 1 ignored), and so did not re-encode to its bytes.
+    #[test]
+    fn fixture_region_is_not_one_slot() {
+        for file in [
+            &include_bytes!("../tests/fixtures/v1-keyfile-4k/backing/small.txt")[..],
+            &include_bytes!("../tests/fixtures/v1-keyfile-4k/backing/one-block")[..],
+        ] {
+            let region = &file[..4096];
+            assert_eq!(decode_slot(region).unwrap_err(), SlotError::Malformed("bytes after the checksum are not zero"));
+            for (idx, slot) in decode_region(region) {
+                let bytes = &region[idx * 2048..(idx + 1) * 2048];
+                let view = slot.unwrap();
+                assert_eq!(view.header.encode_slot(2048, |_| view.tag).unwrap(), bytes);
+            }
+        }
     }
 
     #[test]
