@@ -449,3 +449,43 @@ fn upgrade_makes_a_v1_volume_authenticated_and_refuses_the_old_config_after() {
     assert_eq!(out.status.code(), Some(common::EXIT_TAMPERED), "{}", stderr(&out));
     assert!(stderr(&out).contains("format 1"), "{}", stderr(&out));
 }
+
+#[test]
+fn a_key_object_the_volume_did_not_pin_is_never_used() {
+    let pin = common::softhsm_token("pins");
+    let d = tempfile::Builder::new().prefix("envelopefs-test").tempdir().unwrap();
+    let backing = d.path().join("backing");
+    fs::create_dir(&backing).unwrap();
+    let uri = "pkcs11:token=pins;object=kek";
+    ok(cli(&[
+        &"init",
+        &"--provider",
+        &"pkcs11",
+        &"--module",
+        &common::SOFTHSM_MODULE,
+        &"--key",
+        &uri,
+        &"--pin-file",
+        &pin,
+        &backing,
+    ]));
+    // Someone with access to the token (not to the volume's keys) adds `kek/v9`: by its
+    // label it would be the newest version.
+    let out = Command::new("pkcs11-tool")
+        .args(["--module", common::SOFTHSM_MODULE, "--token-label", "pins", "--login", "--pin", "1234"])
+        .args(["--keygen", "--key-type", "AES:32", "--label", "kek/v9", "--id", "00000009"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "pkcs11-tool: {}", stderr(&out));
+    let status = ok(cli(&[&"key", &"status", &"--pin-file", &pin, &backing]));
+    assert!(!status.contains("version 9"), "an unpinned object is no version of the volume: {status}");
+    let m = Mounted::start_with(&backing, "--pin-file", &pin, &d.path().join("mnt"), &[]);
+    fs::write(m.path("new"), b"secret").unwrap();
+    drop(m);
+    let inspect = ok(cli(&[&"inspect", &backing.join("new")]));
+    assert!(inspect.contains("version 1,"), "new files wrap under the pinned current version: {inspect}");
+    // A rotation skips past the planted label and pins its own.
+    ok(cli(&[&"key", &"rotate", &"--pin-file", &pin, &backing]));
+    let cfg = fs::read_to_string(backing.join("envelopefs.toml")).unwrap();
+    assert!(cfg.contains("kek/v10") && !cfg.contains("kek/v9"), "{cfg}");
+}
