@@ -489,3 +489,60 @@ fn a_key_object_the_volume_did_not_pin_is_never_used() {
     let cfg = fs::read_to_string(backing.join("envelopefs.toml")).unwrap();
     assert!(cfg.contains("kek/v10") && !cfg.contains("kek/v9"), "{cfg}");
 }
+
+/// Hardening comes before the first secret is read, in every command: while `fsck` waits
+/// for its passphrase (a FIFO nobody writes yet), the process is already non-dumpable,
+/// which the kernel shows by handing its /proc directory to root.
+#[test]
+fn commands_are_hardened_before_they_read_a_secret() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::Builder::new().prefix("envelopefs-test").tempdir().unwrap();
+    fs::set_permissions(d.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let backing = d.path().join("backing");
+    fs::create_dir(&backing).unwrap();
+    let pw = d.path().join("pw");
+    fs::write(&pw, "correct horse").unwrap();
+    ok(cli(&[&"init", &"--passphrase-file", &pw, &"--kdf-memory-mib", &"8", &"--kdf-iterations", &"1", &backing]));
+    for f in ["envelopefs.toml", "envelopefs.keyring"] {
+        fs::set_permissions(backing.join(f), fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let trust = d.path().join("trust");
+    fs::create_dir(&trust).unwrap();
+    fs::set_permissions(&trust, fs::Permissions::from_mode(0o777)).unwrap();
+    let fifo = d.path().join("secret.fifo");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path that lives across the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o666) }, 0);
+    for cmd in [&["fsck"][..], &["key", "status"], &["rekey", "--rewrap"]] {
+        let mut child = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", common::BIN])
+            .args(cmd)
+            .arg("--passphrase-file")
+            .arg(&fifo)
+            .arg(&backing)
+            .env("ENVELOPEFS_TRUST_DIR", &trust)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let proc_dir = PathBuf::from(format!("/proc/{}", child.id()));
+        // Wait until it is envelopefs (not setpriv) blocked on the FIFO.
+        let start = Instant::now();
+        loop {
+            let exe = fs::read_link(proc_dir.join("exe")).unwrap_or_default();
+            let wchan = fs::read_to_string(proc_dir.join("wchan")).unwrap_or_default();
+            if exe.ends_with("envelopefs") && (wchan.contains("pipe") || wchan.contains("partner")) {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "{cmd:?} never waited on the FIFO (wchan {wchan})");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let owner = fs::metadata(proc_dir.join("status")).unwrap().uid();
+        // Feed it the passphrase so it finishes normally.
+        fs::write(&fifo, "correct horse\n").unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(owner, 0, "{cmd:?} ran dumpable while reading its secret (its /proc files belong to uid {owner})");
+        assert!(out.status.success(), "{cmd:?}: {}", stderr(&out));
+    }
+}
