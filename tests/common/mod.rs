@@ -101,10 +101,23 @@ impl Mounted {
 
     /// Mount with a given secret flag (`--key-file` or `--passphrase-file`).
     pub fn start_with(backing: &Path, secret_flag: &str, secret: &Path, mnt: &Path, extra: &[&str]) -> Self {
+        Self::start_trusting(trust_dir(), backing, secret_flag, secret, mnt, extra)
+    }
+
+    /// Mount as on a host whose trust store is `trust`.
+    pub fn start_trusting(
+        trust: &Path,
+        backing: &Path,
+        secret_flag: &str,
+        secret: &Path,
+        mnt: &Path,
+        extra: &[&str],
+    ) -> Self {
         fs::create_dir_all(mnt).unwrap();
         let mnt = fs::canonicalize(mnt).unwrap();
         let log = mnt.with_extension("log");
-        let mut cmd = bin();
+        let mut cmd = Command::new(BIN);
+        cmd.env("ENVELOPEFS_TRUST_DIR", trust);
         cmd.arg("mount").arg("--foreground");
         if !secret_flag.is_empty() {
             cmd.arg(secret_flag).arg(secret);
