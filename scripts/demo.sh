@@ -17,6 +17,8 @@ work=$(mktemp -d)
 cleanup() { "$bin" umount "$work/mnt" 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 mkdir "$work/backing" "$work/mnt"
+# What this host trusts about the throwaway volume goes with it, not into /var/lib/envelopefs.
+export ENVELOPEFS_TRUST_DIR="$work/trust"
 head -c 32 /dev/urandom > "$work/volume.key"
 
 echo "== envelopefs init"
