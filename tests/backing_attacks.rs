@@ -363,19 +363,7 @@ fn allow_other_mkdir_race_does_not_give_away_another_directory() {
 /// fault cannot be provoked in SoftHSM2; its mapping to EIO is a unit test in the module.
 #[test]
 fn pkcs11_tampered_wrapped_key_is_eacces_and_says_why() {
-    let pin = common::softhsm_token("spare");
-    let dir = tempfile::Builder::new().prefix("envelopefs-test").tempdir().unwrap();
-    let backing = dir.path().join("backing");
-    fs::create_dir(&backing).unwrap();
-    let out = common::bin()
-        .arg("init")
-        .arg("--pin-file")
-        .arg(&pin)
-        .args(["--provider", "pkcs11", "--module", common::SOFTHSM_MODULE, "--key", "pkcs11:token=spare;object=kek"])
-        .arg(&backing)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    let (dir, backing, pin, _) = common::pkcs11_volume("spare", "kek");
     let mnt = dir.path().join("mnt");
     let m = common::Mounted::start_with(&backing, "--pin-file", &pin, &mnt, &[]);
     fs::write(m.path("f"), b"secret").unwrap();

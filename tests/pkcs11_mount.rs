@@ -3,7 +3,6 @@
 mod common;
 
 use std::fs;
-use std::path::PathBuf;
 use std::process::Command;
 
 use common::{cli, pattern, Mounted, SOFTHSM_MODULE};
@@ -13,31 +12,9 @@ fn ok(out: std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A fresh volume on a prepared SoftHSM2 token: (temp dir, backing dir, PIN file, init's output).
-fn pkcs11_volume(token: &str, object: &str) -> (tempfile::TempDir, PathBuf, PathBuf, String) {
-    let pin = common::softhsm_token(token);
-    let d = tempfile::Builder::new().prefix("envelopefs-test").tempdir().unwrap();
-    let backing = d.path().join("backing");
-    fs::create_dir(&backing).unwrap();
-    let uri = format!("pkcs11:token={token};object={object}");
-    let text = ok(cli(&[
-        &"init",
-        &"--provider",
-        &"pkcs11",
-        &"--module",
-        &SOFTHSM_MODULE,
-        &"--key",
-        &uri,
-        &"--pin-file",
-        &pin,
-        &backing,
-    ]));
-    (d, backing, pin, text)
-}
-
 #[test]
 fn pkcs11_volume_round_trip_rotate_and_deleted_key() {
-    let (d, backing, pin, text) = pkcs11_volume("mount", "kek");
+    let (d, backing, pin, text) = common::pkcs11_volume("mount", "kek");
     assert!(text.contains("Pkcs11"), "{text}");
     let cfg = fs::read_to_string(backing.join("envelopefs.toml")).unwrap();
     assert!(cfg.contains("kind = \"pkcs11\"") && !cfg.contains("1234"), "{cfg}");
@@ -120,7 +97,7 @@ fn pkcs11_key_create_then_init_uses_it() {
 
 #[test]
 fn pkcs11_rekey_to_another_key_then_the_old_one_can_go() {
-    let (d, backing, pin, _) = pkcs11_volume("deleted", "old");
+    let (d, backing, pin, _) = common::pkcs11_volume("deleted", "old");
     let mnt = d.path().join("mnt");
     let m = Mounted::start_with(&backing, "--pin-file", &pin, &mnt, &[]);
     let files: Vec<_> = (0..6).map(|i| (format!("f{i}"), pattern(70 + i, 6000))).collect();

@@ -373,23 +373,8 @@ fn fixture_style_library_volume_still_opens() {
 
 #[test]
 fn a_new_host_pins_a_pkcs11_volume_once_with_trust() {
-    let pin = common::softhsm_token("trust");
-    let d = tempfile::Builder::new().prefix("envelopefs-test").tempdir().unwrap();
-    let backing = d.path().join("backing");
-    fs::create_dir(&backing).unwrap();
+    let (_d, backing, pin, _) = common::pkcs11_volume("trust", "kek");
     let uri = "pkcs11:token=trust;object=kek";
-    ok(cli(&[
-        &"init",
-        &"--provider",
-        &"pkcs11",
-        &"--module",
-        &common::SOFTHSM_MODULE,
-        &"--key",
-        &uri,
-        &"--pin-file",
-        &pin,
-        &backing,
-    ]));
     ok(cli(&[&"fsck", &"--pin-file", &pin, &backing]));
     // Another host: nothing trusted yet, so nothing is loaded.
     let other = tempfile::tempdir().unwrap();
@@ -452,23 +437,7 @@ fn upgrade_makes_a_v1_volume_authenticated_and_refuses_the_old_config_after() {
 
 #[test]
 fn a_key_object_the_volume_did_not_pin_is_never_used() {
-    let pin = common::softhsm_token("pins");
-    let d = tempfile::Builder::new().prefix("envelopefs-test").tempdir().unwrap();
-    let backing = d.path().join("backing");
-    fs::create_dir(&backing).unwrap();
-    let uri = "pkcs11:token=pins;object=kek";
-    ok(cli(&[
-        &"init",
-        &"--provider",
-        &"pkcs11",
-        &"--module",
-        &common::SOFTHSM_MODULE,
-        &"--key",
-        &uri,
-        &"--pin-file",
-        &pin,
-        &backing,
-    ]));
+    let (d, backing, pin, _) = common::pkcs11_volume("pins", "kek");
     // Someone with access to the token (not to the volume's keys) adds `kek/v9`: by its
     // label it would be the newest version.
     let out = Command::new("pkcs11-tool")
@@ -514,7 +483,7 @@ fn commands_are_hardened_before_they_read_a_secret() {
     // SAFETY: a NUL-terminated path that lives across the call.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o666) }, 0);
     for cmd in [&["fsck"][..], &["key", "status"], &["rekey", "--rewrap"]] {
-        let mut child = Command::new("setpriv")
+        let child = Command::new("setpriv")
             .args(["--reuid=65534", "--regid=65534", "--clear-groups", common::BIN])
             .args(cmd)
             .arg("--passphrase-file")

@@ -465,3 +465,28 @@ pub fn open_fails_once_released(p: &Path, content: &[u8]) -> std::io::Error {
         }
     }
 }
+
+/// A fresh volume made by the binary on a prepared SoftHSM2 token, key `object`:
+/// (temp dir, backing dir, PIN file, init's output).
+pub fn pkcs11_volume(token: &str, object: &str) -> (TempDir, PathBuf, PathBuf, String) {
+    let pin = softhsm_token(token);
+    let d = tempfile::Builder::new().prefix("envelopefs-test").tempdir().unwrap();
+    let backing = d.path().join("backing");
+    fs::create_dir(&backing).unwrap();
+    let uri = format!("pkcs11:token={token};object={object}");
+    let args: [&dyn AsRef<std::ffi::OsStr>; 10] = [
+        &"init",
+        &"--provider",
+        &"pkcs11",
+        &"--module",
+        &SOFTHSM_MODULE,
+        &"--key",
+        &uri,
+        &"--pin-file",
+        &pin,
+        &backing,
+    ];
+    let out = cli(&args);
+    assert!(out.status.success(), "init: {}", String::from_utf8_lossy(&out.stderr));
+    (d, backing, pin, String::from_utf8_lossy(&out.stdout).into_owned())
+}
