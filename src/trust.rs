@@ -61,9 +61,20 @@ impl Default for TrustStore {
 }
 
 impl TrustStore {
-    /// This host's store: $ENVELOPEFS_TRUST_DIR, else /var/lib/envelopefs/trust.
+    /// This host's store: $ENVELOPEFS_TRUST_DIR; else for root /var/lib/envelopefs/trust,
+    /// for other users their own ($XDG_STATE_HOME, or ~/.local/state, /envelopefs/trust).
     pub fn host() -> Self {
-        Self { dir: std::env::var_os(DIR_ENV).map_or_else(|| PathBuf::from(DEFAULT_DIR), PathBuf::from) }
+        if let Some(d) = std::env::var_os(DIR_ENV) {
+            return Self { dir: PathBuf::from(d) };
+        }
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            return Self { dir: PathBuf::from(DEFAULT_DIR) };
+        }
+        let state = std::env::var_os("XDG_STATE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".local/state")));
+        Self { dir: state.map_or_else(|| PathBuf::from(DEFAULT_DIR), |s| s.join("envelopefs/trust")) }
     }
 
     pub fn at(dir: &Path) -> Self {

@@ -515,3 +515,32 @@ fn commands_are_hardened_before_they_read_a_secret() {
         assert!(out.status.success(), "{cmd:?}: {}", stderr(&out));
     }
 }
+
+/// A user other than root keeps the host's trust in their own state directory.
+#[test]
+fn other_users_keep_their_trust_records_at_home() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::Builder::new().prefix("envelopefs-test").tempdir().unwrap();
+    fs::set_permissions(d.path(), fs::Permissions::from_mode(0o777)).unwrap();
+    let home = d.path().join("home");
+    let backing = d.path().join("backing");
+    for dir in [&home, &backing] {
+        fs::create_dir(dir).unwrap();
+        std::os::unix::fs::chown(dir, Some(65534), Some(65534)).unwrap();
+    }
+    let key = d.path().join("volume.key");
+    fs::write(&key, pattern(3, 32)).unwrap();
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", common::BIN, "init", "--key-file"])
+        .arg(&key)
+        .arg(&backing)
+        .env_remove("ENVELOPEFS_TRUST_DIR")
+        .env_remove("XDG_STATE_HOME")
+        .env("HOME", &home)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let records: Vec<_> = fs::read_dir(home.join(".local/state/envelopefs/trust")).unwrap().collect();
+    assert_eq!(records.len(), 1);
+}

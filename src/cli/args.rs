@@ -131,7 +131,8 @@ pub enum Cmd {
     /// key ARNs and endpoint, the keyring's place. `init` does this for the host that made
     /// the volume; on another host run this once. It shows what it will pin, asks (or takes
     /// --yes), authenticates the volume with those settings, and only then records them
-    /// under /var/lib/envelopefs/trust (or $ENVELOPEFS_TRUST_DIR).
+    /// under /var/lib/envelopefs/trust (other users: ~/.local/state/envelopefs/trust;
+    /// $ENVELOPEFS_TRUST_DIR overrides both).
     Trust {
         backing: PathBuf,
         /// Pin without asking.
