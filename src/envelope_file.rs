@@ -69,6 +69,15 @@ impl EnvelopeFile<'_> {
     /// then check that it belongs to this content: a header pasted from another file
     /// unwraps and verifies, but its key does not open this file's first block.
     pub fn load(&self, len: u64) -> Result<Loaded> {
+        let loaded = self.load_header(len)?;
+        if !self.block0_belongs(&loaded, len)? {
+            return Err(Error::corrupt(PASTED_HEADER));
+        }
+        Ok(loaded)
+    }
+
+    /// The header alone: authenticated under its own key, not yet checked against content.
+    fn load_header(&self, len: u64) -> Result<Loaded> {
         let geo = self.vol.geometry;
         if len < geo.header_size {
             return Err(Error::corrupt(format!("backing file is {len} bytes, shorter than its header region")));
@@ -76,16 +85,20 @@ impl EnvelopeFile<'_> {
         let mut region = vec![0u8; geo.header_size as usize];
         self.file.read_exact_at(&mut region, 0).map_err(|e| Error::io(e, "reading header"))?;
         let opened = self.vol.open_header_for(&region, self.describe, self.who)?;
-        let first = (len - geo.header_size).min(geo.stored_block_size());
-        if first > BLOCK_OVERHEAD {
-            let mut stored = vec![0u8; first as usize];
-            self.file.read_exact_at(&mut stored, geo.header_size).map_err(|e| Error::io(e, "reading block 0"))?;
-            let mut out = vec![0u8; first as usize - BLOCK_OVERHEAD as usize];
-            if !is_hole(&stored) && opened.key.open_block(0, &stored, &mut out).is_err() {
-                return Err(Error::corrupt(PASTED_HEADER));
-            }
-        }
         Ok(Loaded { key: opened.key, header: opened.header, slot: opened.slot, region })
+    }
+
+    /// Whether block 0 (unless a hole, or absent) opens under the header's key.
+    fn block0_belongs(&self, loaded: &Loaded, len: u64) -> Result<bool> {
+        let geo = self.vol.geometry;
+        let first = (len - geo.header_size).min(geo.stored_block_size());
+        if first <= BLOCK_OVERHEAD {
+            return Ok(true);
+        }
+        let mut stored = vec![0u8; first as usize];
+        self.file.read_exact_at(&mut stored, geo.header_size).map_err(|e| Error::io(e, "reading block 0"))?;
+        let mut out = vec![0u8; first as usize - BLOCK_OVERHEAD as usize];
+        Ok(is_hole(&stored) || loaded.key.open_block(0, &stored, &mut out).is_ok())
     }
 
     /// Write a new header (fresh file id and DEK) to an empty envelope. If the write fails
@@ -199,20 +212,32 @@ impl EnvelopeFile<'_> {
                 plain
             }
         };
-        let loaded = match self.load(geo.backing_size(size)) {
+        let len = geo.backing_size(size);
+        let loaded = match self.load_header(len) {
             Ok(l) => l,
-            Err(e) if e.to_string() == PASTED_HEADER && geo.block_count(size) == 1 => {
+            Err(e) => {
+                found(format!("header: {e}"), false);
+                return v;
+            }
+        };
+        match self.block0_belongs(&loaded, len) {
+            Ok(true) => {}
+            Ok(false) if geo.block_count(size) == 1 => {
                 // Block 0 is also the last block: a torn append looks the same as a pasted
                 // header here, and cutting it loses only bytes that read as EIO anyway.
                 let fixed = repair && self.file.set_len(geo.header_size).and_then(|_| self.file.sync_data()).is_ok();
-                found(format!("{e}; or a torn append of its only block: cutting it leaves 0 bytes"), fixed);
+                found(format!("{PASTED_HEADER}; or a torn append of its only block: cutting it leaves 0 bytes"), fixed);
+                return v;
+            }
+            Ok(false) => {
+                found(format!("header: {PASTED_HEADER}"), false);
                 return v;
             }
             Err(e) => {
                 found(format!("header: {e}"), false);
                 return v;
             }
-        };
+        }
         // The other slot should hold a valid header too (its generation may be older).
         let half = geo.slot_size();
         let other = 1 - loaded.slot;
