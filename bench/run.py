@@ -329,8 +329,30 @@ METRICS = [
     ("open-after-remount", "opens/s", True),
     ("kms-calls-per-create", "calls", False),
     ("kms-calls-per-open", "calls", False),
+    ("appends-1000B", "appends/s", True),
 ]
-WORKLOADS = {"seq": w_seq, "rand": w_rand, "tree": w_tree, "opens": w_opens, "smallfiles": w_smallfiles}
+def w_appends(s, cfg):
+    """A log writer: appends of 1000 bytes (never block-aligned, so each rewrites the partial
+    last block in place), fsync every 100 appends. Reports appends per second."""
+    p = s.path / "log"
+    p.unlink(missing_ok=True)
+    n = cfg.appends
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    rec = os.urandom(1000)
+    t = time.perf_counter()
+    for i in range(n):
+        os.write(fd, rec)
+        if i % 100 == 99:
+            os.fsync(fd)
+    os.fsync(fd)
+    rate = n / (time.perf_counter() - t)
+    os.close(fd)
+    p.unlink()
+    return {"appends-1000B": rate}
+
+
+WORKLOADS = {"seq": w_seq, "rand": w_rand, "tree": w_tree, "opens": w_opens, "smallfiles": w_smallfiles,
+             "appends": w_appends}
 
 
 def make_tarball(path, files, seed=1):
@@ -412,6 +434,7 @@ def main():
     ap.add_argument("--files", type=int, default=5000, help="files in the small-file tree")
     ap.add_argument("--open-files", type=int, default=2000)
     ap.add_argument("--small-files", type=int, default=2000, help="files in the smallfiles workload")
+    ap.add_argument("--appends", type=int, default=20000, help="1000-byte appends in the appends workload")
     ap.add_argument("--systems", default="bare,passthrough,gocryptfs,envelopefs,envelopefs-rustcrypto")
     ap.add_argument("--workloads", default="seq,rand,tree,opens", help="of: " + ", ".join(WORKLOADS))
     ap.add_argument("--dir", default="/var/tmp/envelopefs-bench", help="work directory (same disk for all)")
@@ -442,6 +465,9 @@ def main():
         "envelopefs": lambda: Envelopefs("envelopefs", work, cfg.binary, []),
         "envelopefs-rustcrypto": lambda: Envelopefs("envelopefs-rustcrypto", work, cfg.binary, ["--crypto", "rustcrypto"]),
         "envelopefs-no-writeback": lambda: Envelopefs("envelopefs-no-writeback", work, cfg.binary, ["--no-writeback-cache"]),
+        # The crash journal (docs/FORMAT.md §8): ordered is the default; off is the earlier behaviour.
+        "envelopefs-journal-off": lambda: Envelopefs("envelopefs-journal-off", work, cfg.binary, ["--journal", "off"]),
+        "envelopefs-journal-sync": lambda: Envelopefs("envelopefs-journal-sync", work, cfg.binary, ["--journal", "sync"]),
         "envelopefs-kms": lambda: EnvelopefsKms("envelopefs-kms", work, cfg.binary, 0),
         "envelopefs-kms-10ms": lambda: EnvelopefsKms("envelopefs-kms-10ms", work, cfg.binary, 10),
         "envelopefs-kms-ik-10ms": lambda: EnvelopefsKms("envelopefs-kms-ik-10ms", work, cfg.binary, 10,
@@ -498,7 +524,7 @@ def main():
         f.write("workload,unit,system,median,vs_gocryptfs,vs_passthrough,vs_bare\n")
         for r in rows:
             f.write(f"{r['workload']},{r['unit']},{r['system']},{r['median']},{r['vs_gocryptfs']},{r['vs_passthrough']},{r['vs_bare']}\n")
-    peers = [p for p in ("gocryptfs", "passthrough", "bare") if p in names and "envelopefs" in names]
+    peers = [p for p in ("gocryptfs", "passthrough", "bare", "envelopefs-journal-off") if p in names and "envelopefs" in names]
     md = [f"Run {info['date']} on {info['cpu']} ({info['cores']} cores, {info['memory_gib']} GiB), kernel {info['kernel']}; "
           f"{cfg.rounds} interleaved rounds, medians. `{info['command']}`", "",
           "Ratios are speed-ups (>1 = faster than the peer), for times and rates alike.", "",
@@ -507,7 +533,14 @@ def main():
     for name, unit, higher in chosen:
         cells = [f"{medians[(name, s)]:.2f}" if (name, s) in medians else "—" for s in names]
         e = next((r for r in rows if r["workload"] == name and r["system"] == "envelopefs"), None)
-        extra = [str(e[f"vs_{p}"]) if e else "" for p in peers]
+        def vs(p):
+            if not e:
+                return ""
+            if f"vs_{p}" in e:
+                return str(e[f"vs_{p}"])
+            base = medians.get((name, p))
+            return str(round(e["median"] / base if higher else base / e["median"], 2)) if base else ""
+        extra = [vs(p) for p in peers]
         md.append(f"| {name} ({unit}) | " + " | ".join(cells + extra) + " |")
     (out / "table.md").write_text("\n".join(md) + "\n")
     if "gocryptfs" in names:

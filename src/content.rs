@@ -9,6 +9,7 @@ use std::os::unix::io::AsRawFd;
 use crate::crypto::{fill_random, FileKey};
 use crate::envelope::{is_hole, Geometry, SizeError, BLOCK_OVERHEAD, NONCE_LEN};
 use crate::error::{Error, Result};
+use crate::journal::{self, Change, Target};
 
 /// One envelope's content, seen through its key.
 pub struct Content<'a> {
@@ -16,6 +17,8 @@ pub struct Content<'a> {
     pub geo: Geometry,
     /// `None` only while the backing file is empty (no header yet).
     pub key: Option<&'a FileKey>,
+    /// Where changes are recorded before they are made (the mount's crash journal).
+    pub journal: Option<&'a Target<'a>>,
 }
 
 impl Content<'_> {
@@ -103,23 +106,35 @@ impl Content<'_> {
     }
 
     /// Seal consecutive plaintext blocks starting at block `first` and write them with one
-    /// pwrite. Each block gets a fresh random nonce.
-    fn write_blocks(&self, first: u64, blocks: &[&[u8]]) -> Result<()> {
+    /// pwrite (then truncate to `then_len`, if given) in a file now `old_len` bytes long.
+    /// Each block gets a fresh random nonce.
+    fn write_blocks(&self, first: u64, blocks: &[&[u8]], old_len: u64, then_len: Option<u64>) -> Result<()> {
         let key = self.key()?;
         let total: usize = blocks.iter().map(|b| b.len() + BLOCK_OVERHEAD as usize).sum();
         let mut nonces = vec![0u8; blocks.len() * NONCE_LEN];
         fill_random(&mut nonces)?;
         let mut out = vec![0u8; total];
+        let mut chunks = Vec::with_capacity(blocks.len());
         let mut pos = 0;
         for (k, plain) in blocks.iter().enumerate() {
             let n = plain.len() + BLOCK_OVERHEAD as usize;
             let nonce: &[u8; NONCE_LEN] = nonces[k * NONCE_LEN..(k + 1) * NONCE_LEN].try_into().unwrap();
             key.seal_block(first + k as u64, plain, nonce, &mut out[pos..pos + n]);
+            chunks.push(n);
             pos += n;
         }
-        self.file
-            .write_all_at(&out, self.geo.block_offset(first))
-            .map_err(|e| Error::io(e, format!("writing blocks from {first}")))
+        let change = Change { offset: self.geo.block_offset(first), bytes: &out, chunks: &chunks, old_len, then_len };
+        journal::apply(self.file, self.journal, &key.file_id, &change)
+            .map_err(|e| e.context(format!("writing blocks from {first}")))
+    }
+
+    /// Truncate the backing file from `old_len` to `len` (recorded like any change).
+    fn set_len(&self, old_len: u64, len: u64) -> Result<()> {
+        let change = Change { offset: len, bytes: &[], chunks: &[], old_len, then_len: Some(len) };
+        match self.key {
+            Some(k) => journal::apply(self.file, self.journal, &k.file_id, &change),
+            None => journal::apply(self.file, None, &[0; 16], &change),
+        }
     }
 
     /// Before the file grows past its current partial last block, that block is sealed
@@ -132,7 +147,7 @@ impl Content<'_> {
         let i = size / bs;
         let mut plain = self.block_plain(i, size)?;
         plain.resize(self.geo.block_len(i, new_size) as usize, 0);
-        self.write_blocks(i, &[&plain])
+        self.write_blocks(i, &[&plain], self.geo.backing_size(size), None)
     }
 
     /// Cut a torn trailing fragment (see `size`) before the file changes, so it can never
@@ -141,7 +156,7 @@ impl Content<'_> {
         let len = self.backing_len()?;
         let size = self.size_of(len)?;
         if len > 0 && len != self.geo.backing_size(size) {
-            self.file.set_len(self.geo.backing_size(size)).map_err(|e| Error::io(e, "cutting a torn last block"))?;
+            self.set_len(len, self.geo.backing_size(size)).map_err(|e| e.context("cutting a torn last block"))?;
         }
         Ok(size)
     }
@@ -155,8 +170,10 @@ impl Content<'_> {
         let new_size = size.max(end);
         let bs = self.geo.block_size;
         let (first, last) = (offset / bs, (end - 1) / bs);
+        let mut old_len = self.geo.backing_size(size);
         if size % bs != 0 && size / bs < first {
             self.grow_tail(size, new_size)?;
+            old_len = self.geo.backing_size(self.geo.block_count(size) * bs);
         }
         let mut edge: Vec<(u64, Vec<u8>)> = Vec::new();
         for i in [first, last] {
@@ -183,7 +200,7 @@ impl Content<'_> {
                 blocks.push(&data[(bstart - offset) as usize..(bstart + blen - offset) as usize]);
             }
         }
-        self.write_blocks(first, &blocks)
+        self.write_blocks(first, &blocks, old_len, None)
     }
 
     pub fn truncate(&self, new_size: u64) -> Result<()> {
@@ -195,10 +212,13 @@ impl Content<'_> {
             let i = new_size / bs;
             let mut plain = self.block_plain(i, size)?;
             plain.truncate((new_size % bs) as usize);
-            self.write_blocks(i, &[&plain])?;
+            let old_len = self.geo.backing_size(size);
+            // One change: a crash between the write and the truncate is finished by recovery.
+            return self.write_blocks(i, &[&plain], old_len, Some(self.geo.backing_size(new_size)));
         }
-        if new_size != size || self.backing_len()? != self.geo.backing_size(new_size) {
-            self.file.set_len(self.geo.backing_size(new_size)).map_err(|e| Error::io(e, "ftruncate"))?;
+        let len = self.backing_len()?;
+        if new_size != size || len != self.geo.backing_size(new_size) {
+            self.set_len(len, self.geo.backing_size(new_size)).map_err(|e| e.context("ftruncate"))?;
         }
         Ok(())
     }

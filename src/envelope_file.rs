@@ -15,6 +15,7 @@ use crate::content::Content;
 use crate::crypto::FileKey;
 use crate::envelope::{decode_region, is_hole, Header, KeyRecord, SizeError, SlotError, BLOCK_OVERHEAD};
 use crate::error::{Error, Result};
+use crate::journal::{self, Change, Target};
 use crate::keys::KeyContext;
 use crate::volume::Volume;
 
@@ -103,12 +104,14 @@ impl EnvelopeFile<'_> {
 
     /// Write a new header (fresh file id and DEK) to an empty envelope. If the write fails
     /// the file is put back to 0 bytes, a valid empty envelope, never a stub shorter than
-    /// its header.
-    pub fn create_header(&self) -> Result<Arc<FileKey>> {
+    /// its header. With a journal the header is recorded as an append: a crash inside
+    /// its write is cut back to 0 bytes by recovery.
+    pub fn create_header(&self, journal: Option<&Target<'_>>) -> Result<Arc<FileKey>> {
         let (region, key) = self.vol.new_header_for(self.describe, self.who)?;
-        if let Err(e) = self.file.write_all_at(&region, 0) {
+        let change = Change { offset: 0, bytes: &region, chunks: &[region.len()], old_len: 0, then_len: None };
+        if let Err(e) = journal::apply(self.file, journal, &key.file_id, &change) {
             let _ = self.file.set_len(0);
-            return Err(Error::io(e, "writing header"));
+            return Err(e.context("writing header"));
         }
         Ok(key)
     }
@@ -116,7 +119,12 @@ impl EnvelopeFile<'_> {
     /// The key for a change to the file: `loaded` if the caller has it, else the header's,
     /// else (an empty file about to get content, `needs_header`) a new header's. `None`:
     /// the file is empty and stays so.
-    pub fn key_for_write(&self, loaded: Option<&Arc<FileKey>>, needs_header: bool) -> Result<Option<Arc<FileKey>>> {
+    pub fn key_for_write(
+        &self,
+        loaded: Option<&Arc<FileKey>>,
+        needs_header: bool,
+        journal: Option<&Target<'_>>,
+    ) -> Result<Option<Arc<FileKey>>> {
         if let Some(k) = loaded {
             return Ok(Some(k.clone()));
         }
@@ -124,7 +132,7 @@ impl EnvelopeFile<'_> {
         if len > 0 {
             Ok(Some(self.load(len)?.key))
         } else if needs_header {
-            Ok(Some(self.create_header()?))
+            Ok(Some(self.create_header(journal)?))
         } else {
             Ok(None)
         }
@@ -132,7 +140,7 @@ impl EnvelopeFile<'_> {
 
     /// The content, through `key` (None only for an empty file).
     pub fn content<'k>(&'k self, key: Option<&'k FileKey>) -> Content<'k> {
-        Content { file: self.file, geo: self.vol.geometry, key }
+        Content { file: self.file, geo: self.vol.geometry, key, journal: None }
     }
 
     /// Re-wrap the header under the current KEK version. Writes the older slot (at
@@ -279,7 +287,8 @@ impl EnvelopeFile<'_> {
                     let cut = geo.block_offset(i);
                     let fixed = repair && self.file.set_len(cut).and_then(|_| self.file.sync_data()).is_ok();
                     let what = format!(
-                        "last block {i} does not authenticate (a torn append, or tampering); cutting it leaves {} bytes",
+                        "last block {i} does not authenticate and no crash journal on this host covers it \
+                         (tampering, or a crash with journal=off or on another host); cutting it leaves {} bytes",
                         i * geo.block_size
                     );
                     v.findings.push(Finding { what, repaired: fixed });

@@ -32,6 +32,8 @@ pub struct MountSettings {
     pub audit_log: Option<PathBuf>,
     pub kms_pool: Option<usize>,
     pub kms_timeout: Option<f64>,
+    /// How changes are journaled against crashes: ordered, sync or off.
+    pub journal: crate::journal::Mode,
     pub secret: SecretSource,
 }
 
@@ -54,6 +56,7 @@ impl Default for MountSettings {
             audit_log: None,
             kms_pool: None,
             kms_timeout: None,
+            journal: crate::journal::Mode::Ordered,
             secret: SecretSource::default(),
         }
     }
@@ -142,6 +145,7 @@ pub fn apply_word(s: &mut MountSettings, word: &str) -> Result<()> {
         "audit_log" => s.audit_log = Some(path()?),
         "kms_pool" => s.kms_pool = Some(num()? as usize),
         "kms_timeout" => s.kms_timeout = Some(num()?),
+        "journal" => s.journal = val()?.parse().map_err(|e: String| usage(format!("mount option {word}: {e}")))?,
         k if IGNORED.contains(&k) || k == "comment" || k.starts_with("x-") => {}
         _ => return Err(usage(format!("unknown mount option {word:?} (see envelopefs mount --help)"))),
     }
@@ -259,6 +263,8 @@ mod tests {
             ("audit_log=/a", |s| s.audit_log.as_deref() == Some(Path::new("/a"))),
             ("kms_pool=0", |s| s.kms_pool == Some(0)),
             ("kms_timeout=1.5", |s| s.kms_timeout == Some(1.5)),
+            ("journal=sync", |s| s.journal == crate::journal::Mode::Sync),
+            ("journal=off", |s| s.journal == crate::journal::Mode::Off),
             (r"key_file=/etc/a\,b.key", |s| s.secret.key_file.as_deref() == Some(Path::new("/etc/a,b.key"))),
             (r"key_file=/etc/a\\b.key", |s| s.secret.key_file.as_deref() == Some(Path::new(r"/etc/a\b.key"))),
             ("threads=2,threads=3", |s| s.threads == 3),
@@ -314,6 +320,7 @@ mod tests {
             ("threads=many", "mount option threads=many: not a number"),
             ("attr_timeout=1s", "not a number"),
             ("kms_timeout=", "not a number"),
+            ("journal=maybe", "expected ordered, sync or off"),
             ("cache_max=0x10", "not a number"),
         ];
         for (words, needle) in cases {

@@ -117,7 +117,7 @@ pub fn reencrypt_file(vol: &Volume, tree: &Tree, path: &Path) -> Result<bool> {
     );
     let result = (|| -> Result<()> {
         let target = EnvelopeFile { vol, file: &new, describe: &describe, who: None };
-        let new_key = target.create_header()?;
+        let new_key = target.create_header(None)?;
         let dst = target.content(Some(&new_key));
         const CHUNK: u64 = 1 << 20;
         let mut off = 0;

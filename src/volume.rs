@@ -313,6 +313,11 @@ impl Volume {
     /// Open a volume as this host trusts it (docs/THREAT-MODEL.md): the settings that
     /// choose code, endpoints and keys come from the trust record, and a format-2 config
     /// must authenticate under its volume key before anything in it is used.
+    /// Where this host keeps the volume's crash journal (beside its trust records).
+    pub fn journal_dir(&self) -> PathBuf {
+        self.trust.dir().to_owned()
+    }
+
     pub fn open(root: &Path, secret: &SecretSource, opts: &OpenOptions) -> Result<Self> {
         let config = VolumeConfig::load(root)?;
         let trusted = opts.trust.get(&config.volume_id)?;

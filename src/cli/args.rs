@@ -297,7 +297,7 @@ pub struct MountArgs {
     /// Mount options, comma separated, for fstab and `mount -t fuse.envelopefs`: allow_other,
     /// ro, rw, no_writeback_cache, threads=N, attr_timeout=S, entry_timeout=S, key_file=F,
     /// passphrase_file=F, pin_file=F, log_file=F, audit_log=F, cache_ttl=S, cache_tti=S,
-    /// cache_max=N, crypto=aws-lc|rustcrypto (fstab words such as _netdev, nofail, defaults,
+    /// cache_max=N, crypto=aws-lc|rustcrypto, journal=ordered|sync|off (fstab words such as _netdev, nofail, defaults,
     /// x-systemd.*, comment=… are accepted and ignored). In a value, write a comma as \, and
     /// a backslash as \\.
     #[arg(short = 'o', value_name = "OPTIONS")]
@@ -354,6 +354,13 @@ pub struct MountArgs {
     /// longer than this is EIO.
     #[arg(long, value_name = "S")]
     pub kms_timeout: Option<f64>,
+    /// Crash journal (docs/FORMAT.md §8): every change to a file is recorded on this host
+    /// before it is made, so a crash inside a write never leaves a block that reads as EIO.
+    /// `ordered` (default) covers a killed daemon, and power cuts on storage that keeps
+    /// writes in order; `sync` flushes each record first and covers any power cut (slower
+    /// writes); `off` keeps no journal.
+    #[arg(long, value_name = "MODE", default_value = "ordered", value_parser = ["ordered", "sync", "off"])]
+    pub journal: String,
     #[command(flatten)]
     pub secret: SecretArgs,
 }
@@ -378,6 +385,7 @@ impl MountArgs {
             audit_log: self.audit_log.clone(),
             kms_pool: self.kms_pool,
             kms_timeout: self.kms_timeout,
+            journal: self.journal.parse().unwrap_or_default(),
             secret: self.secret.source(),
         }
     }

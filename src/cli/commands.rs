@@ -101,7 +101,19 @@ pub fn run(cmd: Cmd) -> Result<ExitCode> {
             } else {
                 None
             };
-            let rep = crate::check::fsck(&vol, repair)?;
+            // What a crash left goes first: the journal tells a torn write from tampering.
+            // A live mount's journal is its own business (it is not a crash's).
+            let journal = if repair {
+                crate::recovery::recover(&vol)?
+            } else if lock_volume(&backing).is_ok() {
+                crate::recovery::describe_pending(&vol)?
+            } else {
+                Vec::new()
+            };
+            let mut rep = crate::check::fsck(&vol, repair)?;
+            let journal =
+                journal.into_iter().map(|t| crate::check::Problem { path: t.path, what: t.what, repaired: t.repaired });
+            rep.problems.splice(0..0, journal);
             let mut remaining = 0;
             for p in &rep.problems {
                 let mark = if p.repaired { "repaired" } else { "PROBLEM" };
@@ -147,6 +159,7 @@ fn rekey_files(vol: &Volume, backing: &Path, mode: rekey::Mode, paths: Vec<PathB
         None
     };
     if mode == rekey::Mode::Reencrypt {
+        crate::recovery::recover(vol)?;
         let n = crate::tree::remove_stale_temporaries(&vol.root)?;
         if n > 0 {
             info!("removed {n} temporary files left by an interrupted re-encryption");

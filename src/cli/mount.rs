@@ -13,6 +13,7 @@ use crate::crypto::Backend;
 use crate::daemon;
 use crate::error::{Class, Error};
 use crate::fs::EncryptedFs;
+use crate::journal::{Journal, Mode, DEFAULT_LIMIT};
 use crate::mount_options::MountSettings;
 use crate::volume::{OpenOptions, Volume, VolumeConfig};
 use crate::volume_lock::lock_volume;
@@ -60,7 +61,12 @@ pub fn mount(mut s: MountSettings, foreground: bool, argv: &[OsString]) -> Resul
     )?;
     let _lock = lock_volume(s.backing())?;
     daemon::raise_fd_limit();
-    let fs = Arc::new(EncryptedFs::new(Arc::new(vol))?);
+    let journal = start_journal(&vol, &s)?;
+    let mut fs = EncryptedFs::new(Arc::new(vol))?;
+    if let Some(j) = &journal {
+        fs = fs.with_journal(j.clone());
+    }
+    let fs = Arc::new(fs);
     let mut session = crate::mount::mount(fs.clone(), s.mountpoint(), opts)
         .with_context(|| format!("mounting on {}", s.mountpoint().display()))?;
     let mut unmounter = session.unmount_callable();
@@ -107,7 +113,36 @@ pub fn mount(mut s: MountSettings, foreground: bool, argv: &[OsString]) -> Resul
             std::process::exit(1);
         }
     });
-    session.run().context("serving the mount")?;
+    let served = session.run().context("serving the mount");
+    if let Some(j) = journal {
+        // Every change is durable before the journal that covers it goes.
+        if let Err(e) = j.close() {
+            warn!("crash journal not closed ({e}); the next mount checks what it names");
+        }
+    }
+    served?;
     info!("unmounted {}", s.mountpoint().display());
     Ok(ExitCode::SUCCESS)
+}
+
+/// Finish what a crash left (the journal of the last mount, `recovery`), then start this
+/// mount's journal. A read-only mount changes nothing: it only says what is pending.
+fn start_journal(vol: &Volume, s: &MountSettings) -> Result<Option<Arc<Journal>>> {
+    if s.read_only {
+        let pending = crate::recovery::describe_pending(vol)?;
+        for p in &pending {
+            warn!("{}: {} (mounted read-only: not recovered)", p.path.display(), p.what);
+        }
+        return Ok(None);
+    }
+    let touched = crate::recovery::recover(vol)?;
+    if !touched.is_empty() {
+        info!("crash recovery touched {} file(s); each is logged above", touched.len());
+    }
+    if s.journal == Mode::Off {
+        return Ok(None);
+    }
+    let j = Journal::create(&vol.journal_dir(), &vol.config.volume_id, &vol.root, s.journal, DEFAULT_LIMIT, None)
+        .with_context(|| format!("starting the crash journal in {}", vol.journal_dir().display()))?;
+    Ok(Some(j))
 }

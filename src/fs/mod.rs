@@ -21,6 +21,7 @@ use crate::content::Content;
 use crate::crypto::FileKey;
 use crate::envelope_file::EnvelopeFile;
 use crate::error::{Error, Result};
+use crate::journal::{Journal, Target};
 use crate::sys;
 use crate::volume::{is_reserved, Volume};
 
@@ -181,6 +182,8 @@ pub struct EncryptedFs {
     next_ino: AtomicU64,
     handles: RwLock<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
+    /// Where every change to an envelope is recorded before it is made (None: no journal).
+    journal: Option<Arc<Journal>>,
 }
 
 fn system_time(sec: i64, nsec: i64) -> SystemTime {
@@ -232,7 +235,30 @@ impl EncryptedFs {
             next_ino: AtomicU64::new(1 << 63),
             handles: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            journal: None,
         })
+    }
+
+    /// Record every change in `journal` before making it (see `journal`).
+    pub fn with_journal(mut self, journal: Arc<Journal>) -> Self {
+        self.journal = Some(journal);
+        self
+    }
+
+    pub fn journal(&self) -> Option<&Arc<Journal>> {
+        self.journal.as_ref()
+    }
+
+    /// Run `f` with where changes to `inode` are recorded.
+    fn journaled<R>(&self, inode: &Inode, f: impl FnOnce(Option<&Target<'_>>) -> R) -> R {
+        let Some(journal) = &self.journal else {
+            return f(None);
+        };
+        let path = || {
+            let full = std::fs::read_link(format!("/proc/self/fd/{}", inode.raw())).unwrap_or_default();
+            full.strip_prefix(&self.vol.root).unwrap_or(&full).as_os_str().as_encoded_bytes().to_vec()
+        };
+        f(Some(&Target { journal, ino: inode.key.1, path: &path }))
     }
 
     pub fn volume(&self) -> &Arc<Volume> {
@@ -468,12 +494,15 @@ impl EncryptedFs {
         };
         let mut st = inode.content.write().unwrap();
         let who = handle.as_ref().map_or(caller, |h| h.writer(caller));
-        let key = self.key_for_write(&mut st, file, size > 0, who).map_err(|e| e.context(inode.describe()))?;
-        if key.is_none() {
-            return Ok(()); // empty, headerless, and staying empty
-        }
-        let c = Content { file, geo: self.vol.geometry, key: key.as_deref() };
-        c.truncate(size).map_err(|e| e.context(inode.describe()))
+        self.journaled(inode, |journal| {
+            let key =
+                self.key_for_write(&mut st, file, size > 0, who, journal).map_err(|e| e.context(inode.describe()))?;
+            if key.is_none() {
+                return Ok(()); // empty, headerless, and staying empty
+            }
+            let c = Content { file, geo: self.vol.geometry, key: key.as_deref(), journal };
+            c.truncate(size).map_err(|e| e.context(inode.describe()))
+        })
     }
 
     /// The key for a change to `file` (see `EnvelopeFile::key_for_write`), kept in the
@@ -484,10 +513,11 @@ impl EncryptedFs {
         file: &File,
         needs_header: bool,
         who: Caller,
+        journal: Option<&Target<'_>>,
     ) -> Result<Option<Arc<FileKey>>> {
         let describe = || sys::describe_fd(file.as_raw_fd());
         let env = EnvelopeFile { vol: &self.vol, file, describe: &describe, who: Some(who.requester()) };
-        let key = env.key_for_write(st.key.as_ref(), needs_header)?;
+        let key = env.key_for_write(st.key.as_ref(), needs_header, journal)?;
         if st.opens > 0 && st.key.is_none() {
             st.key.clone_from(&key);
         }
@@ -604,7 +634,7 @@ impl EncryptedFs {
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
         let h = self.file_handle(fh)?;
         let st = h.inode.content.read().unwrap();
-        let c = Content { file: &h.file, geo: self.vol.geometry, key: st.key.as_deref() };
+        let c = Content { file: &h.file, geo: self.vol.geometry, key: st.key.as_deref(), journal: None };
         c.read(offset, size as usize).map_err(|e| e.context(h.inode.describe()))
     }
 
@@ -617,10 +647,13 @@ impl EncryptedFs {
             return Err(Error::new(libc::EBADF, "handle is read-only"));
         }
         let mut st = h.inode.content.write().unwrap();
-        let key =
-            self.key_for_write(&mut st, &h.file, true, h.writer(caller)).map_err(|e| e.context(h.inode.describe()))?;
-        let c = Content { file: &h.file, geo: self.vol.geometry, key: key.as_deref() };
-        c.write(offset, data).map_err(|e| e.context(h.inode.describe()))?;
+        self.journaled(&h.inode, |journal| {
+            let key = self
+                .key_for_write(&mut st, &h.file, true, h.writer(caller), journal)
+                .map_err(|e| e.context(h.inode.describe()))?;
+            let c = Content { file: &h.file, geo: self.vol.geometry, key: key.as_deref(), journal };
+            c.write(offset, data).map_err(|e| e.context(h.inode.describe()))
+        })?;
         Ok(data.len() as u32)
     }
 
@@ -630,10 +663,13 @@ impl EncryptedFs {
         }
         let h = self.file_handle(fh)?;
         let mut st = h.inode.content.write().unwrap();
-        let key =
-            self.key_for_write(&mut st, &h.file, true, h.writer(caller)).map_err(|e| e.context(h.inode.describe()))?;
-        let c = Content { file: &h.file, geo: self.vol.geometry, key: key.as_deref() };
-        c.allocate(offset, len).map_err(|e| e.context(h.inode.describe()))
+        self.journaled(&h.inode, |journal| {
+            let key = self
+                .key_for_write(&mut st, &h.file, true, h.writer(caller), journal)
+                .map_err(|e| e.context(h.inode.describe()))?;
+            let c = Content { file: &h.file, geo: self.vol.geometry, key: key.as_deref(), journal };
+            c.allocate(offset, len).map_err(|e| e.context(h.inode.describe()))
+        })
     }
 
     pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {

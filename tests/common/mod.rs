@@ -172,6 +172,16 @@ impl Mounted {
         self.wait_exit()
     }
 
+    /// kill -9 the daemon (a crash). The dead mount stays attached (every access to it
+    /// fails with ENOTCONN) until this is dropped: detached earlier, a writer still running
+    /// would go on in the bare mount point directory beneath it.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Wait (bounded) for the daemon to exit by itself.
     pub fn wait_exit(mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().unwrap();
