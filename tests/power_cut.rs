@@ -20,7 +20,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use common::{open_options, pattern, TestVolume};
+use common::{open_options, pattern, Rng, TestVolume};
 use envelopefs::fs::{Caller, EncryptedFs, SetAttr, ROOT_INO};
 use envelopefs::journal::{self, Journal, Mode, Observed};
 use envelopefs::trust::TrustStore;
@@ -73,20 +73,6 @@ impl Recorder {
             Observed::SetLen(l) => Op::SetLen(l),
         };
         self.events.lock().unwrap().push(Event { file, op, step });
-    }
-}
-
-/// A small xorshift, so a failing run can be replayed from its seed.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
     }
 }
 

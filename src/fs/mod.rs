@@ -646,15 +646,26 @@ impl EncryptedFs {
         if !h.writable {
             return Err(Error::new(libc::EBADF, "handle is read-only"));
         }
+        self.change_content(&h, caller, |c| c.write(offset, data))?;
+        Ok(data.len() as u32)
+    }
+
+    /// Run `change` on the content behind handle `h` with the file's content lock held
+    /// alone, its key (a header made if it had none) and the journal.
+    fn change_content(
+        &self,
+        h: &FileHandle,
+        caller: Caller,
+        change: impl FnOnce(&Content<'_>) -> Result<()>,
+    ) -> Result<()> {
         let mut st = h.inode.content.write().unwrap();
         self.journaled(&h.inode, |journal| {
             let key = self
                 .key_for_write(&mut st, &h.file, true, h.writer(caller), journal)
                 .map_err(|e| e.context(h.inode.describe()))?;
             let c = Content { file: &h.file, geo: self.vol.geometry, key: key.as_deref(), journal };
-            c.write(offset, data).map_err(|e| e.context(h.inode.describe()))
-        })?;
-        Ok(data.len() as u32)
+            change(&c).map_err(|e| e.context(h.inode.describe()))
+        })
     }
 
     pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32, caller: Caller) -> Result<()> {
@@ -662,14 +673,7 @@ impl EncryptedFs {
             return Err(Error::new(libc::EOPNOTSUPP, "only fallocate mode 0 is supported"));
         }
         let h = self.file_handle(fh)?;
-        let mut st = h.inode.content.write().unwrap();
-        self.journaled(&h.inode, |journal| {
-            let key = self
-                .key_for_write(&mut st, &h.file, true, h.writer(caller), journal)
-                .map_err(|e| e.context(h.inode.describe()))?;
-            let c = Content { file: &h.file, geo: self.vol.geometry, key: key.as_deref(), journal };
-            c.allocate(offset, len).map_err(|e| e.context(h.inode.describe()))
-        })
+        self.change_content(&h, caller, |c| c.allocate(offset, len))
     }
 
     pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {

@@ -500,3 +500,20 @@ pub fn pkcs11_volume(token: &str, object: &str) -> (TempDir, PathBuf, PathBuf, S
     assert!(out.status.success(), "init: {}", String::from_utf8_lossy(&out.stderr));
     (d, backing, pin, String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// A small xorshift, so a failing randomized run can be replayed from its seed.
+#[derive(Clone)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
