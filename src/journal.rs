@@ -209,10 +209,6 @@ impl Journal {
         Ok(Arc::new(Self { paths, mode, limit, root, state: Mutex::new(state), drained: Condvar::new(), observer }))
     }
 
-    pub fn mode(&self) -> Mode {
-        self.mode
-    }
-
     pub fn observer(&self) -> Option<&Observer> {
         self.observer.as_ref()
     }
@@ -300,16 +296,6 @@ impl Journal {
         st.len[idx] = HEADER_LEN;
         st.known[idx].clear();
         Ok(())
-    }
-
-    /// Bytes recorded (both files, headers included).
-    pub fn len(&self) -> u64 {
-        let st = self.state.lock().unwrap();
-        st.len[0] + st.len[1]
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 2 * HEADER_LEN
     }
 
     /// End of the mount: once every change is done and durable, the journal goes.

@@ -245,10 +245,6 @@ impl EncryptedFs {
         self
     }
 
-    pub fn journal(&self) -> Option<&Arc<Journal>> {
-        self.journal.as_ref()
-    }
-
     /// Run `f` with where changes to `inode` are recorded.
     fn journaled<R>(&self, inode: &Inode, f: impl FnOnce(Option<&Target<'_>>) -> R) -> R {
         let Some(journal) = &self.journal else {
