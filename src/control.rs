@@ -31,6 +31,16 @@ pub struct Status {
     pub errors: u64,
     pub last_error: Option<String>,
     pub last_error_secs_ago: Option<u64>,
+    /// Inodes the kernel knows, and how many of them have a descriptor open.
+    #[serde(default)]
+    pub inodes_known: u64,
+    #[serde(default)]
+    pub inode_fds: u64,
+    #[serde(default)]
+    pub inode_fd_limit: u64,
+    /// FUSE requests served since the mount, by opcode.
+    #[serde(default)]
+    pub requests: std::collections::BTreeMap<String, u64>,
 }
 
 /// Where the socket of the mount at `mountpoint` lives.

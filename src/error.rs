@@ -135,7 +135,10 @@ impl Error {
     /// Errors a healthy filesystem returns all the time (ENOENT on lookup, ENOTEMPTY…)
     /// are not worth a warning; tampering, key trouble and I/O failures are.
     pub fn is_noteworthy(&self) -> bool {
-        matches!(self.errno, libc::EIO | libc::EACCES | libc::ENOSPC | libc::EROFS)
+        matches!(
+            self.errno,
+            libc::EIO | libc::EACCES | libc::ENOSPC | libc::EROFS | libc::EMFILE | libc::ENFILE | libc::ESTALE
+        )
     }
 }
 

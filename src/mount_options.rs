@@ -34,6 +34,10 @@ pub struct MountSettings {
     pub kms_timeout: Option<f64>,
     /// How changes are journaled against crashes: ordered, sync or off.
     pub journal: crate::journal::Mode,
+    /// How the inode table finds an inode again once its descriptor is closed.
+    pub file_handles: crate::fs::FileHandles,
+    /// Most descriptors of known inodes the daemon keeps open.
+    pub max_inode_fds: usize,
     pub secret: SecretSource,
 }
 
@@ -57,6 +61,8 @@ impl Default for MountSettings {
             kms_pool: None,
             kms_timeout: None,
             journal: crate::journal::Mode::Ordered,
+            file_handles: crate::fs::FileHandles::Auto,
+            max_inode_fds: crate::fs::DEFAULT_MAX_INODE_FDS,
             secret: SecretSource::default(),
         }
     }
@@ -146,6 +152,10 @@ pub fn apply_word(s: &mut MountSettings, word: &str) -> Result<()> {
         "kms_pool" => s.kms_pool = Some(num()? as usize),
         "kms_timeout" => s.kms_timeout = Some(num()?),
         "journal" => s.journal = val()?.parse().map_err(|e: String| usage(format!("mount option {word}: {e}")))?,
+        "file_handles" => {
+            s.file_handles = val()?.parse().map_err(|e: String| usage(format!("mount option {word}: {e}")))?
+        }
+        "max_inode_fds" => s.max_inode_fds = num()? as usize,
         k if IGNORED.contains(&k) || k == "comment" || k.starts_with("x-") => {}
         _ => return Err(usage(format!("unknown mount option {word:?} (see envelopefs mount --help)"))),
     }
@@ -265,6 +275,8 @@ mod tests {
             ("kms_timeout=1.5", |s| s.kms_timeout == Some(1.5)),
             ("journal=sync", |s| s.journal == crate::journal::Mode::Sync),
             ("journal=off", |s| s.journal == crate::journal::Mode::Off),
+            ("file_handles=never", |s| s.file_handles == crate::fs::FileHandles::Never),
+            ("max_inode_fds=64", |s| s.max_inode_fds == 64),
             (r"key_file=/etc/a\,b.key", |s| s.secret.key_file.as_deref() == Some(Path::new("/etc/a,b.key"))),
             (r"key_file=/etc/a\\b.key", |s| s.secret.key_file.as_deref() == Some(Path::new(r"/etc/a\b.key"))),
             ("threads=2,threads=3", |s| s.threads == 3),
@@ -321,6 +333,7 @@ mod tests {
             ("attr_timeout=1s", "not a number"),
             ("kms_timeout=", "not a number"),
             ("journal=maybe", "expected ordered, sync or off"),
+            ("file_handles=sometimes", "expected auto, always or never"),
             ("cache_max=0x10", "not a number"),
         ];
         for (words, needle) in cases {

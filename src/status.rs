@@ -34,6 +34,10 @@ pub fn reporter(fs: Arc<EncryptedFs>, backing: &Path, mountpoint: &Path) -> Arc<
             errors: fs.stats.errors.load(Relaxed),
             last_error_secs_ago: last.as_ref().and_then(|(t, _)| t.elapsed().ok()).map(|d| d.as_secs()),
             last_error: last.map(|(_, e)| e),
+            inodes_known: fs.inode_count() as u64,
+            inode_fds: fs.inode_fds().0 as u64,
+            inode_fd_limit: fs.inode_fds().1 as u64,
+            requests: fs.stats.requests().map(|(o, n)| (o.to_owned(), n)).collect(),
         }
     })
 }
@@ -52,6 +56,17 @@ pub fn write_human(st: &Status, out: &mut dyn Write) -> io::Result<()> {
         st.dek_cache_hit_rate * 100.0
     )?;
     writeln!(out, "  key-store calls {} ({} failed)", st.provider_calls, st.provider_errors)?;
+    writeln!(
+        out,
+        "  inodes         {} known, {} descriptors open (at most {})",
+        st.inodes_known, st.inode_fds, st.inode_fd_limit
+    )?;
+    if !st.requests.is_empty() {
+        let mut by_count: Vec<_> = st.requests.iter().collect();
+        by_count.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        let list: Vec<String> = by_count.iter().map(|(o, n)| format!("{o} {n}")).collect();
+        writeln!(out, "  FUSE requests  {}", list.join(", "))?;
+    }
     writeln!(out, "  errors         {}", st.errors)?;
     if let (Some(e), Some(ago)) = (&st.last_error, st.last_error_secs_ago) {
         writeln!(out, "  last error     {ago} s ago: {e}")?;
@@ -77,12 +92,14 @@ mod tests {
         let status = reporter(fs.clone(), &backing, Path::new("/mnt/x"));
         let st = status();
         assert_eq!((st.pid, st.open_files, st.errors), (std::process::id(), 0, 0));
+        assert_eq!((st.inodes_known, st.inode_fds), (1, 0), "the root, whose descriptor is not the cache's");
         assert_eq!((st.backing.as_str(), st.mountpoint.as_str()), (backing.to_str().unwrap(), "/mnt/x"));
         assert_eq!(st.dek_cache_hit_rate, 0.0);
         assert!(st.last_error.is_none());
         let (_, fh) = fs.create(ROOT_INO, OsStr::new("f"), 0o644, 0, libc::O_RDWR, ROOT).unwrap();
         let st = status();
         assert_eq!(st.open_files, 1);
+        assert_eq!((st.inodes_known, st.inode_fds), (2, 1));
         assert!(st.dek_cache_entries <= 1);
         fs.release(fh);
         assert_eq!(status().open_files, 0);
@@ -106,6 +123,10 @@ mod tests {
             errors: 1,
             last_error: Some("boom".into()),
             last_error_secs_ago: Some(9),
+            inodes_known: 12,
+            inode_fds: 5,
+            inode_fd_limit: 512,
+            requests: [("lookup".to_owned(), 3), ("getattr".to_owned(), 9)].into(),
         };
         let mut out = Vec::new();
         write_human(&st, &mut out).unwrap();
@@ -116,6 +137,8 @@ mod tests {
             "DEK cache      1 keys, 3 hits, 1 misses (75% hit rate)",
             "key-store calls 4 (0 failed)",
             "last error     9 s ago: boom",
+            "inodes         12 known, 5 descriptors open (at most 512)",
+            "FUSE requests  getattr 9, lookup 3",
         ] {
             assert!(text.contains(needle), "{needle}: {text}");
         }

@@ -22,9 +22,83 @@ pub fn proc_path(fd: RawFd) -> CString {
 pub fn openat(dir: RawFd, name: &CStr, flags: i32, mode: u32) -> Result<OwnedFd> {
     // SAFETY: `name` is a NUL-terminated string that outlives the call.
     let fd = unsafe { libc::openat(dir, name.as_ptr(), flags | libc::O_CLOEXEC, mode as libc::c_uint) };
-    let fd = cvt(fd, || format!("open {:?}", name))?;
-    // SAFETY: `fd` was just returned by openat and is owned by nobody else.
+    owned(fd, || format!("open {:?}", name))
+}
+
+/// Own a descriptor a syscall just returned, naming the descriptor limit when that is why
+/// there is none.
+fn owned(fd: libc::c_int, what: impl FnOnce() -> String) -> Result<OwnedFd> {
+    let fd = cvt(fd, what).map_err(|e| match e.errno() {
+        libc::EMFILE => e.context(format!(
+            "the daemon is at its descriptor limit (RLIMIT_NOFILE {}): files held open through the mount \
+             count against it, and the inode table keeps at most --max-inode-fds more; raise LimitNOFILE \
+             or lower --max-inode-fds",
+            nofile_limit()
+        )),
+        _ => e,
+    })?;
+    // SAFETY: `fd` was just returned by the kernel and is owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The process's soft RLIMIT_NOFILE.
+pub fn nofile_limit() -> u64 {
+    // SAFETY: an all-zero rlimit is valid plain data; getrlimit writes only that struct.
+    let mut r: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: `r` is a valid, writable rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return 0;
+    }
+    r.rlim_cur
+}
+
+/// A kernel file handle: names an inode (with its generation) on one filesystem, for as
+/// long as the inode lives, whatever its names become.
+#[derive(Clone, PartialEq, Eq)]
+pub struct FileHandle {
+    kind: i32,
+    bytes: Box<[u8]>,
+}
+
+const MAX_HANDLE_SZ: usize = 128;
+
+#[repr(C)]
+struct RawHandle {
+    handle_bytes: libc::c_uint,
+    handle_type: libc::c_int,
+    f_handle: [u8; MAX_HANDLE_SZ],
+}
+
+/// The file handle of the object behind `fd` (any kind of descriptor, O_PATH included).
+pub fn name_to_handle(fd: RawFd) -> Result<FileHandle> {
+    let mut raw = RawHandle { handle_bytes: MAX_HANDLE_SZ as u32, handle_type: 0, f_handle: [0; MAX_HANDLE_SZ] };
+    let mut mount_id: libc::c_int = 0;
+    cvt(
+        // SAFETY: EMPTY is NUL-terminated; `raw` is a writable file_handle with room for
+        // MAX_HANDLE_SZ bytes, as its handle_bytes says; `mount_id` is writable.
+        unsafe {
+            libc::name_to_handle_at(
+                fd,
+                EMPTY.as_ptr(),
+                (&mut raw as *mut RawHandle).cast(),
+                &mut mount_id,
+                libc::AT_EMPTY_PATH,
+            )
+        },
+        || "name_to_handle_at".into(),
+    )?;
+    let n = (raw.handle_bytes as usize).min(MAX_HANDLE_SZ);
+    Ok(FileHandle { kind: raw.handle_type, bytes: raw.f_handle[..n].into() })
+}
+
+/// Open the object a file handle names, on the filesystem of `mount_fd`. Needs
+/// CAP_DAC_READ_SEARCH; a handle whose inode is gone gives ESTALE.
+pub fn open_by_handle(mount_fd: RawFd, h: &FileHandle, flags: i32) -> Result<OwnedFd> {
+    let mut raw = RawHandle { handle_bytes: h.bytes.len() as u32, handle_type: h.kind, f_handle: [0; MAX_HANDLE_SZ] };
+    raw.f_handle[..h.bytes.len()].copy_from_slice(&h.bytes);
+    // SAFETY: `raw` is a valid file_handle holding handle_bytes bytes; the kernel only reads it.
+    let fd = unsafe { libc::open_by_handle_at(mount_fd, (&mut raw as *mut RawHandle).cast(), flags | libc::O_CLOEXEC) };
+    owned(fd, || "open_by_handle_at".into())
 }
 
 /// An O_PATH handle on `name` in `dir`, never following a final symlink.

@@ -297,7 +297,7 @@ pub struct MountArgs {
     /// Mount options, comma separated, for fstab and `mount -t fuse.envelopefs`: allow_other,
     /// ro, rw, no_writeback_cache, threads=N, attr_timeout=S, entry_timeout=S, key_file=F,
     /// passphrase_file=F, pin_file=F, log_file=F, audit_log=F, cache_ttl=S, cache_tti=S,
-    /// cache_max=N, crypto=aws-lc|rustcrypto, journal=ordered|sync|off (fstab words such as _netdev, nofail, defaults,
+    /// cache_max=N, crypto=aws-lc|rustcrypto, journal=ordered|sync|off, file_handles=auto|always|never, max_inode_fds=N (fstab words such as _netdev, nofail, defaults,
     /// x-systemd.*, comment=… are accepted and ignored). In a value, write a comma as \, and
     /// a backslash as \\.
     #[arg(short = 'o', value_name = "OPTIONS")]
@@ -361,6 +361,16 @@ pub struct MountArgs {
     /// writes); `off` keeps no journal.
     #[arg(long, value_name = "MODE", default_value = "ordered", value_parser = ["ordered", "sync", "off"])]
     pub journal: String,
+    /// How the daemon finds a file again after closing its descriptor (it keeps at most
+    /// --max-inode-fds open, whatever the size of the tree): `always` by kernel file handle
+    /// (needs root, or CAP_DAC_READ_SEARCH); `never` by its parent and name, checked to be
+    /// the same object; `auto` (default) takes file handles where the kernel grants them.
+    #[arg(long, value_name = "WHEN", default_value = "auto", value_parser = ["auto", "always", "never"])]
+    pub file_handles: String,
+    /// Most descriptors of files and directories the daemon keeps open for the kernel
+    /// (at most half of RLIMIT_NOFILE is used). Files held open through the mount come on top.
+    #[arg(long, value_name = "N", default_value_t = crate::fs::DEFAULT_MAX_INODE_FDS)]
+    pub max_inode_fds: usize,
     #[command(flatten)]
     pub secret: SecretArgs,
 }
@@ -386,6 +396,8 @@ impl MountArgs {
             kms_pool: self.kms_pool,
             kms_timeout: self.kms_timeout,
             journal: self.journal.parse().unwrap_or_default(),
+            file_handles: self.file_handles.parse().unwrap_or(crate::fs::FileHandles::Auto),
+            max_inode_fds: self.max_inode_fds,
             secret: self.secret.source(),
         }
     }

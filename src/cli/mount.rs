@@ -62,7 +62,8 @@ pub fn mount(mut s: MountSettings, foreground: bool, argv: &[OsString]) -> Resul
     let _lock = lock_volume(s.backing())?;
     daemon::raise_fd_limit();
     let journal = start_journal(&vol, &s)?;
-    let mut fs = EncryptedFs::new(Arc::new(vol))?;
+    let mut fs = EncryptedFs::new(Arc::new(vol))?.with_inode_fds(s.file_handles, s.max_inode_fds)?;
+    info!("{}", fs.inode_fds_summary());
     if let Some(j) = &journal {
         fs = fs.with_journal(j.clone());
     }

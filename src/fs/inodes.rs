@@ -52,20 +52,37 @@ impl<T> InodeTable<T> {
         self.maps.lock().unwrap().by_ino.get(&ino).cloned()
     }
 
-    /// The node for backing object `key`, with one more lookup: the known one, or a new one
-    /// numbered by `number` and holding `make()`.
-    pub fn intern(&self, key: (u64, u64), number: impl FnOnce() -> u64, make: impl FnOnce() -> T) -> Arc<Node<T>> {
+    /// The node for backing object `key`, with one more lookup: the known one if `same`
+    /// says it is still that object, or a new one holding `make()`. A new node is numbered
+    /// `preferred` unless a live node has that number (a backing inode number reused while
+    /// the kernel still knows the old object), else `fresh()`.
+    pub fn intern(
+        &self,
+        key: (u64, u64),
+        same: impl FnOnce(&Node<T>) -> bool,
+        preferred: Option<u64>,
+        fresh: impl FnOnce() -> u64,
+        make: impl FnOnce() -> T,
+    ) -> Arc<Node<T>> {
         let mut m = self.maps.lock().unwrap();
         if let Some(ino) = m.by_key.get(&key) {
             let node = m.by_ino[ino].clone();
-            node.lookups.fetch_add(1, Ordering::SeqCst);
-            return node;
+            if same(&node) {
+                node.lookups.fetch_add(1, Ordering::SeqCst);
+                return node;
+            }
         }
-        let ino = number();
+        let ino = preferred.filter(|p| !m.by_ino.contains_key(p)).unwrap_or_else(fresh);
         let node = Arc::new(Node { ino, key, lookups: AtomicU64::new(1), value: make() });
         m.by_key.insert(key, ino);
         m.by_ino.insert(ino, node.clone());
         node
+    }
+
+    /// The node the table knows for backing object `key`, if any.
+    pub fn find(&self, key: (u64, u64)) -> Option<Arc<Node<T>>> {
+        let m = self.maps.lock().unwrap();
+        m.by_key.get(&key).and_then(|i| m.by_ino.get(i)).cloned()
     }
 
     /// One more lookup on a node the caller holds (a `link` reply hands out its inode
@@ -89,19 +106,23 @@ impl<T> InodeTable<T> {
         }
     }
 
-    /// The kernel gives back `n` lookups; at zero the inode is forgotten.
-    pub fn forget(&self, ino: u64, n: u64) {
+    /// The kernel gives back `n` lookups; at zero the inode is forgotten, and returned.
+    pub fn forget(&self, ino: u64, n: u64) -> Option<Arc<Node<T>>> {
         if ino == self.root {
-            return;
+            return None;
         }
         let mut m = self.maps.lock().unwrap();
-        let Some(node) = m.by_ino.get(&ino).cloned() else { return };
+        let node = m.by_ino.get(&ino).cloned()?;
         let left = node.lookups.load(Ordering::SeqCst).saturating_sub(n);
         node.lookups.store(left, Ordering::SeqCst);
-        if left == 0 {
-            m.by_ino.remove(&ino);
+        if left > 0 {
+            return None;
+        }
+        m.by_ino.remove(&ino);
+        if m.by_key.get(&node.key) == Some(&ino) {
             m.by_key.remove(&node.key);
         }
+        Some(node)
     }
 
     pub fn len(&self) -> usize {
@@ -129,7 +150,7 @@ mod tests {
                     .map(|_| {
                         let t = t.clone();
                         shuttle::thread::spawn(move || {
-                            let n = t.intern((0, 7), || 7, || 70);
+                            let n = t.intern((0, 7), |_| true, Some(7), || 8, || 70);
                             assert_eq!(t.get(n.ino).map(|x| x.ino), Some(7), "held, so known");
                             t.forget(n.ino, 1);
                         })
@@ -151,10 +172,10 @@ mod tests {
         shuttle::check_random(
             || {
                 let t = table();
-                let node = t.intern((0, 9), || 9, || 90);
+                let node = t.intern((0, 9), |_| true, Some(9), || 10, || 90);
                 let forgetter = {
                     let t = t.clone();
-                    shuttle::thread::spawn(move || t.forget(9, 1))
+                    shuttle::thread::spawn(move || drop(t.forget(9, 1)))
                 };
                 let linker = {
                     let t = t.clone();
@@ -176,10 +197,17 @@ mod tests {
                 let t = table();
                 t.forget(1, 100);
                 assert!(t.get(1).is_some());
-                let a = t.intern((0, 5), || 5, || 1);
-                let b = t.intern((0, 5), || 6, || 2);
+                let a = t.intern((0, 5), |_| true, Some(5), || 6, || 1);
+                let b = t.intern((0, 5), |_| true, Some(6), || 7, || 2);
                 assert_eq!((a.ino, b.ino, b.value), (5, 5, 1), "a known object keeps its number and value");
                 assert_eq!(a.lookups(), 2);
+                // The backing number now names another object while the kernel still
+                // knows the old one: a new node, under a number of its own.
+                let c = t.intern((0, 5), |_| false, Some(5), || 1 << 63, || 3);
+                assert_eq!((c.ino, c.value), (1 << 63, 3));
+                assert_eq!(t.find((0, 5)).map(|n| n.ino), Some(1 << 63));
+                assert!(t.forget(5, 2).is_some(), "the old node goes with its last lookup");
+                assert_eq!(t.find((0, 5)).map(|n| n.ino), Some(1 << 63), "and leaves the new one known");
             },
             10,
         );

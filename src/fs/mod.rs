@@ -1,9 +1,13 @@
 //! `EncryptedFs`: POSIX semantics over a backing directory, in plain Rust. The FUSE adapter
 //! (`mount`) only translates requests to these methods; tests call them directly.
 //!
-//! Every known inode holds an O_PATH descriptor of its backing object, so renames and hard
-//! links need no path bookkeeping and nothing ever follows a symlink in the backing tree.
+//! Every known inode is reached through an O_PATH descriptor of its backing object, so
+//! nothing ever follows a symlink in the backing tree and no path is resolved twice. The
+//! descriptors live in a bounded cache (`fd_cache`); an inode whose descriptor was closed
+//! is found again by its `Locator`: a kernel file handle, or a name in a parent that is
+//! itself found again, checked to still be the same object.
 
+mod fd_cache;
 mod inodes;
 
 use std::collections::HashMap;
@@ -11,7 +15,7 @@ use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::DirEntryExt;
-use std::os::unix::io::{AsRawFd, OwnedFd};
+use std::os::unix::io::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -104,9 +108,53 @@ struct ContentState {
     opens: usize,
 }
 
+/// How the inode table finds a backing object again once its descriptor was closed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileHandles {
+    /// File handles where the kernel grants them (root, CAP_DAC_READ_SEARCH), else names.
+    Auto,
+    /// File handles, or the mount fails.
+    Always,
+    /// By parent and name, checked against the object's device, inode number and type.
+    Never,
+}
+
+impl std::str::FromStr for FileHandles {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "always" => Ok(Self::Always),
+            "never" => Ok(Self::Never),
+            _ => Err(format!("{s:?}: expected auto, always or never")),
+        }
+    }
+}
+
+/// The descriptors the inode table keeps open when not told otherwise, before the limit
+/// of the process caps it (see `EncryptedFs::with_inode_fds`).
+pub const DEFAULT_MAX_INODE_FDS: usize = 512;
+
+/// Names an object may be found again by, newest first; a hard-linked object seen under
+/// more names keeps this many.
+const MAX_NAMES: usize = 8;
+
+/// How a known inode is found again once its descriptor is no longer cached.
+enum Locator {
+    Root,
+    Handle(sys::FileHandle),
+    Names(Mutex<Vec<(Arc<Inode>, OsString)>>),
+}
+
 /// What the filesystem keeps with each known inode (the table keeps number and lookups).
 struct InodeData {
-    fd: OwnedFd,
+    /// Unique for the life of the mount: the descriptor cache's key.
+    id: u64,
+    locator: Locator,
+    /// The descriptor of an object the mount removed the last name of while the kernel
+    /// still knows it (open, or with times to write back): it can no longer be found
+    /// again, so it is held until the kernel forgets the inode.
+    pinned: Mutex<Option<Arc<OwnedFd>>>,
     fmt: u32,
     /// Readers share it; writes, truncates and allocations take it alone.
     content: RwLock<ContentState>,
@@ -115,14 +163,39 @@ struct InodeData {
 type Inode = inodes::Node<InodeData>;
 
 impl InodeData {
-    fn raw(&self) -> i32 {
-        self.fd.as_raw_fd()
-    }
-    fn describe(&self) -> String {
-        sys::describe_fd(self.raw())
-    }
     fn is_symlink(&self) -> bool {
         self.fmt == libc::S_IFLNK
+    }
+
+    fn add_name(&self, parent: &Arc<Inode>, name: &OsStr) {
+        if let Locator::Names(names) = &self.locator {
+            let mut names = names.lock().unwrap();
+            names.retain(|(p, n)| !(p.id == parent.id && n == name));
+            names.insert(0, (parent.clone(), name.to_owned()));
+            names.truncate(MAX_NAMES);
+        }
+    }
+
+    /// Forget `name` in `parent`, which the mount just moved elsewhere; returns whether
+    /// the object is left without a name it can be found again by.
+    fn drop_name_only(&self, parent: &Inode, name: &OsStr) -> bool {
+        match &self.locator {
+            Locator::Names(names) => {
+                let mut names = names.lock().unwrap();
+                names.retain(|(p, n)| !(p.id == parent.id && n == name));
+                names.is_empty()
+            }
+            _ => false,
+        }
+    }
+
+    /// Forget `name` in `parent`, which the mount just removed; `fd` is the object's
+    /// descriptor, kept if that was the last name.
+    fn drop_name(&self, parent: &Inode, name: &OsStr, fd: &Arc<OwnedFd>) {
+        let nameless = self.drop_name_only(parent, name);
+        if nameless || sys::fstat(fd.as_raw_fd()).is_ok_and(|st| st.st_nlink == 0) {
+            *self.pinned.lock().unwrap() = Some(fd.clone());
+        }
     }
 }
 
@@ -135,6 +208,10 @@ struct FileHandle {
 }
 
 impl FileHandle {
+    fn describe(&self) -> String {
+        sys::describe_fd(self.file.as_raw_fd())
+    }
+
     /// The requester of a write through this handle: the caller, or for the kernel's own
     /// writeback (pid 0), whoever opened the handle.
     fn writer(&self, caller: Caller) -> Caller {
@@ -157,14 +234,62 @@ enum Handle {
     Dir(Arc<DirHandle>),
 }
 
+/// The FUSE requests the adapter serves, as `status` counts them.
+pub const OPCODES: [&str; 31] = [
+    "lookup",
+    "forget",
+    "getattr",
+    "setattr",
+    "readlink",
+    "mknod",
+    "mkdir",
+    "unlink",
+    "rmdir",
+    "symlink",
+    "rename",
+    "link",
+    "open",
+    "read",
+    "write",
+    "flush",
+    "release",
+    "fsync",
+    "opendir",
+    "readdir",
+    "readdirplus",
+    "releasedir",
+    "fsyncdir",
+    "statfs",
+    "setxattr",
+    "getxattr",
+    "listxattr",
+    "removexattr",
+    "access",
+    "create",
+    "fallocate",
+];
+
 /// Counters the filesystem and the adapter keep for `status`.
 #[derive(Debug, Default)]
 pub struct Stats {
     pub errors: AtomicU64,
     pub last_error: Mutex<Option<(SystemTime, String)>>,
+    requests: [AtomicU64; OPCODES.len()],
 }
 
 impl Stats {
+    /// Count one request of `op` (one of `OPCODES`).
+    pub fn request(&self, op: &str) {
+        if let Some(i) = OPCODES.iter().position(|o| *o == op) {
+            self.requests[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Requests served so far, by opcode (those never sent left out).
+    pub fn requests(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        OPCODES.iter().zip(&self.requests).map(|(o, n)| (*o, n.load(Ordering::Relaxed))).filter(|(_, n)| *n > 0)
+    }
+
     pub fn error(&self, what: String) {
         self.errors.fetch_add(1, Ordering::Relaxed);
         *self.last_error.lock().unwrap() = Some((SystemTime::now(), what));
@@ -176,10 +301,17 @@ pub struct EncryptedFs {
     pub stats: Stats,
     vol: Arc<Volume>,
     root_dev: u64,
-    /// A readable descriptor of the root, for statfs.
+    /// A readable descriptor of the root, for statfs, and the mount descriptor for file
+    /// handles (which the kernel does not take as O_PATH).
     root_dir: File,
+    /// The root's O_PATH descriptor, always open.
+    root_fd: Arc<OwnedFd>,
     table: inodes::InodeTable<InodeData>,
     next_ino: AtomicU64,
+    next_id: AtomicU64,
+    fds: fd_cache::FdCache,
+    /// Whether new inodes get a file handle (else they are found again by name).
+    by_handle: bool,
     handles: RwLock<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
     /// Where every change to an envelope is recorded before it is made (None: no journal).
@@ -224,19 +356,122 @@ impl EncryptedFs {
             .map_err(|e| e.context(format!("opening backing directory {}", vol.root.display())))?;
         let st = sys::fstat(fd.as_raw_fd())?;
         let root_dir = sys::reopen(&fd, libc::O_RDONLY | libc::O_DIRECTORY)?;
-        let root = InodeData { fd, fmt: libc::S_IFDIR, content: RwLock::new(ContentState { key: None, opens: 0 }) };
+        let root = InodeData {
+            id: 0,
+            locator: Locator::Root,
+            pinned: Mutex::new(None),
+            fmt: libc::S_IFDIR,
+            content: RwLock::new(ContentState { key: None, opens: 0 }),
+        };
         let table = inodes::InodeTable::new(ROOT_INO, (st.st_dev, st.st_ino), root);
-        Ok(Self {
+        let fs = Self {
             stats: Default::default(),
             vol,
             root_dev: st.st_dev,
             root_dir,
+            root_fd: Arc::new(fd),
             table,
             next_ino: AtomicU64::new(1 << 63),
+            next_id: AtomicU64::new(1),
+            fds: fd_cache::FdCache::new(1),
+            by_handle: false,
             handles: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             journal: None,
-        })
+        };
+        fs.with_inode_fds(FileHandles::Auto, DEFAULT_MAX_INODE_FDS)
+    }
+
+    /// Keep at most `max_fds` descriptors of known inodes open (and at most half the
+    /// process's RLIMIT_NOFILE, so that files held open through the mount fit beside
+    /// them), finding the others again as `handles` says.
+    pub fn with_inode_fds(mut self, handles: FileHandles, max_fds: usize) -> Result<Self> {
+        let limit = usize::try_from(sys::nofile_limit()).unwrap_or(usize::MAX);
+        self.fds = fd_cache::FdCache::new(max_fds.min(limit / 2).max(1));
+        self.by_handle = match handles {
+            FileHandles::Never => false,
+            FileHandles::Auto => self.handles_work().is_ok(),
+            FileHandles::Always => {
+                self.handles_work().map_err(|e| e.context("--file-handles always: the kernel grants none here"))?;
+                true
+            }
+        };
+        Ok(self)
+    }
+
+    /// File handles need the backing filesystem's support and CAP_DAC_READ_SEARCH.
+    fn handles_work(&self) -> Result<()> {
+        let h = sys::name_to_handle(self.root_fd.as_raw_fd())?;
+        sys::open_by_handle(self.root_dir.as_raw_fd(), &h, libc::O_PATH).map(drop)
+    }
+
+    /// How inodes are kept, for the mount's log.
+    pub fn inode_fds_summary(&self) -> String {
+        format!(
+            "inode table: finds inodes by {}, keeps at most {} descriptors open (RLIMIT_NOFILE {})",
+            if self.by_handle { "file handle" } else { "parent and name" },
+            self.fds.capacity(),
+            sys::nofile_limit()
+        )
+    }
+
+    /// The O_PATH descriptor of `inode`: cached, or found again and cached.
+    fn fd(&self, inode: &Inode) -> Result<Arc<OwnedFd>> {
+        if matches!(inode.locator, Locator::Root) {
+            return Ok(self.root_fd.clone());
+        }
+        if let Some(fd) = self.fds.get(inode.id) {
+            return Ok(fd);
+        }
+        if let Some(fd) = inode.pinned.lock().unwrap().clone() {
+            return Ok(fd);
+        }
+        let fd = Arc::new(self.find_again(inode)?);
+        self.fds.put(inode.id, fd.clone());
+        Ok(fd)
+    }
+
+    /// Open `inode`'s object anew. A name is taken only if what it holds now has the
+    /// object's device, inode number and type, so a rename behind the mount's back never
+    /// redirects an inode to another file; it gives ESTALE instead.
+    fn find_again(&self, inode: &Inode) -> Result<OwnedFd> {
+        let stale = || {
+            Error::new(
+                libc::ESTALE,
+                format!("inode {} is not at any name the mount knows (changed behind its back)", inode.ino),
+            )
+        };
+        match &inode.locator {
+            Locator::Root => sys::path_handle(self.root_fd.as_raw_fd()),
+            Locator::Handle(h) => sys::open_by_handle(self.root_dir.as_raw_fd(), h, libc::O_PATH).map_err(|e| {
+                if e.errno() == libc::EMFILE {
+                    e
+                } else {
+                    stale().context(e)
+                }
+            }),
+            Locator::Names(names) => {
+                let names = names.lock().unwrap().clone();
+                for (parent, name) in names {
+                    let Ok(dir) = self.fd(&parent) else { continue };
+                    let fd = match sys::open_path(dir.as_raw_fd(), &sys::cstr(&name)?) {
+                        Ok(fd) => fd,
+                        Err(e) if e.errno() == libc::EMFILE => return Err(e),
+                        Err(_) => continue,
+                    };
+                    let st = sys::fstat(fd.as_raw_fd())?;
+                    if (st.st_dev, st.st_ino) == inode.key && st.st_mode & libc::S_IFMT == inode.fmt {
+                        return Ok(fd);
+                    }
+                }
+                Err(stale())
+            }
+        }
+    }
+
+    /// A path for messages: where `inode`'s object is now, or its number.
+    fn describe_inode(&self, inode: &Inode) -> String {
+        self.fd(inode).map_or_else(|_| format!("inode {}", inode.ino), |fd| sys::describe_fd(fd.as_raw_fd()))
     }
 
     /// Record every change in `journal` before making it (see `journal`).
@@ -251,7 +486,8 @@ impl EncryptedFs {
             return f(None);
         };
         let path = || {
-            let full = std::fs::read_link(format!("/proc/self/fd/{}", inode.raw())).unwrap_or_default();
+            let raw = self.fd(inode).map_or(-1, |fd| fd.as_raw_fd());
+            let full = std::fs::read_link(format!("/proc/self/fd/{raw}")).unwrap_or_default();
             full.strip_prefix(&self.vol.root).unwrap_or(&full).as_os_str().as_encoded_bytes().to_vec()
         };
         f(Some(&Target { journal, ino: inode.key.1, path: &path }))
@@ -265,33 +501,65 @@ impl EncryptedFs {
         self.table.get(ino).ok_or_else(|| Error::new(libc::ESTALE, format!("unknown inode {ino}")))
     }
 
+    /// The inode of the object `fd` (with stat `st`) opened as `name` in `parent`.
+    ///
     /// Inode numbers are the backing inode numbers where that is unambiguous, so `stat`
-    /// and `readdir` agree; others (another device, or 1) get numbers from the top half.
-    /// A backing inode cannot be reused while we hold its O_PATH descriptor.
-    fn intern(&self, fd: OwnedFd, st: &libc::stat) -> Arc<Inode> {
-        let number = || {
-            if st.st_dev == self.root_dev && st.st_ino > ROOT_INO && st.st_ino < (1 << 63) {
-                st.st_ino
-            } else {
-                self.next_ino.fetch_add(1, Ordering::Relaxed)
-            }
+    /// and `readdir` agree; others (another device, 1, or a backing number reused while the
+    /// kernel still knows the object that had it) get numbers from the top half.
+    fn intern(&self, fd: OwnedFd, st: &libc::stat, parent: &Arc<Inode>, name: &OsStr) -> Arc<Inode> {
+        let fmt = st.st_mode & libc::S_IFMT;
+        let handle =
+            (self.by_handle && st.st_dev == self.root_dev).then(|| sys::name_to_handle(fd.as_raw_fd()).ok()).flatten();
+        // A known node is this object if its handle matches, or if its descriptor is still
+        // open (which keeps the backing number from being reused), or if one of its names
+        // still leads to an object of that number.
+        let same = |n: &Inode| {
+            n.fmt == fmt
+                && match (&n.locator, &handle) {
+                    (Locator::Root, _) => true,
+                    (Locator::Handle(a), Some(b)) => a == b,
+                    (Locator::Names(_), None) => self.fds.contains(n.id) || self.find_again(n).is_ok(),
+                    _ => false,
+                }
         };
+        let preferred =
+            (st.st_dev == self.root_dev && st.st_ino > ROOT_INO && st.st_ino < (1 << 63)).then_some(st.st_ino);
         let make = || InodeData {
-            fd,
-            fmt: st.st_mode & libc::S_IFMT,
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            locator: match handle.clone() {
+                Some(h) => Locator::Handle(h),
+                None => Locator::Names(Mutex::new(Vec::new())),
+            },
+            pinned: Mutex::new(None),
+            fmt,
             content: RwLock::new(ContentState { key: None, opens: 0 }),
         };
-        self.table.intern((st.st_dev, st.st_ino), number, make)
+        let fresh = || self.next_ino.fetch_add(1, Ordering::Relaxed);
+        let node = self.table.intern((st.st_dev, st.st_ino), same, preferred, fresh, make);
+        node.add_name(parent, name);
+        if !matches!(node.locator, Locator::Root) {
+            self.fds.put(node.id, Arc::new(fd));
+        }
+        node
     }
 
     pub fn forget(&self, ino: u64, n: u64) {
-        self.table.forget(ino, n);
+        if let Some(gone) = self.table.forget(ino, n) {
+            self.fds.remove(gone.id);
+            // A node may outlive this in its children's names, but not its descriptor.
+            gone.pinned.lock().unwrap().take();
+        }
     }
 
     /// The backing object behind an inode, for messages: its path as the kernel sees it
     /// now, or the inode number if it is no longer known.
     pub fn describe(&self, ino: u64) -> String {
-        self.inode(ino).map_or_else(|_| format!("inode {ino}"), |i| i.describe())
+        self.inode(ino).map_or_else(|_| format!("inode {ino}"), |i| self.describe_inode(&i))
+    }
+
+    /// Descriptors of known inodes open now, and the most it keeps (for tests and status).
+    pub fn inode_fds(&self) -> (usize, usize) {
+        (self.fds.len(), self.fds.capacity())
     }
 
     /// Open regular-file handles (for status).
@@ -335,11 +603,11 @@ impl EncryptedFs {
         Ok(())
     }
 
-    fn lookup_fd(&self, parent: &Inode, name: &OsStr) -> Result<Attr> {
+    fn lookup_fd(&self, parent: &Arc<Inode>, name: &OsStr) -> Result<Attr> {
         let c = sys::cstr(name)?;
-        let fd = sys::open_path(parent.raw(), &c)?;
+        let fd = sys::open_path(self.fd(parent)?.as_raw_fd(), &c)?;
         let st = sys::fstat(fd.as_raw_fd())?;
-        let inode = self.intern(fd, &st);
+        let inode = self.intern(fd, &st, parent, name);
         Ok(self.attr_of(inode.ino, &st))
     }
 
@@ -357,13 +625,13 @@ impl EncryptedFs {
 
     pub fn getattr(&self, ino: u64) -> Result<Attr> {
         let inode = self.inode(ino)?;
-        let st = sys::fstat(inode.raw())?;
+        let st = sys::fstat(self.fd(&inode)?.as_raw_fd())?;
         Ok(self.attr_of(ino, &st))
     }
 
     /// Owner of a new object: the caller, with the group inherited from a set-gid parent.
-    fn owner_for(&self, parent: &Inode, caller: Caller) -> Result<(u32, u32)> {
-        let pst = sys::fstat(parent.raw())?;
+    fn owner_for(&self, parent: RawFd, caller: Caller) -> Result<(u32, u32)> {
+        let pst = sys::fstat(parent)?;
         let gid = if pst.st_mode & libc::S_ISGID != 0 { pst.st_gid } else { caller.gid };
         Ok((caller.uid, gid))
     }
@@ -371,13 +639,13 @@ impl EncryptedFs {
     /// Look up what `make` just created as the caller (see `sys::FsIds`). Nothing is
     /// chowned or chmodded by name: an object swapped into the name in between keeps its
     /// owner and mode, and is refused unless it is of the kind made and the caller's.
-    fn finish_new(&self, parent: &Inode, name: &OsStr, caller: Caller, kind: u32) -> Result<Attr> {
-        let fd = sys::open_path(parent.raw(), &sys::cstr(name)?)?;
+    fn finish_new(&self, parent: &Arc<Inode>, dir: RawFd, name: &OsStr, caller: Caller, kind: u32) -> Result<Attr> {
+        let fd = sys::open_path(dir, &sys::cstr(name)?)?;
         let st = sys::fstat(fd.as_raw_fd())?;
         if st.st_mode & libc::S_IFMT != kind || st.st_uid != caller.uid {
             return Err(Error::new(libc::EAGAIN, format!("{name:?} was replaced while it was being created")));
         }
-        let inode = self.intern(fd, &st);
+        let inode = self.intern(fd, &st, parent, name);
         Ok(self.attr_of(inode.ino, &st))
     }
 
@@ -392,10 +660,11 @@ impl EncryptedFs {
     pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, umask: u32, caller: Caller) -> Result<Attr> {
         self.check_name(parent, name)?;
         let p = self.inode(parent)?;
+        let dir = self.fd(&p)?;
         let mode = mode & !umask & 0o7777;
         let c = sys::cstr(name)?;
-        Self::make_as(caller, || sys::mkdirat(p.raw(), &c, mode))?;
-        self.finish_new(&p, name, caller, libc::S_IFDIR)
+        Self::make_as(caller, || sys::mkdirat(dir.as_raw_fd(), &c, mode))?;
+        self.finish_new(&p, dir.as_raw_fd(), name, caller, libc::S_IFDIR)
     }
 
     /// Regular files, fifos, sockets and device nodes. A regular file starts empty, with
@@ -403,42 +672,67 @@ impl EncryptedFs {
     pub fn mknod(&self, parent: u64, name: &OsStr, mode: u32, umask: u32, rdev: u32, caller: Caller) -> Result<Attr> {
         self.check_name(parent, name)?;
         let p = self.inode(parent)?;
+        let dir = self.fd(&p)?;
         let perm = mode & !umask & 0o7777;
         let c = sys::cstr(name)?;
-        Self::make_as(caller, || sys::mknodat(p.raw(), &c, (mode & libc::S_IFMT) | perm, rdev as u64))?;
-        self.finish_new(&p, name, caller, mode & libc::S_IFMT)
+        Self::make_as(caller, || sys::mknodat(dir.as_raw_fd(), &c, (mode & libc::S_IFMT) | perm, rdev as u64))?;
+        self.finish_new(&p, dir.as_raw_fd(), name, caller, mode & libc::S_IFMT)
     }
 
     pub fn symlink(&self, parent: u64, name: &OsStr, target: &OsStr, caller: Caller) -> Result<Attr> {
         self.check_name(parent, name)?;
         let p = self.inode(parent)?;
+        let dir = self.fd(&p)?;
         let (t, c) = (sys::cstr(target)?, sys::cstr(name)?);
-        Self::make_as(caller, || sys::symlinkat(&t, p.raw(), &c))?;
-        self.finish_new(&p, name, caller, libc::S_IFLNK)
+        Self::make_as(caller, || sys::symlinkat(&t, dir.as_raw_fd(), &c))?;
+        self.finish_new(&p, dir.as_raw_fd(), name, caller, libc::S_IFLNK)
     }
 
     pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
-        sys::readlinkat(self.inode(ino)?.raw())
+        sys::readlinkat(self.fd(&*self.inode(ino)?)?.as_raw_fd())
     }
 
     pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> Result<Attr> {
         self.check_name(newparent, newname)?;
         let inode = self.inode(ino)?;
         let np = self.inode(newparent)?;
-        sys::linkat_fd(inode.raw(), np.raw(), &sys::cstr(newname)?)?;
-        let st = sys::fstat(inode.raw())?;
+        let fd = self.fd(&inode)?;
+        sys::linkat_fd(fd.as_raw_fd(), self.fd(&np)?.as_raw_fd(), &sys::cstr(newname)?)?;
+        let st = sys::fstat(fd.as_raw_fd())?;
         let inode = self.table.add_lookup(&inode);
+        inode.add_name(&np, newname);
         Ok(self.attr_of(inode.ino, &st))
     }
 
     pub fn unlink(&self, parent: u64, name: &OsStr) -> Result<()> {
-        self.check_name(parent, name)?;
-        sys::unlinkat(self.inode(parent)?.raw(), &sys::cstr(name)?, 0)
+        self.remove(parent, name, 0)
     }
 
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> Result<()> {
+        self.remove(parent, name, libc::AT_REMOVEDIR)
+    }
+
+    fn remove(&self, parent: u64, name: &OsStr, flags: i32) -> Result<()> {
         self.check_name(parent, name)?;
-        sys::unlinkat(self.inode(parent)?.raw(), &sys::cstr(name)?, libc::AT_REMOVEDIR)
+        let p = self.inode(parent)?;
+        let dir = self.fd(&p)?;
+        let c = sys::cstr(name)?;
+        let gone = self.known_at(dir.as_raw_fd(), &c);
+        sys::unlinkat(dir.as_raw_fd(), &c, flags)?;
+        if let Some((node, fd)) = gone {
+            node.drop_name(&p, name, &fd);
+        }
+        Ok(())
+    }
+
+    /// The known inode at `name` in `dir`, with its descriptor, before the mount changes
+    /// that name: its names follow the change, and if it loses its last name the
+    /// descriptor is kept for as long as the kernel knows the inode.
+    fn known_at(&self, dir: RawFd, name: &std::ffi::CStr) -> Option<(Arc<Inode>, Arc<OwnedFd>)> {
+        let st = sys::fstatat_nofollow(dir, name).ok()?;
+        let node = self.table.find((st.st_dev, st.st_ino))?;
+        let fd = self.fd(&node).ok()?;
+        Some((node, fd))
     }
 
     /// `flags`: RENAME_NOREPLACE and RENAME_EXCHANGE pass through; RENAME_WHITEOUT is refused.
@@ -450,30 +744,50 @@ impl EncryptedFs {
         }
         let p = self.inode(parent)?;
         let np = self.inode(newparent)?;
-        sys::renameat2(p.raw(), &sys::cstr(name)?, np.raw(), &sys::cstr(newname)?, flags)
+        let (dir, newdir) = (self.fd(&p)?, self.fd(&np)?);
+        let (c, newc) = (sys::cstr(name)?, sys::cstr(newname)?);
+        let moved = self.known_at(dir.as_raw_fd(), &c);
+        let other = self.known_at(newdir.as_raw_fd(), &newc);
+        sys::renameat2(dir.as_raw_fd(), &c, newdir.as_raw_fd(), &newc, flags)?;
+        // Found again by name, a moved inode follows its new name. Renaming a directory
+        // changes no name beneath it: children name their parent's inode, not a path.
+        if let Some((n, _)) = moved {
+            n.drop_name_only(&p, name);
+            n.add_name(&np, newname);
+        }
+        if let Some((n, fd)) = other {
+            if flags & libc::RENAME_EXCHANGE != 0 {
+                n.drop_name_only(&np, newname);
+                n.add_name(&p, name);
+            } else {
+                n.drop_name(&np, newname, &fd);
+            }
+        }
+        Ok(())
     }
 
     pub fn setattr(&self, ino: u64, set: SetAttr, caller: Caller) -> Result<Attr> {
         let inode = self.inode(ino)?;
+        let fd = self.fd(&inode)?;
         if let Some(mode) = set.mode {
             if !inode.is_symlink() {
-                sys::chmod_fd(inode.raw(), mode & 0o7777)?;
+                sys::chmod_fd(fd.as_raw_fd(), mode & 0o7777)?;
             }
         }
         if set.uid.is_some() || set.gid.is_some() {
-            sys::fchown_fd(inode.raw(), set.uid.unwrap_or(u32::MAX), set.gid.unwrap_or(u32::MAX))?;
+            sys::fchown_fd(fd.as_raw_fd(), set.uid.unwrap_or(u32::MAX), set.gid.unwrap_or(u32::MAX))?;
         }
         if let Some(size) = set.size {
-            self.truncate(&inode, size, set.fh, caller)?;
+            self.truncate(&inode, &fd, size, set.fh, caller)?;
         }
         if set.atime.is_some() || set.mtime.is_some() {
-            sys::utimens_fd(inode.raw(), inode.is_symlink(), &[timespec(set.atime), timespec(set.mtime)])?;
+            sys::utimens_fd(fd.as_raw_fd(), inode.is_symlink(), &[timespec(set.atime), timespec(set.mtime)])?;
         }
-        let st = sys::fstat(inode.raw())?;
+        let st = sys::fstat(fd.as_raw_fd())?;
         Ok(self.attr_of(ino, &st))
     }
 
-    fn truncate(&self, inode: &Arc<Inode>, size: u64, fh: Option<u64>, caller: Caller) -> Result<()> {
+    fn truncate(&self, inode: &Arc<Inode>, fd: &OwnedFd, size: u64, fh: Option<u64>, caller: Caller) -> Result<()> {
         match inode.fmt {
             libc::S_IFREG => {}
             libc::S_IFDIR => return Err(Error::new(libc::EISDIR, "truncate of a directory")),
@@ -484,20 +798,20 @@ impl EncryptedFs {
         let file = match &handle {
             Some(h) => &h.file,
             None => {
-                own = sys::reopen(&inode.fd, libc::O_RDWR)?;
+                own = sys::reopen(fd, libc::O_RDWR)?;
                 &own
             }
         };
         let mut st = inode.content.write().unwrap();
         let who = handle.as_ref().map_or(caller, |h| h.writer(caller));
         self.journaled(inode, |journal| {
-            let key =
-                self.key_for_write(&mut st, file, size > 0, who, journal).map_err(|e| e.context(inode.describe()))?;
+            let describe = || sys::describe_fd(file.as_raw_fd());
+            let key = self.key_for_write(&mut st, file, size > 0, who, journal).map_err(|e| e.context(describe()))?;
             if key.is_none() {
                 return Ok(()); // empty, headerless, and staying empty
             }
             let c = Content { file, geo: self.vol.geometry, key: key.as_deref(), journal };
-            c.truncate(size).map_err(|e| e.context(inode.describe()))
+            c.truncate(size).map_err(|e| e.context(describe()))
         })
     }
 
@@ -555,23 +869,26 @@ impl EncryptedFs {
         // Partial-block writes read the block first, so writers always get read access.
         let file = match file {
             Some(f) => f,
-            None => sys::reopen(&inode.fd, if writable { libc::O_RDWR } else { libc::O_RDONLY })?,
+            None => sys::reopen(&*self.fd(&inode)?, if writable { libc::O_RDWR } else { libc::O_RDONLY })?,
         };
         {
             let mut st = inode.content.write().unwrap();
             if st.key.is_none() {
                 let len = file.metadata().map_err(|e| Error::io(e, "fstat"))?.len();
                 if len > 0 {
-                    st.key = Some(self.load_key(&file, len, caller).map_err(|e| e.context(inode.describe()))?);
+                    st.key = Some(
+                        self.load_key(&file, len, caller).map_err(|e| e.context(sys::describe_fd(file.as_raw_fd())))?,
+                    );
                 }
             }
             st.opens += 1;
         }
         let trunc = writable && flags & libc::O_TRUNC != 0;
+        let path = if trunc { Some(sys::path_handle(file.as_raw_fd())?) } else { None };
         let handle = FileHandle { inode: inode.clone(), file, writable, opener: caller };
         let fh = self.add_handle(Handle::File(Arc::new(handle)));
-        if trunc {
-            if let Err(e) = self.truncate(&inode, 0, Some(fh), caller) {
+        if let Some(path) = path {
+            if let Err(e) = self.truncate(&inode, &path, 0, Some(fh), caller) {
                 self.release(fh);
                 return Err(e);
             }
@@ -596,13 +913,14 @@ impl EncryptedFs {
     ) -> Result<(Attr, u64)> {
         self.check_name(parent, name)?;
         let p = self.inode(parent)?;
+        let dir = self.fd(&p)?;
         let c = sys::cstr(name)?;
         let perm = mode & !umask & 0o7777;
-        match sys::openat(p.raw(), &c, libc::O_CREAT | libc::O_EXCL | libc::O_RDWR | libc::O_NOFOLLOW, perm) {
+        match sys::openat(dir.as_raw_fd(), &c, libc::O_CREAT | libc::O_EXCL | libc::O_RDWR | libc::O_NOFOLLOW, perm) {
             Ok(fd) => {
                 // Owner and mode go to the descriptor just created, never to whatever the
                 // name holds by now.
-                let (uid, gid) = self.owner_for(&p, caller)?;
+                let (uid, gid) = self.owner_for(dir.as_raw_fd(), caller)?;
                 sys::fchown_fd(fd.as_raw_fd(), uid, gid)?;
                 let st = sys::fstat(fd.as_raw_fd())?;
                 // chown clears set-id bits of executables even for root: put them back.
@@ -610,7 +928,7 @@ impl EncryptedFs {
                     sys::fchmod(fd.as_raw_fd(), perm)?;
                 }
                 let st = sys::fstat(fd.as_raw_fd())?;
-                let inode = self.intern(sys::path_handle(fd.as_raw_fd())?, &st);
+                let inode = self.intern(sys::path_handle(fd.as_raw_fd())?, &st, &p, name);
                 let attr = self.attr_of(inode.ino, &st);
                 // The reply carries a lookup only on success: give it back on failure.
                 let fh = self
@@ -631,7 +949,7 @@ impl EncryptedFs {
         let h = self.file_handle(fh)?;
         let st = h.inode.content.read().unwrap();
         let c = Content { file: &h.file, geo: self.vol.geometry, key: st.key.as_deref(), journal: None };
-        c.read(offset, size as usize).map_err(|e| e.context(h.inode.describe()))
+        c.read(offset, size as usize).map_err(|e| e.context(h.describe()))
     }
 
     /// Write at `offset`. For O_APPEND the kernel has already resolved the offset against
@@ -658,9 +976,9 @@ impl EncryptedFs {
         self.journaled(&h.inode, |journal| {
             let key = self
                 .key_for_write(&mut st, &h.file, true, h.writer(caller), journal)
-                .map_err(|e| e.context(h.inode.describe()))?;
+                .map_err(|e| e.context(h.describe()))?;
             let c = Content { file: &h.file, geo: self.vol.geometry, key: key.as_deref(), journal };
-            change(&c).map_err(|e| e.context(h.inode.describe()))
+            change(&c).map_err(|e| e.context(h.describe()))
         })
     }
 
@@ -675,7 +993,7 @@ impl EncryptedFs {
     pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {
         let h = self.file_handle(fh)?;
         let r = if datasync { h.file.sync_data() } else { h.file.sync_all() };
-        r.map_err(|e| Error::io(e, format!("fsync {}", h.inode.describe())))
+        r.map_err(|e| Error::io(e, format!("fsync {}", h.describe())))
     }
 
     pub fn release(&self, fh: u64) {
@@ -694,14 +1012,15 @@ impl EncryptedFs {
 
     pub fn opendir(&self, ino: u64) -> Result<u64> {
         let inode = self.inode(ino)?;
-        let dir = sys::reopen(&inode.fd, libc::O_RDONLY | libc::O_DIRECTORY)?;
+        let dir = sys::reopen(&*self.fd(&inode)?, libc::O_RDONLY | libc::O_DIRECTORY)?;
         let path = format!("/proc/self/fd/{}", dir.as_raw_fd());
+        let describe = || sys::describe_fd(dir.as_raw_fd());
         let mut entries = vec![
             DirEntry { ino, kind: libc::S_IFDIR, name: ".".into() },
             DirEntry { ino: ROOT_INO, kind: libc::S_IFDIR, name: "..".into() },
         ];
-        for e in std::fs::read_dir(&path).map_err(|e| Error::io(e, format!("readdir {}", inode.describe())))? {
-            let e = e.map_err(|e| Error::io(e, format!("readdir {}", inode.describe())))?;
+        for e in std::fs::read_dir(&path).map_err(|e| Error::io(e, format!("readdir {}", describe())))? {
+            let e = e.map_err(|e| Error::io(e, format!("readdir {}", describe())))?;
             let name = e.file_name();
             if is_reserved(&name, ino == ROOT_INO) {
                 continue;
@@ -748,7 +1067,7 @@ impl EncryptedFs {
         let Handle::Dir(dir) = self.handle(fh)? else {
             return Err(Error::new(libc::ENOTDIR, "not a directory handle"));
         };
-        let dir_attr = self.attr_of(dir.inode.ino, &sys::fstat(dir.inode.raw())?);
+        let dir_attr = self.attr_of(dir.inode.ino, &sys::fstat(self.fd(&dir.inode)?.as_raw_fd())?);
         let mut added = 0;
         for (i, e) in dir.entries.iter().enumerate().skip(offset as usize) {
             if e.name == "." || e.name == ".." {
@@ -764,7 +1083,7 @@ impl EncryptedFs {
                 // Hand back what is already in the reply; the next call starts at this entry
                 // and reports the error (EMFILE, EIO…) instead of silently skipping it.
                 Err(_) if added > 0 => break,
-                Err(err) => return Err(err.context(format!("readdirplus of {}", dir.inode.describe()))),
+                Err(err) => return Err(err.context(format!("readdirplus of {}", self.describe_inode(&dir.inode)))),
             };
             if add(e, i as u64 + 1, &attr) {
                 self.forget(attr.ino, 1);
@@ -781,7 +1100,7 @@ impl EncryptedFs {
 
     pub fn fsyncdir(&self, ino: u64) -> Result<()> {
         let inode = self.inode(ino)?;
-        sys::reopen(&inode.fd, libc::O_RDONLY | libc::O_DIRECTORY)?
+        sys::reopen(&*self.fd(&inode)?, libc::O_RDONLY | libc::O_DIRECTORY)?
             .sync_all()
             .map_err(|e| Error::io(e, "fsync directory"))
     }
@@ -813,7 +1132,7 @@ impl EncryptedFs {
         if inode.is_symlink() {
             return Err(Error::new(libc::EPERM, "no user xattrs on symlinks"));
         }
-        sys::setxattr(inode.raw(), &Self::xattr_name(name)?, value, flags)
+        sys::setxattr(self.fd(&inode)?.as_raw_fd(), &Self::xattr_name(name)?, value, flags)
     }
 
     pub fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> Result<Vec<u8>> {
@@ -821,7 +1140,7 @@ impl EncryptedFs {
         if !name.as_bytes().starts_with(b"user.") || inode.is_symlink() {
             return Err(Error::new(libc::ENODATA, "no such attribute"));
         }
-        sys::getxattr(inode.raw(), &sys::cstr(name)?, size as usize)
+        sys::getxattr(self.fd(&inode)?.as_raw_fd(), &sys::cstr(name)?, size as usize)
     }
 
     /// The NUL-separated list of `user.*` names.
@@ -830,7 +1149,7 @@ impl EncryptedFs {
         if inode.is_symlink() {
             return Ok(Vec::new());
         }
-        let all = sys::listxattr(inode.raw())?;
+        let all = sys::listxattr(self.fd(&inode)?.as_raw_fd())?;
         let mut out = Vec::new();
         for n in all.split(|&b| b == 0).filter(|n| n.starts_with(b"user.")) {
             out.extend_from_slice(n);
@@ -844,6 +1163,6 @@ impl EncryptedFs {
         if inode.is_symlink() {
             return Err(Error::new(libc::EPERM, "no user xattrs on symlinks"));
         }
-        sys::removexattr(inode.raw(), &Self::xattr_name(name)?)
+        sys::removexattr(self.fd(&inode)?.as_raw_fd(), &Self::xattr_name(name)?)
     }
 }

@@ -113,6 +113,19 @@ impl Mounted {
         mnt: &Path,
         extra: &[&str],
     ) -> Self {
+        Self::start_adjusted(trust, backing, secret_flag, secret, mnt, extra, |_| {})
+    }
+
+    /// Mount with `adjust` applied to the daemon's command first (limits, environment).
+    pub fn start_adjusted(
+        trust: &Path,
+        backing: &Path,
+        secret_flag: &str,
+        secret: &Path,
+        mnt: &Path,
+        extra: &[&str],
+        adjust: impl FnOnce(&mut Command),
+    ) -> Self {
         fs::create_dir_all(mnt).unwrap();
         let mnt = fs::canonicalize(mnt).unwrap();
         let log = mnt.with_extension("log");
@@ -122,6 +135,7 @@ impl Mounted {
         if !secret_flag.is_empty() {
             cmd.arg(secret_flag).arg(secret);
         }
+        adjust(&mut cmd);
         let child = cmd
             .arg("--log-file")
             .arg(&log)
