@@ -385,3 +385,54 @@ fn pkcs11_tampered_wrapped_key_is_eacces_and_says_why() {
     let log = m.log_text();
     assert!(log.contains("does not authenticate") && log.contains("the token works"), "{log}");
 }
+
+/// The inode table closes descriptors it no longer has room for and finds the objects
+/// again later. The attacker renames things in the backing directory so that the name an
+/// evicted inode was found by now holds another object, then waits for the user to
+/// `fchmod` through a descriptor they hold. The change must never reach the other object:
+/// by file handle it reaches the original wherever it now is; by parent and name, a file
+/// open through the mount is still reached through its open descriptor, and a directory
+/// (whose handle keeps no descriptor) is found to be gone: ESTALE.
+fn evicted_inode_is_not_redirected_by_a_backing_rename(mode: &str) {
+    let v = TestVolume::new(4096);
+    let m = v.mount(&["--file-handles", mode, "--max-inode-fds", "1"]);
+    for d in ["a", "b", "a/d", "b/e"] {
+        fs::create_dir(m.path(d)).unwrap();
+    }
+    fs::write(m.path("a/x"), b"victim").unwrap();
+    fs::write(m.path("b/y"), b"other").unwrap();
+    let file = fs::File::open(m.path("a/x")).unwrap();
+    let dir = fs::File::open(m.path("a/d")).unwrap();
+    for p in ["b/y", "b/e", "a", "b"] {
+        fs::metadata(m.path(p)).unwrap(); // one descriptor is kept: a/x and a/d are evicted
+    }
+    let mode_of = |p: &str| fs::symlink_metadata(v.backing.join(p)).unwrap().mode() & 0o7777;
+    for (victim, other) in [("a/x", "b/y"), ("a/d", "b/e")] {
+        fs::rename(v.backing.join(victim), v.backing.join(format!("{victim}.moved"))).unwrap();
+        fs::rename(v.backing.join(other), v.backing.join(victim)).unwrap();
+    }
+    let (other_file, other_dir) = (mode_of("a/x"), mode_of("a/d"));
+
+    file.set_permissions(fs::Permissions::from_mode(0o600)).expect("an open file is reached through its descriptor");
+    let r = dir.set_permissions(fs::Permissions::from_mode(0o700));
+
+    assert_eq!((mode_of("a/x"), mode_of("a/d")), (other_file, other_dir), "what the attacker moved in is untouched");
+    assert_eq!(mode_of("a/x.moved"), 0o600, "the change reaches the original file");
+    if mode == "never" {
+        assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::ESTALE));
+        assert!(m.log_text().contains("not at any name the mount knows"), "{}", m.log_text());
+    } else {
+        r.unwrap();
+        assert_eq!(mode_of("a/d.moved"), 0o700, "the change reaches the original directory");
+    }
+}
+
+#[test]
+fn evicted_inode_found_by_name_is_not_redirected_by_a_backing_rename() {
+    evicted_inode_is_not_redirected_by_a_backing_rename("never");
+}
+
+#[test]
+fn evicted_inode_found_by_handle_is_not_redirected_by_a_backing_rename() {
+    evicted_inode_is_not_redirected_by_a_backing_rename("always");
+}

@@ -464,7 +464,15 @@ impl EncryptedFs {
                         return Ok(fd);
                     }
                 }
-                Err(stale())
+                // No name leads to it any more, but a file open through the mount still does.
+                let open = self.handles.read().unwrap().values().find_map(|h| match h {
+                    Handle::File(f) if f.inode.id == inode.id => Some(f.clone()),
+                    _ => None,
+                });
+                match open {
+                    Some(f) => sys::path_handle(f.file.as_raw_fd()),
+                    None => Err(stale()),
+                }
             }
         }
     }
