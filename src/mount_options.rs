@@ -38,6 +38,11 @@ pub struct MountSettings {
     pub file_handles: crate::fs::FileHandles,
     /// Most descriptors of known inodes the daemon keeps open.
     pub max_inode_fds: usize,
+    /// Nothing but this mount changes the backing directory while it is mounted: the
+    /// kernel may cache names and attributes longer.
+    pub exclusive: bool,
+    /// The mount's read-ahead in KiB (0: the kernel's default, 128).
+    pub read_ahead_kb: u32,
     pub secret: SecretSource,
 }
 
@@ -63,10 +68,15 @@ impl Default for MountSettings {
             journal: crate::journal::Mode::Ordered,
             file_handles: crate::fs::FileHandles::Auto,
             max_inode_fds: crate::fs::DEFAULT_MAX_INODE_FDS,
+            exclusive: false,
+            read_ahead_kb: crate::mount::DEFAULT_READ_AHEAD_KB,
             secret: SecretSource::default(),
         }
     }
 }
+
+/// Seconds the kernel caches names and attributes on an `exclusive` mount.
+pub const EXCLUSIVE_TIMEOUT: f64 = 60.0;
 
 /// `mount --config FILE`: one mount, as a systemd unit instance describes it.
 #[derive(serde::Deserialize)]
@@ -156,6 +166,8 @@ pub fn apply_word(s: &mut MountSettings, word: &str) -> Result<()> {
             s.file_handles = val()?.parse().map_err(|e: String| usage(format!("mount option {word}: {e}")))?
         }
         "max_inode_fds" => s.max_inode_fds = num()? as usize,
+        "exclusive" => s.exclusive = true,
+        "read_ahead_kb" => s.read_ahead_kb = num()? as u32,
         k if IGNORED.contains(&k) || k == "comment" || k.starts_with("x-") => {}
         _ => return Err(usage(format!("unknown mount option {word:?} (see envelopefs mount --help)"))),
     }
@@ -201,12 +213,16 @@ impl MountSettings {
 
     /// How the mount behaves towards the kernel.
     pub fn mount_options(&self) -> MountOptions {
+        // An exclusive mount sees every change the kernel would have to learn of: the
+        // 1-second defaults become EXCLUSIVE_TIMEOUT (a timeout given otherwise is kept).
+        let timeout = |t: f64| if self.exclusive && t == 1.0 { EXCLUSIVE_TIMEOUT } else { t };
         MountOptions {
             allow_other: self.allow_other,
             read_only: self.read_only,
             threads: self.threads,
-            attr_timeout: Duration::from_secs_f64(self.attr_timeout),
-            entry_timeout: Duration::from_secs_f64(self.entry_timeout),
+            attr_timeout: Duration::from_secs_f64(timeout(self.attr_timeout)),
+            entry_timeout: Duration::from_secs_f64(timeout(self.entry_timeout)),
+            read_ahead_kb: self.read_ahead_kb,
             writeback_cache: !self.no_writeback_cache,
             fsname: self.backing().display().to_string(),
             ..MountOptions::default()
@@ -277,6 +293,8 @@ mod tests {
             ("journal=off", |s| s.journal == crate::journal::Mode::Off),
             ("file_handles=never", |s| s.file_handles == crate::fs::FileHandles::Never),
             ("max_inode_fds=64", |s| s.max_inode_fds == 64),
+            ("exclusive", |s| s.exclusive),
+            ("read_ahead_kb=0", |s| s.read_ahead_kb == 0),
             (r"key_file=/etc/a\,b.key", |s| s.secret.key_file.as_deref() == Some(Path::new("/etc/a,b.key"))),
             (r"key_file=/etc/a\\b.key", |s| s.secret.key_file.as_deref() == Some(Path::new(r"/etc/a\b.key"))),
             ("threads=2,threads=3", |s| s.threads == 3),
@@ -379,5 +397,7 @@ mod tests {
         assert!(m.allow_other && m.read_only && !m.writeback_cache);
         assert_eq!((m.threads, m.attr_timeout, m.fsname.as_str()), (3, Duration::from_secs(2), "/b"));
         assert_eq!(s.cache().ttl, Duration::from_secs(9));
+        let m = with("exclusive,entry_timeout=5").unwrap().mount_options();
+        assert_eq!((m.attr_timeout, m.entry_timeout), (Duration::from_secs(60), Duration::from_secs(5)));
     }
 }

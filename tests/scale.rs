@@ -189,3 +189,50 @@ fn running_out_of_descriptors_is_named() {
     fs::write(m.path("after"), b"ok").expect("descriptors come back once the files are closed");
     assert!(m.unmount().success());
 }
+
+fn requests(m: &Mounted) -> serde_json::Value {
+    let out = common::cli(&[&"status", &"--json", &m.mnt]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["requests"].clone()
+}
+
+fn count(r: &serde_json::Value, op: &str) -> u64 {
+    r.get(op).and_then(|v| v.as_u64()).unwrap_or(0)
+}
+
+/// A name that does not exist is asked for once per entry timeout, not once per stat, and
+/// the kernel learns of a file created through the mount at once.
+#[test]
+fn missing_names_are_cached_as_negative_entries() {
+    let v = TestVolume::new(4096);
+    let m = v.mount(&["--entry-timeout", "30"]);
+    let before = count(&requests(&m), "lookup");
+    for _ in 0..5 {
+        assert_eq!(fs::metadata(m.path("missing")).unwrap_err().raw_os_error(), Some(libc::ENOENT));
+    }
+    assert_eq!(count(&requests(&m), "lookup") - before, 1, "one lookup for five stats");
+    fs::write(m.path("missing"), b"now here").unwrap();
+    assert_eq!(fs::read(m.path("missing")).unwrap(), b"now here");
+    assert!(m.unmount().success());
+}
+
+/// Sequential readers get 1 MiB read-ahead (the kernel's default for FUSE is 128 KiB).
+#[test]
+fn the_mount_reads_ahead_a_mebibyte() {
+    use std::os::unix::fs::MetadataExt;
+    let v = TestVolume::new(4096);
+    let m = v.mount(&[]);
+    let dev = fs::metadata(&m.mnt).unwrap().dev();
+    let path = format!("/sys/class/bdi/{}:{}/read_ahead_kb", libc::major(dev), libc::minor(dev));
+    let start = std::time::Instant::now();
+    let mut kb = String::new();
+    while start.elapsed() < Duration::from_secs(5) {
+        kb = fs::read_to_string(&path).unwrap();
+        if kb.trim() == "1024" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(kb.trim(), "1024", "{path}");
+    assert!(m.unmount().success());
+}

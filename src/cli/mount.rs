@@ -99,8 +99,15 @@ pub fn mount(mut s: MountSettings, foreground: bool, argv: &[OsString]) -> Resul
     let (probe, mnt) = (s.mountpoint().to_owned(), s.mountpoint().display().to_string());
     let back = s.backing().display().to_string();
     let sock = socket.as_ref().map(|s| s.path().to_owned());
+    let read_ahead_kb = s.read_ahead_kb;
     std::thread::spawn(move || match std::fs::metadata(&probe) {
-        Ok(_) => {
+        Ok(md) => {
+            if read_ahead_kb > 0 {
+                use std::os::unix::fs::MetadataExt;
+                if let Err(e) = crate::mount::set_read_ahead(md.dev(), read_ahead_kb) {
+                    warn!("read-ahead left at the kernel's default: {e}");
+                }
+            }
             info!("mounted {back} on {mnt}");
             daemon::announce_ready(std::env::var_os("ENVELOPEFS_NOTIFY_PARENT").is_some());
         }

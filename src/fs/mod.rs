@@ -49,6 +49,26 @@ pub struct Attr {
     pub blksize: u32,
 }
 
+impl Attr {
+    /// The attributes of nothing (a negative entry carries them).
+    pub fn absent() -> Self {
+        Attr {
+            ino: 0,
+            size: 0,
+            blocks: 0,
+            atime: UNIX_EPOCH,
+            mtime: UNIX_EPOCH,
+            ctime: UNIX_EPOCH,
+            mode: 0,
+            nlink: 0,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: 0,
+        }
+    }
+}
+
 /// Who asked, from the FUSE request: new objects are owned by the caller, and key
 /// operations are audited as theirs. pid 0 is the kernel itself (writeback).
 #[derive(Clone, Copy, Debug)]
@@ -234,7 +254,8 @@ enum Handle {
     Dir(Arc<DirHandle>),
 }
 
-/// The FUSE requests the adapter serves, as `status` counts them.
+/// The FUSE requests the adapter serves, as `status` counts them. fuser hands a
+/// BATCH_FORGET over as one `forget` per inode, so that is how forgets are counted.
 pub const OPCODES: [&str; 31] = [
     "lookup",
     "forget",
