@@ -391,38 +391,73 @@ def machine_info(binary):
     }
 
 
-def svg_chart(results, systems, path):
-    """Grouped bars: each workload's speed relative to gocryptfs (gocryptfs = 1)."""
-    ws = [w for w in METRICS if all((w[0], s) in results for s in systems)]
-    colors = ["#777777", "#bbbbbb", "#e07b39", "#2b7bba", "#69a84f", "#9b59b6", "#c0392b"]
-    W, H, left, top, bottom = 980, 420, 60, 40, 90
-    gw = (W - left - 20) / max(len(ws), 1)
-    bw = gw * 0.8 / len(systems)
-    rel = {}
-    for name, _, higher in ws:
-        base = results[(name, "gocryptfs")] if "gocryptfs" in systems else None
-        for s in systems:
-            v = results[(name, s)]
-            rel[(name, s)] = (v / base if higher else base / v) if base else 1.0
-    vmax = max(rel.values()) * 1.1
-    y = lambda v: top + (H - top - bottom) * (1 - v / vmax)
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">',
-           f'<text x="{left}" y="20" font-size="14">Speed relative to gocryptfs (higher is better; gocryptfs = 1)</text>',
-           f'<line x1="{left}" y1="{y(1)}" x2="{W - 20}" y2="{y(1)}" stroke="#e07b39" stroke-dasharray="4"/>',
-           f'<line x1="{left}" y1="{H - bottom}" x2="{W - 20}" y2="{H - bottom}" stroke="black"/>']
-    for t in range(0, int(vmax) + 1):
-        out.append(f'<text x="{left - 8}" y="{y(t) + 4}" text-anchor="end">{t}x</text>')
-    for i, (name, _, _) in enumerate(ws):
-        x0 = left + i * gw + gw * 0.1
-        for j, s in enumerate(systems):
-            v = rel[(name, s)]
-            out.append(f'<rect x="{x0 + j * bw:.1f}" y="{y(v):.1f}" width="{bw - 1:.1f}" height="{H - bottom - y(v):.1f}" fill="{colors[j % len(colors)]}"><title>{s} {name}: {v:.2f}x</title></rect>')
-        out.append(f'<text x="{x0 + gw * 0.4:.1f}" y="{H - bottom + 14}" text-anchor="middle">{name}</text>')
-    for j, s in enumerate(systems):
-        out.append(f'<rect x="{left + j * 150}" y="{H - 40}" width="12" height="12" fill="{colors[j % len(colors)]}"/>')
-        out.append(f'<text x="{left + j * 150 + 16}" y="{H - 30}">{s}</text>')
-    out.append("</svg>")
-    path.write_text("\n".join(out))
+def chart(results, systems, path):
+    """One panel per workload: each system's speed relative to gocryptfs on a log axis
+    (gocryptfs = 1, right is faster), with the bare disk as a dashed reference line. Written
+    as PNG and SVG. Needs matplotlib (pip install matplotlib); skipped without it."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        print("matplotlib missing: no chart (pip install matplotlib)")
+        return
+    base = "gocryptfs" if "gocryptfs" in systems else systems[0]
+    ws = [w for w in METRICS if (w[0], base) in results and any((w[0], s) in results for s in systems)]
+    shown = [s for s in systems if s != "bare"]
+    colors = {"gocryptfs": "#e07b39", "passthrough": "#999999"}
+    palette = ["#2b7bba", "#69a84f", "#9b59b6", "#c0392b", "#17becf", "#8c564b"]
+    for s in shown:
+        colors.setdefault(s, palette[len([c for c in colors if c.startswith("envelopefs")]) % len(palette)])
+    cols = 4
+    rows = (len(ws) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 0.45 * len(shown) * rows + 1.2 * rows), squeeze=False)
+
+    def rel(name, higher, s):
+        v, b = results[(name, s)], results[(name, base)]
+        return v / b if higher else b / v
+
+    for ax, (name, unit, higher) in zip(axes.flat, ws):
+        here = [s for s in shown if (name, s) in results]
+        vals = [rel(name, higher, s) for s in here]
+        # Bars grow from 1 (gocryptfs): right of it faster, left of it slower.
+        ax.barh(range(len(here)), [v - 1 for v in vals], left=1, color=[colors[s] for s in here])
+        ax.set_xscale("log")
+        ax.axvline(1, color=colors.get(base, "black"), linewidth=1)
+        lo, hi = min(vals + [1]), max(vals + [1])
+        if (name, "bare") in results:
+            b = rel(name, higher, "bare")
+            ax.axvline(b, color="black", linestyle="--", linewidth=1)
+            ax.text(b, len(here) - 0.4, " bare disk", fontsize=7, va="bottom")
+            lo, hi = min(lo, b), max(hi, b)
+        ax.set_xlim(lo / 1.6, hi * 1.6)
+        ticks = [t for t in (0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100) if lo / 1.6 <= t <= hi * 1.6]
+        ax.set_xticks(ticks)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        for k, v in enumerate(vals):
+            ax.text(v, k, f" {v:.2f}x", va="center", fontsize=8)
+        ax.set_yticks(range(len(here)))
+        ax.set_yticklabels(here, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(f"{name} ({unit}, {'higher' if higher else 'lower'} is better)", fontsize=9)
+        ax.tick_params(axis="x", labelsize=7)
+    for ax in list(axes.flat)[len(ws):]:
+        ax.axis("off")
+    fig.suptitle(f"Speed relative to {base} (log axis, right is faster; dashed: the bare disk)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".png"), dpi=110)
+    fig.savefig(path.with_suffix(".svg"))
+    plt.close(fig)
+
+
+def chart_from(results_json):
+    """Redraw the chart of an earlier run from its results.json."""
+    data = json.loads(Path(results_json).read_text())
+    medians = {(r["workload"], r["system"]): r["median"] for r in data["results"]}
+    systems = list(dict.fromkeys(r["system"] for r in data["results"]))
+    chart(medians, systems, Path(results_json).parent / "chart")
 
 
 def main():
@@ -441,7 +476,10 @@ def main():
     ap.add_argument("--binary", default=str(REPO / "target/release/envelopefs"))
     ap.add_argument("--quick", action="store_true", help="1 round, small sizes")
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--chart-from", metavar="RESULTS_JSON", help="only redraw the chart of an earlier run")
     cfg = ap.parse_args()
+    if cfg.chart_from:
+        return chart_from(cfg.chart_from)
     if cfg.quick:
         cfg.rounds, cfg.seq_mib, cfg.rand_mib, cfg.rand_secs, cfg.files, cfg.open_files = 1, 256, 64, 2, 2000, 500
     if os.geteuid() != 0:
@@ -466,6 +504,7 @@ def main():
         "envelopefs-rustcrypto": lambda: Envelopefs("envelopefs-rustcrypto", work, cfg.binary, ["--crypto", "rustcrypto"]),
         "envelopefs-no-writeback": lambda: Envelopefs("envelopefs-no-writeback", work, cfg.binary, ["--no-writeback-cache"]),
         # The crash journal (docs/FORMAT.md §8): ordered is the default; off is the earlier behaviour.
+        "envelopefs-exclusive": lambda: Envelopefs("envelopefs-exclusive", work, cfg.binary, ["--exclusive"]),
         "envelopefs-journal-off": lambda: Envelopefs("envelopefs-journal-off", work, cfg.binary, ["--journal", "off"]),
         "envelopefs-journal-sync": lambda: Envelopefs("envelopefs-journal-sync", work, cfg.binary, ["--journal", "sync"]),
         "envelopefs-kms": lambda: EnvelopefsKms("envelopefs-kms", work, cfg.binary, 0),
@@ -543,8 +582,7 @@ def main():
         extra = [vs(p) for p in peers]
         md.append(f"| {name} ({unit}) | " + " | ".join(cells + extra) + " |")
     (out / "table.md").write_text("\n".join(md) + "\n")
-    if "gocryptfs" in names:
-        svg_chart(medians, names, out / "chart.svg")
+    chart(medians, names, out / "chart")
     print("\n".join(md))
     print(f"\nwritten to {out}")
 
