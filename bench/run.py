@@ -504,6 +504,7 @@ def main():
         "envelopefs-rustcrypto": lambda: Envelopefs("envelopefs-rustcrypto", work, cfg.binary, ["--crypto", "rustcrypto"]),
         "envelopefs-no-writeback": lambda: Envelopefs("envelopefs-no-writeback", work, cfg.binary, ["--no-writeback-cache"]),
         # The crash journal (docs/FORMAT.md §8): ordered is the default; off is the earlier behaviour.
+        "envelopefs-ra128": lambda: Envelopefs("envelopefs-ra128", work, cfg.binary, ["--read-ahead-kb", "0"]),
         "envelopefs-exclusive": lambda: Envelopefs("envelopefs-exclusive", work, cfg.binary, ["--exclusive"]),
         "envelopefs-journal-off": lambda: Envelopefs("envelopefs-journal-off", work, cfg.binary, ["--journal", "off"]),
         "envelopefs-journal-sync": lambda: Envelopefs("envelopefs-journal-sync", work, cfg.binary, ["--journal", "sync"]),
