@@ -227,3 +227,57 @@ fn reencryption_temporaries_are_hidden_and_refused_everywhere() {
     let e = fs.create(d.ino, OsStr::new("y.envelopefs-reencrypt"), 0o644, 0, libc::O_RDWR, ROOT).unwrap_err();
     assert_eq!(e.errno(), libc::EPERM);
 }
+
+/// With room for one descriptor, every inode is found again on almost every call: after
+/// renames of a directory and of files (plain and RENAME_EXCHANGE), a hard link with one
+/// name removed, and an unlink of a file that stays open, each inode still reaches its own
+/// object, in both ways of finding it.
+fn evicted_inodes_follow_the_mounts_own_changes(handles: envelopefs::fs::FileHandles) {
+    let vol = TestVolume::new(4096);
+    let fs = vol.fs().with_inode_fds(handles, 1).unwrap();
+    assert_eq!(fs.inode_fds().1, 1);
+    let name = OsStr::new;
+    let d = fs.mkdir(ROOT_INO, name("d"), 0o755, 0, ROOT).unwrap();
+    let e = fs.mkdir(ROOT_INO, name("e"), 0o755, 0, ROOT).unwrap();
+    let mut files = Vec::new();
+    for (i, n) in ["a", "b", "c"].iter().enumerate() {
+        let (attr, fh) = fs.create(d.ino, name(n), 0o644, 0, libc::O_RDWR, ROOT).unwrap();
+        fs.write(fh, 0, &pattern(i as u64, 100 + i), ROOT).unwrap();
+        fs.release(fh);
+        files.push(attr.ino);
+    }
+    let sizes =
+        |fs: &envelopefs::fs::EncryptedFs| files.iter().map(|&i| fs.getattr(i).unwrap().size).collect::<Vec<_>>();
+    // The directory moves: its children are found through it, not by a path.
+    fs.rename(ROOT_INO, name("d"), e.ino, name("moved"), 0).unwrap();
+    assert_eq!(sizes(&fs), [100, 101, 102]);
+    // Files swap names, then one moves to another directory.
+    fs.rename(d.ino, name("a"), d.ino, name("b"), libc::RENAME_EXCHANGE).unwrap();
+    fs.rename(d.ino, name("c"), ROOT_INO, name("c2"), 0).unwrap();
+    assert_eq!(sizes(&fs), [100, 101, 102]);
+    assert_eq!(fs.lookup(d.ino, name("b")).unwrap().ino, files[0], "b is now what was a");
+    fs.forget(files[0], 1);
+    // A second name, then the first removed: the inode lives on through the second.
+    fs.link(files[1], ROOT_INO, name("link")).unwrap();
+    fs.unlink(d.ino, name("a")).unwrap();
+    assert_eq!(fs.getattr(files[1]).unwrap().nlink, 1);
+    assert_eq!(fs.getattr(files[1]).unwrap().size, 101);
+    // Unlinked while open: still readable, and its attributes still answer.
+    let fh = fs.open(files[2], libc::O_RDONLY, ROOT).unwrap();
+    fs.unlink(ROOT_INO, name("c2")).unwrap();
+    fs.getattr(d.ino).unwrap(); // evicts c2's descriptor
+    assert_eq!(fs.getattr(files[2]).unwrap().nlink, 0);
+    assert_eq!(fs.read(fh, 0, 200).unwrap(), pattern(2, 102));
+    fs.release(fh);
+    assert!(fs.inode_fds().0 <= 1, "never more than the cap is kept");
+}
+
+#[test]
+fn evicted_inodes_found_by_name_follow_the_mounts_own_changes() {
+    evicted_inodes_follow_the_mounts_own_changes(envelopefs::fs::FileHandles::Never);
+}
+
+#[test]
+fn evicted_inodes_found_by_handle_follow_the_mounts_own_changes() {
+    evicted_inodes_follow_the_mounts_own_changes(envelopefs::fs::FileHandles::Always);
+}
