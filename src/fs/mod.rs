@@ -196,6 +196,13 @@ impl InodeData {
         }
     }
 
+    fn has_name(&self, parent: &Inode, name: &OsStr) -> bool {
+        match &self.locator {
+            Locator::Names(names) => names.lock().unwrap().iter().any(|(p, n)| p.id == parent.id && n == name),
+            _ => false,
+        }
+    }
+
     /// Forget `name` in `parent`, which the mount just moved elsewhere; returns whether
     /// the object is left without a name it can be found again by.
     fn drop_name_only(&self, parent: &Inode, name: &OsStr) -> bool {
@@ -540,14 +547,17 @@ impl EncryptedFs {
         let handle =
             (self.by_handle && st.st_dev == self.root_dev).then(|| sys::name_to_handle(fd.as_raw_fd()).ok()).flatten();
         // A known node is this object if its handle matches, or if its descriptor is still
-        // open (which keeps the backing number from being reused), or if one of its names
-        // still leads to an object of that number.
+        // open (which keeps the backing number from being reused), or if it was known by
+        // this very name (which just led to an object of that number), or if one of its
+        // other names still does.
         let same = |n: &Inode| {
             n.fmt == fmt
                 && match (&n.locator, &handle) {
                     (Locator::Root, _) => true,
                     (Locator::Handle(a), Some(b)) => a == b,
-                    (Locator::Names(_), None) => self.fds.contains(n.id) || self.find_again(n).is_ok(),
+                    (Locator::Names(_), None) => {
+                        self.fds.contains(n.id) || n.has_name(parent, name) || self.find_again(n).is_ok()
+                    }
                     _ => false,
                 }
         };
