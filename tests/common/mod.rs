@@ -472,7 +472,8 @@ pub fn provider_contract(p: std::sync::Arc<dyn envelopefs::keys::KeyProvider>, v
 
 /// The error opening `p` once the kernel has released earlier handles. A file's key stays
 /// with its inode while any handle is open, and the kernel sends RELEASE after close
-/// returns: until then an open still succeeds, and must read the true content.
+/// returns: until then an open still succeeds. What it reads is then the true content,
+/// or, where the damage is in the blocks themselves, the same error a failed open gives.
 pub fn open_fails_once_released(p: &Path, content: &[u8]) -> std::io::Error {
     use std::io::Read;
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -481,7 +482,9 @@ pub fn open_fails_once_released(p: &Path, content: &[u8]) -> std::io::Error {
             Err(e) => return e,
             Ok(mut f) => {
                 let mut got = Vec::new();
-                f.read_to_end(&mut got).unwrap();
+                if let Err(e) = f.read_to_end(&mut got) {
+                    return e;
+                }
                 assert_eq!(got, content, "a handle still open reads the true content");
                 assert!(Instant::now() < deadline, "{} still opens", p.display());
                 std::thread::sleep(Duration::from_millis(20));
