@@ -102,10 +102,7 @@ def main():
     ap.add_argument("--no-gocryptfs", action="store_true")
     cfg = ap.parse_args()
     work = Path(cfg.dir)
-    work.mkdir(parents=True, exist_ok=True)
-    tar = work / f"tree-{cfg.files}.tar"
-    if not tar.exists():
-        run.make_tarball(tar, cfg.files)
+    tar = run.work_tarball(work, cfg.files)
     systems = [EnvelopefsCounts(work, cfg.binary, cfg.envelopefs_flags.split())]
     if not cfg.no_gocryptfs:
         systems.append(GocryptfsCounts(work))

@@ -355,6 +355,18 @@ WORKLOADS = {"seq": w_seq, "rand": w_rand, "tree": w_tree, "opens": w_opens, "sm
              "appends": w_appends}
 
 
+def work_tarball(work, files, make=None):
+    """The N-file tarball kept in `work` (made there with `make`, default make_tarball)."""
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    tar = work / f"tree-{files}.tar"
+    if not tar.exists():
+        t = time.perf_counter()
+        (make or make_tarball)(tar, files)
+        print(f"tarball of {files} files written in {time.perf_counter() - t:.0f} s", flush=True)
+    return tar
+
+
 def make_tarball(path, files, seed=1):
     """A source-like tree: many small files, a few large, a few directory levels."""
     rnd = random.Random(seed)

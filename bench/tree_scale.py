@@ -90,12 +90,7 @@ def main():
     ap.add_argument("--mount-flags", default="")
     cfg = ap.parse_args()
     work = Path(cfg.dir)
-    work.mkdir(parents=True, exist_ok=True)
-    tar = work / f"tree-{cfg.files}.tar"
-    if not tar.exists():
-        t = time.perf_counter()
-        make_tar(tar, cfg.files)
-        print(f"tarball of {cfg.files} files written in {time.perf_counter() - t:.0f} s", flush=True)
+    tar = run.work_tarball(work, cfg.files, make_tar)
     vol = work / "vol"
     shutil.rmtree(vol, ignore_errors=True)
     (vol / "backing").mkdir(parents=True)

@@ -90,7 +90,7 @@ fn every_fixture_volume_still_opens_and_reads_back() {
         );
 
         let mnt = tmp.path().join("mnt");
-        let m = Mounted::start_trusting(&host, &backing, fx.secret.0, &secret, &mnt, &["--read-only"]);
+        let m = Mounted::start_trusting(&host, &backing, fx.secret.0, &secret, &mnt, &["--read-only"], |_| {});
         for (path, content) in expected() {
             let p = m.path(path);
             match content {
@@ -138,7 +138,8 @@ fn a_rewrapped_fixture_at_generation_3_opens() {
     let host = tmp.path().join("trust");
     let out = common::cli_with_trust(&host, &[&"fsck", &"--key-file", &key, &backing]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
-    let m = Mounted::start_trusting(&host, &backing, "--key-file", &key, &tmp.path().join("mnt"), &["--read-only"]);
+    let m =
+        Mounted::start_trusting(&host, &backing, "--key-file", &key, &tmp.path().join("mnt"), &["--read-only"], |_| {});
     for (path, content) in expected() {
         if let Some(c) = content {
             assert_eq!(fs::read(m.path(path)).unwrap(), c, "{path}");

@@ -46,7 +46,7 @@ fn tarball(dir: &Path) -> std::path::PathBuf {
 /// Mount with the daemon's RLIMIT_NOFILE (soft and hard) at `nofile`.
 fn mount_limited(v: &TestVolume, nofile: u64, extra: &[&str]) -> Mounted {
     let mnt = v.dir.path().join("mnt");
-    Mounted::start_adjusted(trust_dir(), &v.backing, "--key-file", &v.key, &mnt, extra, move |cmd| {
+    Mounted::start_trusting(trust_dir(), &v.backing, "--key-file", &v.key, &mnt, extra, move |cmd| {
         // SAFETY: setrlimit is async-signal-safe and touches only the child's own limits.
         unsafe {
             cmd.pre_exec(move || {

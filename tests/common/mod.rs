@@ -101,23 +101,12 @@ impl Mounted {
 
     /// Mount with a given secret flag (`--key-file` or `--passphrase-file`).
     pub fn start_with(backing: &Path, secret_flag: &str, secret: &Path, mnt: &Path, extra: &[&str]) -> Self {
-        Self::start_trusting(trust_dir(), backing, secret_flag, secret, mnt, extra)
+        Self::start_trusting(trust_dir(), backing, secret_flag, secret, mnt, extra, |_| {})
     }
 
-    /// Mount as on a host whose trust store is `trust`.
+    /// Mount as on a host whose trust store is `trust`, with `adjust` applied to the
+    /// daemon's command first (limits, environment).
     pub fn start_trusting(
-        trust: &Path,
-        backing: &Path,
-        secret_flag: &str,
-        secret: &Path,
-        mnt: &Path,
-        extra: &[&str],
-    ) -> Self {
-        Self::start_adjusted(trust, backing, secret_flag, secret, mnt, extra, |_| {})
-    }
-
-    /// Mount with `adjust` applied to the daemon's command first (limits, environment).
-    pub fn start_adjusted(
         trust: &Path,
         backing: &Path,
         secret_flag: &str,
