@@ -488,6 +488,7 @@ def main():
     ap.add_argument("--binary", default=str(REPO / "target/release/envelopefs"))
     ap.add_argument("--quick", action="store_true", help="1 round, small sizes")
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--baseline-binary", help="another envelopefs build, as the system envelopefs-baseline")
     ap.add_argument("--chart-from", metavar="RESULTS_JSON", help="only redraw the chart of an earlier run")
     cfg = ap.parse_args()
     if cfg.chart_from:
@@ -516,6 +517,7 @@ def main():
         "envelopefs-rustcrypto": lambda: Envelopefs("envelopefs-rustcrypto", work, cfg.binary, ["--crypto", "rustcrypto"]),
         "envelopefs-no-writeback": lambda: Envelopefs("envelopefs-no-writeback", work, cfg.binary, ["--no-writeback-cache"]),
         # The crash journal (docs/FORMAT.md §8): ordered is the default; off is the earlier behaviour.
+        "envelopefs-baseline": lambda: Envelopefs("envelopefs-baseline", work, cfg.baseline_binary, []),
         "envelopefs-ra128": lambda: Envelopefs("envelopefs-ra128", work, cfg.binary, ["--read-ahead-kb", "0"]),
         "envelopefs-exclusive": lambda: Envelopefs("envelopefs-exclusive", work, cfg.binary, ["--exclusive"]),
         "envelopefs-journal-off": lambda: Envelopefs("envelopefs-journal-off", work, cfg.binary, ["--journal", "off"]),
