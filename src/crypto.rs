@@ -243,6 +243,11 @@ impl FileKey {
         t.as_ref().try_into().unwrap()
     }
 
+    /// Whether `other` was made from the same DEK.
+    pub fn same_key(&self, other: &FileKey) -> bool {
+        self.file_id == other.file_id && self.header_key[..] == other.header_key[..]
+    }
+
     pub fn verify_header_tag(&self, bytes: &[u8], tag: &[u8; HEADER_TAG_LEN]) -> bool {
         aws_lc_rs::hmac::verify(
             &aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &self.header_key[..]),

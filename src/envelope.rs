@@ -146,6 +146,10 @@ pub fn is_hole(stored: &[u8]) -> bool {
     stored.iter().all(|&b| b == 0)
 }
 
+/// The file id the volume key's wrap is bound to. No file may carry it (file ids are
+/// random; a header naming this one is refused), so a file header can never unwrap it.
+pub const VOLUME_KEY_FILE_ID: FileId = [0; FILE_ID_LEN];
+
 /// Which store holds a key-encryption key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
@@ -153,6 +157,8 @@ pub enum ProviderKind {
     Local = 1,
     Pkcs11 = 2,
     AwsKms = 3,
+    /// An offline recovery recipient (format 3 key slots): age X25519.
+    Recovery = 4,
 }
 
 impl ProviderKind {
@@ -161,6 +167,7 @@ impl ProviderKind {
             1 => Some(Self::Local),
             2 => Some(Self::Pkcs11),
             3 => Some(Self::AwsKms),
+            4 => Some(Self::Recovery),
             _ => None,
         }
     }
@@ -170,6 +177,7 @@ impl ProviderKind {
             Self::Local => "local",
             Self::Pkcs11 => "pkcs11",
             Self::AwsKms => "aws-kms",
+            Self::Recovery => "recovery",
         }
     }
 }

@@ -148,6 +148,24 @@ fn build_ik(ik_id: &[u8; 16], blob: &[u8], sealed: &[u8]) -> Vec<u8> {
     w
 }
 
+/// Two ARNs of one multi-Region key (`arn:PARTITION:kms:REGION:ACCOUNT:key/mrk-…`): the
+/// same but for the region. Single-Region keys are never equivalent to another ARN.
+pub fn mrk_equivalent(a: &str, b: &str) -> bool {
+    let parts = |arn: &str| -> Option<(String, String, String, String)> {
+        let f: Vec<&str> = arn.splitn(6, ':').collect();
+        match f[..] {
+            ["arn", partition, "kms", region, account, resource] if resource.starts_with("key/mrk-") => {
+                Some((partition.into(), region.into(), account.into(), resource.into()))
+            }
+            _ => None,
+        }
+    };
+    match (parts(a), parts(b)) {
+        (Some(x), Some(y)) => x.0 == y.0 && x.2 == y.2 && x.3 == y.3,
+        _ => false,
+    }
+}
+
 fn context_map(volume_id: &VolumeId, file_id: &FileId) -> HashMap<String, String> {
     let ctx = KeyContext { volume_id, file_id };
     ctx.pairs().into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
@@ -304,8 +322,13 @@ impl AwsKmsProvider {
     }
 
     fn wrap_under_ik(&self, volume_id: &VolumeId, file_id: &FileId) -> Result<(Dek, KeyRecord)> {
-        let (id, key, blob, kek_id, version) = self.intermediate_key()?;
         let dek = Dek::generate()?;
+        let rec = self.wrap_dek_under_ik(&dek, volume_id, file_id)?;
+        Ok((dek, rec))
+    }
+
+    fn wrap_dek_under_ik(&self, dek: &Dek, volume_id: &VolumeId, file_id: &FileId) -> Result<KeyRecord> {
+        let (id, key, blob, kek_id, version) = self.intermediate_key()?;
         let mut nonce = [0u8; 12];
         fill_random(&mut nonce)?;
         let mut ct = Zeroizing::new(dek.expose().to_vec());
@@ -323,7 +346,21 @@ impl AwsKmsProvider {
             kek_version: version,
             wrapped: build_ik(&id, &blob, &sealed),
         };
-        Ok((dek, rec))
+        Ok(rec)
+    }
+
+    /// Whether a record naming `kek_id` is ours to unwrap: our key, a key the volume used
+    /// before, or a multi-Region replica of one of them in another region (same account,
+    /// same `mrk-` key id: KMS decrypts either's ciphertext with the other). Returns the
+    /// key to ask: ours for a replica, so the call goes to this client's region.
+    fn decrypting_key<'a>(&'a self, kek_id: &'a str) -> Result<&'a str> {
+        if self.allowed.iter().any(|a| a == kek_id) {
+            return Ok(kek_id);
+        }
+        if self.allowed.iter().any(|a| mrk_equivalent(a, kek_id)) {
+            return Ok(&self.arn);
+        }
+        Err(Error::access(format!("key record names KMS key {kek_id}, which this volume does not use")))
     }
 
     /// KMS Decrypt of a blob under `key_id` with an encryption context.
@@ -348,12 +385,11 @@ impl AwsKmsProvider {
         Ok(Zeroizing::new(out.plaintext().map(|b| b.as_ref().to_vec()).unwrap_or_default()))
     }
 
-    fn unwrap_ik(&self, record: &KeyRecord, w: IkWrapped<'_>, ctx: &KeyContext<'_>) -> Result<Dek> {
+    fn unwrap_ik(&self, key_id: &str, w: IkWrapped<'_>, ctx: &KeyContext<'_>) -> Result<Dek> {
         let key = self
             .ik_cache
             .try_get_with(w.ik_id, || -> Result<_> {
-                let plain =
-                    self.decrypt(&record.kek_id, w.blob, ik_context(ctx.volume_id, &w.ik_id), "intermediate key")?;
+                let plain = self.decrypt(key_id, w.blob, ik_context(ctx.volume_id, &w.ik_id), "intermediate key")?;
                 let mut key = Zeroizing::new([0u8; 32]);
                 if plain.len() != 32 {
                     return Err(Error::access("KMS returned an intermediate key of the wrong length"));
@@ -526,18 +562,38 @@ impl KeyProvider for AwsKmsProvider {
         if record.provider != ProviderKind::AwsKms {
             return Err(Error::access(format!("key record is for provider {}", record.provider.name())));
         }
-        if !self.allowed.contains(&record.kek_id) {
-            return Err(Error::access(format!(
-                "key record names KMS key {}, which this volume does not use",
-                record.kek_id
-            )));
-        }
+        let key_id = self.decrypting_key(&record.kek_id)?;
         if let Some(w) = parse_ik(&record.wrapped) {
-            return self.unwrap_ik(record, w, ctx);
+            return self.unwrap_ik(key_id, w, ctx);
         }
-        let plain =
-            self.decrypt(&record.kek_id, &record.wrapped, context_map(ctx.volume_id, ctx.file_id), "data key")?;
+        let plain = self.decrypt(key_id, &record.wrapped, context_map(ctx.volume_id, ctx.file_id), "data key")?;
         Dek::from_slice(&plain)
+    }
+
+    /// KMS Encrypt under the encryption context (per-file mode), or a local wrap under the
+    /// intermediate key, which carries the slot (no KMS call per file).
+    fn wrap(&self, dek: &Dek, ctx: &KeyContext<'_>) -> Result<KeyRecord> {
+        if self.intermediate {
+            return self.wrap_dek_under_ik(dek, ctx.volume_id, ctx.file_id);
+        }
+        let out = self
+            .rt
+            .block_on(
+                self.client
+                    .encrypt()
+                    .key_id(&self.arn)
+                    .plaintext(Blob::new(dek.expose().to_vec()))
+                    .set_encryption_context(Some(context_map(ctx.volume_id, ctx.file_id)))
+                    .send(),
+            )
+            .map_err(|e| kms_error(e, "Encrypt"))?;
+        let blob = out.ciphertext_blob().ok_or_else(|| Error::new(libc::EIO, "KMS Encrypt: no ciphertext"))?;
+        Ok(KeyRecord {
+            provider: ProviderKind::AwsKms,
+            kek_id: out.key_id().unwrap_or(&self.arn).to_owned(),
+            kek_version: self.rotations.load(Ordering::Relaxed),
+            wrapped: blob.as_ref().to_vec(),
+        })
     }
 
     fn current_version(&self) -> Result<u32> {
@@ -562,12 +618,7 @@ impl KeyProvider for AwsKmsProvider {
 
     /// ReEncrypt: the DEK is re-wrapped inside KMS and never seen here.
     fn rewrap(&self, record: &KeyRecord, ctx: &KeyContext<'_>) -> Result<KeyRecord> {
-        if !self.allowed.contains(&record.kek_id) {
-            return Err(Error::access(format!(
-                "key record names KMS key {}, which this volume does not use",
-                record.kek_id
-            )));
-        }
+        let source = self.decrypting_key(&record.kek_id)?.to_owned();
         // Per-file records carry the DEK's blob; intermediate-key records the intermediate
         // key's blob (the DEK's local wrap stays as it is). Either way KMS re-wraps it.
         let ik = parse_ik(&record.wrapped);
@@ -581,7 +632,7 @@ impl KeyProvider for AwsKmsProvider {
                 self.client
                     .re_encrypt()
                     .ciphertext_blob(Blob::new(blob))
-                    .source_key_id(&record.kek_id)
+                    .source_key_id(&source)
                     .set_source_encryption_context(Some(ec.clone()))
                     .destination_key_id(&self.arn)
                     .set_destination_encryption_context(Some(ec))
@@ -605,5 +656,23 @@ impl KeyProvider for AwsKmsProvider {
             libc::EOPNOTSUPP,
             "KMS keeps every rotation of a key; retire the whole key in KMS (disable or schedule deletion) instead",
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mrk_equivalent;
+
+    #[test]
+    fn only_replicas_of_one_multi_region_key_are_equivalent() {
+        let a = "arn:aws:kms:us-east-1:111122223333:key/mrk-1234abcd";
+        let b = "arn:aws:kms:eu-west-1:111122223333:key/mrk-1234abcd";
+        assert!(mrk_equivalent(a, b));
+        assert!(!mrk_equivalent(a, "arn:aws:kms:eu-west-1:444455556666:key/mrk-1234abcd"), "another account");
+        assert!(!mrk_equivalent(a, "arn:aws:kms:eu-west-1:111122223333:key/mrk-99"), "another key");
+        assert!(!mrk_equivalent(a, "arn:aws-cn:kms:eu-west-1:111122223333:key/mrk-1234abcd"), "another partition");
+        let single = "arn:aws:kms:us-east-1:111122223333:key/1234abcd";
+        assert!(!mrk_equivalent(single, "arn:aws:kms:eu-west-1:111122223333:key/1234abcd"), "single-Region");
+        assert!(!mrk_equivalent("alias/x", "alias/x"));
     }
 }

@@ -450,6 +450,12 @@ impl KeyProvider for LocalProvider {
         Ok((dek, rec))
     }
 
+    fn wrap(&self, dek: &Dek, ctx: &KeyContext<'_>) -> Result<KeyRecord> {
+        self.reload_if_changed()?;
+        let version = self.ring.read().unwrap().current;
+        self.wrap_under(dek, ctx, version)
+    }
+
     fn unwrap(&self, record: &KeyRecord, ctx: &KeyContext<'_>) -> Result<Dek> {
         if record.provider != ProviderKind::Local {
             return Err(Error::access(format!("key record is for provider {}", record.provider.name())));

@@ -5,9 +5,11 @@ pub mod aws_kms;
 pub mod cache;
 pub mod local;
 pub mod pkcs11;
+pub mod pool;
+pub mod recovery;
 pub mod secret;
 
-use crate::crypto::Dek;
+use crate::crypto::{Dek, VolumeKey};
 use crate::envelope::{FileId, KeyRecord, ProviderKind};
 use crate::error::Result;
 
@@ -61,6 +63,10 @@ pub trait KeyProvider: Send + Sync {
         Ok((file_id, dek, rec))
     }
 
+    /// Wrap a DEK drawn elsewhere under the current KEK (key slots: one DEK, one record per
+    /// slot, like KMS Encrypt beside GenerateDataKey).
+    fn wrap(&self, dek: &Dek, ctx: &KeyContext<'_>) -> Result<KeyRecord>;
+
     /// Recover a DEK. A missing, retired or refusing KEK is `EACCES`; a wrapped key that
     /// does not authenticate against `ctx` is `EACCES` as well (it is not ours to open).
     fn unwrap(&self, record: &KeyRecord, ctx: &KeyContext<'_>) -> Result<Dek>;
@@ -109,6 +115,10 @@ pub trait KeyProvider: Send + Sync {
     fn mark_volume_format(&self, _format: u32) -> Result<()> {
         Ok(())
     }
+
+    /// Give the store the authenticated volume key, for stores whose records it binds
+    /// (recovery recipients: anyone can encrypt to a public key).
+    fn bind_volume_key(&self, _key: &VolumeKey) {}
 
     /// Pin every key object the volume can use now (upgrading a volume that pinned none).
     fn pin_found(&self) -> Result<()> {

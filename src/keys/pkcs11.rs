@@ -523,6 +523,13 @@ impl KeyProvider for Pkcs11Provider {
         Ok((dek, rec))
     }
 
+    fn wrap(&self, dek: &Dek, ctx: &KeyContext<'_>) -> Result<KeyRecord> {
+        if self.refreshed.lock().unwrap().elapsed() > std::time::Duration::from_secs(2) {
+            self.refresh_keys()?;
+        }
+        self.wrap_under(dek, ctx, self.current_version()?)
+    }
+
     fn unwrap(&self, record: &KeyRecord, ctx: &KeyContext<'_>) -> Result<Dek> {
         if record.provider != ProviderKind::Pkcs11 {
             return Err(Error::access(format!("key record is for provider {}", record.provider.name())));

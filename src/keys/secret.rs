@@ -41,6 +41,10 @@ pub struct SecretSource {
     pub stdin: bool,
     /// PKCS#11 user PIN file.
     pub pin_file: Option<PathBuf>,
+    /// An age identity file for the volume's recovery slot: open through it alone.
+    pub recovery_key: Option<PathBuf>,
+    /// The volume check value a recovery open must match on a host with no record of it.
+    pub volume_check: Option<String>,
 }
 
 /// What a secret unlocks: a local keyring (passphrase or key file) or a PKCS#11 token (PIN).
@@ -299,6 +303,7 @@ mod tests {
             passphrase_file: Some(pf.clone()),
             stdin: true,
             pin_file: Some(pin.clone()),
+            ..Default::default()
         };
         let none = SecretSource::default();
         let stdin = SecretSource { stdin: true, ..Default::default() };
