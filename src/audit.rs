@@ -44,6 +44,9 @@ struct Event<'a> {
     provider: &'a str,
     key_id: &'a str,
     key_version: u32,
+    /// The key slot that did it, on a volume with several (0: the primary).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    slot: Option<usize>,
     uid: u32,
     pid: u32,
     result: &'a str,
@@ -77,6 +80,7 @@ impl AuditLog {
         rec: &KeyRecord,
         result: std::result::Result<(), &Error>,
         who: Option<Requester>,
+        slot: Option<usize>,
     ) {
         let Requester { uid, pid } = who.unwrap_or_else(Requester::this_process);
         let ev = Event {
@@ -88,6 +92,7 @@ impl AuditLog {
             provider: rec.provider.name(),
             key_id: &rec.kek_id,
             key_version: rec.kek_version,
+            slot,
             uid,
             pid,
             result: if result.is_ok() { "ok" } else { "error" },

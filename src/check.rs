@@ -175,12 +175,17 @@ pub struct KeyUsage {
     pub unreadable: u64,
     /// Files whose newest header wraps under another KEK than the current one (KMS `--to-key`).
     pub other_key: u64,
+    /// Files whose newest header has a record for each key slot, in policy order.
+    pub per_slot: Vec<u64>,
+    /// Files whose newest header still has a record of a slot no longer in the policy.
+    pub removed_slot: u64,
 }
 
 /// Count headers by KEK version (the newest slot that decodes; no key is unwrapped).
 pub fn key_usage(vol: &Volume) -> Result<KeyUsage> {
-    let mut usage = KeyUsage::default();
-    let kind = vol.provider.kind();
+    let policy: Vec<_> = vol.config.policy().cloned().collect();
+    let mut usage = KeyUsage { per_slot: vec![0; policy.len()], ..KeyUsage::default() };
+    let primary = &policy[0];
     let current_id = vol.provider.kek_id();
     let mut region = vec![0u8; vol.geometry.header_size as usize];
     Tree::open(&vol.root)?.walk(&mut |e| {
@@ -206,12 +211,20 @@ pub fn key_usage(vol: &Volume) -> Result<KeyUsage> {
         let slots = decode_region(&region);
         match slots.first() {
             Some((_, Ok(v))) => {
-                for r in v.header.records.iter().filter(|r| r.provider == kind) {
+                for r in v.header.records.iter().filter(|r| primary.claims(r)) {
                     if r.kek_id == current_id {
                         *usage.files.entry(r.kek_version).or_default() += 1;
                     } else {
                         usage.other_key += 1;
                     }
+                }
+                for (i, p) in policy.iter().enumerate() {
+                    if v.header.records.iter().any(|r| p.claims(r)) {
+                        usage.per_slot[i] += 1;
+                    }
+                }
+                if v.header.records.iter().any(|r| !policy.iter().any(|p| p.claims(r))) {
+                    usage.removed_slot += 1;
                 }
             }
             _ => usage.unreadable += 1,
@@ -219,7 +232,7 @@ pub fn key_usage(vol: &Volume) -> Result<KeyUsage> {
         let mut seen = std::collections::BTreeSet::new();
         for (_, s) in &slots {
             if let Ok(v) = s {
-                seen.extend(v.header.records.iter().filter(|r| r.provider == kind).map(|r| r.kek_version));
+                seen.extend(v.header.records.iter().filter(|r| primary.claims(r)).map(|r| r.kek_version));
             }
         }
         for v in seen {

@@ -16,10 +16,13 @@ use crate::keys::VolumeId;
 
 pub const CONFIG_NAME: &str = "envelopefs.toml";
 pub const KEYRING_NAME: &str = "envelopefs.keyring";
-/// The format new volumes get.
+/// The format new volumes get (format 3 only once they have key slots: a volume without
+/// any stays readable by the release before).
 pub const FORMAT: u32 = 2;
+/// The format a volume with key slots is.
+pub const SLOTS_FORMAT: u32 = 3;
 /// The formats this version opens.
-pub const FORMATS: [u32; 2] = [1, 2];
+pub const FORMATS: [u32; 3] = [1, 2, 3];
 const MAC_LABEL: &str = "envelopefs v2 config mac";
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -39,6 +42,19 @@ pub struct VolumeConfig {
     /// The volume key, wrapped by the KEK like a file's DEK (format 2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume_key: Option<WrappedKey>,
+    /// Key slots beyond the primary `provider` (format 3): each wraps the volume key and
+    /// every file's DEK, and any one of them opens the volume.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub slots: Vec<SlotConfig>,
+}
+
+/// One key slot beyond the primary.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SlotConfig {
+    pub provider: ProviderConfig,
+    /// The volume key, wrapped by this slot's KEK.
+    pub volume_key: WrappedKey,
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -81,6 +97,10 @@ pub enum ProviderConfig {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         endpoint: Option<String>,
     },
+    /// An offline recovery recipient (age X25519, `age1…`): a key slot only, never the
+    /// primary; wrapping needs no secret, unwrapping needs the identity.
+    #[serde(rename = "recovery")]
+    Recovery { recipient: String },
 }
 
 /// A wrapped key as the config stores it.
@@ -140,7 +160,7 @@ impl VolumeConfig {
         if !FORMATS.contains(&self.format) {
             return Err(Error::new(
                 libc::EINVAL,
-                format!("format {} is not supported by this version (it reads formats 1 and 2)", self.format),
+                format!("format {} is not supported by this version (it reads formats 1 to 3)", self.format),
             )
             .with_class(Class::Tampered));
         }
@@ -152,9 +172,32 @@ impl VolumeConfig {
                 self.format
             )));
         }
+        if !self.slots.is_empty() && self.format < SLOTS_FORMAT {
+            return Err(Error::tampered(format!("format {} with key slots (format 3 has them)", self.format)));
+        }
+        if matches!(self.provider, ProviderConfig::Recovery { .. }) {
+            return Err(Error::tampered("a recovery recipient is never the primary key slot"));
+        }
+        let locals = self.policy().filter(|p| matches!(p, ProviderConfig::Local { .. })).count();
+        if locals > 1 {
+            return Err(Error::tampered("more than one local keyring slot"));
+        }
         self.volume_id()?;
         self.geometry()?;
-        self.provider.check_stored()
+        self.policy().try_for_each(ProviderConfig::check_stored)
+    }
+
+    /// Every key slot's settings, the primary first (slot 0).
+    pub fn policy(&self) -> impl Iterator<Item = &ProviderConfig> {
+        std::iter::once(&self.provider).chain(self.slots.iter().map(|s| &s.provider))
+    }
+
+    /// Slot `i`'s wrapped volume key (format 2 and later).
+    pub fn slot_volume_key(&self, i: usize) -> Option<&WrappedKey> {
+        match i {
+            0 => self.volume_key.as_ref(),
+            n => self.slots.get(n - 1).map(|s| &s.volume_key),
+        }
     }
 
     pub fn volume_id(&self) -> Result<VolumeId> {
@@ -170,10 +213,10 @@ impl VolumeConfig {
 
     /// The local keyring's path, for local volumes.
     pub fn keyring_path(&self, root: &Path) -> Option<std::path::PathBuf> {
-        match &self.provider {
+        self.policy().find_map(|p| match p {
             ProviderConfig::Local { keyring } => Some(root.join(keyring)),
-            ProviderConfig::Pkcs11 { .. } | ProviderConfig::AwsKms { .. } => None,
-        }
+            _ => None,
+        })
     }
 
     /// What the MAC covers: every field but the MAC, in a fixed encoding.
@@ -210,7 +253,7 @@ impl ProviderConfig {
         match self {
             ProviderConfig::Local { .. } => Some(SecretKind::Keyring),
             ProviderConfig::Pkcs11 { .. } => Some(SecretKind::Pin),
-            ProviderConfig::AwsKms { .. } => None,
+            ProviderConfig::AwsKms { .. } | ProviderConfig::Recovery { .. } => None,
         }
     }
 
@@ -219,6 +262,39 @@ impl ProviderConfig {
             ProviderConfig::Local { .. } => ProviderKind::Local,
             ProviderConfig::Pkcs11 { .. } => ProviderKind::Pkcs11,
             ProviderConfig::AwsKms { .. } => ProviderKind::AwsKms,
+            ProviderConfig::Recovery { .. } => ProviderKind::Recovery,
+        }
+    }
+
+    /// Whether a header's key record is this slot's (its key, or one it moved from);
+    /// records of no slot are dropped by `rekey --rewrap`.
+    pub fn claims(&self, rec: &KeyRecord) -> bool {
+        if rec.provider != self.kind() {
+            return false;
+        }
+        match self {
+            ProviderConfig::Local { .. } => true,
+            ProviderConfig::Pkcs11 { key, previous_keys, .. } => {
+                rec.kek_id == *key || previous_keys.contains(&rec.kek_id)
+            }
+            ProviderConfig::AwsKms { key_id, previous_key_ids, .. } => std::iter::once(key_id)
+                .chain(previous_key_ids)
+                .any(|k| *k == rec.kek_id || crate::keys::aws_kms::mrk_equivalent(k, &rec.kek_id)),
+            ProviderConfig::Recovery { recipient } => rec.kek_id == *recipient,
+        }
+    }
+
+    /// One line naming the slot's key, for `key slot list` and logs.
+    pub fn summary(&self) -> String {
+        match self {
+            ProviderConfig::Local { keyring } => format!("local keyring {keyring}"),
+            ProviderConfig::Pkcs11 { module, key, .. } => format!("pkcs11 {key} via {module}"),
+            ProviderConfig::AwsKms { key_id, region, intermediate_key, .. } => format!(
+                "aws-kms {key_id}{}{}",
+                region.as_ref().map(|r| format!(" in {r}")).unwrap_or_default(),
+                if *intermediate_key { " (intermediate key)" } else { "" }
+            ),
+            ProviderConfig::Recovery { recipient } => format!("recovery {recipient}"),
         }
     }
 
@@ -251,6 +327,9 @@ impl ProviderConfig {
                 if let Some(url) = endpoint {
                     check_endpoint(url).map_err(|e| e.context(CONFIG_NAME).with_class(Class::Tampered))?;
                 }
+            }
+            ProviderConfig::Recovery { recipient } => {
+                crate::keys::recovery::parse_recipient(recipient).map_err(|e| bad(e.to_string()))?;
             }
         }
         Ok(())
@@ -369,6 +448,7 @@ mod tests {
             mac: None,
             provider: kms(None),
             volume_key: Some(WrappedKey { kek_id: "k".into(), kek_version: 1, wrapped: "aa".into() }),
+            slots: vec![],
         };
         cfg.seal(&key);
         cfg.verify(&key).unwrap();
@@ -380,6 +460,13 @@ mod tests {
             Box::new(|c| c.volume_id = "11".repeat(16)),
             Box::new(|c| c.provider = kms(Some("https://other"))),
             Box::new(|c| c.volume_key.as_mut().unwrap().kek_version = 2),
+            Box::new(|c| {
+                c.format = 3;
+                c.slots.push(SlotConfig {
+                    provider: ProviderConfig::Recovery { recipient: "age1x".into() },
+                    volume_key: WrappedKey { kek_id: "age1x".into(), kek_version: 1, wrapped: "bb".into() },
+                })
+            }),
         ];
         for edit in edits {
             let mut c = cfg.clone();
@@ -387,6 +474,63 @@ mod tests {
             assert_eq!(c.verify(&key).unwrap_err().class(), Some(Class::Tampered));
         }
         assert!(cfg.verify(&VolumeKey::generate().unwrap()).is_err(), "another volume key");
+    }
+
+    #[test]
+    fn slots_need_format_3_and_a_recovery_recipient_is_never_primary() {
+        let recipient = age::x25519::Identity::generate().to_public().to_string();
+        let slot = |p: ProviderConfig| SlotConfig {
+            provider: p,
+            volume_key: WrappedKey { kek_id: "k".into(), kek_version: 1, wrapped: "aa".into() },
+        };
+        let mut cfg = VolumeConfig {
+            format: 3,
+            volume_id: "00".repeat(16),
+            block_size: 4096,
+            header_size: 4096,
+            generation: 1,
+            mac: Some("00".into()),
+            provider: kms(None),
+            volume_key: Some(WrappedKey { kek_id: "k".into(), kek_version: 1, wrapped: "aa".into() }),
+            slots: vec![slot(ProviderConfig::Recovery { recipient: recipient.clone() })],
+        };
+        cfg.check_shape().unwrap();
+        assert_eq!(cfg.policy().count(), 2);
+        let mut v2 = cfg.clone();
+        v2.format = 2;
+        assert!(v2.check_shape().unwrap_err().to_string().contains("format 2 with key slots"));
+        let mut bad = cfg.clone();
+        bad.slots[0].provider = ProviderConfig::Recovery { recipient: "ssh-ed25519 AAAA".into() };
+        assert_eq!(bad.check_shape().unwrap_err().class(), Some(Class::Tampered));
+        let mut primary = cfg.clone();
+        primary.provider = ProviderConfig::Recovery { recipient };
+        assert!(primary.check_shape().unwrap_err().to_string().contains("never the primary"));
+        let mut two_local = cfg.clone();
+        two_local.provider = ProviderConfig::Local { keyring: KEYRING_NAME.into() };
+        two_local.slots.push(slot(ProviderConfig::Local { keyring: "/elsewhere".into() }));
+        assert!(two_local.check_shape().unwrap_err().to_string().contains("more than one local"));
+    }
+
+    #[test]
+    fn a_slot_claims_its_own_records_and_multi_region_replicas() {
+        let rec =
+            |p: ProviderKind, id: &str| KeyRecord { provider: p, kek_id: id.into(), kek_version: 0, wrapped: vec![] };
+        let east = "arn:aws:kms:us-east-1:111122223333:key/mrk-1";
+        let west = "arn:aws:kms:eu-west-1:111122223333:key/mrk-1";
+        let slot = ProviderConfig::AwsKms {
+            key_id: west.into(),
+            previous_key_ids: vec!["arn:aws:kms:eu-west-1:1:key/old".into()],
+            intermediate_key: false,
+            region: None,
+            endpoint: None,
+        };
+        assert!(slot.claims(&rec(ProviderKind::AwsKms, west)));
+        assert!(slot.claims(&rec(ProviderKind::AwsKms, east)), "a replica of the same multi-Region key");
+        assert!(slot.claims(&rec(ProviderKind::AwsKms, "arn:aws:kms:eu-west-1:1:key/old")));
+        assert!(!slot.claims(&rec(ProviderKind::AwsKms, "arn:aws:kms:eu-west-1:111122223333:key/other")));
+        assert!(!slot.claims(&rec(ProviderKind::Pkcs11, west)), "another kind");
+        let r = ProviderConfig::Recovery { recipient: "age1a".into() };
+        assert!(r.claims(&rec(ProviderKind::Recovery, "age1a")) && !r.claims(&rec(ProviderKind::Recovery, "age1b")));
     }
 
     #[test]

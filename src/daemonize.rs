@@ -37,7 +37,11 @@ fn io(e: std::io::Error, what: &str) -> Error {
 pub fn daemonize(backing: &Path, secret: &SecretSource, args: &[OsString]) -> Result<u8> {
     let cfg = VolumeConfig::load(backing)?;
     let terminal = std::io::stdin().is_terminal();
-    let prompt = cfg.provider.secret_kind().and_then(|k| secret.would_prompt(k, terminal));
+    let prompt = cfg
+        .provider
+        .secret_kind()
+        .filter(|_| secret.recovery_key.is_none())
+        .and_then(|k| secret.would_prompt(k, terminal));
     let passphrase = match prompt {
         Some(p) => {
             Some(Zeroizing::new(rpassword::prompt_password(p).map_err(|e| io(e, "reading secret"))?.into_bytes()))

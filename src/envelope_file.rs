@@ -13,10 +13,9 @@ use std::sync::Arc;
 use crate::audit::Requester;
 use crate::content::Content;
 use crate::crypto::FileKey;
-use crate::envelope::{decode_region, is_hole, Header, KeyRecord, SizeError, SlotError, BLOCK_OVERHEAD};
+use crate::envelope::{decode_region, is_hole, Header, SizeError, SlotError, BLOCK_OVERHEAD};
 use crate::error::{Error, Result};
 use crate::journal::{self, Change, Target};
-use crate::keys::KeyContext;
 use crate::volume::Volume;
 
 /// An open backing file of the volume, seen as an envelope.
@@ -153,31 +152,17 @@ impl EnvelopeFile<'_> {
         }
         let vol = self.vol;
         let l = self.load(len)?;
-        let current = vol.provider.current_version()?;
-        let kek_id = vol.provider.kek_id();
-        let kind = vol.provider.kind();
-        let stale = |r: &KeyRecord| r.provider == kind && (r.kek_version != current || r.kek_id != kek_id);
-        let is_current = |h: &Header| !h.records.iter().any(stale);
+        let h = &l.header;
+        let wanted = vol.records_for_policy(h, &l.key, self.describe, self.who)?;
         let other = 1 - l.slot;
         let other_current = match decode_region(&l.region).into_iter().find(|(i, _)| *i == other) {
-            Some((_, Ok(v))) => is_current(&v.header) && l.key.verify_header_tag(&v.authenticated, &v.tag),
+            Some((_, Ok(v))) => v.header.records == h.records && l.key.verify_header_tag(&v.authenticated, &v.tag),
             _ => false,
         };
-        if is_current(&l.header) && other_current {
+        if wanted.is_none() && other_current {
             return Ok(false);
         }
-        let h = &l.header;
-        let ctx = KeyContext { volume_id: &vol.volume_id, file_id: &h.file_id };
-        let mut records = Vec::with_capacity(h.records.len());
-        for r in &h.records {
-            if stale(r) {
-                let res = vol.provider.rewrap(r, &ctx);
-                vol.audit("rewrap", &h.file_id, self.describe, r, res.as_ref().map(drop), self.who);
-                records.push(res?);
-            } else {
-                records.push(r.clone());
-            }
-        }
+        let records = wanted.unwrap_or_else(|| h.records.clone());
         let half = vol.geometry.slot_size();
         for (step, slot) in [(1, other), (2, l.slot)] {
             let newer = Header { generation: h.generation + step, records: records.clone(), ..h.clone() };

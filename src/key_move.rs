@@ -68,7 +68,7 @@ fn destination(vol: &Volume, key: &str, secret: &SecretSource) -> Result<(Arc<dy
             let cfg = ProviderConfig::Pkcs11 { module, key: new_id, objects, previous_keys };
             Ok((Arc::new(p), cfg))
         }
-        ProviderConfig::Local { .. } => Err(Error::new(
+        ProviderConfig::Local { .. } | ProviderConfig::Recovery { .. } => Err(Error::new(
             libc::EINVAL,
             "--to-key is for aws-kms and pkcs11 volumes; a local keyring rotates with `key rotate`",
         )),

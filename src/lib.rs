@@ -4,7 +4,7 @@
 //! Layers: `envelope` (format, no I/O) → `crypto` (AES-256-GCM blocks) → `keys`
 //! (providers, DEK cache) → `volume` (config, headers) → `content` (block layer) →
 //! `fs` (POSIX over a backing directory) → `mount` (thin FUSE adapter). On top: what
-//! the commands do (`volume_lock`, `retire`, `key_move`, `mount_options`, `status`,
+//! the commands do (`volume_lock`, `retire`, `key_move`, `key_slots`, `mount_options`, `status`,
 //! `service`, `daemonize`, `umount`, `helper_args`) and `cli`, the command line itself.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
@@ -26,6 +26,7 @@ pub mod fs;
 pub mod helper_args;
 pub mod journal;
 pub mod key_move;
+pub mod key_slots;
 pub mod keys;
 pub mod mount;
 pub mod mount_options;

@@ -157,6 +157,8 @@ pub fn apply_word(s: &mut MountSettings, word: &str) -> Result<()> {
         "key_file" => s.secret.key_file = Some(path()?),
         "passphrase_file" => s.secret.passphrase_file = Some(path()?),
         "pin_file" => s.secret.pin_file = Some(path()?),
+        "recovery_key" => s.secret.recovery_key = Some(path()?),
+        "volume_check" => s.secret.volume_check = Some(val()?.to_owned()),
         "log_file" => s.log_file = Some(path()?),
         "audit_log" => s.audit_log = Some(path()?),
         "kms_pool" => s.kms_pool = Some(num()? as usize),
@@ -196,6 +198,16 @@ pub fn resolve(mut s: MountSettings, config: Option<&Path>, options: &[String]) 
     }
     if s.backing.is_none() || s.mountpoint.is_none() {
         return Err(usage("mount needs BACKING and MOUNTPOINT (or --config FILE)".into()));
+    }
+    if s.secret.recovery_key.is_some() {
+        if !s.read_only && options.iter().flat_map(|o| split_words(o)).any(|w| w == "rw") {
+            return Err(usage(
+                "a mount with --recovery-key is read-only: new files could not be wrapped for the volume's \
+                 other key slots (to move to a new key store, add it as a slot: docs/PROVIDERS.md)"
+                    .into(),
+            ));
+        }
+        s.read_only = true;
     }
     Ok(s)
 }

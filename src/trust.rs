@@ -39,6 +39,13 @@ pub struct TrustRecord {
     pub config_generation: u64,
     /// The provider settings, as the host pins them (`ProviderConfig::host_view`).
     pub provider: ProviderConfig,
+    /// The key slots beyond the primary (format 3), pinned the same way.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub slots: Vec<ProviderConfig>,
+    /// HMAC of the volume key (`volume_check`): a volume key opened through a slot anyone
+    /// can wrap to (a recovery recipient) must match it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_check: Option<String>,
 }
 
 impl TrustRecord {
@@ -50,8 +57,15 @@ impl TrustRecord {
             keyring_version: 0,
             config_generation: cfg.generation,
             provider: cfg.provider.host_view(),
+            slots: cfg.slots.iter().map(|s| s.provider.host_view()).collect(),
+            volume_check: None,
         }
     }
+}
+
+/// The check value of a volume key: shows which key a volume has, reveals nothing of it.
+pub fn volume_check(key: &crate::crypto::VolumeKey) -> String {
+    hex::encode(&key.mac("envelopefs volume key check", b"")[..16])
 }
 
 impl Default for TrustStore {
@@ -135,18 +149,39 @@ impl TrustStore {
     }
 }
 
-/// The provider settings to use for `cfg`, from the host: the record's, after checking the
-/// volume says the same; or, with no record, the volume's own only where they choose no
-/// code, no endpoint and no key (a local keyring inside the volume, which its secret
-/// authenticates).
-pub fn settle(root: &Path, cfg: &VolumeConfig, trusted: Option<&TrustRecord>) -> Result<ProviderConfig> {
+/// The settings of every key slot to use for `cfg` (the primary first), from the host:
+/// the record's, after checking the volume says the same; or, with no record, the
+/// volume's own only where they choose no code, no endpoint and no key (a local keyring
+/// inside the volume, which its secret authenticates; a recovery recipient, used only to
+/// wrap once the config has authenticated).
+///
+/// A recovery open (`recovering`) uses only the recovery slots, so on a host with no
+/// record the others need no pinning (the volume check value authenticates the volume).
+pub fn settle(
+    root: &Path,
+    cfg: &VolumeConfig,
+    trusted: Option<&TrustRecord>,
+    recovering: bool,
+) -> Result<Vec<ProviderConfig>> {
     match trusted {
         Some(t) => {
-            let diffs = t.provider.differences(&cfg.provider);
+            let mut diffs = t.provider.differences(&cfg.provider);
+            if t.slots.len() != cfg.slots.len() {
+                diffs.push(format!(
+                    "key slots: this host trusts {}, the volume has {}",
+                    t.slots.len() + 1,
+                    cfg.slots.len() + 1
+                ));
+            } else {
+                for (i, (a, b)) in t.slots.iter().zip(&cfg.slots).enumerate() {
+                    diffs.extend(a.differences(&b.provider).into_iter().map(|d| format!("slot {}: {d}", i + 1)));
+                }
+            }
             if !diffs.is_empty() {
                 return Err(Error::untrusted(format!(
                     "{}/envelopefs.toml names provider settings this host does not trust ({}). \
-                     If the change is yours (a --to-key on another host), check it and run `envelopefs trust {}`",
+                     If the change is yours (a --to-key or key slot change on another host), check it and run \
+                     `envelopefs trust {}`",
                     root.display(),
                     diffs.join("; "),
                     root.display()
@@ -161,31 +196,45 @@ pub fn settle(root: &Path, cfg: &VolumeConfig, trusted: Option<&TrustRecord>) ->
                     t.format
                 )));
             }
-            // The stored object list is authenticated by the MAC; the rest is the host's.
-            let mut p = t.provider.clone();
-            if let (ProviderConfig::Pkcs11 { objects, .. }, ProviderConfig::Pkcs11 { objects: stored, .. }) =
-                (&mut p, &cfg.provider)
-            {
-                objects.clone_from(stored);
-            }
-            Ok(p)
+            // The stored object lists are authenticated by the MAC; the rest is the host's.
+            let with_objects = |host: &ProviderConfig, stored: &ProviderConfig| {
+                let mut p = host.clone();
+                if let (ProviderConfig::Pkcs11 { objects, .. }, ProviderConfig::Pkcs11 { objects: o, .. }) =
+                    (&mut p, stored)
+                {
+                    objects.clone_from(o);
+                }
+                p
+            };
+            Ok(std::iter::once(with_objects(&t.provider, &cfg.provider))
+                .chain(t.slots.iter().zip(&cfg.slots).map(|(h, s)| with_objects(h, &s.provider)))
+                .collect())
         }
-        None => match &cfg.provider {
-            ProviderConfig::Local { keyring } if keyring == KEYRING_NAME => Ok(cfg.provider.clone()),
-            other => Err(Error::untrusted(format!(
-                "this host does not trust volume {} in {} yet: its {} settings choose {}. \
-                 Check them and pin them with `envelopefs trust {}`",
-                cfg.volume_id,
-                root.display(),
-                other.kind().name(),
-                match other {
-                    ProviderConfig::Pkcs11 { .. } => "code to load (a PKCS#11 module) and a key",
-                    ProviderConfig::AwsKms { .. } => "a KMS key and where to reach it",
-                    ProviderConfig::Local { .. } => "a keyring outside the volume",
-                },
-                root.display()
-            ))),
-        },
+        None => {
+            for p in cfg.policy() {
+                match p {
+                    ProviderConfig::Local { keyring } if keyring == KEYRING_NAME => {}
+                    ProviderConfig::Recovery { .. } => {}
+                    _ if recovering => {}
+                    other => {
+                        return Err(Error::untrusted(format!(
+                            "this host does not trust volume {} in {} yet: its {} settings choose {}. \
+                             Check them and pin them with `envelopefs trust {}`",
+                            cfg.volume_id,
+                            root.display(),
+                            other.kind().name(),
+                            match other {
+                                ProviderConfig::Pkcs11 { .. } => "code to load (a PKCS#11 module) and a key",
+                                ProviderConfig::AwsKms { .. } => "a KMS key and where to reach it",
+                                _ => "a keyring outside the volume",
+                            },
+                            root.display()
+                        )))
+                    }
+                }
+            }
+            Ok(cfg.policy().cloned().collect())
+        }
     }
 }
 
@@ -205,7 +254,14 @@ pub fn candidate(
         rec.config_generation = rec.config_generation.max(old.config_generation);
         rec.format = rec.format.max(old.format);
     }
-    if let ProviderConfig::Pkcs11 { module: stored, .. } = &rec.provider {
+    let modules: Vec<&String> = std::iter::once(&rec.provider)
+        .chain(&rec.slots)
+        .filter_map(|p| match p {
+            ProviderConfig::Pkcs11 { module, .. } => Some(module),
+            _ => None,
+        })
+        .collect();
+    for stored in modules {
         let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
         let stored_c = canon(Path::new(stored));
         if stored_c.starts_with(canon(root)) {
@@ -250,6 +306,16 @@ pub fn describe(rec: &TrustRecord) -> Vec<String> {
             out.push(format!("region    {}", region.as_deref().unwrap_or("(the AWS defaults)")));
             out.push(format!("endpoint  {}", endpoint.as_deref().unwrap_or("(the AWS defaults)")));
             out.push(format!("mode      {}", if *intermediate_key { "intermediate key" } else { "per-file keys" }));
+        }
+        ProviderConfig::Recovery { recipient } => out.push(format!("recovery  {recipient}")),
+    }
+    for (i, s) in rec.slots.iter().enumerate() {
+        out.push(format!("slot {}    {}", i + 1, s.summary()));
+        if let ProviderConfig::Pkcs11 { module, .. } = s {
+            out.push(format!("          {module}  (code this host will load)"));
+        }
+        if let ProviderConfig::AwsKms { endpoint, .. } = s {
+            out.push(format!("          endpoint {}", endpoint.as_deref().unwrap_or("(the AWS defaults)")));
         }
     }
     out
@@ -303,6 +369,7 @@ mod tests {
             mac: None,
             provider,
             volume_key: None,
+            slots: vec![],
         }
     }
 
@@ -326,21 +393,54 @@ mod tests {
     fn without_a_record_only_an_inside_keyring_opens() {
         let root = Path::new("/b");
         let local = cfg(ProviderConfig::Local { keyring: KEYRING_NAME.into() });
-        assert!(settle(root, &local, None).is_ok());
+        assert!(settle(root, &local, None, false).is_ok());
         let outside = cfg(ProviderConfig::Local { keyring: "/etc/k".into() });
-        assert!(settle(root, &outside, None).unwrap_err().to_string().contains("envelopefs trust"));
+        assert!(settle(root, &outside, None, false).unwrap_err().to_string().contains("envelopefs trust"));
         let p11 = cfg(ProviderConfig::Pkcs11 {
             module: "/x.so".into(),
             key: "pkcs11:token=t;object=k".into(),
             objects: vec![],
             previous_keys: vec![],
         });
-        assert!(settle(root, &p11, None).is_err());
+        assert!(settle(root, &p11, None, false).is_err());
         // With a record: the host's settings, and the downgrade rule.
         let rec = TrustRecord::for_config(&local);
         let mut v1 = local.clone();
         v1.format = 1;
-        assert!(settle(root, &v1, Some(&rec)).unwrap_err().to_string().contains("format 1"));
-        assert!(settle(root, &p11, Some(&rec)).unwrap_err().to_string().contains("kind: this host trusts"));
+        assert!(settle(root, &v1, Some(&rec), false).unwrap_err().to_string().contains("format 1"));
+        assert!(settle(root, &p11, Some(&rec), false).unwrap_err().to_string().contains("kind: this host trusts"));
+    }
+
+    #[test]
+    fn key_slots_are_pinned_like_the_primary() {
+        let root = Path::new("/b");
+        let recipient = age::x25519::Identity::generate().to_public().to_string();
+        let wrapped = crate::config::WrappedKey { kek_id: "k".into(), kek_version: 1, wrapped: "aa".into() };
+        let slot = |p: ProviderConfig| crate::config::SlotConfig { provider: p, volume_key: wrapped.clone() };
+        let mut local = cfg(ProviderConfig::Local { keyring: KEYRING_NAME.into() });
+        local.format = 3;
+        local.slots.push(slot(ProviderConfig::Recovery { recipient }));
+        // A recovery recipient chooses no code and no endpoint: no record needed.
+        assert_eq!(settle(root, &local, None, false).unwrap().len(), 2);
+        let rec = TrustRecord::for_config(&local);
+        let mut more = local.clone();
+        more.slots.push(slot(ProviderConfig::AwsKms {
+            key_id: "arn:aws:kms:eu-west-1:1:key/x".into(),
+            previous_key_ids: vec![],
+            intermediate_key: false,
+            region: None,
+            endpoint: Some("https://evil.example".into()),
+        }));
+        let e = settle(root, &more, Some(&rec), false).unwrap_err();
+        assert_eq!(e.class(), Some(crate::error::Class::Untrusted));
+        assert!(e.to_string().contains("key slots: this host trusts 2, the volume has 3"), "{e}");
+        assert!(settle(root, &more, None, false).unwrap_err().to_string().contains("envelopefs trust"));
+        // A recovery open uses only the recovery slots: the others need no pinning.
+        assert!(settle(root, &more, None, true).is_ok());
+        let mut other = TrustRecord::for_config(&more);
+        if let ProviderConfig::AwsKms { endpoint, .. } = &mut other.slots[1] {
+            *endpoint = None;
+        }
+        assert!(settle(root, &more, Some(&other), false).unwrap_err().to_string().contains("slot 2: endpoint"));
     }
 }

@@ -5,13 +5,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::audit::{AuditLog, Requester};
-use crate::crypto::{fill_random, Backend, FileKey, VolumeKey};
+use crate::crypto::{fill_random, Backend, Dek, FileKey, VolumeKey};
 use crate::envelope::{decode_region, FileId, Geometry, Header, KeyRecord, SlotError, FILE_ID_LEN};
 use crate::error::{Class, Error, Result};
 use crate::keys::aws_kms::{AwsKmsProvider, KmsSettings};
 use crate::keys::cache::{CacheConfig, DekCache};
 use crate::keys::local::{KdfParams, LocalProvider};
 use crate::keys::pkcs11::{Pkcs11Provider, Pkcs11Uri};
+use crate::keys::pool::{KeyPool, ReadyKey};
+use crate::keys::recovery::RecoveryProvider;
 use crate::keys::secret::SecretSource;
 use crate::keys::{KeyContext, KeyProvider, VolumeId};
 use crate::trust::{TrustRecord, TrustStore};
@@ -31,9 +33,7 @@ pub fn is_reserved(name: &std::ffi::OsStr, in_root: bool) -> bool {
         || name.as_encoded_bytes().ends_with(REENCRYPT_SUFFIX.as_bytes())
 }
 
-/// The file id the volume key's wrap is bound to. No file may carry it (file ids are
-/// random; a header naming this one is refused), so a file header can never unwrap it.
-pub const VOLUME_KEY_FILE_ID: FileId = [0; FILE_ID_LEN];
+pub use crate::envelope::VOLUME_KEY_FILE_ID;
 
 fn volume_key_context(volume_id: &VolumeId) -> KeyContext<'_> {
     KeyContext { volume_id, file_id: &VOLUME_KEY_FILE_ID }
@@ -52,6 +52,10 @@ pub enum ProviderInit {
         uri: String,
     },
     AwsKms(KmsSettings),
+    /// An offline recovery recipient (a key slot only).
+    Recovery {
+        recipient: String,
+    },
 }
 
 /// What `init` needs to know.
@@ -106,9 +110,65 @@ pub fn init(root: &Path, secret: &SecretSource, opts: &InitOptions) -> Result<Vo
             crate::config::check_endpoint(url)?;
         }
     }
+    if matches!(opts.provider, ProviderInit::Recovery { .. }) {
+        return Err(Error::new(
+            libc::EINVAL,
+            "a recovery recipient is a key slot, never a volume's primary key: `envelopefs key slot add --recovery`",
+        ));
+    }
     let mut volume_id = [0u8; 16];
     fill_random(&mut volume_id)?;
-    let (provider, made_keyring, key_store): (_, _, Arc<dyn KeyProvider>) = match &opts.provider {
+    let (provider, made_keyring, key_store) = create_provider(root, &opts.provider, volume_id, secret, opts.format)?;
+    let made = (|| -> Result<VolumeConfig> {
+        self_test(key_store.as_ref(), &volume_id)?;
+        let mut cfg = VolumeConfig {
+            format: opts.format,
+            volume_id: hex::encode(volume_id),
+            block_size: opts.block_size,
+            header_size: opts.header_size,
+            generation: 0,
+            mac: None,
+            provider,
+            volume_key: None,
+            slots: Vec::new(),
+        };
+        let mut check = None;
+        if opts.format >= 2 {
+            // The volume key is a data key like any file's, bound to a file id no file has.
+            let (dek, rec) = key_store.generate(&volume_key_context(&volume_id))?;
+            cfg.generation = 1;
+            cfg.volume_key = Some(WrappedKey::from_record(&rec));
+            let key = VolumeKey::from_dek(&dek);
+            cfg.seal(&key);
+            check = Some(crate::trust::volume_check(&key));
+        }
+        let mut trusted = TrustRecord::for_config(&cfg);
+        trusted.volume_check = check;
+        trusted.keyring_version = key_store.keyring_state().map_or(0, |(v, _)| v);
+        opts.trust.put(&trusted)?;
+        // The config is written last: a directory without it is not a volume.
+        write_config(root, &cfg)?;
+        Ok(cfg)
+    })();
+    if made.is_err() {
+        if let Some(k) = made_keyring {
+            let _ = fs::remove_file(k);
+        }
+    }
+    made
+}
+
+/// Make (or reach) the key store `init` names, for a new volume or a new key slot: its
+/// settings as the config stores them, the keyring file made (to remove on failure), and
+/// the store.
+pub fn create_provider(
+    root: &Path,
+    init: &ProviderInit,
+    volume_id: VolumeId,
+    secret: &SecretSource,
+    format: u32,
+) -> Result<(ProviderConfig, Option<PathBuf>, Arc<dyn KeyProvider>)> {
+    Ok(match init {
         ProviderInit::Local { kdf, keyring } => {
             let keyring_rel = match keyring {
                 // Only the default name is hidden from the mount: anywhere else inside the
@@ -131,14 +191,14 @@ pub fn init(root: &Path, secret: &SecretSource, opts: &InitOptions) -> Result<Vo
             };
             let path = root.join(&keyring_rel);
             let secret = secret.resolve(true)?;
-            let p = LocalProvider::create(&path, volume_id, &secret, *kdf, opts.format)?;
+            let p = LocalProvider::create(&path, volume_id, &secret, *kdf, format)?;
             (ProviderConfig::Local { keyring: keyring_rel }, Some(path), Arc::new(p))
         }
         ProviderInit::Pkcs11 { module, uri } => {
             let parsed: Pkcs11Uri = uri.parse().map_err(|e| Error::new(libc::EINVAL, format!("--key {uri}: {e}")))?;
             let pin = secret.resolve_pin(parsed.pin_source.as_deref())?;
             let p = Pkcs11Provider::open(module, &parsed, pin, true)?;
-            if opts.format >= 2 {
+            if format >= 2 {
                 p.pin_current()?;
             }
             let cfg = ProviderConfig::Pkcs11 {
@@ -150,6 +210,9 @@ pub fn init(root: &Path, secret: &SecretSource, opts: &InitOptions) -> Result<Vo
             (cfg, None, Arc::new(p))
         }
         ProviderInit::AwsKms(settings) => {
+            if let Some(url) = &settings.endpoint {
+                crate::config::check_endpoint(url)?;
+            }
             let p = AwsKmsProvider::open(settings, volume_id)?;
             let cfg = ProviderConfig::AwsKms {
                 key_id: p.arn().to_owned(),
@@ -160,39 +223,11 @@ pub fn init(root: &Path, secret: &SecretSource, opts: &InitOptions) -> Result<Vo
             };
             (cfg, None, Arc::new(p))
         }
-    };
-    let made = (|| -> Result<VolumeConfig> {
-        self_test(key_store.as_ref(), &volume_id)?;
-        let mut cfg = VolumeConfig {
-            format: opts.format,
-            volume_id: hex::encode(volume_id),
-            block_size: opts.block_size,
-            header_size: opts.header_size,
-            generation: 0,
-            mac: None,
-            provider,
-            volume_key: None,
-        };
-        if opts.format >= 2 {
-            // The volume key is a data key like any file's, bound to a file id no file has.
-            let (dek, rec) = key_store.generate(&volume_key_context(&volume_id))?;
-            cfg.generation = 1;
-            cfg.volume_key = Some(WrappedKey::from_record(&rec));
-            cfg.seal(&VolumeKey::from_dek(&dek));
+        ProviderInit::Recovery { recipient } => {
+            let p = RecoveryProvider::new(recipient, None)?;
+            (ProviderConfig::Recovery { recipient: recipient.clone() }, None, Arc::new(p))
         }
-        let mut trusted = TrustRecord::for_config(&cfg);
-        trusted.keyring_version = key_store.keyring_state().map_or(0, |(v, _)| v);
-        opts.trust.put(&trusted)?;
-        // The config is written last: a directory without it is not a volume.
-        write_config(root, &cfg)?;
-        Ok(cfg)
-    })();
-    if made.is_err() {
-        if let Some(k) = made_keyring {
-            let _ = fs::remove_file(k);
-        }
-    }
-    made
+    })
 }
 
 /// Replace `envelopefs.toml` atomically (temp file, fsync, rename, fsync of the directory;
@@ -214,6 +249,7 @@ fn open_provider(
     volume_id: VolumeId,
     secret: &SecretSource,
     opts: &OpenOptions,
+    pooled: bool,
 ) -> Result<Arc<dyn KeyProvider>> {
     Ok(match settings {
         ProviderConfig::Local { keyring } => {
@@ -239,12 +275,18 @@ fn open_provider(
             s.region.clone_from(region);
             s.endpoint.clone_from(endpoint);
             s.allowed_key_ids = previous_key_ids.clone();
-            // Only a mount creates files: other commands fill no pool.
-            s.pool_size = opts.kms_pool.unwrap_or(0);
+            // Only a mount creates files: other commands fill no pool. A volume with several
+            // slots pools its keys itself (`KeyPool`), whole records sets at a time.
+            let pool = opts.kms_pool.unwrap_or(0);
+            s.pool_size = if pooled || *intermediate_key { pool } else { 0 };
             if let Some(t) = opts.kms_timeout {
                 s.call_timeout = t;
             }
             Arc::new(AwsKmsProvider::open(&s, volume_id)?)
+        }
+        ProviderConfig::Recovery { recipient } => {
+            let identity = secret.recovery_key.as_deref().map(crate::keys::recovery::read_identity).transpose()?;
+            Arc::new(RecoveryProvider::new(recipient, identity)?)
         }
     })
 }
@@ -270,12 +312,90 @@ pub struct OpenOptions {
     pub cache: CacheConfig,
     /// Append one JSON line per key operation here.
     pub audit_log: Option<PathBuf>,
-    /// aws-kms: wrapped data keys kept ready for new files.
+    /// aws-kms: wrapped data keys kept ready for new files (several slots: whole record
+    /// sets kept ready).
     pub kms_pool: Option<usize>,
     /// aws-kms: bound on one call, retries included.
     pub kms_timeout: Option<std::time::Duration>,
     /// This host's trust records.
     pub trust: TrustStore,
+}
+
+/// How long a slot whose store did not answer is tried last.
+const SLOT_DOWN_FOR: std::time::Duration = std::time::Duration::from_secs(30);
+/// Record sets made at once while filling the key pool of a volume with several slots.
+const POOL_CONCURRENCY: usize = 16;
+
+/// One key slot opened in this process.
+pub struct KeySlot {
+    /// Its number in the volume's key policy (0: the primary).
+    pub index: usize,
+    /// Its settings, as this host trusts them.
+    pub settings: ProviderConfig,
+    pub provider: Arc<dyn KeyProvider>,
+    /// Until when it is tried last (its store failed to answer).
+    down_until: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl KeySlot {
+    pub(crate) fn new(index: usize, settings: ProviderConfig, provider: Arc<dyn KeyProvider>) -> Self {
+        Self { index, settings, provider, down_until: std::sync::Mutex::new(None) }
+    }
+
+    fn is_down(&self) -> bool {
+        self.down_until.lock().unwrap().is_some_and(|t| t > std::time::Instant::now())
+    }
+
+    fn mark(&self, res: &Result<Dek>) {
+        let down = match res {
+            Ok(_) => None,
+            Err(e) if e.errno() == libc::EACCES => return,
+            Err(_) => Some(std::time::Instant::now() + SLOT_DOWN_FOR),
+        };
+        let mut d = self.down_until.lock().unwrap();
+        if d.is_some() != down.is_some() {
+            match down {
+                Some(_) => tracing::warn!(
+                    "key slot {} ({}) failed: trying the others first",
+                    self.index,
+                    self.settings.summary()
+                ),
+                None => tracing::info!("key slot {} ({}) answers again", self.index, self.settings.summary()),
+            }
+        }
+        *d = down;
+    }
+
+    /// Whether `rec` is this slot's, wrapped under its current KEK.
+    fn current(&self, rec: &KeyRecord) -> bool {
+        rec.provider == self.provider.kind()
+            && rec.kek_id == self.provider.kek_id()
+            && self.provider.current_version().is_ok_and(|v| v == rec.kek_version)
+    }
+}
+
+/// A DEK for a new file wrapped by every slot at once: a store that talks to a network
+/// service is called concurrently with the others, so a create costs one round trip.
+fn wrap_for_all(providers: &[Arc<dyn KeyProvider>], volume_id: &VolumeId) -> Result<ReadyKey> {
+    let mut file_id = [0u8; FILE_ID_LEN];
+    fill_random(&mut file_id)?;
+    let dek = Dek::generate()?;
+    let ctx = KeyContext { volume_id, file_id: &file_id };
+    let records: Vec<Result<KeyRecord>> = std::thread::scope(|s| {
+        let (first, rest) = providers.split_first().expect("a volume has a slot");
+        let others: Vec<_> = rest.iter().map(|p| s.spawn(|| p.wrap(&dek, &ctx))).collect();
+        let mut out = vec![first.wrap(&dek, &ctx)];
+        out.extend(
+            others.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(Error::new(libc::EIO, "wrap panicked")))),
+        );
+        out
+    });
+    let records = records
+        .into_iter()
+        .zip(providers)
+        .map(|(r, p)| r.map_err(|e| e.context(format!("wrapping a new data key under {}", p.describe()))))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((file_id, dek, records))
 }
 
 /// An unlocked volume: geometry, provider, DEK cache.
@@ -284,7 +404,12 @@ pub struct Volume {
     pub config: VolumeConfig,
     pub volume_id: VolumeId,
     pub geometry: Geometry,
+    /// The primary slot's store (in a recovery open, the recovery slot's).
     pub provider: Arc<dyn KeyProvider>,
+    /// Every slot opened here, in policy order (the primary first).
+    pub slots: Vec<KeySlot>,
+    /// Slots of the policy not opened here, and why: new files cannot be made without them.
+    pub missing: Vec<(usize, String)>,
     pub cache: DekCache,
     pub backend: Backend,
     pub audit: Option<AuditLog>,
@@ -300,6 +425,8 @@ pub struct Volume {
     revocations_seen: std::sync::atomic::AtomicU64,
     /// When the config was last looked at for key objects pinned by another process.
     config_checked: std::sync::Mutex<std::time::Instant>,
+    /// Several slots: record sets made ahead for new files.
+    pool: Option<KeyPool>,
 }
 
 /// The outcome of reading an envelope's header: its key and the slot it came from.
@@ -310,14 +437,14 @@ pub struct OpenedHeader {
 }
 
 impl Volume {
-    /// Open a volume as this host trusts it (docs/THREAT-MODEL.md): the settings that
-    /// choose code, endpoints and keys come from the trust record, and a format-2 config
-    /// must authenticate under its volume key before anything in it is used.
     /// Where this host keeps the volume's crash journal (beside its trust records).
     pub fn journal_dir(&self) -> PathBuf {
         self.trust.dir().to_owned()
     }
 
+    /// Open a volume as this host trusts it (docs/THREAT-MODEL.md): the settings that
+    /// choose code, endpoints and keys come from the trust record, and a format-2 config
+    /// must authenticate under its volume key before anything in it is used.
     pub fn open(root: &Path, secret: &SecretSource, opts: &OpenOptions) -> Result<Self> {
         let config = VolumeConfig::load(root)?;
         let trusted = opts.trust.get(&config.volume_id)?;
@@ -334,10 +461,12 @@ impl Volume {
         opts: &OpenOptions,
     ) -> Result<Self> {
         let volume_id = config.volume_id()?;
-        let settings = crate::trust::settle(root, &config, trusted.as_ref())?;
-        let provider = open_provider(root, &settings, volume_id, secret, opts)?;
+        let settings = crate::trust::settle(root, &config, trusted.as_ref(), secret.recovery_key.is_some())?;
+        let (slots, missing) = open_slots(root, &settings, volume_id, secret, opts)?;
+        let recovering = secret.recovery_key.is_some();
         let mut seen = trusted.clone().unwrap_or_else(|| TrustRecord::for_config(&config));
-        if let Some((ring_version, ring_format)) = provider.keyring_state() {
+        for slot in &slots {
+            let Some((ring_version, ring_format)) = slot.provider.keyring_state() else { continue };
             if ring_format > config.format {
                 return Err(Error::tampered(format!(
                     "{}/{CONFIG_NAME} says format {} but its keyring belongs to a format-{ring_format} volume: \
@@ -357,12 +486,8 @@ impl Volume {
             seen.keyring_version = ring_version;
         }
         let volume_key = match &config.volume_key {
-            Some(wrapped) => {
-                let rec = wrapped.record(provider.kind())?;
-                let dek = provider.unwrap(&rec, &volume_key_context(&volume_id)).map_err(|e| {
-                    e.context(format!("unwrapping the volume key of {} ({CONFIG_NAME})", root.display()))
-                })?;
-                let key = VolumeKey::from_dek(&dek);
+            Some(_) => {
+                let key = unwrap_volume_key(root, &config, &slots)?;
                 config.verify(&key).map_err(|e| e.context(root.display()))?;
                 if config.generation < seen.config_generation {
                     return Err(Error::tampered(format!(
@@ -373,20 +498,36 @@ impl Volume {
                         seen.config_generation
                     )));
                 }
+                check_volume_key(root, &key, &seen, secret, recovering)?;
                 seen.config_generation = config.generation;
+                seen.volume_check = Some(crate::trust::volume_check(&key));
+                for s in &slots {
+                    s.provider.bind_volume_key(&key);
+                }
                 Some(key)
+            }
+            None if recovering => {
+                return Err(Error::new(libc::EINVAL, "a format-1 volume has no key slots to recover through"))
             }
             None => None,
         };
         seen.format = seen.format.max(config.format);
         // Fail now, with a clear message, rather than at the first open.
-        self_test(provider.as_ref(), &volume_id)?;
+        for s in &slots {
+            if s.settings.kind() != crate::envelope::ProviderKind::Recovery || recovering {
+                self_test(s.provider.as_ref(), &volume_id).map_err(|e| e.context(format!("key slot {}", s.index)))?;
+            }
+        }
         if trusted.as_ref() != Some(&seen) {
             opts.trust.put(&seen)?;
         }
-        let mut vol = Self::with_provider(root, config, provider, opts)?;
+        let primary = slots[0].provider.clone();
+        let mut vol = Self::with_provider(root, config, primary, opts)?;
         vol.volume_key = volume_key;
         vol.trusted = seen;
+        vol.slots = slots;
+        vol.missing = missing;
+        vol.start_pool(opts);
         Ok(vol)
     }
 
@@ -396,6 +537,7 @@ impl Volume {
         provider: Arc<dyn KeyProvider>,
         opts: &OpenOptions,
     ) -> Result<Self> {
+        let slots = vec![KeySlot::new(0, config.provider.clone(), provider.clone())];
         Ok(Self {
             root: root.to_owned(),
             volume_id: config.volume_id()?,
@@ -403,6 +545,8 @@ impl Volume {
             trusted: TrustRecord::for_config(&config),
             config,
             provider,
+            slots,
+            missing: Vec::new(),
             cache: DekCache::new(opts.cache),
             backend: opts.backend,
             audit: opts.audit_log.as_deref().map(AuditLog::open).transpose()?,
@@ -412,7 +556,27 @@ impl Volume {
             trust: opts.trust.clone(),
             revocations_seen: Default::default(),
             config_checked: std::sync::Mutex::new(std::time::Instant::now()),
+            pool: None,
         })
+    }
+
+    /// Several slots, one of them a KMS key called per file, in a mount: keep record sets
+    /// ready, so creates wait on no store.
+    fn start_pool(&mut self, opts: &OpenOptions) {
+        let size = opts.kms_pool.unwrap_or(0);
+        let per_file_kms =
+            self.slots.iter().any(|s| matches!(s.settings, ProviderConfig::AwsKms { intermediate_key: false, .. }));
+        if self.slots.len() < 2 || !self.missing.is_empty() || size == 0 || !per_file_kms {
+            return;
+        }
+        let providers: Vec<_> = self.slots.iter().map(|s| s.provider.clone()).collect();
+        let volume_id = self.volume_id;
+        self.pool = Some(KeyPool::new(size, POOL_CONCURRENCY, Box::new(move || wrap_for_all(&providers, &volume_id))));
+    }
+
+    /// Whether this process holds every slot of the policy (and so may make new files).
+    pub fn has_every_slot(&self) -> bool {
+        self.missing.is_empty() && self.slots.len() == self.config.policy().count()
     }
 
     /// A running mount follows `key rotate` run by another process: every couple of
@@ -455,19 +619,33 @@ impl Volume {
     /// --to-key`): the volume key re-wrapped under the current KEK, the pinned key objects,
     /// a new generation and MAC; and tell the trust record (this host made the change).
     pub fn update_config(&mut self, change: impl FnOnce(&mut ProviderConfig)) -> Result<()> {
+        self.update_config_with(|c| change(&mut c.provider))
+    }
+
+    /// `update_config` for changes beyond the primary's settings (key slots): every slot
+    /// opened here whose wrap of the volume key is not under its current KEK is re-wrapped.
+    pub fn update_config_with(&mut self, change: impl FnOnce(&mut VolumeConfig)) -> Result<()> {
         let mut cfg = self.config.clone();
-        change(&mut cfg.provider);
+        change(&mut cfg);
         if let ProviderConfig::Pkcs11 { objects, .. } = &mut cfg.provider {
             if let Some(pinned) = self.provider.pinned_objects() {
                 *objects = pinned;
             }
         }
         if let Some(key) = &self.volume_key {
-            let wrapped = cfg.volume_key.as_ref().expect("format 2 has a volume key");
-            let rec = wrapped.record(self.provider.kind())?;
-            if rec.kek_id != self.provider.kek_id() || rec.kek_version != self.provider.current_version()? {
-                let moved = self.count(self.provider.rewrap(&rec, &volume_key_context(&self.volume_id)))?;
-                cfg.volume_key = Some(WrappedKey::from_record(&moved));
+            let ctx = volume_key_context(&self.volume_id);
+            for slot in &self.slots {
+                let Some(i) = cfg.policy().position(|p| p.host_view() == slot.settings.host_view()) else { continue };
+                let wrapped = cfg.slot_volume_key(i).expect("format 2 has a volume key");
+                let rec = wrapped.record(slot.provider.kind())?;
+                if !slot.current(&rec) {
+                    let moved = self.count(slot.provider.wrap(&key.as_dek(), &ctx))?;
+                    let w = WrappedKey::from_record(&moved);
+                    match i {
+                        0 => cfg.volume_key = Some(w),
+                        n => cfg.slots[n - 1].volume_key = w,
+                    }
+                }
             }
             cfg.generation += 1;
             cfg.seal(key);
@@ -475,9 +653,15 @@ impl Volume {
         let mut seen = self.trusted.clone();
         seen.format = seen.format.max(cfg.format);
         seen.provider = cfg.provider.host_view();
+        seen.slots = cfg.slots.iter().map(|s| s.provider.host_view()).collect();
         seen.config_generation = cfg.generation;
-        if let Some((v, _)) = self.provider.keyring_state() {
-            seen.keyring_version = seen.keyring_version.max(v);
+        if let Some(key) = &self.volume_key {
+            seen.volume_check = Some(crate::trust::volume_check(key));
+        }
+        for slot in &self.slots {
+            if let Some((v, _)) = slot.provider.keyring_state() {
+                seen.keyring_version = seen.keyring_version.max(v);
+            }
         }
         if cfg != self.config {
             write_config(&self.root, &cfg)?;
@@ -510,11 +694,13 @@ impl Volume {
     /// Use another key store from now on (`rekey --to-key`): records of the old key keep
     /// unwrapping through `dest` while files move.
     pub fn switch_provider(&mut self, dest: Arc<dyn KeyProvider>, settings: ProviderConfig) -> Result<()> {
-        self.provider = dest;
+        self.provider = dest.clone();
+        self.slots[0].provider = dest;
+        self.slots[0].settings = settings.clone();
         self.update_config(|p| *p = settings)
     }
 
-    fn count<T>(&self, r: Result<T>) -> Result<T> {
+    pub(crate) fn count<T>(&self, r: Result<T>) -> Result<T> {
         use std::sync::atomic::Ordering::Relaxed;
         self.provider_calls.fetch_add(1, Relaxed);
         if r.is_err() {
@@ -534,8 +720,23 @@ impl Volume {
         result: Result<(), &Error>,
         who: Option<Requester>,
     ) {
+        self.audit_slot(op, file_id, path, rec, result, who, None);
+    }
+
+    /// `audit`, naming the key slot that did it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn audit_slot(
+        &self,
+        op: &str,
+        file_id: &FileId,
+        path: &dyn Fn() -> String,
+        rec: &KeyRecord,
+        result: Result<(), &Error>,
+        who: Option<Requester>,
+        slot: Option<usize>,
+    ) {
         if let Some(a) = &self.audit {
-            a.record(op, &self.volume_id, file_id, Some(&path()), rec, result, who);
+            a.record(op, &self.volume_id, file_id, Some(&path()), rec, result, who, slot);
         }
     }
 
@@ -545,14 +746,36 @@ impl Volume {
         self.new_header_for(path, None)
     }
 
-    /// `new_header` on behalf of `who` (a FUSE request's process).
+    /// `new_header` on behalf of `who` (a FUSE request's process). With several key slots
+    /// the DEK carries one record per slot, in policy order: a file is never made with
+    /// fewer than the policy names.
     pub fn new_header_for(&self, path: &dyn Fn() -> String, who: Option<Requester>) -> Result<(Vec<u8>, Arc<FileKey>)> {
         self.follow_pinned_objects();
-        let (file_id, dek, record) = self.count(self.provider.generate_file_key(&self.volume_id))?;
-        self.audit("wrap", &file_id, path, &record, Ok(()), who);
+        let (file_id, dek, records) = if self.slots.len() == 1 && self.has_every_slot() {
+            let (file_id, dek, record) = self.count(self.provider.generate_file_key(&self.volume_id))?;
+            (file_id, dek, vec![record])
+        } else {
+            if !self.has_every_slot() {
+                let (i, why) = self.missing.first().cloned().unwrap_or((0, "not opened (a recovery open)".into()));
+                return Err(Error::new(
+                    libc::EIO,
+                    format!("{}: new files need every key slot, and slot {i} is not open here: {why}", path()),
+                ));
+            }
+            let fresh = |k: &ReadyKey| k.2.iter().zip(&self.slots).all(|(r, s)| s.current(r));
+            match self.pool.as_ref().and_then(|p| p.take(fresh)) {
+                Some(ready) => ready,
+                None => {
+                    let providers: Vec<_> = self.slots.iter().map(|s| s.provider.clone()).collect();
+                    self.count(wrap_for_all(&providers, &self.volume_id))?
+                }
+            }
+        };
+        for (i, record) in records.iter().enumerate() {
+            self.audit_slot("wrap", &file_id, path, record, Ok(()), who, Some(i).filter(|_| records.len() > 1));
+        }
         let key = Arc::new(FileKey::new(self.backend, file_id, &dek));
-        let header =
-            Header { generation: 1, file_id, block_size: self.geometry.block_size as u32, records: vec![record] };
+        let header = Header { generation: 1, file_id, block_size: self.geometry.block_size as u32, records };
         let slot = header.encode_slot(self.geometry.slot_size(), |b| key.header_tag(b))?;
         let mut region = slot.clone();
         region.extend_from_slice(&slot);
@@ -600,7 +823,9 @@ impl Volume {
                 )));
                 continue;
             }
-            let loaded = self.cache.get_or_load(h.file_id, h.generation, || self.unwrap_any(h, path, who));
+            let loaded = self.cache.get_or_load(h.file_id, h.generation, || {
+                self.unwrap_any(h, path, who).map(|dek| FileKey::new(self.backend, h.file_id, &dek))
+            });
             match loaded {
                 Ok(key) if key.verify_header_tag(&view.authenticated, &view.tag) => {
                     return Ok(OpenedHeader { key, header: view.header, slot: idx })
@@ -616,23 +841,183 @@ impl Volume {
         Err(first_err.unwrap_or_else(|| Error::corrupt("no header slot holds a header")))
     }
 
-    /// Try each key record in turn; the first that unwraps wins.
-    fn unwrap_any(&self, h: &Header, path: &dyn Fn() -> String, who: Option<Requester>) -> Result<FileKey> {
+    /// The header's DEK from the first key slot that unwraps one of its records: slots in
+    /// policy order, those whose store just failed to answer last. An outage of one store
+    /// is an error only when no other slot serves (EIO then; EACCES when every slot refused).
+    pub fn unwrap_any(&self, h: &Header, path: &dyn Fn() -> String, who: Option<Requester>) -> Result<Dek> {
         let ctx = KeyContext { volume_id: &self.volume_id, file_id: &h.file_id };
-        let mut last = None;
-        for rec in &h.records {
-            if rec.provider != self.provider.kind() {
-                continue;
-            }
-            let res = self.count(self.provider.unwrap(rec, &ctx));
-            self.audit("unwrap", &h.file_id, path, rec, res.as_ref().map(drop), who);
-            match res {
-                Ok(dek) => return Ok(FileKey::new(self.backend, h.file_id, &dek)),
-                Err(e) => last = Some(e),
+        let mut order: Vec<&KeySlot> = self.slots.iter().collect();
+        order.sort_by_key(|s| s.is_down());
+        let several = self.config.policy().count() > 1;
+        let (mut refused, mut failed): (Option<Error>, Option<Error>) = (None, None);
+        for slot in order {
+            for rec in h.records.iter().filter(|r| slot.settings.claims(r)) {
+                let res = self.count(slot.provider.unwrap(rec, &ctx));
+                slot.mark(&res);
+                let served = Some(slot.index).filter(|_| several);
+                self.audit_slot("unwrap", &h.file_id, path, rec, res.as_ref().map(drop), who, served);
+                match res {
+                    Ok(dek) => return Ok(dek),
+                    Err(e) if e.errno() == libc::EACCES => refused = Some(e),
+                    Err(e) => {
+                        failed.get_or_insert(e.context(format!(
+                            "key slot {} ({})",
+                            slot.index,
+                            slot.settings.summary()
+                        )));
+                    }
+                }
             }
         }
-        Err(last.unwrap_or_else(|| {
-            Error::access(format!("no key record for provider {} in the header", self.provider.kind().name()))
+        Err(failed.or(refused).unwrap_or_else(|| {
+            let kinds: Vec<&str> = self.slots.iter().map(|s| s.provider.kind().name()).collect();
+            Error::access(format!("no key record in the header for the key slots open here ({})", kinds.join(", ")))
         }))
+    }
+
+    /// The key records `h` should carry under the volume's key policy now, or None when it
+    /// carries them already: one per slot in policy order, each under its slot's current
+    /// KEK; records of slots no longer in the policy are dropped. A slot not open here keeps
+    /// the record it has. `key` is the header's authenticated key: a DEK unwrapped to wrap
+    /// it for a new slot must be that one.
+    pub fn records_for_policy(
+        &self,
+        h: &Header,
+        key: &FileKey,
+        path: &dyn Fn() -> String,
+        who: Option<Requester>,
+    ) -> Result<Option<Vec<KeyRecord>>> {
+        let ctx = KeyContext { volume_id: &self.volume_id, file_id: &h.file_id };
+        let mut dek: Option<Dek> = None;
+        let mut out = Vec::new();
+        for (i, settings) in self.config.policy().enumerate() {
+            let have = h.records.iter().find(|r| settings.claims(r));
+            let slot = self.slots.iter().find(|s| s.index == i);
+            let rec = match (slot, have) {
+                (Some(s), Some(r)) if s.current(r) => r.clone(),
+                (Some(s), Some(r)) if s.settings.kind() != crate::envelope::ProviderKind::Recovery => {
+                    let res = self.count(s.provider.rewrap(r, &ctx));
+                    self.audit_slot("rewrap", &h.file_id, path, r, res.as_ref().map(drop), who, Some(i));
+                    res?
+                }
+                (Some(s), _) => {
+                    if dek.is_none() {
+                        let d = self.unwrap_any(h, path, who)?;
+                        if !FileKey::new(self.backend, h.file_id, &d).same_key(key) {
+                            return Err(Error::corrupt("a key record holds another key than the header's"));
+                        }
+                        dek = Some(d);
+                    }
+                    let res = self.count(s.provider.wrap(dek.as_ref().unwrap(), &ctx));
+                    if let Ok(r) = &res {
+                        self.audit_slot("wrap", &h.file_id, path, r, Ok(()), who, Some(i));
+                    }
+                    res.map_err(|e| e.context(format!("key slot {i}")))?
+                }
+                (None, Some(r)) => r.clone(),
+                (None, None) => {
+                    return Err(Error::new(
+                        libc::EIO,
+                        format!(
+                            "key slot {i} ({}) is not open here and the file has no record for it",
+                            settings.summary()
+                        ),
+                    ))
+                }
+            };
+            out.push(rec);
+        }
+        Ok((out != h.records).then_some(out))
+    }
+}
+
+/// The slots opened, and those not opened with why.
+type OpenedSlots = (Vec<KeySlot>, Vec<(usize, String)>);
+
+/// Open every slot of the policy that opens: the primary must (its store is where new
+/// keys and rotations go), others that fail are logged and left out. A recovery open
+/// opens the recovery slots only.
+fn open_slots(
+    root: &Path,
+    settings: &[ProviderConfig],
+    volume_id: VolumeId,
+    secret: &SecretSource,
+    opts: &OpenOptions,
+) -> Result<OpenedSlots> {
+    let recovering = secret.recovery_key.is_some();
+    let pooled = settings.len() == 1;
+    let (mut slots, mut missing) = (Vec::new(), Vec::new());
+    for (i, s) in settings.iter().enumerate() {
+        let is_recovery = matches!(s, ProviderConfig::Recovery { .. });
+        if recovering && !is_recovery {
+            missing.push((i, "not opened (a recovery open)".to_owned()));
+            continue;
+        }
+        match open_provider(root, s, volume_id, secret, opts, pooled) {
+            Ok(p) => slots.push(KeySlot::new(i, s.clone(), p)),
+            Err(e) if i == 0 || recovering => {
+                return Err(e.context(format!("key slot {i} ({})", s.summary())));
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "key slot {i} ({}) did not open: {e}; new files cannot be made until it does",
+                    s.summary()
+                );
+                missing.push((i, e.to_string()));
+            }
+        }
+    }
+    if slots.is_empty() {
+        return Err(Error::access("the volume has no recovery slot: --recovery-key cannot open it"));
+    }
+    Ok((slots, missing))
+}
+
+/// The volume key from the first slot that unwraps its wrap of it.
+fn unwrap_volume_key(root: &Path, config: &VolumeConfig, slots: &[KeySlot]) -> Result<VolumeKey> {
+    let volume_id = config.volume_id()?;
+    let ctx = volume_key_context(&volume_id);
+    let mut first = None;
+    for s in slots {
+        let Some(wrapped) = config.slot_volume_key(s.index) else { continue };
+        let res = wrapped.record(s.provider.kind()).and_then(|rec| s.provider.unwrap(&rec, &ctx));
+        match res {
+            Ok(dek) => return Ok(VolumeKey::from_dek(&dek)),
+            Err(e) => {
+                first.get_or_insert(e.context(format!("key slot {} ({})", s.index, s.settings.summary())));
+            }
+        }
+    }
+    Err(first
+        .unwrap_or_else(|| Error::access("no key slot opened here wraps the volume key"))
+        .context(format!("unwrapping the volume key of {} ({CONFIG_NAME})", root.display())))
+}
+
+/// A volume key must be the one this host knows. Opened through a recovery recipient,
+/// which anyone can encrypt to, it must be matched against a known check value: the
+/// host's, or the one the user gives (--volume-check) on a host that never saw the volume.
+fn check_volume_key(
+    root: &Path,
+    key: &VolumeKey,
+    seen: &TrustRecord,
+    secret: &SecretSource,
+    recovering: bool,
+) -> Result<()> {
+    let check = crate::trust::volume_check(key);
+    let known = seen.volume_check.as_deref().or(secret.volume_check.as_deref());
+    match known {
+        Some(k) if k.eq_ignore_ascii_case(&check) => Ok(()),
+        Some(k) => Err(Error::tampered(format!(
+            "the volume key of {} has check value {check}, not {k} as this host knows it: the volume \
+             (or its recovery record) was replaced",
+            root.display()
+        ))),
+        None if recovering => Err(Error::untrusted(format!(
+            "this host has no record of volume {}: a recovery open needs its volume check value \
+             (`envelopefs key slot list` shows it; give it as --volume-check), since anyone can \
+             encrypt to a recovery recipient",
+            root.display()
+        ))),
+        None => Ok(()),
     }
 }

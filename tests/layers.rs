@@ -21,7 +21,7 @@ const LAYERS: &[&[&str]] = &[
     &["check", "rekey", "fs"],
     &["mount", "control"],
     &["volume_lock"],
-    &["retire", "key_move", "status", "service", "daemonize", "umount", "mount_options"],
+    &["retire", "key_move", "key_slots", "status", "service", "daemonize", "umount", "mount_options"],
     &["cli"],
 ];
 

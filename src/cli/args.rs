@@ -47,6 +47,14 @@ pub struct SecretArgs {
     /// PKCS#11 volumes: read the token's user PIN from this file.
     #[arg(long, value_name = "FILE")]
     pub pin_file: Option<PathBuf>,
+    /// Open the volume with only its offline recovery key (an age identity file,
+    /// AGE-SECRET-KEY-1…), for the day its key stores are gone. A mount is then read-only.
+    #[arg(long, value_name = "FILE")]
+    pub recovery_key: Option<PathBuf>,
+    /// With --recovery-key on a host that has no record of the volume: its volume check
+    /// value (shown by `envelopefs key slot list`), proving the volume is the one you own.
+    #[arg(long, value_name = "HEX", requires = "recovery_key")]
+    pub volume_check: Option<String>,
     /// Read the passphrase or PIN from standard input (used by a daemonizing mount for its child).
     #[arg(long, hide = true)]
     pub secret_stdin: bool,
@@ -59,6 +67,8 @@ impl SecretArgs {
             key_file: self.key_file.clone(),
             stdin: self.secret_stdin,
             pin_file: self.pin_file.clone(),
+            recovery_key: self.recovery_key.clone(),
+            volume_check: self.volume_check.clone(),
         }
     }
 }
@@ -269,6 +279,11 @@ pub enum KeyCmd {
         #[command(flatten)]
         secret: SecretArgs,
     },
+    /// Key slots: further KEKs that each wrap every file's data key (another KMS region or
+    /// account, an HSM, a keyring, an offline recovery recipient). Any one slot opens the
+    /// volume; new files get a record for every slot. See docs/PROVIDERS.md.
+    #[command(subcommand)]
+    Slot(SlotCmd),
     /// Take an old KEK version out of service for good (local: its key is erased from the
     /// keyring; PKCS#11: the key object is destroyed). Running mounts stop unwrapping with
     /// it at once. Refuses while any header still references it: run
@@ -279,6 +294,89 @@ pub enum KeyCmd {
         #[command(flatten)]
         secret: SecretArgs,
     },
+}
+
+#[derive(Subcommand)]
+pub enum SlotCmd {
+    /// Add a key slot. The volume key is wrapped for it at once; existing files get its
+    /// record with `envelopefs rekey --rewrap` (new files get it from the next mount on).
+    /// The volume becomes format 3 (older envelopefs versions refuse it).
+    Add {
+        backing: PathBuf,
+        #[command(flatten)]
+        slot: NewSlotArgs,
+        #[command(flatten)]
+        secret: SecretArgs,
+    },
+    /// Remove a key slot from the policy. Refused for the primary and while any file has no
+    /// record for the slots that stay. Headers keep the removed slot's records until
+    /// `envelopefs rekey --rewrap`; only then is the slot's key no longer needed.
+    Remove {
+        backing: PathBuf,
+        /// The slot's number (`key slot list`).
+        slot: usize,
+        #[command(flatten)]
+        secret: SecretArgs,
+    },
+    /// List the key slots (0 is the primary) and the volume's check value.
+    List {
+        backing: PathBuf,
+        #[command(flatten)]
+        secret: SecretArgs,
+    },
+    /// Make a slot the primary: new keys and `key rotate` use its store; reads still try
+    /// every slot, the primary first.
+    Primary {
+        backing: PathBuf,
+        slot: usize,
+        #[command(flatten)]
+        secret: SecretArgs,
+    },
+}
+
+/// Which key store a new slot uses (exactly one).
+#[derive(Args)]
+#[group(required = true, multiple = false, id = "slot_kind")]
+pub struct NewSlotKind {
+    /// A local keyring sealed by --key-file or --passphrase-file (made now; one per volume).
+    #[arg(long)]
+    pub local: bool,
+    /// A key in a PKCS#11 token, as a URI (version 1 is created if missing); give --module.
+    #[arg(long, value_name = "URI", requires = "module")]
+    pub pkcs11: Option<String>,
+    /// An AWS KMS key (id, ARN or alias/NAME): another region's replica of a multi-Region
+    /// key, or a key in another account.
+    #[arg(long, value_name = "KEY")]
+    pub aws_kms: Option<String>,
+    /// An offline recovery recipient: an age X25519 public key (age1…).
+    #[arg(long, value_name = "AGE1")]
+    pub recovery: Option<String>,
+    /// Make a new recovery key pair: the identity is written to FILE (mode 0600, must not
+    /// exist; keep it offline), its recipient becomes the slot.
+    #[arg(long, value_name = "FILE")]
+    pub new_recovery_key: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct NewSlotArgs {
+    #[command(flatten)]
+    pub kind: NewSlotKind,
+    /// --local: keep the keyring here (outside the backing directory) instead of inside it.
+    #[arg(long, value_name = "PATH")]
+    pub keyring: Option<PathBuf>,
+    /// --pkcs11: the token's PKCS#11 module.
+    #[arg(long, value_name = "PATH")]
+    pub module: Option<PathBuf>,
+    /// --aws-kms: the key's region.
+    #[arg(long)]
+    pub region: Option<String>,
+    /// --aws-kms: endpoint URL.
+    #[arg(long, value_name = "URL")]
+    pub kms_endpoint: Option<String>,
+    /// --aws-kms: wrap data keys under an intermediate key of this slot's KMS key (no KMS
+    /// call per file).
+    #[arg(long)]
+    pub kms_intermediate_key: bool,
 }
 
 #[derive(Args)]

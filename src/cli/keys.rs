@@ -31,6 +31,7 @@ pub fn key_cmd(cmd: KeyCmd) -> Result<ExitCode> {
             crate::retire::retire(&mut vol, version)?;
             println!("KEK version {version} retired: its key is gone");
         }
+        KeyCmd::Slot(cmd) => return super::slots::slot_cmd(cmd),
         KeyCmd::Status { backing, secret } => {
             let vol = Volume::open(&backing, &secret.source(), &OpenOptions::default())?;
             let usage = crate::check::key_usage(&vol)?;
@@ -54,6 +55,17 @@ pub fn key_cmd(cmd: KeyCmd) -> Result<ExitCode> {
             for (v, n) in &usage.files {
                 if !vol.provider.versions()?.iter().any(|i| i.version == *v) {
                     println!("  version {v} (MISSING from the key store): {n} files");
+                }
+            }
+            if vol.config.policy().count() > 1 || usage.removed_slot > 0 {
+                for (i, p) in vol.config.policy().enumerate() {
+                    println!("  slot {i} ({}): {} files", p.summary(), usage.per_slot[i]);
+                }
+                if usage.removed_slot > 0 {
+                    println!(
+                        "  {} files still carry a record of a removed slot: `envelopefs rekey --rewrap`",
+                        usage.removed_slot
+                    );
                 }
             }
             println!("  {} files without a header yet (empty)", usage.empty);

@@ -6,6 +6,7 @@ pub mod args;
 mod commands;
 mod keys;
 mod mount;
+mod slots;
 
 use std::ffi::OsString;
 use std::io::IsTerminal;
