@@ -38,13 +38,22 @@ const FIXTURES: [Fixture; 3] = [
     Fixture { name: "v2-keyfile-4k", block_size: 4096, secret: ("--key-file", "volume.key") },
 ];
 
-/// Broken volumes, made from `v2-keyfile-4k`: each must be refused with exit 16
-/// (tampered) and a message naming what is wrong.
-const BROKEN: [(&str, &str); 4] = [
+/// Format 3 (key slots), made from `v2-keyfile-4k` by `key slot add --new-recovery-key`
+/// and `rekey --rewrap`: the local keyring and an age recovery recipient.
+const V3: Fixture = Fixture { name: "v3-slots-keyfile-4k", block_size: 4096, secret: ("--key-file", "volume.key") };
+
+/// Broken volumes, made from `v2-keyfile-4k` (or `v3-…`): each must be refused with exit
+/// 16 (tampered) and a message naming what is wrong.
+const BROKEN: [(&str, &str); 7] = [
     ("broken-v2-edited-config", "does not authenticate under the volume key"),
     ("broken-v2-config-as-v1", "format 1"),
     ("broken-v2-old-keyring-cost", "KDF cost is refused"),
-    ("broken-format-3", "format 3 is not supported"),
+    // Made when format 3 did not exist yet; the MAC covers the format.
+    ("broken-format-3", "does not authenticate under the volume key"),
+    ("broken-format-4", "format 4 is not supported"),
+    ("broken-v3-slots-as-v2", "format 2 with key slots"),
+    // The v2 config put back over a v3 volume (a downgrade): its keyring knows better.
+    ("broken-v3-config-rolled-back-to-v2", "belongs to a format-3 volume"),
 ];
 
 fn fixture_dir(name: &str) -> PathBuf {
@@ -69,7 +78,7 @@ fn copy_tree(from: &Path, to: &Path) {
 
 #[test]
 fn every_fixture_volume_still_opens_and_reads_back() {
-    for fx in FIXTURES {
+    for fx in FIXTURES.into_iter().chain([V3]) {
         let src = fixture_dir(fx.name);
         assert!(src.join("backing/envelopefs.toml").is_file(), "fixture {} is missing", fx.name);
         let tmp = tempfile::tempdir().unwrap();
@@ -121,6 +130,34 @@ fn broken_fixtures_are_refused_as_tampered() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(common::EXIT_TAMPERED), "{name}: {err}");
         assert!(err.contains(why), "{name}: {err}");
+    }
+}
+
+/// The format-3 fixture also opens with its recovery key alone: on a host that never saw
+/// it, with its volume check value; and every file reads back.
+#[test]
+fn the_v3_fixture_opens_with_its_recovery_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_tree(&fixture_dir(V3.name), tmp.path());
+    let backing = tmp.path().join("backing");
+    let rk = tmp.path().join("recovery.key");
+    let check = fs::read_to_string(tmp.path().join("volume-check")).unwrap().trim().to_owned();
+    let inspect = String::from_utf8_lossy(&cli(&[&"inspect", &backing.join("multi")]).stdout).into_owned();
+    assert_eq!(inspect.matches("provider recovery").count(), 2, "{inspect}");
+    let host = tmp.path().join("trust");
+    let m = Mounted::start_trusting(
+        &host,
+        &backing,
+        "--recovery-key",
+        &rk,
+        &tmp.path().join("mnt"),
+        &["--volume-check", &check],
+        |_| {},
+    );
+    for (path, content) in expected() {
+        if let Some(c) = content {
+            assert_eq!(fs::read(m.path(path)).unwrap(), c, "{path}");
+        }
     }
 }
 
@@ -231,6 +268,46 @@ fn make_fixtures() {
         }
     }
     make_broken_fixtures();
+    make_v3_fixtures();
+}
+
+fn make_v3_fixtures() {
+    let src = fixture_dir("v2-keyfile-4k");
+    let v3 = fixture_dir(V3.name);
+    if !v3.exists() {
+        copy_tree(&src, &v3);
+        let (b, key, rk) = (v3.join("backing"), v3.join("volume.key"), v3.join("recovery.key"));
+        let trust = tempfile::tempdir().unwrap();
+        let out = common::cli_with_trust(
+            trust.path(),
+            &[&"key", &"slot", &"add", &"--new-recovery-key", &rk, &"--key-file", &key, &b],
+        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let check = text.lines().find_map(|l| l.strip_prefix("volume check ")).unwrap().split(' ').next().unwrap();
+        fs::write(v3.join("volume-check"), format!("{check}\n")).unwrap();
+        let out = common::cli_with_trust(trust.path(), &[&"rekey", &"--rewrap", &"--key-file", &key, &b]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let edit = |name: &str, from: &Path, f: &dyn Fn(&Path)| {
+        let dir = fixture_dir(name);
+        if !dir.exists() {
+            copy_tree(from, &dir);
+            f(&dir.join("backing"));
+        }
+    };
+    let config = |b: &Path| b.join("envelopefs.toml");
+    edit("broken-format-4", &src, &|b| {
+        let text = fs::read_to_string(config(b)).unwrap().replace("format = 2", "format = 4");
+        fs::write(config(b), text).unwrap();
+    });
+    edit("broken-v3-slots-as-v2", &v3, &|b| {
+        let text = fs::read_to_string(config(b)).unwrap().replace("format = 3", "format = 2");
+        fs::write(config(b), text).unwrap();
+    });
+    edit("broken-v3-config-rolled-back-to-v2", &v3, &|b| {
+        fs::copy(src.join("backing/envelopefs.toml"), config(b)).unwrap();
+    });
 }
 
 fn make_broken_fixtures() {
