@@ -10,6 +10,8 @@ reports medians and ratios. Run as root:
     python3 bench/run.py --quick         # 1 round, smaller sizes: a smoke test
     python3 bench/run.py --systems envelopefs,envelopefs-kms,envelopefs-kms-10ms --workloads smallfiles
                                          # the aws-kms provider vs local (needs moto: pip install moto flask flask-cors)
+    python3 bench/run.py --systems envelopefs-kms-10ms,envelopefs-kms-2slots-10ms,envelopefs-kms-ik-10ms,envelopefs-kms-ik-2slots-10ms --workloads smallfiles
+                                         # one KMS key slot vs two, per-file and intermediate-key mode
 
 Writes results/<stamp>/{results.json,results.csv,table.md,chart.svg} under bench/.
 """
@@ -143,10 +145,11 @@ class EnvelopefsKms(Envelopefs):
     """envelopefs on the aws-kms provider: moto's KMS on loopback behind the fault-injection
     proxy from tests/support, which adds `latency_ms` to every KMS call and counts calls."""
 
-    def __init__(self, name, work, binary, latency_ms, init_extra=()):
+    def __init__(self, name, work, binary, latency_ms, init_extra=(), slots=1):
         super().__init__(name, work, binary, [])
         self.latency_ms = latency_ms
         self.init_extra = list(init_extra)
+        self.slots = slots
         self.env = dict(os.environ, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
                         AWS_REGION="us-east-1", AWS_DEFAULT_REGION="us-east-1")
 
@@ -169,10 +172,15 @@ class EnvelopefsKms(Envelopefs):
                                        "--latency-ms", str(self.latency_ms)], stdout=subprocess.PIPE, text=True)
         self.proxy_url = f"http://127.0.0.1:{self.proxy.stdout.readline().strip()}"
         code = (f"import boto3; c = boto3.client('kms', endpoint_url='{url}'); "
-                "print(c.create_key()['KeyMetadata']['Arn'])")
-        arn = subprocess.run(["python3", "-c", code], env=self.env, check=True, capture_output=True, text=True).stdout.strip()
-        subprocess.run([self.binary, "init", "--provider", "aws-kms", "--key-id", arn, "--kms-endpoint", self.proxy_url,
+                f"[print(c.create_key()['KeyMetadata']['Arn']) for _ in range({self.slots})]")
+        arns = subprocess.run(["python3", "-c", code], env=self.env, check=True, capture_output=True,
+                              text=True).stdout.split()
+        subprocess.run([self.binary, "init", "--provider", "aws-kms", "--key-id", arns[0], "--kms-endpoint", self.proxy_url,
                         *self.init_extra, self.backing], env=self.env, check=True, capture_output=True)
+        # Further key slots (docs/FORMAT.md §9): more KMS keys behind the same proxy and latency.
+        for arn in arns[1:]:
+            subprocess.run([self.binary, "key", "slot", "add", "--aws-kms", arn, "--kms-endpoint", self.proxy_url,
+                            *self.init_extra, self.backing], env=self.env, check=True, capture_output=True)
 
     def mount(self):
         self.log = self.root / "envelopefs.log"
@@ -305,7 +313,8 @@ def w_smallfiles(s, cfg):
     out = {"create-1k": creates, "open-after-remount": opens}
     if calls0 is not None:
         calls2 = s.calls()
-        gen = calls1.get("GenerateDataKey", 0) - calls0.get("GenerateDataKey", 0)
+        # Several slots wrap a locally drawn DEK with Encrypt instead of GenerateDataKey.
+        gen = sum(calls1.get(op, 0) - calls0.get(op, 0) for op in ("GenerateDataKey", "Encrypt"))
         dec = calls2.get("Decrypt", 0) - calls1.get("Decrypt", 0)
         out["kms-calls-per-create"] = gen / n
         out["kms-calls-per-open"] = dec / n
@@ -526,6 +535,10 @@ def main():
         "envelopefs-kms-10ms": lambda: EnvelopefsKms("envelopefs-kms-10ms", work, cfg.binary, 10),
         "envelopefs-kms-ik-10ms": lambda: EnvelopefsKms("envelopefs-kms-ik-10ms", work, cfg.binary, 10,
                                                         ["--kms-intermediate-key"]),
+        # Two KMS key slots (every DEK wrapped by both keys, concurrently).
+        "envelopefs-kms-2slots-10ms": lambda: EnvelopefsKms("envelopefs-kms-2slots-10ms", work, cfg.binary, 10, slots=2),
+        "envelopefs-kms-ik-2slots-10ms": lambda: EnvelopefsKms("envelopefs-kms-ik-2slots-10ms", work, cfg.binary, 10,
+                                                               ["--kms-intermediate-key"], slots=2),
     }
     names = cfg.systems.split(",")
     systems = [makers[n]() for n in names]
