@@ -157,9 +157,28 @@ class EnvelopefsKms(Envelopefs):
         System.create(self)
         if shutil.which("moto_server") is None:
             sys.exit("missing moto_server: pip install moto flask flask-cors")
+        # One KMS server (and latency proxy) per key slot, as two regions are two services:
+        # moto is single-threaded, and one moto serving both slots would halve the rate by
+        # its own CPU, not by anything envelopefs does.
+        self.servers = [self.start_server() for _ in range(self.slots)]
+        arns = []
+        for url, _, _, _ in self.servers:
+            code = (f"import boto3; c = boto3.client('kms', endpoint_url='{url}'); "
+                    "print(c.create_key()['KeyMetadata']['Arn'])")
+            arns.append(subprocess.run(["python3", "-c", code], env=self.env, check=True, capture_output=True,
+                                       text=True).stdout.strip())
+        self.proxy_url = self.servers[0][1]
+        subprocess.run([self.binary, "init", "--provider", "aws-kms", "--key-id", arns[0], "--kms-endpoint", self.proxy_url,
+                        *self.init_extra, self.backing], env=self.env, check=True, capture_output=True)
+        # Further key slots (docs/FORMAT.md §9), each behind its own proxy with the same latency.
+        for arn, (_, proxy_url, _, _) in zip(arns[1:], self.servers[1:]):
+            subprocess.run([self.binary, "key", "slot", "add", "--aws-kms", arn, "--kms-endpoint", proxy_url,
+                            *self.init_extra, self.backing], env=self.env, check=True, capture_output=True)
+
+    def start_server(self):
         port = free_port()
-        self.moto = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        moto = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}"
         for _ in range(300):
             try:
@@ -168,37 +187,62 @@ class EnvelopefsKms(Envelopefs):
                 break
             except OSError:
                 time.sleep(0.05)
-        self.proxy = subprocess.Popen(["python3", str(REPO / "tests/support/kms_proxy.py"), "--upstream", url,
-                                       "--latency-ms", str(self.latency_ms)], stdout=subprocess.PIPE, text=True)
-        self.proxy_url = f"http://127.0.0.1:{self.proxy.stdout.readline().strip()}"
-        code = (f"import boto3; c = boto3.client('kms', endpoint_url='{url}'); "
-                f"[print(c.create_key()['KeyMetadata']['Arn']) for _ in range({self.slots})]")
-        arns = subprocess.run(["python3", "-c", code], env=self.env, check=True, capture_output=True,
-                              text=True).stdout.split()
-        subprocess.run([self.binary, "init", "--provider", "aws-kms", "--key-id", arns[0], "--kms-endpoint", self.proxy_url,
-                        *self.init_extra, self.backing], env=self.env, check=True, capture_output=True)
-        # Further key slots (docs/FORMAT.md §9): more KMS keys behind the same proxy and latency.
-        for arn in arns[1:]:
-            subprocess.run([self.binary, "key", "slot", "add", "--aws-kms", arn, "--kms-endpoint", self.proxy_url,
-                            *self.init_extra, self.backing], env=self.env, check=True, capture_output=True)
+        proxy = subprocess.Popen(["python3", str(REPO / "tests/support/kms_proxy.py"), "--upstream", url,
+                                  "--latency-ms", str(self.latency_ms)], stdout=subprocess.PIPE, text=True)
+        return url, f"http://127.0.0.1:{proxy.stdout.readline().strip()}", moto, proxy
 
     def mount(self):
         self.log = self.root / "envelopefs.log"
         subprocess.run([self.binary, "mount", "--log-file", self.log, self.backing, self.path],
                        env=self.env, check=True, capture_output=True)
 
+    def cpu(self):
+        """CPU seconds so far of (the mount's daemon, the KMS servers and proxies): where
+        a create's cost goes when the machine, not KMS latency, is the limit."""
+        servers = sum(proc_cpu(p.pid) for _, _, moto, proxy in self.servers for p in (moto, proxy))
+        daemon = sum(proc_cpu(pid) for pid in pids_of(self.binary, str(self.path)))
+        return daemon, servers
+
     def calls(self):
+        """KMS calls by operation, summed over every slot's server."""
         import urllib.request
-        with urllib.request.urlopen(self.proxy_url + "/__proxy") as r:
-            return json.load(r)["calls"]
+        total = {}
+        for _, proxy_url, _, _ in self.servers:
+            with urllib.request.urlopen(proxy_url + "/__proxy") as r:
+                for op, n in json.load(r)["calls"].items():
+                    total[op] = total.get(op, 0) + n
+        return total
 
     def unmount(self):
         super().unmount()
 
     def stop(self):
-        for p in (getattr(self, "proxy", None), getattr(self, "moto", None)):
+        for p in [p for _, _, moto, proxy in getattr(self, "servers", []) for p in (proxy, moto)]:
             if p:
                 p.kill()
+
+
+def proc_cpu(pid):
+    """User + system CPU seconds of a process (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pids_of(binary, arg):
+    """Processes running `binary` with `arg` on their command line."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                argv = (d / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv and argv[0].endswith(Path(binary).name.encode()) and arg.encode() in argv:
+                out.append(int(d.name))
+    return out
 
 
 def free_port():
@@ -298,11 +342,13 @@ def w_smallfiles(s, cfg):
     d.mkdir()
     n = cfg.small_files
     calls0 = s.calls() if hasattr(s, "calls") else None
+    cpu0 = s.cpu() if hasattr(s, "cpu") else None
     t = time.perf_counter()
     for i in range(n):
         with open(d / f"f{i}", "wb") as f:
             f.write(b"x" * 1024)
     creates = n / (time.perf_counter() - t)
+    cpu1 = s.cpu() if cpu0 else None
     s.remount()
     calls1 = s.calls() if hasattr(s, "calls") else None
     t = time.perf_counter()
@@ -318,6 +364,9 @@ def w_smallfiles(s, cfg):
         dec = calls2.get("Decrypt", 0) - calls1.get("Decrypt", 0)
         out["kms-calls-per-create"] = gen / n
         out["kms-calls-per-open"] = dec / n
+    if cpu0:
+        out["daemon-cpu-per-create"] = (cpu1[0] - cpu0[0]) * 1000 / n
+        out["kms-server-cpu-per-create"] = (cpu1[1] - cpu0[1]) * 1000 / n
     shutil.rmtree(d)
     return out
 
@@ -338,6 +387,8 @@ METRICS = [
     ("open-after-remount", "opens/s", True),
     ("kms-calls-per-create", "calls", False),
     ("kms-calls-per-open", "calls", False),
+    ("daemon-cpu-per-create", "ms", False),
+    ("kms-server-cpu-per-create", "ms", False),
     ("appends-1000B", "appends/s", True),
 ]
 def w_appends(s, cfg):

@@ -381,14 +381,25 @@ fn wrap_for_all(providers: &[Arc<dyn KeyProvider>], volume_id: &VolumeId) -> Res
     fill_random(&mut file_id)?;
     let dek = Dek::generate()?;
     let ctx = KeyContext { volume_id, file_id: &file_id };
+    // With two or more remote wraps each gets a thread; local wraps (and a lone remote
+    // one) run here.
+    let concurrent = providers.iter().filter(|p| p.wraps_remotely()).count() > 1;
     let records: Vec<Result<KeyRecord>> = std::thread::scope(|s| {
-        let (first, rest) = providers.split_first().expect("a volume has a slot");
-        let others: Vec<_> = rest.iter().map(|p| s.spawn(|| p.wrap(&dek, &ctx))).collect();
-        let mut out = vec![first.wrap(&dek, &ctx)];
-        out.extend(
-            others.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(Error::new(libc::EIO, "wrap panicked")))),
-        );
-        out
+        let started: Vec<_> = providers
+            .iter()
+            .map(|p| (concurrent && p.wraps_remotely()).then(|| s.spawn(|| p.wrap(&dek, &ctx))))
+            .collect();
+        // The inline wraps first, while the threads' calls are in flight; then join.
+        let inline: Vec<Option<Result<KeyRecord>>> =
+            started.iter().zip(providers).map(|(h, p)| h.is_none().then(|| p.wrap(&dek, &ctx))).collect();
+        started
+            .into_iter()
+            .zip(inline)
+            .map(|(h, r)| match (h, r) {
+                (Some(h), _) => h.join().unwrap_or_else(|_| Err(Error::new(libc::EIO, "wrap panicked"))),
+                (None, r) => r.expect("wrapped inline"),
+            })
+            .collect()
     });
     let records = records
         .into_iter()
@@ -1019,5 +1030,85 @@ fn check_volume_key(
             root.display()
         ))),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::ProviderKind;
+    use crate::keys::KekVersionInfo;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A store whose wraps take a while and count how many run at once.
+    struct Slow {
+        remote: bool,
+        now: Arc<AtomicUsize>,
+        most: Arc<AtomicUsize>,
+    }
+
+    impl KeyProvider for Slow {
+        fn kind(&self) -> ProviderKind {
+            ProviderKind::Local
+        }
+        fn describe(&self) -> String {
+            "slow".into()
+        }
+        fn kek_id(&self) -> String {
+            "slow".into()
+        }
+        fn generate(&self, ctx: &KeyContext<'_>) -> Result<(Dek, KeyRecord)> {
+            let d = Dek::generate()?;
+            let r = self.wrap(&d, ctx)?;
+            Ok((d, r))
+        }
+        fn wraps_remotely(&self) -> bool {
+            self.remote
+        }
+        fn wrap(&self, dek: &Dek, _: &KeyContext<'_>) -> Result<KeyRecord> {
+            let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most.fetch_max(n, Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            self.now.fetch_sub(1, Ordering::SeqCst);
+            Ok(KeyRecord {
+                provider: ProviderKind::Local,
+                kek_id: "slow".into(),
+                kek_version: 1,
+                wrapped: dek.expose().to_vec(),
+            })
+        }
+        fn unwrap(&self, r: &KeyRecord, _: &KeyContext<'_>) -> Result<Dek> {
+            Dek::from_slice(&r.wrapped)
+        }
+        fn current_version(&self) -> Result<u32> {
+            Ok(1)
+        }
+        fn rotate(&self) -> Result<u32> {
+            Ok(1)
+        }
+        fn versions(&self) -> Result<Vec<KekVersionInfo>> {
+            Ok(vec![])
+        }
+        fn retire(&self, _: u32) -> Result<()> {
+            Ok(())
+        }
+        fn rewrap(&self, r: &KeyRecord, _: &KeyContext<'_>) -> Result<KeyRecord> {
+            Ok(r.clone())
+        }
+    }
+
+    #[test]
+    fn remote_wraps_for_several_slots_run_at_once_and_local_ones_inline() {
+        let (now, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let slow = |remote| -> Arc<dyn KeyProvider> { Arc::new(Slow { remote, now: now.clone(), most: most.clone() }) };
+        let providers = [slow(true), slow(false), slow(true), slow(true)];
+        let (_, dek, records) = wrap_for_all(&providers, &[3; 16]).unwrap();
+        assert_eq!(records.len(), 4);
+        assert!(records.iter().all(|r| r.wrapped == dek.expose()), "one DEK, a record per slot, in order");
+        // The three remote wraps overlap, and the local one runs beside them on this thread.
+        assert_eq!(most.load(Ordering::SeqCst), 4);
+        most.store(0, Ordering::SeqCst);
+        wrap_for_all(&[slow(false), slow(false)], &[3; 16]).unwrap();
+        assert_eq!(most.load(Ordering::SeqCst), 1, "local wraps run one after the other, no thread");
     }
 }

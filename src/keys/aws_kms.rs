@@ -570,6 +570,10 @@ impl KeyProvider for AwsKmsProvider {
         Dek::from_slice(&plain)
     }
 
+    fn wraps_remotely(&self) -> bool {
+        !self.intermediate
+    }
+
     /// KMS Encrypt under the encryption context (per-file mode), or a local wrap under the
     /// intermediate key, which carries the slot (no KMS call per file).
     fn wrap(&self, dek: &Dek, ctx: &KeyContext<'_>) -> Result<KeyRecord> {

@@ -67,6 +67,12 @@ pub trait KeyProvider: Send + Sync {
     /// slot, like KMS Encrypt beside GenerateDataKey).
     fn wrap(&self, dek: &Dek, ctx: &KeyContext<'_>) -> Result<KeyRecord>;
 
+    /// Whether a wrap waits on another machine (a KMS call per file, an HSM): such wraps
+    /// for several slots run concurrently, local ones inline.
+    fn wraps_remotely(&self) -> bool {
+        false
+    }
+
     /// Recover a DEK. A missing, retired or refusing KEK is `EACCES`; a wrapped key that
     /// does not authenticate against `ctx` is `EACCES` as well (it is not ours to open).
     fn unwrap(&self, record: &KeyRecord, ctx: &KeyContext<'_>) -> Result<Dek>;

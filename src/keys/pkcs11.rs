@@ -523,6 +523,10 @@ impl KeyProvider for Pkcs11Provider {
         Ok((dek, rec))
     }
 
+    fn wraps_remotely(&self) -> bool {
+        true
+    }
+
     fn wrap(&self, dek: &Dek, ctx: &KeyContext<'_>) -> Result<KeyRecord> {
         if self.refreshed.lock().unwrap().elapsed() > std::time::Duration::from_secs(2) {
             self.refresh_keys()?;
