@@ -181,34 +181,51 @@ pub struct KeyUsage {
     pub removed_slot: u64,
 }
 
+/// What reading a regular file's header region found.
+pub enum HeaderRead<'a> {
+    /// A file with no header yet.
+    Empty,
+    /// It could not be opened or its header region read.
+    Unreadable,
+    Region(&'a [u8]),
+}
+
+/// Call `f` with each regular file's backing path and header region (temporaries of an
+/// interrupted re-encryption are skipped). No key is unwrapped.
+pub fn walk_headers(vol: &Volume, f: &mut dyn FnMut(&Path, HeaderRead<'_>)) -> Result<()> {
+    let mut region = vec![0u8; vol.geometry.header_size as usize];
+    Tree::open(&vol.root)?.walk(&mut |e| {
+        if is_temporary(e.path) {
+            return;
+        }
+        let file = match open_regular(e.dir, e.name, libc::O_RDONLY) {
+            Ok(Some((file, _))) => file,
+            Ok(None) => return,
+            Err(_) => return f(e.path, HeaderRead::Unreadable),
+        };
+        if file.metadata().map(|m| m.len()).unwrap_or(0) == 0 {
+            return f(e.path, HeaderRead::Empty);
+        }
+        match file.read_exact_at(&mut region, 0) {
+            Ok(()) => f(e.path, HeaderRead::Region(&region)),
+            Err(_) => f(e.path, HeaderRead::Unreadable),
+        }
+    })
+}
+
 /// Count headers by KEK version (the newest slot that decodes; no key is unwrapped).
 pub fn key_usage(vol: &Volume) -> Result<KeyUsage> {
     let policy: Vec<_> = vol.config.policy().cloned().collect();
     let mut usage = KeyUsage { per_slot: vec![0; policy.len()], ..KeyUsage::default() };
     let primary = &policy[0];
     let current_id = vol.provider.kek_id();
-    let mut region = vec![0u8; vol.geometry.header_size as usize];
-    Tree::open(&vol.root)?.walk(&mut |e| {
-        if is_temporary(e.path) {
-            return;
-        }
-        let f = match open_regular(e.dir, e.name, libc::O_RDONLY) {
-            Ok(Some((f, _))) => f,
-            Ok(None) => return,
-            Err(_) => {
-                usage.unreadable += 1;
-                return;
-            }
+    walk_headers(vol, &mut |_, read| {
+        let region = match read {
+            HeaderRead::Empty => return usage.empty += 1,
+            HeaderRead::Unreadable => return usage.unreadable += 1,
+            HeaderRead::Region(r) => r,
         };
-        if f.metadata().map(|m| m.len()).unwrap_or(0) == 0 {
-            usage.empty += 1;
-            return;
-        }
-        if f.read_exact_at(&mut region, 0).is_err() {
-            usage.unreadable += 1;
-            return;
-        }
-        let slots = decode_region(&region);
+        let slots = decode_region(region);
         match slots.first() {
             Some((_, Ok(v))) => {
                 for r in v.header.records.iter().filter(|r| primary.claims(r)) {

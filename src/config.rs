@@ -483,7 +483,7 @@ mod tests {
             provider: p,
             volume_key: WrappedKey { kek_id: "k".into(), kek_version: 1, wrapped: "aa".into() },
         };
-        let mut cfg = VolumeConfig {
+        let cfg = VolumeConfig {
             format: 3,
             volume_id: "00".repeat(16),
             block_size: 4096,

@@ -4,12 +4,12 @@
 //! reordering slots rewrites only the config; `rekey --rewrap` then brings each header to
 //! the policy (docs/PROVIDERS.md: moving between key stores without re-encrypting).
 
+use crate::check::{walk_headers, HeaderRead};
 use crate::config::{ProviderConfig, SlotConfig, SLOTS_FORMAT};
 use crate::envelope::{decode_region, Header, ProviderKind, FILE_ID_LEN, HEADER_TAG_LEN};
 use crate::error::{Error, Result};
 use crate::keys::secret::SecretSource;
 use crate::keys::KeyContext;
-use crate::tree::{is_temporary, open_regular, Tree};
 use crate::volume::{create_provider, KeySlot, ProviderInit, Volume, WrappedKey, VOLUME_KEY_FILE_ID};
 
 fn usage(why: impl Into<String>) -> Error {
@@ -157,42 +157,23 @@ pub fn make_primary(vol: &mut Volume, index: usize) -> Result<()> {
     Ok(())
 }
 
-/// Backing paths of files whose newest header has no record any of `policy` claims.
+/// Backing paths of files with a header slot that has no record any of `policy` claims
+/// (or whose header cannot be read: such a file is not known to be safe).
 fn files_without_records(vol: &Volume, policy: &[ProviderConfig]) -> Result<Vec<String>> {
     let mut out = Vec::new();
-    let mut region = vec![0u8; vol.geometry.header_size as usize];
-    let mut failed = None;
-    Tree::open(&vol.root)?.walk(&mut |e| {
-        if is_temporary(e.path) {
-            return;
-        }
-        let f = match open_regular(e.dir, e.name, libc::O_RDONLY) {
-            Ok(Some((f, _))) => f,
-            Ok(None) => return,
-            Err(err) => {
-                failed.get_or_insert(err.context(e.path.display()));
-                return;
-            }
+    walk_headers(vol, &mut |path, read| {
+        let covered = match read {
+            HeaderRead::Empty => true,
+            HeaderRead::Unreadable => false,
+            HeaderRead::Region(region) => decode_region(region)
+                .into_iter()
+                .filter_map(|(_, s)| s.ok())
+                .all(|v| v.header.records.iter().any(|r| policy.iter().any(|p| p.claims(r)))),
         };
-        if f.metadata().map(|m| m.len()).unwrap_or(0) == 0 {
-            return;
-        }
-        use std::os::unix::fs::FileExt;
-        if f.read_exact_at(&mut region, 0).is_err() {
-            out.push(e.path.display().to_string());
-            return;
-        }
-        let covered = decode_region(&region)
-            .into_iter()
-            .filter_map(|(_, s)| s.ok())
-            .all(|v| v.header.records.iter().any(|r| policy.iter().any(|p| p.claims(r))));
         if !covered {
-            out.push(e.path.display().to_string());
+            out.push(path.display().to_string());
         }
     })?;
-    if let Some(e) = failed {
-        return Err(e);
-    }
     Ok(out)
 }
 

@@ -159,7 +159,7 @@ pub fn reencrypt_file(vol: &Volume, tree: &Tree, path: &Path) -> Result<bool> {
             return Err(crate::error::last_os("fsync of the directory"));
         }
         let rec = &opened.header.records[0];
-        vol.audit("reencrypt", &opened.header.file_id, &describe, rec, Ok(()), None);
+        vol.audit("reencrypt", &opened.header.file_id, &describe, rec, Ok(()), None, None);
         Ok(())
     })();
     if let Err(e) = result {

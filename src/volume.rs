@@ -523,12 +523,25 @@ impl Volume {
             None => None,
         };
         seen.format = seen.format.max(config.format);
-        // Fail now, with a clear message, rather than at the first open.
-        for s in &slots {
-            if s.settings.kind() != crate::envelope::ProviderKind::Recovery || recovering {
-                self_test(s.provider.as_ref(), &volume_id).map_err(|e| e.context(format!("key slot {}", s.index)))?;
+        // Fail now, with a clear message, rather than at the first open; a further slot
+        // that fails is left out like one that did not open.
+        let (mut slots, mut missing) = (slots, missing);
+        let mut tested = Vec::with_capacity(slots.len());
+        for s in slots.drain(..) {
+            let testable = s.settings.kind() != crate::envelope::ProviderKind::Recovery || recovering;
+            match if testable { self_test(s.provider.as_ref(), &volume_id) } else { Ok(()) } {
+                Ok(()) => tested.push(s),
+                Err(e) if tested.is_empty() => return Err(e.context(format!("key slot {}", s.index))),
+                Err(e) => {
+                    tracing::warn!(
+                        "key slot {} failed its self-test: {e}; new files cannot be made until it works",
+                        s.index
+                    );
+                    missing.push((s.index, e.to_string()));
+                }
             }
         }
+        let slots = tested;
         if trusted.as_ref() != Some(&seen) {
             opts.trust.put(&seen)?;
         }
@@ -721,22 +734,9 @@ impl Volume {
     }
 
     /// Record a key operation in the audit log, if there is one, as `who`'s (None: this
-    /// process's).
-    pub fn audit(
-        &self,
-        op: &str,
-        file_id: &FileId,
-        path: &dyn Fn() -> String,
-        rec: &KeyRecord,
-        result: Result<(), &Error>,
-        who: Option<Requester>,
-    ) {
-        self.audit_slot(op, file_id, path, rec, result, who, None);
-    }
-
-    /// `audit`, naming the key slot that did it.
+    /// process's), naming the key slot that did it on a volume with several.
     #[allow(clippy::too_many_arguments)]
-    pub fn audit_slot(
+    pub fn audit(
         &self,
         op: &str,
         file_id: &FileId,
@@ -783,7 +783,7 @@ impl Volume {
             }
         };
         for (i, record) in records.iter().enumerate() {
-            self.audit_slot("wrap", &file_id, path, record, Ok(()), who, Some(i).filter(|_| records.len() > 1));
+            self.audit("wrap", &file_id, path, record, Ok(()), who, Some(i).filter(|_| records.len() > 1));
         }
         let key = Arc::new(FileKey::new(self.backend, file_id, &dek));
         let header = Header { generation: 1, file_id, block_size: self.geometry.block_size as u32, records };
@@ -866,7 +866,7 @@ impl Volume {
                 let res = self.count(slot.provider.unwrap(rec, &ctx));
                 slot.mark(&res);
                 let served = Some(slot.index).filter(|_| several);
-                self.audit_slot("unwrap", &h.file_id, path, rec, res.as_ref().map(drop), who, served);
+                self.audit("unwrap", &h.file_id, path, rec, res.as_ref().map(drop), who, served);
                 match res {
                     Ok(dek) => return Ok(dek),
                     Err(e) if e.errno() == libc::EACCES => refused = Some(e),
@@ -908,7 +908,7 @@ impl Volume {
                 (Some(s), Some(r)) if s.current(r) => r.clone(),
                 (Some(s), Some(r)) if s.settings.kind() != crate::envelope::ProviderKind::Recovery => {
                     let res = self.count(s.provider.rewrap(r, &ctx));
-                    self.audit_slot("rewrap", &h.file_id, path, r, res.as_ref().map(drop), who, Some(i));
+                    self.audit("rewrap", &h.file_id, path, r, res.as_ref().map(drop), who, Some(i));
                     res?
                 }
                 (Some(s), _) => {
@@ -921,7 +921,7 @@ impl Volume {
                     }
                     let res = self.count(s.provider.wrap(dek.as_ref().unwrap(), &ctx));
                     if let Ok(r) = &res {
-                        self.audit_slot("wrap", &h.file_id, path, r, Ok(()), who, Some(i));
+                        self.audit("wrap", &h.file_id, path, r, Ok(()), who, Some(i));
                     }
                     res.map_err(|e| e.context(format!("key slot {i}")))?
                 }
