@@ -18,6 +18,9 @@ pub fn slot_cmd(cmd: SlotCmd) -> Result<ExitCode> {
             let mut vol = Volume::open(&backing, &secret.source(), &OpenOptions::default())?;
             let i = crate::key_slots::add(&mut vol, &init, &secret.source())?;
             println!("slot {i} added: {}", vol.config.policy().nth(i).expect("just added").summary());
+            if crate::volume_lock::volume_locked(&backing) {
+                println!("The volume is mounted: remount it, or files it makes now lack the new slot's record.");
+            }
             println!("New files get its record from the next mount on; give existing files theirs with:");
             println!("  envelopefs rekey --rewrap {}", backing.display());
             print_check(&vol);
