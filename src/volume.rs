@@ -651,8 +651,12 @@ impl Volume {
     pub fn update_config_with(&mut self, change: impl FnOnce(&mut VolumeConfig)) -> Result<()> {
         let mut cfg = self.config.clone();
         change(&mut cfg);
-        if let ProviderConfig::Pkcs11 { objects, .. } = &mut cfg.provider {
-            if let Some(pinned) = self.provider.pinned_objects() {
+        // Each PKCS#11 slot pins its own store's objects (found by its settings: a change
+        // may have moved slots, as `key slot primary` does).
+        for slot in &self.slots {
+            let Some(i) = cfg.policy().position(|p| p.host_view() == slot.settings.host_view()) else { continue };
+            let settings = if i == 0 { &mut cfg.provider } else { &mut cfg.slots[i - 1].provider };
+            if let (ProviderConfig::Pkcs11 { objects, .. }, Some(pinned)) = (settings, slot.provider.pinned_objects()) {
                 *objects = pinned;
             }
         }

@@ -368,3 +368,26 @@ fn a_volume_moves_local_to_pkcs11_to_aws_kms_by_slots_alone() {
         assert_eq!(fs::read(m.path(&format!("f{i:04}"))).unwrap(), pattern(i, 100 + (i as usize * 37) % 9000));
     }
 }
+
+#[test]
+fn making_a_second_pkcs11_slot_primary_keeps_each_slots_own_key_objects() {
+    let (_d, backing, pin, _) = common::pkcs11_volume("pins", "alpha");
+    let (b, p) = (backing.to_str().unwrap(), pin.to_str().unwrap());
+    ok(run(&[
+        "key",
+        "slot",
+        "add",
+        "--pkcs11",
+        "pkcs11:token=pins;object=beta",
+        "--module",
+        common::SOFTHSM_MODULE,
+        "--pin-file",
+        p,
+        b,
+    ]));
+    ok(run(&["key", "slot", "primary", b, "1", "--pin-file", p]));
+    let cfg = fs::read_to_string(backing.join("envelopefs.toml")).unwrap();
+    assert!(cfg.contains(r#"objects = ["beta/v1"]"#) && cfg.contains(r#"objects = ["alpha/v1"]"#), "{cfg}");
+    let list = ok(run(&["key", "slot", "list", b, "--pin-file", p]));
+    assert!(list.contains("0  primary  pkcs11 pkcs11:token=pins;object=beta"), "{list}");
+}
