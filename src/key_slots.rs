@@ -102,7 +102,7 @@ pub fn remove(vol: &mut Volume, index: usize) -> Result<ProviderConfig> {
         return Err(Error::new(
             libc::EBUSY,
             format!(
-                "{} file(s) have no record for the slots that would stay (first: {}): run \
+                "{} file(s) have no record for the online slots that would stay (first: {}): run \
                  `envelopefs rekey --rewrap` first, so every file opens without slot {index}",
                 stranded.len(),
                 stranded[0]
@@ -157,8 +157,14 @@ pub fn make_primary(vol: &mut Volume, index: usize) -> Result<()> {
     Ok(())
 }
 
-/// Backing paths of files with a header slot that has no record any of `policy` claims
-/// (or whose header cannot be read: such a file is not known to be safe).
+/// A recovery record does not count as coverage: a file it alone opens could be read only
+/// offline, through a read-only recovery mount.
+fn online(p: &ProviderConfig) -> bool {
+    !matches!(p, ProviderConfig::Recovery { .. })
+}
+
+/// Backing paths of files with a header slot that has no record any online slot of
+/// `policy` claims (or whose header cannot be read: such a file is not known to be safe).
 fn files_without_records(vol: &Volume, policy: &[ProviderConfig]) -> Result<Vec<String>> {
     let mut out = Vec::new();
     walk_headers(vol, &mut |path, read| {
@@ -168,7 +174,7 @@ fn files_without_records(vol: &Volume, policy: &[ProviderConfig]) -> Result<Vec<
             HeaderRead::Region(region) => decode_region(region)
                 .into_iter()
                 .filter_map(|(_, s)| s.ok())
-                .all(|v| v.header.records.iter().any(|r| policy.iter().any(|p| p.claims(r)))),
+                .all(|v| v.header.records.iter().any(|r| policy.iter().any(|p| online(p) && p.claims(r)))),
         };
         if !covered {
             out.push(path.display().to_string());

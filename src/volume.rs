@@ -542,7 +542,10 @@ impl Volume {
             }
         }
         let slots = tested;
-        if trusted.as_ref() != Some(&seen) {
+        // A recovery open on a host with no record authenticated the volume by its check
+        // value alone; pinning the other slots' settings here would approve their modules
+        // and endpoints without `envelopefs trust`.
+        if trusted.as_ref() != Some(&seen) && !(recovering && trusted.is_none()) {
             opts.trust.put(&seen)?;
         }
         let primary = slots[0].provider.clone();
@@ -761,6 +764,21 @@ impl Volume {
         self.new_header_for(path, None)
     }
 
+    /// Whether new data keys can be made here: every key slot must be open, since a file is
+    /// never made with fewer records than the policy has slots. The frontend asks before
+    /// creating or emptying a file, so the error reaches the caller and not a deferred
+    /// write-back.
+    pub fn can_make_keys(&self, path: &dyn Fn() -> String) -> Result<()> {
+        if self.has_every_slot() {
+            return Ok(());
+        }
+        let (i, why) = self.missing.first().cloned().unwrap_or((0, "not opened (a recovery open)".into()));
+        Err(Error::new(
+            libc::EIO,
+            format!("{}: new files need every key slot, and slot {i} is not open here: {why}", path()),
+        ))
+    }
+
     /// `new_header` on behalf of `who` (a FUSE request's process). With several key slots
     /// the DEK carries one record per slot, in policy order: a file is never made with
     /// fewer than the policy names.
@@ -770,13 +788,7 @@ impl Volume {
             let (file_id, dek, record) = self.count(self.provider.generate_file_key(&self.volume_id))?;
             (file_id, dek, vec![record])
         } else {
-            if !self.has_every_slot() {
-                let (i, why) = self.missing.first().cloned().unwrap_or((0, "not opened (a recovery open)".into()));
-                return Err(Error::new(
-                    libc::EIO,
-                    format!("{}: new files need every key slot, and slot {i} is not open here: {why}", path()),
-                ));
-            }
+            self.can_make_keys(path)?;
             let fresh = |k: &ReadyKey| k.2.iter().zip(&self.slots).all(|(r, s)| s.current(r));
             match self.pool.as_ref().and_then(|p| p.take(fresh)) {
                 Some(ready) => ready,
@@ -906,8 +918,14 @@ impl Volume {
         let mut dek: Option<Dek> = None;
         let mut out = Vec::new();
         for (i, settings) in self.config.policy().enumerate() {
-            let have = h.records.iter().find(|r| settings.claims(r));
             let slot = self.slots.iter().find(|s| s.index == i);
+            // A slot may claim another slot's record too (multi-Region replicas of one key):
+            // its own current record first, or every pass would rewrap it.
+            let have = h
+                .records
+                .iter()
+                .find(|r| slot.is_some_and(|s| s.current(r)))
+                .or_else(|| h.records.iter().find(|r| settings.claims(r)));
             let rec = match (slot, have) {
                 (Some(s), Some(r)) if s.current(r) => r.clone(),
                 (Some(s), Some(r)) if s.settings.kind() != crate::envelope::ProviderKind::Recovery => {
@@ -970,7 +988,9 @@ fn open_slots(
         }
         match open_provider(root, s, volume_id, secret, opts, pooled) {
             Ok(p) => slots.push(KeySlot::new(i, s.clone(), p)),
-            Err(e) if i == 0 || recovering => {
+            // A volume may have several recovery slots; the identity given is for one.
+            Err(e) if recovering => missing.push((i, e.to_string())),
+            Err(e) if i == 0 => {
                 return Err(e.context(format!("key slot {i} ({})", s.summary())));
             }
             Err(e) => {
@@ -983,7 +1003,11 @@ fn open_slots(
         }
     }
     if slots.is_empty() {
-        return Err(Error::access("the volume has no recovery slot: --recovery-key cannot open it"));
+        let why = match missing.iter().find(|(i, _)| matches!(settings[*i], ProviderConfig::Recovery { .. })) {
+            Some((i, e)) => format!("the recovery key is for no recovery slot of this volume (slot {i}: {e})"),
+            None => "the volume has no recovery slot: --recovery-key cannot open it".to_owned(),
+        };
+        return Err(Error::access(format!("{}: {why}", root.display())).with_class(crate::error::Class::WrongSecret));
     }
     Ok((slots, missing))
 }

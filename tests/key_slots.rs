@@ -391,3 +391,135 @@ fn making_a_second_pkcs11_slot_primary_keeps_each_slots_own_key_objects() {
     let list = ok(run(&["key", "slot", "list", b, "--pin-file", p]));
     assert!(list.contains("0  primary  pkcs11 pkcs11:token=pins;object=beta"), "{list}");
 }
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn run_in(trust: &Path, args: &[&str]) -> Output {
+    let a: Vec<&dyn AsRef<std::ffi::OsStr>> = args.iter().map(|a| a as &dyn AsRef<std::ffi::OsStr>).collect();
+    cli_with_trust(trust, &a)
+}
+
+/// A volume under a key file: (its directory, backing, key file).
+fn key_file_volume() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::Builder::new().prefix("envelopefs-test").tempdir().unwrap();
+    let backing = dir.path().join("backing");
+    fs::create_dir(&backing).unwrap();
+    let key = dir.path().join("volume.key");
+    fs::write(&key, [7u8; 32]).unwrap();
+    ok(run(&["init", "--key-file", key.to_str().unwrap(), backing.to_str().unwrap()]));
+    (dir, backing, key)
+}
+
+#[test]
+fn each_of_two_recovery_keys_opens_the_volume_alone() {
+    let (dir, backing, key) = key_file_volume();
+    let (b, k) = (backing.to_str().unwrap(), key.to_str().unwrap());
+    let ids = [dir.path().join("r1.age"), dir.path().join("r2.age")];
+    for id in &ids {
+        ok(run(&["key", "slot", "add", "--new-recovery-key", id.to_str().unwrap(), "--key-file", k, b]));
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let out = run(&["key", "slot", "list", b, "--recovery-key", id.to_str().unwrap()]);
+        assert!(out.status.success(), "recovery key {} does not open the volume: {}", i + 1, text(&out));
+    }
+    let stranger = dir.path().join("stranger.age");
+    ok(run(&["key", "slot", "add", "--new-recovery-key", stranger.to_str().unwrap(), "--key-file", k, b]));
+    ok(run(&["key", "slot", "remove", b, "3", "--key-file", k]));
+    let out = run(&["key", "slot", "list", b, "--recovery-key", stranger.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(11), "an identity of no slot must be a wrong secret: {}", text(&out));
+    assert!(text(&out).contains("no recovery slot of this volume"), "{}", text(&out));
+}
+
+/// A slot change while the volume is mounted would leave the mount making files with the
+/// old slot set; after the old slot is removed no slot would open them.
+#[test]
+fn slot_changes_wait_for_the_volume_to_be_unmounted() {
+    let (dir, backing, key) = key_file_volume();
+    let pin = common::softhsm_token("stale");
+    let (b, k, p) = (backing.to_str().unwrap(), key.to_str().unwrap(), pin.to_str().unwrap());
+    let hsm = "pkcs11:token=stale;object=k";
+    let rk = dir.path().join("r.age");
+    ok(run(&["key", "slot", "add", "--new-recovery-key", rk.to_str().unwrap(), "--key-file", k, b]));
+    let m = Mounted::start(&backing, &key, &dir.path().join("mnt"), &[]);
+    fs::write(m.path("old"), b"before").unwrap();
+    let add = [
+        "key",
+        "slot",
+        "add",
+        "--pkcs11",
+        hsm,
+        "--module",
+        common::SOFTHSM_MODULE,
+        "--pin-file",
+        p,
+        "--key-file",
+        k,
+        b,
+    ];
+    let out = run(&add);
+    assert_eq!(out.status.code(), Some(17), "slot add while mounted: {}", text(&out));
+    assert!(text(&out).contains("mounted"), "{}", text(&out));
+    drop(m);
+    ok(run(&add));
+    // A mount that cannot open the new slot (no PIN) refuses to make a file at open(2),
+    // where the caller sees it, and still reads.
+    let m = Mounted::start(&backing, &key, &dir.path().join("mnt"), &[]);
+    let e = fs::OpenOptions::new().write(true).create(true).open(m.path("lacking")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    let e = fs::OpenOptions::new().write(true).truncate(true).open(m.path("old")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    let e = fs::OpenOptions::new().write(true).open(m.path("old")).unwrap().set_len(0).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    let e = Command::new("truncate").args(["-s", "0"]).arg(m.path("old")).output().unwrap();
+    assert!(!e.status.success(), "truncate(2) by path emptied a file no new key can refill");
+    assert_eq!(fs::read(m.path("old")).unwrap(), b"before");
+    assert!(!backing.join("lacking").exists());
+    drop(m);
+    let m = Mounted::start(&backing, &key, &dir.path().join("mnt"), &["--pin-file", p]);
+    for cmd in [
+        &["key", "slot", "primary", b, "2", "--key-file", k, "--pin-file", p][..],
+        &["key", "slot", "remove", b, "1", "--key-file", k, "--pin-file", p],
+    ] {
+        let out = run(cmd);
+        assert_eq!(out.status.code(), Some(17), "{cmd:?} while mounted: {}", text(&out));
+    }
+    fs::write(m.path("new"), b"made with every slot").unwrap();
+    drop(m);
+    ok(run(&["key", "slot", "primary", b, "2", "--key-file", k, "--pin-file", p]));
+    // "old" has records for the key file and the recovery recipient only: without the key
+    // file's slot it would open only offline.
+    let out = run(&["key", "slot", "remove", b, "2", "--key-file", k, "--pin-file", p]);
+    assert_eq!(out.status.code(), Some(17), "{}", text(&out));
+    assert!(text(&out).contains("online slots"), "{}", text(&out));
+    ok(run(&["rekey", "--rewrap", "--key-file", k, "--pin-file", p, b]));
+    ok(run(&["key", "slot", "remove", b, "2", "--key-file", k, "--pin-file", p]));
+    let m = Mounted::start_with(&backing, "--pin-file", &pin, &dir.path().join("mnt2"), &[]);
+    assert_eq!(fs::read(m.path("old")).unwrap(), b"before");
+    assert_eq!(fs::read(m.path("new")).unwrap(), b"made with every slot");
+}
+
+/// A recovery open on a host that never saw the volume authenticates it by the check
+/// value only; it must not pin the other slots' settings (a PKCS#11 module to load) as
+/// if `envelopefs trust` had been run.
+#[test]
+fn a_recovery_open_pins_nothing_on_a_host_without_a_record() {
+    let (dir, backing, pin, _) = common::pkcs11_volume("fresh", "k");
+    let (b, p) = (backing.to_str().unwrap(), pin.to_str().unwrap());
+    let rk = dir.path().join("r.age");
+    let out = ok(run(&["key", "slot", "add", "--new-recovery-key", rk.to_str().unwrap(), "--pin-file", p, b]));
+    let check = out
+        .lines()
+        .find_map(|l| l.strip_prefix("volume check "))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("slot add prints the volume check value")
+        .to_owned();
+    let fresh = dir.path().join("fresh-host");
+    let normal = ["key", "slot", "list", b, "--pin-file", p];
+    assert_eq!(run_in(&fresh, &normal).status.code(), Some(15), "an unknown PKCS#11 volume is untrusted");
+    ok(run_in(&fresh, &["key", "slot", "list", b, "--recovery-key", rk.to_str().unwrap(), "--volume-check", &check]));
+    let after = run_in(&fresh, &normal);
+    assert_eq!(after.status.code(), Some(15), "the module was never approved on this host: {}", text(&after));
+    assert!(text(&after).contains("envelopefs trust"), "{}", text(&after));
+}

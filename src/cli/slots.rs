@@ -14,18 +14,17 @@ use crate::volume::{OpenOptions, ProviderInit, Volume};
 pub fn slot_cmd(cmd: SlotCmd) -> Result<ExitCode> {
     match cmd {
         SlotCmd::Add { backing, slot, secret } => {
+            let _lock = locked(&backing)?;
             let init = new_slot(&slot)?;
             let mut vol = Volume::open(&backing, &secret.source(), &OpenOptions::default())?;
             let i = crate::key_slots::add(&mut vol, &init, &secret.source())?;
             println!("slot {i} added: {}", vol.config.policy().nth(i).expect("just added").summary());
-            if crate::volume_lock::volume_locked(&backing) {
-                println!("The volume is mounted: remount it, or files it makes now lack the new slot's record.");
-            }
             println!("New files get its record from the next mount on; give existing files theirs with:");
             println!("  envelopefs rekey --rewrap {}", backing.display());
             print_check(&vol);
         }
         SlotCmd::Remove { backing, slot, secret } => {
+            let _lock = locked(&backing)?;
             let mut vol = Volume::open(&backing, &secret.source(), &OpenOptions::default())?;
             let gone = crate::key_slots::remove(&mut vol, slot)?;
             println!("slot {slot} removed: {}", gone.summary());
@@ -40,6 +39,7 @@ pub fn slot_cmd(cmd: SlotCmd) -> Result<ExitCode> {
             print_check(&vol);
         }
         SlotCmd::Primary { backing, slot, secret } => {
+            let _lock = locked(&backing)?;
             let mut vol = Volume::open(&backing, &secret.source(), &OpenOptions::default())?;
             crate::key_slots::make_primary(&mut vol, slot)?;
             println!("slot {slot} is now the primary: {}", vol.config.provider.summary());
@@ -51,6 +51,13 @@ pub fn slot_cmd(cmd: SlotCmd) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A mount keeps the slot set it opened with: a change under it would have it make files
+/// without the new slot's record, or with only a removed slot's.
+fn locked(backing: &std::path::Path) -> Result<crate::volume_lock::VolumeLock> {
+    crate::volume_lock::lock_volume(backing)
+        .context("a key slot change needs the volume unmounted (a mount keeps the slot set it opened with)")
 }
 
 fn print_check(vol: &Volume) {

@@ -842,6 +842,11 @@ impl EncryptedFs {
             }
         };
         let mut st = inode.content.write().unwrap();
+        if size == 0 && (st.key.is_some() || file.metadata().is_ok_and(|m| m.len() > 0)) {
+            // An emptied file gets a new data key at its next write: without one to give,
+            // emptying it would leave content that can no longer be written.
+            self.vol.can_make_keys(&|| sys::describe_fd(file.as_raw_fd()))?;
+        }
         let who = handle.as_ref().map_or(caller, |h| h.writer(caller));
         self.journaled(inode, |journal| {
             let describe = || sys::describe_fd(file.as_raw_fd());
@@ -910,6 +915,7 @@ impl EncryptedFs {
             Some(f) => f,
             None => sys::reopen(&*self.fd(&inode)?, if writable { libc::O_RDWR } else { libc::O_RDONLY })?,
         };
+        let trunc = writable && flags & libc::O_TRUNC != 0;
         {
             let mut st = inode.content.write().unwrap();
             if st.key.is_none() {
@@ -920,9 +926,12 @@ impl EncryptedFs {
                     );
                 }
             }
+            // Content written to an empty file needs a new data key.
+            if writable && (trunc || st.key.is_none()) {
+                self.vol.can_make_keys(&|| sys::describe_fd(file.as_raw_fd()))?;
+            }
             st.opens += 1;
         }
-        let trunc = writable && flags & libc::O_TRUNC != 0;
         let path = if trunc { Some(sys::path_handle(file.as_raw_fd())?) } else { None };
         let handle = FileHandle { inode: inode.clone(), file, writable, opener: caller };
         let fh = self.add_handle(Handle::File(Arc::new(handle)));
@@ -955,6 +964,7 @@ impl EncryptedFs {
         let dir = self.fd(&p)?;
         let c = sys::cstr(name)?;
         let perm = mode & !umask & 0o7777;
+        self.vol.can_make_keys(&|| format!("{}/{}", sys::describe_fd(dir.as_raw_fd()), name.to_string_lossy()))?;
         match sys::openat(dir.as_raw_fd(), &c, libc::O_CREAT | libc::O_EXCL | libc::O_RDWR | libc::O_NOFOLLOW, perm) {
             Ok(fd) => {
                 // Owner and mode go to the descriptor just created, never to whatever the

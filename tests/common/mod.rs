@@ -279,8 +279,8 @@ pub fn softhsm() -> &'static Path {
 }
 
 /// Tokens available to tests (user PIN 1234). One per test, so tests stay independent.
-pub const SOFTHSM_TOKENS: [&str; 10] =
-    ["contract", "errors", "attrs", "mount", "rotate", "pin", "deleted", "spare", "trust", "pins"];
+pub const SOFTHSM_TOKENS: [&str; 12] =
+    ["contract", "errors", "attrs", "mount", "rotate", "pin", "deleted", "spare", "trust", "pins", "stale", "fresh"];
 
 /// The PIN file of a prepared token.
 pub fn softhsm_token(label: &str) -> PathBuf {
