@@ -466,7 +466,7 @@ fn slot_changes_wait_for_the_volume_to_be_unmounted() {
     // A mount that cannot open the new slot (no PIN) refuses to make a file at open(2),
     // where the caller sees it, and still reads.
     let m = Mounted::start(&backing, &key, &dir.path().join("mnt"), &[]);
-    let e = fs::OpenOptions::new().write(true).create(true).open(m.path("lacking")).unwrap_err();
+    let e = fs::OpenOptions::new().write(true).create_new(true).open(m.path("lacking")).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
     let e = fs::OpenOptions::new().write(true).truncate(true).open(m.path("old")).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
