@@ -116,6 +116,14 @@ pub fn fsck(vol: &Volume, repair: bool) -> Result<FsckReport> {
             check_file(vol, e, repair, &mut report);
         }
     })?;
+    if vol.names().is_some() {
+        for p in &mut report.problems {
+            p.what = format!("{} [in the volume: {}]", p.what, crate::name_paths::describe(vol, &p.path));
+        }
+        for n in crate::name_paths::check_names(vol, repair)? {
+            report.problems.push(Problem { path: n.path, what: n.what, repaired: n.repaired });
+        }
+    }
     Ok(report)
 }
 

@@ -16,13 +16,19 @@ use crate::keys::VolumeId;
 
 pub const CONFIG_NAME: &str = "envelopefs.toml";
 pub const KEYRING_NAME: &str = "envelopefs.keyring";
-/// The format new volumes get (format 3 only once they have key slots: a volume without
-/// any stays readable by the release before).
-pub const FORMAT: u32 = 2;
-/// The format a volume with key slots is.
+/// The format new volumes get: hidden names. `init --plaintext-names` makes format 2
+/// (format 3 once it has key slots), which the releases before read.
+pub const FORMAT: u32 = NAMES_FORMAT;
+/// The format a plaintext-names volume starts at.
+pub const PLAINTEXT_NAMES_FORMAT: u32 = 2;
+/// The format a plaintext-names volume with key slots is.
 pub const SLOTS_FORMAT: u32 = 3;
+/// The format with hidden names (and key slots, if it has any).
+pub const NAMES_FORMAT: u32 = 4;
+/// How format 4 encrypts names (docs/FORMAT.md §10).
+pub const NAMES_SCHEME: &str = "aes-siv";
 /// The formats this version opens.
-pub const FORMATS: [u32; 3] = [1, 2, 3];
+pub const FORMATS: [u32; 4] = [1, 2, 3, 4];
 const MAC_LABEL: &str = "envelopefs v2 config mac";
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -46,6 +52,9 @@ pub struct VolumeConfig {
     /// every file's DEK, and any one of them opens the volume.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub slots: Vec<SlotConfig>,
+    /// How names, symlink targets and xattrs are encrypted (format 4: "aes-siv").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub names: Option<String>,
 }
 
 /// One key slot beyond the primary.
@@ -160,7 +169,7 @@ impl VolumeConfig {
         if !FORMATS.contains(&self.format) {
             return Err(Error::new(
                 libc::EINVAL,
-                format!("format {} is not supported by this version (it reads formats 1 to 3)", self.format),
+                format!("format {} is not supported by this version (it reads formats 1 to 4)", self.format),
             )
             .with_class(Class::Tampered));
         }
@@ -174,6 +183,17 @@ impl VolumeConfig {
         }
         if !self.slots.is_empty() && self.format < SLOTS_FORMAT {
             return Err(Error::tampered(format!("format {} with key slots (format 3 has them)", self.format)));
+        }
+        match (&self.names, self.format >= NAMES_FORMAT) {
+            (None, false) => {}
+            (Some(n), true) if n == NAMES_SCHEME => {}
+            (Some(n), true) => {
+                return Err(Error::tampered(format!("names = {n:?} is not a scheme this version knows")))
+            }
+            (_, true) => return Err(Error::tampered(format!("format {} without its names scheme", self.format))),
+            (Some(_), false) => {
+                return Err(Error::tampered(format!("format {} with hidden names (format 4 has them)", self.format)))
+            }
         }
         if matches!(self.provider, ProviderConfig::Recovery { .. }) {
             return Err(Error::tampered("a recovery recipient is never the primary key slot"));
@@ -449,6 +469,7 @@ mod tests {
             provider: kms(None),
             volume_key: Some(WrappedKey { kek_id: "k".into(), kek_version: 1, wrapped: "aa".into() }),
             slots: vec![],
+            names: None,
         };
         cfg.seal(&key);
         cfg.verify(&key).unwrap();
@@ -493,6 +514,7 @@ mod tests {
             provider: kms(None),
             volume_key: Some(WrappedKey { kek_id: "k".into(), kek_version: 1, wrapped: "aa".into() }),
             slots: vec![slot(ProviderConfig::Recovery { recipient: recipient.clone() })],
+            names: None,
         };
         cfg.check_shape().unwrap();
         assert_eq!(cfg.policy().count(), 2);

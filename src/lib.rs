@@ -30,6 +30,8 @@ pub mod key_slots;
 pub mod keys;
 pub mod mount;
 pub mod mount_options;
+pub mod name_paths;
+pub mod names;
 pub mod recovery;
 pub mod rekey;
 pub mod retire;

@@ -21,6 +21,8 @@ pub struct Tree {
     root: OwnedFd,
     /// The root as given (made absolute, symlinks not resolved): how paths are printed.
     path: PathBuf,
+    /// Format 4: long names' side files are not files of the volume.
+    hidden_names: bool,
 }
 
 /// A regular file (by its directory entry) met by `Tree::walk`.
@@ -41,7 +43,8 @@ impl Tree {
         let c = sys::cstr(path.as_os_str())?;
         let root = sys::openat(libc::AT_FDCWD, &c, libc::O_RDONLY | libc::O_DIRECTORY, 0)
             .map_err(|e| e.context(format!("opening the volume root {}", path.display())))?;
-        Ok(Self { root, path })
+        let hidden_names = crate::config::VolumeConfig::load(&path).is_ok_and(|c| c.names.is_some());
+        Ok(Self { root, path, hidden_names })
     }
 
     /// Call `f` for every regular file below the root, in path order, except the volume's
@@ -62,6 +65,9 @@ impl Tree {
                 continue;
             }
             let ft = e.file_type().map_err(|e| Error::io(e, format!("readdir of {}", path.display())))?;
+            if self.hidden_names && crate::names::classify(&name) == crate::names::EntryKind::Side {
+                continue;
+            }
             if ft.is_dir() || ft.is_file() {
                 entries.push((name, ft.is_dir()));
             }

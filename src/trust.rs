@@ -370,6 +370,7 @@ mod tests {
             provider,
             volume_key: None,
             slots: vec![],
+            names: None,
         }
     }
 

@@ -131,6 +131,7 @@ pub fn init(root: &Path, secret: &SecretSource, opts: &InitOptions) -> Result<Vo
             provider,
             volume_key: None,
             slots: Vec::new(),
+            names: (opts.format >= crate::config::NAMES_FORMAT).then(|| crate::config::NAMES_SCHEME.to_owned()),
         };
         let mut check = None;
         if opts.format >= 2 {
@@ -429,6 +430,8 @@ pub struct Volume {
     pub provider_errors: std::sync::atomic::AtomicU64,
     /// Format 2: the authenticated volume key (None for format 1).
     volume_key: Option<VolumeKey>,
+    /// Format 4: the keys of names, symlink targets and xattrs.
+    names: Option<crate::names::NameCipher>,
     trust: TrustStore,
     /// What this host trusts and has seen of the volume (written back when it grows).
     trusted: TrustRecord,
@@ -550,6 +553,9 @@ impl Volume {
         }
         let primary = slots[0].provider.clone();
         let mut vol = Self::with_provider(root, config, primary, opts)?;
+        if vol.config.names.is_some() {
+            vol.names = volume_key.as_ref().map(crate::names::NameCipher::new);
+        }
         vol.volume_key = volume_key;
         vol.trusted = seen;
         vol.slots = slots;
@@ -580,6 +586,7 @@ impl Volume {
             provider_calls: Default::default(),
             provider_errors: Default::default(),
             volume_key: None,
+            names: None,
             trust: opts.trust.clone(),
             revocations_seen: Default::default(),
             config_checked: std::sync::Mutex::new(std::time::Instant::now()),
@@ -640,6 +647,11 @@ impl Volume {
 
     pub fn volume_key(&self) -> Option<&VolumeKey> {
         self.volume_key.as_ref()
+    }
+
+    /// Format 4: how names look in the backing directory (None: as they are).
+    pub fn names(&self) -> Option<&crate::names::NameCipher> {
+        self.names.as_ref()
     }
 
     /// Rewrite the config after a change of keys (`key rotate`, `key retire`, `rekey

@@ -327,7 +327,11 @@ impl Fs<'_> {
     }
 
     fn backing(&self, dir: &str, name: &str) -> std::path::PathBuf {
-        self.vol.backing.join(dir).join(name)
+        let plain = std::path::Path::new(dir).join(name);
+        match self.fs.volume().names() {
+            Some(_) => self.vol.backing.join(envelopefs::name_paths::backing_path(self.fs.volume(), &plain).unwrap()),
+            None => self.vol.backing.join(plain),
+        }
     }
 
     /// The whole tree, as the model would hold it (names → content or sub-tree).
@@ -391,7 +395,10 @@ fn make_fs(vol: &TestVolume, evicting: bool) -> envelopefs::fs::EncryptedFs {
 }
 
 fn run(ops: Vec<Op>, evicting: bool) -> Result<(), TestCaseError> {
-    let vol = TestVolume::new(BLOCK as u32);
+    run_on(TestVolume::new(BLOCK as u32), ops, evicting)
+}
+
+fn run_on(vol: TestVolume, ops: Vec<Op>, evicting: bool) -> Result<(), TestCaseError> {
     let mut f = Fs { vol: &vol, fs: make_fs(&vol, evicting) };
     let mut m = Model::new();
     for (step, op) in ops.into_iter().enumerate() {
@@ -581,6 +588,18 @@ proptest! {
     #[test]
     fn the_namespace_agrees_with_the_model_when_every_inode_is_found_again(ops in ops()) {
         run(ops, true)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(
+        std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(300)
+    ))]
+    /// The same on a hidden-names volume (format 4): out-of-band damage finds its backing
+    /// file through the names' encryption.
+    #[test]
+    fn the_namespace_agrees_with_the_model_with_hidden_names(ops in ops()) {
+        run_on(TestVolume::hidden(BLOCK as u32), ops, false)?;
     }
 }
 

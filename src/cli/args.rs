@@ -99,6 +99,11 @@ pub enum Cmd {
         /// Bytes reserved at the start of each file for its two header slots.
         #[arg(long, default_value_t = 4096)]
         header_size: u32,
+        /// Keep file names, symlink targets and xattrs in the clear in the backing
+        /// directory (format 2, which older releases read). By default they are encrypted
+        /// (format 4): the backing directory shows only the tree's shape, sizes and times.
+        #[arg(long)]
+        plaintext_names: bool,
         /// Keep the keyring here instead of inside the backing directory (relative paths are
         /// relative to the backing directory).
         #[arg(long, value_name = "PATH")]

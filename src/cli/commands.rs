@@ -25,6 +25,7 @@ pub fn run(cmd: Cmd) -> Result<ExitCode> {
             provider,
             block_size,
             header_size,
+            plaintext_names,
             keyring,
             kdf_memory_mib,
             kdf_iterations,
@@ -58,7 +59,8 @@ pub fn run(cmd: Cmd) -> Result<ExitCode> {
                     volume::ProviderInit::AwsKms(s)
                 }
             };
-            let opts = InitOptions { block_size, header_size, provider, ..InitOptions::default() };
+            let format = if plaintext_names { crate::config::PLAINTEXT_NAMES_FORMAT } else { crate::config::FORMAT };
+            let opts = InitOptions { block_size, header_size, provider, format, ..InitOptions::default() };
             init(&backing, &secret.source(), &opts)
         }
         Cmd::Trust { backing, yes, module, secret } => trust(&backing, yes, module.as_deref(), &secret.source()),

@@ -7,6 +7,7 @@
 //! is found again by its `Locator`: a kernel file handle, or a name in a parent that is
 //! itself found again, checked to still be the same object.
 
+mod backing_names;
 mod fd_cache;
 mod inodes;
 
@@ -26,6 +27,7 @@ use crate::crypto::FileKey;
 use crate::envelope_file::EnvelopeFile;
 use crate::error::{Error, Result};
 use crate::journal::{Journal, Target};
+use crate::names::BackingName;
 use crate::sys;
 use crate::volume::{is_reserved, Volume};
 
@@ -108,6 +110,8 @@ pub struct DirEntry {
     /// Type bits (`S_IFMT`) of the entry.
     pub kind: u32,
     pub name: OsString,
+    /// The entry's name in the backing directory (the same, with plaintext names).
+    pub backing: OsString,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -344,6 +348,9 @@ pub struct EncryptedFs {
     next_fh: AtomicU64,
     /// Where every change to an envelope is recorded before it is made (None: no journal).
     journal: Option<Arc<Journal>>,
+    /// Held while a long name's entry and side file change, so a listing never takes a
+    /// side file written for an entry about to be made for an orphan.
+    long_names: Mutex<()>,
 }
 
 fn system_time(sec: i64, nsec: i64) -> SystemTime {
@@ -406,6 +413,7 @@ impl EncryptedFs {
             handles: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             journal: None,
+            long_names: Mutex::new(()),
         };
         fs.with_inode_fds(FileHandles::Auto, DEFAULT_MAX_INODE_FDS)
     }
@@ -618,6 +626,8 @@ impl EncryptedFs {
                 Ok(s) => s,
                 Err(e) => e.readable_size(),
             };
+        } else if st.st_mode & libc::S_IFMT == libc::S_IFLNK && self.vol.names().is_some() {
+            size = crate::names::target_len(size);
         }
         Attr {
             ino,
@@ -635,31 +645,50 @@ impl EncryptedFs {
         }
     }
 
-    fn check_name(&self, parent: u64, name: &OsStr) -> Result<()> {
-        if is_reserved(name, parent == ROOT_INO) {
+    /// The backing name of a name to make, change or remove in `parent`. With plaintext
+    /// names the volume's own files are out of reach; encrypted names never meet them.
+    fn backing_name(&self, parent: u64, name: &OsStr) -> Result<BackingName> {
+        if self.vol.names().is_none() && is_reserved(name, parent == ROOT_INO) {
             return Err(Error::new(libc::EPERM, format!("{name:?} is reserved for the volume's own files")));
         }
-        Ok(())
+        backing_names::resolve(self.vol.names(), name)
     }
 
-    fn lookup_fd(&self, parent: &Arc<Inode>, name: &OsStr) -> Result<Attr> {
-        let c = sys::cstr(name)?;
+    /// Hold the long-name lock if `names` has a long one.
+    fn long_name_guard(&self, names: &[&BackingName]) -> Option<std::sync::MutexGuard<'_, ()>> {
+        names.iter().any(|b| b.side.is_some()).then(|| self.long_names.lock().unwrap())
+    }
+
+    /// Make the entry of `b` in `dir` with `make`, its side file first if it is long.
+    fn make_named(&self, dir: RawFd, b: &BackingName, make: impl FnOnce(&std::ffi::CStr) -> Result<()>) -> Result<()> {
+        let _g = self.long_name_guard(&[b]);
+        backing_names::put_side(dir, b)?;
+        let made = make(&sys::cstr(&b.main)?);
+        if made.is_err() {
+            let _ = backing_names::drop_side(dir, b);
+        }
+        made
+    }
+
+    fn lookup_fd(&self, parent: &Arc<Inode>, backing: &OsStr) -> Result<Attr> {
+        let c = sys::cstr(backing)?;
         let fd = sys::open_path(self.fd(parent)?.as_raw_fd(), &c)?;
         let st = sys::fstat(fd.as_raw_fd())?;
-        let inode = self.intern(fd, &st, parent, name);
+        let inode = self.intern(fd, &st, parent, backing);
         Ok(self.attr_of(inode.ino, &st))
     }
 
     pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr> {
-        if is_reserved(name, parent == ROOT_INO) {
-            return Err(Error::new(libc::ENOENT, "reserved name"));
-        }
         if name == "." || name == ".." {
             // Only sent for NFS export, which is off; never step above the backing root.
             return Err(Error::new(libc::ENOENT, "no lookup of . or .."));
         }
+        let b = match self.vol.names() {
+            None if is_reserved(name, parent == ROOT_INO) => return Err(Error::new(libc::ENOENT, "reserved name")),
+            names => backing_names::resolve(names, name)?,
+        };
         let p = self.inode(parent)?;
-        self.lookup_fd(&p, name)
+        self.lookup_fd(&p, &b.main)
     }
 
     pub fn getattr(&self, ino: u64) -> Result<Attr> {
@@ -697,49 +726,58 @@ impl EncryptedFs {
     }
 
     pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, umask: u32, caller: Caller) -> Result<Attr> {
-        self.check_name(parent, name)?;
+        let b = self.backing_name(parent, name)?;
         let p = self.inode(parent)?;
         let dir = self.fd(&p)?;
         let mode = mode & !umask & 0o7777;
-        let c = sys::cstr(name)?;
-        Self::make_as(caller, || sys::mkdirat(dir.as_raw_fd(), &c, mode))?;
-        self.finish_new(&p, dir.as_raw_fd(), name, caller, libc::S_IFDIR)
+        self.make_named(dir.as_raw_fd(), &b, |c| Self::make_as(caller, || sys::mkdirat(dir.as_raw_fd(), c, mode)))?;
+        self.finish_new(&p, dir.as_raw_fd(), &b.main, caller, libc::S_IFDIR)
     }
 
     /// Regular files, fifos, sockets and device nodes. A regular file starts empty, with
     /// no header: its first write creates one.
     pub fn mknod(&self, parent: u64, name: &OsStr, mode: u32, umask: u32, rdev: u32, caller: Caller) -> Result<Attr> {
-        self.check_name(parent, name)?;
+        let b = self.backing_name(parent, name)?;
         let p = self.inode(parent)?;
         let dir = self.fd(&p)?;
         let perm = mode & !umask & 0o7777;
-        let c = sys::cstr(name)?;
-        Self::make_as(caller, || sys::mknodat(dir.as_raw_fd(), &c, (mode & libc::S_IFMT) | perm, rdev as u64))?;
-        self.finish_new(&p, dir.as_raw_fd(), name, caller, mode & libc::S_IFMT)
+        self.make_named(dir.as_raw_fd(), &b, |c| {
+            Self::make_as(caller, || sys::mknodat(dir.as_raw_fd(), c, (mode & libc::S_IFMT) | perm, rdev as u64))
+        })?;
+        self.finish_new(&p, dir.as_raw_fd(), &b.main, caller, mode & libc::S_IFMT)
     }
 
     pub fn symlink(&self, parent: u64, name: &OsStr, target: &OsStr, caller: Caller) -> Result<Attr> {
-        self.check_name(parent, name)?;
+        let b = self.backing_name(parent, name)?;
         let p = self.inode(parent)?;
         let dir = self.fd(&p)?;
-        let (t, c) = (sys::cstr(target)?, sys::cstr(name)?);
-        Self::make_as(caller, || sys::symlinkat(&t, dir.as_raw_fd(), &c))?;
-        self.finish_new(&p, dir.as_raw_fd(), name, caller, libc::S_IFLNK)
+        let t = match self.vol.names() {
+            Some(c) => std::ffi::CString::new(c.encrypt_target(target.as_bytes())?).expect("base64 has no NUL"),
+            None => sys::cstr(target)?,
+        };
+        self.make_named(dir.as_raw_fd(), &b, |c| Self::make_as(caller, || sys::symlinkat(&t, dir.as_raw_fd(), c)))?;
+        self.finish_new(&p, dir.as_raw_fd(), &b.main, caller, libc::S_IFLNK)
     }
 
     pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
-        sys::readlinkat(self.fd(&*self.inode(ino)?)?.as_raw_fd())
+        let inode = self.inode(ino)?;
+        let stored = sys::readlinkat(self.fd(&inode)?.as_raw_fd())?;
+        match self.vol.names() {
+            Some(c) => c.decrypt_target(&stored).map_err(|e| e.context(self.describe_inode(&inode))),
+            None => Ok(stored),
+        }
     }
 
     pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> Result<Attr> {
-        self.check_name(newparent, newname)?;
+        let b = self.backing_name(newparent, newname)?;
         let inode = self.inode(ino)?;
         let np = self.inode(newparent)?;
         let fd = self.fd(&inode)?;
-        sys::linkat_fd(fd.as_raw_fd(), self.fd(&np)?.as_raw_fd(), &sys::cstr(newname)?)?;
+        let newdir = self.fd(&np)?;
+        self.make_named(newdir.as_raw_fd(), &b, |c| sys::linkat_fd(fd.as_raw_fd(), newdir.as_raw_fd(), c))?;
         let st = sys::fstat(fd.as_raw_fd())?;
         let inode = self.table.add_lookup(&inode);
-        inode.add_name(&np, newname);
+        inode.add_name(&np, &b.main);
         Ok(self.attr_of(inode.ino, &st))
     }
 
@@ -752,14 +790,16 @@ impl EncryptedFs {
     }
 
     fn remove(&self, parent: u64, name: &OsStr, flags: i32) -> Result<()> {
-        self.check_name(parent, name)?;
+        let b = self.backing_name(parent, name)?;
         let p = self.inode(parent)?;
         let dir = self.fd(&p)?;
-        let c = sys::cstr(name)?;
+        let c = sys::cstr(&b.main)?;
+        let _g = self.long_name_guard(&[&b]);
         let gone = self.known_at(dir.as_raw_fd(), &c);
         sys::unlinkat(dir.as_raw_fd(), &c, flags)?;
+        backing_names::drop_side(dir.as_raw_fd(), &b)?;
         if let Some((node, fd)) = gone {
-            node.drop_name(&p, name, &fd);
+            node.drop_name(&p, &b.main, &fd);
         }
         Ok(())
     }
@@ -775,9 +815,12 @@ impl EncryptedFs {
     }
 
     /// `flags`: RENAME_NOREPLACE and RENAME_EXCHANGE pass through; RENAME_WHITEOUT is refused.
+    /// A long name's side file is written before the rename and the old one removed after
+    /// it (see `backing_names`); an exchange keeps both names, so both side files stay.
     pub fn rename(&self, parent: u64, name: &OsStr, newparent: u64, newname: &OsStr, flags: u32) -> Result<()> {
-        self.check_name(parent, name)?;
-        self.check_name(newparent, newname)?;
+        let from = self.backing_name(parent, name)?;
+        let to = self.backing_name(newparent, newname)?;
+        let (name, newname) = (from.main.as_os_str(), to.main.as_os_str());
         if flags & !(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) != 0 {
             return Err(Error::new(libc::EINVAL, "unsupported rename flags"));
         }
@@ -785,9 +828,15 @@ impl EncryptedFs {
         let np = self.inode(newparent)?;
         let (dir, newdir) = (self.fd(&p)?, self.fd(&np)?);
         let (c, newc) = (sys::cstr(name)?, sys::cstr(newname)?);
+        let _g = self.long_name_guard(&[&from, &to]);
         let moved = self.known_at(dir.as_raw_fd(), &c);
         let other = self.known_at(newdir.as_raw_fd(), &newc);
-        sys::renameat2(dir.as_raw_fd(), &c, newdir.as_raw_fd(), &newc, flags)?;
+        backing_names::put_side(newdir.as_raw_fd(), &to)?;
+        if let Err(e) = sys::renameat2(dir.as_raw_fd(), &c, newdir.as_raw_fd(), &newc, flags) {
+            let _ = backing_names::drop_side(newdir.as_raw_fd(), &to);
+            return Err(e);
+        }
+        backing_names::drop_side(dir.as_raw_fd(), &from)?;
         // Found again by name, a moved inode follows its new name. Renaming a directory
         // changes no name beneath it: children name their parent's inode, not a path.
         if let Some((n, _)) = moved {
@@ -959,13 +1008,23 @@ impl EncryptedFs {
         flags: i32,
         caller: Caller,
     ) -> Result<(Attr, u64)> {
-        self.check_name(parent, name)?;
+        let b = self.backing_name(parent, name)?;
+        let name = b.main.as_os_str();
         let p = self.inode(parent)?;
         let dir = self.fd(&p)?;
-        let c = sys::cstr(name)?;
         let perm = mode & !umask & 0o7777;
         self.vol.can_make_keys(&|| format!("{}/{}", sys::describe_fd(dir.as_raw_fd()), name.to_string_lossy()))?;
-        match sys::openat(dir.as_raw_fd(), &c, libc::O_CREAT | libc::O_EXCL | libc::O_RDWR | libc::O_NOFOLLOW, perm) {
+        let mut made = None;
+        let res = self.make_named(dir.as_raw_fd(), &b, |c| {
+            made = Some(sys::openat(
+                dir.as_raw_fd(),
+                c,
+                libc::O_CREAT | libc::O_EXCL | libc::O_RDWR | libc::O_NOFOLLOW,
+                perm,
+            )?);
+            Ok(())
+        });
+        match res.map(|()| made.expect("made on success")) {
             Ok(fd) => {
                 // Owner and mode go to the descriptor just created, never to whatever the
                 // name holds by now.
@@ -1065,13 +1124,18 @@ impl EncryptedFs {
         let path = format!("/proc/self/fd/{}", dir.as_raw_fd());
         let describe = || sys::describe_fd(dir.as_raw_fd());
         let mut entries = vec![
-            DirEntry { ino, kind: libc::S_IFDIR, name: ".".into() },
-            DirEntry { ino: ROOT_INO, kind: libc::S_IFDIR, name: "..".into() },
+            DirEntry { ino, kind: libc::S_IFDIR, name: ".".into(), backing: ".".into() },
+            DirEntry { ino: ROOT_INO, kind: libc::S_IFDIR, name: "..".into(), backing: "..".into() },
         ];
+        let mut raw = Vec::new();
         for e in std::fs::read_dir(&path).map_err(|e| Error::io(e, format!("readdir {}", describe())))? {
             let e = e.map_err(|e| Error::io(e, format!("readdir {}", describe())))?;
             let name = e.file_name();
             if is_reserved(&name, ino == ROOT_INO) {
+                continue;
+            }
+            if self.vol.names().is_some() && crate::names::classify(&name) == crate::names::EntryKind::Side {
+                raw.push((name, 0, 0));
                 continue;
             }
             let ft = e.file_type().map_err(|e| Error::io(e, "readdir"))?;
@@ -1091,7 +1155,24 @@ impl EncryptedFs {
             } else {
                 libc::S_IFREG
             };
-            entries.push(DirEntry { ino: e.ino(), kind, name });
+            raw.push((name, e.ino(), kind));
+        }
+        match self.vol.names() {
+            None => entries.extend(raw.into_iter().map(|(name, ino, kind)| DirEntry {
+                ino,
+                kind,
+                backing: name.clone(),
+                name,
+            })),
+            Some(c) => {
+                let _g = self.long_names.lock().unwrap();
+                let kinds: HashMap<OsString, (u64, u32)> = raw.iter().map(|(n, i, k)| (n.clone(), (*i, *k))).collect();
+                let listed = backing_names::list(c, dir.as_raw_fd(), raw.into_iter().map(|r| r.0).collect(), &describe);
+                entries.extend(listed.into_iter().map(|l| {
+                    let (ino, kind) = kinds[&l.backing];
+                    DirEntry { ino, kind, name: l.name, backing: l.backing }
+                }));
+            }
         }
         Ok(self.add_handle(Handle::Dir(Arc::new(DirHandle { inode, entries }))))
     }
@@ -1126,7 +1207,7 @@ impl EncryptedFs {
                 added += 1;
                 continue;
             }
-            let attr = match self.lookup_fd(&dir.inode, &e.name) {
+            let attr = match self.lookup_fd(&dir.inode, &e.backing) {
                 Ok(a) => a,
                 Err(err) if err.errno() == libc::ENOENT => continue, // removed since opendir
                 // Hand back what is already in the reply; the next call starts at this entry
@@ -1163,17 +1244,21 @@ impl EncryptedFs {
             files: s.f_files,
             ffree: s.f_ffree,
             bsize: s.f_bsize as u32,
-            namelen: s.f_namemax as u32,
+            namelen: if self.vol.names().is_some() { crate::names::NAME_MAX as u32 } else { s.f_namemax as u32 },
             frsize: s.f_frsize as u32,
         })
     }
 
-    /// Only `user.*` extended attributes pass through (stored unencrypted, like names).
-    fn xattr_name(name: &OsStr) -> Result<std::ffi::CString> {
+    /// Only `user.*` extended attributes pass through: as they are with plaintext names,
+    /// else with names and values encrypted (see `names`).
+    fn xattr_name(&self, name: &OsStr) -> Result<std::ffi::CString> {
         if !name.as_bytes().starts_with(b"user.") {
             return Err(Error::new(libc::EOPNOTSUPP, "only user.* extended attributes are supported"));
         }
-        sys::cstr(name)
+        match self.vol.names() {
+            Some(c) => Ok(std::ffi::CString::new(c.encrypt_xattr_name(name.as_bytes())?).expect("base64 has no NUL")),
+            None => sys::cstr(name),
+        }
     }
 
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
@@ -1181,7 +1266,19 @@ impl EncryptedFs {
         if inode.is_symlink() {
             return Err(Error::new(libc::EPERM, "no user xattrs on symlinks"));
         }
-        sys::setxattr(self.fd(&inode)?.as_raw_fd(), &Self::xattr_name(name)?, value, flags)
+        let stored = self.xattr_name(name)?;
+        let sealed;
+        let value = match self.vol.names() {
+            Some(c) => {
+                if value.len() + crate::names::XATTR_VALUE_OVERHEAD > 65536 {
+                    return Err(Error::new(libc::E2BIG, "an xattr value this long does not fit once encrypted"));
+                }
+                sealed = c.seal_xattr_value(stored.as_bytes(), value)?;
+                &sealed[..]
+            }
+            None => value,
+        };
+        sys::setxattr(self.fd(&inode)?.as_raw_fd(), &stored, value, flags)
     }
 
     pub fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> Result<Vec<u8>> {
@@ -1189,7 +1286,20 @@ impl EncryptedFs {
         if !name.as_bytes().starts_with(b"user.") || inode.is_symlink() {
             return Err(Error::new(libc::ENODATA, "no such attribute"));
         }
-        sys::getxattr(self.fd(&inode)?.as_raw_fd(), &sys::cstr(name)?, size as usize)
+        let fd = self.fd(&inode)?;
+        let Some(c) = self.vol.names() else {
+            return sys::getxattr(fd.as_raw_fd(), &sys::cstr(name)?, size as usize);
+        };
+        let stored = self.xattr_name(name)?;
+        let len = sys::getxattr(fd.as_raw_fd(), &stored, 0)?.len();
+        let value = c
+            .open_xattr_value(stored.as_bytes(), &sys::getxattr(fd.as_raw_fd(), &stored, len.max(1))?)
+            .map_err(|e| e.context(format!("xattr {name:?} of {}", self.describe_inode(&inode))))?;
+        match size as usize {
+            0 => Ok(vec![0u8; value.len()]),
+            n if n < value.len() => Err(Error::new(libc::ERANGE, "xattr value larger than the buffer")),
+            _ => Ok(value),
+        }
     }
 
     /// The NUL-separated list of `user.*` names.
@@ -1201,7 +1311,20 @@ impl EncryptedFs {
         let all = sys::listxattr(self.fd(&inode)?.as_raw_fd())?;
         let mut out = Vec::new();
         for n in all.split(|&b| b == 0).filter(|n| n.starts_with(b"user.")) {
-            out.extend_from_slice(n);
+            match self.vol.names() {
+                None => out.extend_from_slice(n),
+                Some(c) => match c.decrypt_xattr_name(n) {
+                    Some(plain) => out.extend_from_slice(&plain),
+                    None => {
+                        tracing::warn!(
+                            "{}: xattr {:?} is not one this volume encrypted: left out",
+                            self.describe_inode(&inode),
+                            OsStr::from_bytes(n)
+                        );
+                        continue;
+                    }
+                },
+            }
             out.push(0);
         }
         Ok(out)
@@ -1212,6 +1335,6 @@ impl EncryptedFs {
         if inode.is_symlink() {
             return Err(Error::new(libc::EPERM, "no user xattrs on symlinks"));
         }
-        sys::removexattr(self.fd(&inode)?.as_raw_fd(), &Self::xattr_name(name)?)
+        sys::removexattr(self.fd(&inode)?.as_raw_fd(), &self.xattr_name(name)?)
     }
 }

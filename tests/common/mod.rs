@@ -52,7 +52,18 @@ pub struct TestVolume {
 }
 
 impl TestVolume {
+    /// A plaintext-names volume (format 2): most tests reach into the backing directory
+    /// by name.
     pub fn new(block_size: u32) -> Self {
+        Self::with_format(block_size, envelopefs::config::PLAINTEXT_NAMES_FORMAT)
+    }
+
+    /// A hidden-names volume (format 4, the default of `init`).
+    pub fn hidden(block_size: u32) -> Self {
+        Self::with_format(block_size, envelopefs::config::NAMES_FORMAT)
+    }
+
+    pub fn with_format(block_size: u32, format: u32) -> Self {
         let dir = tempfile::Builder::new().prefix("envelopefs-test").tempdir().unwrap();
         let backing = dir.path().join("backing");
         fs::create_dir(&backing).unwrap();
@@ -60,7 +71,7 @@ impl TestVolume {
         let mut k = [0u8; 32];
         getrandom::getrandom(&mut k).unwrap();
         fs::write(&key, k).unwrap();
-        let opts = InitOptions { block_size, trust: test_trust(), ..InitOptions::default() };
+        let opts = InitOptions { block_size, format, trust: test_trust(), ..InitOptions::default() };
         volume::init(&backing, &Self::source_for(&key), &opts).unwrap();
         Self { dir, backing, key }
     }

@@ -1,0 +1,108 @@
+//! Names in the backing directory as the frontend uses them: a plaintext name's entry (its
+//! encryption, in format 4), and for a long name the side file that holds it whole.
+//!
+//! A side file is named after a hash of what it holds, so it is checked by its name and
+//! can be left behind only as an orphan: it is written (and synced) before its entry is
+//! made, and removed after its entry is gone. A crash in between leaves a side file
+//! without an entry, which no lookup reaches and the next listing of the directory
+//! removes.
+
+use std::ffi::{OsStr, OsString};
+use std::io::Write;
+use std::os::fd::{AsRawFd, RawFd};
+
+use crate::error::{Error, Result};
+use crate::names::{BackingName, EntryKind, NameCipher};
+use crate::sys;
+
+/// A plaintext name resolved to the backing directory.
+pub fn resolve(cipher: Option<&NameCipher>, name: &OsStr) -> Result<BackingName> {
+    match cipher {
+        Some(c) => c.encrypt_name(name),
+        None => Ok(BackingName { main: name.to_owned(), side: None }),
+    }
+}
+
+/// Write a long name's side file, before its entry is made.
+pub fn put_side(dir: RawFd, b: &BackingName) -> Result<()> {
+    let Some((side, content)) = &b.side else { return Ok(()) };
+    let fd =
+        sys::openat(dir, &sys::cstr(side)?, libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW, 0o644)
+            .map_err(|e| e.context(format!("creating long-name file {side:?}")))?;
+    let mut f = std::fs::File::from(fd);
+    f.write_all(content)
+        .and_then(|_| f.sync_data())
+        .map_err(|e| Error::io(e, format!("writing long-name file {side:?}")))
+}
+
+/// Remove a long name's side file if its entry is not there (gone, never made, or a
+/// rename that did nothing).
+pub fn drop_side(dir: RawFd, b: &BackingName) -> Result<()> {
+    let Some((side, _)) = &b.side else { return Ok(()) };
+    if sys::fstatat_nofollow(dir, &sys::cstr(&b.main)?).is_ok() {
+        return Ok(());
+    }
+    match sys::unlinkat(dir, &sys::cstr(side)?, 0) {
+        Err(e) if e.errno() != libc::ENOENT => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// One entry of a backing directory, named as the plaintext view shows it.
+pub struct Listed {
+    pub name: OsString,
+    pub backing: OsString,
+}
+
+/// The plaintext names of a format-4 directory's entries; entries that are not this
+/// volume's (or do not decrypt) are logged and left out, orphaned side files removed.
+pub fn list(cipher: &NameCipher, dir: RawFd, entries: Vec<OsString>, describe: &dyn Fn() -> String) -> Vec<Listed> {
+    let mut out = Vec::with_capacity(entries.len());
+    let mut sides = Vec::new();
+    let mut mains = std::collections::HashSet::new();
+    for e in entries {
+        let name = match crate::names::classify(&e) {
+            EntryKind::Short => cipher.decrypt_name(e.as_encoded_bytes()),
+            EntryKind::Long => read_side(dir, &e).and_then(|full| cipher.decrypt_side(&e, &full)),
+            EntryKind::Side => {
+                sides.push(e);
+                continue;
+            }
+            EntryKind::Foreign => Err(Error::corrupt("not a name this volume makes")),
+        };
+        match name {
+            Ok(name) => {
+                mains.insert(e.clone());
+                out.push(Listed { name, backing: e });
+            }
+            Err(err) => tracing::warn!("{}/{}: left out of the listing: {err}", describe(), e.to_string_lossy()),
+        }
+    }
+    for side in sides {
+        let Some(main) = crate::names::stand_in_of(&side) else { continue };
+        if !mains.contains(main) {
+            let b = BackingName { main: main.to_owned(), side: Some((side.clone(), Vec::new())) };
+            match drop_side(dir, &b) {
+                Ok(()) => {
+                    tracing::info!("{}/{}: removed an orphaned long-name file", describe(), side.to_string_lossy())
+                }
+                Err(e) => tracing::warn!("{}/{}: orphaned long-name file: {e}", describe(), side.to_string_lossy()),
+            }
+        }
+    }
+    out
+}
+
+fn read_side(dir: RawFd, main: &OsStr) -> Result<Vec<u8>> {
+    let side = crate::names::side_name(main);
+    let fd = sys::openat(dir, &sys::cstr(&side)?, libc::O_RDONLY | libc::O_NOFOLLOW, 0)
+        .map_err(|e| e.context(format!("reading long-name file {side:?}")))?;
+    let mut buf = vec![0u8; 1024];
+    // SAFETY: `buf` is writable for its length; `fd` is open.
+    let n = unsafe { libc::pread(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n < 0 {
+        return Err(crate::error::last_os(format!("reading long-name file {side:?}")));
+    }
+    buf.truncate(n as usize);
+    Ok(buf)
+}

@@ -1,0 +1,142 @@
+//! Hidden names for the offline tools: plaintext paths to backing paths and back
+//! (`envelopefs name`, messages), and fsck's check that every name decrypts.
+
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::path::{Component, Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::names::{classify, EntryKind, NameCipher};
+use crate::sys;
+use crate::volume::{is_reserved, Volume};
+
+fn cipher(vol: &Volume) -> Result<&NameCipher> {
+    vol.names().ok_or_else(|| Error::new(libc::EINVAL, "this volume keeps plaintext names (format 2 or 3)"))
+}
+
+fn components(rel: &Path) -> Result<Vec<&OsStr>> {
+    rel.components()
+        .filter(|c| !matches!(c, Component::CurDir | Component::RootDir))
+        .map(|c| match c {
+            Component::Normal(n) => Ok(n),
+            _ => Err(Error::new(libc::EINVAL, format!("{}: only plain names, no ..", rel.display()))),
+        })
+        .collect()
+}
+
+/// The backing path (relative to the volume root) of a plaintext path in the volume.
+pub fn backing_path(vol: &Volume, plain: &Path) -> Result<PathBuf> {
+    let c = cipher(vol)?;
+    components(plain)?.into_iter().map(|n| c.encrypt_name(n).map(|b| PathBuf::from(b.main))).collect()
+}
+
+/// The plaintext path of a backing path (relative to the volume root, or absolute inside
+/// it). Long names are read from their side files, which must be where the path says.
+pub fn plain_path(vol: &Volume, backing: &Path) -> Result<PathBuf> {
+    let c = cipher(vol)?;
+    let rel = backing.strip_prefix(&vol.root).unwrap_or(backing);
+    let mut dir = vol.root.clone();
+    let mut out = PathBuf::new();
+    for n in components(rel)? {
+        let plain = match classify(n) {
+            EntryKind::Short => c.decrypt_name(n.as_bytes())?,
+            EntryKind::Long => {
+                let side = dir.join(crate::names::side_name(n));
+                let full = std::fs::read(&side).map_err(|e| Error::io(e, format!("reading {}", side.display())))?;
+                c.decrypt_side(n, &full)?
+            }
+            _ => return Err(Error::corrupt(format!("{:?} is not a name this volume encrypted", n))),
+        };
+        out.push(plain);
+        dir.push(n);
+    }
+    Ok(out)
+}
+
+/// A backing path with its plaintext path, for messages to the admin (never written to
+/// the backing directory).
+pub fn describe(vol: &Volume, backing: &Path) -> String {
+    match vol.names().and_then(|_| plain_path(vol, backing).ok()) {
+        Some(p) => format!("{} ({})", backing.display(), p.display()),
+        None => backing.display().to_string(),
+    }
+}
+
+/// What fsck found wrong with a name.
+#[derive(Debug)]
+pub struct NameProblem {
+    pub path: PathBuf,
+    pub what: String,
+    pub repaired: bool,
+}
+
+/// fsck: every entry of the tree has a name that decrypts, every long name its side file,
+/// every symlink a target that decrypts. `repair` removes orphaned side files.
+pub fn check_names(vol: &Volume, repair: bool) -> Result<Vec<NameProblem>> {
+    let mut out = Vec::new();
+    let Some(c) = vol.names() else { return Ok(out) };
+    let root = sys::openat(libc::AT_FDCWD, &sys::cstr(vol.root.as_os_str())?, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+    walk(c, root.as_raw_fd(), &vol.root, true, repair, &mut out)?;
+    Ok(out)
+}
+
+fn walk(
+    c: &NameCipher,
+    dir: RawFd,
+    path: &Path,
+    is_root: bool,
+    repair: bool,
+    rep: &mut Vec<NameProblem>,
+) -> Result<()> {
+    let listing = format!("/proc/self/fd/{dir}");
+    let mut entries: Vec<(OsString, std::fs::FileType)> = Vec::new();
+    for e in std::fs::read_dir(&listing).map_err(|e| Error::io(e, format!("listing {}", path.display())))? {
+        let e = e.map_err(|e| Error::io(e, format!("listing {}", path.display())))?;
+        let ft = e.file_type().map_err(|e| Error::io(e, format!("listing {}", path.display())))?;
+        entries.push((e.file_name(), ft));
+    }
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    let names: std::collections::HashSet<&OsStr> = entries.iter().map(|(n, _)| n.as_os_str()).collect();
+    let mut problems = Vec::new();
+    for (name, ft) in &entries {
+        if is_reserved(name, is_root) {
+            continue;
+        }
+        let p = path.join(name);
+        let mut problem = |what: String, repaired: bool| problems.push(NameProblem { path: p.clone(), what, repaired });
+        let decrypted = match classify(name) {
+            EntryKind::Short => c.decrypt_name(name.as_bytes()).map(drop),
+            EntryKind::Long => std::fs::read(path.join(crate::names::side_name(name)))
+                .map_err(|e| Error::io(e, "its long-name file"))
+                .and_then(|full| c.decrypt_side(name, &full).map(drop)),
+            EntryKind::Side => {
+                let main = crate::names::stand_in_of(name).expect("a side file's name");
+                if !names.contains(main) {
+                    let removed = repair && sys::unlinkat(dir, &sys::cstr(name)?, 0).is_ok();
+                    problem("a long-name file whose entry is gone (left by a crash; harmless)".into(), removed);
+                }
+                continue;
+            }
+            EntryKind::Foreign => Err(Error::corrupt("not a name this volume encrypted")),
+        };
+        if let Err(e) = decrypted {
+            problem(format!("name does not decrypt: {e}"), false);
+            continue;
+        }
+        if ft.is_symlink() {
+            let target = std::fs::read_link(&p).map_err(|e| Error::io(e, format!("readlink {}", p.display())))?;
+            if let Err(e) = c.decrypt_target(target.as_os_str().as_bytes()) {
+                problem(format!("symlink target: {e}"), false);
+            }
+        } else if ft.is_dir() {
+            match sys::openat(dir, &sys::cstr(name)?, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0) {
+                Ok(sub) => walk(c, sub.as_raw_fd(), &p, false, repair, rep)?,
+                Err(e) if [libc::ENOENT, libc::ELOOP, libc::ENOTDIR].contains(&e.errno()) => {}
+                Err(e) => return Err(e.context(format!("opening directory {}", p.display()))),
+            }
+        }
+    }
+    rep.extend(problems);
+    Ok(())
+}

@@ -1,0 +1,287 @@
+//! Hidden names (format 4) through a real mount: nothing the user named shows in the
+//! backing directory, every name of every legal length comes back after a remount, names
+//! changed in the backing directory are refused, and a kill -9 during renames of long
+//! names leaves no orphaned side file and no name that does not resolve.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use common::{cli, TestVolume};
+
+const MARK: &[u8] = b"ZQXJMARK";
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+fn name(parts: &[&[u8]]) -> std::ffi::OsString {
+    OsStr::from_bytes(&parts.concat()).to_owned()
+}
+
+/// Every path, symlink target, xattr name and value and file byte below `root`.
+fn backing_leaks(root: &Path, needle: &[u8]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for e in fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(root).unwrap().as_os_str().as_bytes().to_vec();
+            if contains(&rel, needle) {
+                out.push(format!("path {p:?}"));
+            }
+            let meta = fs::symlink_metadata(&p).unwrap();
+            if meta.file_type().is_symlink() {
+                if contains(fs::read_link(&p).unwrap().as_os_str().as_bytes(), needle) {
+                    out.push(format!("symlink target of {p:?}"));
+                }
+                continue;
+            }
+            for x in xattr_names(&p) {
+                if contains(&x, needle) {
+                    out.push(format!("xattr name on {p:?}"));
+                }
+                if contains(&xattr_value(&p, &x), needle) {
+                    out.push(format!("xattr value on {p:?}"));
+                }
+            }
+            if meta.is_dir() {
+                stack.push(p);
+            } else if contains(&fs::read(&p).unwrap(), needle) {
+                out.push(format!("content of {p:?}"));
+            }
+        }
+    }
+    out
+}
+
+fn cpath(p: &Path) -> std::ffi::CString {
+    std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap()
+}
+
+fn xattr_names(p: &Path) -> Vec<Vec<u8>> {
+    let mut buf = vec![0u8; 65536];
+    // SAFETY: the path is NUL-terminated and `buf` is writable for its length.
+    let n = unsafe { libc::llistxattr(cpath(p).as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    assert!(n >= 0, "llistxattr {p:?}");
+    buf[..n as usize].split(|&b| b == 0).filter(|n| !n.is_empty()).map(<[u8]>::to_vec).collect()
+}
+
+fn xattr_value(p: &Path, name: &[u8]) -> Vec<u8> {
+    let n = std::ffi::CString::new(name).unwrap();
+    let mut buf = vec![0u8; 65536];
+    // SAFETY: both strings are NUL-terminated and `buf` is writable for its length.
+    let len = unsafe { libc::lgetxattr(cpath(p).as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    assert!(len >= 0, "lgetxattr {p:?}");
+    buf.truncate(len as usize);
+    buf
+}
+
+fn set_xattr(p: &Path, name: &[u8], value: &[u8]) {
+    let n = std::ffi::CString::new(name).unwrap();
+    // SAFETY: both strings are NUL-terminated and `value` is readable for its length.
+    let r = unsafe { libc::setxattr(cpath(p).as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+    assert_eq!(r, 0, "setxattr {p:?}: {}", std::io::Error::last_os_error());
+}
+
+/// Side files (`~….name`) whose entry is missing.
+fn orphans(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for e in fs::read_dir(&dir).unwrap() {
+            let e = e.unwrap();
+            let n = e.file_name();
+            let b = n.as_bytes();
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else if b.starts_with(b"~") && b.ends_with(b".name") {
+                let main = dir.join(OsStr::from_bytes(&b[..b.len() - 5]));
+                if fs::symlink_metadata(&main).is_err() {
+                    out.push(e.path());
+                }
+            }
+        }
+    }
+    out
+}
+
+fn fsck(vol: &TestVolume) -> std::process::Output {
+    cli(&[&"fsck", &"--key-file", &vol.key, &vol.backing])
+}
+
+#[test]
+fn no_name_target_or_xattr_shows_in_the_backing_directory_and_all_come_back() {
+    let vol = TestVolume::hidden(4096);
+    let long = name(&[MARK, &[b'n'; 247]]);
+    assert_eq!(long.len(), 255);
+    let long_dir = name(&[MARK, b"-dir-", &[b'd'; 190]]);
+    let non_utf8 = name(&[MARK, b"\xff\xfe-bytes"]);
+    let target = [MARK, b"-target/../x"].concat();
+    {
+        let m = vol.mount(&[]);
+        fs::create_dir(m.path("ZQXJMARK-dir")).unwrap();
+        fs::write(m.path("ZQXJMARK-dir/ZQXJMARK-file"), b"short name").unwrap();
+        fs::write(m.mnt.join(&long), b"255 bytes").unwrap();
+        fs::write(m.mnt.join(&non_utf8), b"not utf-8").unwrap();
+        fs::create_dir(m.mnt.join(&long_dir)).unwrap();
+        fs::write(m.mnt.join(&long_dir).join(&long), b"long in long").unwrap();
+        std::os::unix::fs::symlink(OsStr::from_bytes(&target), m.path("ZQXJMARK-link")).unwrap();
+        set_xattr(&m.path("ZQXJMARK-dir/ZQXJMARK-file"), b"user.ZQXJMARK", b"ZQXJMARK-value");
+        // Long names through link, rename (long to long, long to short, short to long) and unlink.
+        let long2 = name(&[MARK, &[b'o'; 200]]);
+        fs::hard_link(m.mnt.join(&long), m.mnt.join(&long2)).unwrap();
+        fs::rename(m.mnt.join(&long2), m.path("ZQXJMARK-dir/ZQXJMARK-was-long")).unwrap();
+        let long3 = name(&[MARK, &[b'p'; 230]]);
+        fs::write(m.path("ZQXJMARK-short"), b"becomes long").unwrap();
+        fs::rename(m.path("ZQXJMARK-short"), m.mnt.join(&long3)).unwrap();
+        let gone = name(&[MARK, &[b'q'; 220]]);
+        fs::write(m.mnt.join(&gone), b"removed").unwrap();
+        fs::remove_file(m.mnt.join(&gone)).unwrap();
+
+        let too_long = name(&[MARK, &[b'n'; 248]]);
+        let e = fs::write(m.mnt.join(&too_long), b"").unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENAMETOOLONG), "{e}");
+        assert_eq!(fs::symlink_metadata(m.path("ZQXJMARK-link")).unwrap().len(), target.len() as u64);
+    }
+    let leaks = backing_leaks(&vol.backing, MARK);
+    assert!(leaks.is_empty(), "the marker shows in the backing directory: {leaks:#?}");
+    assert!(orphans(&vol.backing).is_empty(), "{:?}", orphans(&vol.backing));
+
+    let m = vol.mount(&[]);
+    let mut top: Vec<_> = fs::read_dir(&m.mnt).unwrap().map(|e| e.unwrap().file_name()).collect();
+    top.sort();
+    let mut want = vec![
+        OsStr::new("ZQXJMARK-dir").to_owned(),
+        OsStr::new("ZQXJMARK-link").to_owned(),
+        long.clone(),
+        long_dir.clone(),
+        non_utf8.clone(),
+        name(&[MARK, &[b'p'; 230]]),
+    ];
+    want.sort();
+    assert_eq!(top, want);
+    assert_eq!(fs::read(m.path("ZQXJMARK-dir/ZQXJMARK-file")).unwrap(), b"short name");
+    assert_eq!(fs::read(m.mnt.join(&long)).unwrap(), b"255 bytes");
+    assert_eq!(fs::read(m.mnt.join(&non_utf8)).unwrap(), b"not utf-8");
+    assert_eq!(fs::read(m.mnt.join(&long_dir).join(&long)).unwrap(), b"long in long");
+    assert_eq!(fs::read(m.path("ZQXJMARK-dir/ZQXJMARK-was-long")).unwrap(), b"255 bytes");
+    assert_eq!(fs::read_link(m.path("ZQXJMARK-link")).unwrap().as_os_str().as_bytes(), &target[..]);
+    let xp = m.path("ZQXJMARK-dir/ZQXJMARK-file");
+    assert_eq!(xattr_names(&xp), vec![b"user.ZQXJMARK".to_vec()]);
+    assert_eq!(xattr_value(&xp, b"user.ZQXJMARK"), b"ZQXJMARK-value");
+    assert_eq!(fs::metadata(m.mnt.join(&long)).unwrap().nlink(), 2);
+    drop(m);
+    let out = fsck(&vol);
+    assert!(
+        out.status.success(),
+        "fsck: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+use std::os::unix::fs::MetadataExt;
+
+#[test]
+fn names_changed_in_the_backing_directory_are_left_out_and_fsck_names_them() {
+    let vol = TestVolume::hidden(4096);
+    let long_a = name(&[&[b'a'; 200]]);
+    let long_b = name(&[&[b'b'; 200]]);
+    {
+        let m = vol.mount(&[]);
+        for n in ["keep", "renamed-behind", "x"] {
+            fs::write(m.path(n), n.as_bytes()).unwrap();
+        }
+        fs::write(m.mnt.join(&long_a), b"a").unwrap();
+        fs::write(m.mnt.join(&long_b), b"b").unwrap();
+    }
+    let entries: Vec<PathBuf> = fs::read_dir(&vol.backing).unwrap().map(|e| e.unwrap().path()).collect();
+    let mains: Vec<&PathBuf> = entries
+        .iter()
+        .filter(|p| {
+            let n = p.file_name().unwrap().as_bytes();
+            !n.starts_with(b"envelopefs") && !n.starts_with(b"~") && !n.starts_with(b".")
+        })
+        .collect();
+    assert_eq!(mains.len(), 3);
+    // One entry renamed to another valid-looking name, a file planted, one long name's side
+    // file given the other's content.
+    let victim = mains[0];
+    let mut changed = victim.file_name().unwrap().as_bytes().to_vec();
+    changed[5] = if changed[5] == b'A' { b'B' } else { b'A' };
+    fs::rename(victim, vol.backing.join(OsStr::from_bytes(&changed))).unwrap();
+    fs::write(vol.backing.join("planted.txt"), b"not ours").unwrap();
+    let sides: Vec<&PathBuf> = entries.iter().filter(|p| p.to_string_lossy().ends_with(".name")).collect();
+    assert_eq!(sides.len(), 2);
+    fs::copy(sides[0], sides[1]).unwrap();
+
+    let m = vol.mount(&[]);
+    let listed: Vec<_> = fs::read_dir(&m.mnt).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(listed.len(), 3, "only the untouched names are listed: {listed:?}");
+    assert!(!listed.iter().any(|n| n == "planted.txt"));
+    let log = fs::read_to_string(&m.log).unwrap();
+    assert!(log.contains("planted.txt: left out of the listing"), "{log}");
+    assert!(log.contains("holds another name"), "{log}");
+    drop(m);
+    let out = fsck(&vol);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("planted.txt") && text.contains("name does not decrypt"), "{text}");
+    assert!(text.contains("holds another name"), "{text}");
+}
+
+/// kill -9 of the daemon while a process renames long names back and forth (and through
+/// short ones): after a remount every name resolves, a listing leaves no side file without
+/// its entry, and fsck is clean.
+#[test]
+fn a_kill_during_renames_of_long_names_leaves_every_name_resolving_and_no_orphans() {
+    let vol = TestVolume::hidden(4096);
+    let n = 24;
+    let long = |i: usize, gen: usize| format!("{i:02}-{gen}-{}", "L".repeat(180 + i));
+    let mut m = vol.mount(&[]);
+    for i in 0..n {
+        fs::write(m.mnt.join(long(i, 0)), format!("file {i}")).unwrap();
+    }
+    let mnt = m.mnt.clone();
+    let storm = std::thread::spawn(move || {
+        let mut cur: Vec<String> = (0..n).map(|i| long(i, 0)).collect();
+        for round in 1.. {
+            for (i, c) in cur.iter_mut().enumerate() {
+                let to = if round % 3 == 0 { format!("{i:02}-{round}-short") } else { long(i, round) };
+                if fs::rename(mnt.join(&*c), mnt.join(&to)).is_err() {
+                    return round;
+                }
+                *c = to;
+            }
+        }
+        unreachable!()
+    });
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    m.kill9();
+    let rounds = storm.join().unwrap();
+    assert!(rounds > 2, "the storm ran {rounds} rounds before the kill");
+    drop(m);
+
+    let m = vol.mount(&[]);
+    let names: Vec<String> =
+        fs::read_dir(&m.mnt).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    assert_eq!(names.len(), n, "{names:?}");
+    for i in 0..n {
+        let mine: Vec<&String> = names.iter().filter(|s| s.starts_with(&format!("{i:02}-"))).collect();
+        assert_eq!(mine.len(), 1, "file {i}: {mine:?}");
+        assert_eq!(fs::read(m.mnt.join(mine[0])).unwrap(), format!("file {i}").as_bytes());
+    }
+    drop(m);
+    assert!(orphans(&vol.backing).is_empty(), "{:?}", orphans(&vol.backing));
+    let out = fsck(&vol);
+    assert!(
+        out.status.success(),
+        "fsck: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
