@@ -6,7 +6,7 @@ use std::ffi::OsString;
 use std::path::Path;
 
 /// The binary's subcommands: a first argument naming one is never a mount source.
-pub const SUBCOMMANDS: [&str; 13] = [
+pub const SUBCOMMANDS: [&str; 14] = [
     "init",
     "mount",
     "umount",
@@ -16,6 +16,7 @@ pub const SUBCOMMANDS: [&str; 13] = [
     "rekey",
     "status",
     "inspect",
+    "name",
     "fsck",
     "service",
     "completions",

@@ -62,7 +62,17 @@ fn kms_volume(kms: &Kms, alias: &str) -> KmsVol {
     let backing = dir.path().join("backing");
     fs::create_dir(&backing).unwrap();
     let key = format!("alias/{alias}");
-    ok(cli(&[&"init", &"--provider", &"aws-kms", &"--key-id", &key, &"--kms-endpoint", &kms.proxy_url, &backing]));
+    ok(cli(&[
+        &"init",
+        &"--plaintext-names",
+        &"--provider",
+        &"aws-kms",
+        &"--key-id",
+        &key,
+        &"--kms-endpoint",
+        &kms.proxy_url,
+        &backing,
+    ]));
     let cfg = fs::read_to_string(backing.join("envelopefs.toml")).unwrap();
     assert!(cfg.contains(&arn), "the key ARN is stored: {cfg}");
     KmsVol { dir, backing }
@@ -234,6 +244,7 @@ fn intermediate_key_volume_makes_no_kms_call_per_create_or_open() {
     fs::create_dir(&backing).unwrap();
     ok(cli(&[
         &"init",
+        &"--plaintext-names",
         &"--provider",
         &"aws-kms",
         &"--key-id",

@@ -32,11 +32,18 @@ struct Fixture {
     secret: (&'static str, &'static str),
 }
 
-const FIXTURES: [Fixture; 3] = [
+const FIXTURES: [Fixture; 4] = [
     Fixture { name: "v1-keyfile-4k", block_size: 4096, secret: ("--key-file", "volume.key") },
     Fixture { name: "v1-passphrase-1k", block_size: 1024, secret: ("--passphrase-file", "passphrase") },
     Fixture { name: "v2-keyfile-4k", block_size: 4096, secret: ("--key-file", "volume.key") },
+    // Format 4: hidden names, with a long name (a side file) beside the common tree.
+    Fixture { name: "v4-names-keyfile-4k", block_size: 4096, secret: ("--key-file", "volume.key") },
 ];
+
+/// A name of format 4's long kind (a stand-in and a side file), in `v4-…` only.
+fn long_name() -> String {
+    format!("long-{}", "n".repeat(200))
+}
 
 /// Format 3 (key slots), made from `v2-keyfile-4k` by `key slot add --new-recovery-key`
 /// and `rekey --rewrap`: the local keyring and an age recovery recipient.
@@ -44,13 +51,17 @@ const V3: Fixture = Fixture { name: "v3-slots-keyfile-4k", block_size: 4096, sec
 
 /// Broken volumes, made from `v2-keyfile-4k` (or `v3-…`): each must be refused with exit
 /// 16 (tampered) and a message naming what is wrong.
-const BROKEN: [(&str, &str); 7] = [
+const BROKEN: [(&str, &str); 9] = [
     ("broken-v2-edited-config", "does not authenticate under the volume key"),
     ("broken-v2-config-as-v1", "format 1"),
     ("broken-v2-old-keyring-cost", "KDF cost is refused"),
     // Made when format 3 did not exist yet; the MAC covers the format.
     ("broken-format-3", "does not authenticate under the volume key"),
-    ("broken-format-4", "format 4 is not supported"),
+    // Made when format 4 did not exist yet: a format-2 config claiming 4 lacks its names.
+    ("broken-format-4", "format 4 without its names scheme"),
+    ("broken-format-5", "format 5 is not supported"),
+    // Format 4's config with its names field removed (a silent downgrade to plaintext names).
+    ("broken-v4-names-dropped", "format 4 without its names scheme"),
     ("broken-v3-slots-as-v2", "format 2 with key slots"),
     // The v2 config put back over a v3 volume (a downgrade): its keyring knows better.
     ("broken-v3-config-rolled-back-to-v2", "belongs to a format-3 volume"),
@@ -112,6 +123,15 @@ fn every_fixture_volume_still_opens_and_reads_back() {
         }
         let e = fs::write(m.path("new"), b"x").unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EROFS), "read-only mount refuses writes");
+        if fx.name.starts_with("v4") {
+            assert_eq!(fs::read(m.path(&long_name())).unwrap(), b"a long name", "{}", fx.name);
+            assert!(!backing.join("small.txt").exists() && !backing.join("dir").exists(), "names are hidden");
+            let names = cli(&[&"name", &"encrypt", &backing, &"dir/nested/file", &fx.secret.0, &secret]);
+            let rel = String::from_utf8_lossy(&names.stdout).trim().to_owned();
+            assert!(backing.join(&rel).is_file(), "{}: name encrypt gave {rel:?}", fx.name);
+            let back = cli(&[&"name", &"decrypt", &backing, &rel, &fx.secret.0, &secret]);
+            assert_eq!(String::from_utf8_lossy(&back.stdout).trim(), "dir/nested/file");
+        }
     }
 }
 
@@ -266,6 +286,9 @@ fn make_fixtures() {
                 None => std::os::unix::fs::symlink("small.txt", &p).unwrap(),
             }
         }
+        if fx.name.starts_with("v4") {
+            fs::write(m.path(&long_name()), b"a long name").unwrap();
+        }
     }
     make_broken_fixtures();
     make_v3_fixtures();
@@ -307,6 +330,14 @@ fn make_v3_fixtures() {
     });
     edit("broken-v3-config-rolled-back-to-v2", &v3, &|b| {
         fs::copy(src.join("backing/envelopefs.toml"), config(b)).unwrap();
+    });
+    edit("broken-format-5", &src, &|b| {
+        let text = fs::read_to_string(config(b)).unwrap().replace("format = 2", "format = 5");
+        fs::write(config(b), text).unwrap();
+    });
+    edit("broken-v4-names-dropped", &fixture_dir("v4-names-keyfile-4k"), &|b| {
+        let text = fs::read_to_string(config(b)).unwrap().replace("names = \"aes-siv\"\n", "");
+        fs::write(config(b), text).unwrap();
     });
 }
 

@@ -116,11 +116,13 @@ fn the_volumes_own_files_are_out_of_reach() {
     let b = d2.path().join("b");
     fs::create_dir(&b).unwrap();
     let ring = b.join("myring");
-    let out = cli(&[&"init", &"--key-file", &vol.key, &"--keyring", &ring, &b]);
+    let out = cli(&[&"init", &"--plaintext-names", &"--key-file", &vol.key, &"--keyring", &ring, &b]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("outside the backing directory"));
     let outside = d2.path().join("ring");
-    assert!(cli(&[&"init", &"--key-file", &vol.key, &"--keyring", &outside, &b]).status.success());
+    assert!(cli(&[&"init", &"--plaintext-names", &"--key-file", &vol.key, &"--keyring", &outside, &b])
+        .status
+        .success());
     assert!(outside.exists());
 }
 

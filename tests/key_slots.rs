@@ -96,6 +96,7 @@ fn a_second_region_slot_serves_through_a_primary_outage_and_the_recovery_key_thr
     let b = backing.to_str().unwrap();
     ok(run(&[
         "init",
+        "--plaintext-names",
         "--provider",
         "aws-kms",
         "--key-id",
@@ -246,7 +247,7 @@ fn a_file_planted_with_the_public_recovery_recipient_does_not_open() {
     let key = dir.path().join("volume.key");
     fs::write(&key, [7u8; 32]).unwrap();
     let (b, k) = (backing.to_str().unwrap(), key.to_str().unwrap());
-    ok(run(&["init", "--key-file", k, b]));
+    ok(run(&["init", "--plaintext-names", "--key-file", k, b]));
     let rk = dir.path().join("recovery.key");
     ok(run(&["key", "slot", "add", "--new-recovery-key", rk.to_str().unwrap(), "--key-file", k, b]));
     let m = Mounted::start(&backing, &key, &dir.path().join("mnt"), &[]);
@@ -296,7 +297,7 @@ fn a_volume_moves_local_to_pkcs11_to_aws_kms_by_slots_alone() {
     let key = dir.path().join("volume.key");
     fs::write(&key, [9u8; 32]).unwrap();
     let (b, k, p) = (backing.to_str().unwrap(), key.to_str().unwrap(), pin.to_str().unwrap());
-    ok(run(&["init", "--key-file", k, b]));
+    ok(run(&["init", "--plaintext-names", "--key-file", k, b]));
     let m = Mounted::start(&backing, &key, &dir.path().join("mnt"), &[]);
     for i in 0..FILES {
         fs::write(m.path(&format!("f{i:04}")), pattern(i, 100 + (i as usize * 37) % 9000)).unwrap();
@@ -408,7 +409,7 @@ fn key_file_volume() -> (tempfile::TempDir, PathBuf, PathBuf) {
     fs::create_dir(&backing).unwrap();
     let key = dir.path().join("volume.key");
     fs::write(&key, [7u8; 32]).unwrap();
-    ok(run(&["init", "--key-file", key.to_str().unwrap(), backing.to_str().unwrap()]));
+    ok(run(&["init", "--plaintext-names", "--key-file", key.to_str().unwrap(), backing.to_str().unwrap()]));
     (dir, backing, key)
 }
 

@@ -87,7 +87,7 @@ fn pkcs11_key_create_then_init_uses_it() {
     fs::create_dir(&backing).unwrap();
     // The PIN through the URI's pin-source this time.
     let uri = format!("pkcs11:token=rotate;object=app?pin-source=file:{}&module-path={SOFTHSM_MODULE}", pin.display());
-    ok(cli(&[&"init", &"--provider", &"pkcs11", &"--key", &uri, &backing]));
+    ok(cli(&[&"init", &"--plaintext-names", &"--provider", &"pkcs11", &"--key", &uri, &backing]));
     let cfg = fs::read_to_string(backing.join("envelopefs.toml")).unwrap();
     assert!(!cfg.contains("pin-source"), "the PIN source is not stored: {cfg}");
     let m = Mounted::start_with(&backing, "--pin-file", &pin, &d.path().join("m"), &[]);

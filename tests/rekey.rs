@@ -44,7 +44,7 @@ impl Vol {
         let backing = dir.path().join("backing");
         fs::create_dir(&backing).unwrap();
         let mut c = common::bin();
-        c.arg("init").arg(flag).arg(&secret).args(extra).arg(&backing);
+        c.arg("init").arg("--plaintext-names").arg(flag).arg(&secret).args(extra).arg(&backing);
         ok(c.output().unwrap());
         let mnt = dir.path().join("mnt");
         Self { _dir: dir, backing, mnt, flag, secret }

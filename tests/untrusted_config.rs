@@ -29,7 +29,7 @@ fn local_volume() -> (tempfile::TempDir, PathBuf, PathBuf) {
     fs::create_dir(&backing).unwrap();
     let key = d.path().join("volume.key");
     fs::write(&key, pattern(7, 32)).unwrap();
-    ok(cli(&[&"init", &"--key-file", &key, &backing]));
+    ok(cli(&[&"init", &"--plaintext-names", &"--key-file", &key, &backing]));
     (d, backing, key)
 }
 
@@ -221,7 +221,17 @@ fn an_absurd_kdf_cost_in_the_keyring_is_refused_before_deriving() {
     fs::create_dir(&backing).unwrap();
     let pw = d.path().join("pw");
     fs::write(&pw, "correct horse").unwrap();
-    ok(cli(&[&"init", &"--passphrase-file", &pw, &"--kdf-memory-mib", &"8", &"--kdf-iterations", &"1", &backing]));
+    ok(cli(&[
+        &"init",
+        &"--plaintext-names",
+        &"--passphrase-file",
+        &pw,
+        &"--kdf-memory-mib",
+        &"8",
+        &"--kdf-iterations",
+        &"1",
+        &backing,
+    ]));
     let path = backing.join("envelopefs.keyring");
     let mut raw = fs::read(&path).unwrap();
     raw[12..16].copy_from_slice(&(2u32 << 20).to_le_bytes()); // 2 GiB
@@ -262,6 +272,7 @@ fn kms_key_substitution_and_endpoint_are_refused() {
     fs::create_dir(&backing).unwrap();
     ok(cli(&[
         &"init",
+        &"--plaintext-names",
         &"--provider",
         &"aws-kms",
         &"--key-id",
@@ -320,6 +331,7 @@ fn plain_http_to_a_remote_kms_endpoint_is_refused() {
     fs::create_dir(&backing).unwrap();
     let out = cli(&[
         &"init",
+        &"--plaintext-names",
         &"--provider",
         &"aws-kms",
         &"--key-id",
@@ -471,7 +483,17 @@ fn commands_are_hardened_before_they_read_a_secret() {
     fs::create_dir(&backing).unwrap();
     let pw = d.path().join("pw");
     fs::write(&pw, "correct horse").unwrap();
-    ok(cli(&[&"init", &"--passphrase-file", &pw, &"--kdf-memory-mib", &"8", &"--kdf-iterations", &"1", &backing]));
+    ok(cli(&[
+        &"init",
+        &"--plaintext-names",
+        &"--passphrase-file",
+        &pw,
+        &"--kdf-memory-mib",
+        &"8",
+        &"--kdf-iterations",
+        &"1",
+        &backing,
+    ]));
     for f in ["envelopefs.toml", "envelopefs.keyring"] {
         fs::set_permissions(backing.join(f), fs::Permissions::from_mode(0o644)).unwrap();
     }
@@ -532,7 +554,15 @@ fn other_users_keep_their_trust_records_at_home() {
     fs::write(&key, pattern(3, 32)).unwrap();
     fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
     let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", common::BIN, "init", "--key-file"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            common::BIN,
+            "init",
+            "--plaintext-names",
+            "--key-file",
+        ])
         .arg(&key)
         .arg(&backing)
         .env_remove("ENVELOPEFS_TRUST_DIR")

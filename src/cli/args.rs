@@ -218,11 +218,22 @@ pub enum Cmd {
     /// Print the man page (roff) to stdout: envelopefs man | man -l -
     Man,
     /// Show an encrypted file's header (file id, key records, generation). Needs no secret
-    /// and shows none.
+    /// and shows none, unless --volume names the file by its plaintext path.
     Inspect {
-        /// A file in the backing directory.
+        /// A file in the backing directory; with --volume, a path inside the volume as the
+        /// mount shows it (hidden names are encrypted to find it, which needs the secret).
         file: PathBuf,
+        /// The backing directory `FILE` is a plaintext path of.
+        #[arg(long, value_name = "BACKING")]
+        volume: Option<PathBuf>,
+        #[command(flatten)]
+        secret: SecretArgs,
     },
+    /// Hidden names (format 4) for admins and incident response: the backing path of a
+    /// path in the volume, or the other way round. Prints to standard output only; nothing
+    /// plaintext is written to the backing directory.
+    #[command(subcommand)]
+    Name(NameCmd),
     /// Check that every header and block of a volume authenticates. Writes nothing unless
     /// --repair. Exit status 1 when problems remain.
     Fsck {
@@ -516,4 +527,23 @@ impl MountArgs {
             secret: self.secret.source(),
         }
     }
+}
+
+#[derive(Subcommand)]
+pub enum NameCmd {
+    /// Print the backing path (relative to BACKING) of PATH, a path in the volume.
+    Encrypt {
+        backing: PathBuf,
+        path: PathBuf,
+        #[command(flatten)]
+        secret: SecretArgs,
+    },
+    /// Print the path in the volume of PATH, a backing path (relative to BACKING, or
+    /// inside it). Long names are read from their side files.
+    Decrypt {
+        backing: PathBuf,
+        path: PathBuf,
+        #[command(flatten)]
+        secret: SecretArgs,
+    },
 }

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::{anyhow, bail, Context, Result};
 use tracing::info;
 
-use super::args::{Cmd, ProviderArg};
+use super::args::{Cmd, NameCmd, ProviderArg};
 use crate::keys::aws_kms::KmsSettings;
 use crate::keys::local::KdfParams;
 use crate::keys::pkcs11::Pkcs11Uri;
@@ -92,8 +92,30 @@ pub fn run(cmd: Cmd) -> Result<ExitCode> {
             };
             rekey_files(&vol, &backing, mode, paths, jobs)
         }
-        Cmd::Inspect { file } => {
+        Cmd::Inspect { file, volume: None, .. } => {
             crate::check::inspect(&file, &mut std::io::stdout().lock())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Inspect { file, volume: Some(backing), secret } => {
+            let vol = Volume::open(&backing, &secret.source(), &OpenOptions::default())?;
+            let rel = match vol.names() {
+                Some(_) => crate::name_paths::backing_path(&vol, &file)?,
+                None => file.clone(),
+            };
+            println!("path:            {}", file.display());
+            crate::check::inspect(&vol.root.join(rel), &mut std::io::stdout().lock())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Name(NameCmd::Encrypt { backing, path, secret }) => {
+            let vol = Volume::open(&backing, &secret.source(), &OpenOptions::default())?;
+            println!("{}", crate::name_paths::backing_path(&vol, &path)?.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Name(NameCmd::Decrypt { backing, path, secret }) => {
+            let vol = Volume::open(&backing, &secret.source(), &OpenOptions::default())?;
+            let plain = crate::name_paths::plain_path(&vol, &path)?;
+            std::io::Write::write_all(&mut std::io::stdout(), plain.as_os_str().as_encoded_bytes())
+                .and_then(|_| std::io::Write::write_all(&mut std::io::stdout(), b"\n"))?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Fsck { backing, repair, secret } => {

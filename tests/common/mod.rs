@@ -501,8 +501,9 @@ pub fn pkcs11_volume(token: &str, object: &str) -> (TempDir, PathBuf, PathBuf, S
     let backing = d.path().join("backing");
     fs::create_dir(&backing).unwrap();
     let uri = format!("pkcs11:token={token};object={object}");
-    let args: [&dyn AsRef<std::ffi::OsStr>; 10] = [
+    let args: [&dyn AsRef<std::ffi::OsStr>; 11] = [
         &"init",
+        &"--plaintext-names",
         &"--provider",
         &"pkcs11",
         &"--module",
