@@ -12,6 +12,8 @@ reports medians and ratios. Run as root:
                                          # the aws-kms provider vs local (needs moto: pip install moto flask flask-cors)
     python3 bench/run.py --systems envelopefs-kms-10ms,envelopefs-kms-2slots-10ms,envelopefs-kms-ik-10ms,envelopefs-kms-ik-2slots-10ms --workloads smallfiles
                                          # one KMS key slot vs two, per-file and intermediate-key mode
+    python3 bench/run.py --systems gocryptfs,envelopefs,envelopefs-plaintext-names --workloads tree
+                                         # hidden names (the default) vs gocryptfs and vs plaintext names
 
 Writes results/<stamp>/{results.json,results.csv,table.md,chart.svg} under bench/.
 """
@@ -121,16 +123,17 @@ class Gocryptfs(System):
 
 
 class Envelopefs(System):
-    def __init__(self, name, work, binary, extra):
+    def __init__(self, name, work, binary, extra, init_extra=()):
         super().__init__(name, work)
         self.binary = binary
         self.extra = extra
+        self.init_args = list(init_extra)
 
     def create(self):
         super().create()
         self.key = self.root / "volume.key"
         self.key.write_bytes(os.urandom(32))
-        sh(self.binary, "init", "--key-file", self.key, self.backing)
+        sh(self.binary, "init", "--key-file", self.key, *self.init_args, self.backing)
 
     def mount(self):
         self.log = self.root / "envelopefs.log"
@@ -574,6 +577,9 @@ def main():
         "passthrough": lambda: Passthrough("passthrough", work),
         "gocryptfs": lambda: Gocryptfs("gocryptfs", work),
         "envelopefs": lambda: Envelopefs("envelopefs", work, cfg.binary, []),
+        # `init`'s default hides names (format 4); this is the same volume with them in the clear.
+        "envelopefs-plaintext-names": lambda: Envelopefs("envelopefs-plaintext-names", work, cfg.binary, [],
+                                                         ["--plaintext-names"]),
         "envelopefs-rustcrypto": lambda: Envelopefs("envelopefs-rustcrypto", work, cfg.binary, ["--crypto", "rustcrypto"]),
         "envelopefs-no-writeback": lambda: Envelopefs("envelopefs-no-writeback", work, cfg.binary, ["--no-writeback-cache"]),
         # The crash journal (docs/FORMAT.md §8): ordered is the default; off is the earlier behaviour.

@@ -41,6 +41,9 @@ struct Event<'a> {
     file_id: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     path: Option<&'a str>,
+    /// With hidden names: the path as the mount shows it (this log is the host's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    plain_path: Option<&'a str>,
     provider: &'a str,
     key_id: &'a str,
     key_version: u32,
@@ -77,6 +80,7 @@ impl AuditLog {
         volume: &VolumeId,
         file_id: &FileId,
         path: Option<&str>,
+        plain_path: Option<&str>,
         rec: &KeyRecord,
         result: std::result::Result<(), &Error>,
         who: Option<Requester>,
@@ -89,6 +93,7 @@ impl AuditLog {
             volume: hex::encode(volume),
             file_id: hex::encode(file_id),
             path,
+            plain_path,
             provider: rec.provider.name(),
             key_id: &rec.kek_id,
             key_version: rec.kek_version,

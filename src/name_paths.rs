@@ -31,27 +31,9 @@ pub fn backing_path(vol: &Volume, plain: &Path) -> Result<PathBuf> {
     components(plain)?.into_iter().map(|n| c.encrypt_name(n).map(|b| PathBuf::from(b.main))).collect()
 }
 
-/// The plaintext path of a backing path (relative to the volume root, or absolute inside
-/// it). Long names are read from their side files, which must be where the path says.
+/// The plaintext path of a backing path (relative to the volume root, or inside it).
 pub fn plain_path(vol: &Volume, backing: &Path) -> Result<PathBuf> {
-    let c = cipher(vol)?;
-    let rel = backing.strip_prefix(&vol.root).unwrap_or(backing);
-    let mut dir = vol.root.clone();
-    let mut out = PathBuf::new();
-    for n in components(rel)? {
-        let plain = match classify(n) {
-            EntryKind::Short => c.decrypt_name(n.as_bytes())?,
-            EntryKind::Long => {
-                let side = dir.join(crate::names::side_name(n));
-                let full = std::fs::read(&side).map_err(|e| Error::io(e, format!("reading {}", side.display())))?;
-                c.decrypt_side(n, &full)?
-            }
-            _ => return Err(Error::corrupt(format!("{:?} is not a name this volume encrypted", n))),
-        };
-        out.push(plain);
-        dir.push(n);
-    }
-    Ok(out)
+    cipher(vol)?.plain_path(&vol.root, backing)
 }
 
 /// A backing path with its plaintext path, for messages to the admin (never written to

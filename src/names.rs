@@ -201,6 +201,36 @@ impl NameCipher {
     }
 }
 
+impl NameCipher {
+    /// The plaintext path of a backing path (inside `root`, or relative to it). Long names
+    /// are read from their side files, which must be where the path says.
+    pub fn plain_path(&self, root: &std::path::Path, backing: &std::path::Path) -> Result<std::path::PathBuf> {
+        use std::path::Component;
+        let rel = backing.strip_prefix(root).unwrap_or(backing);
+        let mut dir = root.to_owned();
+        let mut out = std::path::PathBuf::new();
+        for c in rel.components() {
+            let n = match c {
+                Component::Normal(n) => n,
+                Component::CurDir => continue,
+                _ => return Err(Error::new(libc::EINVAL, format!("{}: not a path inside the volume", rel.display()))),
+            };
+            let plain = match classify(n) {
+                EntryKind::Short => self.decrypt_name(n.as_bytes())?,
+                EntryKind::Long => {
+                    let side = dir.join(side_name(n));
+                    let full = std::fs::read(&side).map_err(|e| Error::io(e, format!("reading {}", side.display())))?;
+                    self.decrypt_side(n, &full)?
+                }
+                _ => return Err(Error::corrupt(format!("{n:?} is not a name this volume encrypted"))),
+            };
+            out.push(plain);
+            dir.push(n);
+        }
+        Ok(out)
+    }
+}
+
 /// The overhead a stored xattr value carries.
 pub const XATTR_VALUE_OVERHEAD: usize = NONCE_LEN + TAG_LEN;
 

@@ -766,7 +766,10 @@ impl Volume {
         slot: Option<usize>,
     ) {
         if let Some(a) = &self.audit {
-            a.record(op, &self.volume_id, file_id, Some(&path()), rec, result, who, slot);
+            let path = path();
+            let plain = self.names().and_then(|c| c.plain_path(&self.root, Path::new(&path)).ok());
+            let plain = plain.as_ref().map(|p| p.to_string_lossy());
+            a.record(op, &self.volume_id, file_id, Some(&path), plain.as_deref(), rec, result, who, slot);
         }
     }
 

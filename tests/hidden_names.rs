@@ -121,8 +121,9 @@ fn no_name_target_or_xattr_shows_in_the_backing_directory_and_all_come_back() {
     let long_dir = name(&[MARK, b"-dir-", &[b'd'; 190]]);
     let non_utf8 = name(&[MARK, b"\xff\xfe-bytes"]);
     let target = [MARK, b"-target/../x"].concat();
+    let audit = vol.dir.path().join("audit.log");
     {
-        let m = vol.mount(&[]);
+        let m = vol.mount(&["--audit-log", audit.to_str().unwrap()]);
         fs::create_dir(m.path("ZQXJMARK-dir")).unwrap();
         fs::write(m.path("ZQXJMARK-dir/ZQXJMARK-file"), b"short name").unwrap();
         fs::write(m.mnt.join(&long), b"255 bytes").unwrap();
@@ -147,6 +148,9 @@ fn no_name_target_or_xattr_shows_in_the_backing_directory_and_all_come_back() {
         assert_eq!(e.raw_os_error(), Some(libc::ENAMETOOLONG), "{e}");
         assert_eq!(fs::symlink_metadata(m.path("ZQXJMARK-link")).unwrap().len(), target.len() as u64);
     }
+    // The audit log (host state) names files as the mount shows them.
+    let log = fs::read_to_string(&audit).unwrap();
+    assert!(log.contains("\"plain_path\":\"ZQXJMARK-dir/ZQXJMARK-file\""), "{log}");
     let leaks = backing_leaks(&vol.backing, MARK);
     assert!(leaks.is_empty(), "the marker shows in the backing directory: {leaks:#?}");
     assert!(orphans(&vol.backing).is_empty(), "{:?}", orphans(&vol.backing));
@@ -247,6 +251,8 @@ fn a_kill_during_renames_of_long_names_leaves_every_name_resolving_and_no_orphan
         fs::write(m.mnt.join(long(i, 0)), format!("file {i}")).unwrap();
     }
     let mnt = m.mnt.clone();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = done.clone();
     let storm = std::thread::spawn(move || {
         let mut cur: Vec<String> = (0..n).map(|i| long(i, 0)).collect();
         for round in 1.. {
@@ -257,13 +263,21 @@ fn a_kill_during_renames_of_long_names_leaves_every_name_resolving_and_no_orphan
                 }
                 *c = to;
             }
+            counter.store(round, std::sync::atomic::Ordering::SeqCst);
         }
         unreachable!()
     });
-    std::thread::sleep(std::time::Duration::from_millis(700));
+    // Kill in the middle of a round, after every kind of rename (long to long, long to
+    // short, short to long) has run.
+    let start = std::time::Instant::now();
+    while done.load(std::sync::atomic::Ordering::SeqCst) < 4 {
+        assert!(start.elapsed().as_secs() < 120, "the storm did not get going");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(3));
     m.kill9();
     let rounds = storm.join().unwrap();
-    assert!(rounds > 2, "the storm ran {rounds} rounds before the kill");
+    assert!(rounds > 4, "the storm ran {rounds} rounds before the kill");
     drop(m);
 
     let m = vol.mount(&[]);
@@ -284,4 +298,33 @@ fn a_kill_during_renames_of_long_names_leaves_every_name_resolving_and_no_orphan
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// What a crash between a side file and its stand-in leaves: fsck reports it, a listing
+/// of its directory removes it, and fsck is then clean.
+#[test]
+fn an_orphaned_side_file_is_reported_then_removed_by_a_listing() {
+    let vol = TestVolume::hidden(4096);
+    {
+        let m = vol.mount(&[]);
+        fs::create_dir(m.path("d")).unwrap();
+        fs::write(m.path("d").join("L".repeat(200)), b"x").unwrap();
+    }
+    let d = fs::read_dir(&vol.backing).unwrap().map(|e| e.unwrap().path()).find(|p| p.is_dir()).expect("the directory");
+    let side =
+        fs::read_dir(&d).unwrap().map(|e| e.unwrap().path()).find(|p| p.to_string_lossy().ends_with(".name")).unwrap();
+    let stand_in = PathBuf::from(side.to_string_lossy().trim_end_matches(".name"));
+    // As if the daemon died after writing the side file, before making the entry.
+    fs::remove_file(&stand_in).unwrap();
+    assert_eq!(orphans(&vol.backing), vec![side.clone()]);
+    let out = fsck(&vol);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("whose entry is gone"));
+    {
+        let m = vol.mount(&[]);
+        assert_eq!(fs::read_dir(m.path("d")).unwrap().count(), 0);
+    }
+    assert!(orphans(&vol.backing).is_empty());
+    let out = fsck(&vol);
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
 }

@@ -195,7 +195,7 @@ fn rekey_files(vol: &Volume, backing: &Path, mode: rekey::Mode, paths: Vec<PathB
     let sum = rekey::run(vol, mode, files, jobs, &|p| progress.tick(p));
     progress.finish();
     for (p, e) in &sum.failed {
-        eprintln!("FAILED: {}: {e}", p.display());
+        eprintln!("FAILED: {}: {e}", crate::name_paths::describe(vol, p));
     }
     println!(
         "{label}: {} files changed, {} already current, {} failed (KEK version {} is current)",
