@@ -1,6 +1,7 @@
 //! The same battery through a real mount in every configuration that changes the data
 //! path: {aws-lc, rustcrypto} × {writeback cache on, off} × {512 B, 4 KiB, 64 KiB blocks}
-//! (gocryptfs keeps such a matrix for the same reason: a bug that lives in one corner).
+//! (gocryptfs keeps such a matrix for the same reason: a bug that lives in one corner),
+//! and a few corners again with hidden names (format 4).
 
 mod common;
 
@@ -13,8 +14,20 @@ use common::{pattern, TestVolume};
 const HEADER: u64 = 4096;
 
 fn battery(crypto: &str, writeback: bool, block: u32) {
+    run_battery(TestVolume::new(block), crypto, writeback, block)
+}
+
+/// Where a file of the volume's root is in the backing directory.
+fn backing_of(vol: &TestVolume, name: &str) -> std::path::PathBuf {
+    let v = vol.open();
+    match v.names() {
+        Some(_) => vol.backing.join(envelopefs::name_paths::backing_path(&v, name.as_ref()).unwrap()),
+        None => vol.backing.join(name),
+    }
+}
+
+fn run_battery(vol: TestVolume, crypto: &str, writeback: bool, block: u32) {
     let stored = block as u64 + 28;
-    let vol = TestVolume::new(block);
     let mut opts = vec!["--crypto", crypto];
     if !writeback {
         opts.push("--no-writeback-cache");
@@ -32,7 +45,7 @@ fn battery(crypto: &str, writeback: bool, block: u32) {
     for (i, n) in sizes.iter().enumerate() {
         let p = m.path(&format!("f{i}"));
         assert_eq!(fs::read(&p).unwrap(), pattern(i as u64, *n), "{crypto} wb={writeback} {block}: size {n}");
-        let backing = fs::metadata(vol.backing.join(format!("f{i}"))).unwrap().len();
+        let backing = fs::metadata(backing_of(&vol, &format!("f{i}"))).unwrap().len();
         let n = *n as u64;
         let want = if n == 0 {
             0
@@ -64,7 +77,7 @@ fn battery(crypto: &str, writeback: bool, block: u32) {
     // A flipped bit in each block is EIO for that block only; restored, it reads again.
     let data = pattern(3, 3 * b);
     fs::write(m.path("victim"), &data).unwrap();
-    let backing = vol.backing.join("victim");
+    let backing = backing_of(&vol, "victim");
     for i in 0..3u64 {
         let off = HEADER + i * stored + 40;
         let f = OpenOptions::new().read(true).write(true).open(&backing).unwrap();
@@ -145,4 +158,14 @@ matrix! {
     rustcrypto_direct_512: "rustcrypto", false, 512;
     rustcrypto_direct_4k: "rustcrypto", false, 4096;
     rustcrypto_direct_64k: "rustcrypto", false, 65536;
+}
+
+#[test]
+fn awslc_writeback_4k_hidden_names() {
+    run_battery(TestVolume::hidden(4096), "aws-lc", true, 4096);
+}
+
+#[test]
+fn rustcrypto_direct_512_hidden_names() {
+    run_battery(TestVolume::hidden(512), "rustcrypto", false, 512);
 }
