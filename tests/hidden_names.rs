@@ -113,6 +113,12 @@ fn fsck(vol: &TestVolume) -> std::process::Output {
     cli(&[&"fsck", &"--key-file", &vol.key, &vol.backing])
 }
 
+fn assert_fsck_clean(vol: &TestVolume) {
+    let out = fsck(vol);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "fsck: {text}");
+}
+
 #[test]
 fn no_name_target_or_xattr_shows_in_the_backing_directory_and_all_come_back() {
     let vol = TestVolume::hidden(4096);
@@ -179,13 +185,7 @@ fn no_name_target_or_xattr_shows_in_the_backing_directory_and_all_come_back() {
     assert_eq!(xattr_value(&xp, b"user.ZQXJMARK"), b"ZQXJMARK-value");
     assert_eq!(fs::metadata(m.mnt.join(&long)).unwrap().nlink(), 2);
     drop(m);
-    let out = fsck(&vol);
-    assert!(
-        out.status.success(),
-        "fsck: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_fsck_clean(&vol);
 }
 
 use std::os::unix::fs::MetadataExt;
@@ -291,13 +291,7 @@ fn a_kill_during_renames_of_long_names_leaves_every_name_resolving_and_no_orphan
     }
     drop(m);
     assert!(orphans(&vol.backing).is_empty(), "{:?}", orphans(&vol.backing));
-    let out = fsck(&vol);
-    assert!(
-        out.status.success(),
-        "fsck: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_fsck_clean(&vol);
 }
 
 /// What a crash between a side file and its stand-in leaves: fsck reports it, a listing
@@ -325,8 +319,7 @@ fn an_orphaned_side_file_is_reported_then_removed_by_a_listing() {
         assert_eq!(fs::read_dir(m.path("d")).unwrap().count(), 0);
     }
     assert!(orphans(&vol.backing).is_empty());
-    let out = fsck(&vol);
-    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_fsck_clean(&vol);
 }
 
 /// A listing read a few entries at a time, with creates and deletes in between, gives each
@@ -338,7 +331,8 @@ fn readdir_offsets_stay_stable_across_concurrent_creates_and_deletes() {
     const ROOT: Caller = Caller { uid: 0, gid: 0, pid: 1 };
     let vol = TestVolume::hidden(4096);
     let fs = vol.fs();
-    let names: Vec<String> = (0..40).map(|i| if i % 4 == 0 { format!("{i}-{}", "l".repeat(190)) } else { format!("{i}") }).collect();
+    let names: Vec<String> =
+        (0..40).map(|i| if i % 4 == 0 { format!("{i}-{}", "l".repeat(190)) } else { format!("{i}") }).collect();
     for n in &names {
         let (_, fh) = fs.create(ROOT_INO, OsStr::new(n), 0o644, 0, libc::O_RDWR, ROOT).unwrap();
         fs.release(fh);

@@ -221,17 +221,7 @@ fn an_absurd_kdf_cost_in_the_keyring_is_refused_before_deriving() {
     fs::create_dir(&backing).unwrap();
     let pw = d.path().join("pw");
     fs::write(&pw, "correct horse").unwrap();
-    ok(cli(&[
-        &"init",
-        &"--plaintext-names",
-        &"--passphrase-file",
-        &pw,
-        &"--kdf-memory-mib",
-        &"8",
-        &"--kdf-iterations",
-        &"1",
-        &backing,
-    ]));
+    init_cheap_passphrase(&pw, &backing);
     let path = backing.join("envelopefs.keyring");
     let mut raw = fs::read(&path).unwrap();
     raw[12..16].copy_from_slice(&(2u32 << 20).to_le_bytes()); // 2 GiB
@@ -483,17 +473,7 @@ fn commands_are_hardened_before_they_read_a_secret() {
     fs::create_dir(&backing).unwrap();
     let pw = d.path().join("pw");
     fs::write(&pw, "correct horse").unwrap();
-    ok(cli(&[
-        &"init",
-        &"--plaintext-names",
-        &"--passphrase-file",
-        &pw,
-        &"--kdf-memory-mib",
-        &"8",
-        &"--kdf-iterations",
-        &"1",
-        &backing,
-    ]));
+    init_cheap_passphrase(&pw, &backing);
     for f in ["envelopefs.toml", "envelopefs.keyring"] {
         fs::set_permissions(backing.join(f), fs::Permissions::from_mode(0o644)).unwrap();
     }
@@ -573,4 +553,19 @@ fn other_users_keep_their_trust_records_at_home() {
     assert!(out.status.success(), "{}", stderr(&out));
     let records: Vec<_> = fs::read_dir(home.join(".local/state/envelopefs/trust")).unwrap().collect();
     assert_eq!(records.len(), 1);
+}
+
+/// A passphrase volume with a cheap KDF (the cost is not what these tests are about).
+fn init_cheap_passphrase(pw: &Path, backing: &Path) {
+    ok(cli(&[
+        &"init",
+        &"--plaintext-names",
+        &"--passphrase-file",
+        &pw,
+        &"--kdf-memory-mib",
+        &"8",
+        &"--kdf-iterations",
+        &"1",
+        &backing,
+    ]));
 }
