@@ -59,12 +59,13 @@ pub fn check_names(vol: &Volume, repair: bool) -> Result<Vec<NameProblem>> {
     let mut out = Vec::new();
     let Some(c) = vol.names() else { return Ok(out) };
     let root = sys::openat(libc::AT_FDCWD, &sys::cstr(vol.root.as_os_str())?, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
-    walk(c, root.as_raw_fd(), &vol.root, true, repair, &mut out)?;
+    walk(c, root.as_raw_fd(), root.as_raw_fd(), &vol.root, true, repair, &mut out)?;
     Ok(out)
 }
 
 fn walk(
     c: &NameCipher,
+    root_fd: RawFd,
     dir: RawFd,
     path: &Path,
     is_root: bool,
@@ -108,12 +109,13 @@ fn walk(
         }
         if ft.is_symlink() {
             let target = std::fs::read_link(&p).map_err(|e| Error::io(e, format!("readlink {}", p.display())))?;
-            if let Err(e) = c.decrypt_target(target.as_os_str().as_bytes()) {
+            let stored = target.as_os_str().as_bytes().to_vec();
+            if let Err(e) = crate::names::stored_target(root_fd, stored).and_then(|enc| c.decrypt_target(&enc)) {
                 problem(format!("symlink target: {e}"), false);
             }
         } else if ft.is_dir() {
             match sys::openat(dir, &sys::cstr(name)?, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0) {
-                Ok(sub) => walk(c, sub.as_raw_fd(), &p, false, repair, rep)?,
+                Ok(sub) => walk(c, root_fd, sub.as_raw_fd(), &p, false, repair, rep)?,
                 Err(e) if [libc::ENOENT, libc::ELOOP, libc::ENOTDIR].contains(&e.errno()) => {}
                 Err(e) => return Err(e.context(format!("opening directory {}", p.display()))),
             }

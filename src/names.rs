@@ -9,7 +9,9 @@
 //! looked up by encrypting it, with no listing of the directory.
 
 use std::ffi::{OsStr, OsString};
+use std::io::Write;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::io::{AsRawFd, RawFd};
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_siv::siv::Aes256Siv;
@@ -24,8 +26,14 @@ use crate::error::{Error, Result};
 pub const NAME_MAX: usize = 255;
 /// The longest name the backing directory is asked to hold.
 const BACKING_NAME_MAX: usize = 255;
+/// Where symlink targets too long for a backing symlink once encrypted are kept (in the
+/// volume root).
+pub const TARGETS_DIR: &str = "envelopefs.targets";
 /// The longest symlink target a backing filesystem holds (PATH_MAX less its NUL).
-const BACKING_TARGET_MAX: usize = 4095;
+pub const BACKING_TARGET_MAX: usize = 4095;
+/// The length of a spilled target's marker (see `spill_marker`): 1 mod 4, which no
+/// unpadded base64 string has, so `stat` tells a marker by its length alone.
+pub const MARKER_LEN: u64 = 49;
 /// Names are padded to a multiple of this, so only their length class shows.
 const PAD: usize = 16;
 /// What marks a long name's stand-in: base64url never makes it.
@@ -132,21 +140,11 @@ impl NameCipher {
         self.decrypt_name(side)
     }
 
-    /// A symlink target as the backing symlink holds it. Targets are not padded, so that
-    /// `stat` tells their length without decrypting (see `target_len`).
-    pub fn encrypt_target(&self, target: &[u8]) -> Result<Vec<u8>> {
-        let out = URL_SAFE_NO_PAD.encode(self.seal(b"symlink", target)).into_bytes();
-        if out.len() > BACKING_TARGET_MAX {
-            return Err(Error::new(
-                libc::ENAMETOOLONG,
-                format!(
-                    "a symlink target of {} bytes encrypts to {} (the backing filesystem holds {BACKING_TARGET_MAX})",
-                    target.len(),
-                    out.len()
-                ),
-            ));
-        }
-        Ok(out)
+    /// A symlink target encrypted. Targets are not padded, so that `stat` tells their
+    /// length without decrypting (see `target_len`). One longer than `BACKING_TARGET_MAX`
+    /// once encrypted is spilled (see `spill_marker`).
+    pub fn encrypt_target(&self, target: &[u8]) -> Vec<u8> {
+        URL_SAFE_NO_PAD.encode(self.seal(b"symlink", target)).into_bytes()
     }
 
     pub fn decrypt_target(&self, stored: &[u8]) -> Result<Vec<u8>> {
@@ -231,12 +229,74 @@ impl NameCipher {
     }
 }
 
+/// Keep an encrypted symlink target too long for a backing symlink in the volume's
+/// target store (written and synced before the symlink is made); returns the marker the
+/// symlink holds. A store file is named by its content's hash, so targets share one.
+pub fn spill_target(root: RawFd, plain_len: usize, encoded: &[u8]) -> Result<Vec<u8>> {
+    let (marker, name) = spill_marker(plain_len, encoded);
+    let dir_name = crate::sys::cstr(OsStr::new(TARGETS_DIR))?;
+    match crate::sys::mkdirat(root, &dir_name, 0o755) {
+        Err(e) if e.errno() != libc::EEXIST => return Err(e.context("making the long-target store")),
+        _ => {}
+    }
+    let dir = crate::sys::openat(root, &dir_name, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0)?;
+    let fd = crate::sys::openat(
+        dir.as_raw_fd(),
+        &crate::sys::cstr(&name)?,
+        libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW,
+        0o644,
+    )?;
+    let mut f = std::fs::File::from(fd);
+    f.write_all(encoded).and_then(|_| f.sync_data()).map_err(|e| Error::io(e, "writing a long symlink target"))?;
+    std::fs::File::from(dir).sync_all().map_err(|e| Error::io(e, "syncing the long-target store"))?;
+    Ok(marker)
+}
+
+/// The encrypted target a backing symlink stands for: its own text, or for a marker the
+/// store file it names, checked against the name.
+pub fn stored_target(root: RawFd, stored: Vec<u8>) -> Result<Vec<u8>> {
+    let Some((_, name)) = parse_marker(&stored) else { return Ok(stored) };
+    let path = std::path::Path::new(TARGETS_DIR).join(name);
+    let fd = crate::sys::openat(root, &crate::sys::cstr(path.as_os_str())?, libc::O_RDONLY | libc::O_NOFOLLOW, 0)
+        .map_err(|e| e.context("reading a long symlink target"))?;
+    let mut encoded = Vec::new();
+    std::io::Read::read_to_end(&mut std::fs::File::from(fd), &mut encoded)
+        .map_err(|e| Error::io(e, "reading a long symlink target"))?;
+    if !spilled_matches(name, &encoded) {
+        return Err(Error::corrupt("a long symlink target's store file holds another target"));
+    }
+    Ok(encoded)
+}
+
 /// The overhead a stored xattr value carries.
 pub const XATTR_VALUE_OVERHEAD: usize = NONCE_LEN + TAG_LEN;
 
 /// The length of a symlink target from its backing symlink's length.
 pub fn target_len(stored_len: u64) -> u64 {
     (stored_len * 3 / 4).saturating_sub(TAG_LEN as u64)
+}
+
+/// For a target too long for a backing symlink once encrypted: what the symlink holds
+/// instead (`~`, the plaintext length in 4 digits, the store file's name, `~`), and the
+/// name of the store file that holds the encrypted target.
+pub fn spill_marker(plain_len: usize, encoded: &[u8]) -> (Vec<u8>, OsString) {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, encoded);
+    let name = URL_SAFE_NO_PAD.encode(digest.as_ref());
+    (format!("~{plain_len:04}{name}~").into_bytes(), name.into())
+}
+
+/// A spilled target's (plaintext length, store file name), if `stored` is a marker.
+pub fn parse_marker(stored: &[u8]) -> Option<(u64, &OsStr)> {
+    if stored.len() as u64 != MARKER_LEN || stored[0] != b'~' || stored[48] != b'~' {
+        return None;
+    }
+    let len = std::str::from_utf8(&stored[1..5]).ok()?.parse().ok()?;
+    Some((len, OsStr::from_bytes(&stored[5..48])))
+}
+
+/// Whether `encoded` is what a store file named `name` must hold.
+pub fn spilled_matches(name: &OsStr, encoded: &[u8]) -> bool {
+    spill_marker(0, encoded).1 == name
 }
 
 fn long_stand_in(encoded: &[u8]) -> OsString {
@@ -332,7 +392,7 @@ mod tests {
         let long2 = c.encrypt_name(OsStr::from_bytes(&[b'M'; 200])).unwrap();
         assert!(c.decrypt_side(&long.main, &long2.side.unwrap().1).is_err(), "a side file swapped in");
 
-        let t = c.encrypt_target(b"../secret/target").unwrap();
+        let t = c.encrypt_target(b"../secret/target");
         assert_eq!(target_len(t.len() as u64), 16);
         assert_eq!(c.decrypt_target(&t).unwrap(), b"../secret/target");
         assert!(c.decrypt_target(b"AAAA").is_err());
@@ -348,10 +408,20 @@ mod tests {
     }
 
     #[test]
-    fn long_targets_are_refused_with_enametoolong() {
+    fn long_targets_get_a_marker_of_the_one_length_base64_never_has() {
         let c = cipher();
-        assert!(c.encrypt_target(&[b'a'; 3000]).is_ok());
-        assert_eq!(c.encrypt_target(&[b'a'; 4095]).unwrap_err().errno(), libc::ENAMETOOLONG);
+        assert!(c.encrypt_target(&[b'a'; 3055]).len() <= BACKING_TARGET_MAX);
+        let enc = c.encrypt_target(&[b'a'; 4095]);
+        assert!(enc.len() > BACKING_TARGET_MAX);
+        let (marker, name) = spill_marker(4095, &enc);
+        assert_eq!(marker.len() as u64, MARKER_LEN);
+        assert_eq!(MARKER_LEN % 4, 1);
+        assert_eq!(parse_marker(&marker), Some((4095, name.as_os_str())));
+        assert!(spilled_matches(&name, &enc));
+        assert!(!spilled_matches(&name, &c.encrypt_target(&[b'b'; 4095])));
+        for len in 0..300 {
+            assert_ne!(c.encrypt_target(&vec![b'x'; len]).len() as u64 % 4, 1, "{len}");
+        }
     }
 
     #[test]

@@ -21,7 +21,9 @@ use crate::trust::{TrustRecord, TrustStore};
 pub use crate::config::{ProviderConfig, VolumeConfig, WrappedKey, CONFIG_NAME, FORMAT, KEYRING_NAME};
 /// Names in the backing root that belong to the volume, not to its users: hidden from the
 /// mount, refused as targets, skipped by fsck.
-pub const RESERVED: [&str; 4] = [CONFIG_NAME, KEYRING_NAME, "envelopefs.toml.tmp", "envelopefs.keyring.tmp"];
+pub const RESERVED: [&str; 5] =
+    [CONFIG_NAME, KEYRING_NAME, "envelopefs.toml.tmp", "envelopefs.keyring.tmp", TARGETS_DIR];
+pub use crate::names::TARGETS_DIR;
 /// Suffix of the temporary a re-encryption writes beside its original.
 pub const REENCRYPT_SUFFIX: &str = ".envelopefs-reencrypt";
 

@@ -363,3 +363,32 @@ fn readdir_offsets_stay_stable_across_concurrent_creates_and_deletes() {
     seen.sort();
     assert_eq!(seen, want);
 }
+
+/// Targets up to PATH_MAX − 1 bytes: one too long for a backing symlink once encrypted is
+/// kept in the volume's target store, and still reads back, with its length in `lstat`.
+#[test]
+fn symlink_targets_of_every_legal_length_work() {
+    let vol = TestVolume::hidden(4096);
+    let targets: Vec<Vec<u8>> = [1usize, 3055, 3056, 4000, 4095]
+        .iter()
+        .map(|&n| [MARK.to_vec(), vec![b't'; n.saturating_sub(MARK.len())]].concat()[..n].to_vec())
+        .collect();
+    {
+        let m = vol.mount(&[]);
+        for (i, t) in targets.iter().enumerate() {
+            std::os::unix::fs::symlink(OsStr::from_bytes(t), m.path(&format!("l{i}"))).unwrap();
+        }
+        let too_long = vec![b't'; 4096];
+        let e = std::os::unix::fs::symlink(OsStr::from_bytes(&too_long), m.path("x")).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENAMETOOLONG));
+    }
+    assert!(backing_leaks(&vol.backing, MARK).is_empty());
+    let m = vol.mount(&[]);
+    for (i, t) in targets.iter().enumerate() {
+        let p = m.path(&format!("l{i}"));
+        assert_eq!(fs::read_link(&p).unwrap().as_os_str().as_bytes(), &t[..], "target of {} bytes", t.len());
+        assert_eq!(fs::symlink_metadata(&p).unwrap().len(), t.len() as u64, "lstat size of a {}-byte target", t.len());
+    }
+    drop(m);
+    assert_fsck_clean(&vol);
+}

@@ -629,6 +629,7 @@ impl EncryptedFs {
         } else if st.st_mode & libc::S_IFMT == libc::S_IFLNK && self.vol.names().is_some() {
             size = crate::names::target_len(size);
         }
+        // (A spilled target's length is in its marker: `attr_at` reads it.)
         Attr {
             ino,
             size,
@@ -643,6 +644,21 @@ impl EncryptedFs {
             rdev: st.st_rdev as u32,
             blksize: self.vol.geometry.block_size as u32,
         }
+    }
+
+    /// `attr_of` for the object open at `fd`, with the length of a spilled symlink target
+    /// read from its marker.
+    fn attr_at(&self, ino: u64, st: &libc::stat, fd: RawFd) -> Attr {
+        let mut attr = self.attr_of(ino, st);
+        if st.st_mode & libc::S_IFMT == libc::S_IFLNK
+            && self.vol.names().is_some()
+            && st.st_size as u64 == crate::names::MARKER_LEN
+        {
+            if let Some((len, _)) = sys::readlinkat(fd).ok().as_deref().and_then(crate::names::parse_marker) {
+                attr.size = len;
+            }
+        }
+        attr
     }
 
     /// The backing name of a name to make, change or remove in `parent`. With plaintext
@@ -674,8 +690,9 @@ impl EncryptedFs {
         let c = sys::cstr(backing)?;
         let fd = sys::open_path(self.fd(parent)?.as_raw_fd(), &c)?;
         let st = sys::fstat(fd.as_raw_fd())?;
+        let attr = self.attr_at(0, &st, fd.as_raw_fd());
         let inode = self.intern(fd, &st, parent, backing);
-        Ok(self.attr_of(inode.ino, &st))
+        Ok(Attr { ino: inode.ino, ..attr })
     }
 
     pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr> {
@@ -693,8 +710,9 @@ impl EncryptedFs {
 
     pub fn getattr(&self, ino: u64) -> Result<Attr> {
         let inode = self.inode(ino)?;
-        let st = sys::fstat(self.fd(&inode)?.as_raw_fd())?;
-        Ok(self.attr_of(ino, &st))
+        let fd = self.fd(&inode)?;
+        let st = sys::fstat(fd.as_raw_fd())?;
+        Ok(self.attr_at(ino, &st, fd.as_raw_fd()))
     }
 
     /// Owner of a new object: the caller, with the group inherited from a set-gid parent.
@@ -713,8 +731,9 @@ impl EncryptedFs {
         if st.st_mode & libc::S_IFMT != kind || st.st_uid != caller.uid {
             return Err(Error::new(libc::EAGAIN, format!("{name:?} was replaced while it was being created")));
         }
+        let attr = self.attr_at(0, &st, fd.as_raw_fd());
         let inode = self.intern(fd, &st, parent, name);
-        Ok(self.attr_of(inode.ino, &st))
+        Ok(Attr { ino: inode.ino, ..attr })
     }
 
     /// Make an object with this thread's filesystem ids set to the caller's: it is theirs
@@ -752,7 +771,13 @@ impl EncryptedFs {
         let p = self.inode(parent)?;
         let dir = self.fd(&p)?;
         let t = match self.vol.names() {
-            Some(c) => std::ffi::CString::new(c.encrypt_target(target.as_bytes())?).expect("base64 has no NUL"),
+            Some(c) => {
+                let mut enc = c.encrypt_target(target.as_bytes());
+                if enc.len() > crate::names::BACKING_TARGET_MAX {
+                    enc = crate::names::spill_target(self.root_fd.as_raw_fd(), target.len(), &enc)?;
+                }
+                std::ffi::CString::new(enc).expect("base64 has no NUL")
+            }
             None => sys::cstr(target)?,
         };
         self.make_named(dir.as_raw_fd(), &b, |c| Self::make_as(caller, || sys::symlinkat(&t, dir.as_raw_fd(), c)))?;
@@ -763,7 +788,9 @@ impl EncryptedFs {
         let inode = self.inode(ino)?;
         let stored = sys::readlinkat(self.fd(&inode)?.as_raw_fd())?;
         match self.vol.names() {
-            Some(c) => c.decrypt_target(&stored).map_err(|e| e.context(self.describe_inode(&inode))),
+            Some(c) => crate::names::stored_target(self.root_fd.as_raw_fd(), stored)
+                .and_then(|enc| c.decrypt_target(&enc))
+                .map_err(|e| e.context(self.describe_inode(&inode))),
             None => Ok(stored),
         }
     }
@@ -778,7 +805,7 @@ impl EncryptedFs {
         let st = sys::fstat(fd.as_raw_fd())?;
         let inode = self.table.add_lookup(&inode);
         inode.add_name(&np, &b.main);
-        Ok(self.attr_of(inode.ino, &st))
+        Ok(self.attr_at(inode.ino, &st, fd.as_raw_fd()))
     }
 
     pub fn unlink(&self, parent: u64, name: &OsStr) -> Result<()> {
@@ -872,7 +899,7 @@ impl EncryptedFs {
             sys::utimens_fd(fd.as_raw_fd(), inode.is_symlink(), &[timespec(set.atime), timespec(set.mtime)])?;
         }
         let st = sys::fstat(fd.as_raw_fd())?;
-        Ok(self.attr_of(ino, &st))
+        Ok(self.attr_at(ino, &st, fd.as_raw_fd()))
     }
 
     fn truncate(&self, inode: &Arc<Inode>, fd: &OwnedFd, size: u64, fh: Option<u64>, caller: Caller) -> Result<()> {
