@@ -256,9 +256,18 @@ pub fn spill_target(root: RawFd, plain_len: usize, encoded: &[u8]) -> Result<Vec
 /// store file it names, checked against the name.
 pub fn stored_target(root: RawFd, stored: Vec<u8>) -> Result<Vec<u8>> {
     let Some((_, name)) = parse_marker(&stored) else { return Ok(stored) };
-    let path = std::path::Path::new(TARGETS_DIR).join(name);
-    let fd = crate::sys::openat(root, &crate::sys::cstr(path.as_os_str())?, libc::O_RDONLY | libc::O_NOFOLLOW, 0)
-        .map_err(|e| e.context("reading a long symlink target"))?;
+    // Neither the store nor the file is followed if it is a symlink: nothing outside the
+    // backing directory is read.
+    let open = || {
+        let dir = crate::sys::openat(
+            root,
+            &crate::sys::cstr(OsStr::new(TARGETS_DIR))?,
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+            0,
+        )?;
+        crate::sys::openat(dir.as_raw_fd(), &crate::sys::cstr(name)?, libc::O_RDONLY | libc::O_NOFOLLOW, 0)
+    };
+    let fd = open().map_err(|e| e.context("reading a long symlink target"))?;
     let mut encoded = Vec::new();
     std::io::Read::read_to_end(&mut std::fs::File::from(fd), &mut encoded)
         .map_err(|e| Error::io(e, "reading a long symlink target"))?;
