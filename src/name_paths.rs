@@ -90,9 +90,9 @@ fn walk(
         let mut problem = |what: String, repaired: bool| problems.push(NameProblem { path: p.clone(), what, repaired });
         let decrypted = match classify(name) {
             EntryKind::Short => c.decrypt_name(name.as_bytes()).map(drop),
-            EntryKind::Long => std::fs::read(path.join(crate::names::side_name(name)))
-                .map_err(|e| Error::io(e, "its long-name file"))
-                .and_then(|full| c.decrypt_side(name, &full).map(drop)),
+            EntryKind::Long => {
+                crate::names::read_side(dir, name).and_then(|full| c.decrypt_side(name, &full).map(drop))
+            }
             EntryKind::Side => {
                 let main = crate::names::stand_in_of(name).expect("a side file's name");
                 if !names.contains(main) {

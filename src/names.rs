@@ -277,6 +277,21 @@ pub fn stored_target(root: RawFd, stored: Vec<u8>) -> Result<Vec<u8>> {
     Ok(encoded)
 }
 
+/// A long name's side file, read from `dir` without following a symlink.
+pub fn read_side(dir: RawFd, main: &OsStr) -> Result<Vec<u8>> {
+    let side = side_name(main);
+    let fd = crate::sys::openat(dir, &crate::sys::cstr(&side)?, libc::O_RDONLY | libc::O_NOFOLLOW, 0)
+        .map_err(|e| e.context(format!("reading long-name file {side:?}")))?;
+    let mut buf = vec![0u8; 1024];
+    // SAFETY: `buf` is writable for its length; `fd` is open.
+    let n = unsafe { libc::pread(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n < 0 {
+        return Err(crate::error::last_os(format!("reading long-name file {side:?}")));
+    }
+    buf.truncate(n as usize);
+    Ok(buf)
+}
+
 /// The overhead a stored xattr value carries.
 pub const XATTR_VALUE_OVERHEAD: usize = NONCE_LEN + TAG_LEN;
 

@@ -9,7 +9,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::io::Write;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 
 use crate::error::{Error, Result};
 use crate::names::{BackingName, EntryKind, NameCipher};
@@ -63,7 +63,7 @@ pub fn list(cipher: &NameCipher, dir: RawFd, entries: Vec<OsString>, describe: &
     for e in entries {
         let name = match crate::names::classify(&e) {
             EntryKind::Short => cipher.decrypt_name(e.as_encoded_bytes()),
-            EntryKind::Long => read_side(dir, &e).and_then(|full| cipher.decrypt_side(&e, &full)),
+            EntryKind::Long => crate::names::read_side(dir, &e).and_then(|full| cipher.decrypt_side(&e, &full)),
             EntryKind::Side => {
                 sides.push(e);
                 continue;
@@ -91,18 +91,4 @@ pub fn list(cipher: &NameCipher, dir: RawFd, entries: Vec<OsString>, describe: &
         }
     }
     out
-}
-
-fn read_side(dir: RawFd, main: &OsStr) -> Result<Vec<u8>> {
-    let side = crate::names::side_name(main);
-    let fd = sys::openat(dir, &sys::cstr(&side)?, libc::O_RDONLY | libc::O_NOFOLLOW, 0)
-        .map_err(|e| e.context(format!("reading long-name file {side:?}")))?;
-    let mut buf = vec![0u8; 1024];
-    // SAFETY: `buf` is writable for its length; `fd` is open.
-    let n = unsafe { libc::pread(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-    if n < 0 {
-        return Err(crate::error::last_os(format!("reading long-name file {side:?}")));
-    }
-    buf.truncate(n as usize);
-    Ok(buf)
 }
