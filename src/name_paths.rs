@@ -54,24 +54,62 @@ pub struct NameProblem {
 }
 
 /// fsck: every entry of the tree has a name that decrypts, every long name its side file,
-/// every symlink a target that decrypts. `repair` removes orphaned side files.
+/// every symlink a target that decrypts. `repair` removes orphaned side files and long
+/// targets no symlink names any more.
 pub fn check_names(vol: &Volume, repair: bool) -> Result<Vec<NameProblem>> {
     let mut out = Vec::new();
     let Some(c) = vol.names() else { return Ok(out) };
     let root = sys::openat(libc::AT_FDCWD, &sys::cstr(vol.root.as_os_str())?, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
-    walk(c, root.as_raw_fd(), root.as_raw_fd(), &vol.root, true, repair, &mut out)?;
+    let mut named = std::collections::HashSet::new();
+    let mut w = Walk { c, root_fd: root.as_raw_fd(), repair, problems: &mut out, named_targets: &mut named };
+    walk(&mut w, root.as_raw_fd(), &vol.root, true)?;
+    unnamed_targets(root.as_raw_fd(), &vol.root, repair, &named, &mut out)?;
     Ok(out)
 }
 
-fn walk(
-    c: &NameCipher,
-    root_fd: RawFd,
-    dir: RawFd,
-    path: &Path,
-    is_root: bool,
+/// Long targets in the store that no symlink names (their symlinks were removed).
+fn unnamed_targets(
+    root: RawFd,
+    root_path: &Path,
     repair: bool,
-    rep: &mut Vec<NameProblem>,
+    named: &std::collections::HashSet<OsString>,
+    out: &mut Vec<NameProblem>,
 ) -> Result<()> {
+    let store = match sys::openat(
+        root,
+        &sys::cstr(OsStr::new(crate::names::TARGETS_DIR))?,
+        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+        0,
+    ) {
+        Ok(d) => d,
+        Err(e) if e.errno() == libc::ENOENT => return Ok(()),
+        Err(e) => return Err(e.context("opening the long-target store")),
+    };
+    let listing = format!("/proc/self/fd/{}", store.as_raw_fd());
+    for e in std::fs::read_dir(&listing).map_err(|e| Error::io(e, "listing the long-target store"))? {
+        let name = e.map_err(|e| Error::io(e, "listing the long-target store"))?.file_name();
+        if !named.contains(&name) {
+            let repaired = repair && sys::unlinkat(store.as_raw_fd(), &sys::cstr(&name)?, 0).is_ok();
+            out.push(NameProblem {
+                path: root_path.join(crate::names::TARGETS_DIR).join(&name),
+                what: "a long symlink target no symlink names any more (harmless)".into(),
+                repaired,
+            });
+        }
+    }
+    Ok(())
+}
+
+struct Walk<'a> {
+    c: &'a NameCipher,
+    root_fd: RawFd,
+    repair: bool,
+    problems: &'a mut Vec<NameProblem>,
+    /// Store files that symlinks name.
+    named_targets: &'a mut std::collections::HashSet<OsString>,
+}
+
+fn walk(w: &mut Walk<'_>, dir: RawFd, path: &Path, is_root: bool) -> Result<()> {
     let listing = format!("/proc/self/fd/{dir}");
     let mut entries: Vec<(OsString, std::fs::FileType)> = Vec::new();
     for e in std::fs::read_dir(&listing).map_err(|e| Error::io(e, format!("listing {}", path.display())))? {
@@ -89,14 +127,14 @@ fn walk(
         let p = path.join(name);
         let mut problem = |what: String, repaired: bool| problems.push(NameProblem { path: p.clone(), what, repaired });
         let decrypted = match classify(name) {
-            EntryKind::Short => c.decrypt_name(name.as_bytes()).map(drop),
+            EntryKind::Short => w.c.decrypt_name(name.as_bytes()).map(drop),
             EntryKind::Long => {
-                crate::names::read_side(dir, name).and_then(|full| c.decrypt_side(name, &full).map(drop))
+                crate::names::read_side(dir, name).and_then(|full| w.c.decrypt_side(name, &full).map(drop))
             }
             EntryKind::Side => {
                 let main = crate::names::stand_in_of(name).expect("a side file's name");
                 if !names.contains(main) {
-                    let removed = repair && sys::unlinkat(dir, &sys::cstr(name)?, 0).is_ok();
+                    let removed = w.repair && sys::unlinkat(dir, &sys::cstr(name)?, 0).is_ok();
                     problem("a long-name file whose entry is gone (left by a crash; harmless)".into(), removed);
                 }
                 continue;
@@ -110,17 +148,20 @@ fn walk(
         if ft.is_symlink() {
             let target = std::fs::read_link(&p).map_err(|e| Error::io(e, format!("readlink {}", p.display())))?;
             let stored = target.as_os_str().as_bytes().to_vec();
-            if let Err(e) = crate::names::stored_target(root_fd, stored).and_then(|enc| c.decrypt_target(&enc)) {
+            if let Some((_, store)) = crate::names::parse_marker(&stored) {
+                w.named_targets.insert(store.to_owned());
+            }
+            if let Err(e) = crate::names::stored_target(w.root_fd, stored).and_then(|enc| w.c.decrypt_target(&enc)) {
                 problem(format!("symlink target: {e}"), false);
             }
         } else if ft.is_dir() {
             match sys::openat(dir, &sys::cstr(name)?, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0) {
-                Ok(sub) => walk(c, root_fd, sub.as_raw_fd(), &p, false, repair, rep)?,
+                Ok(sub) => walk(w, sub.as_raw_fd(), &p, false)?,
                 Err(e) if [libc::ENOENT, libc::ELOOP, libc::ENOTDIR].contains(&e.errno()) => {}
                 Err(e) => return Err(e.context(format!("opening directory {}", p.display()))),
             }
         }
     }
-    rep.extend(problems);
+    w.problems.extend(problems);
     Ok(())
 }

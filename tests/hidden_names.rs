@@ -391,4 +391,17 @@ fn symlink_targets_of_every_legal_length_work() {
     }
     drop(m);
     assert_fsck_clean(&vol);
+    // A removed symlink's long target stays in the store until fsck --repair.
+    {
+        let m = vol.mount(&[]);
+        fs::remove_file(m.path("l4")).unwrap();
+    }
+    let out = fsck(&vol);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no symlink names any more"));
+    let out = cli(&[&"fsck", &"--repair", &"--key-file", &vol.key, &vol.backing]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert_fsck_clean(&vol);
+    let m = vol.mount(&[]);
+    assert_eq!(fs::read_link(m.path("l3")).unwrap().as_os_str().as_bytes(), &targets[3][..]);
 }
