@@ -55,8 +55,16 @@ pub struct Listed {
 }
 
 /// The plaintext names of a format-4 directory's entries; entries that are not this
-/// volume's (or do not decrypt) are logged and left out, orphaned side files removed.
-pub fn list(cipher: &NameCipher, dir: RawFd, entries: Vec<OsString>, describe: &dyn Fn() -> String) -> Vec<Listed> {
+/// volume's (or do not decrypt) are logged and left out, orphaned side files removed
+/// (under `long_names`, held by whoever changes a long name, so a side file written for
+/// an entry about to be made is never taken for an orphan).
+pub fn list(
+    cipher: &NameCipher,
+    dir: RawFd,
+    entries: Vec<OsString>,
+    long_names: &std::sync::Mutex<()>,
+    describe: &dyn Fn() -> String,
+) -> Vec<Listed> {
     let mut out = Vec::with_capacity(entries.len());
     let mut sides = Vec::new();
     let mut mains = std::collections::HashSet::new();
@@ -78,6 +86,7 @@ pub fn list(cipher: &NameCipher, dir: RawFd, entries: Vec<OsString>, describe: &
             Err(err) => tracing::warn!("{}/{}: left out of the listing: {err}", describe(), e.to_string_lossy()),
         }
     }
+    let _g = (!sides.is_empty()).then(|| long_names.lock().unwrap());
     for side in sides {
         let Some(main) = crate::names::stand_in_of(&side) else { continue };
         if !mains.contains(main) {

@@ -1192,9 +1192,14 @@ impl EncryptedFs {
                 name,
             })),
             Some(c) => {
-                let _g = self.long_names.lock().unwrap();
                 let kinds: HashMap<OsString, (u64, u32)> = raw.iter().map(|(n, i, k)| (n.clone(), (*i, *k))).collect();
-                let listed = backing_names::list(c, dir.as_raw_fd(), raw.into_iter().map(|r| r.0).collect(), &describe);
+                let listed = backing_names::list(
+                    c,
+                    dir.as_raw_fd(),
+                    raw.into_iter().map(|r| r.0).collect(),
+                    &self.long_names,
+                    &describe,
+                );
                 entries.extend(listed.into_iter().map(|l| {
                     let (ino, kind) = kinds[&l.backing];
                     DirEntry { ino, kind, name: l.name, backing: l.backing }
