@@ -205,25 +205,38 @@ impl NameCipher {
     pub fn plain_path(&self, root: &std::path::Path, backing: &std::path::Path) -> Result<std::path::PathBuf> {
         use std::path::Component;
         let rel = backing.strip_prefix(root).unwrap_or(backing);
-        let mut dir = root.to_owned();
+        // Each directory is opened from its parent without following a symlink: the path
+        // comes from the backing directory and must not lead out of it.
+        let mut dir = crate::sys::openat(
+            libc::AT_FDCWD,
+            &crate::sys::cstr(root.as_os_str())?,
+            libc::O_RDONLY | libc::O_DIRECTORY,
+            0,
+        )?;
         let mut out = std::path::PathBuf::new();
-        for c in rel.components() {
-            let n = match c {
-                Component::Normal(n) => n,
-                Component::CurDir => continue,
-                _ => return Err(Error::new(libc::EINVAL, format!("{}: not a path inside the volume", rel.display()))),
-            };
+        let parts: Vec<&OsStr> = rel
+            .components()
+            .filter(|c| !matches!(c, Component::CurDir))
+            .map(|c| match c {
+                Component::Normal(n) => Ok(n),
+                _ => Err(Error::new(libc::EINVAL, format!("{}: not a path inside the volume", rel.display()))),
+            })
+            .collect::<Result<_>>()?;
+        for (i, n) in parts.iter().enumerate() {
             let plain = match classify(n) {
                 EntryKind::Short => self.decrypt_name(n.as_bytes())?,
-                EntryKind::Long => {
-                    let side = dir.join(side_name(n));
-                    let full = std::fs::read(&side).map_err(|e| Error::io(e, format!("reading {}", side.display())))?;
-                    self.decrypt_side(n, &full)?
-                }
+                EntryKind::Long => self.decrypt_side(n, &read_side(dir.as_raw_fd(), n)?)?,
                 _ => return Err(Error::corrupt(format!("{n:?} is not a name this volume encrypted"))),
             };
             out.push(plain);
-            dir.push(n);
+            if i + 1 < parts.len() {
+                dir = crate::sys::openat(
+                    dir.as_raw_fd(),
+                    &crate::sys::cstr(n)?,
+                    libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                    0,
+                )?;
+            }
         }
         Ok(out)
     }
@@ -240,13 +253,7 @@ pub fn spill_target(root: RawFd, plain_len: usize, encoded: &[u8]) -> Result<Vec
         _ => {}
     }
     let dir = crate::sys::openat(root, &dir_name, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0)?;
-    let fd = crate::sys::openat(
-        dir.as_raw_fd(),
-        &crate::sys::cstr(&name)?,
-        libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW,
-        0o644,
-    )?;
-    let mut f = std::fs::File::from(fd);
+    let mut f = open_own_file(dir.as_raw_fd(), &name, libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC, 0o644)?;
     f.write_all(encoded).and_then(|_| f.sync_data()).map_err(|e| Error::io(e, "writing a long symlink target"))?;
     std::fs::File::from(dir).sync_all().map_err(|e| Error::io(e, "syncing the long-target store"))?;
     Ok(marker)
@@ -256,21 +263,16 @@ pub fn spill_target(root: RawFd, plain_len: usize, encoded: &[u8]) -> Result<Vec
 /// store file it names, checked against the name.
 pub fn stored_target(root: RawFd, stored: Vec<u8>) -> Result<Vec<u8>> {
     let Some((_, name)) = parse_marker(&stored) else { return Ok(stored) };
-    // Neither the store nor the file is followed if it is a symlink: nothing outside the
-    // backing directory is read.
-    let open = || {
-        let dir = crate::sys::openat(
-            root,
-            &crate::sys::cstr(OsStr::new(TARGETS_DIR))?,
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
-            0,
-        )?;
-        crate::sys::openat(dir.as_raw_fd(), &crate::sys::cstr(name)?, libc::O_RDONLY | libc::O_NOFOLLOW, 0)
-    };
-    let fd = open().map_err(|e| e.context("reading a long symlink target"))?;
-    let mut encoded = Vec::new();
-    std::io::Read::read_to_end(&mut std::fs::File::from(fd), &mut encoded)
-        .map_err(|e| Error::io(e, "reading a long symlink target"))?;
+    // Neither the store nor the file is followed if it is a symlink, and a file that is
+    // not regular is not used: nothing outside the backing directory is read.
+    let dir = crate::sys::openat(
+        root,
+        &crate::sys::cstr(OsStr::new(TARGETS_DIR))?,
+        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+        0,
+    )
+    .map_err(|e| e.context("reading a long symlink target"))?;
+    let encoded = read_small(dir.as_raw_fd(), name, 8192).map_err(|e| e.context("reading a long symlink target"))?;
     if !spilled_matches(name, &encoded) {
         return Err(Error::corrupt("a long symlink target's store file holds another target"));
     }
@@ -280,15 +282,26 @@ pub fn stored_target(root: RawFd, stored: Vec<u8>) -> Result<Vec<u8>> {
 /// A long name's side file, read from `dir` without following a symlink.
 pub fn read_side(dir: RawFd, main: &OsStr) -> Result<Vec<u8>> {
     let side = side_name(main);
-    let fd = crate::sys::openat(dir, &crate::sys::cstr(&side)?, libc::O_RDONLY | libc::O_NOFOLLOW, 0)
-        .map_err(|e| e.context(format!("reading long-name file {side:?}")))?;
-    let mut buf = vec![0u8; 1024];
-    // SAFETY: `buf` is writable for its length; `fd` is open.
-    let n = unsafe { libc::pread(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-    if n < 0 {
-        return Err(crate::error::last_os(format!("reading long-name file {side:?}")));
+    read_small(dir, &side, 1024).map_err(|e| e.context(format!("reading long-name file {side:?}")))
+}
+
+/// Open `name` in `dir` as a regular file of the volume's own: a symlink is not followed,
+/// and a FIFO or device planted in its place is neither waited on nor used.
+pub fn open_own_file(dir: RawFd, name: &OsStr, flags: i32, mode: u32) -> Result<std::fs::File> {
+    let fd = crate::sys::openat(dir, &crate::sys::cstr(name)?, flags | libc::O_NOFOLLOW | libc::O_NONBLOCK, mode)?;
+    let st = crate::sys::fstat(fd.as_raw_fd())?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(Error::corrupt(format!("{name:?} is not a regular file")));
     }
-    buf.truncate(n as usize);
+    Ok(std::fs::File::from(fd))
+}
+
+/// At most `max` bytes of one of the volume's own small files.
+fn read_small(dir: RawFd, name: &OsStr, max: usize) -> Result<Vec<u8>> {
+    let f = open_own_file(dir, name, libc::O_RDONLY, 0)?;
+    let mut buf = vec![0u8; max];
+    let n = std::os::unix::fs::FileExt::read_at(&f, &mut buf, 0).map_err(|e| Error::io(e, "reading"))?;
+    buf.truncate(n);
     Ok(buf)
 }
 

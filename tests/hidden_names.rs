@@ -405,3 +405,75 @@ fn symlink_targets_of_every_legal_length_work() {
     let m = vol.mount(&[]);
     assert_eq!(fs::read_link(m.path("l3")).unwrap().as_os_str().as_bytes(), &targets[3][..]);
 }
+
+/// A side file replaced by a symlink out of the volume, or by a FIFO: nothing outside the
+/// backing directory is opened, nothing waits on the FIFO (a lookup, a listing, the audit
+/// log's plain path and fsck all finish), and the names are left out and reported.
+#[test]
+fn side_files_swapped_for_a_symlink_or_a_fifo_are_neither_followed_nor_waited_on() {
+    let vol = TestVolume::hidden(4096);
+    let (a, b) = ("A".repeat(200), "B".repeat(200));
+    {
+        let m = vol.mount(&[]);
+        fs::create_dir(m.path("d")).unwrap();
+        fs::write(m.path("d").join(&a), b"secret").unwrap();
+        fs::write(m.path("d").join(&b), b"other").unwrap();
+    }
+    let d = fs::read_dir(&vol.backing).unwrap().map(|e| e.unwrap().path()).find(|p| p.is_dir()).unwrap();
+    let sides: Vec<PathBuf> = fs::read_dir(&d)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(".name"))
+        .collect();
+    assert_eq!(sides.len(), 2);
+    let fifo = |p: &Path| {
+        let c = cpath(p);
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    };
+    let outside = vol.dir.path().join("outside-fifo");
+    fifo(&outside);
+    fs::remove_file(&sides[0]).unwrap();
+    std::os::unix::fs::symlink(&outside, &sides[0]).unwrap();
+    fs::remove_file(&sides[1]).unwrap();
+    fifo(&sides[1]);
+
+    let audit = vol.dir.path().join("audit.log");
+    let m = vol.mount(&["--audit-log", audit.to_str().unwrap()]);
+    let timed = |args: &[&std::ffi::OsStr]| {
+        std::process::Command::new("timeout")
+            .env("ENVELOPEFS_TRUST_DIR", common::trust_dir())
+            .arg("10")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    for n in [&a, &b] {
+        let out = timed(&["cat".as_ref(), m.path("d").join(n).as_os_str()]);
+        assert_ne!(out.status.code(), Some(124), "reading a file by its name hung");
+    }
+    let out = timed(&["ls".as_ref(), m.path("d").as_os_str()]);
+    assert_eq!(out.status.code(), Some(0), "listing: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).trim().is_empty(), "both names are left out");
+    fs::write(m.path("still-works"), b"x").unwrap();
+    drop(m);
+    let out = timed(&[
+        common::BIN.as_ref(),
+        "fsck".as_ref(),
+        "--key-file".as_ref(),
+        vol.key.as_os_str(),
+        vol.backing.as_os_str(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "fsck: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("not a regular file"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

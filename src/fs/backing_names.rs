@@ -26,25 +26,29 @@ pub fn resolve(cipher: Option<&NameCipher>, name: &OsStr) -> Result<BackingName>
 /// Write a long name's side file, before its entry is made.
 pub fn put_side(dir: RawFd, b: &BackingName) -> Result<()> {
     let Some((side, content)) = &b.side else { return Ok(()) };
-    let fd =
-        sys::openat(dir, &sys::cstr(side)?, libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW, 0o644)
-            .map_err(|e| e.context(format!("creating long-name file {side:?}")))?;
-    let mut f = std::fs::File::from(fd);
+    // The same name always has the same side file: one already there (the name exists,
+    // or an orphan) is kept as it is, never truncated under a live entry.
+    if crate::names::read_side(dir, &b.main).is_ok_and(|have| have == *content) {
+        return Ok(());
+    }
+    let mut f = crate::names::open_own_file(dir, side, libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC, 0o644)
+        .map_err(|e| e.context(format!("creating long-name file {side:?}")))?;
     f.write_all(content)
         .and_then(|_| f.sync_data())
         .map_err(|e| Error::io(e, format!("writing long-name file {side:?}")))
 }
 
 /// Remove a long name's side file if its entry is not there (gone, never made, or a
-/// rename that did nothing).
-pub fn drop_side(dir: RawFd, b: &BackingName) -> Result<()> {
-    let Some((side, _)) = &b.side else { return Ok(()) };
+/// rename that did nothing); returns whether it removed one.
+pub fn drop_side(dir: RawFd, b: &BackingName) -> Result<bool> {
+    let Some((side, _)) = &b.side else { return Ok(false) };
     if sys::fstatat_nofollow(dir, &sys::cstr(&b.main)?).is_ok() {
-        return Ok(());
+        return Ok(false);
     }
     match sys::unlinkat(dir, &sys::cstr(side)?, 0) {
-        Err(e) if e.errno() != libc::ENOENT => Err(e),
-        _ => Ok(()),
+        Ok(()) => Ok(true),
+        Err(e) if e.errno() == libc::ENOENT => Ok(false),
+        Err(e) => Err(e),
     }
 }
 
@@ -92,7 +96,8 @@ pub fn list(
         if !mains.contains(main) {
             let b = BackingName { main: main.to_owned(), side: Some((side.clone(), Vec::new())) };
             match drop_side(dir, &b) {
-                Ok(()) => {
+                Ok(false) => {}
+                Ok(true) => {
                     tracing::info!("{}/{}: removed an orphaned long-name file", describe(), side.to_string_lossy())
                 }
                 Err(e) => tracing::warn!("{}/{}: orphaned long-name file: {e}", describe(), side.to_string_lossy()),

@@ -1293,6 +1293,18 @@ impl EncryptedFs {
         }
     }
 
+    /// The stored name of an xattr to read or remove: one too long to encrypt was never
+    /// stored (ENODATA, as for any absent name).
+    fn stored_xattr_name(&self, name: &OsStr) -> Result<std::ffi::CString> {
+        self.xattr_name(name).map_err(|e| {
+            if e.errno() == libc::ERANGE {
+                Error::new(libc::ENODATA, "no such attribute")
+            } else {
+                e
+            }
+        })
+    }
+
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
         let inode = self.inode(ino)?;
         if inode.is_symlink() {
@@ -1322,7 +1334,7 @@ impl EncryptedFs {
         let Some(c) = self.vol.names() else {
             return sys::getxattr(fd.as_raw_fd(), &sys::cstr(name)?, size as usize);
         };
-        let stored = self.xattr_name(name)?;
+        let stored = self.stored_xattr_name(name)?;
         let len = sys::getxattr(fd.as_raw_fd(), &stored, 0)?.len();
         let value = c
             .open_xattr_value(stored.as_bytes(), &sys::getxattr(fd.as_raw_fd(), &stored, len.max(1))?)
@@ -1367,6 +1379,6 @@ impl EncryptedFs {
         if inode.is_symlink() {
             return Err(Error::new(libc::EPERM, "no user xattrs on symlinks"));
         }
-        sys::removexattr(self.fd(&inode)?.as_raw_fd(), &self.xattr_name(name)?)
+        sys::removexattr(self.fd(&inode)?.as_raw_fd(), &self.stored_xattr_name(name)?)
     }
 }
