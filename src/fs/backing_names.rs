@@ -38,6 +38,14 @@ pub fn put_side(dir: RawFd, b: &BackingName) -> Result<()> {
         .map_err(|e| Error::io(e, format!("writing long-name file {side:?}")))
 }
 
+/// `drop_side` once the change to the entry is made: a side file left behind is an orphan
+/// (a listing or fsck removes it), so failing to remove it is logged, not returned.
+pub fn drop_side_after(dir: RawFd, b: &BackingName) {
+    if let Err(e) = drop_side(dir, b) {
+        tracing::warn!("{}: left for a listing to remove: {e}", sys::describe_fd(dir));
+    }
+}
+
 /// Remove a long name's side file if its entry is not there (gone, never made, or a
 /// rename that did nothing); returns whether it removed one.
 pub fn drop_side(dir: RawFd, b: &BackingName) -> Result<bool> {
@@ -52,28 +60,32 @@ pub fn drop_side(dir: RawFd, b: &BackingName) -> Result<bool> {
     }
 }
 
-/// One entry of a backing directory, named as the plaintext view shows it.
-pub struct Listed {
+/// One entry of a backing directory, named as the plaintext view shows it, with what the
+/// caller listed with it.
+pub struct Listed<T> {
     pub name: OsString,
     pub backing: OsString,
+    pub with: T,
 }
 
 /// The plaintext names of a format-4 directory's entries; entries that are not this
 /// volume's (or do not decrypt) are logged and left out, orphaned side files removed
 /// (under `long_names`, held by whoever changes a long name, so a side file written for
 /// an entry about to be made is never taken for an orphan).
-pub fn list(
+pub fn list<T>(
     cipher: &NameCipher,
     dir: RawFd,
-    entries: Vec<OsString>,
+    entries: Vec<(OsString, T)>,
     long_names: &std::sync::Mutex<()>,
     describe: &dyn Fn() -> String,
-) -> Vec<Listed> {
+) -> Vec<Listed<T>> {
     let mut out = Vec::with_capacity(entries.len());
     let mut sides = Vec::new();
-    let mut mains = std::collections::HashSet::new();
-    for e in entries {
-        let name = match crate::names::classify(&e) {
+    // The stand-ins whose names decrypted: the side files that are not orphans.
+    let mut stand_ins = std::collections::HashSet::new();
+    for (e, with) in entries {
+        let kind = crate::names::classify(&e);
+        let name = match kind {
             EntryKind::Short => cipher.decrypt_name(e.as_encoded_bytes()),
             EntryKind::Long => crate::names::read_side(dir, &e).and_then(|full| cipher.decrypt_side(&e, &full)),
             EntryKind::Side => {
@@ -84,8 +96,10 @@ pub fn list(
         };
         match name {
             Ok(name) => {
-                mains.insert(e.clone());
-                out.push(Listed { name, backing: e });
+                if kind == EntryKind::Long {
+                    stand_ins.insert(e.clone());
+                }
+                out.push(Listed { name, backing: e, with });
             }
             Err(err) => tracing::warn!("{}/{}: left out of the listing: {err}", describe(), e.to_string_lossy()),
         }
@@ -93,7 +107,7 @@ pub fn list(
     let _g = (!sides.is_empty()).then(|| long_names.lock().unwrap());
     for side in sides {
         let Some(main) = crate::names::stand_in_of(&side) else { continue };
-        if !mains.contains(main) {
+        if !stand_ins.contains(main) {
             let b = BackingName { main: main.to_owned(), side: Some((side.clone(), Vec::new())) };
             match drop_side(dir, &b) {
                 Ok(false) => {}

@@ -824,7 +824,7 @@ impl EncryptedFs {
         let _g = self.long_name_guard(&[&b]);
         let gone = self.known_at(dir.as_raw_fd(), &c);
         sys::unlinkat(dir.as_raw_fd(), &c, flags)?;
-        backing_names::drop_side(dir.as_raw_fd(), &b)?;
+        backing_names::drop_side_after(dir.as_raw_fd(), &b);
         if let Some((node, fd)) = gone {
             node.drop_name(&p, &b.main, &fd);
         }
@@ -863,7 +863,7 @@ impl EncryptedFs {
             let _ = backing_names::drop_side(newdir.as_raw_fd(), &to);
             return Err(e);
         }
-        backing_names::drop_side(dir.as_raw_fd(), &from)?;
+        backing_names::drop_side_after(dir.as_raw_fd(), &from);
         // Found again by name, a moved inode follows its new name. Renaming a directory
         // changes no name beneath it: children name their parent's inode, not a path.
         if let Some((n, _)) = moved {
@@ -1162,7 +1162,7 @@ impl EncryptedFs {
                 continue;
             }
             if self.vol.names().is_some() && crate::names::classify(&name) == crate::names::EntryKind::Side {
-                raw.push((name, 0, 0));
+                raw.push((name, (0, 0)));
                 continue;
             }
             let ft = e.file_type().map_err(|e| Error::io(e, "readdir"))?;
@@ -1182,27 +1182,22 @@ impl EncryptedFs {
             } else {
                 libc::S_IFREG
             };
-            raw.push((name, e.ino(), kind));
+            raw.push((name, (e.ino(), kind)));
         }
         match self.vol.names() {
-            None => entries.extend(raw.into_iter().map(|(name, ino, kind)| DirEntry {
+            None => entries.extend(raw.into_iter().map(|(name, (ino, kind))| DirEntry {
                 ino,
                 kind,
                 backing: name.clone(),
                 name,
             })),
             Some(c) => {
-                let kinds: HashMap<OsString, (u64, u32)> = raw.iter().map(|(n, i, k)| (n.clone(), (*i, *k))).collect();
-                let listed = backing_names::list(
-                    c,
-                    dir.as_raw_fd(),
-                    raw.into_iter().map(|r| r.0).collect(),
-                    &self.long_names,
-                    &describe,
-                );
-                entries.extend(listed.into_iter().map(|l| {
-                    let (ino, kind) = kinds[&l.backing];
-                    DirEntry { ino, kind, name: l.name, backing: l.backing }
+                let listed = backing_names::list(c, dir.as_raw_fd(), raw, &self.long_names, &describe);
+                entries.extend(listed.into_iter().map(|l| DirEntry {
+                    ino: l.with.0,
+                    kind: l.with.1,
+                    name: l.name,
+                    backing: l.backing,
                 }));
             }
         }
