@@ -146,8 +146,11 @@ fn walk(w: &mut Walk<'_>, dir: RawFd, path: &Path, is_root: bool) -> Result<()> 
             continue;
         }
         if ft.is_symlink() {
-            let target = std::fs::read_link(&p).map_err(|e| Error::io(e, format!("readlink {}", p.display())))?;
-            let stored = target.as_os_str().as_bytes().to_vec();
+            // Read from this directory's descriptor: a directory above swapped for a
+            // symlink since the walk opened it cannot redirect the read.
+            let stored = sys::open_path(dir, &sys::cstr(name)?)
+                .and_then(|fd| sys::readlinkat(fd.as_raw_fd()))
+                .map_err(|e| e.context(format!("readlink {}", p.display())))?;
             if let Some((_, store)) = crate::names::parse_marker(&stored) {
                 w.named_targets.insert(store.to_owned());
             }
