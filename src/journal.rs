@@ -334,20 +334,44 @@ pub struct Target<'a> {
     pub path: &'a dyn Fn() -> Vec<u8>,
 }
 
-/// Make `change` to `file` (the envelope `file_id`): record it in the journal if there is
-/// one, write its bytes, then truncate if it ends so.
+/// Make `change` to `file` (the envelope `file_id`): make sure of its backing space,
+/// record it in the journal if there is one, write its bytes, then truncate if it ends so.
+///
+/// A full disk must never cost a byte that was already durable. A stored block is
+/// rewritten in place, so a write that runs out of space part-way would leave a block
+/// half old, half new, which no key opens. Space is therefore reserved before anything is
+/// touched (an ENOSPC then changes nothing), and where the filesystem cannot reserve, the
+/// part past the old end is written first and cut back if it fails.
 pub fn apply(file: &File, target: Option<&Target<'_>>, file_id: &FileId, change: &Change<'_>) -> Result<()> {
+    let end = change.offset + change.bytes.len() as u64;
+    let reserved = !change.bytes.is_empty() && reserve(file, change.offset, change.bytes.len() as u64)?;
     let _covered = match target {
         Some(t) => Some(t.journal.record(&FileRef { file_id: *file_id, ino: t.ino, path: t.path }, change)?),
         None => None,
     };
     let observer = target.and_then(|t| t.journal.observer());
     if !change.bytes.is_empty() {
-        if let Some(obs) = observer {
-            obs(file, Observed::Write { offset: change.offset, bytes: change.bytes });
+        // Without a reservation, the bytes past the old end go first: if they find no
+        // space, cutting back to the old length undoes them and nothing else was touched.
+        let split = if reserved || end <= change.old_len { 0 } else { change.old_len.saturating_sub(change.offset) };
+        for (at, bytes) in [(change.offset + split, &change.bytes[split as usize..]), (change.offset, &change.bytes[..split as usize])] {
+            if bytes.is_empty() {
+                continue;
+            }
+            if let Some(obs) = observer {
+                obs(file, Observed::Write { offset: at, bytes });
+            }
+            if let Err(e) = file.write_all_at(bytes, at) {
+                let err = Error::io(e, format!("writing {} bytes at {at}", bytes.len()));
+                if at >= change.old_len {
+                    // Nothing before the old end was touched yet: drop the partial tail.
+                    if let Err(cut) = file.set_len(change.old_len) {
+                        tracing::warn!("cutting a failed write back to {} bytes: {cut}", change.old_len);
+                    }
+                }
+                return Err(err);
+            }
         }
-        file.write_all_at(change.bytes, change.offset)
-            .map_err(|e| Error::io(e, format!("writing {} bytes at {}", change.bytes.len(), change.offset)))?;
     }
     if let Some(len) = change.then_len {
         if let Some(obs) = observer {
@@ -356,6 +380,19 @@ pub fn apply(file: &File, target: Option<&Target<'_>>, file_id: &FileId, change:
         file.set_len(len).map_err(|e| Error::io(e, format!("truncating to {len}")))?;
     }
     Ok(())
+}
+
+/// Reserve backing space for `len` bytes at `offset` without changing the file's length.
+/// `Ok(false)` where the filesystem cannot reserve space; ENOSPC and EDQUOT are errors.
+fn reserve(file: &File, offset: u64, len: u64) -> Result<bool> {
+    use rustix::fs::{fallocate, FallocateFlags};
+    match fallocate(file, FallocateFlags::KEEP_SIZE, offset, len) {
+        Ok(()) => Ok(true),
+        Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS || e == rustix::io::Errno::INVAL => {
+            Ok(false)
+        }
+        Err(e) => Err(Error::io(e.into(), format!("reserving {len} bytes at {offset} before writing them"))),
+    }
 }
 
 /// Held while a recorded change is being made.
