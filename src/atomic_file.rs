@@ -7,12 +7,18 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-/// Read a whole file, refusing a symlink in the last component (ELOOP).
+/// Read a whole file, refusing a symlink in the last component (ELOOP) and anything but a
+/// regular file (EINVAL), which is never opened: a FIFO planted there cannot wedge a reader.
 pub fn read(path: &Path) -> io::Result<Vec<u8>> {
-    let mut f = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(path)?;
-    if !f.metadata()?.is_file() {
-        return Err(io::Error::from_raw_os_error(libc::EINVAL));
-    }
+    let name = crate::sys::cstr(path.as_os_str()).map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+    let opened = crate::sys::open_regular(libc::AT_FDCWD, &name, libc::O_RDONLY).map_err(|e| {
+        // ELOOP for a symlink, as an O_NOFOLLOW open says it.
+        io::Error::from_raw_os_error(e.errno())
+    })?;
+    let Some((mut f, _)) = opened else {
+        let link = fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+        return Err(io::Error::from_raw_os_error(if link { libc::ELOOP } else { libc::EINVAL }));
+    };
     let mut out = Vec::new();
     f.read_to_end(&mut out)?;
     Ok(out)

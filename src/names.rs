@@ -9,7 +9,6 @@
 //! looked up by encrypting it, with no listing of the directory.
 
 use std::ffi::{OsStr, OsString};
-use std::io::Write;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::io::{AsRawFd, RawFd};
 
@@ -253,8 +252,8 @@ pub fn spill_target(root: RawFd, plain_len: usize, encoded: &[u8]) -> Result<Vec
         _ => {}
     }
     let dir = crate::sys::openat(root, &dir_name, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0)?;
-    let mut f = open_own_file(dir.as_raw_fd(), &name, libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC, 0o644)?;
-    f.write_all(encoded).and_then(|_| f.sync_data()).map_err(|e| Error::io(e, "writing a long symlink target"))?;
+    crate::sys::write_new_at(dir.as_raw_fd(), &crate::sys::cstr(&name)?, encoded, 0o644)
+        .map_err(|e| e.context("writing a long symlink target"))?;
     std::fs::File::from(dir).sync_all().map_err(|e| Error::io(e, "syncing the long-target store"))?;
     Ok(marker)
 }
@@ -285,20 +284,11 @@ pub fn read_side(dir: RawFd, main: &OsStr) -> Result<Vec<u8>> {
     read_small(dir, &side, 1024).map_err(|e| e.context(format!("reading long-name file {side:?}")))
 }
 
-/// Open `name` in `dir` as a regular file of the volume's own: a symlink is not followed,
-/// and a FIFO or device planted in its place is neither waited on nor used.
-pub fn open_own_file(dir: RawFd, name: &OsStr, flags: i32, mode: u32) -> Result<std::fs::File> {
-    let fd = crate::sys::openat(dir, &crate::sys::cstr(name)?, flags | libc::O_NOFOLLOW | libc::O_NONBLOCK, mode)?;
-    let st = crate::sys::fstat(fd.as_raw_fd())?;
-    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
-        return Err(Error::corrupt(format!("{name:?} is not a regular file")));
-    }
-    Ok(std::fs::File::from(fd))
-}
-
 /// At most `max` bytes of one of the volume's own small files.
 fn read_small(dir: RawFd, name: &OsStr, max: usize) -> Result<Vec<u8>> {
-    let f = open_own_file(dir, name, libc::O_RDONLY, 0)?;
+    let cname = crate::sys::cstr(name)?;
+    let (f, _) = crate::sys::open_regular(dir, &cname, libc::O_RDONLY)?
+        .ok_or_else(|| Error::corrupt(format!("{name:?} is not a regular file")))?;
     let mut buf = vec![0u8; max];
     let n = std::os::unix::fs::FileExt::read_at(&f, &mut buf, 0).map_err(|e| Error::io(e, "reading"))?;
     buf.truncate(n);

@@ -19,7 +19,6 @@ use crate::sys;
 use crate::volume::Volume;
 
 use crate::tree::{open_regular, Tree};
-use crate::volume::REENCRYPT_SUFFIX as TMP_SUFFIX;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -105,11 +104,10 @@ pub fn reencrypt_file(vol: &Volume, tree: &Tree, path: &Path) -> Result<bool> {
     let src = source.content(Some(&opened.key));
     let size = src.size().map_err(ctx_err)?;
 
-    let mut tmp_name = b".".to_vec();
-    tmp_name.extend_from_slice(name.to_bytes());
-    tmp_name.extend_from_slice(TMP_SUFFIX.as_bytes());
-    let tmp = sys::cstr(OsStr::from_bytes(&tmp_name))?;
-    let tmp_path = path.with_file_name(OsStr::from_bytes(&tmp_name));
+    // A temporary of fixed length: one named after the original would not fit beside a
+    // name near NAME_MAX.
+    let tmp = sys::temporary_name()?;
+    let tmp_path = path.with_file_name(OsStr::from_bytes(tmp.to_bytes()));
     let flags = libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW;
     let new = File::from(
         sys::openat(dir, &tmp, flags, 0o600)

@@ -106,6 +106,55 @@ pub fn open_path(dir: RawFd, name: &CStr) -> Result<OwnedFd> {
     openat(dir, name, libc::O_PATH | libc::O_NOFOLLOW, 0)
 }
 
+/// Open `name` in `dir` for I/O only if it is a regular file, with no side effect on
+/// anything else planted there: an O_PATH handle that does not follow a symlink (opening
+/// it wakes no FIFO writer, no device driver, takes no controlling terminal), `fstat` of
+/// that handle, then that same inode reopened with `flags` and O_NONBLOCK | O_NOCTTY.
+/// `None` when it is something else. Creating or truncating flags are refused: files the
+/// daemon writes are made anew (`write_new_at`), never opened over what is there.
+pub fn open_regular(dir: RawFd, name: &CStr, flags: i32) -> Result<Option<(File, libc::stat)>> {
+    if flags & (libc::O_CREAT | libc::O_TRUNC) != 0 {
+        return Err(Error::new(libc::EINVAL, "open_regular never creates or truncates"));
+    }
+    let fd = open_path(dir, name)?;
+    let st = fstat(fd.as_raw_fd())?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Ok(None);
+    }
+    Ok(Some((reopen(&fd, flags | libc::O_NONBLOCK | libc::O_NOCTTY)?, st)))
+}
+
+/// Make `name` in `dir` hold exactly `bytes`, without ever opening what is there: a fresh
+/// temporary (O_CREAT | O_EXCL | O_NOFOLLOW) written and synced, then renamed over `name`.
+/// A hard link, symlink or FIFO planted at `name` is replaced, never written through.
+pub fn write_new_at(dir: RawFd, name: &CStr, bytes: &[u8], mode: u32) -> Result<()> {
+    use std::io::Write;
+    let tmp = temporary_name()?;
+    let fd = openat(dir, &tmp, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW, mode)?;
+    let mut f = File::from(fd);
+    let res = f
+        .write_all(bytes)
+        .and_then(|_| f.sync_data())
+        .map_err(|e| Error::io(e, format!("writing {name:?}")))
+        .and_then(|_| renameat2(dir, &tmp, dir, name, 0));
+    if res.is_err() {
+        let _ = unlinkat(dir, &tmp, 0);
+    }
+    res
+}
+
+/// The suffix of every temporary the volume's tools and daemon make in the backing
+/// directory: one left by a crash is removed by `fsck --repair` and `rekey`, and never
+/// listed.
+pub const TEMP_SUFFIX: &str = ".envelopefs-reencrypt";
+
+/// A fresh temporary name of fixed length (so it fits wherever any name does).
+pub fn temporary_name() -> Result<CString> {
+    let mut r = [0u8; 8];
+    getrandom::getrandom(&mut r).map_err(|e| Error::new(libc::EIO, format!("getrandom: {e}")))?;
+    cstr(OsStr::new(&format!(".{}{TEMP_SUFFIX}", hex::encode(r))))
+}
+
 /// Reopen an O_PATH handle for I/O.
 pub fn reopen(fd: &OwnedFd, flags: i32) -> Result<File> {
     let p = proc_path(fd.as_raw_fd());

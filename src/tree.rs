@@ -3,7 +3,7 @@
 //! a listing and an action on a file anything in it may have been swapped for a symlink.
 
 use std::ffi::{CStr, CString, OsStr};
-use std::fs::{self, File};
+use std::fs;
 use std::os::unix::io::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Component, Path, PathBuf};
 
@@ -129,17 +129,7 @@ impl Tree {
     }
 }
 
-/// Open `name` in `dir` for I/O if it is a regular file: an O_PATH handle that does not
-/// follow a symlink, `fstat` of that handle, then that same inode reopened with `flags`.
-/// `None` when it is something else (a symlink, a fifo, a device) by now.
-pub fn open_regular(dir: RawFd, name: &CStr, flags: i32) -> Result<Option<(File, libc::stat)>> {
-    let fd = sys::open_path(dir, name)?;
-    let st = sys::fstat(fd.as_raw_fd())?;
-    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
-        return Ok(None);
-    }
-    Ok(Some((sys::reopen(&fd, flags)?, st)))
-}
+pub use crate::sys::open_regular;
 
 /// Every regular file of the volume (the volume's own files and stale temporaries aside).
 pub fn volume_files(root: &Path) -> Result<Vec<PathBuf>> {

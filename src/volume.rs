@@ -25,7 +25,7 @@ pub const RESERVED: [&str; 5] =
     [CONFIG_NAME, KEYRING_NAME, "envelopefs.toml.tmp", "envelopefs.keyring.tmp", TARGETS_DIR];
 pub use crate::names::TARGETS_DIR;
 /// Suffix of the temporary a re-encryption writes beside its original.
-pub const REENCRYPT_SUFFIX: &str = ".envelopefs-reencrypt";
+pub use crate::sys::TEMP_SUFFIX as REENCRYPT_SUFFIX;
 
 /// Whether `name` belongs to the volume, not to its users: its own files in the root, and
 /// re-encryption temporaries anywhere (a user's file of that name would be taken for a

@@ -7,7 +7,8 @@ use std::path::Path;
 /// Bottom to top; modules on one line are peers and do not use each other.
 const LAYERS: &[&[&str]] = &[
     &["error"],
-    &["sync", "sys", "atomic_file", "daemon", "helper_args"],
+    &["sync", "sys", "daemon", "helper_args"],
+    &["atomic_file"],
     &["envelope"],
     &["crypto", "journal"],
     &["keys", "names"],

@@ -8,7 +8,6 @@
 //! removes.
 
 use std::ffi::{OsStr, OsString};
-use std::io::Write;
 use std::os::fd::RawFd;
 
 use crate::error::{Error, Result};
@@ -31,11 +30,10 @@ pub fn put_side(dir: RawFd, b: &BackingName) -> Result<()> {
     if crate::names::read_side(dir, &b.main).is_ok_and(|have| have == *content) {
         return Ok(());
     }
-    let mut f = crate::names::open_own_file(dir, side, libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC, 0o644)
-        .map_err(|e| e.context(format!("creating long-name file {side:?}")))?;
-    f.write_all(content)
-        .and_then(|_| f.sync_data())
-        .map_err(|e| Error::io(e, format!("writing long-name file {side:?}")))
+    // Made anew and renamed into place: whatever was planted at the name (a hard link to
+    // a file outside the volume, a FIFO) is replaced, never opened or truncated.
+    sys::write_new_at(dir, &sys::cstr(side)?, content, 0o644)
+        .map_err(|e| e.context(format!("writing long-name file {side:?}")))
 }
 
 /// `drop_side` once the change to the entry is made: a side file left behind is an orphan
