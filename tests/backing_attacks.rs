@@ -436,3 +436,34 @@ fn evicted_inode_found_by_name_is_not_redirected_by_a_backing_rename() {
 fn evicted_inode_found_by_handle_is_not_redirected_by_a_backing_rename() {
     evicted_inode_is_not_redirected_by_a_backing_rename("always");
 }
+
+/// Item: `open(O_CREAT)` without O_EXCL of a name the kernel still caches as absent. A
+/// root-only file that arrives in the backing directory meanwhile (a sync delivering it)
+/// must not be opened for a user the kernel would refuse: the daemon answers ESTALE, the
+/// kernel looks the name up again and checks the caller's permissions itself.
+#[test]
+fn create_without_excl_of_an_arrived_file_checks_the_callers_access() {
+    let v = TestVolume::new(4096);
+    fs::set_permissions(v.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let m = v.mount(&["--allow-other", "--entry-timeout", "600"]);
+    fs::create_dir(m.path("pub")).unwrap();
+    fs::set_permissions(m.path("pub"), fs::Permissions::from_mode(0o777)).unwrap();
+    // The kernel learns that pub/secret does not exist, and keeps that for 600 s.
+    assert!(fs::symlink_metadata(m.path("pub/secret")).is_err());
+    // A root-only envelope arrives behind the mount's back.
+    fs::write(m.path("src"), b"salary=1").unwrap();
+    fs::set_permissions(m.path("src"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::rename(v.backing.join("src"), v.backing.join("pub/secret")).unwrap();
+    let code = "import os, sys\n\
+                try:\n\
+                \x20   os.close(os.open(sys.argv[1], os.O_CREAT | os.O_RDWR, 0o644))\n\
+                \x20   print('opened')\n\
+                except OSError as e:\n\
+                \x20   print(e.errno)\n";
+    let out = as_nobody("python3", &[&"-c", &code, &m.path("pub/secret")]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), libc::EACCES.to_string(), "{}", text(&out));
+    // Root, whom the mode lets in, still opens it without O_EXCL.
+    let f = fs::OpenOptions::new().create(true).append(true).open(m.path("pub/secret")).unwrap();
+    drop(f);
+    assert_eq!(fs::read(m.path("pub/secret")).unwrap(), b"salary=1");
+}

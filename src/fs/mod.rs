@@ -1071,10 +1071,12 @@ impl EncryptedFs {
                     .inspect_err(|_| self.forget(attr.ino, 1))?;
                 Ok((attr, fh))
             }
+            // The kernel asked to create because it believed the name absent; something
+            // arrived since. Opening it here would skip the caller's permission check (the
+            // kernel makes it, with supplementary groups the daemon never sees). ESTALE makes
+            // the kernel look the name up again and open it as any existing file.
             Err(e) if e.errno() == libc::EEXIST && flags & libc::O_EXCL == 0 => {
-                let attr = self.lookup_fd(&p, name)?;
-                let fh = self.open(attr.ino, flags, caller).inspect_err(|_| self.forget(attr.ino, 1))?;
-                Ok((attr, fh))
+                Err(Error::new(libc::ESTALE, "the name exists by now: the kernel looks it up again"))
             }
             Err(e) => Err(e),
         }
