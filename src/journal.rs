@@ -142,10 +142,17 @@ pub struct Journal {
     observer: Option<Observer>,
 }
 
-/// The journal's files for a volume in `dir`.
-pub fn paths(dir: &Path, volume_id: &str) -> [PathBuf; 2] {
-    let id = volume_id.to_ascii_lowercase();
+/// The journal's files for a volume in `dir`. `name` says which volume and where
+/// (`Volume::journal_name`): two copies of a volume never share a journal.
+pub fn paths(dir: &Path, name: &str) -> [PathBuf; 2] {
+    let id = name.to_ascii_lowercase();
     [dir.join(format!("{id}.journal.0")), dir.join(format!("{id}.journal.1"))]
+}
+
+/// The journal name of volume `volume_id` at `place` (its canonical backing path).
+pub fn name_for(volume_id: &str, place: &Path) -> String {
+    let h = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, place.as_os_str().as_encoded_bytes());
+    format!("{}-{}", volume_id.to_ascii_lowercase(), hex::encode(&h.as_ref()[..8]))
 }
 
 fn io(e: std::io::Error, what: &str, path: &Path) -> Error {
@@ -164,13 +171,14 @@ impl Journal {
     /// (`read`) first: they are replaced.
     pub fn create(
         dir: &Path,
+        name: &str,
         volume_id: &str,
         root: &Path,
         mode: Mode,
         limit: u64,
         observer: Option<Observer>,
     ) -> Result<Arc<Self>> {
-        let paths = paths(dir, volume_id);
+        let paths = paths(dir, name);
         let id = hex::decode(volume_id).map_err(|_| Error::new(libc::EINVAL, "volume id is not hex"))?;
         let mut header = [0u8; HEADER_LEN as usize];
         header[..8].copy_from_slice(MAGIC);
@@ -544,10 +552,10 @@ fn read_file(path: &Path, volume_id: &[u8]) -> Result<Vec<Rec>> {
 
 /// What the journal of a volume (left by a crash) asks of recovery: each file's newest
 /// change, oldest file first. Empty when there is no journal.
-pub fn read(dir: &Path, volume_id: &str) -> Result<Vec<Pending>> {
+pub fn read(dir: &Path, name: &str, volume_id: &str) -> Result<Vec<Pending>> {
     let id = hex::decode(volume_id).map_err(|_| Error::new(libc::EINVAL, "volume id is not hex"))?;
     let mut recs = Vec::new();
-    for p in paths(dir, volume_id) {
+    for p in paths(dir, name) {
         recs.extend(read_file(&p, &id)?);
     }
     recs.sort_by_key(|r| match r {
@@ -571,8 +579,8 @@ pub fn read(dir: &Path, volume_id: &str) -> Result<Vec<Pending>> {
 }
 
 /// Whether a volume has journal files on this host.
-pub fn exists(dir: &Path, volume_id: &str) -> bool {
-    paths(dir, volume_id).iter().any(|p| p.symlink_metadata().is_ok())
+pub fn exists(dir: &Path, name: &str) -> bool {
+    paths(dir, name).iter().any(|p| p.symlink_metadata().is_ok())
 }
 
 #[cfg(test)]
@@ -582,7 +590,7 @@ mod tests {
     const VID: &str = "00112233445566778899aabbccddeeff";
 
     fn journal(dir: &Path, limit: u64) -> Arc<Journal> {
-        Journal::create(dir, VID, dir, Mode::Ordered, limit, None).unwrap()
+        Journal::create(dir, VID, VID, dir, Mode::Ordered, limit, None).unwrap()
     }
 
     fn file(id: u8) -> (FileId, impl Fn() -> Vec<u8>) {
@@ -604,7 +612,7 @@ mod tests {
         drop(j.record(&f2, &over).unwrap());
         let cut = Change { offset: 0, bytes: &[], chunks: &[], old_len: 400, then_len: Some(4) };
         drop(j.record(&f1, &cut).unwrap());
-        let p = read(d.path(), VID).unwrap();
+        let p = read(d.path(), VID, VID).unwrap();
         assert_eq!(p.len(), 2);
         assert_eq!(p[0].file_id, id2);
         assert_eq!(p[0].ino, 22);
@@ -612,7 +620,7 @@ mod tests {
         assert_eq!(p[0].change, Recorded::Overwrite { offset: 50, bytes: vec![7; 10], result_len: 60 });
         assert_eq!(p[1].change, Recorded::SetLen { len: 4 });
         drop(j.record(&f2, &append).unwrap());
-        let p = read(d.path(), VID).unwrap();
+        let p = read(d.path(), VID, VID).unwrap();
         let crc = |n| crc32fast::hash(&vec![7u8; n]);
         let want = Recorded::Append { offset: 100, chunks: vec![(100, crc(100)), (200, crc(200))], result_len: 400 };
         assert_eq!(p.iter().find(|p| p.file_id == id2).unwrap().change, want);
@@ -633,7 +641,7 @@ mod tests {
             let raw = std::fs::read(&paths(d.path(), VID)[0]).unwrap();
             let t = tempfile::tempdir().unwrap();
             std::fs::write(&paths(t.path(), VID)[0], &raw[..cut as usize]).unwrap();
-            let p = read(t.path(), VID).unwrap();
+            let p = read(t.path(), VID, VID).unwrap();
             assert_eq!(p.len(), 1, "cut at {cut}");
             assert!(matches!(&p[0].change, Recorded::Overwrite { offset: 0, .. }), "cut at {cut}");
         }
@@ -645,9 +653,9 @@ mod tests {
         drop(journal(d.path(), DEFAULT_LIMIT));
         let other = "ffeeddccbbaa99887766554433221100";
         std::fs::rename(&paths(d.path(), VID)[0], &paths(d.path(), other)[0]).unwrap();
-        assert_eq!(read(d.path(), other).unwrap_err().errno(), libc::EIO);
+        assert_eq!(read(d.path(), other, other).unwrap_err().errno(), libc::EIO);
         std::fs::write(&paths(d.path(), VID)[0], b"not a journal at all, no").unwrap();
-        assert_eq!(read(d.path(), VID).unwrap_err().errno(), libc::EIO);
+        assert_eq!(read(d.path(), VID, VID).unwrap_err().errno(), libc::EIO);
     }
 
     #[test]
@@ -669,9 +677,9 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "checkpoint did not happen");
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        assert!(read(d.path(), VID).unwrap().is_empty());
+        assert!(read(d.path(), VID, VID).unwrap().is_empty());
         drop(j.record(&f, &Change { offset: 0, bytes: &[], chunks: &[], old_len: 600, then_len: Some(5) }).unwrap());
-        let p = read(d.path(), VID).unwrap();
+        let p = read(d.path(), VID, VID).unwrap();
         assert_eq!((p.len(), &p[0].path[..]), (1, &b"dir/f4"[..]), "the path record is repeated in the new file");
         j.close().unwrap();
         assert!(!exists(d.path(), VID));

@@ -64,10 +64,15 @@ fn run(vol: &Volume, act: bool) -> Result<Vec<Touched>> {
     let flags = if act { libc::O_RDWR } else { libc::O_RDONLY };
     let dir = vol.journal_dir();
     let id = &vol.config.volume_id;
-    if !journal::exists(&dir, id) {
+    let names: Vec<String> = std::iter::once(vol.journal_name()).chain(vol.legacy_journal_name()).collect();
+    let names: Vec<&String> = names.iter().filter(|n| journal::exists(&dir, n)).collect();
+    if names.is_empty() {
         return Ok(Vec::new());
     }
-    let pending = journal::read(&dir, id)?;
+    let mut pending = Vec::new();
+    for n in &names {
+        pending.extend(journal::read(&dir, n, id)?);
+    }
     let tree = Tree::open(&vol.root)?;
     let mut out = Vec::new();
     let mut unplaced: HashMap<u64, Vec<Pending>> = HashMap::new();
@@ -104,7 +109,9 @@ fn run(vol: &Volume, act: bool) -> Result<Vec<Touched>> {
         }
     }
     if act {
-        journal::remove(&journal::paths(&dir, id))?;
+        for n in &names {
+            journal::remove(&journal::paths(&dir, n))?;
+        }
     }
     Ok(out)
 }

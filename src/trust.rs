@@ -46,6 +46,16 @@ pub struct TrustRecord {
     /// can wrap to (a recovery recipient) must match it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume_check: Option<String>,
+    /// The canonical backing paths at which this host accepts the volume. A copy of it
+    /// elsewhere (another directory someone filled with its files, a restored backup, a
+    /// snapshot) is refused until the admin accepts that place with `envelopefs trust`.
+    /// Records from before places were kept get their first place at the next open.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub places: Vec<String>,
+    /// Each PKCS#11 module the volume names, as stored, and the canonical file that was
+    /// checked when it was pinned: what is loaded is that file, never the stored string.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub module_files: std::collections::BTreeMap<String, String>,
 }
 
 impl TrustRecord {
@@ -59,8 +69,47 @@ impl TrustRecord {
             provider: cfg.provider.host_view(),
             slots: cfg.slots.iter().map(|s| s.provider.host_view()).collect(),
             volume_check: None,
+            places: Vec::new(),
+            module_files: Default::default(),
         }
     }
+
+    /// Is the volume accepted at `place`? (A record that names no place yet accepts the
+    /// first one it is opened at.)
+    pub fn accepts_place(&self, place: &Path) -> bool {
+        self.places.is_empty() || self.places.iter().any(|p| Path::new(p) == place)
+    }
+
+    pub fn add_place(&mut self, place: &Path) {
+        if !self.places.iter().any(|p| Path::new(p) == place) {
+            self.places.push(place.to_string_lossy().into_owned());
+        }
+    }
+}
+
+/// The canonical form of a backing directory: what a volume is bound to.
+pub fn place_of(root: &Path) -> Result<PathBuf> {
+    std::fs::canonicalize(root).map_err(|e| Error::io(e, format!("backing directory {}", root.display())))
+}
+
+/// The refusal of a volume found at a place this host has not accepted it at.
+pub fn wrong_place(rec: &TrustRecord, place: &Path) -> Error {
+    Error::untrusted(format!(
+        "volume {} is known on this host at {}, but this is {}: a copy of it, a restored backup or a moved \
+         volume. Someone who can write this directory could have filled it with another volume's files. \
+         If this copy is yours, accept it here with `envelopefs trust {}` (it then opens at both places)",
+        rec.volume_id,
+        rec.places.join(", "),
+        place.display(),
+        place.display()
+    ))
+}
+
+/// A stored module path that could mean another file later: relative, or with `.` or `..`.
+fn plain_absolute(stored: &str) -> bool {
+    let p = Path::new(stored);
+    p.is_absolute()
+        && p.components().all(|c| matches!(c, std::path::Component::RootDir | std::path::Component::Normal(_)))
 }
 
 /// The check value of a volume key: shows which key a volume has, reveals nothing of it.
@@ -196,19 +245,31 @@ pub fn settle(
                     t.format
                 )));
             }
-            // The stored object lists are authenticated by the MAC; the rest is the host's.
-            let with_objects = |host: &ProviderConfig, stored: &ProviderConfig| {
+            // The stored object lists are authenticated by the MAC; the rest is the host's,
+            // and a module is loaded from the file checked when it was pinned.
+            let with_objects = |host: &ProviderConfig, stored: &ProviderConfig| -> Result<ProviderConfig> {
                 let mut p = host.clone();
-                if let (ProviderConfig::Pkcs11 { objects, .. }, ProviderConfig::Pkcs11 { objects: o, .. }) =
+                if let (ProviderConfig::Pkcs11 { objects, module, .. }, ProviderConfig::Pkcs11 { objects: o, .. }) =
                     (&mut p, stored)
                 {
                     objects.clone_from(o);
+                    match t.module_files.get(module.as_str()) {
+                        Some(file) => *module = file.clone(),
+                        None if plain_absolute(module) => {}
+                        None => {
+                            return Err(Error::untrusted(format!(
+                                "this host's record pins PKCS#11 module {module:?}, not a plain absolute path: \
+                                 never loaded; pin the module again with `envelopefs trust --module FILE {}`",
+                                root.display()
+                            )))
+                        }
+                    }
                 }
-                p
+                Ok(p)
             };
-            Ok(std::iter::once(with_objects(&t.provider, &cfg.provider))
+            std::iter::once(with_objects(&t.provider, &cfg.provider))
                 .chain(t.slots.iter().zip(&cfg.slots).map(|(h, s)| with_objects(h, &s.provider)))
-                .collect())
+                .collect()
         }
         None => {
             for p in cfg.policy() {
@@ -261,9 +322,17 @@ pub fn candidate(
             _ => None,
         })
         .collect();
+    let mut files = Vec::new();
     for stored in modules {
+        if !plain_absolute(stored) {
+            return Err(Error::untrusted(format!(
+                "the volume names PKCS#11 module {:?}: not a plain absolute path (no `.` or `..`), never loaded",
+                stored
+            )));
+        }
         let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
         let stored_c = canon(Path::new(stored));
+        files.push((stored.clone(), stored_c.to_string_lossy().into_owned()));
         if stored_c.starts_with(canon(root)) {
             return Err(Error::untrusted(format!(
                 "the volume names PKCS#11 module {stored}, inside its own backing directory: never loaded"
@@ -287,6 +356,11 @@ pub fn candidate(
             }
         }
     }
+    rec.module_files = files.into_iter().collect();
+    if let Some(old) = existing {
+        rec.places.clone_from(&old.places);
+    }
+    rec.add_place(root);
     Ok(rec)
 }
 

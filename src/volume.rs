@@ -437,6 +437,8 @@ pub struct Volume {
     trust: TrustStore,
     /// What this host trusts and has seen of the volume (written back when it grows).
     trusted: TrustRecord,
+    /// The canonical backing path the volume was opened at.
+    place: PathBuf,
     /// The provider's revocation counter when the DEK cache was last known good.
     revocations_seen: std::sync::atomic::AtomicU64,
     /// When the config was last looked at for key objects pinned by another process.
@@ -458,6 +460,19 @@ impl Volume {
         self.trust.dir().to_owned()
     }
 
+    /// The name of this volume's journal here: its id and its place, so two copies of a
+    /// volume (a restored backup beside the original) never share one.
+    pub fn journal_name(&self) -> String {
+        crate::journal::name_for(&self.config.volume_id, &self.place)
+    }
+
+    /// The journal name of releases that keyed it by volume id alone: recovered at the
+    /// volume's first accepted place, where that release ran.
+    pub fn legacy_journal_name(&self) -> Option<String> {
+        (self.trusted.places.first().map(Path::new) == Some(self.place.as_path()))
+            .then(|| self.config.volume_id.to_ascii_lowercase())
+    }
+
     /// Open a volume as this host trusts it (docs/THREAT-MODEL.md): the settings that
     /// choose code, endpoints and keys come from the trust record, and a format-2 config
     /// must authenticate under its volume key before anything in it is used.
@@ -477,6 +492,12 @@ impl Volume {
         opts: &OpenOptions,
     ) -> Result<Self> {
         let volume_id = config.volume_id()?;
+        // Bound to its place before any key store is asked: a copy of a volume this host
+        // knows, found elsewhere, is refused.
+        let place = crate::trust::place_of(root)?;
+        if let Some(t) = trusted.as_ref().filter(|t| !t.accepts_place(&place)) {
+            return Err(crate::trust::wrong_place(t, &place));
+        }
         let settings = crate::trust::settle(root, &config, trusted.as_ref(), secret.recovery_key.is_some())?;
         let (slots, missing) = open_slots(root, &settings, volume_id, secret, opts)?;
         let recovering = secret.recovery_key.is_some();
@@ -528,6 +549,7 @@ impl Volume {
             None => None,
         };
         seen.format = seen.format.max(config.format);
+        seen.add_place(&place);
         // Fail now, with a clear message, rather than at the first open; a further slot
         // that fails is left out like one that did not open.
         let (mut slots, mut missing) = (slots, missing);
@@ -575,6 +597,7 @@ impl Volume {
         let slots = vec![KeySlot::new(0, config.provider.clone(), provider.clone())];
         Ok(Self {
             root: root.to_owned(),
+            place: std::fs::canonicalize(root).unwrap_or_else(|_| root.to_owned()),
             volume_id: config.volume_id()?,
             geometry: config.geometry()?,
             trusted: TrustRecord::for_config(&config),

@@ -101,6 +101,8 @@ struct Run {
     base_trust: PathBuf,
     key: PathBuf,
     volume_id: String,
+    /// The journal's name at the recorded volume's place.
+    journal_name: String,
     events: Vec<Event>,
     /// models[s][i]: content of file i after step s (models[0]: before the workload).
     models: Vec<Vec<Vec<u8>>>,
@@ -122,7 +124,9 @@ fn record(steps: usize, seed: u64) -> Run {
     });
     let r2 = rec.clone();
     let observer: journal::Observer = Arc::new(move |f: &File, o: Observed<'_>| r2.observe(f, o));
-    let j = Journal::create(&trust, &volume_id, &vol.backing, Mode::Ordered, u64::MAX, Some(observer)).unwrap();
+    let journal_name = journal::name_for(&volume_id, &fs::canonicalize(&vol.backing).unwrap());
+    let j = Journal::create(&trust, &journal_name, &volume_id, &vol.backing, Mode::Ordered, u64::MAX, Some(observer))
+        .unwrap();
     let efs = EncryptedFs::new(v).unwrap().with_journal(j);
     let mut rng = Rng(seed);
     let mut model = vec![Vec::new(); FILES];
@@ -181,7 +185,7 @@ fn record(steps: usize, seed: u64) -> Run {
     let events = rec.events.lock().unwrap().clone();
     let key = tmp.path().join("key");
     fs::copy(&vol.key, &key).unwrap();
-    Run { _tmp: tmp, base, base_trust, key, volume_id, events, models }
+    Run { _tmp: tmp, base, base_trust, key, volume_id, journal_name, events, models }
 }
 
 fn apply(root: &Path, trust: &Path, e: &Event, cut: Option<u64>) {
@@ -214,10 +218,23 @@ fn cuts(e: &Event) -> Vec<u64> {
 /// Open the cut state like the next mount (recovery first, unless `journal` is false and
 /// the journal is thrown away), read every file, and say what is wrong with it.
 fn check_state(run: &Run, root: &Path, trust: &Path, step: usize, journal: bool) -> Vec<String> {
+    let store = TrustStore::at(trust);
     if !journal {
-        journal::remove(&journal::paths(trust, &run.volume_id)).unwrap();
+        journal::remove(&journal::paths(trust, &run.journal_name)).unwrap();
     }
-    let opts = VolOpts { trust: TrustStore::at(trust), ..open_options() };
+    // The cut state is the recorded volume after its power cut, only in another directory:
+    // its journal and its trust record go with it, as they would stay with a disk.
+    let place = fs::canonicalize(root).unwrap();
+    let here = journal::name_for(&run.volume_id, &place);
+    for (from, to) in journal::paths(trust, &run.journal_name).iter().zip(journal::paths(trust, &here).iter()) {
+        if from.exists() {
+            fs::rename(from, to).unwrap();
+        }
+    }
+    let mut rec = store.get(&run.volume_id).unwrap().unwrap();
+    rec.add_place(&place);
+    store.put(&rec).unwrap();
+    let opts = VolOpts { trust: store, ..open_options() };
     let vol = Arc::new(Volume::open(root, &TestVolume::source_for(&run.key), &opts).unwrap());
     let touched = envelopefs::recovery::recover(&vol).unwrap();
     let mut bad: Vec<String> = touched.iter().filter(|t| !t.repaired).map(|t| t.what.clone()).collect();

@@ -569,3 +569,99 @@ fn init_cheap_passphrase(pw: &Path, backing: &Path) {
         &backing,
     ]));
 }
+
+/// A volume is bound to its place. Someone who can write backing directory B and read A
+/// copies A's files into B; the admin's routine mount of B must not serve volume A (here
+/// both are opened by one key file, as an admin with one key for all volumes would).
+/// Accepting a copy is explicit (`trust`), and a copy mounted beside the original never
+/// touches the original's crash journal.
+#[test]
+fn a_copy_of_a_volume_at_another_place_is_refused_until_accepted() {
+    let a = TestVolume::new(4096);
+    let m = a.mount(&[]);
+    fs::write(m.path("salaries.txt"), b"alice=1\n").unwrap();
+    drop(m);
+    let b_dir = tempfile::Builder::new().prefix("envelopefs-test").tempdir().unwrap();
+    let b = b_dir.path().join("backing");
+    let out = Command::new("cp").arg("-a").arg(&a.backing).arg(&b).output().unwrap();
+    assert!(out.status.success());
+    let mnt_b = b_dir.path().join("mnt");
+    fs::create_dir(&mnt_b).unwrap();
+    let mount_b = || cli(&[&"mount", &"--key-file", &a.key, &b, &mnt_b]);
+    let out = mount_b();
+    assert_eq!(out.status.code(), Some(common::EXIT_UNTRUSTED), "a copy was mounted: {}", stderr(&out));
+    let a_place = fs::canonicalize(&a.backing).unwrap();
+    assert!(stderr(&out).contains(&a_place.display().to_string()), "names where it is known: {}", stderr(&out));
+    assert!(stderr(&out).contains("envelopefs trust"), "says how to accept it: {}", stderr(&out));
+    let out = cli(&[&"fsck", &"--key-file", &a.key, &b]);
+    assert_eq!(out.status.code(), Some(common::EXIT_UNTRUSTED), "fsck of a copy: {}", stderr(&out));
+
+    // The original, mounted and writing: its journal is live.
+    let ma = a.mount(&[]);
+    let f = fs::OpenOptions::new().append(true).open(ma.path("salaries.txt")).unwrap();
+    use std::io::Write;
+    (&f).write_all(b"bob=2\n").unwrap();
+    let journals = || -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = fs::read_dir(common::trust_dir())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().contains(".journal."))
+            .collect();
+        v.sort();
+        v
+    };
+    let before = journals();
+    // The admin accepts the copy (a restored backup, say) and mounts it beside the original.
+    let text = ok(cli(&[&"trust", &"--yes", &"--key-file", &a.key, &b]));
+    assert!(text.contains(&a_place.display().to_string()), "trust shows where it is known already: {text}");
+    let mb = Mounted::adopt(&mnt_b);
+    let out = mount_b();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(fs::read(mb.path("salaries.txt")).unwrap(), b"alice=1\n");
+    let with_b = journals();
+    assert!(before.iter().all(|p| with_b.contains(p)), "mounting the copy replaced the original's journal");
+    ok(cli(&[&"umount", &mnt_b]));
+    drop(mb);
+    assert_eq!(journals(), before, "the copy's unmount removed the original's journal");
+    (&f).write_all(b"carol=3\n").unwrap();
+    drop(f);
+    drop(ma);
+    let ma = a.mount(&[]);
+    assert_eq!(fs::read(ma.path("salaries.txt")).unwrap(), b"alice=1\nbob=2\ncarol=3\n");
+}
+
+/// The module loaded is the one that was checked. A stored module path that leads through
+/// the backing directory (`BACKING/s/../../…`) names the registered module when `trust`
+/// checks it, and a planted library once `s` is swapped for a symlink before the load. So
+/// such a path is refused before anything is loaded, and a pinned module is loaded from
+/// the canonical file the check resolved, never from the stored string.
+#[test]
+fn a_module_path_through_the_backing_directory_is_never_loaded() {
+    let (_d, backing, pin, _) = common::pkcs11_volume("stale", "dotdot");
+    let real = fs::canonicalize(common::SOFTHSM_MODULE).unwrap();
+    fs::create_dir(backing.join("s")).unwrap();
+    let ups = "../".repeat(backing.components().count());
+    let stored = format!("{}/s/{ups}{}", backing.display(), real.strip_prefix("/").unwrap().display());
+    assert_eq!(fs::canonicalize(&stored).unwrap(), real, "the stored path names the real module as it stands");
+    edit_config(&backing, |t| {
+        t["provider"].as_table_mut().unwrap().insert("module".into(), stored.clone().into());
+    });
+    let fresh = tempfile::tempdir().unwrap();
+    let out = common::cli_with_trust(fresh.path(), &[&"trust", &"--yes", &"--pin-file", &pin, &backing]);
+    assert_eq!(out.status.code(), Some(common::EXIT_UNTRUSTED), "{}", stderr(&out));
+    assert!(stderr(&out).contains("plain absolute path"), "{}", stderr(&out));
+
+    // A module pinned through a symlink (as /usr/lib/softhsm/libsofthsm2.so is on Debian)
+    // is recorded with the canonical file that was checked.
+    let (_d2, backing2, pin2, _) = common::pkcs11_volume("fresh", "canon");
+    let host = tempfile::tempdir().unwrap();
+    ok(common::cli_with_trust(host.path(), &[&"trust", &"--yes", &"--pin-file", &pin2, &backing2]));
+    let rec: String = fs::read_dir(host.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .map(|p| fs::read_to_string(p).unwrap())
+        .collect();
+    assert!(rec.contains(&format!("{:?} = {:?}", common::SOFTHSM_MODULE, real.display().to_string())), "{rec}");
+    ok(common::cli_with_trust(host.path(), &[&"fsck", &"--pin-file", &pin2, &backing2]));
+}

@@ -225,6 +225,14 @@ fn trust(backing: &Path, yes: bool, module: Option<&Path>, secret: &SecretSource
         for d in old.provider.differences(&cfg.provider) {
             println!("  changed: {d}");
         }
+        if !old.accepts_place(&root) {
+            println!(
+                "  place: this host knows the volume at {}; accepting it at {} too lets both copies open \
+                 with the same keys (a restored backup or a snapshot; for a move, remove the old copy)",
+                old.places.join(", "),
+                root.display()
+            );
+        }
     }
     if !yes {
         if !std::io::stdin().is_terminal() {

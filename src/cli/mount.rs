@@ -150,7 +150,7 @@ fn start_journal(vol: &Volume, s: &MountSettings) -> Result<Option<Arc<Journal>>
     if s.journal == Mode::Off {
         return Ok(None);
     }
-    let j = Journal::create(&vol.journal_dir(), &vol.config.volume_id, &vol.root, s.journal, DEFAULT_LIMIT, None)
+    let j = Journal::create(&vol.journal_dir(), &vol.journal_name(), &vol.config.volume_id, &vol.root, s.journal, DEFAULT_LIMIT, None)
         .with_context(|| format!("starting the crash journal in {}", vol.journal_dir().display()))?;
     Ok(Some(j))
 }
