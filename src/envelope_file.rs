@@ -69,36 +69,46 @@ impl EnvelopeFile<'_> {
     /// then check that it belongs to this content: a header pasted from another file
     /// unwraps and verifies, but its key does not open this file's first block.
     pub fn load(&self, len: u64) -> Result<Loaded> {
-        let loaded = self.load_header(len)?;
-        if !self.block0_belongs(&loaded, len)? {
-            return Err(Error::corrupt(PASTED_HEADER));
+        match self.load_header(len)? {
+            (loaded, true) => Ok(loaded),
+            (_, false) => Err(Error::corrupt(PASTED_HEADER)),
         }
-        Ok(loaded)
     }
 
-    /// The header alone: authenticated under its own key, not yet checked against content.
-    fn load_header(&self, len: u64) -> Result<Loaded> {
+    /// The header: the first slot that authenticates under its own key and whose key opens
+    /// block 0; else the first that authenticates, flagged false (pasted, or a torn append
+    /// of the only block).
+    fn load_header(&self, len: u64) -> Result<(Loaded, bool)> {
         let geo = self.vol.geometry;
         if len < geo.header_size {
             return Err(Error::corrupt(format!("backing file is {len} bytes, shorter than its header region")));
         }
         let mut region = vec![0u8; geo.header_size as usize];
         self.file.read_exact_at(&mut region, 0).map_err(|e| Error::io(e, "reading header"))?;
-        let opened = self.vol.open_header_for(&region, self.describe, self.who)?;
-        Ok(Loaded { key: opened.key, header: opened.header, slot: opened.slot, region })
+        let block0 = self.block0(len)?;
+        let belongs = |key: &FileKey| -> Result<bool> {
+            Ok(match &block0 {
+                None => true,
+                Some(stored) => {
+                    let mut out = vec![0u8; stored.len() - BLOCK_OVERHEAD as usize];
+                    key.open_block(0, stored, &mut out).is_ok()
+                }
+            })
+        };
+        let (opened, ok) = self.vol.open_header_for(&region, self.describe, self.who, &belongs)?;
+        Ok((Loaded { key: opened.key, header: opened.header, slot: opened.slot, region }, ok))
     }
 
-    /// Whether block 0 (unless a hole, or absent) opens under the header's key.
-    fn block0_belongs(&self, loaded: &Loaded, len: u64) -> Result<bool> {
+    /// Block 0 as stored, unless it is a hole or absent (then any key fits).
+    fn block0(&self, len: u64) -> Result<Option<Vec<u8>>> {
         let geo = self.vol.geometry;
         let first = (len - geo.header_size).min(geo.stored_block_size());
         if first <= BLOCK_OVERHEAD {
-            return Ok(true);
+            return Ok(None);
         }
         let mut stored = vec![0u8; first as usize];
         self.file.read_exact_at(&mut stored, geo.header_size).map_err(|e| Error::io(e, "reading block 0"))?;
-        let mut out = vec![0u8; first as usize - BLOCK_OVERHEAD as usize];
-        Ok(is_hole(&stored) || loaded.key.open_block(0, &stored, &mut out).is_ok())
+        Ok((!is_hole(&stored)).then_some(stored))
     }
 
     /// Write a new header (fresh file id and DEK) to an empty envelope. If the write fails
@@ -193,43 +203,39 @@ impl EnvelopeFile<'_> {
         if len == 0 {
             return v;
         }
-        let size = match geo.plain_size(len) {
-            Ok(s) => s,
+        // A torn trailing fragment is cut only once the header shows the file is an
+        // envelope of this volume (a hard link to an outside file is never cut).
+        let (size, torn) = match geo.plain_size(len) {
+            Ok(s) => (s, None),
             Err(SizeError::ShortHeader) => {
                 found(format!("{len} bytes: shorter than the header region"), false);
                 return v;
             }
-            Err(e @ SizeError::TornBlock { plain }) => {
-                let fixed = repair && self.file.set_len(geo.backing_size(plain)).is_ok();
-                found(format!("{e} (a crash mid-append?); readable size {plain}"), fixed);
-                plain
-            }
+            Err(e @ SizeError::TornBlock { plain }) => (plain, Some(e)),
         };
         let len = geo.backing_size(size);
-        let loaded = match self.load_header(len) {
+        let (loaded, belongs) = match self.load_header(len) {
             Ok(l) => l,
             Err(e) => {
                 found(format!("header: {e}"), false);
                 return v;
             }
         };
-        match self.block0_belongs(&loaded, len) {
-            Ok(true) => {}
-            Ok(false) if geo.block_count(size) == 1 => {
+        if let Some(e) = torn {
+            let fixed = repair && self.file.set_len(len).is_ok();
+            found(format!("{e} (a crash mid-append?); readable size {size}"), fixed);
+        }
+        // No slot that authenticates opens block 0 (a slot that does was taken first).
+        if !belongs {
+            if geo.block_count(size) == 1 {
                 // Block 0 is also the last block: a torn append looks the same as a pasted
                 // header here, and cutting it loses only bytes that read as EIO anyway.
                 let fixed = repair && self.file.set_len(geo.header_size).and_then(|_| self.file.sync_data()).is_ok();
                 found(format!("{PASTED_HEADER}; or a torn append of its only block: cutting it leaves 0 bytes"), fixed);
-                return v;
-            }
-            Ok(false) => {
+            } else {
                 found(format!("header: {PASTED_HEADER}"), false);
-                return v;
             }
-            Err(e) => {
-                found(format!("header: {e}"), false);
-                return v;
-            }
+            return v;
         }
         // The other slot should hold a valid header too (its generation may be older).
         let half = geo.slot_size();

@@ -853,22 +853,27 @@ impl Volume {
     /// Find the newest slot that decodes, unwraps and authenticates. A torn or tampered
     /// newest slot falls back to the other one.
     pub fn open_header(&self, region: &[u8], path: &dyn Fn() -> String) -> Result<OpenedHeader> {
-        self.open_header_for(region, path, None)
+        self.open_header_for(region, path, None, &|_| Ok(true)).map(|(h, _)| h)
     }
 
-    /// `open_header` on behalf of `who` (a FUSE request's process).
+    /// `open_header` on behalf of `who` (a FUSE request's process), preferring a slot whose
+    /// key `belongs` to the content: a slot pasted from another file verifies under its own
+    /// key, so the next slot that verifies is tried before it is taken. The flag says
+    /// whether the slot returned belongs (false: none that verifies does).
     pub fn open_header_for(
         &self,
         region: &[u8],
         path: &dyn Fn() -> String,
         who: Option<Requester>,
-    ) -> Result<OpenedHeader> {
+        belongs: &dyn Fn(&FileKey) -> Result<bool>,
+    ) -> Result<(OpenedHeader, bool)> {
         let revocations = self.provider.revocations();
         if self.revocations_seen.swap(revocations, std::sync::atomic::Ordering::SeqCst) != revocations {
             tracing::info!("a KEK version was retired: dropping every cached data key");
             self.cache.clear();
         }
         let mut first_err: Option<Error> = None;
+        let mut foreign: Option<OpenedHeader> = None;
         for (idx, slot) in decode_region(region) {
             let view = match slot {
                 Ok(v) => v,
@@ -895,7 +900,10 @@ impl Volume {
             });
             match loaded {
                 Ok(key) if key.verify_header_tag(&view.authenticated, &view.tag) => {
-                    return Ok(OpenedHeader { key, header: view.header, slot: idx })
+                    if belongs(&key)? {
+                        return Ok((OpenedHeader { key, header: view.header, slot: idx }, true));
+                    }
+                    foreign.get_or_insert(OpenedHeader { key, header: view.header, slot: idx });
                 }
                 Ok(_) => {
                     first_err.get_or_insert(Error::corrupt(format!("header slot {idx} does not authenticate")));
@@ -904,6 +912,9 @@ impl Volume {
                     first_err.get_or_insert(e.context(format!("header slot {idx}")));
                 }
             }
+        }
+        if let Some(h) = foreign {
+            return Ok((h, false));
         }
         Err(first_err.unwrap_or_else(|| Error::corrupt("no header slot holds a header")))
     }

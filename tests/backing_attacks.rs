@@ -467,3 +467,31 @@ fn create_without_excl_of_an_arrived_file_checks_the_callers_access() {
     drop(f);
     assert_eq!(fs::read(m.path("pub/secret")).unwrap(), b"salary=1");
 }
+
+/// Item: a half-pasted header. Slot 0 of Y's header is overwritten with Z's (which
+/// authenticates under Z's key); Y's slot 1 and block 0 are intact. The loader takes Y's
+/// own slot, the mount reads Y, and `fsck --repair` restores slot 0 instead of cutting Y.
+#[test]
+fn a_half_pasted_header_falls_back_to_the_genuine_slot() {
+    let v = TestVolume::new(4096);
+    let slot = v.open().geometry.slot_size();
+    let m = v.mount(&[]);
+    fs::write(m.path("y"), b"the real y").unwrap();
+    fs::write(m.path("z"), b"zzz").unwrap();
+    drop(m);
+    let z = fs::read(v.backing.join("z")).unwrap();
+    let y = fs::OpenOptions::new().write(true).open(v.backing.join("y")).unwrap();
+    y.write_all_at(&z[..slot], 0).unwrap();
+    drop(y);
+    let m = v.mount(&[]);
+    assert_eq!(fs::read(m.path("y")).unwrap(), b"the real y");
+    drop(m);
+    let out = cli(&[&"fsck", &"--repair", &"--key-file", &v.key, &v.backing]);
+    assert!(text(&out).contains("header slot 0 is damaged; slot 1 is good"), "{}", text(&out));
+    let out = cli(&[&"fsck", &"--key-file", &v.key, &v.backing]);
+    assert!(out.status.success(), "{}", text(&out));
+    let m = v.mount(&[]);
+    assert_eq!(fs::read(m.path("y")).unwrap(), b"the real y");
+    fs::OpenOptions::new().append(true).open(m.path("y")).unwrap().write_all_at(b"!", 10).unwrap();
+    assert_eq!(fs::read(m.path("y")).unwrap(), b"the real y!");
+}
