@@ -307,13 +307,29 @@ pub fn candidate(
     root: &Path,
     cfg: &VolumeConfig,
     module: Option<&Path>,
+    accept_format: Option<u32>,
     existing: Option<&TrustRecord>,
 ) -> Result<TrustRecord> {
+    // Format 1 has no MAC: anyone who can write the backing directory can present any
+    // volume's config as format 1 (names in the clear, nothing authenticated).
+    if cfg.format < 2 && accept_format != Some(cfg.format) {
+        return Err(Error::untrusted(format!(
+            "{}/envelopefs.toml says format {}: unauthenticated, and what a downgrade would look like. \
+             If this volume is really that old, say so with `envelopefs trust --accept-format {} {}`, \
+             then make it format 2 with `envelopefs upgrade`",
+            root.display(),
+            cfg.format,
+            cfg.format,
+            root.display()
+        )));
+    }
     let mut rec = TrustRecord::for_config(cfg);
     if let Some(old) = existing {
         rec.keyring_version = old.keyring_version;
         rec.config_generation = rec.config_generation.max(old.config_generation);
         rec.format = rec.format.max(old.format);
+        // The volume key does not change: what was recorded keeps checking it.
+        rec.volume_check.clone_from(&old.volume_check);
     }
     let modules: Vec<&String> = std::iter::once(&rec.provider)
         .chain(&rec.slots)

@@ -665,3 +665,24 @@ fn a_module_path_through_the_backing_directory_is_never_loaded() {
     assert!(rec.contains(&format!("{:?} = {:?}", common::SOFTHSM_MODULE, real.display().to_string())), "{rec}");
     ok(common::cli_with_trust(host.path(), &[&"fsck", &"--pin-file", &pin2, &backing2]));
 }
+
+/// A format downgrade on a host that has never seen the volume: someone rewrites a
+/// PKCS#11 volume's config as format 1 (no MAC, no volume key, plaintext names). `trust`
+/// refuses it unless the admin names that format, and pins nothing.
+#[test]
+fn trust_refuses_a_format_1_config_unless_the_admin_names_it() {
+    let (_d, backing, pin, _) = common::pkcs11_volume("pins", "downgrade");
+    edit_config(&backing, |t| {
+        t.insert("format".into(), 1.into());
+        for k in ["mac", "volume_key", "names", "generation"] {
+            t.remove(k);
+        }
+    });
+    let fresh = tempfile::tempdir().unwrap();
+    let out = common::cli_with_trust(fresh.path(), &[&"trust", &"--yes", &"--pin-file", &pin, &backing]);
+    assert_eq!(out.status.code(), Some(common::EXIT_UNTRUSTED), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--accept-format 1"), "says how to accept it: {}", stderr(&out));
+    assert_eq!(fs::read_dir(fresh.path()).unwrap().count(), 0, "nothing was pinned");
+    let out = common::cli_with_trust(fresh.path(), &[&"fsck", &"--pin-file", &pin, &backing]);
+    assert_eq!(out.status.code(), Some(common::EXIT_UNTRUSTED), "{}", stderr(&out));
+}

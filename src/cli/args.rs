@@ -157,6 +157,12 @@ pub enum Cmd {
         /// registered with p11-kit on this host).
         #[arg(long, value_name = "PATH")]
         module: Option<PathBuf>,
+        /// Trust a volume whose config says format 1 (unauthenticated: no MAC, plaintext
+        /// names). A volume made by this release is format 4 (or 2 with --plaintext-names),
+        /// and someone who can write the backing directory can rewrite any config as
+        /// format 1; say `--accept-format 1` only for a volume you know is that old.
+        #[arg(long, value_name = "N")]
+        accept_format: Option<u32>,
         #[command(flatten)]
         secret: SecretArgs,
     },

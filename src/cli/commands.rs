@@ -63,7 +63,9 @@ pub fn run(cmd: Cmd) -> Result<ExitCode> {
             let opts = InitOptions { block_size, header_size, provider, format, ..InitOptions::default() };
             init(&backing, &secret.source(), &opts)
         }
-        Cmd::Trust { backing, yes, module, secret } => trust(&backing, yes, module.as_deref(), &secret.source()),
+        Cmd::Trust { backing, yes, module, accept_format, secret } => {
+            trust(&backing, yes, module.as_deref(), accept_format, &secret.source())
+        }
         Cmd::Upgrade { backing, secret } => {
             let _lock = lock_volume(&backing).context("upgrade rewrites the config: unmount the volume first")?;
             let mut vol = Volume::open(&backing, &secret.source(), &OpenOptions::default())?;
@@ -208,12 +210,18 @@ fn rekey_files(vol: &Volume, backing: &Path, mode: rekey::Mode, paths: Vec<PathB
 }
 
 /// `envelopefs trust`: show what would be pinned, ask, authenticate with it, pin it.
-fn trust(backing: &Path, yes: bool, module: Option<&Path>, secret: &SecretSource) -> Result<ExitCode> {
+fn trust(
+    backing: &Path,
+    yes: bool,
+    module: Option<&Path>,
+    accept_format: Option<u32>,
+    secret: &SecretSource,
+) -> Result<ExitCode> {
     let root = std::fs::canonicalize(backing).with_context(|| format!("backing directory {}", backing.display()))?;
     let cfg = volume::VolumeConfig::load(&root)?;
     let store = crate::trust::TrustStore::host();
     let existing = store.get(&cfg.volume_id)?;
-    let rec = crate::trust::candidate(&root, &cfg, module, existing.as_ref())?;
+    let rec = crate::trust::candidate(&root, &cfg, module, accept_format, existing.as_ref())?;
     println!("{} asks this host to trust:", root.display());
     for line in crate::trust::describe(&rec) {
         println!("  {line}");
