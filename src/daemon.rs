@@ -143,6 +143,38 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for StderrThenSyslog {
     }
 }
 
+/// Log lines with control characters escaped (`error::printable`): names from the backing
+/// directory can hold a newline that forges a line or escapes that rewrite the terminal.
+pub struct Escaping<M>(pub M);
+
+pub struct EscapingWriter<W>(W);
+
+impl<'a, M: tracing_subscriber::fmt::MakeWriter<'a>> tracing_subscriber::fmt::MakeWriter<'a> for Escaping<M> {
+    type Writer = EscapingWriter<M::Writer>;
+    fn make_writer(&'a self) -> Self::Writer {
+        EscapingWriter(self.0.make_writer())
+    }
+}
+
+impl<W: Write> Write for EscapingWriter<W> {
+    /// One event arrives as one write, ending in its newline.
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        let (body, end) = match text.strip_suffix('\n') {
+            Some(b) => (b, "\n"),
+            None => (&*text, ""),
+        };
+        let out = crate::error::printable(body);
+        self.0.write_all(out.as_bytes())?;
+        self.0.write_all(end.as_bytes())?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
 /// Let go of the terminal: stdout and stderr to /dev/null, later log lines to syslog.
 pub fn detach_stdio() {
     // SAFETY: static NUL-terminated strings; open/dup2/close act on descriptors only, and

@@ -158,6 +158,25 @@ impl std::error::Error for Error {
     }
 }
 
+/// Text that may hold bytes from the backing directory (names, paths), made safe to show
+/// on a terminal or in a log: control characters (ESC sequences that move the cursor or
+/// erase a line, CR, a newline that would forge a log line, C1 controls) are escaped.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| c.is_control();
+    if !s.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if unsafe_char(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Turn the last OS error into an `Error` with context.
 pub fn last_os(context: impl Into<String>) -> Error {
     Error::io(io::Error::last_os_error(), context)
@@ -186,6 +205,14 @@ mod tests {
         assert_eq!(e.errno(), libc::EIO);
         assert_eq!(e.to_string(), "file x: block 3 does not authenticate");
         assert!(e.is_noteworthy());
+    }
+
+    #[test]
+    fn printable_escapes_what_a_terminal_or_a_log_would_act_on() {
+        assert_eq!(printable("a/b c.txt"), "a/b c.txt");
+        assert_eq!(printable("x\r\x1b[1A\x1b[2Kok"), "x\\r\\u{1b}[1A\\u{1b}[2Kok");
+        assert_eq!(printable("forged\nWARN line"), "forged\\nWARN line");
+        assert_eq!(printable("c1\u{9b}2J"), "c1\\u{9b}2J");
     }
 
     #[test]

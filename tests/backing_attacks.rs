@@ -495,3 +495,26 @@ fn a_half_pasted_header_falls_back_to_the_genuine_slot() {
     fs::OpenOptions::new().append(true).open(m.path("y")).unwrap().write_all_at(b"!", 10).unwrap();
     assert_eq!(fs::read(m.path("y")).unwrap(), b"the real y!");
 }
+
+/// Item: names from the backing directory are escaped wherever they are shown. A planted
+/// file whose name holds CR, cursor-moving escapes and a newline can neither hide fsck's
+/// PROBLEM line on a terminal nor forge a line of the log.
+#[test]
+fn control_characters_in_backing_names_are_escaped_in_fsck_and_the_log() {
+    let v = TestVolume::new(4096);
+    let evil = "bad\r\x1b[1A\x1b[2K\nFORGED: all good";
+    fs::write(v.backing.join(evil), vec![7u8; 5000]).unwrap();
+    let out = cli(&[&"fsck", &"--key-file", &v.key, &v.backing]);
+    let shown = text(&out);
+    assert!(!out.status.success(), "the damaged file is a problem: {shown}");
+    assert!(shown.contains("PROBLEM"), "{shown}");
+    assert!(!shown.contains('\x1b') && !shown.contains('\r'), "raw control characters reached the terminal: {shown:?}");
+    assert!(!shown.lines().any(|l| l.starts_with("FORGED")), "a name forged a line: {shown}");
+    let m = v.mount(&[]);
+    let err = fs::read(m.path(evil)).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    let log = m.log_text();
+    assert!(log.contains("FORGED"), "the failure is logged with its name: {log}");
+    assert!(!log.contains('\x1b') && !log.contains('\r'), "raw control characters in the log: {log:?}");
+    assert!(!log.lines().any(|l| l.starts_with("FORGED")), "a name forged a log line: {log}");
+}

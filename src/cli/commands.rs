@@ -144,7 +144,8 @@ pub fn run(cmd: Cmd) -> Result<ExitCode> {
             for p in &rep.problems {
                 let mark = if p.repaired { "repaired" } else { "PROBLEM" };
                 remaining += usize::from(!p.repaired);
-                println!("{mark}: {}: {}", p.path.display(), p.what);
+                let line = format!("{}: {}", p.path.display(), p.what);
+                println!("{mark}: {}", crate::error::printable(&line));
             }
             println!(
                 "checked {} files, {} blocks ({} holes): {} problems, {} repaired",
@@ -197,7 +198,8 @@ fn rekey_files(vol: &Volume, backing: &Path, mode: rekey::Mode, paths: Vec<PathB
     let sum = rekey::run(vol, mode, files, jobs, &|p| progress.tick(p));
     progress.finish();
     for (p, e) in &sum.failed {
-        eprintln!("FAILED: {}: {e}", crate::name_paths::describe(vol, p));
+        let line = format!("{}: {e}", crate::name_paths::describe(vol, p));
+        eprintln!("FAILED: {}", crate::error::printable(&line));
     }
     println!(
         "{label}: {} files changed, {} already current, {} failed (KEK version {} is current)",

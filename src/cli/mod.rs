@@ -9,7 +9,6 @@ mod mount;
 mod slots;
 
 use std::ffi::OsString;
-use std::io::IsTerminal;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::process::ExitCode;
@@ -117,12 +116,13 @@ fn init_logging(log_file: Option<&Path>) -> Result<()> {
                 .custom_flags(libc::O_NOFOLLOW)
                 .open(p)
                 .with_context(|| format!("opening log file {}", p.display()))?;
-            builder.with_ansi(false).with_writer(Arc::new(f)).init();
+            builder.with_ansi(false).with_writer(daemon::Escaping(Arc::new(f))).init();
         }
         None if std::env::var_os("ENVELOPEFS_NOTIFY_PARENT").is_some() => {
-            builder.with_ansi(false).with_writer(daemon::StderrThenSyslog).init()
+            builder.with_ansi(false).with_writer(daemon::Escaping(daemon::StderrThenSyslog)).init()
         }
-        None => builder.with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr).init(),
+        // No colours: their escapes would be indistinguishable from escaped names.
+        None => builder.with_ansi(false).with_writer(daemon::Escaping(std::io::stderr)).init(),
     }
     Ok(())
 }
