@@ -202,6 +202,13 @@ fn status_json_moves_as_files_are_used() {
     assert_eq!(s0["open_files"], 0);
     assert_eq!(s0["errors"], 0);
     fs::write(m.path("a"), b"hello").unwrap();
+    // The kernel sends RELEASE in the background: until it arrives the inode keeps its key
+    // and the next open asks no cache.
+    let start = std::time::Instant::now();
+    while status()["open_files"] != 0 {
+        assert!(start.elapsed() < std::time::Duration::from_secs(10), "the write's handle was never released");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     let f = fs::File::open(m.path("a")).unwrap();
     let s1 = status();
     assert_eq!(s1["open_files"], 1, "{s1}");
