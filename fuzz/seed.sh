@@ -4,13 +4,15 @@
 #   keyring  every envelopefs.keyring
 #   header   the first header_size bytes of every other regular file (header_size read from
 #            that volume's envelopefs.toml)
+#   names    every entry name, symlink target and long-name side file of the volumes
+#   journal  a crash journal with a path record and each kind of change (docs/FORMAT.md §8)
 # Safe to rerun: seeds are named by volume and path and overwritten. Corpora are not committed.
 set -euo pipefail
 
 fuzz_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(dirname "$fuzz_dir")"
 corpus="$fuzz_dir/corpus"
-mkdir -p "$corpus/config" "$corpus/keyring" "$corpus/header"
+mkdir -p "$corpus/config" "$corpus/keyring" "$corpus/header" "$corpus/names" "$corpus/journal"
 
 shopt -s nullglob
 backings=("$repo"/tests/fixtures/*/backing)
@@ -42,8 +44,36 @@ for backing in "${backings[@]}"; do
         [ -s "$file" ] || continue
         head -c "$header_size" "$file" >"$corpus/header/$volume--${rel//\//_}"
     done < <(find "$backing" -type f -print0)
+    n=0
+    while IFS= read -r -d '' entry; do
+        n=$((n + 1))
+        printf '%s' "$(basename "$entry")" >"$corpus/names/$volume-name-$n"
+        if [ -L "$entry" ]; then
+            printf '%s' "$(readlink "$entry")" >"$corpus/names/$volume-target-$n"
+        elif [ -f "$entry" ] && [ "${entry%.name}" != "$entry" ]; then
+            cp "$entry" "$corpus/names/$volume-side-$n"
+        fi
+    done < <(find "$backing" -mindepth 1 -print0)
 done
 
-for t in config keyring header; do
+# A journal with a path record and each kind of change (overwrite, append, length).
+python3 - "$corpus/journal/seed.journal" <<'PY'
+import struct, sys, zlib
+fid = bytes(range(16))
+def frame(body):
+    return struct.pack("<II", len(body) + 4, zlib.crc32(body)) + body
+def head(seq, kind):
+    return struct.pack("<QB", seq, kind) + fid
+recs = [
+    head(1, 1) + struct.pack("<QH", 42, 5) + b"a/b.c",
+    head(2, 2) + struct.pack("<QQBI", 4096, 8192, 1, 4) + b"data",
+    head(3, 2) + struct.pack("<QQBI", 8192, 12316, 0, 1) + struct.pack("<II", 4124, 7),
+    head(4, 2) + struct.pack("<QQBI", 100, 100, 0, 0),
+]
+out = b"EFSJRNL1" + bytes(16) + bytes(8) + b"".join(frame(r) for r in recs)
+open(sys.argv[1], "wb").write(out)
+PY
+
+for t in config keyring header names journal; do
     echo "$t: $(find "$corpus/$t" -type f | wc -l) seeds"
 done

@@ -19,6 +19,9 @@ pub struct MountSettings {
     pub backing: Option<PathBuf>,
     pub mountpoint: Option<PathBuf>,
     pub allow_other: bool,
+    /// The admin accepts that with `allow_other` the modes and owners stored in the
+    /// backing directory decide who reads what: they are not authenticated.
+    pub trust_backing_permissions: bool,
     pub read_only: bool,
     pub threads: usize,
     pub attr_timeout: f64,
@@ -52,6 +55,7 @@ impl Default for MountSettings {
             backing: None,
             mountpoint: None,
             allow_other: false,
+            trust_backing_permissions: false,
             read_only: false,
             threads: 4,
             attr_timeout: 1.0,
@@ -143,6 +147,7 @@ pub fn apply_word(s: &mut MountSettings, word: &str) -> Result<()> {
     let path = || val().map(PathBuf::from);
     match k {
         "allow_other" => s.allow_other = true,
+        "trust_backing_permissions" => s.trust_backing_permissions = true,
         "ro" => s.read_only = true,
         "rw" => s.read_only = false,
         "writeback_cache" => s.no_writeback_cache = false,
@@ -198,6 +203,15 @@ pub fn resolve(mut s: MountSettings, config: Option<&Path>, options: &[String]) 
     }
     if s.backing.is_none() || s.mountpoint.is_none() {
         return Err(usage("mount needs BACKING and MOUNTPOINT (or --config FILE)".into()));
+    }
+    if s.allow_other && !s.trust_backing_permissions {
+        return Err(usage(
+            "allow_other lets local users in by the modes and owners stored in the backing directory, \
+             which envelopefs does not authenticate: whoever can write the backing directory could let any \
+             local user read any file. If only trusted admins can write it, say so: add \
+             trust_backing_permissions (--trust-backing-permissions)"
+                .into(),
+        ));
     }
     if s.secret.recovery_key.is_some() {
         if !s.read_only && options.iter().flat_map(|o| split_words(o)).any(|w| w == "rw") {
@@ -404,7 +418,8 @@ mod tests {
 
     #[test]
     fn settings_become_mount_and_cache_options() {
-        let s = with("allow_other,ro,no_writeback_cache,threads=3,attr_timeout=2,cache_ttl=9").unwrap();
+        let s = with("allow_other,trust_backing_permissions,ro,no_writeback_cache,threads=3,attr_timeout=2,cache_ttl=9")
+            .unwrap();
         let m = s.mount_options();
         assert!(m.allow_other && m.read_only && !m.writeback_cache);
         assert_eq!((m.threads, m.attr_timeout, m.fsname.as_str()), (3, Duration::from_secs(2), "/b"));

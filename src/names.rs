@@ -295,6 +295,32 @@ fn read_small(dir: RawFd, name: &OsStr, max: usize) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// The decoders of hidden names on arbitrary bytes, for the fuzz target: backing entry
+/// names, side files, symlink targets and their store markers, xattr names and values,
+/// under a fixed key. Never panics. What decrypts is checked to round-trip, and the
+/// padding check runs on arbitrary plaintexts sealed under the key.
+pub fn decode_for_fuzzing(data: &[u8]) {
+    let c = NameCipher::new(&VolumeKey::from_dek(&crate::crypto::Dek::from_slice(&[7u8; 32]).expect("32 bytes")));
+    let entry = OsStr::from_bytes(data);
+    let _ = classify(entry);
+    let _ = stand_in_of(entry);
+    let _ = parse_marker(data);
+    if let Ok(name) = c.decrypt_name(data) {
+        assert_eq!(c.encrypt_name(&name).ok().map(|b| b.main), Some(entry.to_owned()), "a short name round-trips");
+    }
+    let _ = c.decrypt_side(&long_stand_in(data), data);
+    let _ = c.decrypt_target(data);
+    let _ = c.decrypt_xattr_name(data);
+    let (name, value) = data.split_at(data.len() / 2);
+    let _ = c.open_xattr_value(name, value);
+    // Plaintexts with any padding: only a well-formed one decrypts, to itself unpadded.
+    let sealed = URL_SAFE_NO_PAD.encode(c.seal(b"name", data));
+    if let Ok(name) = c.decrypt_name(sealed.as_bytes()) {
+        let pad = *data.last().expect("a decrypted name has padding") as usize;
+        assert_eq!(name.as_bytes(), &data[..data.len() - pad]);
+    }
+}
+
 /// The overhead a stored xattr value carries.
 pub const XATTR_VALUE_OVERHEAD: usize = NONCE_LEN + TAG_LEN;
 

@@ -258,7 +258,7 @@ fn allow_other_volume() -> (TestVolume, common::Mounted) {
     let v = TestVolume::new(4096);
     // Let uid 65534 reach the mount point.
     fs::set_permissions(v.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-    let m = v.mount(&["--allow-other"]);
+    let m = v.mount(&["--allow-other", "--trust-backing-permissions"]);
     (v, m)
 }
 
@@ -445,7 +445,7 @@ fn evicted_inode_found_by_handle_is_not_redirected_by_a_backing_rename() {
 fn create_without_excl_of_an_arrived_file_checks_the_callers_access() {
     let v = TestVolume::new(4096);
     fs::set_permissions(v.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-    let m = v.mount(&["--allow-other", "--entry-timeout", "600"]);
+    let m = v.mount(&["--allow-other", "--trust-backing-permissions", "--entry-timeout", "600"]);
     fs::create_dir(m.path("pub")).unwrap();
     fs::set_permissions(m.path("pub"), fs::Permissions::from_mode(0o777)).unwrap();
     // The kernel learns that pub/secret does not exist, and keeps that for 600 s.
@@ -517,4 +517,42 @@ fn control_characters_in_backing_names_are_escaped_in_fsck_and_the_log() {
     assert!(log.contains("FORGED"), "the failure is logged with its name: {log}");
     assert!(!log.contains('\x1b') && !log.contains('\r'), "raw control characters in the log: {log:?}");
     assert!(!log.lines().any(|l| l.starts_with("FORGED")), "a name forged a log line: {log}");
+}
+
+/// Item: with `--allow-other` the kernel lets local users in by the modes and owners the
+/// backing directory holds, which are not authenticated: `chmod 644` there opens a
+/// root-only file to everyone. So `--allow-other` needs the admin's word that only trusted
+/// admins can write the backing directory, and with it the consequence is as documented.
+#[test]
+fn allow_other_needs_the_admins_word_that_backing_permissions_are_trusted() {
+    let v = TestVolume::new(4096);
+    fs::set_permissions(v.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let mnt = v.dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    for how in [&["--allow-other"][..], &["-o", "allow_other"]] {
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"mount", &"--key-file", &v.key];
+        args.extend(how.iter().map(|a| a as &dyn AsRef<std::ffi::OsStr>));
+        args.extend([&v.backing as &dyn AsRef<std::ffi::OsStr>, &mnt]);
+        let out = cli(&args);
+        assert_eq!(out.status.code(), Some(common::EXIT_USAGE), "{how:?}: {}", text(&out));
+        assert!(text(&out).contains("trust_backing_permissions"), "says what to add: {}", text(&out));
+        assert!(!common::is_mounted(&mnt));
+    }
+    let m = v.mount(&["--allow-other", "--trust-backing-permissions"]);
+    fs::write(m.path("secret"), b"root only").unwrap();
+    fs::set_permissions(m.path("secret"), fs::Permissions::from_mode(0o600)).unwrap();
+    let out = as_nobody("cat", &[&m.path("secret")]);
+    assert!(!out.status.success(), "a 0600 root file was readable: {}", text(&out));
+    // What the admin accepted: a mode changed in the backing directory is what the kernel checks.
+    fs::set_permissions(v.backing.join("secret"), fs::Permissions::from_mode(0o644)).unwrap();
+    let start = Instant::now();
+    loop {
+        let out = as_nobody("cat", &[&m.path("secret")]);
+        if out.status.success() {
+            assert_eq!(out.stdout, b"root only");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "the backing mode never reached the kernel");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -352,7 +352,7 @@ fn concurrent_writers_and_readers_on_one_file_with(opts: &[&str]) {
 #[test]
 fn files_created_for_a_caller_are_owned_by_the_caller() {
     let vol = TestVolume::new(4096);
-    let m = vol.mount(&["--allow-other"]);
+    let m = vol.mount(&["--allow-other", "--trust-backing-permissions"]);
     fs::set_permissions(&m.mnt, fs::Permissions::from_mode(0o777)).unwrap();
     let target = m.path("owned-by-nobody");
     // Create as uid/gid 65534 in a child process.

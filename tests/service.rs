@@ -21,7 +21,7 @@ fn service_install_writes_a_unit_that_systemd_accepts() {
     let vol = TestVolume::new(4096);
     let root = vol.dir.path().join("root");
     let mnt = vol.dir.path().join("mnt");
-    let opts = format!("key_file={},allow_other", vol.key.display());
+    let opts = format!("key_file={},allow_other,trust_backing_permissions", vol.key.display());
     ok(cli(&[
         &"service",
         &"install",

@@ -342,7 +342,7 @@ fn writeback_wraps_are_attributed_to_the_process_that_opened_the_file() {
         &backing,
         &key,
         &d.path().join("mnt"),
-        &["--allow-other", "--audit-log", audit.to_str().unwrap()],
+        &["--allow-other", "--trust-backing-permissions", "--audit-log", audit.to_str().unwrap()],
     );
     fs::set_permissions(&m.mnt, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
     let target = m.path("nobody-file");

@@ -408,13 +408,13 @@ pub struct MountArgs {
     /// An existing empty directory to mount on.
     pub mountpoint: Option<PathBuf>,
     /// Read backing, mountpoint and options from a TOML file (what the systemd unit uses):
-    /// backing = "...", mountpoint = "...", options = "allow_other,key_file=..."
+    /// backing = "...", mountpoint = "...", options = "allow_other,trust_backing_permissions,key_file=..."
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Stay in the foreground (for systemd and debugging).
     #[arg(short, long)]
     pub foreground: bool,
-    /// Mount options, comma separated, for fstab and `mount -t fuse.envelopefs`: allow_other,
+    /// Mount options, comma separated, for fstab and `mount -t fuse.envelopefs`: allow_other, trust_backing_permissions,
     /// ro, rw, no_writeback_cache, threads=N, attr_timeout=S, entry_timeout=S, key_file=F,
     /// passphrase_file=F, pin_file=F, log_file=F, audit_log=F, cache_ttl=S, cache_tti=S,
     /// cache_max=N, crypto=aws-lc|rustcrypto, journal=ordered|sync|off, file_handles=auto|always|never, max_inode_fds=N, exclusive, read_ahead_kb=N (fstab words such as _netdev, nofail, defaults,
@@ -423,9 +423,15 @@ pub struct MountArgs {
     #[arg(short = 'o', value_name = "OPTIONS")]
     pub options: Vec<String>,
     /// Let other users use the mount (as root: files they create are theirs).
-    /// The kernel checks permissions (default_permissions is always on).
+    /// The kernel checks permissions (default_permissions is always on) against the modes
+    /// and owners in the backing directory, which are not authenticated: needs
+    /// --trust-backing-permissions.
     #[arg(long)]
     pub allow_other: bool,
+    /// With --allow-other: accept that whoever can write the backing directory decides,
+    /// through modes and owners, which local users may read and write each file.
+    #[arg(long)]
+    pub trust_backing_permissions: bool,
     /// Mount read-only.
     #[arg(long)]
     pub read_only: bool,
@@ -512,6 +518,7 @@ impl MountArgs {
             backing: self.backing.clone(),
             mountpoint: self.mountpoint.clone(),
             allow_other: self.allow_other,
+            trust_backing_permissions: self.trust_backing_permissions,
             read_only: self.read_only,
             threads: self.threads,
             attr_timeout: self.attr_timeout,
