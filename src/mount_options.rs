@@ -296,7 +296,7 @@ mod tests {
     fn every_option_word_sets_its_field() {
         type Check = fn(&MountSettings) -> bool;
         let cases: Vec<(&str, Check)> = vec![
-            ("allow_other", |s| s.allow_other),
+            ("allow_other,trust_backing_permissions", |s| s.allow_other && s.trust_backing_permissions),
             ("ro", |s| s.read_only),
             ("ro,rw", |s| !s.read_only),
             ("no_writeback_cache", |s| s.no_writeback_cache),
@@ -329,6 +329,13 @@ mod tests {
             let s = with(words).unwrap_or_else(|e| panic!("{words}: {e}"));
             assert!(check(&s), "{words}: {s:?}");
         }
+    }
+
+    #[test]
+    fn allow_other_alone_is_refused() {
+        let e = with("allow_other").unwrap_err();
+        assert_eq!(e.class(), Some(Class::Usage));
+        assert!(e.to_string().contains("trust_backing_permissions"), "{e}");
     }
 
     #[test]
