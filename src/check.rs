@@ -195,7 +195,10 @@ pub enum HeaderRead<'a> {
     Empty,
     /// It could not be opened or its header region read.
     Unreadable,
-    Region(&'a [u8]),
+    /// Shorter than a header region: not an envelope.
+    Short,
+    /// The header region, and the file it was read from.
+    Region(&'a [u8], &'a std::fs::File),
 }
 
 /// Call `f` with each regular file's backing path and header region (temporaries of an
@@ -211,11 +214,18 @@ pub fn walk_headers(vol: &Volume, f: &mut dyn FnMut(&Path, HeaderRead<'_>)) -> R
             Ok(None) => return,
             Err(_) => return f(e.path, HeaderRead::Unreadable),
         };
-        if file.metadata().map(|m| m.len()).unwrap_or(0) == 0 {
+        let len = match file.metadata() {
+            Ok(m) => m.len(),
+            Err(_) => return f(e.path, HeaderRead::Unreadable),
+        };
+        if len == 0 {
             return f(e.path, HeaderRead::Empty);
         }
+        if len < region.len() as u64 {
+            return f(e.path, HeaderRead::Short);
+        }
         match file.read_exact_at(&mut region, 0) {
-            Ok(()) => f(e.path, HeaderRead::Region(&region)),
+            Ok(()) => f(e.path, HeaderRead::Region(&region, &file)),
             Err(_) => f(e.path, HeaderRead::Unreadable),
         }
     })
@@ -230,8 +240,8 @@ pub fn key_usage(vol: &Volume) -> Result<KeyUsage> {
     walk_headers(vol, &mut |_, read| {
         let region = match read {
             HeaderRead::Empty => return usage.empty += 1,
-            HeaderRead::Unreadable => return usage.unreadable += 1,
-            HeaderRead::Region(r) => r,
+            HeaderRead::Unreadable | HeaderRead::Short => return usage.unreadable += 1,
+            HeaderRead::Region(r, _) => r,
         };
         let slots = decode_region(region);
         match slots.first() {

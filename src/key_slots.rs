@@ -170,8 +170,8 @@ fn files_without_records(vol: &Volume, policy: &[ProviderConfig]) -> Result<Vec<
     walk_headers(vol, &mut |path, read| {
         let covered = match read {
             HeaderRead::Empty => true,
-            HeaderRead::Unreadable => false,
-            HeaderRead::Region(region) => decode_region(region)
+            HeaderRead::Unreadable | HeaderRead::Short => false,
+            HeaderRead::Region(region, _) => decode_region(region)
                 .into_iter()
                 .filter_map(|(_, s)| s.ok())
                 .all(|v| v.header.records.iter().any(|r| policy.iter().any(|p| online(p) && p.claims(r)))),

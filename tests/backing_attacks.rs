@@ -556,3 +556,44 @@ fn allow_other_needs_the_admins_word_that_backing_permissions_are_trusted() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Item: `key retire` cannot be held back by what was planted. Junk of a header's size
+/// and a short file name no version; a genuine old copy of a file (restored from a backup
+/// the attacker holds) does, and `--force` retires a compromised version anyway: the copy
+/// then stays unreadable, the volume's own files read as before.
+#[test]
+fn key_retire_is_not_held_back_by_planted_files() {
+    let v = TestVolume::new(4096);
+    let m = v.mount(&[]);
+    fs::write(m.path("f"), b"current data").unwrap();
+    drop(m);
+    let old_copy = fs::read(v.backing.join("f")).unwrap();
+    // `args` with the key file and BACKING before the rest (`key retire BACKING VERSION`).
+    let run = |args: &[&str]| {
+        let (cmd, rest) = args.split_at(args.iter().position(|a| *a == "retire").map_or(args.len(), |i| i + 1));
+        let mut a: Vec<&dyn AsRef<std::ffi::OsStr>> = cmd.iter().map(|s| s as &dyn AsRef<std::ffi::OsStr>).collect();
+        a.extend([&"--key-file" as &dyn AsRef<std::ffi::OsStr>, &v.key, &v.backing]);
+        a.extend(rest.iter().map(|s| s as &dyn AsRef<std::ffi::OsStr>));
+        cli(&a)
+    };
+    assert!(run(&["key", "rotate"]).status.success());
+    let out = run(&["rekey", "--rewrap"]);
+    assert!(out.status.success(), "{}", text(&out));
+    fs::write(v.backing.join("junk"), vec![0xA5u8; 4096]).unwrap();
+    fs::write(v.backing.join("short"), b"x").unwrap();
+    // Its header on content it does not own (the block's last byte changed).
+    let mut pasted = old_copy.clone();
+    let n = pasted.len();
+    pasted[n - 1] ^= 1;
+    fs::write(v.backing.join("pasted"), &pasted).unwrap();
+    fs::write(v.backing.join("restored"), &old_copy).unwrap();
+    let out = run(&["key", "retire", "1"]);
+    assert!(!out.status.success(), "retired with a genuine file still on version 1");
+    assert!(text(&out).contains("referenced by 1 file headers"), "only the genuine copy counts: {}", text(&out));
+    let out = run(&["key", "retire", "1", "--force"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let m = v.mount(&[]);
+    assert_eq!(fs::read(m.path("f")).unwrap(), b"current data");
+    let err = fs::read(m.path("restored")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EACCES), "the old copy needs the retired version");
+}

@@ -308,11 +308,16 @@ pub enum KeyCmd {
     Slot(SlotCmd),
     /// Take an old KEK version out of service for good (local: its key is erased from the
     /// keyring; PKCS#11: the key object is destroyed). Running mounts stop unwrapping with
-    /// it at once. Refuses while any header still references it: run
-    /// `envelopefs rekey --rewrap` first.
+    /// it at once. Refuses while any header that authenticates still references it: run
+    /// `envelopefs rekey --rewrap` first. Headers that do not authenticate (planted junk,
+    /// forged records, a header pasted onto other content) never hold it back.
     Retire {
         backing: PathBuf,
         version: u32,
+        /// Retire a compromised version even though files still reference it or could not
+        /// be read: those that have no other record become unreadable for good.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         secret: SecretArgs,
     },

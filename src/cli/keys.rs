@@ -26,9 +26,9 @@ pub fn key_cmd(cmd: KeyCmd) -> Result<ExitCode> {
             println!("{}: KEK version {v} is now current; new files wrap under it", vol.provider.describe());
             println!("Existing files keep the version they have until `envelopefs rekey`.");
         }
-        KeyCmd::Retire { backing, version, secret } => {
+        KeyCmd::Retire { backing, version, force, secret } => {
             let mut vol = Volume::open(&backing, &secret.source(), &OpenOptions::default())?;
-            crate::retire::retire(&mut vol, version)?;
+            crate::retire::retire(&mut vol, version, force)?;
             println!("KEK version {version} retired: its key is gone");
         }
         KeyCmd::Slot(cmd) => return super::slots::slot_cmd(cmd),
