@@ -111,7 +111,7 @@ pub struct FsckReport {
 /// lead a repair outside the volume.
 pub fn fsck(vol: &Volume, repair: bool) -> Result<FsckReport> {
     let mut report = FsckReport::default();
-    Tree::open(&vol.root)?.walk(&mut |e| {
+    Tree::open(vol)?.walk(&mut |e| {
         if !is_temporary(e.path) {
             check_file(vol, e, repair, &mut report);
         }
@@ -205,7 +205,7 @@ pub enum HeaderRead<'a> {
 /// interrupted re-encryption are skipped). No key is unwrapped.
 pub fn walk_headers(vol: &Volume, f: &mut dyn FnMut(&Path, HeaderRead<'_>)) -> Result<()> {
     let mut region = vec![0u8; vol.geometry.header_size as usize];
-    Tree::open(&vol.root)?.walk(&mut |e| {
+    Tree::open(vol)?.walk(&mut |e| {
         if is_temporary(e.path) {
             return;
         }

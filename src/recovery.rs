@@ -73,7 +73,7 @@ fn run(vol: &Volume, act: bool) -> Result<Vec<Touched>> {
     for n in &names {
         pending.extend(journal::read(&dir, n, id)?);
     }
-    let tree = Tree::open(&vol.root)?;
+    let tree = Tree::open(vol)?;
     let mut out = Vec::new();
     let mut unplaced: HashMap<u64, Vec<Pending>> = HashMap::new();
     for p in pending {

@@ -35,7 +35,7 @@ pub struct Summary {
 
 /// Run `mode` over `files` with `jobs` threads; `progress` is told after each file.
 pub fn run(vol: &Volume, mode: Mode, files: Vec<PathBuf>, jobs: usize, progress: &(dyn Fn(&Path) + Sync)) -> Summary {
-    let tree = match Tree::open(&vol.root) {
+    let tree = match Tree::open(vol) {
         Ok(t) => t,
         Err(e) => return Summary { failed: vec![(vol.root.clone(), e)], ..Summary::default() },
     };

@@ -126,7 +126,7 @@ mod tests {
         let e = retire(&mut vol, 1, false).unwrap_err();
         assert!(e.to_string().contains("referenced by 1 file headers"), "{e}");
 
-        let files = crate::tree::volume_files(&vol.root).unwrap();
+        let files = crate::tree::volume_files(&vol).unwrap();
         let sum = rekey::run(&vol, rekey::Mode::Rewrap, files, 1, &|_| {});
         assert!(sum.failed.is_empty(), "{:?}", sum.failed);
         // Junk of a header's size names no version and cannot block the retirement.

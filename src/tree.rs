@@ -37,14 +37,14 @@ pub struct Found<'a> {
 const DIR_FLAGS: i32 = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW;
 
 impl Tree {
-    /// Open the volume root. Its own path is the admin's to choose, so it is followed.
-    pub fn open(root: &Path) -> Result<Self> {
-        let path = std::path::absolute(root).map_err(|e| Error::io(e, format!("{}", root.display())))?;
+    /// Open the root of an opened volume. Its own path is the admin's to choose, so it is
+    /// followed. Whether names are hidden comes from the volume's authenticated config.
+    pub fn open(vol: &crate::volume::Volume) -> Result<Self> {
+        let path = std::path::absolute(&vol.root).map_err(|e| Error::io(e, format!("{}", vol.root.display())))?;
         let c = sys::cstr(path.as_os_str())?;
         let root = sys::openat(libc::AT_FDCWD, &c, libc::O_RDONLY | libc::O_DIRECTORY, 0)
             .map_err(|e| e.context(format!("opening the volume root {}", path.display())))?;
-        let hidden_names = crate::config::VolumeConfig::load(&path).is_ok_and(|c| c.names.is_some());
-        Ok(Self { root, path, hidden_names })
+        Ok(Self { root, path, hidden_names: vol.names().is_some() })
     }
 
     /// Call `f` for every regular file below the root, in path order, except the volume's
@@ -132,15 +132,15 @@ impl Tree {
 pub use crate::sys::open_regular;
 
 /// Every regular file of the volume (the volume's own files and stale temporaries aside).
-pub fn volume_files(root: &Path) -> Result<Vec<PathBuf>> {
-    Tree::open(root)?.files()
+pub fn volume_files(vol: &crate::volume::Volume) -> Result<Vec<PathBuf>> {
+    Tree::open(vol)?.files()
 }
 
 /// Remove temporaries a killed re-encryption left (their originals are intact).
-pub fn remove_stale_temporaries(root: &Path) -> Result<u64> {
+pub fn remove_stale_temporaries(vol: &crate::volume::Volume) -> Result<u64> {
     let mut n = 0;
     let mut err = None;
-    Tree::open(root)?.walk(&mut |e| {
+    Tree::open(vol)?.walk(&mut |e| {
         if err.is_some() || !is_temporary(e.path) {
             return;
         }

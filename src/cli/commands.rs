@@ -187,12 +187,12 @@ fn rekey_files(vol: &Volume, backing: &Path, mode: rekey::Mode, paths: Vec<PathB
     };
     if mode == rekey::Mode::Reencrypt {
         crate::recovery::recover(vol)?;
-        let n = crate::tree::remove_stale_temporaries(&vol.root)?;
+        let n = crate::tree::remove_stale_temporaries(&vol)?;
         if n > 0 {
             info!("removed {n} temporary files left by an interrupted re-encryption");
         }
     }
-    let files = if paths.is_empty() { crate::tree::volume_files(&vol.root)? } else { paths };
+    let files = if paths.is_empty() { crate::tree::volume_files(&vol)? } else { paths };
     let label = if mode == rekey::Mode::Rewrap { "rewrap" } else { "reencrypt" };
     let progress = rekey::Progress::new(files.len() as u64, label);
     let sum = rekey::run(vol, mode, files, jobs, &|p| progress.tick(p));
