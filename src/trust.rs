@@ -56,6 +56,10 @@ pub struct TrustRecord {
     /// checked when it was pinned: what is loaded is that file, never the stored string.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub module_files: std::collections::BTreeMap<String, String>,
+    /// Block and header size (bytes) as pinned: a format-1 config has no MAC, so this is
+    /// what keeps its geometry from being changed under the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub geometry: Option<[u32; 2]>,
 }
 
 impl TrustRecord {
@@ -71,6 +75,7 @@ impl TrustRecord {
             volume_check: None,
             places: Vec::new(),
             module_files: Default::default(),
+            geometry: Some([cfg.block_size, cfg.header_size]),
         }
     }
 
@@ -234,6 +239,15 @@ pub fn settle(
                     root.display(),
                     diffs.join("; "),
                     root.display()
+                )));
+            }
+            if t.geometry.is_some_and(|g| g != [cfg.block_size, cfg.header_size]) {
+                return Err(Error::tampered(format!(
+                    "{}/envelopefs.toml says block size {} and header size {}, not what this host pinned ({:?})",
+                    root.display(),
+                    cfg.block_size,
+                    cfg.header_size,
+                    t.geometry
                 )));
             }
             if cfg.format < t.format {

@@ -550,6 +550,7 @@ impl Volume {
         };
         seen.format = seen.format.max(config.format);
         seen.add_place(&place);
+        seen.geometry.get_or_insert([config.block_size, config.header_size]);
         // Fail now, with a clear message, rather than at the first open; a further slot
         // that fails is left out like one that did not open.
         let (mut slots, mut missing) = (slots, missing);

@@ -686,3 +686,23 @@ fn trust_refuses_a_format_1_config_unless_the_admin_names_it() {
     let out = common::cli_with_trust(fresh.path(), &[&"fsck", &"--pin-file", &pin, &backing]);
     assert_eq!(out.status.code(), Some(common::EXIT_UNTRUSTED), "{}", stderr(&out));
 }
+
+/// A format-1 config has no MAC: the block geometry it states is checked against what the
+/// host pinned at its first open.
+#[test]
+fn a_format_1_volume_keeps_the_geometry_its_host_pinned() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1-keyfile-4k");
+    let d = tempfile::Builder::new().prefix("envelopefs-test").tempdir().unwrap();
+    let backing = d.path().join("backing");
+    let out = Command::new("cp").arg("-a").arg(src.join("backing")).arg(&backing).output().unwrap();
+    assert!(out.status.success());
+    let key = src.join("volume.key");
+    let host = d.path().join("trust");
+    ok(common::cli_with_trust(&host, &[&"fsck", &"--key-file", &key, &backing]));
+    edit_config(&backing, |t| {
+        t.insert("block_size".into(), 1024.into());
+    });
+    let out = common::cli_with_trust(&host, &[&"fsck", &"--key-file", &key, &backing]);
+    assert_eq!(out.status.code(), Some(common::EXIT_TAMPERED), "{}", stderr(&out));
+    assert!(stderr(&out).contains("block size 1024"), "{}", stderr(&out));
+}
