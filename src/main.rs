@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+use envelopefs::cli::helper_args;
 use envelopefs::cli::{self, Cli};
-use envelopefs::helper_args;
 
 fn main() -> ExitCode {
     // mount(8) and mount.fuse3 call the binary in their own ways: make those `mount`.

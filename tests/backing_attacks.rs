@@ -231,14 +231,14 @@ fn status_socket_is_removed_on_unmount() {
     // Every test of this binary that mounts sees the same variable; only this one looks.
     std::env::set_var("ENVELOPEFS_RUNTIME_DIR", &run);
     let m = v.mount(&[]);
-    let sock = envelopefs::control::socket_path(&m.mnt);
+    let sock = envelopefs::daemon::control::socket_path(&m.mnt);
     assert!(sock.starts_with(&run), "{}", sock.display());
     let start = Instant::now();
     while !sock.exists() {
         assert!(start.elapsed() < Duration::from_secs(10), "no status socket at {}", sock.display());
         std::thread::sleep(Duration::from_millis(20));
     }
-    let st = envelopefs::control::query(&m.mnt).unwrap();
+    let st = envelopefs::daemon::control::query(&m.mnt).unwrap();
     assert_eq!(st.pid as i32, m.pid());
     assert!(m.unmount().success());
     assert!(fs::symlink_metadata(&sock).is_err(), "status socket {} left after unmount", sock.display());

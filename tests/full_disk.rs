@@ -147,7 +147,9 @@ fn run(extra: &[&str]) {
     drop(f);
     // A new file on a full disk.
     let fresh = pattern(6, 20_000);
-    let fresh_res = File::create(m.path("fresh")).map_err(|e| e.raw_os_error().unwrap()).and_then(|f| write_sync(&f, &fresh, Some(0)));
+    let fresh_res = File::create(m.path("fresh"))
+        .map_err(|e| e.raw_os_error().unwrap())
+        .and_then(|f| write_sync(&f, &fresh, Some(0)));
 
     for (what, r) in &errnos {
         assert_eq!(*r, Err(libc::ENOSPC), "{what} on a full disk ({extra:?})");

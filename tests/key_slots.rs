@@ -259,7 +259,7 @@ fn a_file_planted_with_the_public_recovery_recipient_does_not_open() {
         .slots
         .iter()
         .find_map(|s| match &s.provider {
-            envelopefs::config::ProviderConfig::Recovery { recipient } => Some(recipient.clone()),
+            envelopefs::volume::config::ProviderConfig::Recovery { recipient } => Some(recipient.clone()),
             _ => None,
         })
         .unwrap();

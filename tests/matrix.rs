@@ -21,7 +21,7 @@ fn battery(crypto: &str, writeback: bool, block: u32) {
 fn backing_of(vol: &TestVolume, name: &str) -> std::path::PathBuf {
     let v = vol.open();
     match v.names() {
-        Some(_) => vol.backing.join(envelopefs::name_paths::backing_path(&v, name.as_ref()).unwrap()),
+        Some(_) => vol.backing.join(envelopefs::tools::name_paths::backing_path(&v, name.as_ref()).unwrap()),
         None => vol.backing.join(name),
     }
 }

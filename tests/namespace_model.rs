@@ -329,7 +329,9 @@ impl Fs<'_> {
     fn backing(&self, dir: &str, name: &str) -> std::path::PathBuf {
         let plain = std::path::Path::new(dir).join(name);
         match self.fs.volume().names() {
-            Some(_) => self.vol.backing.join(envelopefs::name_paths::backing_path(self.fs.volume(), &plain).unwrap()),
+            Some(_) => {
+                self.vol.backing.join(envelopefs::tools::name_paths::backing_path(self.fs.volume(), &plain).unwrap())
+            }
             None => self.vol.backing.join(plain),
         }
     }
@@ -522,7 +524,7 @@ fn run_on(vol: TestVolume, ops: Vec<Op>, evicting: bool) -> Result<(), TestCaseE
                 OpenOptions::new().write(true).open(f.backing(b.0, b.1)).unwrap().write_all_at(&header, 0).unwrap();
                 let ino = f.lookup(b.0, b.1).unwrap();
                 let file_id = |region: &[u8]| {
-                    envelopefs::envelope::decode_region(region)
+                    envelopefs::format::decode_region(region)
                         .into_iter()
                         .find_map(|(_, slot)| slot.ok().map(|v| v.header.file_id))
                 };

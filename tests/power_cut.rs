@@ -21,9 +21,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use common::{open_options, pattern, Rng, TestVolume};
+use envelopefs::file::journal::{self, Journal, Mode, Observed};
 use envelopefs::fs::{Caller, EncryptedFs, SetAttr, ROOT_INO};
-use envelopefs::journal::{self, Journal, Mode, Observed};
-use envelopefs::trust::TrustStore;
+use envelopefs::volume::trust::TrustStore;
 use envelopefs::volume::{OpenOptions as VolOpts, Volume};
 
 const ROOT: Caller = Caller { uid: 0, gid: 0, pid: 1 };
@@ -236,7 +236,7 @@ fn check_state(run: &Run, root: &Path, trust: &Path, step: usize, journal: bool)
     store.put(&rec).unwrap();
     let opts = VolOpts { trust: store, ..open_options() };
     let vol = Arc::new(Volume::open(root, &TestVolume::source_for(&run.key), &opts).unwrap());
-    let touched = envelopefs::recovery::recover(&vol).unwrap();
+    let touched = envelopefs::file::recovery::recover(&vol).unwrap();
     let mut bad: Vec<String> = touched.iter().filter(|t| !t.repaired).map(|t| t.what.clone()).collect();
     let efs = EncryptedFs::new(vol).unwrap();
     let (before, after) = (&run.models[step], &run.models[step + 1]);
@@ -337,7 +337,7 @@ fn without_the_journal_some_cut_state_reads_as_eio() {
 /// always opens, with the old or a new generation, and its content is unchanged.
 #[test]
 fn a_header_rewrap_cut_anywhere_opens_with_the_old_or_a_new_generation() {
-    use envelopefs::envelope_file::EnvelopeFile;
+    use envelopefs::file::envelope_file::EnvelopeFile;
     let vol = TestVolume::new(4096);
     let content = pattern(77, 10_000);
     {

@@ -2,7 +2,7 @@
 //! that parses serializes back to TOML that parses to the same value.
 #![no_main]
 
-use envelopefs::config::VolumeConfig;
+use envelopefs::volume::config::VolumeConfig;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

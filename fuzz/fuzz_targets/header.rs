@@ -3,7 +3,7 @@
 //! accepts nothing the encoder would not write).
 #![no_main]
 
-use envelopefs::envelope::{decode_region, decode_slot, SlotView};
+use envelopefs::format::{decode_region, decode_slot, SlotView};
 use libfuzzer_sys::fuzz_target;
 
 fn round_trip(slot: &[u8], view: &SlotView) {

@@ -5,5 +5,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = envelopefs::journal::decode_for_fuzzing(data);
+    let _ = envelopefs::file::journal::decode_for_fuzzing(data);
 });

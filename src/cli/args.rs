@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::daemon::options::MountSettings;
 use crate::keys::secret::SecretSource;
-use crate::mount_options::MountSettings;
 
 #[derive(Parser)]
 #[command(
@@ -510,7 +510,7 @@ pub struct MountArgs {
     pub exclusive: bool,
     /// Read-ahead of the mount in KiB (as root; 0 leaves the kernel's 128): how large the
     /// read requests of a sequential reader are.
-    #[arg(long, value_name = "KIB", default_value_t = crate::mount::DEFAULT_READ_AHEAD_KB)]
+    #[arg(long, value_name = "KIB", default_value_t = crate::fuse::DEFAULT_READ_AHEAD_KB)]
     pub read_ahead_kb: u32,
     #[command(flatten)]
     pub secret: SecretArgs,

@@ -13,9 +13,9 @@ use crate::keys::aws_kms::KmsSettings;
 use crate::keys::local::KdfParams;
 use crate::keys::pkcs11::Pkcs11Uri;
 use crate::keys::secret::SecretSource;
-use crate::rekey;
+use crate::tools::rekey;
+use crate::volume::lock::lock_volume;
 use crate::volume::{self, InitOptions, OpenOptions, Volume};
-use crate::volume_lock::lock_volume;
 
 /// Run one of this module's commands.
 pub fn run(cmd: Cmd) -> Result<ExitCode> {
@@ -59,7 +59,11 @@ pub fn run(cmd: Cmd) -> Result<ExitCode> {
                     volume::ProviderInit::AwsKms(s)
                 }
             };
-            let format = if plaintext_names { crate::config::PLAINTEXT_NAMES_FORMAT } else { crate::config::FORMAT };
+            let format = if plaintext_names {
+                crate::volume::config::PLAINTEXT_NAMES_FORMAT
+            } else {
+                crate::volume::config::FORMAT
+            };
             let opts = InitOptions { block_size, header_size, provider, format, ..InitOptions::default() };
             init(&backing, &secret.source(), &opts)
         }
@@ -77,11 +81,11 @@ pub fn run(cmd: Cmd) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Status { mountpoint, json } => {
-            let st = crate::control::query(&mountpoint)?;
+            let st = crate::daemon::control::query(&mountpoint)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&st)?);
             } else {
-                crate::status::write_human(&st, &mut std::io::stdout())?;
+                crate::daemon::status::write_human(&st, &mut std::io::stdout())?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -90,32 +94,32 @@ pub fn run(cmd: Cmd) -> Result<ExitCode> {
             let opts = OpenOptions { audit_log, ..OpenOptions::default() };
             let vol = match to_key {
                 None => Volume::open(&backing, &secret.source(), &opts)?,
-                Some(k) => crate::key_move::move_to_key(&backing, &k, &secret.source(), &opts)?,
+                Some(k) => crate::tools::key_move::move_to_key(&backing, &k, &secret.source(), &opts)?,
             };
             rekey_files(&vol, &backing, mode, paths, jobs)
         }
         Cmd::Inspect { file, volume: None, .. } => {
-            crate::check::inspect(&file, &mut std::io::stdout().lock())?;
+            crate::tools::check::inspect(&file, &mut std::io::stdout().lock())?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Inspect { file, volume: Some(backing), secret } => {
             let vol = Volume::open(&backing, &secret.source(), &OpenOptions::default())?;
             let rel = match vol.names() {
-                Some(_) => crate::name_paths::backing_path(&vol, &file)?,
+                Some(_) => crate::tools::name_paths::backing_path(&vol, &file)?,
                 None => file.clone(),
             };
             println!("path:            {}", file.display());
-            crate::check::inspect(&vol.root.join(rel), &mut std::io::stdout().lock())?;
+            crate::tools::check::inspect(&vol.root.join(rel), &mut std::io::stdout().lock())?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Name(NameCmd::Encrypt { backing, path, secret }) => {
             let vol = Volume::open(&backing, &secret.source(), &OpenOptions::default())?;
-            println!("{}", crate::name_paths::backing_path(&vol, &path)?.display());
+            println!("{}", crate::tools::name_paths::backing_path(&vol, &path)?.display());
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Name(NameCmd::Decrypt { backing, path, secret }) => {
             let vol = Volume::open(&backing, &secret.source(), &OpenOptions::default())?;
-            let plain = crate::name_paths::plain_path(&vol, &path)?;
+            let plain = crate::tools::name_paths::plain_path(&vol, &path)?;
             std::io::Write::write_all(&mut std::io::stdout(), plain.as_os_str().as_encoded_bytes())
                 .and_then(|_| std::io::Write::write_all(&mut std::io::stdout(), b"\n"))?;
             Ok(ExitCode::SUCCESS)
@@ -130,15 +134,18 @@ pub fn run(cmd: Cmd) -> Result<ExitCode> {
             // What a crash left goes first: the journal tells a torn write from tampering.
             // A live mount's journal is its own business (it is not a crash's).
             let journal = if repair {
-                crate::recovery::recover(&vol)?
+                crate::file::recovery::recover(&vol)?
             } else if lock_volume(&backing).is_ok() {
-                crate::recovery::describe_pending(&vol)?
+                crate::file::recovery::describe_pending(&vol)?
             } else {
                 Vec::new()
             };
-            let mut rep = crate::check::fsck(&vol, repair)?;
-            let journal =
-                journal.into_iter().map(|t| crate::check::Problem { path: t.path, what: t.what, repaired: t.repaired });
+            let mut rep = crate::tools::check::fsck(&vol, repair)?;
+            let journal = journal.into_iter().map(|t| crate::tools::check::Problem {
+                path: t.path,
+                what: t.what,
+                repaired: t.repaired,
+            });
             rep.problems.splice(0..0, journal);
             let mut remaining = 0;
             for p in &rep.problems {
@@ -186,19 +193,19 @@ fn rekey_files(vol: &Volume, backing: &Path, mode: rekey::Mode, paths: Vec<PathB
         None
     };
     if mode == rekey::Mode::Reencrypt {
-        crate::recovery::recover(vol)?;
-        let n = crate::tree::remove_stale_temporaries(&vol)?;
+        crate::file::recovery::recover(vol)?;
+        let n = crate::volume::tree::remove_stale_temporaries(&vol)?;
         if n > 0 {
             info!("removed {n} temporary files left by an interrupted re-encryption");
         }
     }
-    let files = if paths.is_empty() { crate::tree::volume_files(&vol)? } else { paths };
+    let files = if paths.is_empty() { crate::volume::tree::volume_files(&vol)? } else { paths };
     let label = if mode == rekey::Mode::Rewrap { "rewrap" } else { "reencrypt" };
     let progress = rekey::Progress::new(files.len() as u64, label);
     let sum = rekey::run(vol, mode, files, jobs, &|p| progress.tick(p));
     progress.finish();
     for (p, e) in &sum.failed {
-        let line = format!("{}: {e}", crate::name_paths::describe(vol, p));
+        let line = format!("{}: {e}", crate::tools::name_paths::describe(vol, p));
         eprintln!("FAILED: {}", crate::error::printable(&line));
     }
     println!(
@@ -221,11 +228,11 @@ fn trust(
 ) -> Result<ExitCode> {
     let root = std::fs::canonicalize(backing).with_context(|| format!("backing directory {}", backing.display()))?;
     let cfg = volume::VolumeConfig::load(&root)?;
-    let store = crate::trust::TrustStore::host();
+    let store = crate::volume::trust::TrustStore::host();
     let existing = store.get(&cfg.volume_id)?;
-    let rec = crate::trust::candidate(&root, &cfg, module, accept_format, existing.as_ref())?;
+    let rec = crate::volume::trust::candidate(&root, &cfg, module, accept_format, existing.as_ref())?;
     println!("{} asks this host to trust:", root.display());
-    for line in crate::trust::describe(&rec) {
+    for line in crate::volume::trust::describe(&rec) {
         println!("  {line}");
     }
     if cfg.format < 2 {

@@ -7,8 +7,8 @@ use anyhow::{anyhow, Result};
 use super::args::KeyCmd;
 use crate::keys::pkcs11::{Pkcs11Provider, Pkcs11Uri};
 use crate::keys::KeyProvider;
+use crate::volume::lock::volume_locked;
 use crate::volume::{OpenOptions, Volume};
-use crate::volume_lock::volume_locked;
 
 pub fn key_cmd(cmd: KeyCmd) -> Result<ExitCode> {
     match cmd {
@@ -28,13 +28,13 @@ pub fn key_cmd(cmd: KeyCmd) -> Result<ExitCode> {
         }
         KeyCmd::Retire { backing, version, force, secret } => {
             let mut vol = Volume::open(&backing, &secret.source(), &OpenOptions::default())?;
-            crate::retire::retire(&mut vol, version, force)?;
+            crate::tools::retire::retire(&mut vol, version, force)?;
             println!("KEK version {version} retired: its key is gone");
         }
         KeyCmd::Slot(cmd) => return super::slots::slot_cmd(cmd),
         KeyCmd::Status { backing, secret } => {
             let vol = Volume::open(&backing, &secret.source(), &OpenOptions::default())?;
-            let usage = crate::check::key_usage(&vol)?;
+            let usage = crate::tools::check::key_usage(&vol)?;
             let current = vol.provider.current_version().ok();
             println!("{}", vol.provider.describe());
             if volume_locked(&backing) {

@@ -4,6 +4,7 @@
 
 pub mod args;
 mod commands;
+pub mod helper_args;
 mod keys;
 mod mount;
 mod slots;
@@ -21,19 +22,19 @@ use tracing::warn;
 pub use args::Cli;
 use args::{Cmd, ServiceCmd};
 
-use crate::daemon;
+use crate::daemon::options;
+use crate::daemon::process;
 use crate::error::EXIT_STATUS;
-use crate::mount_options;
 
 /// Run one command. `argv` is the argument list `cli` was parsed from (after
-/// [`crate::helper_args::rewrite`]): a daemonizing mount starts its child with it.
+/// [`crate::cli::helper_args::rewrite`]): a daemonizing mount starts its child with it.
 pub fn run(cli: Cli, argv: &[OsString]) -> Result<ExitCode> {
     // Before any secret is read, in every command: no core dumps, no ptrace by others, and
     // pages locked in RAM (a mount may opt out with --no-mlock; others warn nowhere).
     let lock = !matches!(&cli.cmd, Cmd::Mount(m) if m.no_mlock);
-    let hardened = daemon::harden_memory(lock);
+    let hardened = process::harden_memory(lock);
     let mount = match &cli.cmd {
-        Cmd::Mount(m) => Some(mount_options::resolve(m.settings(), m.config.as_deref(), &m.options)?),
+        Cmd::Mount(m) => Some(options::resolve(m.settings(), m.config.as_deref(), &m.options)?),
         _ => None,
     };
     init_logging(mount.as_ref().and_then(|m| m.log_file.as_deref()))?;
@@ -46,11 +47,19 @@ pub fn run(cli: Cli, argv: &[OsString]) -> Result<ExitCode> {
         (Cmd::Key(k), _) => keys::key_cmd(k),
         (Cmd::Service(ServiceCmd::Install { name, backing, mountpoint, options, root }), _) => {
             let exe = std::env::current_exe()?;
-            crate::service::install(&name, &backing, &mountpoint, &options, &root, &exe, &mut std::io::stdout())?;
+            crate::daemon::service::install(
+                &name,
+                &backing,
+                &mountpoint,
+                &options,
+                &root,
+                &exe,
+                &mut std::io::stdout(),
+            )?;
             Ok(ExitCode::SUCCESS)
         }
         (Cmd::Umount { mountpoint }, _) => {
-            crate::umount::umount(&mountpoint)?;
+            crate::daemon::umount::umount(&mountpoint)?;
             Ok(ExitCode::SUCCESS)
         }
         (Cmd::Completions { shell }, _) => {
@@ -116,13 +125,13 @@ fn init_logging(log_file: Option<&Path>) -> Result<()> {
                 .custom_flags(libc::O_NOFOLLOW)
                 .open(p)
                 .with_context(|| format!("opening log file {}", p.display()))?;
-            builder.with_ansi(false).with_writer(daemon::Escaping(Arc::new(f))).init();
+            builder.with_ansi(false).with_writer(process::Escaping(Arc::new(f))).init();
         }
         None if std::env::var_os("ENVELOPEFS_NOTIFY_PARENT").is_some() => {
-            builder.with_ansi(false).with_writer(daemon::Escaping(daemon::StderrThenSyslog)).init()
+            builder.with_ansi(false).with_writer(process::Escaping(process::StderrThenSyslog)).init()
         }
         // No colours: their escapes would be indistinguishable from escaped names.
-        None => builder.with_ansi(false).with_writer(daemon::Escaping(std::io::stderr)).init(),
+        None => builder.with_ansi(false).with_writer(process::Escaping(std::io::stderr)).init(),
     }
     Ok(())
 }
@@ -132,9 +141,9 @@ mod tests {
     use clap::Parser;
 
     use super::*;
+    use crate::cli::helper_args::SUBCOMMANDS;
+    use crate::daemon::options::MountSettings;
     use crate::error::{Class, Error};
-    use crate::helper_args::SUBCOMMANDS;
-    use crate::mount_options::MountSettings;
 
     #[test]
     fn the_man_page_has_an_exit_status_section_with_every_code() {
@@ -190,7 +199,7 @@ mod tests {
         let cli =
             Cli::parse_from(["envelopefs", "mount", "--threads", "9", "--key-file", "/k", "-o", "ro", "/b", "/m"]);
         let Cmd::Mount(m) = cli.cmd else { panic!("not a mount") };
-        let s = mount_options::resolve(m.settings(), None, &m.options).unwrap();
+        let s = options::resolve(m.settings(), None, &m.options).unwrap();
         assert_eq!((s.threads, s.read_only, s.secret.key_file.as_deref()), (9, true, Some(Path::new("/k"))));
     }
 }

@@ -10,13 +10,13 @@ use anyhow::{anyhow, Context, Result};
 use tracing::{info, warn};
 
 use crate::crypto::Backend;
-use crate::daemon;
+use crate::daemon::options::MountSettings;
+use crate::daemon::process;
 use crate::error::{Class, Error};
+use crate::file::journal::{Journal, Mode, DEFAULT_LIMIT};
 use crate::fs::EncryptedFs;
-use crate::journal::{Journal, Mode, DEFAULT_LIMIT};
-use crate::mount_options::MountSettings;
+use crate::volume::lock::lock_volume;
 use crate::volume::{OpenOptions, Volume, VolumeConfig};
-use crate::volume_lock::lock_volume;
 
 /// Lazily detach the mount at `path` (when it cannot be unmounted cleanly).
 fn detach(path: &std::path::Path) {
@@ -38,13 +38,13 @@ pub fn mount(mut s: MountSettings, foreground: bool, argv: &[OsString]) -> Resul
     if !meta.is_dir() {
         return Err(mnt_err(libc::ENOTDIR, "is not a directory").into());
     }
-    if daemon::is_mount_point(s.mountpoint()) {
+    if process::is_mount_point(s.mountpoint()) {
         return Err(mnt_err(libc::EBUSY, "is busy: something is already mounted there").into());
     }
     // Fail fast (and in the caller's terminal) on a directory that is not a volume.
     VolumeConfig::load(s.backing())?;
     if !foreground {
-        return Ok(ExitCode::from(crate::daemonize::daemonize(s.backing(), &s.secret, argv)?));
+        return Ok(ExitCode::from(crate::daemon::daemonize::daemonize(s.backing(), &s.secret, argv)?));
     }
     let backend: Backend = s.crypto.parse().map_err(|e: String| anyhow!(e))?;
     let vol = Volume::open(
@@ -60,7 +60,7 @@ pub fn mount(mut s: MountSettings, foreground: bool, argv: &[OsString]) -> Resul
         },
     )?;
     let _lock = lock_volume(s.backing())?;
-    daemon::raise_fd_limit();
+    process::raise_fd_limit();
     let journal = start_journal(&vol, &s)?;
     let mut fs = EncryptedFs::new(Arc::new(vol))?.with_inode_fds(s.file_handles, s.max_inode_fds)?;
     info!("{}", fs.inode_fds_summary());
@@ -68,7 +68,7 @@ pub fn mount(mut s: MountSettings, foreground: bool, argv: &[OsString]) -> Resul
         fs = fs.with_journal(j.clone());
     }
     let fs = Arc::new(fs);
-    let mut session = crate::mount::mount(fs.clone(), s.mountpoint(), opts)
+    let mut session = crate::fuse::mount(fs.clone(), s.mountpoint(), opts)
         .with_context(|| format!("mounting on {}", s.mountpoint().display()))?;
     let mut unmounter = session.unmount_callable();
     let mut signals = signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP])?;
@@ -76,16 +76,16 @@ pub fn mount(mut s: MountSettings, foreground: bool, argv: &[OsString]) -> Resul
     std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
             info!("signal {sig}: unmounting {}", mnt.display());
-            daemon::sd_notify("STOPPING=1");
+            process::sd_notify("STOPPING=1");
             if let Err(e) = unmounter.unmount() {
                 warn!("unmount of {} failed: {e}; unmounting lazily", mnt.display());
                 detach(&mnt);
             }
         }
     });
-    let status = crate::status::reporter(fs, s.backing(), s.mountpoint());
+    let status = crate::daemon::status::reporter(fs, s.backing(), s.mountpoint());
     // Removed when this function returns, that is once the mount is gone.
-    let socket = match crate::control::serve(s.mountpoint(), status) {
+    let socket = match crate::daemon::control::serve(s.mountpoint(), status) {
         Ok(sock) => {
             info!("status socket {}", sock.path().display());
             Some(sock)
@@ -104,12 +104,12 @@ pub fn mount(mut s: MountSettings, foreground: bool, argv: &[OsString]) -> Resul
         Ok(md) => {
             if read_ahead_kb > 0 {
                 use std::os::unix::fs::MetadataExt;
-                if let Err(e) = crate::mount::set_read_ahead(md.dev(), read_ahead_kb) {
+                if let Err(e) = crate::fuse::set_read_ahead(md.dev(), read_ahead_kb) {
                     warn!("read-ahead left at the kernel's default: {e}");
                 }
             }
             info!("mounted {back} on {mnt}");
-            daemon::announce_ready(std::env::var_os("ENVELOPEFS_NOTIFY_PARENT").is_some());
+            process::announce_ready(std::env::var_os("ENVELOPEFS_NOTIFY_PARENT").is_some());
         }
         Err(e) => {
             tracing::error!("the new mount does not answer a stat: {e}; giving up");
@@ -137,20 +137,28 @@ pub fn mount(mut s: MountSettings, foreground: bool, argv: &[OsString]) -> Resul
 /// mount's journal. A read-only mount changes nothing: it only says what is pending.
 fn start_journal(vol: &Volume, s: &MountSettings) -> Result<Option<Arc<Journal>>> {
     if s.read_only {
-        let pending = crate::recovery::describe_pending(vol)?;
+        let pending = crate::file::recovery::describe_pending(vol)?;
         for p in &pending {
             warn!("{}: {} (mounted read-only: not recovered)", p.path.display(), p.what);
         }
         return Ok(None);
     }
-    let touched = crate::recovery::recover(vol)?;
+    let touched = crate::file::recovery::recover(vol)?;
     if !touched.is_empty() {
         info!("crash recovery touched {} file(s); each is logged above", touched.len());
     }
     if s.journal == Mode::Off {
         return Ok(None);
     }
-    let j = Journal::create(&vol.journal_dir(), &vol.journal_name(), &vol.config.volume_id, &vol.root, s.journal, DEFAULT_LIMIT, None)
-        .with_context(|| format!("starting the crash journal in {}", vol.journal_dir().display()))?;
+    let j = Journal::create(
+        &vol.journal_dir(),
+        &crate::file::journal::name_of(&vol),
+        &vol.config.volume_id,
+        &vol.root,
+        s.journal,
+        DEFAULT_LIMIT,
+        None,
+    )
+    .with_context(|| format!("starting the crash journal in {}", vol.journal_dir().display()))?;
     Ok(Some(j))
 }

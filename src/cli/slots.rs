@@ -17,7 +17,7 @@ pub fn slot_cmd(cmd: SlotCmd) -> Result<ExitCode> {
             let _lock = locked(&backing)?;
             let init = new_slot(&slot)?;
             let mut vol = Volume::open(&backing, &secret.source(), &OpenOptions::default())?;
-            let i = crate::key_slots::add(&mut vol, &init, &secret.source())?;
+            let i = crate::tools::key_slots::add(&mut vol, &init, &secret.source())?;
             println!("slot {i} added: {}", vol.config.policy().nth(i).expect("just added").summary());
             println!("New files get its record from the next mount on; give existing files theirs with:");
             println!("  envelopefs rekey --rewrap {}", backing.display());
@@ -26,14 +26,14 @@ pub fn slot_cmd(cmd: SlotCmd) -> Result<ExitCode> {
         SlotCmd::Remove { backing, slot, secret } => {
             let _lock = locked(&backing)?;
             let mut vol = Volume::open(&backing, &secret.source(), &OpenOptions::default())?;
-            let gone = crate::key_slots::remove(&mut vol, slot)?;
+            let gone = crate::tools::key_slots::remove(&mut vol, slot)?;
             println!("slot {slot} removed: {}", gone.summary());
             println!("Headers keep its records until `envelopefs rekey --rewrap {}`;", backing.display());
             println!("its key can be disabled once `envelopefs key status` shows no file still carrying it.");
         }
         SlotCmd::List { backing, secret } => {
             let vol = Volume::open(&backing, &secret.source(), &OpenOptions::default())?;
-            for line in crate::key_slots::describe(&vol) {
+            for line in crate::tools::key_slots::describe(&vol) {
                 println!("{line}");
             }
             print_check(&vol);
@@ -41,7 +41,7 @@ pub fn slot_cmd(cmd: SlotCmd) -> Result<ExitCode> {
         SlotCmd::Primary { backing, slot, secret } => {
             let _lock = locked(&backing)?;
             let mut vol = Volume::open(&backing, &secret.source(), &OpenOptions::default())?;
-            crate::key_slots::make_primary(&mut vol, slot)?;
+            crate::tools::key_slots::make_primary(&mut vol, slot)?;
             println!("slot {slot} is now the primary: {}", vol.config.provider.summary());
             println!(
                 "The old primary is slot {slot}; once `envelopefs rekey --rewrap` has given every file the new \
@@ -55,8 +55,8 @@ pub fn slot_cmd(cmd: SlotCmd) -> Result<ExitCode> {
 
 /// A mount keeps the slot set it opened with: a change under it would have it make files
 /// without the new slot's record, or with only a removed slot's.
-fn locked(backing: &std::path::Path) -> Result<crate::volume_lock::VolumeLock> {
-    crate::volume_lock::lock_volume(backing)
+fn locked(backing: &std::path::Path) -> Result<crate::volume::lock::VolumeLock> {
+    crate::volume::lock::lock_volume(backing)
         .context("a key slot change needs the volume unmounted (a mount keeps the slot set it opened with)")
 }
 
@@ -64,7 +64,7 @@ fn print_check(vol: &Volume) {
     if let Some(k) = vol.volume_key() {
         println!(
             "volume check {}  (give it as --volume-check to a recovery open on a new host)",
-            crate::trust::volume_check(k)
+            crate::volume::trust::volume_check(k)
         );
     }
 }

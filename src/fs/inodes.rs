@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use crate::sync::{Arc, AtomicU64, Mutex, Ordering};
+use crate::sys::sync::{Arc, AtomicU64, Mutex, Ordering};
 
 /// One known inode and what the filesystem keeps with it.
 pub struct Node<T> {

@@ -9,8 +9,8 @@ use std::time::Duration;
 use moka::sync::Cache;
 
 use crate::crypto::FileKey;
-use crate::envelope::FileId;
 use crate::error::Result;
+use crate::format::FileId;
 
 #[derive(Clone, Copy, Debug)]
 pub struct CacheConfig {

@@ -10,8 +10,8 @@ pub mod recovery;
 pub mod secret;
 
 use crate::crypto::{Dek, VolumeKey};
-use crate::envelope::{FileId, KeyRecord, ProviderKind};
 use crate::error::Result;
+use crate::format::{FileId, KeyRecord, ProviderKind};
 
 pub const VOLUME_ID_LEN: usize = 16;
 pub type VolumeId = [u8; VOLUME_ID_LEN];
@@ -57,7 +57,7 @@ pub trait KeyProvider: Send + Sync {
     /// A new file's id and key at once. Providers that pre-generate keys (KMS, whose
     /// wraps bind the file id) hand out a ready one; the default draws an id and generates.
     fn generate_file_key(&self, volume_id: &VolumeId) -> Result<(FileId, Dek, KeyRecord)> {
-        let mut file_id = [0u8; crate::envelope::FILE_ID_LEN];
+        let mut file_id = [0u8; crate::format::FILE_ID_LEN];
         crate::crypto::fill_random(&mut file_id)?;
         let (dek, rec) = self.generate(&KeyContext { volume_id, file_id: &file_id })?;
         Ok((file_id, dek, rec))

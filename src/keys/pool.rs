@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::crypto::Dek;
-use crate::envelope::{FileId, KeyRecord};
 use crate::error::Result;
+use crate::format::{FileId, KeyRecord};
 
 pub type ReadyKey = (FileId, Dek, Vec<KeyRecord>);
 type Make = dyn Fn() -> Result<ReadyKey> + Send + Sync;

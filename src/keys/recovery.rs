@@ -15,8 +15,8 @@ use zeroize::Zeroizing;
 
 use super::{KekVersionInfo, KeyContext, KeyProvider};
 use crate::crypto::{Dek, VolumeKey};
-use crate::envelope::{KeyRecord, ProviderKind, FILE_ID_LEN};
 use crate::error::{Error, Result};
+use crate::format::{KeyRecord, ProviderKind, FILE_ID_LEN};
 
 const PAYLOAD_LABEL: &[u8] = b"envelopefs recovery v1";
 const RECORD_MAC_LABEL: &str = "envelopefs v3 recovery record";
@@ -100,7 +100,7 @@ impl RecoveryProvider {
 }
 
 fn is_volume_key(ctx: &KeyContext<'_>) -> bool {
-    *ctx.file_id == crate::envelope::VOLUME_KEY_FILE_ID
+    *ctx.file_id == crate::format::VOLUME_KEY_FILE_ID
 }
 
 impl KeyProvider for RecoveryProvider {

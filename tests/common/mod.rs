@@ -28,8 +28,8 @@ pub fn trust_dir() -> &'static Path {
 }
 
 /// The library's view of the same store.
-pub fn test_trust() -> envelopefs::trust::TrustStore {
-    envelopefs::trust::TrustStore::at(trust_dir())
+pub fn test_trust() -> envelopefs::volume::trust::TrustStore {
+    envelopefs::volume::trust::TrustStore::at(trust_dir())
 }
 
 /// Open options for library opens in tests: default, with the test trust store.
@@ -55,12 +55,12 @@ impl TestVolume {
     /// A plaintext-names volume (format 2): most tests reach into the backing directory
     /// by name.
     pub fn new(block_size: u32) -> Self {
-        Self::with_format(block_size, envelopefs::config::PLAINTEXT_NAMES_FORMAT)
+        Self::with_format(block_size, envelopefs::volume::config::PLAINTEXT_NAMES_FORMAT)
     }
 
     /// A hidden-names volume (format 4, the default of `init`).
     pub fn hidden(block_size: u32) -> Self {
-        Self::with_format(block_size, envelopefs::config::NAMES_FORMAT)
+        Self::with_format(block_size, envelopefs::volume::config::NAMES_FORMAT)
     }
 
     pub fn with_format(block_size: u32, format: u32) -> Self {

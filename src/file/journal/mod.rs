@@ -1,0 +1,571 @@
+//! The crash journal. Before the mount changes an envelope's backing bytes it writes one
+//! record of the change here, so that a change a crash cut short is finished or cut back
+//! at the next mount (`recovery`) instead of leaving a block that reads as EIO.
+//!
+//! A stored block is rewritten in place; a write torn between pages (a fatal signal inside
+//! one `pwrite`, or a power cut) leaves it half old, half new, and no key opens it. So:
+//! - an **overwrite** (any change that starts inside the file) is kept whole: its sealed
+//!   bytes and the length the file has after it. Recovery writes them again.
+//! - an **append** (a change that starts at or past the end) keeps only the CRC of each
+//!   stored chunk (the header region, then each block). Recovery keeps the chunks that
+//!   arrived whole and cuts the file before the first that did not.
+//! - a **length change** keeps the new length.
+//!
+//! Changes to one file are serialised by its content lock, so only the newest change of a
+//! file can have been cut short; recovery looks at that one alone.
+//!
+//! The journal is host state, kept beside the trust records (`TrustStore::dir`), never in
+//! the backing directory: whoever can write the backing directory cannot write it, so
+//! recovery can act on it without authenticating it, and the backing directory's format
+//! does not change. Two files alternate: a checkpoint moves new records to the other file,
+//! waits for the changes recorded in the old one, `syncfs`es the backing filesystem (every
+//! change in the old file is then durable) and empties it.
+
+mod records;
+
+pub use records::{decode_for_fuzzing, exists, read};
+use records::{encode_change, frame, record_head};
+
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::io::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+
+use crate::error::{Error, Result};
+use crate::format::FILE_ID_LEN;
+
+pub const MAGIC: &[u8; 8] = b"EFSJRNL1";
+/// magic (8) ‖ volume id (16) ‖ zeros (8).
+const HEADER_LEN: u64 = 32;
+/// A journal file this long is checkpointed (in the background; writers go on in the other).
+pub const DEFAULT_LIMIT: u64 = 64 << 20;
+const KIND_FILE: u8 = 1;
+const KIND_CHANGE: u8 = 2;
+const KEEPS_BYTES: u8 = 1;
+
+pub type FileId = [u8; FILE_ID_LEN];
+
+/// How the mount keeps the journal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// No journal: a crash inside a write can leave a block that reads as EIO.
+    Off,
+    /// Each record is written before its change, without a flush: complete after a kill
+    /// of the daemon, and after a power cut on storage that persists writes in order.
+    #[default]
+    Ordered,
+    /// Each record is flushed (`fdatasync`) before its change: complete after a power cut
+    /// on any storage, at the cost of a flush per change.
+    Sync,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "off" => Ok(Mode::Off),
+            "ordered" => Ok(Mode::Ordered),
+            "sync" => Ok(Mode::Sync),
+            _ => Err(format!("journal mode {s:?}: expected ordered, sync or off")),
+        }
+    }
+}
+
+/// One backing change as it is about to be made.
+pub struct Change<'a> {
+    pub offset: u64,
+    pub bytes: &'a [u8],
+    /// Lengths of the stored chunks `bytes` is made of (CRC'd one by one for an append).
+    pub chunks: &'a [usize],
+    /// The backing length before the change.
+    pub old_len: u64,
+    /// The length after it, when the change ends with a truncate.
+    pub then_len: Option<u64>,
+}
+
+/// A change as recorded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Recorded {
+    /// Write `bytes` at `offset`, then make the file `result_len` bytes long.
+    Overwrite { offset: u64, bytes: Vec<u8>, result_len: u64 },
+    /// Chunks (length, CRC-32) appended from `offset`.
+    Append { offset: u64, chunks: Vec<(u32, u32)>, result_len: u64 },
+    /// `ftruncate` to `len`.
+    SetLen { len: u64 },
+}
+
+/// Which backing file a change is for: its file id (from its header), and where it was.
+pub struct FileRef<'a> {
+    pub file_id: FileId,
+    pub ino: u64,
+    /// Its path relative to the backing root (asked for once per file and journal file).
+    pub path: &'a dyn Fn() -> Vec<u8>,
+}
+
+/// A file the journal names, as recovery sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pending {
+    pub file_id: FileId,
+    pub ino: u64,
+    pub path: Vec<u8>,
+    /// Its newest change.
+    pub change: Recorded,
+}
+
+/// A backing write as it happens (what a power-cut simulation replays).
+pub enum Observed<'a> {
+    Write { offset: u64, bytes: &'a [u8] },
+    SetLen(u64),
+}
+
+/// Sees every write to the journal and through it, in order (tests replay them).
+pub type Observer = Arc<dyn Fn(&File, Observed<'_>) + Send + Sync>;
+
+struct State {
+    files: [File; 2],
+    len: [u64; 2],
+    active: usize,
+    seq: u64,
+    /// Changes recorded in each file whose backing write has not finished.
+    inflight: [usize; 2],
+    /// Files whose path record is in each journal file.
+    known: [HashSet<FileId>; 2],
+    checkpointing: bool,
+}
+
+pub struct Journal {
+    paths: [PathBuf; 2],
+    mode: Mode,
+    limit: u64,
+    /// The backing root, for `syncfs`.
+    root: OwnedFd,
+    state: Mutex<State>,
+    drained: Condvar,
+    observer: Option<Observer>,
+}
+
+/// The journal's files for a volume in `dir`. `name` says which volume and where
+/// (`Volume::journal_name`): two copies of a volume never share a journal.
+pub fn paths(dir: &Path, name: &str) -> [PathBuf; 2] {
+    let id = name.to_ascii_lowercase();
+    [dir.join(format!("{id}.journal.0")), dir.join(format!("{id}.journal.1"))]
+}
+
+/// The name of `vol`'s journal on this host: its id and its place, so two copies of a
+/// volume (a restored backup beside the original) never share one.
+pub fn name_of(vol: &crate::volume::Volume) -> String {
+    name_for(&vol.config.volume_id, vol.place())
+}
+
+/// The journal name of releases that keyed it by volume id alone: recovered at the
+/// volume's first accepted place, where that release ran.
+pub fn legacy_name_of(vol: &crate::volume::Volume) -> Option<String> {
+    vol.at_first_place().then(|| vol.config.volume_id.to_ascii_lowercase())
+}
+
+/// The journal name of volume `volume_id` at `place` (its canonical backing path).
+pub fn name_for(volume_id: &str, place: &Path) -> String {
+    let h = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, place.as_os_str().as_encoded_bytes());
+    format!("{}-{}", volume_id.to_ascii_lowercase(), hex::encode(&h.as_ref()[..8]))
+}
+
+fn io(e: std::io::Error, what: &str, path: &Path) -> Error {
+    Error::io(e, format!("{what} crash journal {}", path.display()))
+}
+
+/// Make the backing filesystem's every completed write durable.
+pub fn syncfs(root: &OwnedFd) -> Result<()> {
+    // SAFETY: syncfs takes an open descriptor this function borrows; no memory is passed.
+    let r = unsafe { libc::syncfs(root.as_raw_fd()) };
+    crate::error::cvt(r, || "syncfs of the backing filesystem".into()).map(drop)
+}
+
+impl Journal {
+    /// Start new journal files for a volume. Any earlier ones must have been recovered
+    /// (`read`) first: they are replaced.
+    pub fn create(
+        dir: &Path,
+        name: &str,
+        volume_id: &str,
+        root: &Path,
+        mode: Mode,
+        limit: u64,
+        observer: Option<Observer>,
+    ) -> Result<Arc<Self>> {
+        let paths = paths(dir, name);
+        let id = hex::decode(volume_id).map_err(|_| Error::new(libc::EINVAL, "volume id is not hex"))?;
+        let mut header = [0u8; HEADER_LEN as usize];
+        header[..8].copy_from_slice(MAGIC);
+        header[8..8 + id.len().min(16)].copy_from_slice(&id[..id.len().min(16)]);
+        let mut files = Vec::new();
+        for p in &paths {
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(p)
+                .map_err(|e| io(e, "creating", p))?;
+            f.write_all_at(&header, 0).and_then(|_| f.sync_all()).map_err(|e| io(e, "writing", p))?;
+            files.push(f);
+        }
+        File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io(e, "syncing the directory of", &paths[0]))?;
+        let root = crate::sys::openat(
+            libc::AT_FDCWD,
+            &crate::sys::cstr(root.as_os_str())?,
+            libc::O_RDONLY | libc::O_DIRECTORY,
+            0,
+        )?;
+        let files: [File; 2] = files.try_into().map_err(|_| Error::new(libc::EIO, "journal files"))?;
+        let state = State {
+            files,
+            len: [HEADER_LEN; 2],
+            active: 0,
+            seq: 0,
+            inflight: [0; 2],
+            known: [HashSet::new(), HashSet::new()],
+            checkpointing: false,
+        };
+        Ok(Arc::new(Self { paths, mode, limit, root, state: Mutex::new(state), drained: Condvar::new(), observer }))
+    }
+
+    pub fn observer(&self) -> Option<&Observer> {
+        self.observer.as_ref()
+    }
+
+    /// Record `change` of `file`, before making it. The change is covered until the
+    /// returned guard is dropped, which the caller does once the backing write is done.
+    pub fn record(self: &Arc<Self>, file: &FileRef<'_>, change: &Change<'_>) -> Result<InFlight> {
+        let mut out = Vec::with_capacity(96 + if change.offset < change.old_len { change.bytes.len() } else { 0 });
+        let mut st = self.state.lock().unwrap();
+        let idx = st.active;
+        if !st.known[idx].contains(&file.file_id) {
+            let path = (file.path)();
+            st.seq += 1;
+            let mut body = record_head(st.seq, KIND_FILE, &file.file_id);
+            body.extend_from_slice(&file.ino.to_le_bytes());
+            body.extend_from_slice(&(path.len() as u16).to_le_bytes());
+            body.extend_from_slice(&path[..path.len().min(u16::MAX as usize)]);
+            frame(&mut out, &body);
+            st.known[idx].insert(file.file_id);
+        }
+        st.seq += 1;
+        let mut body = record_head(st.seq, KIND_CHANGE, &file.file_id);
+        encode_change(&mut body, change);
+        frame(&mut out, &body);
+        let at = st.len[idx];
+        let f = &st.files[idx];
+        if let Some(obs) = &self.observer {
+            obs(f, Observed::Write { offset: at, bytes: &out });
+        }
+        f.write_all_at(&out, at).map_err(|e| io(e, "writing", &self.paths[idx]))?;
+        if self.mode == Mode::Sync {
+            f.sync_data().map_err(|e| io(e, "flushing", &self.paths[idx]))?;
+        }
+        st.len[idx] += out.len() as u64;
+        st.inflight[idx] += 1;
+        let checkpoint = st.len[idx] > self.limit && !st.checkpointing;
+        if checkpoint {
+            st.checkpointing = true;
+        }
+        Ok(InFlight { journal: self.clone(), idx, checkpoint })
+    }
+
+    fn finished(self: &Arc<Self>, idx: usize, checkpoint: bool) {
+        let mut st = self.state.lock().unwrap();
+        st.inflight[idx] -= 1;
+        drop(st);
+        self.drained.notify_all();
+        if checkpoint {
+            let j = self.clone();
+            std::thread::spawn(move || {
+                if let Err(e) = j.checkpoint() {
+                    tracing::warn!("crash journal checkpoint failed (the journal keeps growing): {e}");
+                }
+            });
+        }
+    }
+
+    /// Move new records to the other file, then empty this one once every change it
+    /// records is durable. The caller has set `checkpointing`.
+    fn checkpoint(&self) -> Result<()> {
+        let old = {
+            let mut st = self.state.lock().unwrap();
+            let old = st.active;
+            st.active = 1 - old;
+            old
+        };
+        let res = self.empty(old);
+        self.state.lock().unwrap().checkpointing = false;
+        res
+    }
+
+    fn empty(&self, idx: usize) -> Result<()> {
+        let mut st = self.state.lock().unwrap();
+        while st.inflight[idx] > 0 {
+            st = self.drained.wait(st).unwrap();
+        }
+        drop(st);
+        syncfs(&self.root)?;
+        let mut st = self.state.lock().unwrap();
+        let f = &st.files[idx];
+        if let Some(obs) = &self.observer {
+            obs(f, Observed::SetLen(HEADER_LEN));
+        }
+        f.set_len(HEADER_LEN).and_then(|_| f.sync_data()).map_err(|e| io(e, "emptying", &self.paths[idx]))?;
+        st.len[idx] = HEADER_LEN;
+        st.known[idx].clear();
+        Ok(())
+    }
+
+    /// End of the mount: once every change is done and durable, the journal goes.
+    pub fn close(&self) -> Result<()> {
+        for idx in 0..2 {
+            let mut st = self.state.lock().unwrap();
+            while st.inflight[idx] > 0 || st.checkpointing {
+                st = self.drained.wait_timeout(st, std::time::Duration::from_millis(50)).unwrap().0;
+            }
+        }
+        syncfs(&self.root)?;
+        remove(&self.paths)
+    }
+}
+
+/// Remove a volume's journal files (after recovery, or at the end of a mount).
+pub fn remove(paths: &[PathBuf; 2]) -> Result<()> {
+    for p in paths {
+        match std::fs::remove_file(p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(e, "removing", p)),
+        }
+    }
+    if let Some(dir) = paths[0].parent() {
+        File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io(e, "syncing the directory of", &paths[0]))?;
+    }
+    Ok(())
+}
+
+/// Where a change to one open envelope is recorded: the mount's journal and the file.
+pub struct Target<'a> {
+    pub journal: &'a Arc<Journal>,
+    /// The backing inode number.
+    pub ino: u64,
+    pub path: &'a dyn Fn() -> Vec<u8>,
+}
+
+/// Make `change` to `file` (the envelope `file_id`): make sure of its backing space,
+/// record it in the journal if there is one, write its bytes, then truncate if it ends so.
+///
+/// A full disk must never cost a byte that was already durable. A stored block is
+/// rewritten in place, so a write that runs out of space part-way would leave a block
+/// half old, half new, which no key opens. Space is therefore reserved before anything is
+/// touched (an ENOSPC then changes nothing), and where the filesystem cannot reserve, the
+/// part past the old end is written first and cut back if it fails.
+pub fn apply(file: &File, target: Option<&Target<'_>>, file_id: &FileId, change: &Change<'_>) -> Result<()> {
+    let end = change.offset + change.bytes.len() as u64;
+    let reserved = !change.bytes.is_empty() && reserve(file, change.offset, change.bytes.len() as u64)?;
+    let _covered = match target {
+        Some(t) => Some(t.journal.record(&FileRef { file_id: *file_id, ino: t.ino, path: t.path }, change)?),
+        None => None,
+    };
+    let observer = target.and_then(|t| t.journal.observer());
+    if !change.bytes.is_empty() {
+        // Without a reservation, the bytes past the old end go first: if they find no
+        // space, cutting back to the old length undoes them and nothing else was touched.
+        let split = if reserved || end <= change.old_len { 0 } else { change.old_len.saturating_sub(change.offset) };
+        for (at, bytes) in
+            [(change.offset + split, &change.bytes[split as usize..]), (change.offset, &change.bytes[..split as usize])]
+        {
+            if bytes.is_empty() {
+                continue;
+            }
+            if let Some(obs) = observer {
+                obs(file, Observed::Write { offset: at, bytes });
+            }
+            if let Err(e) = file.write_all_at(bytes, at) {
+                let err = Error::io(e, format!("writing {} bytes at {at}", bytes.len()));
+                if at >= change.old_len {
+                    // Nothing before the old end was touched yet: drop the partial tail.
+                    if let Err(cut) = file.set_len(change.old_len) {
+                        tracing::warn!("cutting a failed write back to {} bytes: {cut}", change.old_len);
+                    }
+                }
+                return Err(err);
+            }
+        }
+    }
+    if let Some(len) = change.then_len {
+        if let Some(obs) = observer {
+            obs(file, Observed::SetLen(len));
+        }
+        file.set_len(len).map_err(|e| Error::io(e, format!("truncating to {len}")))?;
+    }
+    Ok(())
+}
+
+/// Reserve backing space for `len` bytes at `offset` without changing the file's length.
+/// `Ok(false)` where the filesystem cannot reserve space; ENOSPC and EDQUOT are errors.
+fn reserve(file: &File, offset: u64, len: u64) -> Result<bool> {
+    use rustix::fs::{fallocate, FallocateFlags};
+    match fallocate(file, FallocateFlags::KEEP_SIZE, offset, len) {
+        Ok(()) => Ok(true),
+        Err(e)
+            if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS || e == rustix::io::Errno::INVAL =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(Error::io(e.into(), format!("reserving {len} bytes at {offset} before writing them"))),
+    }
+}
+
+/// Held while a recorded change is being made.
+pub struct InFlight {
+    journal: Arc<Journal>,
+    idx: usize,
+    checkpoint: bool,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.journal.finished(self.idx, self.checkpoint);
+    }
+}
+
+struct Cursor<'a>(&'a [u8]);
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Some(a)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+    fn u16(&mut self) -> Option<u16> {
+        self.take(2).map(|b| u16::from_le_bytes(b.try_into().unwrap()))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take(4).map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        self.take(8).map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+    }
+}
+
+enum Rec {
+    File { seq: u64, file_id: FileId, ino: u64, path: Vec<u8> },
+    Change { seq: u64, file_id: FileId, change: Recorded },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VID: &str = "00112233445566778899aabbccddeeff";
+
+    fn journal(dir: &Path, limit: u64) -> Arc<Journal> {
+        Journal::create(dir, VID, VID, dir, Mode::Ordered, limit, None).unwrap()
+    }
+
+    fn file(id: u8) -> (FileId, impl Fn() -> Vec<u8>) {
+        ([id; 16], move || format!("dir/f{id}").into_bytes())
+    }
+
+    #[test]
+    fn newest_change_per_file_wins_and_kinds_round_trip() {
+        let d = tempfile::tempdir().unwrap();
+        let j = journal(d.path(), DEFAULT_LIMIT);
+        let (id1, p1) = file(1);
+        let (id2, p2) = file(2);
+        let f1 = FileRef { file_id: id1, ino: 11, path: &p1 };
+        let f2 = FileRef { file_id: id2, ino: 22, path: &p2 };
+        let data = vec![7u8; 300];
+        let append = Change { offset: 100, bytes: &data, chunks: &[100, 200], old_len: 100, then_len: None };
+        drop(j.record(&f1, &append).unwrap());
+        let over = Change { offset: 50, bytes: &data[..10], chunks: &[10], old_len: 400, then_len: Some(60) };
+        drop(j.record(&f2, &over).unwrap());
+        let cut = Change { offset: 0, bytes: &[], chunks: &[], old_len: 400, then_len: Some(4) };
+        drop(j.record(&f1, &cut).unwrap());
+        let p = read(d.path(), VID, VID).unwrap();
+        assert_eq!(p.len(), 2);
+        assert_eq!(p[0].file_id, id2);
+        assert_eq!(p[0].ino, 22);
+        assert_eq!(p[0].path, b"dir/f2");
+        assert_eq!(p[0].change, Recorded::Overwrite { offset: 50, bytes: vec![7; 10], result_len: 60 });
+        assert_eq!(p[1].change, Recorded::SetLen { len: 4 });
+        drop(j.record(&f2, &append).unwrap());
+        let p = read(d.path(), VID, VID).unwrap();
+        let crc = |n| crc32fast::hash(&vec![7u8; n]);
+        let want = Recorded::Append { offset: 100, chunks: vec![(100, crc(100)), (200, crc(200))], result_len: 400 };
+        assert_eq!(p.iter().find(|p| p.file_id == id2).unwrap().change, want);
+    }
+
+    #[test]
+    fn a_torn_last_record_is_ignored_and_the_one_before_stands() {
+        let d = tempfile::tempdir().unwrap();
+        let j = journal(d.path(), DEFAULT_LIMIT);
+        let (id, p) = file(3);
+        let f = FileRef { file_id: id, ino: 3, path: &p };
+        let data = vec![1u8; 64];
+        drop(j.record(&f, &Change { offset: 0, bytes: &data, chunks: &[64], old_len: 64, then_len: None }).unwrap());
+        let before = std::fs::metadata(&paths(d.path(), VID)[0]).unwrap().len();
+        drop(j.record(&f, &Change { offset: 8, bytes: &data, chunks: &[64], old_len: 64, then_len: None }).unwrap());
+        let after = std::fs::metadata(&paths(d.path(), VID)[0]).unwrap().len();
+        for cut in before..after {
+            let raw = std::fs::read(&paths(d.path(), VID)[0]).unwrap();
+            let t = tempfile::tempdir().unwrap();
+            std::fs::write(&paths(t.path(), VID)[0], &raw[..cut as usize]).unwrap();
+            let p = read(t.path(), VID, VID).unwrap();
+            assert_eq!(p.len(), 1, "cut at {cut}");
+            assert!(matches!(&p[0].change, Recorded::Overwrite { offset: 0, .. }), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn a_journal_of_another_volume_or_not_a_journal_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        drop(journal(d.path(), DEFAULT_LIMIT));
+        let other = "ffeeddccbbaa99887766554433221100";
+        std::fs::rename(&paths(d.path(), VID)[0], &paths(d.path(), other)[0]).unwrap();
+        assert_eq!(read(d.path(), other, other).unwrap_err().errno(), libc::EIO);
+        std::fs::write(&paths(d.path(), VID)[0], b"not a journal at all, no").unwrap();
+        assert_eq!(read(d.path(), VID, VID).unwrap_err().errno(), libc::EIO);
+    }
+
+    #[test]
+    fn checkpoint_empties_the_full_file_and_recording_goes_on_in_the_other() {
+        let d = tempfile::tempdir().unwrap();
+        let j = journal(d.path(), 1000);
+        let (id, p) = file(4);
+        let f = FileRef { file_id: id, ino: 4, path: &p };
+        let data = vec![2u8; 600];
+        for _ in 0..2 {
+            drop(
+                j.record(&f, &Change { offset: 0, bytes: &data, chunks: &[600], old_len: 600, then_len: None })
+                    .unwrap(),
+            );
+        }
+        // The second record crossed the limit: a background checkpoint empties file 0.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::fs::metadata(&paths(d.path(), VID)[0]).unwrap().len() != HEADER_LEN {
+            assert!(std::time::Instant::now() < deadline, "checkpoint did not happen");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(read(d.path(), VID, VID).unwrap().is_empty());
+        drop(j.record(&f, &Change { offset: 0, bytes: &[], chunks: &[], old_len: 600, then_len: Some(5) }).unwrap());
+        let p = read(d.path(), VID, VID).unwrap();
+        assert_eq!((p.len(), &p[0].path[..]), (1, &b"dir/f4"[..]), "the path record is repeated in the new file");
+        j.close().unwrap();
+        assert!(!exists(d.path(), VID));
+    }
+}

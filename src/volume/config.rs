@@ -1,0 +1,570 @@
+//! `envelopefs.toml`: the volume's parameters. It lives in the untrusted backing directory,
+//! so nothing here is used before it is checked: its shape when parsed, the settings that
+//! choose code, endpoints and keys against the host's trust record (`trust`), and, from
+//! format 2 on, its MAC under a key only KEK holders can unwrap (docs/FORMAT.md §1).
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::VolumeKey;
+use crate::error::{Class, Error, Result};
+use crate::format::{Geometry, KeyRecord, ProviderKind};
+use crate::keys::pkcs11::Pkcs11Uri;
+use crate::keys::secret::SecretKind;
+use crate::keys::VolumeId;
+
+pub const CONFIG_NAME: &str = "envelopefs.toml";
+pub const KEYRING_NAME: &str = "envelopefs.keyring";
+/// The format new volumes get: hidden names. `init --plaintext-names` makes format 2
+/// (format 3 once it has key slots), which the releases before read.
+pub const FORMAT: u32 = NAMES_FORMAT;
+/// The format a plaintext-names volume starts at.
+pub const PLAINTEXT_NAMES_FORMAT: u32 = 2;
+/// The format a plaintext-names volume with key slots is.
+pub const SLOTS_FORMAT: u32 = 3;
+/// The format with hidden names (and key slots, if it has any).
+pub const NAMES_FORMAT: u32 = 4;
+/// How format 4 encrypts names (docs/FORMAT.md §10).
+pub const NAMES_SCHEME: &str = "aes-siv";
+/// The formats this version opens.
+pub const FORMATS: [u32; 4] = [1, 2, 3, 4];
+const MAC_LABEL: &str = "envelopefs v2 config mac";
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeConfig {
+    pub format: u32,
+    pub volume_id: String,
+    pub block_size: u32,
+    pub header_size: u32,
+    /// Bumped on every rewrite (format 2): the host refuses an older one than it has seen.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub generation: u64,
+    /// HMAC-SHA256 over everything else (format 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    pub provider: ProviderConfig,
+    /// The volume key, wrapped by the KEK like a file's DEK (format 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_key: Option<WrappedKey>,
+    /// Key slots beyond the primary `provider` (format 3): each wraps the volume key and
+    /// every file's DEK, and any one of them opens the volume.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub slots: Vec<SlotConfig>,
+    /// How names, symlink targets and xattrs are encrypted (format 4: "aes-siv").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub names: Option<String>,
+}
+
+/// One key slot beyond the primary.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SlotConfig {
+    pub provider: ProviderConfig,
+    /// The volume key, wrapped by this slot's KEK.
+    pub volume_key: WrappedKey,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", deny_unknown_fields)]
+pub enum ProviderConfig {
+    /// A keyring file; a relative path is relative to the backing directory.
+    #[serde(rename = "local")]
+    Local { keyring: String },
+    /// A key in a PKCS#11 token: the module to load and the key's URI (no PIN).
+    #[serde(rename = "pkcs11")]
+    Pkcs11 {
+        module: String,
+        key: String,
+        /// The key objects (labels) the volume was created with or rotated to (format 2):
+        /// no other object in the token is ever used.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        objects: Vec<String>,
+        /// Keys (URIs) of the same token the volume used before `rekey --to-key`.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        previous_keys: Vec<String>,
+    },
+    /// An AWS KMS key (its ARN). Region and endpoint are optional: the usual AWS settings
+    /// (AWS_REGION, profiles, AWS_ENDPOINT_URL_KMS) apply when absent.
+    #[serde(rename = "aws-kms")]
+    AwsKms {
+        key_id: String,
+        /// Keys the volume used before `rekey --to-key`: records naming them still unwrap.
+        /// Records naming any other key are refused, whatever the KMS would allow.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        previous_key_ids: Vec<String>,
+        /// Wrap DEKs under a KMS-wrapped intermediate key (S3-Bucket-Key style).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        intermediate_key: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        region: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        endpoint: Option<String>,
+    },
+    /// An offline recovery recipient (age X25519, `age1…`): a key slot only, never the
+    /// primary; wrapping needs no secret, unwrapping needs the identity.
+    #[serde(rename = "recovery")]
+    Recovery { recipient: String },
+}
+
+/// A wrapped key as the config stores it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WrappedKey {
+    pub kek_id: String,
+    pub kek_version: u32,
+    /// Hex.
+    pub wrapped: String,
+}
+
+impl WrappedKey {
+    pub fn from_record(r: &KeyRecord) -> Self {
+        Self { kek_id: r.kek_id.clone(), kek_version: r.kek_version, wrapped: hex::encode(&r.wrapped) }
+    }
+
+    pub fn record(&self, provider: ProviderKind) -> Result<KeyRecord> {
+        let wrapped = hex::decode(&self.wrapped)
+            .map_err(|_| Error::tampered(format!("{CONFIG_NAME}: volume_key.wrapped is not hex")))?;
+        Ok(KeyRecord { provider, kek_id: self.kek_id.clone(), kek_version: self.kek_version, wrapped })
+    }
+}
+
+impl VolumeConfig {
+    /// Read and check the shape of `envelopefs.toml` (never through a symlink). Nothing in
+    /// it is authenticated yet.
+    pub fn load(root: &Path) -> Result<Self> {
+        let path = root.join(CONFIG_NAME);
+        let raw = match crate::sys::atomic_file::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::new(
+                    libc::ENOENT,
+                    format!(
+                        "{} is not an envelopefs volume (no {CONFIG_NAME}); create one with `envelopefs init`",
+                        root.display()
+                    ),
+                )
+                .with_class(Class::NotVolume))
+            }
+            Err(e) => return Err(Error::io(e, format!("reading {}", path.display())).with_class(Class::Tampered)),
+        };
+        Self::parse(&raw).map_err(|e| e.context(format!("{} is damaged", path.display())))
+    }
+
+    /// Parse and check the shape of a config's bytes (the fuzz target's entry point).
+    pub fn parse(raw: &[u8]) -> Result<Self> {
+        let damaged = |why: String| Error::tampered(why);
+        let text = std::str::from_utf8(raw).map_err(|_| damaged("not UTF-8".into()))?;
+        let cfg: VolumeConfig = toml::from_str(text).map_err(|e| damaged(e.message().to_owned()))?;
+        cfg.check_shape()?;
+        Ok(cfg)
+    }
+
+    fn check_shape(&self) -> Result<()> {
+        if !FORMATS.contains(&self.format) {
+            return Err(Error::new(
+                libc::EINVAL,
+                format!("format {} is not supported by this version (it reads formats 1 to 4)", self.format),
+            )
+            .with_class(Class::Tampered));
+        }
+        let v2_fields = self.generation > 0 && self.mac.is_some() && self.volume_key.is_some();
+        let v1_fields = self.generation == 0 && self.mac.is_none() && self.volume_key.is_none();
+        if (self.format >= 2 && !v2_fields) || (self.format == 1 && !v1_fields) {
+            return Err(Error::tampered(format!(
+                "format {} with the fields of another format (generation, mac, volume_key)",
+                self.format
+            )));
+        }
+        if !self.slots.is_empty() && self.format < SLOTS_FORMAT {
+            return Err(Error::tampered(format!("format {} with key slots (format 3 has them)", self.format)));
+        }
+        match (&self.names, self.format >= NAMES_FORMAT) {
+            (None, false) => {}
+            (Some(n), true) if n == NAMES_SCHEME => {}
+            (Some(n), true) => {
+                return Err(Error::tampered(format!("names = {n:?} is not a scheme this version knows")))
+            }
+            (_, true) => return Err(Error::tampered(format!("format {} without its names scheme", self.format))),
+            (Some(_), false) => {
+                return Err(Error::tampered(format!("format {} with hidden names (format 4 has them)", self.format)))
+            }
+        }
+        if matches!(self.provider, ProviderConfig::Recovery { .. }) {
+            return Err(Error::tampered("a recovery recipient is never the primary key slot"));
+        }
+        let locals = self.policy().filter(|p| matches!(p, ProviderConfig::Local { .. })).count();
+        if locals > 1 {
+            return Err(Error::tampered("more than one local keyring slot"));
+        }
+        self.volume_id()?;
+        self.geometry()?;
+        self.policy().try_for_each(ProviderConfig::check_stored)
+    }
+
+    /// Every key slot's settings, the primary first (slot 0).
+    pub fn policy(&self) -> impl Iterator<Item = &ProviderConfig> {
+        std::iter::once(&self.provider).chain(self.slots.iter().map(|s| &s.provider))
+    }
+
+    /// Slot `i`'s wrapped volume key (format 2 and later).
+    pub fn slot_volume_key(&self, i: usize) -> Option<&WrappedKey> {
+        match i {
+            0 => self.volume_key.as_ref(),
+            n => self.slots.get(n - 1).map(|s| &s.volume_key),
+        }
+    }
+
+    pub fn volume_id(&self) -> Result<VolumeId> {
+        let mut id = [0u8; 16];
+        hex::decode_to_slice(&self.volume_id, &mut id)
+            .map_err(|_| Error::tampered(format!("{CONFIG_NAME}: volume_id must be 32 hex digits")))?;
+        Ok(id)
+    }
+
+    pub fn geometry(&self) -> Result<Geometry> {
+        Geometry::new(self.header_size, self.block_size).map_err(|e| e.context(CONFIG_NAME).with_class(Class::Tampered))
+    }
+
+    /// The local keyring's path, for local volumes.
+    pub fn keyring_path(&self, root: &Path) -> Option<std::path::PathBuf> {
+        self.policy().find_map(|p| match p {
+            ProviderConfig::Local { keyring } => Some(root.join(keyring)),
+            _ => None,
+        })
+    }
+
+    /// What the MAC covers: every field but the MAC, in a fixed encoding.
+    fn mac_input(&self) -> Vec<u8> {
+        let mut unsealed = self.clone();
+        unsealed.mac = None;
+        let mut out = b"envelopefs config v2\n".to_vec();
+        out.extend(serde_json::to_vec(&unsealed).expect("config serializes"));
+        out
+    }
+
+    /// Set the MAC (format 2).
+    pub fn seal(&mut self, key: &VolumeKey) {
+        self.mac = Some(hex::encode(key.mac(MAC_LABEL, &self.mac_input())));
+    }
+
+    /// Check the MAC: any edit of any field fails here.
+    pub fn verify(&self, key: &VolumeKey) -> Result<()> {
+        let tag = self.mac.as_deref().and_then(|m| hex::decode(m).ok()).unwrap_or_default();
+        if key.verify(MAC_LABEL, &self.mac_input(), &tag) {
+            Ok(())
+        } else {
+            Err(Error::tampered(format!(
+                "{CONFIG_NAME} does not authenticate under the volume key: it was edited outside envelopefs \
+                 (restore it from a backup)"
+            )))
+        }
+    }
+}
+
+impl ProviderConfig {
+    /// The secret opening the volume needs from the user, if any (KMS needs none).
+    pub fn secret_kind(&self) -> Option<SecretKind> {
+        match self {
+            ProviderConfig::Local { .. } => Some(SecretKind::Keyring),
+            ProviderConfig::Pkcs11 { .. } => Some(SecretKind::Pin),
+            ProviderConfig::AwsKms { .. } | ProviderConfig::Recovery { .. } => None,
+        }
+    }
+
+    pub fn kind(&self) -> ProviderKind {
+        match self {
+            ProviderConfig::Local { .. } => ProviderKind::Local,
+            ProviderConfig::Pkcs11 { .. } => ProviderKind::Pkcs11,
+            ProviderConfig::AwsKms { .. } => ProviderKind::AwsKms,
+            ProviderConfig::Recovery { .. } => ProviderKind::Recovery,
+        }
+    }
+
+    /// Whether a header's key record is this slot's (its key, or one it moved from);
+    /// records of no slot are dropped by `rekey --rewrap`.
+    pub fn claims(&self, rec: &KeyRecord) -> bool {
+        if rec.provider != self.kind() {
+            return false;
+        }
+        match self {
+            ProviderConfig::Local { .. } => true,
+            ProviderConfig::Pkcs11 { key, previous_keys, .. } => {
+                rec.kek_id == *key || previous_keys.contains(&rec.kek_id)
+            }
+            ProviderConfig::AwsKms { key_id, previous_key_ids, .. } => std::iter::once(key_id)
+                .chain(previous_key_ids)
+                .any(|k| *k == rec.kek_id || crate::keys::aws_kms::mrk_equivalent(k, &rec.kek_id)),
+            ProviderConfig::Recovery { recipient } => rec.kek_id == *recipient,
+        }
+    }
+
+    /// One line naming the slot's key, for `key slot list` and logs.
+    pub fn summary(&self) -> String {
+        match self {
+            ProviderConfig::Local { keyring } => format!("local keyring {keyring}"),
+            ProviderConfig::Pkcs11 { module, key, .. } => format!("pkcs11 {key} via {module}"),
+            ProviderConfig::AwsKms { key_id, region, intermediate_key, .. } => format!(
+                "aws-kms {key_id}{}{}",
+                region.as_ref().map(|r| format!(" in {r}")).unwrap_or_default(),
+                if *intermediate_key { " (intermediate key)" } else { "" }
+            ),
+            ProviderConfig::Recovery { recipient } => format!("recovery {recipient}"),
+        }
+    }
+
+    /// Refuse stored settings no host should ever take from a backing directory: a PIN
+    /// source or module path inside a stored key URI, a relative keyring path other than
+    /// the default, plain http to a remote KMS endpoint.
+    pub fn check_stored(&self) -> Result<()> {
+        let bad = |why: String| Error::new(libc::EINVAL, format!("{CONFIG_NAME}: {why}")).with_class(Class::Tampered);
+        match self {
+            ProviderConfig::Local { keyring } => {
+                let p = Path::new(keyring);
+                if p.is_relative() && keyring != KEYRING_NAME {
+                    return Err(bad(format!("keyring {keyring:?}: a keyring inside the volume has the default name")));
+                }
+            }
+            ProviderConfig::Pkcs11 { key, previous_keys, objects, .. } => {
+                for k in std::iter::once(key).chain(previous_keys) {
+                    let uri: Pkcs11Uri = k.parse().map_err(|e| bad(format!("key {k:?}: {e}")))?;
+                    if uri.pin_source.is_some() || uri.module_path.is_some() || uri.key_id() != *k {
+                        return Err(bad(format!(
+                            "key {k:?}: a stored key URI names the key only (no pin-source, no module-path)"
+                        )));
+                    }
+                }
+                if let Some(o) = objects.iter().find(|o| o.is_empty() || o.contains(['\0', '\n'])) {
+                    return Err(bad(format!("object label {o:?}")));
+                }
+            }
+            ProviderConfig::AwsKms { endpoint, .. } => {
+                if let Some(url) = endpoint {
+                    check_endpoint(url).map_err(|e| e.context(CONFIG_NAME).with_class(Class::Tampered))?;
+                }
+            }
+            ProviderConfig::Recovery { recipient } => {
+                crate::keys::recovery::parse_recipient(recipient).map_err(|e| bad(e.to_string()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The settings a host pins: everything but the PKCS#11 object list, which the
+    /// volume's MAC covers and rotation changes.
+    pub fn host_view(&self) -> ProviderConfig {
+        let mut v = self.clone();
+        if let ProviderConfig::Pkcs11 { objects, .. } = &mut v {
+            objects.clear();
+        }
+        v
+    }
+
+    /// Each setting in which `stored` differs from this (trusted) one, named.
+    pub fn differences(&self, stored: &ProviderConfig) -> Vec<String> {
+        let as_map = |p: &ProviderConfig| match serde_json::to_value(p.host_view()) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => Default::default(),
+        };
+        let (a, b) = (as_map(self), as_map(stored));
+        let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        let show = |v: Option<&serde_json::Value>| v.map_or("nothing".to_owned(), |v| v.to_string());
+        keys.into_iter()
+            .filter(|k| a.get(*k) != b.get(*k))
+            .map(|k| format!("{k}: this host trusts {}, the volume says {}", show(a.get(k)), show(b.get(k))))
+            .collect()
+    }
+}
+
+/// KMS endpoints: https, or plain http to this machine only (a local proxy or test
+/// server); data keys cross the wire in the clear under http.
+pub fn check_endpoint(url: &str) -> Result<()> {
+    if url.starts_with("https://") {
+        return Ok(());
+    }
+    if let Some(rest) = url.strip_prefix("http://") {
+        let host = rest.split(['/', '?']).next().unwrap_or("");
+        let host = match host.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or(""),
+            None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+        };
+        let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        if loopback {
+            return Ok(());
+        }
+    }
+    Err(Error::new(libc::EINVAL, format!("KMS endpoint {url:?}: use https (plain http only to a loopback address)"))
+        .with_class(Class::Usage))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kms(endpoint: Option<&str>) -> ProviderConfig {
+        ProviderConfig::AwsKms {
+            key_id: "arn:aws:kms:eu-west-1:1:key/a".into(),
+            previous_key_ids: vec![],
+            intermediate_key: false,
+            region: None,
+            endpoint: endpoint.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn endpoints_need_https_unless_loopback() {
+        for ok in
+            ["https://kms.eu-west-1.amazonaws.com", "http://127.0.0.1:4566", "http://[::1]:80/", "http://localhost"]
+        {
+            assert!(check_endpoint(ok).is_ok(), "{ok}");
+        }
+        for bad in ["http://kms.example.com", "http://10.0.0.1:80", "ftp://x", "http://127.0.0.1.evil.com"] {
+            let e = check_endpoint(bad).unwrap_err();
+            assert_eq!(e.class(), Some(Class::Usage), "{bad}");
+        }
+        assert!(kms(Some("http://evil.example")).check_stored().is_err());
+    }
+
+    #[test]
+    fn differences_name_each_setting() {
+        let a = kms(None);
+        let mut b = kms(Some("https://x"));
+        if let ProviderConfig::AwsKms { key_id, .. } = &mut b {
+            *key_id = "arn:aws:kms:eu-west-1:1:key/b".into();
+        }
+        let d = a.differences(&b);
+        assert_eq!(d.len(), 2, "{d:?}");
+        assert!(d[0].starts_with("endpoint: this host trusts nothing"), "{d:?}");
+        assert!(d[1].starts_with("key_id: "), "{d:?}");
+        assert!(a.differences(&a).is_empty());
+        let local = ProviderConfig::Local { keyring: KEYRING_NAME.into() };
+        assert!(local.differences(&a).iter().any(|d| d.starts_with("kind: this host trusts \"local\"")));
+        // The pinned object list is the MAC's business, not the host's.
+        let p = |objects: Vec<String>| ProviderConfig::Pkcs11 {
+            module: "/m.so".into(),
+            key: "pkcs11:token=t;object=k".into(),
+            objects,
+            previous_keys: vec![],
+        };
+        assert!(p(vec![]).differences(&p(vec!["k/v1".into()])).is_empty());
+    }
+
+    #[test]
+    fn the_mac_covers_every_field() {
+        let key = VolumeKey::generate().unwrap();
+        let mut cfg = VolumeConfig {
+            format: 2,
+            volume_id: "00".repeat(16),
+            block_size: 4096,
+            header_size: 4096,
+            generation: 1,
+            mac: None,
+            provider: kms(None),
+            volume_key: Some(WrappedKey { kek_id: "k".into(), kek_version: 1, wrapped: "aa".into() }),
+            slots: vec![],
+            names: None,
+        };
+        cfg.seal(&key);
+        cfg.verify(&key).unwrap();
+        type Edit = Box<dyn Fn(&mut VolumeConfig)>;
+        let edits: Vec<Edit> = vec![
+            Box::new(|c| c.block_size = 8192),
+            Box::new(|c| c.header_size = 8192),
+            Box::new(|c| c.generation = 2),
+            Box::new(|c| c.volume_id = "11".repeat(16)),
+            Box::new(|c| c.provider = kms(Some("https://other"))),
+            Box::new(|c| c.volume_key.as_mut().unwrap().kek_version = 2),
+            Box::new(|c| {
+                c.format = 3;
+                c.slots.push(SlotConfig {
+                    provider: ProviderConfig::Recovery { recipient: "age1x".into() },
+                    volume_key: WrappedKey { kek_id: "age1x".into(), kek_version: 1, wrapped: "bb".into() },
+                })
+            }),
+        ];
+        for edit in edits {
+            let mut c = cfg.clone();
+            edit(&mut c);
+            assert_eq!(c.verify(&key).unwrap_err().class(), Some(Class::Tampered));
+        }
+        assert!(cfg.verify(&VolumeKey::generate().unwrap()).is_err(), "another volume key");
+    }
+
+    #[test]
+    fn slots_need_format_3_and_a_recovery_recipient_is_never_primary() {
+        let recipient = age::x25519::Identity::generate().to_public().to_string();
+        let slot = |p: ProviderConfig| SlotConfig {
+            provider: p,
+            volume_key: WrappedKey { kek_id: "k".into(), kek_version: 1, wrapped: "aa".into() },
+        };
+        let cfg = VolumeConfig {
+            format: 3,
+            volume_id: "00".repeat(16),
+            block_size: 4096,
+            header_size: 4096,
+            generation: 1,
+            mac: Some("00".into()),
+            provider: kms(None),
+            volume_key: Some(WrappedKey { kek_id: "k".into(), kek_version: 1, wrapped: "aa".into() }),
+            slots: vec![slot(ProviderConfig::Recovery { recipient: recipient.clone() })],
+            names: None,
+        };
+        cfg.check_shape().unwrap();
+        assert_eq!(cfg.policy().count(), 2);
+        let mut v2 = cfg.clone();
+        v2.format = 2;
+        assert!(v2.check_shape().unwrap_err().to_string().contains("format 2 with key slots"));
+        let mut bad = cfg.clone();
+        bad.slots[0].provider = ProviderConfig::Recovery { recipient: "ssh-ed25519 AAAA".into() };
+        assert_eq!(bad.check_shape().unwrap_err().class(), Some(Class::Tampered));
+        let mut primary = cfg.clone();
+        primary.provider = ProviderConfig::Recovery { recipient };
+        assert!(primary.check_shape().unwrap_err().to_string().contains("never the primary"));
+        let mut two_local = cfg.clone();
+        two_local.provider = ProviderConfig::Local { keyring: KEYRING_NAME.into() };
+        two_local.slots.push(slot(ProviderConfig::Local { keyring: "/elsewhere".into() }));
+        assert!(two_local.check_shape().unwrap_err().to_string().contains("more than one local"));
+    }
+
+    #[test]
+    fn a_slot_claims_its_own_records_and_multi_region_replicas() {
+        let rec =
+            |p: ProviderKind, id: &str| KeyRecord { provider: p, kek_id: id.into(), kek_version: 0, wrapped: vec![] };
+        let east = "arn:aws:kms:us-east-1:111122223333:key/mrk-1";
+        let west = "arn:aws:kms:eu-west-1:111122223333:key/mrk-1";
+        let slot = ProviderConfig::AwsKms {
+            key_id: west.into(),
+            previous_key_ids: vec!["arn:aws:kms:eu-west-1:1:key/old".into()],
+            intermediate_key: false,
+            region: None,
+            endpoint: None,
+        };
+        assert!(slot.claims(&rec(ProviderKind::AwsKms, west)));
+        assert!(slot.claims(&rec(ProviderKind::AwsKms, east)), "a replica of the same multi-Region key");
+        assert!(slot.claims(&rec(ProviderKind::AwsKms, "arn:aws:kms:eu-west-1:1:key/old")));
+        assert!(!slot.claims(&rec(ProviderKind::AwsKms, "arn:aws:kms:eu-west-1:111122223333:key/other")));
+        assert!(!slot.claims(&rec(ProviderKind::Pkcs11, west)), "another kind");
+        let r = ProviderConfig::Recovery { recipient: "age1a".into() };
+        assert!(r.claims(&rec(ProviderKind::Recovery, "age1a")) && !r.claims(&rec(ProviderKind::Recovery, "age1b")));
+    }
+
+    #[test]
+    fn stored_uris_carry_no_pin_source() {
+        let p = ProviderConfig::Pkcs11 {
+            module: "/m.so".into(),
+            key: "pkcs11:token=t;object=k?pin-source=/etc/shadow".into(),
+            objects: vec![],
+            previous_keys: vec![],
+        };
+        assert!(p.check_stored().unwrap_err().to_string().contains("pin-source"));
+        let l = ProviderConfig::Local { keyring: "../elsewhere".into() };
+        assert!(l.check_stored().is_err());
+    }
+}
