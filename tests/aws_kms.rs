@@ -18,6 +18,7 @@ fn ok(out: std::process::Output) -> String {
 }
 
 #[test]
+#[cfg_attr(not(feature = "kms_tests"), ignore = "needs moto: --features kms_tests")]
 fn aws_kms_provider_meets_the_contract() {
     let kms = Kms::start();
     kms.create_key("contract");
@@ -84,6 +85,8 @@ fn mount(v: &KmsVol, extra: &[&str]) -> Mounted {
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
+#[cfg_attr(not(feature = "kms_tests"), ignore = "needs moto: --features kms_tests")]
 fn kms_volume_round_trip_context_binding_and_header_paste() {
     let kms = Kms::start();
     let v = kms_volume(&kms, "roundtrip");
@@ -108,6 +111,8 @@ fn kms_volume_round_trip_context_binding_and_header_paste() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
+#[cfg_attr(not(feature = "kms_tests"), ignore = "needs moto: --features kms_tests")]
 fn disabled_key_is_eacces_for_new_opens_while_cached_keys_serve_until_the_ttl() {
     let kms = Kms::start();
     let v = kms_volume(&kms, "disabled");
@@ -130,6 +135,8 @@ fn disabled_key_is_eacces_for_new_opens_while_cached_keys_serve_until_the_ttl() 
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
+#[cfg_attr(not(feature = "kms_tests"), ignore = "needs moto: --features kms_tests")]
 fn outage_is_eio_within_the_bound_then_recovers_and_throttling_is_survived() {
     let kms = Kms::start();
     let v = kms_volume(&kms, "outage");
@@ -157,6 +164,8 @@ fn outage_is_eio_within_the_bound_then_recovers_and_throttling_is_survived() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
+#[cfg_attr(not(feature = "kms_tests"), ignore = "needs moto: --features kms_tests")]
 fn creates_use_pre_generated_keys_and_opens_hit_kms_once_per_file() {
     let kms = Kms::start();
     let v = kms_volume(&kms, "pool");
@@ -190,6 +199,8 @@ fn creates_use_pre_generated_keys_and_opens_hit_kms_once_per_file() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
+#[cfg_attr(not(feature = "kms_tests"), ignore = "needs moto: --features kms_tests")]
 fn kms_rotate_rewrap_with_reencrypt_then_move_to_another_key_and_disable_the_old_one() {
     let kms = Kms::start();
     let v = kms_volume(&kms, "first");
@@ -236,6 +247,8 @@ fn kms_rotate_rewrap_with_reencrypt_then_move_to_another_key_and_disable_the_old
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
+#[cfg_attr(not(feature = "kms_tests"), ignore = "needs moto: --features kms_tests")]
 fn intermediate_key_volume_makes_no_kms_call_per_create_or_open() {
     let kms = Kms::start();
     let arn = kms.create_key("ik");
@@ -282,6 +295,7 @@ fn intermediate_key_volume_makes_no_kms_call_per_create_or_open() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "kms_tests"), ignore = "needs moto: --features kms_tests")]
 fn an_unreachable_kms_is_its_own_exit_code() {
     let kms = Kms::start();
     let v = kms_volume(&kms, "unreachable");

@@ -115,6 +115,7 @@ fn fsck_repair_through_a_swapped_directory_leaves_outside_files_alone() {
 /// it and renames it over the original: through a swapped directory that replaced a file
 /// outside the volume (here a copy of one of the volume's envelopes, so it decrypts).
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn reencrypt_through_a_swapped_directory_leaves_outside_files_alone() {
     let v = TestVolume::new(4096);
     {
@@ -148,6 +149,7 @@ fn reencrypt_through_a_swapped_directory_leaves_outside_files_alone() {
 /// zero, and leaving them unauthenticated). After the fix every block that was sealed is
 /// sealed again; never-written regions stay holes, as the normal write path leaves them.
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn reencrypt_seals_zero_blocks() {
     let v = TestVolume::new(4096);
     let mut data = pattern(3, 3 * 4096);
@@ -193,6 +195,7 @@ fn reencrypt_seals_zero_blocks() {
 
 /// Item: copies of one backing file share its file id and data key; fsck says so.
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn fsck_reports_files_that_share_a_file_id() {
     let v = TestVolume::new(4096);
     {
@@ -225,6 +228,7 @@ fn fsck_reports_files_that_share_a_file_id() {
 
 /// Item: status sockets are removed when the mount goes away.
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn status_socket_is_removed_on_unmount() {
     let v = TestVolume::new(4096);
     let run = v.dir.path().join("run");
@@ -266,6 +270,7 @@ fn allow_other_volume() -> (TestVolume, common::Mounted) {
 /// bits as requested. The daemon creates them with the caller's filesystem ids (or, for
 /// regular files, chowns the descriptor it created), never by name afterwards.
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn allow_other_creates_are_owned_by_the_caller() {
     let (v, m) = allow_other_volume();
     fs::create_dir(m.path("pub")).unwrap();
@@ -316,6 +321,7 @@ fn allow_other_creates_are_owned_by_the_caller() {
 /// that name in between got it handed to the creating user. The window is a few syscalls
 /// wide; the attacker below exchanges names non-stop while uid 65534 makes directories.
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn allow_other_mkdir_race_does_not_give_away_another_directory() {
     let (v, m) = allow_other_volume();
     let public = v.backing.join("pub");
@@ -362,6 +368,8 @@ fn allow_other_mkdir_race_does_not_give_away_another_directory() {
 /// slot decodes) is a key that does not authenticate: EACCES, and the log says so. A token
 /// fault cannot be provoked in SoftHSM2; its mapping to EIO is a unit test in the module.
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
+#[cfg_attr(not(feature = "pkcs11_tests"), ignore = "needs SoftHSM2: --features pkcs11_tests")]
 fn pkcs11_tampered_wrapped_key_is_eacces_and_says_why() {
     let (dir, backing, pin, _) = common::pkcs11_volume("spare", "kek");
     let mnt = dir.path().join("mnt");
@@ -428,11 +436,13 @@ fn evicted_inode_is_not_redirected_by_a_backing_rename(mode: &str) {
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn evicted_inode_found_by_name_is_not_redirected_by_a_backing_rename() {
     evicted_inode_is_not_redirected_by_a_backing_rename("never");
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn evicted_inode_found_by_handle_is_not_redirected_by_a_backing_rename() {
     evicted_inode_is_not_redirected_by_a_backing_rename("always");
 }
@@ -442,6 +452,7 @@ fn evicted_inode_found_by_handle_is_not_redirected_by_a_backing_rename() {
 /// must not be opened for a user the kernel would refuse: the daemon answers ESTALE, the
 /// kernel looks the name up again and checks the caller's permissions itself.
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn create_without_excl_of_an_arrived_file_checks_the_callers_access() {
     let v = TestVolume::new(4096);
     fs::set_permissions(v.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
@@ -472,6 +483,7 @@ fn create_without_excl_of_an_arrived_file_checks_the_callers_access() {
 /// authenticates under Z's key); Y's slot 1 and block 0 are intact. The loader takes Y's
 /// own slot, the mount reads Y, and `fsck --repair` restores slot 0 instead of cutting Y.
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn a_half_pasted_header_falls_back_to_the_genuine_slot() {
     let v = TestVolume::new(4096);
     let slot = v.open().geometry.slot_size();
@@ -500,6 +512,7 @@ fn a_half_pasted_header_falls_back_to_the_genuine_slot() {
 /// file whose name holds CR, cursor-moving escapes and a newline can neither hide fsck's
 /// PROBLEM line on a terminal nor forge a line of the log.
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn control_characters_in_backing_names_are_escaped_in_fsck_and_the_log() {
     let v = TestVolume::new(4096);
     let evil = "bad\r\x1b[1A\x1b[2K\nFORGED: all good";
@@ -524,6 +537,7 @@ fn control_characters_in_backing_names_are_escaped_in_fsck_and_the_log() {
 /// root-only file to everyone. So `--allow-other` needs the admin's word that only trusted
 /// admins can write the backing directory, and with it the consequence is as documented.
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn allow_other_needs_the_admins_word_that_backing_permissions_are_trusted() {
     let v = TestVolume::new(4096);
     fs::set_permissions(v.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
@@ -562,6 +576,7 @@ fn allow_other_needs_the_admins_word_that_backing_permissions_are_trusted() {
 /// the attacker holds) does, and `--force` retires a compromised version anyway: the copy
 /// then stays unreadable, the volume's own files read as before.
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn key_retire_is_not_held_back_by_planted_files() {
     let v = TestVolume::new(4096);
     let m = v.mount(&[]);

@@ -68,6 +68,7 @@ fn init_refuses_a_non_empty_dir_and_leaves_it_alone() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn mount_errors_are_clear() {
     let vol = TestVolume::new(4096);
     let d = vol.dir.path();
@@ -103,6 +104,7 @@ fn mount_errors_are_clear() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn passphrase_volume_daemonizes_and_stops_on_umount() {
     let d = tempfile::tempdir().unwrap();
     let (backing, pw) = init_with_passphrase(d.path(), "correct horse battery staple");
@@ -156,6 +158,7 @@ fn passphrase_volume_daemonizes_and_stops_on_umount() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn sigterm_unmounts_cleanly() {
     let vol = TestVolume::new(4096);
     let m = vol.mount(&[]);
@@ -172,6 +175,7 @@ fn sigterm_unmounts_cleanly() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn help_teaches() {
     let out = cli(&[&"--help"]);
     let text = String::from_utf8_lossy(&out.stdout);

@@ -232,6 +232,7 @@ fn kills() -> usize {
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn kill_9_storms_leave_every_file_readable_and_every_fsync_kept() {
     let vol = TestVolume::new(4096);
     let model: Model = Arc::new(Mutex::new(BTreeMap::new()));
@@ -286,6 +287,7 @@ fn kill_9_storms_leave_every_file_readable_and_every_fsync_kept() {
 /// A SQLite database in WAL mode under a write load: after every kill it opens and passes
 /// `PRAGMA integrity_check`, and holds every transaction whose commit returned.
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn sqlite_wal_survives_kill_9() {
     let vol = TestVolume::new(4096);
     let mut rng = Rng(0x1234_5678_9ABC_DEF1);

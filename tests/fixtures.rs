@@ -88,6 +88,7 @@ fn copy_tree(from: &Path, to: &Path) {
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn every_fixture_volume_still_opens_and_reads_back() {
     for fx in FIXTURES.into_iter().chain([V3]) {
         let src = fixture_dir(fx.name);
@@ -156,6 +157,7 @@ fn broken_fixtures_are_refused_as_tampered() {
 /// The format-3 fixture also opens with its recovery key alone: on a host that never saw
 /// it, with its volume check value; and every file reads back.
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn the_v3_fixture_opens_with_its_recovery_key() {
     let tmp = tempfile::tempdir().unwrap();
     copy_tree(&fixture_dir(V3.name), tmp.path());
@@ -184,6 +186,7 @@ fn the_v3_fixture_opens_with_its_recovery_key() {
 /// A volume whose headers were rewritten twice by `rekey --rewrap` after a rotation: its
 /// slots are at generations 2 and 3, under KEK version 2. It opens and reads back.
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn a_rewrapped_fixture_at_generation_3_opens() {
     let tmp = tempfile::tempdir().unwrap();
     copy_tree(&fixture_dir("v2-rewrapped-gen3"), tmp.path());
@@ -237,6 +240,7 @@ fn fsck_of_the_broken_fixture_names_each_problem() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 #[ignore = "writes the fixtures; run only for a new format version"]
 fn make_fixtures() {
     if std::env::var_os("ENVELOPEFS_WRITE_FIXTURES").is_none() {

@@ -280,6 +280,7 @@ fn evicted_inodes_found_by_name_follow_the_mounts_own_changes() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "needs root (open_by_handle_at): --features fuse_tests")]
 fn evicted_inodes_found_by_handle_follow_the_mounts_own_changes() {
     evicted_inodes_follow_the_mounts_own_changes(envelopefs::fs::FileHandles::Always);
 }

@@ -190,21 +190,25 @@ fn run(extra: &[&str]) {
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn a_full_disk_loses_nothing_with_the_writeback_cache() {
     run(&[]);
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn a_full_disk_loses_nothing_without_the_writeback_cache() {
     run(&["--no-writeback-cache"]);
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn a_full_disk_loses_nothing_with_a_synced_journal() {
     run(&["--journal", "sync"]);
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn a_full_disk_loses_nothing_without_a_journal() {
     run(&["--no-writeback-cache", "--journal", "off"]);
 }

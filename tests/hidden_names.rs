@@ -120,6 +120,7 @@ fn assert_fsck_clean(vol: &TestVolume) {
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn no_name_target_or_xattr_shows_in_the_backing_directory_and_all_come_back() {
     let vol = TestVolume::hidden(4096);
     let long = name(&[MARK, &[b'n'; 247]]);
@@ -191,6 +192,7 @@ fn no_name_target_or_xattr_shows_in_the_backing_directory_and_all_come_back() {
 use std::os::unix::fs::MetadataExt;
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn names_changed_in_the_backing_directory_are_left_out_and_fsck_names_them() {
     let vol = TestVolume::hidden(4096);
     let long_a = name(&[&[b'a'; 200]]);
@@ -242,6 +244,7 @@ fn names_changed_in_the_backing_directory_are_left_out_and_fsck_names_them() {
 /// short ones): after a remount every name resolves, a listing leaves no side file without
 /// its entry, and fsck is clean.
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn a_kill_during_renames_of_long_names_leaves_every_name_resolving_and_no_orphans() {
     let vol = TestVolume::hidden(4096);
     let n = 24;
@@ -297,6 +300,7 @@ fn a_kill_during_renames_of_long_names_leaves_every_name_resolving_and_no_orphan
 /// What a crash between a side file and its stand-in leaves: fsck reports it, a listing
 /// of its directory removes it, and fsck is then clean.
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn an_orphaned_side_file_is_reported_then_removed_by_a_listing() {
     let vol = TestVolume::hidden(4096);
     {
@@ -367,6 +371,7 @@ fn readdir_offsets_stay_stable_across_concurrent_creates_and_deletes() {
 /// Targets up to PATH_MAX − 1 bytes: one too long for a backing symlink once encrypted is
 /// kept in the volume's target store, and still reads back, with its length in `lstat`.
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn symlink_targets_of_every_legal_length_work() {
     let vol = TestVolume::hidden(4096);
     let targets: Vec<Vec<u8>> = [1usize, 3055, 3056, 4000, 4095]
@@ -410,6 +415,7 @@ fn symlink_targets_of_every_legal_length_work() {
 /// backing directory is opened, nothing waits on the FIFO (a lookup, a listing, the audit
 /// log's plain path and fsck all finish), and the names are left out and reported.
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn side_files_swapped_for_a_symlink_or_a_fifo_are_neither_followed_nor_waited_on() {
     let vol = TestVolume::hidden(4096);
     let (a, b) = ("A".repeat(200), "B".repeat(200));

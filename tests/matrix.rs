@@ -141,7 +141,9 @@ fn run_battery(vol: TestVolume, crypto: &str, writeback: bool, block: u32) {
 
 macro_rules! matrix {
     ($($name:ident: $crypto:literal, $wb:literal, $block:literal;)*) => {
-        $(#[test] fn $name() { battery($crypto, $wb, $block); })*
+        $(#[test]
+        #[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
+        fn $name() { battery($crypto, $wb, $block); })*
     };
 }
 
@@ -161,11 +163,13 @@ matrix! {
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn awslc_writeback_4k_hidden_names() {
     run_battery(TestVolume::hidden(4096), "aws-lc", true, 4096);
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn rustcrypto_direct_512_hidden_names() {
     run_battery(TestVolume::hidden(512), "rustcrypto", false, 512);
 }

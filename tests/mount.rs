@@ -33,12 +33,14 @@ fn backing_files(dir: &Path, out: &mut Vec<PathBuf>) {
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn round_trip_and_backing_holds_no_plaintext() {
     round_trip_and_backing_holds_no_plaintext_with(&[]);
 }
 
 /// The same without the kernel's writeback cache (every write reaches the daemon as issued).
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn round_trip_and_backing_holds_no_plaintext_no_writeback() {
     round_trip_and_backing_holds_no_plaintext_with(&["--no-writeback-cache"]);
 }
@@ -90,6 +92,7 @@ fn round_trip_and_backing_holds_no_plaintext_with(opts: &[&str]) {
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn flipped_bit_in_any_block_is_eio_and_logged_with_the_file() {
     let vol = TestVolume::new(4096);
     let data = pattern(1, 3 * 4096 + 100);
@@ -116,6 +119,7 @@ fn flipped_bit_in_any_block_is_eio_and_logged_with_the_file() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn blocks_swapped_within_or_between_files_are_eio() {
     let vol = TestVolume::new(4096);
     let m = vol.mount(&[]);
@@ -155,6 +159,7 @@ fn blocks_swapped_within_or_between_files_are_eio() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn pasted_header_fails_the_open_and_torn_slot_falls_back() {
     let vol = TestVolume::new(4096);
     let m = vol.mount(&[]);
@@ -196,12 +201,14 @@ fn pasted_header_fails_the_open_and_torn_slot_falls_back() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn posix_basics_through_the_mount() {
     posix_basics_through_the_mount_with(&[]);
 }
 
 /// The same without the kernel's writeback cache (every write reaches the daemon as issued).
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn posix_basics_through_the_mount_no_writeback() {
     posix_basics_through_the_mount_with(&["--no-writeback-cache"]);
 }
@@ -270,12 +277,14 @@ fn posix_basics_through_the_mount_with(opts: &[&str]) {
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn concurrent_writers_and_readers_on_one_file() {
     concurrent_writers_and_readers_on_one_file_with(&[]);
 }
 
 /// The same without the kernel's writeback cache (every write reaches the daemon as issued).
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn concurrent_writers_and_readers_on_one_file_no_writeback() {
     concurrent_writers_and_readers_on_one_file_with(&["--no-writeback-cache"]);
 }
@@ -350,6 +359,7 @@ fn concurrent_writers_and_readers_on_one_file_with(opts: &[&str]) {
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn files_created_for_a_caller_are_owned_by_the_caller() {
     let vol = TestVolume::new(4096);
     let m = vol.mount(&["--allow-other", "--trust-backing-permissions"]);
@@ -372,6 +382,7 @@ fn files_created_for_a_caller_are_owned_by_the_caller() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn failures_of_any_operation_are_logged_with_what_they_concerned() {
     let vol = TestVolume::new(4096);
     let m = vol.mount(&[]);

@@ -47,6 +47,7 @@ fn new_entries(dir: &Path, before: &[PathBuf]) -> Vec<PathBuf> {
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn a_hard_link_at_a_side_file_name_is_replaced_not_written_through() {
     let vol = TestVolume::hidden(4096);
     let victim = victim(&vol);
@@ -69,6 +70,7 @@ fn a_hard_link_at_a_side_file_name_is_replaced_not_written_through() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn a_hard_link_in_the_long_target_store_is_replaced_not_written_through() {
     let vol = TestVolume::hidden(4096);
     let victim = victim(&vol);
@@ -88,6 +90,7 @@ fn a_hard_link_in_the_long_target_store_is_replaced_not_written_through() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn a_fifo_in_place_of_the_keyring_or_config_wedges_nothing() {
     let vol = TestVolume::hidden(4096);
     let m = vol.mount(&[]);
@@ -127,6 +130,7 @@ fn a_fifo_in_place_of_the_keyring_or_config_wedges_nothing() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn reencrypt_reaches_names_near_name_max() {
     for vol in [TestVolume::hidden(4096), TestVolume::new(4096)] {
         let m = vol.mount(&[]);

@@ -38,11 +38,13 @@ fn local_provider_meets_the_contract() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "pkcs11_tests"), ignore = "needs SoftHSM2: --features pkcs11_tests")]
 fn pkcs11_provider_meets_the_contract() {
     contract(pkcs11("contract"));
 }
 
 #[test]
+#[cfg_attr(not(feature = "pkcs11_tests"), ignore = "needs SoftHSM2: --features pkcs11_tests")]
 fn pkcs11_wrong_pin_missing_token_and_missing_key_are_clear() {
     common::softhsm_token("errors");
     let module = std::path::Path::new(common::SOFTHSM_MODULE);
@@ -62,6 +64,7 @@ fn pkcs11_wrong_pin_missing_token_and_missing_key_are_clear() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "pkcs11_tests"), ignore = "needs SoftHSM2: --features pkcs11_tests")]
 fn pkcs11_kek_is_sensitive_and_not_extractable() {
     let _ = pkcs11("attrs");
     // Ask the token itself, through OpenSC's pkcs11-tool.

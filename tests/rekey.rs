@@ -109,11 +109,13 @@ fn rotation_flow(v: Vol) {
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn local_rotate_rewrap_retire() {
     rotation_flow(Vol::local());
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn pkcs11_rotate_rewrap_retire() {
     rotation_flow(Vol::pkcs11("spare"));
 }
@@ -134,6 +136,7 @@ fn kill_after(mut cmd: Command, ms: u64) {
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn online_rewrap_survives_kill_9_while_writers_append() {
     let v = Vol::local();
     let b = v.backing_str().to_owned();
@@ -194,6 +197,7 @@ fn file_id(backing: &Path, name: &str) -> String {
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn reencrypt_is_offline_crash_safe_and_changes_the_key() {
     let v = Vol::local();
     let b = v.backing_str().to_owned();
@@ -253,6 +257,7 @@ fn reencrypt_is_offline_crash_safe_and_changes_the_key() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn audit_log_records_wrap_unwrap_and_rewrap() {
     let v = Vol::local();
     let b = v.backing_str().to_owned();

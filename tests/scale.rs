@@ -154,11 +154,13 @@ fn twenty_thousand_files(extra: &[&str], mode_line: &str) {
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn a_20000_file_tree_within_256_descriptors_by_file_handle() {
     twenty_thousand_files(&[], "finds inodes by file handle");
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn a_20000_file_tree_within_256_descriptors_by_parent_and_name() {
     twenty_thousand_files(&["--file-handles", "never"], "finds inodes by parent and name");
 }
@@ -166,6 +168,7 @@ fn a_20000_file_tree_within_256_descriptors_by_parent_and_name() {
 /// Files held open by applications count against the daemon's limit too; when they
 /// exhaust it the open fails with EMFILE and the log names the limit and the setting.
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn running_out_of_descriptors_is_named() {
     let v = TestVolume::new(4096);
     let m = mount_limited(&v, 64, &[]);
@@ -203,6 +206,7 @@ fn count(r: &serde_json::Value, op: &str) -> u64 {
 /// A name that does not exist is asked for once per entry timeout, not once per stat, and
 /// the kernel learns of a file created through the mount at once.
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn missing_names_are_cached_as_negative_entries() {
     let v = TestVolume::new(4096);
     let m = v.mount(&["--entry-timeout", "30"]);
@@ -218,6 +222,7 @@ fn missing_names_are_cached_as_negative_entries() {
 
 /// Sequential readers get 1 MiB read-ahead (the kernel's default for FUSE is 128 KiB).
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn the_mount_reads_ahead_a_mebibyte() {
     use std::os::unix::fs::MetadataExt;
     let v = TestVolume::new(4096);

@@ -17,6 +17,7 @@ fn ok(out: std::process::Output) -> String {
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn service_install_writes_a_unit_that_systemd_accepts() {
     let vol = TestVolume::new(4096);
     let root = vol.dir.path().join("root");
@@ -72,6 +73,7 @@ fn recv(sock: &UnixDatagram) -> String {
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn notify_ready_after_the_mount_answers_and_clean_stop_on_sigterm() {
     let vol = TestVolume::new(4096);
     let mnt = vol.dir.path().join("mnt");
@@ -126,6 +128,7 @@ fn notify_ready_after_the_mount_answers_and_clean_stop_on_sigterm() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn mount_helper_works_with_mount_t_fuse_envelopefs() {
     let vol = TestVolume::new(4096);
     let mnt = vol.dir.path().join("mnt");
@@ -194,6 +197,7 @@ fn mount_helper_works_with_mount_t_fuse_envelopefs() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn status_json_moves_as_files_are_used() {
     let vol = TestVolume::new(4096);
     let m = vol.mount(&[]);

@@ -62,6 +62,7 @@ fn evil_module(dir: &Path, marker: &Path) -> PathBuf {
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn a_planted_pkcs11_module_is_never_loaded() {
     let (d, backing, key) = local_volume();
     let marker = d.path().join("module-was-loaded");
@@ -118,6 +119,7 @@ fn a_planted_pkcs11_module_is_never_loaded() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "pkcs11_tests"), ignore = "needs SoftHSM2: --features pkcs11_tests")]
 fn a_pin_source_in_the_stored_key_uri_is_refused() {
     // Even on a host that trusts the module, the stored URI's pin-source never chooses a file.
     let uri: Result<envelopefs::keys::pkcs11::Pkcs11Uri, _> = "pkcs11:token=t;object=k?pin-source=/etc/shadow".parse();
@@ -189,6 +191,7 @@ fn a_symlinked_keyring_temp_file_is_not_followed() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn a_restored_older_keyring_is_refused_and_a_retired_key_is_gone() {
     let (d, backing, key) = local_volume();
     let mnt = d.path().join("mnt");
@@ -235,6 +238,7 @@ fn an_absurd_kdf_cost_in_the_keyring_is_refused_before_deriving() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn the_passphrase_never_comes_from_the_environment() {
     let (d, backing, _key) = local_volume();
     let mnt = d.path().join("mnt");
@@ -253,6 +257,8 @@ fn the_passphrase_never_comes_from_the_environment() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
+#[cfg_attr(not(feature = "kms_tests"), ignore = "needs moto: --features kms_tests")]
 fn kms_key_substitution_and_endpoint_are_refused() {
     let kms = Kms::start();
     let arn = kms.create_key("real");
@@ -335,6 +341,7 @@ fn plain_http_to_a_remote_kms_endpoint_is_refused() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn writeback_wraps_are_attributed_to_the_process_that_opened_the_file() {
     let (d, backing, key) = local_volume();
     let audit = d.path().join("audit.jsonl");
@@ -374,6 +381,7 @@ fn fixture_style_library_volume_still_opens() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "pkcs11_tests"), ignore = "needs SoftHSM2: --features pkcs11_tests")]
 fn a_new_host_pins_a_pkcs11_volume_once_with_trust() {
     let (_d, backing, pin, _) = common::pkcs11_volume("trust", "kek");
     let uri = "pkcs11:token=trust;object=kek";
@@ -410,6 +418,7 @@ fn a_new_host_pins_a_pkcs11_volume_once_with_trust() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn upgrade_makes_a_v1_volume_authenticated_and_refuses_the_old_config_after() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1-keyfile-4k");
     let d = tempfile::Builder::new().prefix("envelopefs-test").tempdir().unwrap();
@@ -438,6 +447,8 @@ fn upgrade_makes_a_v1_volume_authenticated_and_refuses_the_old_config_after() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
+#[cfg_attr(not(feature = "pkcs11_tests"), ignore = "needs SoftHSM2: --features pkcs11_tests")]
 fn a_key_object_the_volume_did_not_pin_is_never_used() {
     let (d, backing, pin, _) = common::pkcs11_volume("pins", "kek");
     // Someone with access to the token (not to the volume's keys) adds `kek/v9`: by its
@@ -465,6 +476,7 @@ fn a_key_object_the_volume_did_not_pin_is_never_used() {
 /// for its passphrase (a FIFO nobody writes yet), the process is already non-dumpable,
 /// which the kernel shows by handing its /proc directory to root.
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn commands_are_hardened_before_they_read_a_secret() {
     use std::os::unix::fs::PermissionsExt;
     let d = tempfile::Builder::new().prefix("envelopefs-test").tempdir().unwrap();
@@ -520,6 +532,7 @@ fn commands_are_hardened_before_they_read_a_secret() {
 
 /// A user other than root keeps the host's trust in their own state directory.
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn other_users_keep_their_trust_records_at_home() {
     use std::os::unix::fs::PermissionsExt;
     let d = tempfile::Builder::new().prefix("envelopefs-test").tempdir().unwrap();
@@ -576,6 +589,7 @@ fn init_cheap_passphrase(pw: &Path, backing: &Path) {
 /// Accepting a copy is explicit (`trust`), and a copy mounted beside the original never
 /// touches the original's crash journal.
 #[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn a_copy_of_a_volume_at_another_place_is_refused_until_accepted() {
     let a = TestVolume::new(4096);
     let m = a.mount(&[]);
@@ -636,6 +650,7 @@ fn a_copy_of_a_volume_at_another_place_is_refused_until_accepted() {
 /// such a path is refused before anything is loaded, and a pinned module is loaded from
 /// the canonical file the check resolved, never from the stored string.
 #[test]
+#[cfg_attr(not(feature = "pkcs11_tests"), ignore = "needs SoftHSM2: --features pkcs11_tests")]
 fn a_module_path_through_the_backing_directory_is_never_loaded() {
     let (_d, backing, pin, _) = common::pkcs11_volume("stale", "dotdot");
     let real = fs::canonicalize(common::SOFTHSM_MODULE).unwrap();
@@ -670,6 +685,7 @@ fn a_module_path_through_the_backing_directory_is_never_loaded() {
 /// PKCS#11 volume's config as format 1 (no MAC, no volume key, plaintext names). `trust`
 /// refuses it unless the admin names that format, and pins nothing.
 #[test]
+#[cfg_attr(not(feature = "pkcs11_tests"), ignore = "needs SoftHSM2: --features pkcs11_tests")]
 fn trust_refuses_a_format_1_config_unless_the_admin_names_it() {
     let (_d, backing, pin, _) = common::pkcs11_volume("pins", "downgrade");
     edit_config(&backing, |t| {

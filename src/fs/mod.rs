@@ -356,6 +356,9 @@ pub struct EncryptedFs {
     /// Held while a long name's entry and side file change, so a listing never takes a
     /// side file written for an entry about to be made for an orphan.
     long_names: Mutex<()>,
+    /// A daemon that is not root cannot give objects away: they are its own user's, as on
+    /// any unprivileged FUSE mount (None: root, objects belong to their creator).
+    own_ids: Option<(u32, u32)>,
 }
 
 impl EncryptedFs {
@@ -392,6 +395,11 @@ impl EncryptedFs {
             next_fh: AtomicU64::new(1),
             journal: None,
             long_names: Mutex::new(()),
+            // SAFETY: geteuid/getegid have no preconditions and cannot fail.
+            own_ids: match unsafe { (libc::geteuid(), libc::getegid()) } {
+                (0, _) => None,
+                ids => Some(ids),
+            },
         };
         fs.with_inode_fds(FileHandles::Auto, DEFAULT_MAX_INODE_FDS)
     }

@@ -58,6 +58,7 @@ impl EncryptedFs {
 
     /// Owner of a new object: the caller, with the group inherited from a set-gid parent.
     pub(super) fn owner_for(&self, parent: RawFd, caller: Caller) -> Result<(u32, u32)> {
+        let caller = self.creator(caller);
         let pst = sys::fstat(parent)?;
         let gid = if pst.st_mode & libc::S_ISGID != 0 { pst.st_gid } else { caller.gid };
         Ok((caller.uid, gid))
@@ -76,7 +77,7 @@ impl EncryptedFs {
     ) -> Result<Attr> {
         let fd = sys::open_path(dir, &sys::cstr(name)?)?;
         let st = sys::fstat(fd.as_raw_fd())?;
-        if st.st_mode & libc::S_IFMT != kind || st.st_uid != caller.uid {
+        if st.st_mode & libc::S_IFMT != kind || st.st_uid != self.creator(caller).uid {
             return Err(Error::new(libc::EAGAIN, format!("{name:?} was replaced while it was being created")));
         }
         let attr = self.attr_at(0, &st, fd.as_raw_fd());
@@ -87,9 +88,19 @@ impl EncryptedFs {
     /// Make an object with this thread's filesystem ids set to the caller's: it is theirs
     /// from the moment it exists (group and set-gid directories by the kernel's rule for a
     /// set-gid parent, set-id bits as asked).
-    pub(super) fn make_as(caller: Caller, make: impl FnOnce() -> Result<()>) -> Result<()> {
+    pub(super) fn make_as(&self, caller: Caller, make: impl FnOnce() -> Result<()>) -> Result<()> {
+        let caller = self.creator(caller);
         let _ids = sys::FsIds::switch(caller.uid, caller.gid)?;
         make()
+    }
+
+    /// Whom a new object belongs to: the caller, or for a daemon that is not root, its
+    /// own user (it cannot give objects away).
+    pub(super) fn creator(&self, caller: Caller) -> Caller {
+        match self.own_ids {
+            None => caller,
+            Some((uid, gid)) => Caller { uid, gid, ..caller },
+        }
     }
 
     pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, umask: u32, caller: Caller) -> Result<Attr> {
@@ -97,7 +108,7 @@ impl EncryptedFs {
         let p = self.inode(parent)?;
         let dir = self.fd(&p)?;
         let mode = mode & !umask & 0o7777;
-        self.make_named(dir.as_raw_fd(), &b, |c| Self::make_as(caller, || sys::mkdirat(dir.as_raw_fd(), c, mode)))?;
+        self.make_named(dir.as_raw_fd(), &b, |c| self.make_as(caller, || sys::mkdirat(dir.as_raw_fd(), c, mode)))?;
         self.finish_new(&p, dir.as_raw_fd(), &b.main, caller, libc::S_IFDIR)
     }
 
@@ -109,7 +120,7 @@ impl EncryptedFs {
         let dir = self.fd(&p)?;
         let perm = mode & !umask & 0o7777;
         self.make_named(dir.as_raw_fd(), &b, |c| {
-            Self::make_as(caller, || sys::mknodat(dir.as_raw_fd(), c, (mode & libc::S_IFMT) | perm, rdev as u64))
+            self.make_as(caller, || sys::mknodat(dir.as_raw_fd(), c, (mode & libc::S_IFMT) | perm, rdev as u64))
         })?;
         self.finish_new(&p, dir.as_raw_fd(), &b.main, caller, mode & libc::S_IFMT)
     }
@@ -128,7 +139,7 @@ impl EncryptedFs {
             }
             None => sys::cstr(target)?,
         };
-        self.make_named(dir.as_raw_fd(), &b, |c| Self::make_as(caller, || sys::symlinkat(&t, dir.as_raw_fd(), c)))?;
+        self.make_named(dir.as_raw_fd(), &b, |c| self.make_as(caller, || sys::symlinkat(&t, dir.as_raw_fd(), c)))?;
         self.finish_new(&p, dir.as_raw_fd(), &b.main, caller, libc::S_IFLNK)
     }
 
