@@ -20,10 +20,7 @@ use crate::volume::{OpenOptions, Volume, VolumeConfig};
 
 /// Lazily detach the mount at `path` (when it cannot be unmounted cleanly).
 fn detach(path: &std::path::Path) {
-    if let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) {
-        // SAFETY: `c` is NUL-terminated and outlives the call.
-        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-    }
+    let _ = rustix::mount::unmount(path, rustix::mount::UnmountFlags::DETACH);
 }
 
 pub fn mount(mut s: MountSettings, foreground: bool, argv: &[OsString]) -> Result<ExitCode> {

@@ -58,7 +58,7 @@ pub fn daemonize(backing: &Path, secret: &SecretSource, args: &[OsString]) -> Re
     // which is async-signal-safe; it allocates nothing and touches no shared state.
     unsafe {
         cmd.pre_exec(|| {
-            libc::setsid();
+            let _ = rustix::process::setsid();
             Ok(())
         });
     }

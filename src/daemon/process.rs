@@ -10,29 +10,23 @@ use tracing::warn;
 /// the cost to what is used). Called first thing, before any secret is read. A failure to
 /// lock is returned for the caller to report (non-root users may lack RLIMIT_MEMLOCK).
 pub fn harden_memory(lock: bool) -> Result<(), String> {
-    // SAFETY: prctl(PR_SET_DUMPABLE) takes integer arguments only and touches no memory.
-    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
-        return Err(format!("PR_SET_DUMPABLE failed: {}", std::io::Error::last_os_error()));
-    }
-    // SAFETY: mlockall takes flags only; it changes no memory contents.
-    if lock && unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) } != 0 {
-        return Err(format!(
-            "mlockall failed ({}): data keys may reach swap; run as root or raise RLIMIT_MEMLOCK",
-            std::io::Error::last_os_error()
-        ));
+    use rustix::process::{set_dumpable_behavior, DumpableBehavior};
+    set_dumpable_behavior(DumpableBehavior::NotDumpable).map_err(|e| format!("PR_SET_DUMPABLE failed: {e}"))?;
+    if lock {
+        use rustix::mm::{mlockall, MlockAllFlags};
+        mlockall(MlockAllFlags::CURRENT | MlockAllFlags::FUTURE | MlockAllFlags::ONFAULT).map_err(|e| {
+            format!("mlockall failed ({e}): data keys may reach swap; run as root or raise RLIMIT_MEMLOCK")
+        })?;
     }
     Ok(())
 }
 
 /// Every inode the kernel knows costs one descriptor: take the hard limit.
 pub fn raise_fd_limit() {
-    // SAFETY: rlimit is plain data; getrlimit/setrlimit read and write only that struct.
-    unsafe {
-        let mut r: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
-            r.rlim_cur = r.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
-        }
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let r = getrlimit(Resource::Nofile);
+    if r.current < r.maximum {
+        let _ = setrlimit(Resource::Nofile, Rlimit { current: r.maximum, maximum: r.maximum });
     }
 }
 
@@ -125,11 +119,7 @@ impl Drop for LineWriter {
         }
         if DETACHED.load(std::sync::atomic::Ordering::Relaxed) {
             let line = String::from_utf8_lossy(&self.0).trim_end().replace('\0', " ");
-            if let Ok(c) = std::ffi::CString::new(line) {
-                // SAFETY: a constant "%s" format with one NUL-terminated argument that lives
-                // across the call.
-                unsafe { libc::syslog(libc::LOG_DAEMON | libc::LOG_NOTICE, c"%s".as_ptr(), c.as_ptr()) };
-            }
+            crate::sys::syslog(&line);
         } else {
             let _ = std::io::stderr().write_all(&self.0);
         }
@@ -177,16 +167,10 @@ impl<W: Write> Write for EscapingWriter<W> {
 
 /// Let go of the terminal: stdout and stderr to /dev/null, later log lines to syslog.
 pub fn detach_stdio() {
-    // SAFETY: static NUL-terminated strings; open/dup2/close act on descriptors only, and
-    // replacing 1 and 2 with /dev/null leaves every std handle valid.
-    unsafe {
-        libc::openlog(c"envelopefs".as_ptr(), libc::LOG_PID, libc::LOG_DAEMON);
-        DETACHED.store(true, std::sync::atomic::Ordering::Relaxed);
-        let null = libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY);
-        if null >= 0 {
-            libc::dup2(null, 1);
-            libc::dup2(null, 2);
-            libc::close(null);
-        }
+    crate::sys::openlog();
+    DETACHED.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        let _ = rustix::stdio::dup2_stdout(&null);
+        let _ = rustix::stdio::dup2_stderr(&null);
     }
 }

@@ -16,16 +16,10 @@ pub const RELEASE_WAIT: Duration = Duration::from_secs(10);
 /// the daemon of the volume that was mounted there to let go of it.
 pub fn umount(mountpoint: &Path) -> Result<()> {
     let backing = mount_source(mountpoint);
-    let c = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes())
-        .map_err(|_| Error::new(libc::EINVAL, format!("{}: a path with a NUL byte", mountpoint.display())))?;
-    // SAFETY: `c` is a NUL-terminated string that outlives the call.
-    if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() != Some(libc::EPERM) {
-            return Err(Error::new(
-                err.raw_os_error().unwrap_or(libc::EIO),
-                format!("unmounting {}: {err}", mountpoint.display()),
-            ));
+    if let Err(e) = rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::empty()) {
+        if e != rustix::io::Errno::PERM {
+            let err = std::io::Error::from(e);
+            return Err(Error::new(e.raw_os_error(), format!("unmounting {}: {err}", mountpoint.display())));
         }
         let st = Command::new("fusermount3")
             .arg("-u")

@@ -162,13 +162,13 @@ impl std::error::Error for Error {
 /// on a terminal or in a log: control characters (ESC sequences that move the cursor or
 /// erase a line, CR, a newline that would forge a log line, C1 controls) are escaped.
 pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
-    let unsafe_char = |c: char| c.is_control();
-    if !s.chars().any(unsafe_char) {
+    let shown_escaped = |c: char| c.is_control();
+    if !s.chars().any(shown_escaped) {
         return std::borrow::Cow::Borrowed(s);
     }
     let mut out = String::with_capacity(s.len() + 8);
     for c in s.chars() {
-        if unsafe_char(c) {
+        if shown_escaped(c) {
             out.extend(c.escape_default());
         } else {
             out.push(c);

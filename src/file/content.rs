@@ -4,7 +4,6 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 
 use crate::crypto::{fill_random, FileKey};
 use crate::error::{Error, Result};
@@ -234,11 +233,8 @@ impl Content<'_> {
         let from = self.geo.block_offset(offset / self.geo.block_size);
         let to = self.geo.backing_size(end.max(size));
         if to > from {
-            // SAFETY: fallocate on a descriptor this envelope owns, integer arguments only.
-            let r = unsafe { libc::fallocate(self.file.as_raw_fd(), 0, from as i64, (to - from) as i64) };
-            if r != 0 {
-                return Err(crate::error::last_os("fallocate"));
-            }
+            rustix::fs::fallocate(self.file, rustix::fs::FallocateFlags::empty(), from, to - from)
+                .map_err(|e| Error::io(e.into(), "fallocate"))?;
         }
         Ok(())
     }

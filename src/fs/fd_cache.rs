@@ -55,22 +55,19 @@ impl FdCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::io::AsRawFd;
 
     fn fd() -> Arc<OwnedFd> {
         Arc::new(std::fs::File::open("/").unwrap().into())
     }
 
-    fn is_open(raw: i32) -> bool {
-        // SAFETY: F_GETFD only queries the descriptor table.
-        unsafe { libc::fcntl(raw, libc::F_GETFD) != -1 }
-    }
+    // Whether a descriptor is still open is seen through who holds it, never by probing a
+    // number another thread may have been given meanwhile.
 
     #[test]
     fn keeps_at_most_its_capacity_and_closes_the_least_recently_used() {
         let c = FdCache::new(2);
         let (a, b, d) = (fd(), fd(), fd());
-        let raw_a = a.as_raw_fd();
+        let watch_a = Arc::downgrade(&a);
         c.put(1, a);
         c.put(2, b);
         assert!(c.get(2).is_some());
@@ -78,7 +75,7 @@ mod tests {
         assert_eq!(c.len(), 2);
         assert!(!c.contains(1), "1 was used least recently");
         assert!(c.contains(2) && c.contains(3));
-        assert!(!is_open(raw_a), "an evicted descriptor nobody holds is closed");
+        assert_eq!(watch_a.strong_count(), 0, "an evicted descriptor nobody holds is closed");
     }
 
     #[test]
@@ -86,9 +83,12 @@ mod tests {
         let c = FdCache::new(1);
         c.put(1, fd());
         let held = c.get(1).unwrap();
+        let watch = Arc::downgrade(&held);
         c.put(2, fd());
         assert!(!c.contains(1));
-        assert!(is_open(held.as_raw_fd()), "still open while held");
+        assert_eq!(watch.strong_count(), 1, "still open while held");
+        drop(held);
+        assert_eq!(watch.strong_count(), 0, "closed once let go");
         c.remove(2);
         assert_eq!(c.len(), 0);
         assert_eq!(c.capacity(), 1);

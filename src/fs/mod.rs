@@ -365,8 +365,7 @@ impl EncryptedFs {
     /// Serve `vol`. Sets the process umask to 0: modes arrive from the kernel already
     /// masked by the caller's umask and must reach the backing store unchanged.
     pub fn new(vol: Arc<Volume>) -> Result<Self> {
-        // SAFETY: umask only sets the process file-mode mask; it cannot fail.
-        unsafe { libc::umask(0) };
+        rustix::process::umask(rustix::fs::Mode::empty());
         let root = sys::cstr(vol.root.as_os_str())?;
         let fd = sys::openat(libc::AT_FDCWD, &root, libc::O_PATH | libc::O_DIRECTORY, 0)
             .map_err(|e| e.context(format!("opening backing directory {}", vol.root.display())))?;
@@ -395,10 +394,9 @@ impl EncryptedFs {
             next_fh: AtomicU64::new(1),
             journal: None,
             long_names: Mutex::new(()),
-            // SAFETY: geteuid/getegid have no preconditions and cannot fail.
-            own_ids: match unsafe { (libc::geteuid(), libc::getegid()) } {
-                (0, _) => None,
-                ids => Some(ids),
+            own_ids: match (rustix::process::geteuid(), rustix::process::getegid()) {
+                (uid, _) if uid.is_root() => None,
+                (uid, gid) => Some((uid.as_raw(), gid.as_raw())),
             },
         };
         fs.with_inode_fds(FileHandles::Auto, DEFAULT_MAX_INODE_FDS)

@@ -430,3 +430,18 @@ pub fn describe_fd(fd: RawFd) -> String {
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| format!("fd {fd}"))
 }
+
+/// Send later log lines to syslog, as "envelopefs[PID]", facility daemon.
+pub fn openlog() {
+    // SAFETY: a static NUL-terminated identity string, which openlog keeps a pointer to.
+    unsafe { libc::openlog(c"envelopefs".as_ptr(), libc::LOG_PID, libc::LOG_DAEMON) };
+}
+
+/// One line to syslog (NUL bytes become spaces).
+pub fn syslog(line: &str) {
+    if let Ok(c) = CString::new(line.replace('\0', " ")) {
+        // SAFETY: a constant "%s" format with one NUL-terminated argument that lives across
+        // the call.
+        unsafe { libc::syslog(libc::LOG_DAEMON | libc::LOG_NOTICE, c"%s".as_ptr(), c.as_ptr()) };
+    }
+}

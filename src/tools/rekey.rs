@@ -85,8 +85,8 @@ pub fn rewrap_file(vol: &Volume, tree: &Tree, path: &Path) -> Result<bool> {
 /// the new one, never neither. Hard-linked files are refused (a rename would split them).
 pub fn reencrypt_file(vol: &Volume, tree: &Tree, path: &Path) -> Result<bool> {
     let ctx_err = |e: Error| e.context(path.display());
-    let (dir, name) = tree.resolve(path).map_err(ctx_err)?;
-    let dir = dir.as_raw_fd();
+    let (dir_fd, name) = tree.resolve(path).map_err(ctx_err)?;
+    let dir = dir_fd.as_raw_fd();
     let (old, old_st) = open_regular(dir, &name, libc::O_RDONLY)
         .map_err(|e| e.context(format!("opening {}", path.display())))?
         .ok_or_else(|| ctx_err(not_regular()))?;
@@ -152,10 +152,7 @@ pub fn reencrypt_file(vol: &Volume, tree: &Tree, path: &Path) -> Result<bool> {
             return Err(Error::new(libc::EAGAIN, "was replaced while being re-encrypted; run rekey again"));
         }
         sys::renameat2(dir, &tmp, dir, &name, 0).map_err(|e| e.context("renaming over the original"))?;
-        // SAFETY: `dir` is an open directory descriptor owned by this function's caller frame.
-        if unsafe { libc::fsync(dir) } != 0 {
-            return Err(crate::error::last_os("fsync of the directory"));
-        }
+        rustix::fs::fsync(&dir_fd).map_err(|e| Error::io(e.into(), "fsync of the directory"))?;
         let rec = &opened.header.records[0];
         vol.audit("reencrypt", &opened.header.file_id, &describe, rec, Ok(()), None, None);
         Ok(())
@@ -189,39 +186,32 @@ fn not_regular() -> Error {
 
 /// Owner, mode, user.* xattrs and times of `from` onto `to`.
 fn copy_metadata(from: &File, to: &File, meta: &fs::Metadata) -> Result<()> {
-    let (src, dst) = (from.as_raw_fd(), to.as_raw_fd());
-    // SAFETY: `src` and `dst` are open descriptors of `from` and `to`; every buffer passed
-    // is writable/readable for the length given, and every name is NUL-terminated.
-    unsafe {
-        if libc::fchown(dst, meta.uid(), meta.gid()) != 0 || libc::fchmod(dst, meta.mode() & 0o7777) != 0 {
-            return Err(crate::error::last_os("copying owner and mode"));
-        }
-        let n = libc::flistxattr(src, std::ptr::null_mut(), 0);
-        if n > 0 {
-            let mut names = vec![0u8; n as usize];
-            let n = libc::flistxattr(src, names.as_mut_ptr().cast(), names.len());
-            for name in names[..n.max(0) as usize].split(|&b| b == 0).filter(|n| n.starts_with(b"user.")) {
-                let c = std::ffi::CString::new(name).unwrap();
-                let len = libc::fgetxattr(src, c.as_ptr(), std::ptr::null_mut(), 0);
-                if len < 0 {
-                    continue;
-                }
-                let mut v = vec![0u8; len as usize];
-                let len = libc::fgetxattr(src, c.as_ptr(), v.as_mut_ptr().cast(), v.len());
-                if len >= 0 && libc::fsetxattr(dst, c.as_ptr(), v.as_ptr().cast(), len as usize, 0) != 0 {
-                    return Err(crate::error::last_os("copying extended attributes"));
-                }
+    use rustix::fs::{
+        fchmod, fchown, fgetxattr, flistxattr, fsetxattr, futimens, Gid, Mode, Timestamps, Uid, XattrFlags,
+    };
+    let io = |what: &'static str| move |e: rustix::io::Errno| Error::io(e.into(), what);
+    fchown(to, Some(Uid::from_raw(meta.uid())), Some(Gid::from_raw(meta.gid()))).map_err(io("copying the owner"))?;
+    fchmod(to, Mode::from_raw_mode(meta.mode() & 0o7777)).map_err(io("copying the mode"))?;
+    let n = flistxattr(from, &mut [0u8; 0][..]).unwrap_or(0);
+    if n > 0 {
+        let mut names = vec![0u8; n];
+        let n = flistxattr(from, &mut names[..]).unwrap_or(0);
+        for name in names[..n.min(names.len())].split(|&b| b == 0).filter(|n| n.starts_with(b"user.")) {
+            let name = std::ffi::CString::new(name).expect("split at NUL");
+            let Ok(len) = fgetxattr(from, &name, &mut [0u8; 0][..]) else { continue };
+            let mut v = vec![0u8; len];
+            if let Ok(len) = fgetxattr(from, &name, &mut v[..]) {
+                fsetxattr(to, &name, &v[..len.min(v.len())], XattrFlags::empty())
+                    .map_err(io("copying extended attributes"))?;
             }
         }
-        let times = [
-            libc::timespec { tv_sec: meta.atime(), tv_nsec: meta.atime_nsec() },
-            libc::timespec { tv_sec: meta.mtime(), tv_nsec: meta.mtime_nsec() },
-        ];
-        if libc::futimens(dst, times.as_ptr()) != 0 {
-            return Err(crate::error::last_os("copying times"));
-        }
     }
-    Ok(())
+    let at = |sec, nsec| rustix::fs::Timespec { tv_sec: sec, tv_nsec: nsec };
+    let times = Timestamps {
+        last_access: at(meta.atime(), meta.atime_nsec()),
+        last_modification: at(meta.mtime(), meta.mtime_nsec()),
+    };
+    futimens(to, &times).map_err(io("copying times"))
 }
 
 /// A progress reporter: a bar on a terminal, a log line every few seconds otherwise.

@@ -27,8 +27,7 @@ pub struct Requester {
 impl Requester {
     /// This process (offline tools).
     pub fn this_process() -> Self {
-        // SAFETY: getuid has no preconditions and cannot fail.
-        Self { uid: unsafe { libc::getuid() }, pid: std::process::id() }
+        Self { uid: rustix::process::getuid().as_raw(), pid: std::process::id() }
     }
 }
 

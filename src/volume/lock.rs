@@ -5,7 +5,6 @@
 //! one process.
 
 use std::fs::File;
-use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
 use crate::error::{Class, Error, Result};
@@ -24,8 +23,7 @@ pub struct VolumeLock {
 pub fn lock_volume(backing: &Path) -> Result<VolumeLock> {
     VolumeConfig::load(backing)?;
     let dir = File::open(backing).map_err(|e| Error::io(e, format!("opening {}", backing.display())))?;
-    // SAFETY: flock on a descriptor we own and keep open; no memory is involved.
-    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    if rustix::fs::flock(&dir, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
         return Err(Error::new(
             libc::EBUSY,
             format!("{} is in use: mounted (or being repaired) by another envelopefs process", backing.display()),
@@ -44,11 +42,8 @@ pub fn volume_locked(backing: &Path) -> bool {
     let Ok(dir) = File::open(backing) else {
         return false;
     };
-    let fd = dir.as_raw_fd();
-    // SAFETY: flock on a descriptor we own and keep open; no memory is involved.
-    if unsafe { libc::flock(fd, libc::LOCK_SH | libc::LOCK_NB) } == 0 {
-        // SAFETY: as above; drops the shared lock this probe took.
-        unsafe { libc::flock(fd, libc::LOCK_UN) };
+    if rustix::fs::flock(&dir, rustix::fs::FlockOperation::NonBlockingLockShared).is_ok() {
+        let _ = rustix::fs::flock(&dir, rustix::fs::FlockOperation::Unlock);
         return false;
     }
     true

@@ -135,8 +135,7 @@ impl TrustStore {
         if let Some(d) = std::env::var_os(DIR_ENV) {
             return Self { dir: PathBuf::from(d) };
         }
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        if unsafe { libc::geteuid() } == 0 {
+        if rustix::process::geteuid().is_root() {
             return Self { dir: PathBuf::from(DEFAULT_DIR) };
         }
         let state = std::env::var_os("XDG_STATE_HOME")
@@ -170,8 +169,7 @@ impl TrustStore {
             Err(e) => return Err(Error::io(e, format!("reading trust record {}", path.display()))),
         };
         let meta = std::fs::symlink_metadata(&path).map_err(|e| Error::io(e, format!("{}", path.display())))?;
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let me = unsafe { libc::geteuid() };
+        let me = rustix::process::geteuid().as_raw();
         if meta.uid() != me || meta.mode() & 0o022 != 0 {
             return Err(Error::untrusted(format!(
                 "trust record {} is not owned by uid {me} or is writable by others: fix or remove it",

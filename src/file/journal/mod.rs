@@ -30,7 +30,7 @@ use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::os::unix::io::{AsRawFd, OwnedFd};
+use std::os::unix::io::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -178,9 +178,7 @@ fn io(e: std::io::Error, what: &str, path: &Path) -> Error {
 
 /// Make the backing filesystem's every completed write durable.
 pub fn syncfs(root: &OwnedFd) -> Result<()> {
-    // SAFETY: syncfs takes an open descriptor this function borrows; no memory is passed.
-    let r = unsafe { libc::syncfs(root.as_raw_fd()) };
-    crate::error::cvt(r, || "syncfs of the backing filesystem".into()).map(drop)
+    rustix::fs::syncfs(root).map_err(|e| Error::io(e.into(), "syncfs of the backing filesystem"))
 }
 
 impl Journal {
