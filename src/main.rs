@@ -15,7 +15,7 @@ fn main() -> ExitCode {
     match cli::run(cli, &args) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("envelopefs: error: {}", envelopefs::error::printable(&format!("{e:#}")));
+            eprintln!("envelopefs: error: {}", cli::describe(&e));
             ExitCode::from(cli::exit_code(&e))
         }
     }

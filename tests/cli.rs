@@ -155,6 +155,15 @@ fn passphrase_volume_daemonizes_and_stops_on_umount() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no passphrase"), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!is_mounted(&mnt));
+
+    // Detached without --log-file where there is no syslog: said at start, not silent.
+    if !Path::new("/dev/log").exists() {
+        let out = cli(&[&"mount", &"--passphrase-file", &pw, &backing, &mnt]);
+        let _g = Guard(&mnt);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("no syslog here"), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(cli(&[&"umount", &mnt]).status.success());
+    }
 }
 
 #[test]
@@ -183,4 +192,86 @@ fn help_teaches() {
     let out = cli(&[&"mount", &"--help"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("--allow-other") && text.contains("--cache-ttl"), "{text}");
+}
+
+/// Every documented exit status (`envelopefs man`, EXIT STATUS) and a case that produces
+/// it. None of these needs FUSE, SoftHSM2 or moto; 13 is also played against an
+/// unreachable KMS in `tests/aws_kms.rs`.
+#[test]
+fn every_documented_exit_status_has_a_case() {
+    let v = TestVolume::new(4096);
+    let d = v.dir.path();
+    let empty = d.join("empty");
+    fs::create_dir(&empty).unwrap();
+    let a_file = d.join("a-file");
+    fs::write(&a_file, b"x").unwrap();
+    let wrong_key = d.join("wrong.key");
+    fs::write(&wrong_key, [9u8; 32]).unwrap();
+    let mnt = d.join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let damaged = TestVolume::new(4096);
+    fs::write(damaged.backing.join("junk"), vec![1u8; 5000]).unwrap();
+    let copy = d.join("copy");
+    let out = std::process::Command::new("cp").arg("-a").arg(&v.backing).arg(&copy).output().unwrap();
+    assert!(out.status.success());
+    assert!(cli(&[&"fsck", &"--key-file", &v.key, &v.backing]).status.success(), "the original is known here now");
+    let tampered = TestVolume::new(4096);
+    let cfg = tampered.backing.join("envelopefs.toml");
+    let text = fs::read_to_string(&cfg).unwrap().replace("block_size = 4096", "block_size = 8192");
+    fs::write(&cfg, text).unwrap();
+    let busy = fs::File::open(&v.backing).unwrap();
+    let held = rustix_flock(&busy);
+    let k = &v.key;
+    let full_mnt = d.join("full-mnt");
+    fs::create_dir(&full_mnt).unwrap();
+    fs::write(full_mnt.join("hidden-by-a-mount"), b"x").unwrap();
+    let (missing, no_mnt, no_module) = (d.join("missing"), d.join("no-mnt"), d.join("no-module.so"));
+    #[rustfmt::skip]
+    let table: Vec<(i32, Vec<&dyn AsRef<std::ffi::OsStr>>, &str)> = vec![
+        (0, vec![&"key", &"status", &"--key-file", &damaged.key, &damaged.backing], "version 1"),
+        (1, vec![&"fsck", &"--key-file", &damaged.key, &damaged.backing], "PROBLEM"),
+        (2, vec![&"fsck", &"--no-such-flag", &v.backing], "--no-such-flag"),
+        (2, vec![&"mount", &"--key-file", k, &"--allow-other", &v.backing, &mnt], "trust_backing_permissions"),
+        (2, vec![&"mount", &"--key-file", k, &"--threads", &"0", &v.backing, &mnt], "threads"),
+        (2, vec![&"init", &"--key-file", k, &"--kdf-memory-mib", &"100000", &empty], "out of range"),
+        (10, vec![&"fsck", &"--key-file", k, &empty], "not an envelopefs volume"),
+        (10, vec![&"fsck", &"--key-file", k, &a_file], "not an envelopefs volume"),
+        (10, vec![&"mount", &"--key-file", k, &missing, &mnt], "missing"),
+        (11, vec![&"fsck", &"--key-file", &wrong_key, &damaged.backing], "key"),
+        (12, vec![&"mount", &"--key-file", k, &damaged.backing, &no_mnt], "does not exist"),
+        (12, vec![&"umount", &mnt], "not an envelopefs mount"),
+        (12, vec![&"mount", &"--key-file", k, &damaged.backing, &full_mnt], "not empty"),
+        (12, vec![&"mount", &"--key-file", &damaged.key, &damaged.backing, &damaged.backing], "overlaps"),
+        (13, vec![&"init", &"--provider", &"pkcs11", &"--module", &no_module, &"--key", &"pkcs11:token=t;object=o", &"--pin-file", &wrong_key, &empty], "PKCS#11 module"),
+        (15, vec![&"fsck", &"--key-file", k, &copy], "known on this host"),
+        (16, vec![&"fsck", &"--key-file", &tampered.key, &tampered.backing], "envelopefs.toml"),
+        (17, vec![&"fsck", &"--repair", &"--key-file", k, &v.backing], "in use"),
+    ];
+    for (code, args, needle) in &table {
+        let out = cli(args);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        let shown: Vec<String> = args.iter().map(|a| a.as_ref().to_string_lossy().into_owned()).collect();
+        assert_eq!(out.status.code(), Some(*code), "envelopefs {}: {text}", shown.join(" "));
+        assert!(text.contains(needle), "envelopefs {} should say {needle:?}: {text}", shown.join(" "));
+    }
+    let documented: std::collections::BTreeSet<i32> =
+        envelopefs::error::EXIT_STATUS.iter().map(|(c, _)| *c as i32).collect();
+    let played: std::collections::BTreeSet<i32> = table.iter().map(|(c, _, _)| *c).collect();
+    assert_eq!(played, documented, "every documented status has a case");
+    drop(held);
+}
+
+/// An exclusive flock on the directory `f`, held until the guard drops (as a mount holds
+/// the volume).
+fn rustix_flock(f: &fs::File) -> impl Drop + '_ {
+    struct Held<'a>(&'a fs::File);
+    impl Drop for Held<'_> {
+        fn drop(&mut self) {
+            // SAFETY: flock on a descriptor borrowed for the guard's life.
+            unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(self.0), libc::LOCK_UN) };
+        }
+    }
+    // SAFETY: flock on a descriptor borrowed for the guard's life.
+    assert_eq!(unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(f), libc::LOCK_EX | libc::LOCK_NB) }, 0);
+    Held(f)
 }

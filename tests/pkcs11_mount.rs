@@ -43,13 +43,16 @@ fn pkcs11_volume_round_trip_rotate_and_deleted_key() {
     assert_eq!(fs::read(m.path("a")).unwrap(), a);
     drop(m);
     assert!(ok(cli(&[&"inspect", &backing.join("b")])).contains("version 2"));
-    let status = ok(cli(&[&"key", &"status", &"--pin-file", &pin, &backing]));
+    let out = cli(&[&"key", &"status", &"--pin-file", &pin, &backing]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("ERROR"), "a healthy token logs no ERROR lines: {err}");
+    let status = ok(out);
     assert!(status.contains("version 1: 1 files") && status.contains("version 2 (current): 1 files"), "{status}");
 
     // A wrong PIN is refused at mount, clearly.
     let wrong = common::softhsm().join("wrong-pin");
     let out = cli(&[&"mount", &"--pin-file", &wrong, &backing, &mnt]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(11), "a wrong PIN is a wrong secret");
     assert!(String::from_utf8_lossy(&out.stderr).contains("PIN"), "{}", String::from_utf8_lossy(&out.stderr));
 
     // Delete version 1 from the token: files wrapped by it are EACCES, the rest work.
@@ -66,7 +69,10 @@ fn pkcs11_volume_round_trip_rotate_and_deleted_key() {
     let log = m.log_text();
     assert!(log.contains("/a") && log.contains("kek/v1"), "the log names the file and the key: {log}");
     drop(m);
-    let status = ok(cli(&[&"key", &"status", &"--pin-file", &pin, &backing]));
+    let out = cli(&[&"key", &"status", &"--pin-file", &pin, &backing]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("ERROR"), "a healthy token logs no ERROR lines: {err}");
+    let status = ok(out);
     assert!(status.contains("version 1 (MISSING from the key store): 1 files"), "{status}");
 }
 
@@ -115,7 +121,10 @@ fn pkcs11_rekey_to_another_key_then_the_old_one_can_go() {
     let text = ok(cli(&[&"rekey", &"--rewrap", &"--to-key", &new, &"--pin-file", &pin, &backing]));
     assert!(text.contains("6 files changed"), "{text}");
     assert!(fs::read_to_string(backing.join("envelopefs.toml")).unwrap().contains("object=new"));
-    let status = ok(cli(&[&"key", &"status", &"--pin-file", &pin, &backing]));
+    let out = cli(&[&"key", &"status", &"--pin-file", &pin, &backing]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("ERROR"), "a healthy token logs no ERROR lines: {err}");
+    let status = ok(out);
     assert!(status.contains("version 1 (current): 6 files") && !status.contains("another key"), "{status}");
     let out = Command::new("pkcs11-tool")
         .args(["--module", SOFTHSM_MODULE, "--token-label", "deleted", "--login", "--pin", "1234"])

@@ -241,3 +241,88 @@ fn completions_and_man_page() {
     let man = ok(cli(&[&"man"]));
     assert!(man.starts_with(".ie") || man.contains(".TH envelopefs"), "{}", &man[..200.min(man.len())]);
 }
+
+/// A crashed daemon comes back under systemd: after `kill -9` the mount point holds a dead
+/// connection (ENOTCONN), and the unit's own ExecStart line, run again as
+/// `Restart=on-failure` runs it, clears it and mounts the volume again.
+#[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
+fn the_units_exec_start_brings_a_killed_daemon_back() {
+    let vol = TestVolume::new(4096);
+    let root = vol.dir.path().join("root");
+    let mnt = vol.dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let opts = format!("key_file={}", vol.key.display());
+    ok(cli(&[
+        &"service",
+        &"install",
+        &"crash",
+        &"--backing",
+        &vol.backing,
+        &"--mountpoint",
+        &mnt,
+        &"-o",
+        &opts,
+        &"--root",
+        &root,
+    ]));
+    let unit = fs::read_to_string(root.join("etc/systemd/system/envelopefs@.service")).unwrap();
+    let exec = unit.lines().find_map(|l| l.strip_prefix("ExecStart=")).unwrap();
+    let conf = root.join("etc/envelopefs/crash.toml");
+    let argv: Vec<String> =
+        exec.replace("/etc/envelopefs/%i.toml", &conf.display().to_string()).split(' ').map(str::to_owned).collect();
+    let start = || {
+        let child = Command::new(&argv[0])
+            .args(&argv[1..])
+            .env("ENVELOPEFS_TRUST_DIR", common::trust_dir())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let t = Instant::now();
+        while !is_mounted(&mnt) || fs::metadata(&mnt).is_err() {
+            assert!(t.elapsed() < Duration::from_secs(20), "the mount did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        common::Mounted::adopt_child(&mnt, child)
+    };
+    let mut m = start();
+    fs::write(m.path("kept"), b"before the crash").unwrap();
+    m.kill9();
+    let err = fs::metadata(&mnt).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN), "a dead connection is left");
+    // Left as a crash leaves it: dropping the guard would detach the dead mount.
+    std::mem::forget(m);
+    let m = start();
+    assert_eq!(fs::read(m.path("kept")).unwrap(), b"before the crash");
+    assert!(m.unmount().success());
+    // What a restart cannot fix is not retried (a wrong PIN would lock an HSM's token).
+    assert!(unit.contains("RestartPreventExitStatus=2 10 11 12 15 16"), "{unit}");
+}
+
+/// logrotate's `postrotate kill -HUP`: the daemon reopens its log file by name and keeps
+/// serving (SIGHUP used to unmount). The mount's type is `fuse.envelopefs`, so findmnt and
+/// `umount -a -t fuse.envelopefs` find it.
+#[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
+fn sighup_reopens_the_log_file_and_the_mount_stays() {
+    let vol = TestVolume::new(4096);
+    let m = vol.mount(&[]);
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = info.lines().find(|l| l.split(' ').nth(4) == Some(m.mnt.to_str().unwrap())).unwrap();
+    assert_eq!(line.split(" - ").nth(1).unwrap().split(' ').next(), Some("fuse.envelopefs"), "{line}");
+    let rotated = m.log.with_extension("log.1");
+    fs::rename(&m.log, &rotated).unwrap();
+    // SAFETY: kill(2) of the daemon this test started.
+    assert_eq!(unsafe { libc::kill(m.pid(), libc::SIGHUP) }, 0);
+    let t = Instant::now();
+    while !fs::read_to_string(&m.log).unwrap_or_default().contains("log file reopened") {
+        assert!(t.elapsed() < Duration::from_secs(10), "no new log file: {}", fs::read_to_string(&rotated).unwrap());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    fs::write(m.path("still"), b"serving").unwrap();
+    assert_eq!(fs::read(m.path("still")).unwrap(), b"serving");
+    assert!(!fs::read_to_string(&rotated).unwrap().contains("reopened"), "the old file got the new lines");
+    assert!(m.unmount().success());
+}

@@ -205,8 +205,16 @@ pub enum Cmd {
     /// Mount a volume. Returns once the mount answers, leaving a daemon behind (or stays in
     /// the foreground with --foreground).
     Mount(MountArgs),
-    /// Unmount a mounted volume (waits for nothing: open files keep the old view until closed).
-    Umount { mountpoint: PathBuf },
+    /// Unmount a mounted volume and wait (up to 10 s) for its daemon to finish: every
+    /// change is durable and the volume free for the next mount when it returns. With files
+    /// still open it fails (EBUSY, exit 12) unless --lazy.
+    Umount {
+        mountpoint: PathBuf,
+        /// Detach now; the daemon serves files still open until they are closed, then exits.
+        /// Waits only for that if nothing is open.
+        #[arg(long)]
+        lazy: bool,
+    },
     /// Ask a running mount how it is doing: uptime, open files, DEK cache, key-store calls,
     /// errors.
     Status {

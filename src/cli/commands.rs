@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use tracing::info;
 
 use super::args::{Cmd, NameCmd, ProviderArg};
@@ -38,19 +38,21 @@ pub fn run(cmd: Cmd) -> Result<ExitCode> {
             secret,
         } => {
             let provider = match provider {
-                ProviderArg::Local => volume::ProviderInit::Local {
-                    kdf: KdfParams { m_kib: kdf_memory_mib.saturating_mul(1024), t: kdf_iterations, p: 1 },
-                    keyring,
-                },
+                ProviderArg::Local => {
+                    let kdf = KdfParams { m_kib: kdf_memory_mib.saturating_mul(1024), t: kdf_iterations, p: 1 };
+                    kdf.check().map_err(|e| crate::error::usage(e.to_string()))?;
+                    volume::ProviderInit::Local { kdf, keyring }
+                }
                 ProviderArg::Pkcs11 => {
-                    let uri = key.ok_or_else(|| anyhow!("--provider pkcs11 needs --key URI"))?;
-                    let module = module
-                        .or_else(|| uri.parse::<Pkcs11Uri>().ok()?.module_path.map(PathBuf::from))
-                        .ok_or_else(|| anyhow!("--provider pkcs11 needs --module PATH (or module-path in the URI)"))?;
+                    let uri = key.ok_or_else(|| crate::error::usage("--provider pkcs11 needs --key URI"))?;
+                    let module =
+                        module.or_else(|| uri.parse::<Pkcs11Uri>().ok()?.module_path.map(PathBuf::from)).ok_or_else(
+                            || crate::error::usage("--provider pkcs11 needs --module PATH (or module-path in the URI)"),
+                        )?;
                     volume::ProviderInit::Pkcs11 { module, uri }
                 }
                 ProviderArg::AwsKms => {
-                    let key_id = key_id.ok_or_else(|| anyhow!("--provider aws-kms needs --key-id"))?;
+                    let key_id = key_id.ok_or_else(|| crate::error::usage("--provider aws-kms needs --key-id"))?;
                     let mut s = KmsSettings::new(&key_id);
                     s.region = region;
                     s.endpoint = kms_endpoint;
@@ -253,7 +255,7 @@ fn trust(
     }
     if !yes {
         if !std::io::stdin().is_terminal() {
-            bail!("not pinned: confirm with --yes (no terminal to ask on)");
+            return Err(crate::error::usage("not pinned: confirm with --yes (no terminal to ask on)").into());
         }
         eprint!("Pin these settings for this volume on this host? [y/N] ");
         let mut answer = String::new();

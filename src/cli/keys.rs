@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use anyhow::{anyhow, Result};
+use anyhow::Result;
 
 use super::args::KeyCmd;
 use crate::keys::pkcs11::{Pkcs11Provider, Pkcs11Uri};
@@ -13,7 +13,7 @@ use crate::volume::{OpenOptions, Volume};
 pub fn key_cmd(cmd: KeyCmd) -> Result<ExitCode> {
     match cmd {
         KeyCmd::Create { module, key, secret } => {
-            let uri: Pkcs11Uri = key.parse().map_err(|e: String| anyhow!("--key {key}: {e}"))?;
+            let uri: Pkcs11Uri = key.parse().map_err(|e: String| crate::error::usage(format!("--key {key}: {e}")))?;
             let pin = secret.source().resolve_pin(uri.pin_source.as_deref())?;
             let p = Pkcs11Provider::open(&module, &uri, pin, true)?;
             let v = p.current_version()?;

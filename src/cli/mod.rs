@@ -10,10 +10,8 @@ mod mount;
 mod slots;
 
 use std::ffi::OsString;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::CommandFactory;
@@ -58,8 +56,8 @@ pub fn run(cli: Cli, argv: &[OsString]) -> Result<ExitCode> {
             )?;
             Ok(ExitCode::SUCCESS)
         }
-        (Cmd::Umount { mountpoint }, _) => {
-            crate::daemon::umount::umount(&mountpoint)?;
+        (Cmd::Umount { mountpoint, lazy }, _) => {
+            crate::daemon::umount::umount(&mountpoint, lazy)?;
             Ok(ExitCode::SUCCESS)
         }
         (Cmd::Completions { shell }, _) => {
@@ -76,6 +74,22 @@ pub fn run(cli: Cli, argv: &[OsString]) -> Result<ExitCode> {
 
 /// The exit code of a failure: its class, where the library gave one (see the man page's
 /// EXIT STATUS); 1 otherwise.
+/// The error as one line for a person: each cause once (an error's own text may already
+/// end with its source's), control characters escaped.
+pub fn describe(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !out.ends_with(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    crate::error::printable(&out).into_owned()
+}
+
 pub fn exit_code(e: &anyhow::Error) -> u8 {
     e.chain()
         .filter_map(|c| c.downcast_ref::<crate::error::Error>())
@@ -113,19 +127,19 @@ fn roff_escape(s: &str) -> String {
     }
 }
 
+/// What is logged unless RUST_LOG says otherwise. The cryptoki crate logs an ERROR for
+/// every mechanism a token lists that it does not know (about 30 against SoftHSM2, on every
+/// command): noise for anyone who alerts on ERROR, so it is off; PKCS#11 failures that
+/// matter reach the log through envelopefs's own errors, naming the module.
+const DEFAULT_LOG_FILTER: &str = "info,fuser=error,cryptoki=off";
+
 fn init_logging(log_file: Option<&Path>) -> Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,fuser=error".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| DEFAULT_LOG_FILTER.into());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
     match log_file {
         Some(p) => {
-            let f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .mode(0o640)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(p)
-                .with_context(|| format!("opening log file {}", p.display()))?;
-            builder.with_ansi(false).with_writer(process::Escaping(Arc::new(f))).init();
+            let f = process::LogFile::open(p).with_context(|| format!("opening log file {}", p.display()))?;
+            builder.with_ansi(false).with_writer(process::Escaping(f)).init();
         }
         None if std::env::var_os("ENVELOPEFS_NOTIFY_PARENT").is_some() => {
             builder.with_ansi(false).with_writer(process::Escaping(process::StderrThenSyslog)).init()
@@ -167,6 +181,13 @@ mod tests {
         for (code, _) in EXIT_STATUS {
             assert!(help.contains(&format!(" {code} ")), "--help does not mention exit code {code}");
         }
+    }
+
+    #[test]
+    fn an_error_is_described_with_each_cause_once() {
+        let io = std::io::Error::from_raw_os_error(libc::ENOTDIR);
+        let e = anyhow::Error::from(Error::io(io, "reading a/envelopefs.toml")).context("opening the volume");
+        assert_eq!(describe(&e), "opening the volume: reading a/envelopefs.toml: Not a directory (os error 20)");
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{Context, Result};
 use tracing::{info, warn};
 
 use crate::crypto::Backend;
@@ -23,27 +23,80 @@ fn detach(path: &std::path::Path) {
     let _ = rustix::mount::unmount(path, rustix::mount::UnmountFlags::DETACH);
 }
 
+/// Where a detached daemon's log lines go (syslog(3)).
+const SYSLOG_SOCKET: &str = "/dev/log";
+
+/// Detach a dead FUSE mount at `mnt` left by a daemon of the volume at `backing`; any
+/// other dead mount is left for the admin, with the reason.
+fn clear_dead_mount(mnt: &std::path::Path, backing: &std::path::Path) -> std::result::Result<(), String> {
+    let abs = std::path::absolute(mnt).map_err(|e| e.to_string())?;
+    match process::mount_source_at(&abs) {
+        Some(src) if src == backing => {
+            warn!(
+                "mount point {} had a dead FUSE connection of this volume (its daemon exited without unmounting): \
+                 detaching it",
+                abs.display()
+            );
+            rustix::mount::unmount(&abs, rustix::mount::UnmountFlags::DETACH)
+                .map_err(|e| format!("has a dead FUSE connection that could not be detached: {e}"))
+        }
+        Some(src) => Err(format!(
+            "has a dead FUSE connection of {}, not of this volume: detach it with `umount -l`",
+            src.display()
+        )),
+        None => Err("does not answer (ENOTCONN) and is not a mount this host lists".into()),
+    }
+}
+
 pub fn mount(mut s: MountSettings, foreground: bool, argv: &[OsString]) -> Result<ExitCode> {
     let b = s.backing().to_owned();
-    s.backing =
-        Some(std::fs::canonicalize(&b).with_context(|| format!("backing directory {} does not exist", b.display()))?);
+    s.backing = Some(
+        std::fs::canonicalize(&b)
+            .map_err(|e| Error::io(e, format!("backing directory {}", b.display())).with_class(Class::NotVolume))?,
+    );
     let opts = s.mount_options();
     let mnt_err = |errno, why: &str| {
         Error::new(errno, format!("mount point {} {why}", s.mountpoint().display())).with_class(Class::Mountpoint)
     };
-    let meta = std::fs::metadata(s.mountpoint()).map_err(|_| mnt_err(libc::ENOENT, "does not exist"))?;
+    let meta = match std::fs::metadata(s.mountpoint()) {
+        // The daemon of the last mount here died (kill -9, OOM, a panic): what is left is
+        // a connection nobody serves. Clear it if it was this volume's, then mount again,
+        // so that systemd's Restart=on-failure brings the volume back.
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            clear_dead_mount(s.mountpoint(), s.backing()).map_err(|why| mnt_err(libc::ENOTCONN, &why))?;
+            std::fs::metadata(s.mountpoint()).map_err(|_| mnt_err(libc::ENOENT, "does not exist"))?
+        }
+        r => r.map_err(|_| mnt_err(libc::ENOENT, "does not exist"))?,
+    };
     if !meta.is_dir() {
         return Err(mnt_err(libc::ENOTDIR, "is not a directory").into());
     }
     if process::is_mount_point(s.mountpoint()) {
         return Err(mnt_err(libc::EBUSY, "is busy: something is already mounted there").into());
     }
+    let mnt_real = std::fs::canonicalize(s.mountpoint()).map_err(|_| mnt_err(libc::ENOENT, "does not exist"))?;
+    if mnt_real.starts_with(s.backing()) || s.backing().starts_with(&mnt_real) {
+        return Err(mnt_err(libc::EINVAL, &format!("overlaps the backing directory {}", s.backing().display())).into());
+    }
+    if std::fs::read_dir(&mnt_real).map(|mut d| d.next().is_some()).unwrap_or(false) {
+        return Err(mnt_err(libc::ENOTEMPTY, "is not empty: its files would be hidden under the mount").into());
+    }
     // Fail fast (and in the caller's terminal) on a directory that is not a volume.
     VolumeConfig::load(s.backing())?;
     if !foreground {
+        // Detached, the daemon logs to syslog: where there is none (many containers and
+        // minimal images), say so now, while someone reads this terminal.
+        if s.log_file.is_none() && !std::path::Path::new(SYSLOG_SOCKET).exists() {
+            warn!(
+                "no syslog here ({SYSLOG_SOCKET} is missing): the daemon's log (tampering, key-store outages, \
+                 a full disk) will be lost; give --log-file FILE, or run it in the foreground under systemd"
+            );
+        }
         return Ok(ExitCode::from(crate::daemon::daemonize::daemonize(s.backing(), &s.secret, argv)?));
     }
-    let backend: Backend = s.crypto.parse().map_err(|e: String| anyhow!(e))?;
+    let backend: Backend = s.crypto.parse().map_err(crate::error::usage)?;
+    // The volume is this daemon's before anything of it is opened.
+    let _lock = lock_volume(s.backing())?;
     let vol = Volume::open(
         s.backing(),
         &s.secret,
@@ -51,12 +104,12 @@ pub fn mount(mut s: MountSettings, foreground: bool, argv: &[OsString]) -> Resul
             backend,
             cache: s.cache(),
             audit_log: s.audit_log.clone(),
-            kms_pool: Some(s.kms_pool.unwrap_or(crate::keys::aws_kms::DEFAULT_POOL)),
+            // A read-only mount makes no files: keys made ahead would be KMS calls for nothing.
+            kms_pool: Some(if s.read_only { 0 } else { s.kms_pool.unwrap_or(crate::keys::aws_kms::DEFAULT_POOL) }),
             kms_timeout: s.kms_timeout.map(Duration::from_secs_f64),
             ..OpenOptions::default()
         },
     )?;
-    let _lock = lock_volume(s.backing())?;
     process::raise_fd_limit();
     let journal = start_journal(&vol, &s)?;
     let mut fs = EncryptedFs::new(Arc::new(vol))?.with_inode_fds(s.file_handles, s.max_inode_fds)?;
@@ -71,13 +124,28 @@ pub fn mount(mut s: MountSettings, foreground: bool, argv: &[OsString]) -> Resul
     let mut signals = signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP])?;
     let mnt = s.mountpoint().to_owned();
     std::thread::spawn(move || {
-        if let Some(sig) = signals.forever().next() {
+        for sig in signals.forever() {
+            // SIGHUP is logrotate's: reopen the log file by its name, keep serving.
+            if sig == libc::SIGHUP {
+                match process::reopen_log_file() {
+                    Ok(true) => info!("signal {sig}: log file reopened"),
+                    Ok(false) => info!("signal {sig}: no log file to reopen"),
+                    Err(e) => warn!("signal {sig}: log file not reopened: {e}"),
+                }
+                continue;
+            }
             info!("signal {sig}: unmounting {}", mnt.display());
             process::sd_notify("STOPPING=1");
-            if let Err(e) = unmounter.unmount() {
+            let res = match rustix::mount::unmount(&mnt, rustix::mount::UnmountFlags::empty()) {
+                // Mounted by fusermount3 (not root): it unmounts too.
+                Err(rustix::io::Errno::PERM) => unmounter.unmount(),
+                r => r.map_err(std::io::Error::from),
+            };
+            if let Err(e) = res {
                 warn!("unmount of {} failed: {e}; unmounting lazily", mnt.display());
                 detach(&mnt);
             }
+            break;
         }
     });
     let status = crate::daemon::status::reporter(fs, s.backing(), s.mountpoint());
@@ -118,6 +186,8 @@ pub fn mount(mut s: MountSettings, foreground: bool, argv: &[OsString]) -> Resul
             std::process::exit(1);
         }
     });
+    // Keep no directory of the host busy (everything given by path is open by now).
+    let _ = std::env::set_current_dir("/");
     let served = session.run().context("serving the mount");
     if let Some(j) = journal {
         // Every change is durable before the journal that covers it goes.

@@ -8,10 +8,14 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::error::{Class, Error, Result};
+use crate::error::{Error, Result};
 use crate::fuse::MountOptions;
 use crate::keys::cache::CacheConfig;
 use crate::keys::secret::SecretSource;
+
+/// Most FUSE worker threads a mount may have (each holds a /dev/fuse descriptor and a
+/// request buffer).
+pub const MAX_THREADS: usize = 64;
 
 /// The settings of one mount. `Default` is what `envelopefs mount` uses without flags.
 #[derive(Clone, Debug, PartialEq)]
@@ -118,7 +122,7 @@ const IGNORED: [&str; 20] = [
 ];
 
 fn usage(msg: String) -> Error {
-    Error::new(libc::EINVAL, msg).with_class(Class::Usage)
+    crate::error::usage(msg)
 }
 
 /// Split one `-o` string into words at unescaped commas, undoing `\,` and `\\`. Empty
@@ -204,6 +208,9 @@ pub fn resolve(mut s: MountSettings, config: Option<&Path>, options: &[String]) 
     if s.backing.is_none() || s.mountpoint.is_none() {
         return Err(usage("mount needs BACKING and MOUNTPOINT (or --config FILE)".into()));
     }
+    if !(1..=MAX_THREADS).contains(&s.threads) {
+        return Err(usage(format!("threads={}: from 1 to {MAX_THREADS}", s.threads)));
+    }
     if s.allow_other && !s.trust_backing_permissions {
         return Err(usage(
             "allow_other lets local users in by the modes and owners stored in the backing directory, \
@@ -268,6 +275,7 @@ impl MountSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Class;
 
     fn with(words: &str) -> Result<MountSettings> {
         let base = MountSettings { backing: Some("/b".into()), mountpoint: Some("/m".into()), ..Default::default() };

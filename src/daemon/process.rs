@@ -69,10 +69,14 @@ pub fn announce_ready(to_parent: bool) {
 
 /// The source (for envelopefs: the backing directory) of the envelopefs mount at `path`.
 pub fn mount_source(path: &std::path::Path) -> Option<std::path::PathBuf> {
-    let canon = std::fs::canonicalize(path).ok()?;
-    let want = canon.to_string_lossy().replace(' ', "\\040");
+    mount_source_at(&std::fs::canonicalize(path).ok()?)
+}
+
+/// `mount_source` of a mount point named exactly `abs` (a dead mount cannot be resolved).
+pub fn mount_source_at(abs: &std::path::Path) -> Option<std::path::PathBuf> {
+    let want = abs.to_string_lossy().replace(' ', "\\040");
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let line = info.lines().find(|l| l.split(' ').nth(4) == Some(want.as_str()))?;
+    let line = info.lines().rev().find(|l| l.split(' ').nth(4) == Some(want.as_str()))?;
     let (_, tail) = line.split_once(" - ")?;
     let mut f = tail.split(' ');
     let fstype = f.next()?;
@@ -172,5 +176,51 @@ pub fn detach_stdio() {
     if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
         let _ = rustix::stdio::dup2_stdout(&null);
         let _ = rustix::stdio::dup2_stderr(&null);
+    }
+}
+
+/// The daemon's `--log-file`, reopened by name on SIGHUP (after logrotate moved it).
+pub struct LogFile {
+    path: std::path::PathBuf,
+    file: std::sync::Mutex<std::fs::File>,
+}
+
+static LOG_FILE: std::sync::OnceLock<std::sync::Arc<LogFile>> = std::sync::OnceLock::new();
+
+impl LogFile {
+    fn open_file(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new().create(true).append(true).mode(0o640).custom_flags(libc::O_NOFOLLOW).open(path)
+    }
+
+    /// Open `path` for appending; the file later reopened by `reopen_log_file`.
+    pub fn open(path: &std::path::Path) -> std::io::Result<std::sync::Arc<Self>> {
+        let f = Self::open_file(path)?;
+        let log = std::sync::Arc::new(Self { path: path.to_owned(), file: std::sync::Mutex::new(f) });
+        let _ = LOG_FILE.set(log.clone());
+        Ok(log)
+    }
+}
+
+/// Reopen the log file by its name, if there is one (SIGHUP).
+pub fn reopen_log_file() -> std::io::Result<bool> {
+    let Some(log) = LOG_FILE.get() else { return Ok(false) };
+    let f = LogFile::open_file(&log.path)?;
+    *log.file.lock().unwrap() = f;
+    Ok(true)
+}
+
+// `Arc<LogFile>` is then a `MakeWriter` (tracing-subscriber's impl for `Arc<W>`).
+impl Write for &LogFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.file.lock().unwrap().write(buf)
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        self.file.lock().unwrap().write_all(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.lock().unwrap().flush()
     }
 }

@@ -3,35 +3,60 @@
 
 use std::path::Path;
 use std::process::Command;
+
+use rustix::mount::UnmountFlags;
 use std::time::{Duration, Instant};
 
 use crate::daemon::process::mount_source;
-use crate::error::{Error, Result};
+use crate::error::{Class, Error, Result};
 use crate::volume::lock::volume_locked;
 
 /// How long `umount` waits for the daemon to release the volume.
 pub const RELEASE_WAIT: Duration = Duration::from_secs(10);
+/// How long `umount --lazy` waits (the daemon may be serving files still open).
+const LAZY_WAIT: Duration = Duration::from_secs(2);
 
-/// Unmount `mountpoint` (with fusermount3 when this user may not unmount), then wait for
-/// the daemon of the volume that was mounted there to let go of it.
-pub fn umount(mountpoint: &Path) -> Result<()> {
-    let backing = mount_source(mountpoint);
-    if let Err(e) = rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::empty()) {
-        if e != rustix::io::Errno::PERM {
-            let err = std::io::Error::from(e);
-            return Err(Error::new(e.raw_os_error(), format!("unmounting {}: {err}", mountpoint.display())));
+/// Unmount `mountpoint` (with fusermount3 when this user may not unmount; lazily with
+/// `lazy`), then wait for the daemon of the volume that was mounted there to let go of it.
+pub fn umount(mountpoint: &Path, lazy: bool) -> Result<()> {
+    let refuse = |errno, why: String| Err(Error::new(errno, why).with_class(Class::Mountpoint));
+    let Some(backing) = mount_source(mountpoint) else {
+        return refuse(libc::EINVAL, format!("{} is not an envelopefs mount", mountpoint.display()));
+    };
+    let flags = if lazy { UnmountFlags::DETACH } else { UnmountFlags::empty() };
+    match rustix::mount::unmount(mountpoint, flags) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::BUSY) => {
+            return refuse(
+                libc::EBUSY,
+                format!("{} is busy: files are open on it (close them, or `umount --lazy`)", mountpoint.display()),
+            )
         }
-        let st = Command::new("fusermount3")
-            .arg("-u")
-            .arg(mountpoint)
-            .status()
-            .map_err(|e| Error::new(libc::EIO, format!("running fusermount3 -u: {e}")))?;
-        if !st.success() {
-            return Err(Error::new(libc::EIO, format!("fusermount3 -u {} failed", mountpoint.display())));
+        Err(rustix::io::Errno::PERM) => {
+            let mut c = Command::new("fusermount3");
+            c.arg("-u");
+            if lazy {
+                c.arg("-z");
+            }
+            let st = c
+                .arg(mountpoint)
+                .status()
+                .map_err(|e| Error::new(libc::EIO, format!("running fusermount3 -u: {e}")))?;
+            if !st.success() {
+                return Err(Error::new(libc::EIO, format!("fusermount3 -u {} failed", mountpoint.display())));
+            }
+        }
+        Err(e) => {
+            return Err(Error::new(
+                e.raw_os_error(),
+                format!("unmounting {}: {}", mountpoint.display(), std::io::Error::from(e)),
+            ))
         }
     }
-    if let Some(backing) = backing {
-        wait_released(&backing, Instant::now() + RELEASE_WAIT);
+    // After a lazy unmount with files open the daemon goes on serving them: a short wait.
+    let wait = if lazy { LAZY_WAIT } else { RELEASE_WAIT };
+    if !wait_released(&backing, Instant::now() + wait) && !lazy {
+        tracing::warn!("the daemon of {} has not exited yet", backing.display());
     }
     Ok(())
 }
@@ -73,6 +98,7 @@ mod tests {
     #[test]
     fn a_directory_that_is_not_mounted_cannot_be_unmounted() {
         let d = tempfile::tempdir().unwrap();
-        assert!(umount(d.path()).is_err());
+        let e = umount(d.path(), false).unwrap_err();
+        assert_eq!(e.class(), Some(crate::error::Class::Mountpoint), "{e}");
     }
 }

@@ -177,6 +177,11 @@ pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
+/// A bad argument: exit code 2, whichever layer noticed it.
+pub fn usage(context: impl Into<String>) -> Error {
+    Error::new(libc::EINVAL, context).with_class(Class::Usage)
+}
+
 /// Turn the last OS error into an `Error` with context.
 pub fn last_os(context: impl Into<String>) -> Error {
     Error::io(io::Error::last_os_error(), context)

@@ -85,7 +85,13 @@ pub fn mount(fs: std::sync::Arc<EncryptedFs>, mountpoint: &Path, opts: MountOpti
     config.acl = if opts.allow_other { SessionACL::All } else { SessionACL::Owner };
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = opts.threads > 1;
-    Session::new(FuseFs { fs, opts }, mountpoint, &config)
+    // As root the mount is made here, typed `fuse.envelopefs` (fuser's own mount(2) says
+    // `fuse`), so `findmnt -t fuse.envelopefs` and `umount -a -t fuse.envelopefs` find it.
+    // Elsewhere fusermount3 makes it, with the subtype.
+    match crate::sys::mount_fuse(mountpoint, &opts.fsname, "envelopefs", opts.read_only, opts.allow_other)? {
+        Some(fd) => Session::from_fd(FuseFs { fs, opts }, fd, config.acl, config),
+        None => Session::new(FuseFs { fs, opts }, mountpoint, &config),
+    }
 }
 
 fn file_type(mode: u32) -> FileType {

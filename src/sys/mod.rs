@@ -6,7 +6,9 @@ pub mod sync;
 use std::ffi::{CStr, CString, OsStr};
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
 
 use crate::error::{cvt, Error, Result};
 
@@ -443,5 +445,46 @@ pub fn syslog(line: &str) {
         // SAFETY: a constant "%s" format with one NUL-terminated argument that lives across
         // the call.
         unsafe { libc::syslog(libc::LOG_DAEMON | libc::LOG_NOTICE, c"%s".as_ptr(), c.as_ptr()) };
+    }
+}
+
+/// Mount a FUSE connection at `mountpoint` as type `fuse.SUBTYPE` with `source` as its
+/// device, with default_permissions, nosuid and nodev: the /dev/fuse descriptor that
+/// serves it, or `None` when this process may not mount (not root: fusermount3's job).
+pub fn mount_fuse(
+    mountpoint: &Path,
+    source: &str,
+    subtype: &str,
+    read_only: bool,
+    allow_other: bool,
+) -> std::io::Result<Option<OwnedFd>> {
+    use rustix::mount::{mount, MountFlags};
+    if !rustix::process::geteuid().is_root() {
+        return Ok(None);
+    }
+    let dev = std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse")?;
+    let root_mode = std::fs::metadata(mountpoint)?.mode() & libc::S_IFMT;
+    let mut data = format!(
+        "fd={},rootmode={:o},user_id={},group_id={},default_permissions",
+        dev.as_raw_fd(),
+        root_mode,
+        rustix::process::getuid().as_raw(),
+        rustix::process::getgid().as_raw()
+    );
+    if allow_other {
+        data.push_str(",allow_other");
+    }
+    let mut flags = MountFlags::NOSUID | MountFlags::NODEV;
+    if read_only {
+        flags |= MountFlags::RDONLY;
+    }
+    let data = CString::new(data).expect("no NUL in mount options");
+    match mount(source, mountpoint, format!("fuse.{subtype}").as_str(), flags, Some(data.as_c_str())) {
+        Ok(()) => Ok(Some(dev.into())),
+        Err(rustix::io::Errno::PERM) => Ok(None),
+        Err(e) => Err(std::io::Error::new(
+            std::io::Error::from(e).kind(),
+            format!("mount(2) at {}: {e}", mountpoint.display()),
+        )),
     }
 }

@@ -141,7 +141,7 @@ impl VolumeConfig {
         let path = root.join(CONFIG_NAME);
         let raw = match crate::sys::atomic_file::read(&path) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR) => {
                 return Err(Error::new(
                     libc::ENOENT,
                     format!(

@@ -167,6 +167,13 @@ impl Mounted {
         Mounted { log: mnt.with_extension("log"), mnt, child: None }
     }
 
+    /// Take charge of a mount served by `child` (a daemon started by a test's own command
+    /// line), so that it is unmounted and stopped when this is dropped.
+    pub fn adopt_child(mnt: &Path, child: Child) -> Self {
+        let mnt = fs::canonicalize(mnt).unwrap();
+        Mounted { log: mnt.with_extension("log"), mnt, child: Some(child) }
+    }
+
     pub fn path(&self, rel: &str) -> PathBuf {
         self.mnt.join(rel)
     }

@@ -74,6 +74,12 @@ fn ck(e: CkError, what: impl std::fmt::Display) -> Error {
     if errno == libc::EIO && matches!(e, CkError::Pkcs11(..)) {
         return Error::new(errno, format!("PKCS#11 token failed during {what}: {e}"));
     }
+    // A wrong, locked or expired PIN is the secret's fault, like a wrong passphrase: its own
+    // exit code, which the unit does not restart on (a token locks after a few tries).
+    if let CkError::Pkcs11(RvError::PinIncorrect | RvError::PinLocked | RvError::PinExpired, _) = &e {
+        return Error::new(errno, format!("PKCS#11 {what}: {e}: check the PIN"))
+            .with_class(crate::error::Class::WrongSecret);
+    }
     Error::new(errno, format!("PKCS#11 {what}: {e}"))
 }
 
