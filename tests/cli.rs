@@ -161,7 +161,11 @@ fn passphrase_volume_daemonizes_and_stops_on_umount() {
         let out = cli(&[&"mount", &"--passphrase-file", &pw, &backing, &mnt]);
         let _g = Guard(&mnt);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        assert!(String::from_utf8_lossy(&out.stderr).contains("no syslog here"), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("no syslog here"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(cli(&[&"umount", &mnt]).status.success());
     }
 }

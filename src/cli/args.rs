@@ -163,6 +163,12 @@ pub enum Cmd {
         /// format 1; say `--accept-format 1` only for a volume you know is that old.
         #[arg(long, value_name = "N")]
         accept_format: Option<u32>,
+        /// Accept a keyring and config older than the newest this host has seen: a backup
+        /// restored after `key rotate`, `key retire` or a key-slot change. KEK versions
+        /// retired since come back with the older keyring; accept only a backup you
+        /// restored yourself.
+        #[arg(long)]
+        accept_rollback: bool,
         #[command(flatten)]
         secret: SecretArgs,
     },

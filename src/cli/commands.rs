@@ -69,8 +69,9 @@ pub fn run(cmd: Cmd) -> Result<ExitCode> {
             let opts = InitOptions { block_size, header_size, provider, format, ..InitOptions::default() };
             init(&backing, &secret.source(), &opts)
         }
-        Cmd::Trust { backing, yes, module, accept_format, secret } => {
-            trust(&backing, yes, module.as_deref(), accept_format, &secret.source())
+        Cmd::Trust { backing, yes, module, accept_format, accept_rollback, secret } => {
+            let asked = crate::volume::trust::Pinning { module: module.as_deref(), accept_format, accept_rollback };
+            trust(&backing, yes, &asked, &secret.source())
         }
         Cmd::Upgrade { backing, secret } => {
             let _lock = lock_volume(&backing).context("upgrade rewrites the config: unmount the volume first")?;
@@ -224,15 +225,14 @@ fn rekey_files(vol: &Volume, backing: &Path, mode: rekey::Mode, paths: Vec<PathB
 fn trust(
     backing: &Path,
     yes: bool,
-    module: Option<&Path>,
-    accept_format: Option<u32>,
+    asked: &crate::volume::trust::Pinning<'_>,
     secret: &SecretSource,
 ) -> Result<ExitCode> {
     let root = std::fs::canonicalize(backing).with_context(|| format!("backing directory {}", backing.display()))?;
     let cfg = volume::VolumeConfig::load(&root)?;
     let store = crate::volume::trust::TrustStore::host();
     let existing = store.get(&cfg.volume_id)?;
-    let rec = crate::volume::trust::candidate(&root, &cfg, module, accept_format, existing.as_ref())?;
+    let rec = crate::volume::trust::candidate(&root, &cfg, asked, existing.as_ref())?;
     println!("{} asks this host to trust:", root.display());
     for line in crate::volume::trust::describe(&rec) {
         println!("  {line}");
@@ -243,6 +243,14 @@ fn trust(
     if let Some(old) = &existing {
         for d in old.provider.differences(&cfg.provider) {
             println!("  changed: {d}");
+        }
+        if asked.accept_rollback {
+            println!(
+                "  rollback: this host has seen keyring version {} and config generation {}; the volume here \
+                 may be older (the versions it has are shown after it opens). An older keyring brings back \
+                 KEK versions retired since, and an older config undoes key-slot changes made since",
+                old.keyring_version, old.config_generation
+            );
         }
         if !old.accepts_place(&root) {
             println!(
@@ -266,6 +274,10 @@ fn trust(
     }
     let vol = Volume::open_trusting(&root, cfg, Some(rec), secret, &OpenOptions::default())?;
     vol.save_trust()?;
+    if asked.accept_rollback {
+        let seen = vol.trust_record();
+        println!("  accepted: keyring version {}, config generation {}", seen.keyring_version, seen.config_generation);
+    }
     println!("pinned in {}", store.dir().display());
     Ok(ExitCode::SUCCESS)
 }

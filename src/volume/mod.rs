@@ -228,6 +228,11 @@ impl Volume {
     }
 
     /// Save what this host trusts and has seen of the volume (`envelopefs trust`).
+    /// What this host trusts and has seen of the volume.
+    pub fn trust_record(&self) -> &TrustRecord {
+        &self.trusted
+    }
+
     pub fn save_trust(&self) -> Result<()> {
         self.trust.put(&self.trusted)
     }

@@ -311,6 +311,17 @@ pub fn settle(
     }
 }
 
+/// What the admin said to `envelopefs trust` beyond "yes".
+#[derive(Default)]
+pub struct Pinning<'a> {
+    /// The PKCS#11 module they confirm (for one p11-kit does not list).
+    pub module: Option<&'a Path>,
+    /// The format they accept for a config that has no MAC (format 1).
+    pub accept_format: Option<u32>,
+    /// Accept a keyring and config older than this host has seen (a restored backup).
+    pub accept_rollback: bool,
+}
+
 /// The record `envelopefs trust` would pin for `cfg`: its settings as they stand, after
 /// the checks a host makes before trusting code. A PKCS#11 module must be registered with
 /// p11-kit or named by the admin (`module`), and never lies inside the backing directory.
@@ -318,10 +329,10 @@ pub fn settle(
 pub fn candidate(
     root: &Path,
     cfg: &VolumeConfig,
-    module: Option<&Path>,
-    accept_format: Option<u32>,
+    asked: &Pinning<'_>,
     existing: Option<&TrustRecord>,
 ) -> Result<TrustRecord> {
+    let (module, accept_format) = (asked.module, asked.accept_format);
     // Format 1 has no MAC: anyone who can write the backing directory can present any
     // volume's config as format 1 (names in the clear, nothing authenticated).
     if cfg.format < 2 && accept_format != Some(cfg.format) {
@@ -337,8 +348,12 @@ pub fn candidate(
     }
     let mut rec = TrustRecord::for_config(cfg);
     if let Some(old) = existing {
-        rec.keyring_version = old.keyring_version;
-        rec.config_generation = rec.config_generation.max(old.config_generation);
+        // Accepting a rollback (a restored backup) forgets the newest keyring and config
+        // this host saw; the open that follows records the ones there now.
+        if !asked.accept_rollback {
+            rec.keyring_version = old.keyring_version;
+            rec.config_generation = rec.config_generation.max(old.config_generation);
+        }
         rec.format = rec.format.max(old.format);
         // The volume key does not change: what was recorded keeps checking it.
         rec.volume_check.clone_from(&old.volume_check);
