@@ -212,3 +212,28 @@ fn a_full_disk_loses_nothing_with_a_synced_journal() {
 fn a_full_disk_loses_nothing_without_a_journal() {
     run(&["--no-writeback-cache", "--journal", "off"]);
 }
+
+/// The trust directory full (it holds the crash journal): a change whose record cannot be
+/// written fails with ENOSPC before anything in the backing directory is touched.
+#[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
+fn a_full_trust_directory_fails_writes_with_enospc_and_loses_nothing() {
+    let vol = TestVolume::new(4096);
+    let disk = SmallDisk::new(vol.dir.path().join("trust-disk"), 8);
+    let trust = disk.0.join("trust");
+    fs::create_dir(&trust).unwrap();
+    let mnt = vol.dir.path().join("mnt");
+    let m = Mounted::start_trusting(&trust, &vol.backing, "--key-file", &vol.key, &mnt, &["--no-writeback-cache"], |_| {});
+    let kept = pattern(7, 6000);
+    let f = File::create(m.path("kept")).unwrap();
+    write_sync(&f, &kept, Some(0)).unwrap();
+    disk.fill();
+    assert_eq!(write_sync(&f, &pattern(8, 100_000), Some(3000)), Err(libc::ENOSPC), "a write with no room to journal it");
+    drop(f);
+    assert_eq!(read_all(&m.path("kept")), kept, "nothing was touched");
+    assert!(m.log_text().contains("No space left on device"), "{}", m.log_text());
+    disk.free();
+    m.unmount();
+    let out = cli_with_trust(&trust, &[&"fsck", &"--key-file", &vol.key, &vol.backing]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}
