@@ -223,12 +223,17 @@ fn a_full_trust_directory_fails_writes_with_enospc_and_loses_nothing() {
     let trust = disk.0.join("trust");
     fs::create_dir(&trust).unwrap();
     let mnt = vol.dir.path().join("mnt");
-    let m = Mounted::start_trusting(&trust, &vol.backing, "--key-file", &vol.key, &mnt, &["--no-writeback-cache"], |_| {});
+    let m =
+        Mounted::start_trusting(&trust, &vol.backing, "--key-file", &vol.key, &mnt, &["--no-writeback-cache"], |_| {});
     let kept = pattern(7, 6000);
     let f = File::create(m.path("kept")).unwrap();
     write_sync(&f, &kept, Some(0)).unwrap();
     disk.fill();
-    assert_eq!(write_sync(&f, &pattern(8, 100_000), Some(3000)), Err(libc::ENOSPC), "a write with no room to journal it");
+    assert_eq!(
+        write_sync(&f, &pattern(8, 100_000), Some(3000)),
+        Err(libc::ENOSPC),
+        "a write with no room to journal it"
+    );
     drop(f);
     assert_eq!(read_all(&m.path("kept")), kept, "nothing was touched");
     assert!(m.log_text().contains("No space left on device"), "{}", m.log_text());

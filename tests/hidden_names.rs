@@ -483,3 +483,31 @@ fn side_files_swapped_for_a_symlink_or_a_fifo_are_neither_followed_nor_waited_on
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// Logs and `status` name a failing file by its plaintext path (host-side only), beside
+/// its backing path, so an incident needs no `name decrypt` step.
+#[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
+fn failures_are_logged_with_the_plaintext_path() {
+    let vol = TestVolume::hidden(4096);
+    let m = vol.mount(&[]);
+    fs::create_dir(m.path("payroll")).unwrap();
+    fs::write(m.path("payroll/salaries.txt"), vec![7u8; 9000]).unwrap();
+    drop(m);
+    let rel = String::from_utf8(
+        cli(&[&"name", &"encrypt", &"--key-file", &vol.key, &vol.backing, &"payroll/salaries.txt"]).stdout,
+    )
+    .unwrap();
+    let backing = std::path::PathBuf::from(rel.trim());
+    let backing = if backing.is_absolute() { backing } else { vol.backing.join(backing) };
+    let mut raw = fs::read(&backing).unwrap();
+    let n = raw.len();
+    raw[n - 20] ^= 1;
+    fs::write(&backing, raw).unwrap();
+    let m = vol.mount(&[]);
+    let err = fs::read(m.path("payroll/salaries.txt")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    assert!(m.log_text().contains("/payroll/salaries.txt (backing "), "{}", m.log_text());
+    let status = String::from_utf8_lossy(&cli(&[&"status", &m.mnt]).stdout).into_owned();
+    assert!(status.contains("/payroll/salaries.txt"), "{status}");
+}

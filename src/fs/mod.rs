@@ -458,10 +458,19 @@ impl EncryptedFs {
         &self.vol
     }
 
-    /// The backing object behind an inode, for messages: its path as the kernel sees it
-    /// now, or the inode number if it is no longer known.
+    /// An inode for the log and `status` (host-side only): its plaintext path in the mount
+    /// and its backing path as the kernel sees it now (the backing path alone with plaintext
+    /// names, or where a name does not decrypt), or the inode number if it is unknown.
     pub fn describe(&self, ino: u64) -> String {
-        self.inode(ino).map_or_else(|_| format!("inode {ino}"), |i| self.describe_inode(&i))
+        let Ok(inode) = self.inode(ino) else { return format!("inode {ino}") };
+        let backing = self.describe_inode(&inode);
+        let Some(names) = self.vol.names() else { return backing };
+        match names.plain_path(self.vol.place(), std::path::Path::new(&backing)) {
+            Ok(plain) if ino == ROOT_INO || !plain.as_os_str().is_empty() => {
+                format!("/{} (backing {backing})", plain.display())
+            }
+            _ => backing,
+        }
     }
 
     /// Descriptors of known inodes open now, and the most it keeps (for tests and status).
