@@ -17,7 +17,10 @@ fn ok(out: std::process::Output) -> String {
 #[cfg_attr(not(feature = "pkcs11_tests"), ignore = "needs SoftHSM2: --features pkcs11_tests")]
 fn pkcs11_volume_round_trip_rotate_and_deleted_key() {
     let (d, backing, pin, text) = common::pkcs11_volume("mount", "kek");
-    assert!(text.contains("Pkcs11"), "{text}");
+    assert!(
+        text.contains("key store   PKCS#11 key pkcs11:token=mount;object=kek") && !text.contains("Pkcs11 {"),
+        "{text}"
+    );
     let cfg = fs::read_to_string(backing.join("envelopefs.toml")).unwrap();
     assert!(cfg.contains("kind = \"pkcs11\"") && !cfg.contains("1234"), "{cfg}");
     assert!(!backing.join("envelopefs.keyring").exists());

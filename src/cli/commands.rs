@@ -183,7 +183,7 @@ fn init(backing: &Path, secret: &SecretSource, opts: &InitOptions) -> Result<Exi
             println!("  keyring     {}", k.display());
             println!("Without the keyring and its passphrase or key file the files cannot be decrypted: back them up.");
         }
-        None => println!("  provider    {:?}", cfg.provider),
+        None => println!("  key store   {}", cfg.provider),
     }
     println!("Mount it with: envelopefs mount {} MOUNTPOINT", backing.display());
     Ok(ExitCode::SUCCESS)

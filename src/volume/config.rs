@@ -112,6 +112,30 @@ pub enum ProviderConfig {
     Recovery { recipient: String },
 }
 
+impl std::fmt::Display for ProviderConfig {
+    /// For people: what the volume's keys live in (no secrets are in a config).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProviderConfig::Local { keyring } => write!(f, "local keyring {keyring}"),
+            ProviderConfig::Pkcs11 { module, key, .. } => write!(f, "PKCS#11 key {key} (module {module})"),
+            ProviderConfig::AwsKms { key_id, intermediate_key, region, endpoint, .. } => {
+                write!(f, "AWS KMS key {key_id}")?;
+                if let Some(r) = region {
+                    write!(f, ", region {r}")?;
+                }
+                if let Some(e) = endpoint {
+                    write!(f, ", endpoint {e}")?;
+                }
+                if *intermediate_key {
+                    write!(f, ", through an intermediate key")?;
+                }
+                Ok(())
+            }
+            ProviderConfig::Recovery { recipient } => write!(f, "offline recovery recipient {recipient}"),
+        }
+    }
+}
+
 /// A wrapped key as the config stores it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
