@@ -75,3 +75,36 @@ fn a_moved_volume_opens_at_its_new_place_once_accepted() {
     let m = common::Mounted::start(&moved, &v.key, &v.dir.path().join("mnt2"), &[]);
     assert_eq!(fs::read(m.path("f")).unwrap(), b"moved");
 }
+
+/// `key passwd`: a local volume's passphrase changes in place; the old one no longer opens
+/// it, the files read as before, and a mounted volume is left alone (exit 17).
+#[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
+fn key_passwd_changes_the_passphrase_and_keeps_the_files() {
+    let d = tempfile::Builder::new().prefix("envelopefs-test").tempdir().unwrap();
+    let backing = d.path().join("backing");
+    fs::create_dir(&backing).unwrap();
+    let (old, new) = (d.path().join("old"), d.path().join("new"));
+    fs::write(&old, "old passphrase\n").unwrap();
+    fs::write(&new, "new passphrase\n").unwrap();
+    let cheap = ["--kdf-memory-mib", "8", "--kdf-iterations", "1"];
+    let mut init: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"init", &"--passphrase-file", &old];
+    init.extend(cheap.iter().map(|a| a as &dyn AsRef<std::ffi::OsStr>));
+    init.push(&backing);
+    ok(cli(&init));
+    let mnt = d.path().join("mnt");
+    let m = common::Mounted::start_with(&backing, "--passphrase-file", &old, &mnt, &[]);
+    fs::write(m.path("f"), b"kept").unwrap();
+    let mut passwd: Vec<&dyn AsRef<std::ffi::OsStr>> =
+        vec![&"key", &"passwd", &"--passphrase-file", &old, &"--new-passphrase-file", &new];
+    passwd.extend(cheap.iter().map(|a| a as &dyn AsRef<std::ffi::OsStr>));
+    passwd.push(&backing);
+    let out = cli(&passwd);
+    assert_eq!(out.status.code(), Some(17), "changed under a running mount: {}", text(&out));
+    assert!(m.unmount().success());
+    ok(cli(&passwd));
+    let out = cli(&[&"fsck", &"--passphrase-file", &old, &backing]);
+    assert_eq!(out.status.code(), Some(11), "the old passphrase still opens it: {}", text(&out));
+    let m = common::Mounted::start_with(&backing, "--passphrase-file", &new, &mnt, &[]);
+    assert_eq!(fs::read(m.path("f")).unwrap(), b"kept");
+}

@@ -290,6 +290,28 @@ pub enum ServiceCmd {
 
 #[derive(Subcommand)]
 pub enum KeyCmd {
+    /// Change the passphrase or key file of a `local` volume's keyring (the volume must be
+    /// unmounted). The keys stay, so no file changes; the old secret no longer opens this
+    /// keyring, but it still opens any copy of the old keyring file (a backup): retire
+    /// keys with `key rotate`, `rekey --rewrap` and `key retire` if a secret leaked.
+    Passwd {
+        backing: PathBuf,
+        /// The new passphrase, from this file (else asked twice on the terminal).
+        #[arg(long, value_name = "FILE")]
+        new_passphrase_file: Option<PathBuf>,
+        /// The new key file (32 random bytes, or 64 hex digits).
+        #[arg(long, value_name = "FILE", conflicts_with = "new_passphrase_file")]
+        new_key_file: Option<PathBuf>,
+        /// Argon2id memory cost of the new passphrase, in MiB.
+        #[arg(long, default_value_t = 64)]
+        kdf_memory_mib: u32,
+        /// Argon2id iterations of the new passphrase.
+        #[arg(long, default_value_t = 3)]
+        kdf_iterations: u32,
+        /// The current passphrase or key file.
+        #[command(flatten)]
+        secret: SecretArgs,
+    },
     /// Create version 1 of a KEK inside a PKCS#11 token (sensitive, never extractable).
     Create {
         /// The PKCS#11 module (shared library).

@@ -26,6 +26,32 @@ pub fn key_cmd(cmd: KeyCmd) -> Result<ExitCode> {
             println!("{}: KEK version {v} is now current; new files wrap under it", vol.provider.describe());
             println!("Existing files keep the version they have until `envelopefs rekey`.");
         }
+        KeyCmd::Passwd { backing, new_passphrase_file, new_key_file, kdf_memory_mib, kdf_iterations, secret } => {
+            let _lock = crate::volume::lock::lock_volume(&backing)?;
+            let vol = Volume::open(&backing, &secret.source(), &OpenOptions::default())?;
+            let Some(keyring) = vol.config.keyring_path(&vol.root) else {
+                return Err(crate::error::usage(format!(
+                    "key passwd changes a local keyring's secret; this volume's keys are in {}",
+                    vol.config.provider
+                ))
+                .into());
+            };
+            let params =
+                crate::keys::local::KdfParams { m_kib: kdf_memory_mib.saturating_mul(1024), t: kdf_iterations, p: 1 };
+            params.check().map_err(|e| crate::error::usage(e.to_string()))?;
+            let new = crate::keys::secret::SecretSource {
+                passphrase_file: new_passphrase_file,
+                key_file: new_key_file,
+                ..Default::default()
+            }
+            .resolve(true)?;
+            let old = secret.source().resolve(false)?;
+            crate::keys::local::LocalProvider::open(&keyring, vol.volume_id, &old)?.reseal(&new, params)?;
+            println!(
+                "{}: the keyring is sealed under the new secret; the old one no longer opens it",
+                keyring.display()
+            );
+        }
         KeyCmd::Retire { backing, version, force, secret } => {
             let mut vol = Volume::open(&backing, &secret.source(), &OpenOptions::default())?;
             crate::tools::retire::retire(&mut vol, version, force)?;

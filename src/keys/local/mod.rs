@@ -162,6 +162,18 @@ impl LocalProvider {
     }
 
     /// Record that the volume is now of `format` (upgrade).
+    /// Seal the keyring under a new passphrase or key file (a fresh salt; `params` for a
+    /// passphrase). The KEKs and their versions stay: no file changes. The old secret no
+    /// longer opens the keyring, but a copy of the old keyring file still opens with it.
+    pub fn reseal(self, secret: &Secret, params: KdfParams) -> Result<Self> {
+        params.check()?;
+        let mut salt = [0u8; 16];
+        fill_random(&mut salt)?;
+        let resealed = Self { seal: Seal::derive(secret, params, salt)?, ..self };
+        resealed.write_file(false)?;
+        Ok(resealed)
+    }
+
     pub fn set_volume_format(&self, format: u32) -> Result<()> {
         self.ring.write().unwrap().volume_format = format;
         self.write_file(false)
@@ -441,6 +453,21 @@ mod tests {
         let body = r.ring.read().unwrap().encode();
         assert!(!body.windows(KEY_LEN).any(|w| w == v1_key), "a retired key stays in the keyring");
         assert_eq!(r.ring_version(), 3, "create, rotate and retire each bump the version");
+    }
+
+    #[test]
+    fn reseal_changes_the_secret_and_keeps_the_keys() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("kr");
+        let vol = [5u8; 16];
+        let p = LocalProvider::create(&path, vol, &pw("old"), fast(), 2).unwrap();
+        let ctx = KeyContext { volume_id: &vol, file_id: &[1; 16] };
+        let (dek, rec) = p.generate(&ctx).unwrap();
+        let p = p.reseal(&pw("new"), fast()).unwrap();
+        assert_eq!(p.unwrap(&rec, &ctx).unwrap().expose(), dek.expose());
+        assert!(LocalProvider::open(&path, vol, &pw("old")).is_err(), "the old passphrase no longer opens it");
+        let q = LocalProvider::open(&path, vol, &pw("new")).unwrap();
+        assert_eq!(q.unwrap(&rec, &ctx).unwrap().expose(), dek.expose());
     }
 
     #[test]
