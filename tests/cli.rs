@@ -226,6 +226,7 @@ fn every_documented_exit_status_has_a_case() {
     let busy = fs::File::open(&v.backing).unwrap();
     let held = rustix_flock(&busy);
     let k = &v.key;
+    let svc_root = d.join("svc-root");
     let full_mnt = d.join("full-mnt");
     fs::create_dir(&full_mnt).unwrap();
     fs::write(full_mnt.join("hidden-by-a-mount"), b"x").unwrap();
@@ -238,6 +239,7 @@ fn every_documented_exit_status_has_a_case() {
         (2, vec![&"mount", &"--key-file", k, &"--allow-other", &v.backing, &mnt], "trust_backing_permissions"),
         (2, vec![&"mount", &"--key-file", k, &"--threads", &"0", &v.backing, &mnt], "threads"),
         (2, vec![&"init", &"--key-file", k, &"--kdf-memory-mib", &"100000", &empty], "out of range"),
+        (2, vec![&"service", &"install", &"x", &"--backing", &v.backing, &"--mountpoint", &mnt, &"-o", &"frob=1", &"--root", &svc_root], "frob"),
         (10, vec![&"fsck", &"--key-file", k, &empty], "not an envelopefs volume"),
         (10, vec![&"fsck", &"--key-file", k, &a_file], "not an envelopefs volume"),
         (10, vec![&"mount", &"--key-file", k, &missing, &mnt], "missing"),

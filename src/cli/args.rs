@@ -285,6 +285,26 @@ pub enum ServiceCmd {
         /// Install under this root instead of / (for packaging and tests).
         #[arg(long, default_value = "/")]
         root: PathBuf,
+        /// Replace an instance config that exists (the old one is shown first).
+        #[arg(long)]
+        force: bool,
+        /// The binary the unit runs, as a path that stays valid across upgrades (a symlink
+        /// to the current version is kept as a symlink). Default: the path this was run as.
+        #[arg(long, value_name = "PATH")]
+        exe: Option<PathBuf>,
+    },
+    /// Remove an instance's config (/etc/envelopefs/NAME.toml). The unit template and the
+    /// mount helper stay while other instances use them. Stop the unit first.
+    Uninstall {
+        name: String,
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+    },
+    /// List the installed instances: name, backing directory, mount point, and whether it
+    /// is mounted now.
+    List {
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
     },
 }
 

@@ -43,17 +43,35 @@ pub fn run(cli: Cli, argv: &[OsString]) -> Result<ExitCode> {
         (Cmd::Mount(m), Some(settings)) => mount::mount(settings, m.foreground, argv),
         (Cmd::Mount(_), None) => unreachable!("resolved above"),
         (Cmd::Key(k), _) => keys::key_cmd(k),
-        (Cmd::Service(ServiceCmd::Install { name, backing, mountpoint, options, root }), _) => {
-            let exe = std::env::current_exe()?;
-            crate::daemon::service::install(
-                &name,
-                &backing,
-                &mountpoint,
-                &options,
-                &root,
-                &exe,
-                &mut std::io::stdout(),
-            )?;
+        (Cmd::Service(ServiceCmd::Install { name, backing, mountpoint, options, root, force, exe }), _) => {
+            let exe = match exe {
+                Some(e) => std::path::absolute(e)?,
+                None => invoked_as(argv).map_or_else(std::env::current_exe, Ok)?,
+            };
+            // The options must be what `mount` takes: checked now, not at the first start.
+            let mut settings = options::MountSettings::default();
+            for word in options::split_words(&options) {
+                options::apply_word(&mut settings, &word)?;
+            }
+            let mountpoint = std::path::absolute(&mountpoint)?;
+            let install = crate::daemon::service::Install {
+                name: &name,
+                backing: &backing,
+                mountpoint: &mountpoint,
+                options: &options,
+                root: &root,
+                exe: &exe,
+                force,
+            };
+            crate::daemon::service::install(&install, &mut std::io::stdout())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        (Cmd::Service(ServiceCmd::Uninstall { name, root }), _) => {
+            crate::daemon::service::uninstall(&name, &root, &mut std::io::stdout())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        (Cmd::Service(ServiceCmd::List { root }), _) => {
+            crate::daemon::service::list(&root, &mut std::io::stdout())?;
             Ok(ExitCode::SUCCESS)
         }
         (Cmd::Umount { mountpoint, lazy }, _) => {
@@ -88,6 +106,16 @@ pub fn describe(e: &anyhow::Error) -> String {
         }
     }
     crate::error::printable(&out).into_owned()
+}
+
+/// The binary's path as it was run (found through PATH when given bare), symlinks kept: a
+/// unit naming `/usr/local/bin/envelopefs` follows that link when the binary is upgraded.
+fn invoked_as(args: &[OsString]) -> Option<std::path::PathBuf> {
+    let argv0 = std::path::Path::new(args.first()?);
+    if argv0.components().count() > 1 {
+        return std::path::absolute(argv0).ok();
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(argv0)).find(|p| p.is_file())
 }
 
 pub fn exit_code(e: &anyhow::Error) -> u8 {

@@ -35,19 +35,31 @@ pub fn instance_config(name: &str, backing: &Path, mountpoint: &Path, options: &
     )
 }
 
-/// Install instance `name` under `root` (`/` for the host), for the binary `exe`, and say
-/// what was written and what to run next on `out`.
-pub fn install(
-    name: &str,
-    backing: &Path,
-    mountpoint: &Path,
-    options: &str,
-    root: &Path,
-    exe: &Path,
-    out: &mut dyn Write,
-) -> Result<()> {
+/// What `service install` writes an instance from.
+pub struct Install<'a> {
+    pub name: &'a str,
+    pub backing: &'a Path,
+    /// Absolute (the unit runs from /).
+    pub mountpoint: &'a Path,
+    /// Checked by the caller: words `mount -o` takes.
+    pub options: &'a str,
+    /// `/` for the host.
+    pub root: &'a Path,
+    /// The binary the unit runs.
+    pub exe: &'a Path,
+    /// Replace an existing instance config.
+    pub force: bool,
+}
+
+fn config_path(root: &Path, name: &str) -> PathBuf {
+    root.join(format!("etc/envelopefs/{name}.toml"))
+}
+
+/// Install an instance, and say what was written and what to run next on `out`.
+pub fn install(i: &Install<'_>, out: &mut dyn Write) -> Result<()> {
+    let (name, root, exe) = (i.name, i.root, i.exe);
     check_instance_name(name)?;
-    VolumeConfig::load(backing)?;
+    VolumeConfig::load(i.backing)?;
     let say = |out: &mut dyn Write, line: String| writeln!(out, "{line}").map_err(|e| io(e, "writing".into()));
     let under = |p: &str| root.join(p.trim_start_matches('/'));
     let write = |out: &mut dyn Write, path: PathBuf, text: &str, mode: u32| -> Result<()> {
@@ -58,9 +70,21 @@ pub fn install(
             .map_err(|e| io(e, format!("setting the mode of {}", path.display())))?;
         say(out, format!("wrote {}", path.display()))
     };
-    let canon = std::fs::canonicalize(backing).map_err(|e| io(e, format!("resolving {}", backing.display())))?;
-    let conf = instance_config(name, &canon, mountpoint, options);
-    write(out, under(&format!("/etc/envelopefs/{name}.toml")), &conf, 0o600)?;
+    if !i.mountpoint.is_absolute() {
+        return Err(crate::error::usage(format!("mount point {}: give an absolute path", i.mountpoint.display())));
+    }
+    let canon = std::fs::canonicalize(i.backing).map_err(|e| io(e, format!("resolving {}", i.backing.display())))?;
+    let conf = instance_config(name, &canon, i.mountpoint, i.options);
+    let conf_path = config_path(root, name);
+    if let Ok(old) = std::fs::read_to_string(&conf_path) {
+        if old != conf && !i.force {
+            return Err(crate::error::usage(format!(
+                "instance {name} exists ({}):\n{old}replace it with --force",
+                conf_path.display()
+            )));
+        }
+    }
+    write(out, conf_path, &conf, 0o600)?;
     let unit = UNIT_TEMPLATE.replace(TEMPLATE_EXE, &exe.display().to_string());
     write(out, under("/etc/systemd/system/envelopefs@.service"), &unit, 0o644)?;
     let helper = under("/sbin/mount.fuse.envelopefs");
@@ -70,7 +94,55 @@ pub fn install(
     std::os::unix::fs::symlink(exe, &helper).map_err(|e| io(e, format!("linking {}", helper.display())))?;
     say(out, format!("linked {} -> {}", helper.display(), exe.display()))?;
     say(out, format!("Now: systemctl daemon-reload && systemctl enable --now envelopefs@{name}"))?;
-    say(out, format!("Units that need it: RequiresMountsFor={}", mountpoint.display()))
+    say(out, format!("Units that need it: RequiresMountsFor={}", i.mountpoint.display()))
+}
+
+/// The installed instances under `root`: (name, backing, mount point).
+pub fn instances(root: &Path) -> Result<Vec<(String, String, String)>> {
+    let dir = root.join("etc/envelopefs");
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(&dir) else { return Ok(out) };
+    for e in entries.flatten() {
+        let p = e.path();
+        let Some(name) = p.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".toml")) else {
+            continue;
+        };
+        let Ok(text) = std::fs::read_to_string(&p) else { continue };
+        let Ok(v) = toml::from_str::<toml::Table>(&text) else { continue };
+        let field = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("?").to_owned();
+        out.push((name.to_owned(), field("backing"), field("mountpoint")));
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// `service list`: one line per instance.
+pub fn list(root: &Path, out: &mut dyn Write) -> Result<()> {
+    for (name, backing, mnt) in instances(root)? {
+        let state =
+            if crate::daemon::process::mount_source(Path::new(&mnt)).is_some() { "mounted" } else { "not mounted" };
+        writeln!(out, "{name}\t{backing}\t{mnt}\t{state}").map_err(|e| io(e, "writing".into()))?;
+    }
+    Ok(())
+}
+
+/// `service uninstall`: the instance's config goes; the unit template and the mount helper
+/// go too once no instance is left.
+pub fn uninstall(name: &str, root: &Path, out: &mut dyn Write) -> Result<()> {
+    check_instance_name(name)?;
+    let conf = config_path(root, name);
+    std::fs::remove_file(&conf).map_err(|e| io(e, format!("removing {}", conf.display())))?;
+    writeln!(out, "removed {}", conf.display()).map_err(|e| io(e, "writing".into()))?;
+    if instances(root)?.is_empty() {
+        for p in ["etc/systemd/system/envelopefs@.service", "sbin/mount.fuse.envelopefs"] {
+            let p = root.join(p);
+            if std::fs::remove_file(&p).is_ok() {
+                writeln!(out, "removed {}", p.display()).map_err(|e| io(e, "writing".into()))?;
+            }
+        }
+    }
+    writeln!(out, "Stop it first if it runs: systemctl disable --now envelopefs@{name}")
+        .map_err(|e| io(e, "writing".into()))
 }
 
 #[cfg(test)]
@@ -95,7 +167,16 @@ mod tests {
         let root = d.path().join("root");
         let exe = Path::new("/opt/envelopefs/bin/envelopefs");
         let mut out = Vec::new();
-        install("web", &backing, Path::new("/mnt/web"), r"key_file=/k\,1,ro", &root, exe, &mut out).unwrap();
+        let web = |options, force| Install {
+            name: "web",
+            backing: &backing,
+            mountpoint: Path::new("/mnt/web"),
+            options,
+            root: &root,
+            exe,
+            force,
+        };
+        install(&web(r"key_file=/k\,1,ro", false), &mut out).unwrap();
         let conf = std::fs::read_to_string(root.join("etc/envelopefs/web.toml")).unwrap();
         let parsed: toml::Value = toml::from_str(&conf).unwrap();
         assert_eq!(parsed["backing"].as_str(), backing.canonicalize().unwrap().to_str());
@@ -108,12 +189,27 @@ mod tests {
         assert_eq!(std::fs::read_link(root.join("sbin/mount.fuse.envelopefs")).unwrap(), exe);
         let text = String::from_utf8(out).unwrap();
         assert!(text.contains("enable --now envelopefs@web") && text.contains("RequiresMountsFor=/mnt/web"), "{text}");
-        // Again: the link is replaced, not refused.
-        install("web", &backing, Path::new("/mnt/web"), "", &root, exe, &mut Vec::new()).unwrap();
-        // Not a volume, or a bad name: nothing is written.
+        // Again, the same: nothing to refuse. Different: only with --force.
+        install(&web(r"key_file=/k\,1,ro", false), &mut Vec::new()).unwrap();
+        let e = install(&web("ro", false), &mut Vec::new()).unwrap_err();
+        assert!(e.to_string().contains("--force") && e.to_string().contains("key_file=/k"), "{e}");
+        install(&web("ro", true), &mut Vec::new()).unwrap();
+        let mut listed = Vec::new();
+        list(&root, &mut listed).unwrap();
+        let listed = String::from_utf8(listed).unwrap();
+        assert!(listed.starts_with("web\t") && listed.contains("/mnt/web\tnot mounted"), "{listed}");
+        uninstall("web", &root, &mut Vec::new()).unwrap();
+        assert!(!root.join("etc/envelopefs/web.toml").exists());
+        assert!(!root.join("etc/systemd/system/envelopefs@.service").exists(), "no instance is left");
+        // Not a volume, or a bad name, or a relative mount point: nothing is written.
         let other = d.path().join("other-root");
-        assert!(install("web", d.path(), Path::new("/m"), "", &other, exe, &mut Vec::new()).is_err());
-        assert!(install("a/b", &backing, Path::new("/m"), "", &other, exe, &mut Vec::new()).is_err());
+        let (here, rel) = (d.path().to_path_buf(), PathBuf::from("rel/m"));
+        for (name, vol, mnt) in
+            [("web", &here, Path::new("/m")), ("a/b", &backing, Path::new("/m")), ("web", &backing, &*rel)]
+        {
+            let i = Install { name, backing: vol, mountpoint: mnt, options: "", root: &other, exe, force: false };
+            assert!(install(&i, &mut Vec::new()).is_err(), "{name} {} {}", vol.display(), mnt.display());
+        }
         assert!(!other.exists());
     }
 }
