@@ -305,3 +305,81 @@ fn an_unreachable_kms_is_its_own_exit_code() {
     kms.proxy(r#"{"mode": "ok"}"#);
     ok(cli(&[&"fsck", &v.backing]));
 }
+
+/// `GET /metrics` on the running daemon, as text.
+fn scrape(port: u16) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    std::io::Write::write_all(&mut s, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    std::io::Read::read_to_string(&mut s, &mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    resp.split("\r\n\r\n").nth(1).unwrap().to_owned()
+}
+
+/// One sample's value (`name{labels} value`, the line as OpenMetrics writes it).
+fn sample(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+/// Every KMS request the proxy has seen, whatever the operation.
+fn all_calls(kms: &Kms) -> u64 {
+    ["DescribeKey", "GenerateDataKey", "Decrypt", "Encrypt", "ReEncrypt", "ListKeyRotations"]
+        .iter()
+        .map(|op| kms.calls(op))
+        .sum()
+}
+
+/// The metrics endpoint counts what a workload did: creates, cache hits and misses, and
+/// KMS requests exactly as the KMS (the proxy in front of moto) saw them; a read-only
+/// mount makes no keys ahead.
+#[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
+#[cfg_attr(not(feature = "kms_tests"), ignore = "needs moto: --features kms_tests")]
+fn the_metrics_endpoint_counts_what_the_workload_did() {
+    let kms = Kms::start();
+    let v = kms_volume(&kms, "metrics");
+    let port = common::free_port().to_string();
+    let addr = format!("127.0.0.1:{port}");
+    let port: u16 = port.parse().unwrap();
+
+    let before = all_calls(&kms);
+    let m = mount(&v, &["--metrics", &addr]);
+    let start = Instant::now();
+    while kms.calls("GenerateDataKey") < 257 {
+        assert!(start.elapsed() < Duration::from_secs(20), "pool did not fill");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for i in 0..5 {
+        fs::write(m.path(&format!("f{i}")), b"data").unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(200)); // the pool refills what the creates took
+    let text = scrape(port);
+    assert_eq!(sample(&text, r#"envelopefs_fuse_requests_total{op="create"}"#), 5);
+    assert_eq!(sample(&text, "envelopefs_kms_requests_total"), all_calls(&kms) - before, "{text}");
+    assert!(text.contains(r#"envelopefs_fuse_request_seconds_count{op="write"}"#), "{text}");
+    drop(m);
+
+    // Read-only: no keys made ahead; each file's key unwrapped once, then cached.
+    let gen = kms.calls("GenerateDataKey");
+    let before = all_calls(&kms);
+    let m = mount(&v, &["--read-only", "--metrics", &addr]);
+    for _ in 0..2 {
+        for i in 0..5 {
+            assert_eq!(fs::read(m.path(&format!("f{i}"))).unwrap(), b"data");
+        }
+    }
+    let text = scrape(port);
+    // The open's self-test makes one; a pool would make hundreds.
+    assert!(
+        kms.calls("GenerateDataKey") - gen <= 1,
+        "a read-only mount made keys ahead: {}",
+        kms.calls("GenerateDataKey") - gen
+    );
+    assert_eq!(sample(&text, "envelopefs_dek_cache_misses_total"), 5, "{text}");
+    assert_eq!(sample(&text, "envelopefs_dek_cache_hits_total"), 5, "{text}");
+    assert_eq!(sample(&text, "envelopefs_kms_requests_total"), all_calls(&kms) - before, "{text}");
+}

@@ -221,7 +221,7 @@ pub enum Cmd {
         #[arg(long)]
         lazy: bool,
     },
-    /// Ask a running mount how it is doing: uptime, open files, DEK cache, key-store calls,
+    /// Ask a running mount how it is doing: uptime, open files, DEK cache, key-store operations and KMS requests,
     /// errors.
     Status {
         mountpoint: PathBuf,
@@ -568,6 +568,12 @@ pub struct MountArgs {
     /// read requests of a sequential reader are.
     #[arg(long, value_name = "KIB", default_value_t = crate::fuse::DEFAULT_READ_AHEAD_KB)]
     pub read_ahead_kb: u32,
+    /// Serve OpenMetrics at http://ADDR/metrics (e.g. 127.0.0.1:9101): FUSE requests and
+    /// their latency by opcode, errors by errno, DEK cache hits and misses, key-store
+    /// operations, KMS requests, journal records, open files. Off by default; it names no
+    /// file, but bind it to an address only your monitoring reaches.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
     #[command(flatten)]
     pub secret: SecretArgs,
 }
@@ -598,6 +604,7 @@ impl MountArgs {
             max_inode_fds: self.max_inode_fds,
             exclusive: self.exclusive,
             read_ahead_kb: self.read_ahead_kb,
+            metrics: self.metrics.clone(),
             secret: self.secret.source(),
         }
     }

@@ -111,13 +111,16 @@ pub fn mount(mut s: MountSettings, foreground: bool, argv: &[OsString]) -> Resul
         },
     )?;
     process::raise_fd_limit();
-    let journal = start_journal(&vol, &s)?;
+    let (journal, recovered) = start_journal(&vol, &s)?;
     let mut fs = EncryptedFs::new(Arc::new(vol))?.with_inode_fds(s.file_handles, s.max_inode_fds)?;
     info!("{}", fs.inode_fds_summary());
     if let Some(j) = &journal {
         fs = fs.with_journal(j.clone());
     }
     let fs = Arc::new(fs);
+    if let Some(addr) = &s.metrics {
+        crate::daemon::metrics::serve(addr, fs.clone(), journal.clone(), recovered)?;
+    }
     let mut session = crate::fuse::mount(fs.clone(), s.mountpoint(), opts)
         .with_context(|| format!("mounting on {}", s.mountpoint().display()))?;
     let mut unmounter = session.unmount_callable();
@@ -202,20 +205,22 @@ pub fn mount(mut s: MountSettings, foreground: bool, argv: &[OsString]) -> Resul
 
 /// Finish what a crash left (the journal of the last mount, `recovery`), then start this
 /// mount's journal. A read-only mount changes nothing: it only says what is pending.
-fn start_journal(vol: &Volume, s: &MountSettings) -> Result<Option<Arc<Journal>>> {
+/// The journal, and how many files the recovery settled.
+fn start_journal(vol: &Volume, s: &MountSettings) -> Result<(Option<Arc<Journal>>, u64)> {
     if s.read_only {
         let pending = crate::file::recovery::describe_pending(vol)?;
         for p in &pending {
             warn!("{}: {} (mounted read-only: not recovered)", p.path.display(), p.what);
         }
-        return Ok(None);
+        return Ok((None, 0));
     }
     let touched = crate::file::recovery::recover(vol)?;
     if !touched.is_empty() {
         info!("crash recovery touched {} file(s); each is logged above", touched.len());
     }
+    let recovered = touched.len() as u64;
     if s.journal == Mode::Off {
-        return Ok(None);
+        return Ok((None, recovered));
     }
     let j = Journal::create(
         &vol.journal_dir(),
@@ -227,5 +232,5 @@ fn start_journal(vol: &Volume, s: &MountSettings) -> Result<Option<Arc<Journal>>
         None,
     )
     .with_context(|| format!("starting the crash journal in {}", vol.journal_dir().display()))?;
-    Ok(Some(j))
+    Ok((Some(j), recovered))
 }

@@ -41,6 +41,10 @@ pub struct Status {
     /// FUSE requests served since the mount, by opcode.
     #[serde(default)]
     pub requests: std::collections::BTreeMap<String, u64>,
+    /// Requests sent to KMS (retries and keys made ahead included), when a slot is KMS;
+    /// `provider_calls` counts the key operations asked of the key stores.
+    #[serde(default)]
+    pub kms_requests: Option<u64>,
 }
 
 /// Where the socket of the mount at `mountpoint` lives.

@@ -5,6 +5,7 @@
 
 pub mod control;
 pub mod daemonize;
+pub mod metrics;
 pub mod options;
 pub mod process;
 pub mod service;

@@ -50,6 +50,8 @@ pub struct MountSettings {
     pub exclusive: bool,
     /// The mount's read-ahead in KiB (0: the kernel's default, 128).
     pub read_ahead_kb: u32,
+    /// Where the OpenMetrics endpoint listens (host:port); off when None.
+    pub metrics: Option<String>,
     pub secret: SecretSource,
 }
 
@@ -78,6 +80,7 @@ impl Default for MountSettings {
             max_inode_fds: crate::fs::DEFAULT_MAX_INODE_FDS,
             exclusive: false,
             read_ahead_kb: crate::fuse::DEFAULT_READ_AHEAD_KB,
+            metrics: None,
             secret: SecretSource::default(),
         }
     }
@@ -179,6 +182,7 @@ pub fn apply_word(s: &mut MountSettings, word: &str) -> Result<()> {
         "max_inode_fds" => s.max_inode_fds = num()? as usize,
         "exclusive" => s.exclusive = true,
         "read_ahead_kb" => s.read_ahead_kb = num()? as u32,
+        "metrics" => s.metrics = Some(val()?.to_owned()),
         k if IGNORED.contains(&k) || k == "comment" || k.starts_with("x-") => {}
         _ => return Err(usage(format!("unknown mount option {word:?} (see envelopefs mount --help)"))),
     }
@@ -329,6 +333,7 @@ mod tests {
             ("max_inode_fds=64", |s| s.max_inode_fds == 64),
             ("exclusive", |s| s.exclusive),
             ("read_ahead_kb=0", |s| s.read_ahead_kb == 0),
+            ("metrics=127.0.0.1:9100", |s| s.metrics.as_deref() == Some("127.0.0.1:9100")),
             (r"key_file=/etc/a\,b.key", |s| s.secret.key_file.as_deref() == Some(Path::new("/etc/a,b.key"))),
             (r"key_file=/etc/a\\b.key", |s| s.secret.key_file.as_deref() == Some(Path::new(r"/etc/a\b.key"))),
             ("threads=2,threads=3", |s| s.threads == 3),

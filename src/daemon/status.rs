@@ -38,6 +38,7 @@ pub fn reporter(fs: Arc<EncryptedFs>, backing: &Path, mountpoint: &Path) -> Arc<
             inode_fds: fs.inode_fds().0 as u64,
             inode_fd_limit: fs.inode_fds().1 as u64,
             requests: fs.stats.requests().map(|(o, n)| (o.to_owned(), n)).collect(),
+            kms_requests: v.requests_sent(),
         }
     })
 }
@@ -55,7 +56,10 @@ pub fn write_human(st: &Status, out: &mut dyn Write) -> io::Result<()> {
         st.dek_cache_misses,
         st.dek_cache_hit_rate * 100.0
     )?;
-    writeln!(out, "  key-store calls {} ({} failed)", st.provider_calls, st.provider_errors)?;
+    writeln!(out, "  key-store operations {} ({} failed)", st.provider_calls, st.provider_errors)?;
+    if let Some(n) = st.kms_requests {
+        writeln!(out, "  KMS requests   {n}")?;
+    }
     writeln!(
         out,
         "  inodes         {} known, {} descriptors open (at most {})",
@@ -127,6 +131,7 @@ mod tests {
             inode_fds: 5,
             inode_fd_limit: 512,
             requests: [("lookup".to_owned(), 3), ("getattr".to_owned(), 9)].into(),
+            kms_requests: Some(6),
         };
         let mut out = Vec::new();
         write_human(&st, &mut out).unwrap();
@@ -135,7 +140,8 @@ mod tests {
             "/srv/a on /mnt/a (pid 7, up 3 s)",
             "open files     2",
             "DEK cache      1 keys, 3 hits, 1 misses (75% hit rate)",
-            "key-store calls 4 (0 failed)",
+            "key-store operations 4 (0 failed)",
+            "KMS requests   6",
             "last error     9 s ago: boom",
             "inodes         12 known, 5 descriptors open (at most 512)",
             "FUSE requests  getattr 9, lookup 3",

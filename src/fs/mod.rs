@@ -27,6 +27,10 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::crypto::FileKey;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+
 use crate::error::{Error, Result};
 use crate::file::content::Content;
 use crate::file::envelope_file::EnvelopeFile;
@@ -306,20 +310,63 @@ pub const OPCODES: [&str; 31] = [
     "fallocate",
 ];
 
-/// Counters the filesystem and the adapter keep for `status`.
-#[derive(Debug, Default)]
+/// A metric's labels, as the metrics endpoint shows them.
+pub type Labels = Vec<(&'static str, String)>;
+
+/// Counters the filesystem and the adapter keep for `status` and the metrics endpoint.
+#[derive(Debug)]
 pub struct Stats {
     pub errors: AtomicU64,
     pub last_error: Mutex<Option<(SystemTime, String)>>,
     requests: [AtomicU64; OPCODES.len()],
+    /// Seconds each request took to answer, by opcode.
+    pub latency: Family<Labels, Histogram, fn() -> Histogram>,
+    /// Errors replied, by errno.
+    pub errnos: Family<Labels, Counter>,
+}
+
+fn latency_histogram() -> Histogram {
+    // 10 µs to about 40 s.
+    Histogram::new(exponential_buckets(1e-5, 4.0, 12))
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self {
+            errors: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+            requests: Default::default(),
+            latency: Family::new_with_constructor(latency_histogram),
+            errnos: Family::default(),
+        }
+    }
+}
+
+/// Times one request; observed when it is dropped, once the reply is sent.
+pub struct RequestTimer<'a> {
+    stats: &'a Stats,
+    op: &'static str,
+    start: std::time::Instant,
+}
+
+impl Drop for RequestTimer<'_> {
+    fn drop(&mut self) {
+        self.stats.latency.get_or_create(&vec![("op", self.op.to_owned())]).observe(self.start.elapsed().as_secs_f64());
+    }
 }
 
 impl Stats {
-    /// Count one request of `op` (one of `OPCODES`).
-    pub fn request(&self, op: &str) {
+    /// Count one request of `op` (one of `OPCODES`) and time it until the timer drops.
+    pub fn request(&self, op: &'static str) -> RequestTimer<'_> {
         if let Some(i) = OPCODES.iter().position(|o| *o == op) {
             self.requests[i].fetch_add(1, Ordering::Relaxed);
         }
+        RequestTimer { stats: self, op, start: std::time::Instant::now() }
+    }
+
+    /// Count one error reply.
+    pub fn errno(&self, errno: i32) {
+        self.errnos.get_or_create(&vec![("errno", errno_name(errno))]).inc();
     }
 
     /// Requests served so far, by opcode (those never sent left out).
@@ -330,6 +377,23 @@ impl Stats {
     pub fn error(&self, what: String) {
         self.errors.fetch_add(1, Ordering::Relaxed);
         *self.last_error.lock().unwrap() = Some((SystemTime::now(), what));
+    }
+}
+
+fn errno_name(errno: i32) -> String {
+    match errno {
+        libc::ENOENT => "ENOENT".into(),
+        libc::EIO => "EIO".into(),
+        libc::EACCES => "EACCES".into(),
+        libc::EPERM => "EPERM".into(),
+        libc::ENOSPC => "ENOSPC".into(),
+        libc::EEXIST => "EEXIST".into(),
+        libc::ENOTEMPTY => "ENOTEMPTY".into(),
+        libc::ESTALE => "ESTALE".into(),
+        libc::ENODATA => "ENODATA".into(),
+        libc::EROFS => "EROFS".into(),
+        libc::EMFILE => "EMFILE".into(),
+        n => n.to_string(),
     }
 }
 

@@ -135,6 +135,7 @@ impl FuseFs {
             On::Ino(ino) => self.fs.describe(ino),
             On::Name(parent, name) => format!("{name:?} in {}", self.fs.describe(parent)),
         };
+        self.fs.stats.errno(e.errno());
         if e.is_noteworthy() {
             warn!("{op} {} failed: {e}", what());
             self.fs.stats.error(format!("{op} {}: {e}", what()));
@@ -201,7 +202,7 @@ impl Filesystem for FuseFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        self.fs.stats.request("lookup");
+        let _timer = self.fs.stats.request("lookup");
         match self.fs.lookup(parent.0, name) {
             // A negative entry (inode 0): the kernel caches "no such name" for the entry
             // timeout instead of asking again (searches along PATH, imports, build tools).
@@ -214,12 +215,12 @@ impl Filesystem for FuseFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.fs.stats.request("forget");
+        let _timer = self.fs.stats.request("forget");
         self.fs.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        self.fs.stats.request("getattr");
+        let _timer = self.fs.stats.request("getattr");
         match self.fs.getattr(ino.0) {
             Ok(a) => reply.attr(&self.opts.attr_timeout, &fuse_attr(&a)),
             Err(e) => reply.error(self.errno("getattr", On::Ino(ino.0), &e)),
@@ -244,7 +245,7 @@ impl Filesystem for FuseFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        self.fs.stats.request("setattr");
+        let _timer = self.fs.stats.request("setattr");
         let set = SetAttr { mode, uid, gid, size, atime: set_time(atime), mtime: set_time(mtime), fh: fh.map(|f| f.0) };
         match self.fs.setattr(ino.0, set, caller(req)) {
             Ok(a) => reply.attr(&self.opts.attr_timeout, &fuse_attr(&a)),
@@ -253,7 +254,7 @@ impl Filesystem for FuseFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        self.fs.stats.request("readlink");
+        let _timer = self.fs.stats.request("readlink");
         match self.fs.readlink(ino.0) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(self.errno("readlink", On::Ino(ino.0), &e)),
@@ -261,7 +262,7 @@ impl Filesystem for FuseFs {
     }
 
     fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
-        self.fs.stats.request("mknod");
+        let _timer = self.fs.stats.request("mknod");
         self.entry(
             reply,
             "mknod",
@@ -271,22 +272,22 @@ impl Filesystem for FuseFs {
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
-        self.fs.stats.request("mkdir");
+        let _timer = self.fs.stats.request("mkdir");
         self.entry(reply, "mkdir", On::Name(parent.0, name), self.fs.mkdir(parent.0, name, mode, umask, caller(req)));
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.fs.stats.request("unlink");
+        let _timer = self.fs.stats.request("unlink");
         self.empty(reply, "unlink", On::Name(parent.0, name), self.fs.unlink(parent.0, name));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.fs.stats.request("rmdir");
+        let _timer = self.fs.stats.request("rmdir");
         self.empty(reply, "rmdir", On::Name(parent.0, name), self.fs.rmdir(parent.0, name));
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
-        self.fs.stats.request("symlink");
+        let _timer = self.fs.stats.request("symlink");
         self.entry(
             reply,
             "symlink",
@@ -305,7 +306,7 @@ impl Filesystem for FuseFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        self.fs.stats.request("rename");
+        let _timer = self.fs.stats.request("rename");
         self.empty(
             reply,
             "rename",
@@ -315,12 +316,12 @@ impl Filesystem for FuseFs {
     }
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
-        self.fs.stats.request("link");
+        let _timer = self.fs.stats.request("link");
         self.entry(reply, "link", On::Ino(ino.0), self.fs.link(ino.0, newparent.0, newname));
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        self.fs.stats.request("open");
+        let _timer = self.fs.stats.request("open");
         match self.fs.open(ino.0, flags.0, caller(req)) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(self.errno("open", On::Ino(ino.0), &e)),
@@ -338,7 +339,7 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.fs.stats.request("read");
+        let _timer = self.fs.stats.request("read");
         match self.fs.read(fh.0, offset, size) {
             Ok(d) => reply.data(&d),
             Err(e) => reply.error(self.errno("read", On::Ino(ino.0), &e)),
@@ -357,7 +358,7 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        self.fs.stats.request("write");
+        let _timer = self.fs.stats.request("write");
         match self.fs.write(fh.0, offset, data, caller(req)) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(self.errno("write", On::Ino(ino.0), &e)),
@@ -365,7 +366,7 @@ impl Filesystem for FuseFs {
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        self.fs.stats.request("flush");
+        let _timer = self.fs.stats.request("flush");
         // Writes reach the backing file synchronously, so there is nothing to flush here.
         // ENOSYS tells the kernel to stop sending FLUSH (one round trip less per close); it
         // still writes back its own dirty pages on close before that.
@@ -382,18 +383,18 @@ impl Filesystem for FuseFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.fs.stats.request("release");
+        let _timer = self.fs.stats.request("release");
         self.fs.release(fh.0);
         reply.ok();
     }
 
     fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
-        self.fs.stats.request("fsync");
+        let _timer = self.fs.stats.request("fsync");
         self.empty(reply, "fsync", On::Ino(ino.0), self.fs.fsync(fh.0, datasync));
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        self.fs.stats.request("opendir");
+        let _timer = self.fs.stats.request("opendir");
         match self.fs.opendir(ino.0) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(self.errno("opendir", On::Ino(ino.0), &e)),
@@ -401,7 +402,7 @@ impl Filesystem for FuseFs {
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        self.fs.stats.request("readdir");
+        let _timer = self.fs.stats.request("readdir");
         let r = self.fs.readdir(fh.0, offset, |e, next| reply.add(INodeNo(e.ino), next, file_type(e.kind), &e.name));
         match r {
             Ok(()) => reply.ok(),
@@ -410,7 +411,7 @@ impl Filesystem for FuseFs {
     }
 
     fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
-        self.fs.stats.request("readdirplus");
+        let _timer = self.fs.stats.request("readdirplus");
         let ttl = self.opts.entry_timeout;
         let r = self.fs.readdirplus(fh.0, offset, |e, next, a| {
             reply.add(INodeNo(a.ino), next, &e.name, &ttl, &fuse_attr(a), Generation(0))
@@ -422,18 +423,18 @@ impl Filesystem for FuseFs {
     }
 
     fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
-        self.fs.stats.request("releasedir");
+        let _timer = self.fs.stats.request("releasedir");
         self.fs.releasedir(fh.0);
         reply.ok();
     }
 
     fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        self.fs.stats.request("fsyncdir");
+        let _timer = self.fs.stats.request("fsyncdir");
         self.empty(reply, "fsyncdir", On::Ino(ino.0), self.fs.fsyncdir(ino.0));
     }
 
     fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
-        self.fs.stats.request("statfs");
+        let _timer = self.fs.stats.request("statfs");
         match self.fs.statfs() {
             Ok(s) => reply.statfs(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize),
             Err(e) => reply.error(self.errno("statfs", On::Ino(ino.0), &e)),
@@ -450,12 +451,12 @@ impl Filesystem for FuseFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        self.fs.stats.request("setxattr");
+        let _timer = self.fs.stats.request("setxattr");
         self.empty(reply, "setxattr", On::Ino(ino.0), self.fs.setxattr(ino.0, name, value, flags));
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        self.fs.stats.request("getxattr");
+        let _timer = self.fs.stats.request("getxattr");
         match self.fs.getxattr(ino.0, name, size) {
             Ok(v) if size == 0 => reply.size(v.len() as u32),
             Ok(v) => reply.data(&v),
@@ -464,7 +465,7 @@ impl Filesystem for FuseFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        self.fs.stats.request("listxattr");
+        let _timer = self.fs.stats.request("listxattr");
         match self.fs.listxattr(ino.0) {
             Ok(v) if size == 0 => reply.size(v.len() as u32),
             Ok(v) if v.len() > size as usize => reply.error(Errno::from_i32(libc::ERANGE)),
@@ -474,12 +475,12 @@ impl Filesystem for FuseFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.fs.stats.request("removexattr");
+        let _timer = self.fs.stats.request("removexattr");
         self.empty(reply, "removexattr", On::Ino(ino.0), self.fs.removexattr(ino.0, name));
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
-        self.fs.stats.request("access");
+        let _timer = self.fs.stats.request("access");
         // default_permissions is always on: the kernel has checked already.
         reply.ok();
     }
@@ -494,7 +495,7 @@ impl Filesystem for FuseFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        self.fs.stats.request("create");
+        let _timer = self.fs.stats.request("create");
         match self.fs.create(parent.0, name, mode, umask, flags, caller(req)) {
             Ok((a, fh)) => reply.created(
                 &self.opts.entry_timeout,
@@ -517,7 +518,7 @@ impl Filesystem for FuseFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        self.fs.stats.request("fallocate");
+        let _timer = self.fs.stats.request("fallocate");
         self.empty(reply, "fallocate", On::Ino(ino.0), self.fs.fallocate(fh.0, offset, length, mode, caller(req)));
     }
 }

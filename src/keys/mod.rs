@@ -73,6 +73,13 @@ pub trait KeyProvider: Send + Sync {
         false
     }
 
+    /// Requests sent to a remote key service so far (KMS bills and throttles these; a
+    /// cache, a pool or an intermediate key make them differ from the operations asked
+    /// for). None for a store that is not a service.
+    fn requests_sent(&self) -> Option<u64> {
+        None
+    }
+
     /// Recover a DEK. A missing, retired or refusing KEK is `EACCES`; a wrapped key that
     /// does not authenticate against `ctx` is `EACCES` as well (it is not ours to open).
     fn unwrap(&self, record: &KeyRecord, ctx: &KeyContext<'_>) -> Result<Dek>;

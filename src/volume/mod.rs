@@ -228,6 +228,12 @@ impl Volume {
     }
 
     /// Save what this host trusts and has seen of the volume (`envelopefs trust`).
+    /// Requests sent to remote key services (KMS) so far, by every slot; `None` when no
+    /// slot is one.
+    pub fn requests_sent(&self) -> Option<u64> {
+        self.slots.iter().filter_map(|s| s.provider.requests_sent()).reduce(|a, b| a + b)
+    }
+
     /// What this host trusts and has seen of the volume.
     pub fn trust_record(&self) -> &TrustRecord {
         &self.trusted

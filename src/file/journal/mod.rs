@@ -232,6 +232,11 @@ impl Journal {
         Ok(Arc::new(Self { paths, mode, limit, root, state: Mutex::new(state), drained: Condvar::new(), observer }))
     }
 
+    /// Records written since the journal started (for the metrics endpoint).
+    pub fn records(&self) -> u64 {
+        self.state.lock().unwrap().seq
+    }
+
     pub fn observer(&self) -> Option<&Observer> {
         self.observer.as_ref()
     }

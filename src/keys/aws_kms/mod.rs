@@ -111,6 +111,8 @@ pub struct AwsKmsProvider {
     current_ik: Mutex<Option<Intermediate>>,
     /// Unwrapped intermediate keys by id; wiped on eviction like DEKs.
     ik_cache: moka::sync::Cache<[u8; 16], Arc<Zeroizing<[u8; 32]>>>,
+    /// Requests sent to KMS, retries included.
+    requests: RequestCounter,
 }
 
 impl AwsKmsProvider {
@@ -122,6 +124,7 @@ impl AwsKmsProvider {
             .enable_all()
             .build()
             .map_err(|e| Error::io(e, "starting the KMS runtime"))?;
+        let counter = RequestCounter::default();
         let client = rt.block_on(async {
             let mut loader = aws_config::defaults(BehaviorVersion::latest())
                 .retry_config(
@@ -142,7 +145,9 @@ impl AwsKmsProvider {
             if let Some(e) = &settings.endpoint {
                 loader = loader.endpoint_url(e.clone());
             }
-            Client::new(&loader.load().await)
+            let shared = loader.load().await;
+            let conf = aws_sdk_kms::config::Builder::from(&shared).interceptor(counter.clone()).build();
+            Client::from_conf(conf)
         });
         let key_id = settings.key_id.clone();
         let described = rt
@@ -168,6 +173,7 @@ impl AwsKmsProvider {
             intermediate: settings.intermediate_key,
             current_ik: Mutex::new(None),
             ik_cache: moka::sync::Cache::builder().max_capacity(1024).time_to_live(Duration::from_secs(300)).build(),
+            requests: counter,
         };
         p.rotations.store(p.count_rotations()?, Ordering::Relaxed);
         if p.intermediate {
@@ -417,6 +423,10 @@ impl AwsKmsProvider {
 }
 
 impl KeyProvider for AwsKmsProvider {
+    fn requests_sent(&self) -> Option<u64> {
+        Some(self.requests.0.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
     fn kind(&self) -> ProviderKind {
         ProviderKind::AwsKms
     }

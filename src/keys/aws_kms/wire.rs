@@ -103,3 +103,24 @@ pub(super) fn kms_error<E: ProvideErrorMetadata + std::error::Error + Send + Syn
         err
     }
 }
+
+/// Counts every request the SDK sends to KMS (retries included): what KMS bills and
+/// throttles, whatever the provider's caches and pools did.
+#[derive(Debug, Default, Clone)]
+pub struct RequestCounter(pub Arc<std::sync::atomic::AtomicU64>);
+
+impl aws_sdk_kms::config::Intercept for RequestCounter {
+    fn name(&self) -> &'static str {
+        "envelopefs-request-counter"
+    }
+
+    fn read_before_transmit(
+        &self,
+        _context: &aws_sdk_kms::config::interceptors::BeforeTransmitInterceptorContextRef<'_>,
+        _components: &aws_sdk_kms::config::RuntimeComponents,
+        _cfg: &mut aws_sdk_kms::config::ConfigBag,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+}

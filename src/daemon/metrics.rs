@@ -1,0 +1,134 @@
+//! The OpenMetrics endpoint (`--metrics ADDR`, off by default): `GET /metrics` answers
+//! the mount's counters for Prometheus and its kin. Nothing in it names a file.
+
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+
+use crate::error::{Error, Result};
+use crate::file::journal::Journal;
+use crate::fs::EncryptedFs;
+
+/// What the endpoint reads at each scrape.
+struct Live {
+    fs: Arc<EncryptedFs>,
+    journal: Option<Arc<Journal>>,
+    /// Files the crash recovery at this mount's start settled.
+    recovered: u64,
+}
+
+impl std::fmt::Debug for Live {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the mount's live counters")
+    }
+}
+
+fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
+    let c = ConstCounter::new(v);
+    c.encode(e.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> std::fmt::Result {
+    let g = ConstGauge::new(v);
+    g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+impl Collector for Live {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        use std::sync::atomic::Ordering::Relaxed;
+        let v = self.fs.volume();
+        let c = ConstCounter::new(0u64);
+        let mut requests =
+            e.encode_descriptor("envelopefs_fuse_requests", "FUSE requests served", None, c.metric_type())?;
+        for (op, n) in self.fs.stats.requests() {
+            ConstCounter::new(n).encode(requests.encode_family(&vec![("op", op)])?)?;
+        }
+        counter(
+            &mut e,
+            "envelopefs_dek_cache_hits",
+            "opens that found the data key cached",
+            v.cache.stats.hits.load(Relaxed),
+        )?;
+        counter(
+            &mut e,
+            "envelopefs_dek_cache_misses",
+            "opens that unwrapped the data key",
+            v.cache.stats.misses.load(Relaxed),
+        )?;
+        counter(
+            &mut e,
+            "envelopefs_key_store_operations",
+            "wraps and unwraps asked of the key stores",
+            v.provider_calls.load(Relaxed),
+        )?;
+        counter(
+            &mut e,
+            "envelopefs_key_store_errors",
+            "key-store operations that failed",
+            v.provider_errors.load(Relaxed),
+        )?;
+        if let Some(n) = v.requests_sent() {
+            counter(
+                &mut e,
+                "envelopefs_kms_requests",
+                "requests sent to KMS, retries and keys made ahead included",
+                n,
+            )?;
+        }
+        if let Some(j) = &self.journal {
+            counter(&mut e, "envelopefs_journal_records", "records written to the crash journal", j.records())?;
+        }
+        counter(
+            &mut e,
+            "envelopefs_crash_recoveries",
+            "files crash recovery settled when this mount started",
+            self.recovered,
+        )?;
+        gauge(&mut e, "envelopefs_open_files", "files open through the mount", self.fs.open_files() as i64)?;
+        gauge(&mut e, "envelopefs_inodes", "inodes the kernel knows", self.fs.inode_count() as i64)?;
+        gauge(&mut e, "envelopefs_inode_fds", "descriptors of known inodes held open", self.fs.inode_fds().0 as i64)?;
+        Ok(())
+    }
+}
+
+/// Serve the metrics of the mount of `fs` on `addr` (host:port) from a thread of its own.
+pub fn serve(addr: &str, fs: Arc<EncryptedFs>, journal: Option<Arc<Journal>>, recovered: u64) -> Result<()> {
+    let mut registry = Registry::default();
+    registry.register(
+        "envelopefs_fuse_request_seconds",
+        "time to answer a FUSE request, by opcode",
+        fs.stats.latency.clone(),
+    );
+    registry.register("envelopefs_fuse_errors", "errors replied to FUSE requests, by errno", fs.stats.errnos.clone());
+    registry.register_collector(Box::new(Live { fs, journal, recovered }));
+    let server = tiny_http::Server::http(addr).map_err(|e| {
+        Error::new(libc::EADDRNOTAVAIL, format!("metrics endpoint {addr}: {e}")).with_class(crate::error::Class::Usage)
+    })?;
+    tracing::info!("metrics on http://{addr}/metrics");
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            for req in server.incoming_requests() {
+                let reply = if req.url() == "/metrics" {
+                    let mut body = String::new();
+                    match prometheus_client::encoding::text::encode(&mut body, &registry) {
+                        Ok(()) => tiny_http::Response::from_string(body).with_header(
+                            "Content-Type: application/openmetrics-text; version=1.0.0; charset=utf-8"
+                                .parse::<tiny_http::Header>()
+                                .expect("a valid header"),
+                        ),
+                        Err(_) => tiny_http::Response::from_string("encoding failed").with_status_code(500),
+                    }
+                } else {
+                    tiny_http::Response::from_string("see /metrics").with_status_code(404)
+                };
+                let _ = req.respond(reply);
+            }
+        })
+        .map_err(|e| Error::io(e, "starting the metrics thread"))?;
+    Ok(())
+}
