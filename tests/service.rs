@@ -240,6 +240,26 @@ fn completions_and_man_page() {
     assert!(bash.contains("envelopefs") && bash.contains("rekey"), "{}", &bash[..200.min(bash.len())]);
     let man = ok(cli(&[&"man"]));
     assert!(man.starts_with(".ie") || man.contains(".TH envelopefs"), "{}", &man[..200.min(man.len())]);
+    // A page per subcommand: every page the top one refers to exists.
+    let dir = tempfile::tempdir().unwrap();
+    ok(cli(&[&"man", &"--dir", &dir.path()]));
+    for page in [
+        "envelopefs.1",
+        "envelopefs-init.1",
+        "envelopefs-mount.1",
+        "envelopefs-key-passwd.1",
+        "envelopefs-key-slot-add.1",
+    ] {
+        assert!(dir.path().join(page).exists(), "{page}");
+    }
+    let top = fs::read_to_string(dir.path().join("envelopefs.1")).unwrap();
+    assert!(top.contains("EXIT STATUS"), "the top page has the exit codes");
+    for referred in top.split("envelopefs\\-").skip(1) {
+        let name: String =
+            referred.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '\\' || *c == '-').collect();
+        let file = format!("envelopefs-{}.1", name.replace("\\-", "-").trim_end_matches('-'));
+        assert!(dir.path().join(&file).exists(), "the top page refers to {file}, which is missing");
+    }
 }
 
 /// A crashed daemon comes back under systemd: after `kill -9` the mount point holds a dead

@@ -236,7 +236,12 @@ pub enum Cmd {
     /// Print shell completions (bash, zsh, fish, elvish, powershell) to stdout.
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff) to stdout: envelopefs man | man -l -
-    Man,
+    Man {
+        /// Write a page per subcommand (envelopefs.1, envelopefs-mount.1,
+        /// envelopefs-key-slot-add.1…) into DIR instead, for /usr/share/man/man1.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<std::path::PathBuf>,
+    },
     /// Show an encrypted file's header (file id, key records, generation). Needs no secret
     /// and shows none, unless --volume names the file by its plaintext path.
     Inspect {

@@ -167,7 +167,12 @@ pub fn run(cmd: Cmd) -> Result<ExitCode> {
             );
             Ok(if remaining == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
-        Cmd::Mount(_) | Cmd::Key(_) | Cmd::Service(_) | Cmd::Umount { .. } | Cmd::Completions { .. } | Cmd::Man => {
+        Cmd::Mount(_)
+        | Cmd::Key(_)
+        | Cmd::Service(_)
+        | Cmd::Umount { .. }
+        | Cmd::Completions { .. }
+        | Cmd::Man { .. } => {
             unreachable!("dispatched by cli::run")
         }
     }

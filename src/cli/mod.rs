@@ -82,8 +82,16 @@ pub fn run(cli: Cli, argv: &[OsString]) -> Result<ExitCode> {
             clap_complete::generate(shell, &mut Cli::command(), "envelopefs", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
         }
-        (Cmd::Man, _) => {
+        (Cmd::Man { dir: None }, _) => {
             std::io::Write::write_all(&mut std::io::stdout(), &man_page()?)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        (Cmd::Man { dir: Some(dir) }, _) => {
+            std::fs::create_dir_all(&dir)?;
+            clap_mangen::generate_to(man_command(), &dir)?;
+            // The top page carries the EXIT STATUS section.
+            std::fs::write(dir.join("envelopefs.1"), man_page()?)?;
+            println!("man pages written to {}", dir.display());
             Ok(ExitCode::SUCCESS)
         }
         (cmd, _) => commands::run(cmd),
@@ -125,10 +133,15 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
         .map_or(1, |c| c.exit_code())
 }
 
+/// The command as the man pages show it: `help` is clap's, not a page of its own.
+fn man_command() -> clap::Command {
+    Cli::command().disable_help_subcommand(true)
+}
+
 /// The man page (roff): what clap knows, with an EXIT STATUS section before the notes.
 pub fn man_page() -> std::io::Result<Vec<u8>> {
     let mut page = Vec::new();
-    clap_mangen::Man::new(Cli::command()).render(&mut page)?;
+    clap_mangen::Man::new(man_command()).render(&mut page)?;
     let mut section = String::from(".SH \"EXIT STATUS\"\n");
     for (code, what) in EXIT_STATUS {
         section.push_str(&format!(".TP\n\\fB{code}\\fR\n{}\n", roff_escape(what)));

@@ -59,7 +59,7 @@ pub fn inspect(path: &Path, out: &mut impl Write) -> Result<()> {
                 let h = v.header;
                 writeln!(
                     out,
-                    "slot {i}:          generation {}, file id {}, block size {}",
+                    "header copy {i}:   generation {}, file id {}, block size {}",
                     h.generation,
                     hex::encode(h.file_id),
                     h.block_size
@@ -77,7 +77,7 @@ pub fn inspect(path: &Path, out: &mut impl Write) -> Result<()> {
                     .map_err(w)?;
                 }
             }
-            Err(e) => writeln!(out, "slot {i}:          {e}").map_err(w)?,
+            Err(e) => writeln!(out, "header copy {i}:   {e}").map_err(w)?,
         }
     }
     Ok(())
