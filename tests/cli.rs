@@ -281,3 +281,26 @@ fn rustix_flock(f: &fs::File) -> impl Drop + '_ {
     assert_eq!(unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(f), libc::LOCK_EX | libc::LOCK_NB) }, 0);
     Held(f)
 }
+
+/// A weak new passphrase and a key file others can read are said, not silently taken.
+#[test]
+fn weak_secrets_are_warned_about() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = (d.path().join("a"), d.path().join("b"));
+    fs::create_dir(&a).unwrap();
+    fs::create_dir(&b).unwrap();
+    let pw = d.path().join("pw");
+    fs::write(&pw, "abc\n").unwrap();
+    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"init", &"--passphrase-file", &pw];
+    args.extend(FAST_KDF.iter().map(|a| a as &dyn AsRef<std::ffi::OsStr>));
+    args.push(&a);
+    let out = cli(&args);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("weak"), "{}", String::from_utf8_lossy(&out.stderr));
+    let key = d.path().join("key");
+    fs::write(&key, [3u8; 32]).unwrap();
+    fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let out = cli(&[&"init", &"--key-file", &key, &b]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("chmod 600"), "{}", String::from_utf8_lossy(&out.stderr));
+}

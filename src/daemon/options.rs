@@ -198,8 +198,8 @@ pub fn resolve(mut s: MountSettings, config: Option<&Path>, options: &[String]) 
     let file_options;
     if let Some(path) = config {
         let text = std::fs::read_to_string(path).map_err(|e| usage(format!("reading {}: {e}", path.display())))?;
-        let c: MountConfigFile =
-            toml::from_str(&text).map_err(|e| usage(format!("{}: {}", path.display(), e.message())))?;
+        let c: MountConfigFile = toml::from_str(&text)
+            .map_err(|e| usage(format!("{}: {}", path.display(), crate::volume::config::toml_error(&text, &e))))?;
         s.backing.get_or_insert(c.backing);
         s.mountpoint.get_or_insert(c.mountpoint);
         file_options = c.options;

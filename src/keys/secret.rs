@@ -144,6 +144,23 @@ impl SecretSource {
     /// The keyring secret, from the first place in [`SecretSource::place`]'s order.
     /// `confirm` asks twice on a terminal (for init).
     pub fn resolve(&self, confirm: bool) -> Result<Secret> {
+        let secret = self.resolve_once(confirm)?;
+        // A new passphrase (init, key passwd) guards a keyring anyone with the backing
+        // directory can copy and attack offline.
+        if let (true, Secret::Passphrase(p)) = (confirm, &secret) {
+            if p.len() < WEAK_PASSPHRASE {
+                tracing::warn!(
+                    "a passphrase of {} characters is weak against offline guessing of a copied keyring: use {} or \
+                     more, or a key file",
+                    p.len(),
+                    WEAK_PASSPHRASE
+                );
+            }
+        }
+        Ok(secret)
+    }
+
+    fn resolve_once(&self, confirm: bool) -> Result<Secret> {
         let place = self.place(SecretKind::Keyring, None, credentials_dir().as_deref(), std::io::stdin().is_terminal());
         match place {
             Place::KeyFile(p) => read_key_file(&p).map(Secret::KeyFile),
@@ -243,9 +260,22 @@ fn passphrase(bytes: &[u8], from: &str) -> Result<Secret> {
     Ok(Secret::Passphrase(Zeroizing::new(bytes.to_vec())))
 }
 
+/// New passphrases shorter than this get a warning.
+const WEAK_PASSPHRASE: usize = 12;
+
 /// A key file holds 32 raw bytes, or 64 hex digits (a trailing newline is fine).
 pub fn read_key_file(p: &Path) -> Result<Zeroizing<[u8; 32]>> {
     let raw = Zeroizing::new(fs::read(p).map_err(|e| Error::io(e, format!("reading key file {}", p.display())))?);
+    if let Ok(m) = fs::metadata(p) {
+        use std::os::unix::fs::PermissionsExt;
+        if m.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(
+                "key file {} is readable or writable by others (mode {:o}): it opens the volume; chmod 600 it",
+                p.display(),
+                m.permissions().mode() & 0o777
+            );
+        }
+    }
     let mut key = Zeroizing::new([0u8; 32]);
     if raw.len() == 32 {
         key.copy_from_slice(&raw);

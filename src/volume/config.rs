@@ -136,6 +136,14 @@ impl std::fmt::Display for ProviderConfig {
     }
 }
 
+/// A TOML error with the line it is on, for people editing or reading the file.
+pub fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    match e.span() {
+        Some(span) => format!("line {}: {}", text[..span.start.min(text.len())].matches('\n').count() + 1, e.message()),
+        None => e.message().to_owned(),
+    }
+}
+
 /// A wrapped key as the config stores it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -184,7 +192,7 @@ impl VolumeConfig {
     pub fn parse(raw: &[u8]) -> Result<Self> {
         let damaged = |why: String| Error::tampered(why);
         let text = std::str::from_utf8(raw).map_err(|_| damaged("not UTF-8".into()))?;
-        let cfg: VolumeConfig = toml::from_str(text).map_err(|e| damaged(e.message().to_owned()))?;
+        let cfg: VolumeConfig = toml::from_str(text).map_err(|e| damaged(toml_error(text, &e)))?;
         cfg.check_shape()?;
         Ok(cfg)
     }
@@ -431,6 +439,13 @@ pub fn check_endpoint(url: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn toml_errors_name_their_line() {
+        let text = "format = 2\nblock_size = 4096\nheader_size = =\n";
+        let e = toml::from_str::<toml::Table>(text).unwrap_err();
+        assert!(toml_error(text, &e).starts_with("line 3: "), "{}", toml_error(text, &e));
+    }
 
     fn kms(endpoint: Option<&str>) -> ProviderConfig {
         ProviderConfig::AwsKms {
