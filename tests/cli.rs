@@ -304,3 +304,24 @@ fn weak_secrets_are_warned_about() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("chmod 600"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// Relative paths, as a person types them: the daemon works from / once it serves, so it
+/// must have made every path it keeps absolute first.
+#[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
+fn relative_paths_mount_and_serve() {
+    let v = TestVolume::new(4096);
+    fs::create_dir(v.dir.path().join("m")).unwrap();
+    let out = common::bin()
+        .current_dir(v.dir.path())
+        .args(["mount", "--key-file", "volume.key", "--log-file", "log", "backing", "m"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let _m = common::Mounted::adopt(&v.dir.path().join("m"));
+    fs::write(v.dir.path().join("m/hello"), b"hi").unwrap();
+    assert_eq!(fs::read(v.dir.path().join("m/hello")).unwrap(), b"hi");
+    let out = common::bin().current_dir(v.dir.path()).args(["umount", "m"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -54,6 +54,9 @@ pub fn mount(mut s: MountSettings, foreground: bool, argv: &[OsString]) -> Resul
         std::fs::canonicalize(&b)
             .map_err(|e| Error::io(e, format!("backing directory {}", b.display())).with_class(Class::NotVolume))?,
     );
+    // The daemon works from / once it serves: every path it keeps must be absolute.
+    let mnt = s.mountpoint().to_owned();
+    s.mountpoint = Some(std::path::absolute(&mnt).map_err(|e| Error::io(e, format!("mount point {}", mnt.display())))?);
     let opts = s.mount_options();
     let mnt_err = |errno, why: &str| {
         Error::new(errno, format!("mount point {} {why}", s.mountpoint().display())).with_class(Class::Mountpoint)
