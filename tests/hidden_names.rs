@@ -510,4 +510,13 @@ fn failures_are_logged_with_the_plaintext_path() {
     assert!(m.log_text().contains("/payroll/salaries.txt (backing "), "{}", m.log_text());
     let status = String::from_utf8_lossy(&cli(&[&"status", &m.mnt]).stdout).into_owned();
     assert!(status.contains("/payroll/salaries.txt"), "{status}");
+    drop(m);
+    // fsck names it too, with BACKING given relative, as typed in its parent.
+    let out = common::bin()
+        .current_dir(vol.dir.path())
+        .args(["fsck", "--key-file", "volume.key", "backing"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("(payroll/salaries.txt)"), "{text}");
 }

@@ -192,7 +192,7 @@ fn online_rewrap_survives_kill_9_while_writers_append() {
 
 fn file_id(backing: &Path, name: &str) -> String {
     let text = ok(cli(&[&"inspect", &backing.join(name)]));
-    let line = text.lines().find(|l| l.starts_with("slot 0:")).unwrap().to_owned();
+    let line = text.lines().find(|l| l.starts_with("header copy 0:")).unwrap().to_owned();
     line.split("file id ").nth(1).unwrap().split(',').next().unwrap().to_owned()
 }
 
@@ -231,6 +231,15 @@ fn reencrypt_is_offline_crash_safe_and_changes_the_key() {
             assert_eq!(&fs::read(m.path(name)).unwrap(), data, "{name}");
         }
     }
+    // What a kill left is named by fsck (it used to say nothing of it).
+    let temps = fs::read_dir(&v.backing)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".envelopefs-reencrypt"))
+        .count();
+    let out = v.run(&["fsck", &b]);
+    let said = String::from_utf8_lossy(&out.stdout).matches("interrupted re-encryption").count();
+    assert_eq!(said, temps, "{}", String::from_utf8_lossy(&out.stdout));
     let text = ok(v.run(&["rekey", "--reencrypt", &b]));
     assert!(text.contains("0 failed"), "{text}");
     let leftovers: Vec<_> = fs::read_dir(&v.backing)

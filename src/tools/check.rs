@@ -113,8 +113,13 @@ pub fn fsck(vol: &Volume, repair: bool) -> Result<FsckReport> {
     let mut report = FsckReport::default();
     Tree::open(vol)?.walk(&mut |e| {
         if !is_temporary(e.path) {
-            check_file(vol, e, repair, &mut report);
+            return check_file(vol, e, repair, &mut report);
         }
+        // Left by a re-encryption or a name write that was cut short: the original is
+        // intact, so it only takes space. Only a regular file is removed.
+        let repaired = repair && crate::sys::unlinkat(e.dir, e.name, 0).is_ok();
+        let what = "a temporary left by an interrupted re-encryption or name write (the original is intact; harmless)";
+        report.problems.push(Problem { path: e.path.to_owned(), what: what.into(), repaired });
     })?;
     if vol.names().is_some() {
         for p in &mut report.problems {

@@ -33,7 +33,10 @@ pub fn backing_path(vol: &Volume, plain: &Path) -> Result<PathBuf> {
 
 /// The plaintext path of a backing path (relative to the volume root, or inside it).
 pub fn plain_path(vol: &Volume, backing: &Path) -> Result<PathBuf> {
-    cipher(vol)?.plain_path(&vol.root, backing)
+    // The root as given may be relative or a symlink; the tools print absolute paths.
+    let root = std::path::absolute(&vol.root).unwrap_or_else(|_| vol.root.clone());
+    let rel = backing.strip_prefix(&root).or_else(|_| backing.strip_prefix(vol.place())).unwrap_or(backing);
+    cipher(vol)?.plain_path(&root, rel)
 }
 
 /// A backing path with its plaintext path, for messages to the admin (never written to
