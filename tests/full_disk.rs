@@ -67,6 +67,7 @@ fn volume_on_small_disk() -> (TestVolume, SmallDisk) {
     let mut k = [0u8; 32];
     getrandom::getrandom(&mut k).unwrap();
     fs::write(&key, k).unwrap();
+    fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let opts = InitOptions { block_size: 4096, trust: test_trust(), ..InitOptions::default() };
     volume::init(&backing, &TestVolume::source_for(&key), &opts).unwrap();
     (TestVolume { dir, backing, key }, disk)

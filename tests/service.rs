@@ -16,17 +16,12 @@ fn ok(out: std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-#[test]
-#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
-fn service_install_writes_a_unit_that_systemd_accepts() {
-    let vol = TestVolume::new(4096);
-    let root = vol.dir.path().join("root");
-    let mnt = vol.dir.path().join("mnt");
-    let opts = format!("key_file={},allow_other,trust_backing_permissions", vol.key.display());
+/// `service install NAME` of `vol` under `root`.
+fn install(vol: &TestVolume, name: &str, mnt: &Path, opts: &str, root: &Path) {
     ok(cli(&[
         &"service",
         &"install",
-        &"secret",
+        &name,
         &"--backing",
         &vol.backing,
         &"--mountpoint",
@@ -36,6 +31,16 @@ fn service_install_writes_a_unit_that_systemd_accepts() {
         &"--root",
         &root,
     ]));
+}
+
+#[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
+fn service_install_writes_a_unit_that_systemd_accepts() {
+    let vol = TestVolume::new(4096);
+    let root = vol.dir.path().join("root");
+    let mnt = vol.dir.path().join("mnt");
+    let opts = format!("key_file={},allow_other,trust_backing_permissions", vol.key.display());
+    install(&vol, "secret", &mnt, &opts, &root);
     let unit = root.join("etc/systemd/system/envelopefs@.service");
     let text = fs::read_to_string(&unit).unwrap();
     assert!(text.contains(&format!("ExecStart={BIN} mount --foreground --config /etc/envelopefs/%i.toml")), "{text}");
@@ -273,19 +278,7 @@ fn the_units_exec_start_brings_a_killed_daemon_back() {
     let mnt = vol.dir.path().join("mnt");
     fs::create_dir(&mnt).unwrap();
     let opts = format!("key_file={}", vol.key.display());
-    ok(cli(&[
-        &"service",
-        &"install",
-        &"crash",
-        &"--backing",
-        &vol.backing,
-        &"--mountpoint",
-        &mnt,
-        &"-o",
-        &opts,
-        &"--root",
-        &root,
-    ]));
+    install(&vol, "crash", &mnt, &opts, &root);
     let unit = fs::read_to_string(root.join("etc/systemd/system/envelopefs@.service")).unwrap();
     let exec = unit.lines().find_map(|l| l.strip_prefix("ExecStart=")).unwrap();
     let conf = root.join("etc/envelopefs/crash.toml");

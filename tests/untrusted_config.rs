@@ -22,6 +22,16 @@ fn ok(out: std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A copy of the format-1 key-file fixture: (its temp dir, backing directory, key file).
+fn v1_fixture() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1-keyfile-4k");
+    let d = tempfile::Builder::new().prefix("envelopefs-test").tempdir().unwrap();
+    let backing = d.path().join("backing");
+    let out = Command::new("cp").arg("-a").arg(src.join("backing")).arg(&backing).output().unwrap();
+    assert!(out.status.success());
+    (d, backing, src.join("volume.key"))
+}
+
 /// A local volume made by the binary (so this host trusts it, as after a real `init`).
 fn local_volume() -> (tempfile::TempDir, PathBuf, PathBuf) {
     let d = tempfile::Builder::new().prefix("envelopefs-test").tempdir().unwrap();
@@ -420,12 +430,7 @@ fn a_new_host_pins_a_pkcs11_volume_once_with_trust() {
 #[test]
 #[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn upgrade_makes_a_v1_volume_authenticated_and_refuses_the_old_config_after() {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1-keyfile-4k");
-    let d = tempfile::Builder::new().prefix("envelopefs-test").tempdir().unwrap();
-    let backing = d.path().join("backing");
-    let out = Command::new("cp").arg("-a").arg(src.join("backing")).arg(&backing).output().unwrap();
-    assert!(out.status.success());
-    let key = src.join("volume.key");
+    let (d, backing, key) = v1_fixture();
     let v1_config = fs::read_to_string(backing.join("envelopefs.toml")).unwrap();
     let text = ok(cli(&[&"upgrade", &"--key-file", &key, &backing]));
     assert!(text.contains("now format 2"), "{text}");
@@ -707,12 +712,7 @@ fn trust_refuses_a_format_1_config_unless_the_admin_names_it() {
 /// host pinned at its first open.
 #[test]
 fn a_format_1_volume_keeps_the_geometry_its_host_pinned() {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1-keyfile-4k");
-    let d = tempfile::Builder::new().prefix("envelopefs-test").tempdir().unwrap();
-    let backing = d.path().join("backing");
-    let out = Command::new("cp").arg("-a").arg(src.join("backing")).arg(&backing).output().unwrap();
-    assert!(out.status.success());
-    let key = src.join("volume.key");
+    let (d, backing, key) = v1_fixture();
     let host = d.path().join("trust");
     ok(common::cli_with_trust(&host, &[&"fsck", &"--key-file", &key, &backing]));
     edit_config(&backing, |t| {

@@ -5,6 +5,7 @@
 pub mod args;
 mod commands;
 pub mod helper_args;
+mod key_args;
 mod keys;
 mod mount;
 mod slots;

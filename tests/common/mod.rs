@@ -71,6 +71,7 @@ impl TestVolume {
         let mut k = [0u8; 32];
         getrandom::getrandom(&mut k).unwrap();
         fs::write(&key, k).unwrap();
+        fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
         let opts = InitOptions { block_size, format, trust: test_trust(), ..InitOptions::default() };
         volume::init(&backing, &Self::source_for(&key), &opts).unwrap();
         Self { dir, backing, key }
