@@ -85,8 +85,10 @@ fn mount(v: &KmsVol, extra: &[&str]) -> Mounted {
 }
 
 #[test]
-#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
-#[cfg_attr(not(feature = "kms_tests"), ignore = "needs moto: --features kms_tests")]
+#[cfg_attr(
+    not(all(feature = "fuse_tests", feature = "kms_tests")),
+    ignore = "needs FUSE mounts as root and moto: --features fuse_tests,kms_tests"
+)]
 fn kms_volume_round_trip_context_binding_and_header_paste() {
     let kms = Kms::start();
     let v = kms_volume(&kms, "roundtrip");
@@ -111,8 +113,10 @@ fn kms_volume_round_trip_context_binding_and_header_paste() {
 }
 
 #[test]
-#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
-#[cfg_attr(not(feature = "kms_tests"), ignore = "needs moto: --features kms_tests")]
+#[cfg_attr(
+    not(all(feature = "fuse_tests", feature = "kms_tests")),
+    ignore = "needs FUSE mounts as root and moto: --features fuse_tests,kms_tests"
+)]
 fn disabled_key_is_eacces_for_new_opens_while_cached_keys_serve_until_the_ttl() {
     let kms = Kms::start();
     let v = kms_volume(&kms, "disabled");
@@ -135,8 +139,10 @@ fn disabled_key_is_eacces_for_new_opens_while_cached_keys_serve_until_the_ttl() 
 }
 
 #[test]
-#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
-#[cfg_attr(not(feature = "kms_tests"), ignore = "needs moto: --features kms_tests")]
+#[cfg_attr(
+    not(all(feature = "fuse_tests", feature = "kms_tests")),
+    ignore = "needs FUSE mounts as root and moto: --features fuse_tests,kms_tests"
+)]
 fn outage_is_eio_within_the_bound_then_recovers_and_throttling_is_survived() {
     let kms = Kms::start();
     let v = kms_volume(&kms, "outage");
@@ -164,8 +170,10 @@ fn outage_is_eio_within_the_bound_then_recovers_and_throttling_is_survived() {
 }
 
 #[test]
-#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
-#[cfg_attr(not(feature = "kms_tests"), ignore = "needs moto: --features kms_tests")]
+#[cfg_attr(
+    not(all(feature = "fuse_tests", feature = "kms_tests")),
+    ignore = "needs FUSE mounts as root and moto: --features fuse_tests,kms_tests"
+)]
 fn creates_use_pre_generated_keys_and_opens_hit_kms_once_per_file() {
     let kms = Kms::start();
     let v = kms_volume(&kms, "pool");
@@ -199,8 +207,10 @@ fn creates_use_pre_generated_keys_and_opens_hit_kms_once_per_file() {
 }
 
 #[test]
-#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
-#[cfg_attr(not(feature = "kms_tests"), ignore = "needs moto: --features kms_tests")]
+#[cfg_attr(
+    not(all(feature = "fuse_tests", feature = "kms_tests")),
+    ignore = "needs FUSE mounts as root and moto: --features fuse_tests,kms_tests"
+)]
 fn kms_rotate_rewrap_with_reencrypt_then_move_to_another_key_and_disable_the_old_one() {
     let kms = Kms::start();
     let v = kms_volume(&kms, "first");
@@ -247,8 +257,10 @@ fn kms_rotate_rewrap_with_reencrypt_then_move_to_another_key_and_disable_the_old
 }
 
 #[test]
-#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
-#[cfg_attr(not(feature = "kms_tests"), ignore = "needs moto: --features kms_tests")]
+#[cfg_attr(
+    not(all(feature = "fuse_tests", feature = "kms_tests")),
+    ignore = "needs FUSE mounts as root and moto: --features fuse_tests,kms_tests"
+)]
 fn intermediate_key_volume_makes_no_kms_call_per_create_or_open() {
     let kms = Kms::start();
     let arn = kms.create_key("ik");
@@ -337,8 +349,10 @@ fn all_calls(kms: &Kms) -> u64 {
 /// KMS requests exactly as the KMS (the proxy in front of moto) saw them; a read-only
 /// mount makes no keys ahead.
 #[test]
-#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
-#[cfg_attr(not(feature = "kms_tests"), ignore = "needs moto: --features kms_tests")]
+#[cfg_attr(
+    not(all(feature = "fuse_tests", feature = "kms_tests")),
+    ignore = "needs FUSE mounts as root and moto: --features fuse_tests,kms_tests"
+)]
 fn the_metrics_endpoint_counts_what_the_workload_did() {
     let kms = Kms::start();
     let v = kms_volume(&kms, "metrics");

@@ -14,10 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{cli, pattern, TestVolume};
-
-const HEADER: u64 = 4096;
-const STORED: u64 = 4096 + 28;
+use common::{cli, pattern, TestVolume, HEADER, STORED};
 
 fn cstr(p: &Path) -> CString {
     CString::new(p.as_os_str().as_bytes()).unwrap()
@@ -368,8 +365,10 @@ fn allow_other_mkdir_race_does_not_give_away_another_directory() {
 /// slot decodes) is a key that does not authenticate: EACCES, and the log says so. A token
 /// fault cannot be provoked in SoftHSM2; its mapping to EIO is a unit test in the module.
 #[test]
-#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
-#[cfg_attr(not(feature = "pkcs11_tests"), ignore = "needs SoftHSM2: --features pkcs11_tests")]
+#[cfg_attr(
+    not(all(feature = "fuse_tests", feature = "pkcs11_tests")),
+    ignore = "needs FUSE mounts as root and SoftHSM2: --features fuse_tests,pkcs11_tests"
+)]
 fn pkcs11_tampered_wrapped_key_is_eacces_and_says_why() {
     let (dir, backing, pin, _) = common::pkcs11_volume("spare", "kek");
     let mnt = dir.path().join("mnt");

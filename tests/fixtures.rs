@@ -240,8 +240,7 @@ fn fsck_of_the_broken_fixture_names_each_problem() {
 }
 
 #[test]
-#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
-#[ignore = "writes the fixtures; run only for a new format version"]
+#[ignore = "writes the fixtures (mounting, as root); run only for a new format version"]
 fn make_fixtures() {
     if std::env::var_os("ENVELOPEFS_WRITE_FIXTURES").is_none() {
         return;

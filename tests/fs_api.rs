@@ -6,10 +6,8 @@ use std::ffi::OsStr;
 use std::fs::{self, OpenOptions};
 use std::os::unix::fs::FileExt;
 
-use common::{cli, pattern, TestVolume};
-use envelopefs::fs::{Caller, ROOT_INO};
-
-const ROOT: Caller = Caller { uid: 0, gid: 0, pid: 1 };
+use common::{cli, pattern, TestVolume, ROOT};
+use envelopefs::fs::ROOT_INO;
 
 #[test]
 fn torn_tail_fragment_is_cut_before_the_file_grows() {

@@ -332,7 +332,7 @@ fn an_orphaned_side_file_is_reported_then_removed_by_a_listing() {
 #[test]
 fn readdir_offsets_stay_stable_across_concurrent_creates_and_deletes() {
     use envelopefs::fs::{Caller, ROOT_INO};
-    const ROOT: Caller = Caller { uid: 0, gid: 0, pid: 1 };
+    const ROOT: Caller = common::ROOT;
     let vol = TestVolume::hidden(4096);
     let fs = vol.fs();
     let names: Vec<String> =

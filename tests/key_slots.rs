@@ -87,8 +87,10 @@ fn kms_mount(v: &SlotVol, extra: &[&str]) -> Mounted {
 }
 
 #[test]
-#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
-#[cfg_attr(not(feature = "kms_tests"), ignore = "needs moto: --features kms_tests")]
+#[cfg_attr(
+    not(all(feature = "fuse_tests", feature = "kms_tests")),
+    ignore = "needs FUSE mounts as root and moto: --features fuse_tests,kms_tests"
+)]
 fn a_second_region_slot_serves_through_a_primary_outage_and_the_recovery_key_through_the_loss_of_every_kms() {
     let kms = Kms::start();
     let (primary, second) = keys_in_two_regions(&kms);
@@ -289,9 +291,10 @@ fn a_file_planted_with_the_public_recovery_recipient_does_not_open() {
 }
 
 #[test]
-#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
-#[cfg_attr(not(feature = "pkcs11_tests"), ignore = "needs SoftHSM2: --features pkcs11_tests")]
-#[cfg_attr(not(feature = "kms_tests"), ignore = "needs moto: --features kms_tests")]
+#[cfg_attr(
+    not(all(feature = "fuse_tests", feature = "pkcs11_tests", feature = "kms_tests")),
+    ignore = "needs FUSE mounts as root and SoftHSM2 and moto: --features fuse_tests,pkcs11_tests,kms_tests"
+)]
 fn a_volume_moves_local_to_pkcs11_to_aws_kms_by_slots_alone() {
     const FILES: u64 = 1000;
     let kms = Kms::start();
@@ -377,8 +380,10 @@ fn a_volume_moves_local_to_pkcs11_to_aws_kms_by_slots_alone() {
 }
 
 #[test]
-#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
-#[cfg_attr(not(feature = "pkcs11_tests"), ignore = "needs SoftHSM2: --features pkcs11_tests")]
+#[cfg_attr(
+    not(all(feature = "fuse_tests", feature = "pkcs11_tests")),
+    ignore = "needs FUSE mounts as root and SoftHSM2: --features fuse_tests,pkcs11_tests"
+)]
 fn making_a_second_pkcs11_slot_primary_keeps_each_slots_own_key_objects() {
     let (_d, backing, pin, _) = common::pkcs11_volume("pins", "alpha");
     let (b, p) = (backing.to_str().unwrap(), pin.to_str().unwrap());
@@ -445,8 +450,10 @@ fn each_of_two_recovery_keys_opens_the_volume_alone() {
 /// A slot change while the volume is mounted would leave the mount making files with the
 /// old slot set; after the old slot is removed no slot would open them.
 #[test]
-#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
-#[cfg_attr(not(feature = "pkcs11_tests"), ignore = "needs SoftHSM2: --features pkcs11_tests")]
+#[cfg_attr(
+    not(all(feature = "fuse_tests", feature = "pkcs11_tests")),
+    ignore = "needs FUSE mounts as root and SoftHSM2: --features fuse_tests,pkcs11_tests"
+)]
 fn slot_changes_wait_for_the_volume_to_be_unmounted() {
     let (dir, backing, key) = key_file_volume();
     let pin = common::softhsm_token("stale");
@@ -516,8 +523,10 @@ fn slot_changes_wait_for_the_volume_to_be_unmounted() {
 /// value only; it must not pin the other slots' settings (a PKCS#11 module to load) as
 /// if `envelopefs trust` had been run.
 #[test]
-#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
-#[cfg_attr(not(feature = "pkcs11_tests"), ignore = "needs SoftHSM2: --features pkcs11_tests")]
+#[cfg_attr(
+    not(all(feature = "fuse_tests", feature = "pkcs11_tests")),
+    ignore = "needs FUSE mounts as root and SoftHSM2: --features fuse_tests,pkcs11_tests"
+)]
 fn a_recovery_open_pins_nothing_on_a_host_without_a_record() {
     let (dir, backing, pin, _) = common::pkcs11_volume("fresh", "k");
     let (b, p) = (backing.to_str().unwrap(), pin.to_str().unwrap());

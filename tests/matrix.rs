@@ -9,9 +9,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 
-use common::{pattern, TestVolume};
-
-const HEADER: u64 = 4096;
+use common::{pattern, TestVolume, HEADER};
 
 fn battery(crypto: &str, writeback: bool, block: u32) {
     run_battery(TestVolume::new(block), crypto, writeback, block)

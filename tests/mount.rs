@@ -8,10 +8,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use common::{pattern, TestVolume};
-
-const HEADER: u64 = 4096;
-const STORED: u64 = 4096 + 28;
+use common::{pattern, TestVolume, HEADER, STORED};
 
 fn read_err(p: &Path) -> std::io::Error {
     let mut buf = Vec::new();

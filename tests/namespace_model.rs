@@ -12,14 +12,13 @@ use std::ffi::OsStr;
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 
-use common::{pattern, TestVolume};
+use common::{pattern, TestVolume, HEADER};
 use envelopefs::fs::{Caller, EncryptedFs, SetAttr, ROOT_INO};
 use proptest::prelude::*;
 
-const WHO: Caller = Caller { uid: 0, gid: 0, pid: 1 };
+const WHO: Caller = common::ROOT;
 const BLOCK: u64 = 512;
-const STORED: u64 = BLOCK + 28;
-const HEADER: u64 = 4096;
+const STORED: u64 = BLOCK + envelopefs::format::BLOCK_OVERHEAD;
 /// Names of new entries (shared by files and directories, so kinds collide), and a few
 /// directories that may or may not exist. Ops pick their sources among what exists now
 /// (and now and then somewhere that does not), so they meet each other often.

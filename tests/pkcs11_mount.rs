@@ -13,8 +13,10 @@ fn ok(out: std::process::Output) -> String {
 }
 
 #[test]
-#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
-#[cfg_attr(not(feature = "pkcs11_tests"), ignore = "needs SoftHSM2: --features pkcs11_tests")]
+#[cfg_attr(
+    not(all(feature = "fuse_tests", feature = "pkcs11_tests")),
+    ignore = "needs FUSE mounts as root and SoftHSM2: --features fuse_tests,pkcs11_tests"
+)]
 fn pkcs11_volume_round_trip_rotate_and_deleted_key() {
     let (d, backing, pin, text) = common::pkcs11_volume("mount", "kek");
     assert!(
@@ -80,8 +82,10 @@ fn pkcs11_volume_round_trip_rotate_and_deleted_key() {
 }
 
 #[test]
-#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
-#[cfg_attr(not(feature = "pkcs11_tests"), ignore = "needs SoftHSM2: --features pkcs11_tests")]
+#[cfg_attr(
+    not(all(feature = "fuse_tests", feature = "pkcs11_tests")),
+    ignore = "needs FUSE mounts as root and SoftHSM2: --features fuse_tests,pkcs11_tests"
+)]
 fn pkcs11_key_create_then_init_uses_it() {
     let pin = common::softhsm_token("rotate");
     let text = ok(cli(&[
@@ -109,8 +113,10 @@ fn pkcs11_key_create_then_init_uses_it() {
 }
 
 #[test]
-#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
-#[cfg_attr(not(feature = "pkcs11_tests"), ignore = "needs SoftHSM2: --features pkcs11_tests")]
+#[cfg_attr(
+    not(all(feature = "fuse_tests", feature = "pkcs11_tests")),
+    ignore = "needs FUSE mounts as root and SoftHSM2: --features fuse_tests,pkcs11_tests"
+)]
 fn pkcs11_rekey_to_another_key_then_the_old_one_can_go() {
     let (d, backing, pin, _) = common::pkcs11_volume("deleted", "old");
     let mnt = d.path().join("mnt");

@@ -20,13 +20,12 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use common::{open_options, pattern, Rng, TestVolume};
+use common::{open_options, pattern, Rng, TestVolume, ROOT};
 use envelopefs::file::journal::{self, Journal, Mode, Observed};
-use envelopefs::fs::{Caller, EncryptedFs, SetAttr, ROOT_INO};
+use envelopefs::fs::{EncryptedFs, SetAttr, ROOT_INO};
 use envelopefs::volume::trust::TrustStore;
 use envelopefs::volume::{OpenOptions as VolOpts, Volume};
 
-const ROOT: Caller = Caller { uid: 0, gid: 0, pid: 1 };
 const SECTOR: u64 = 512;
 const FILES: usize = 4;
 
@@ -357,7 +356,9 @@ fn a_header_rewrap_cut_anywhere_opens_with_the_old_or_a_new_generation() {
     let f = OpenOptions::new().read(true).write(true).open(&backing).unwrap();
     let before = region(&f);
     let v = vol.open();
-    let generation = |r: &[u8]| v.open_header(r, &|| "f".into()).map(|o| (o.header.generation, o.slot));
+    let generation = |r: &[u8]| {
+        v.open_header_for(r, &|| "f".into(), None, &|_| Ok(true)).map(|(o, _)| (o.header.generation, o.slot))
+    };
     let (g0, newest) = generation(&before).unwrap();
     let describe = || "f".to_string();
     let env = EnvelopeFile { vol: &v, file: &f, describe: &describe, who: None };

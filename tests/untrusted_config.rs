@@ -267,8 +267,10 @@ fn the_passphrase_never_comes_from_the_environment() {
 }
 
 #[test]
-#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
-#[cfg_attr(not(feature = "kms_tests"), ignore = "needs moto: --features kms_tests")]
+#[cfg_attr(
+    not(all(feature = "fuse_tests", feature = "kms_tests")),
+    ignore = "needs FUSE mounts as root and moto: --features fuse_tests,kms_tests"
+)]
 fn kms_key_substitution_and_endpoint_are_refused() {
     let kms = Kms::start();
     let arn = kms.create_key("real");
@@ -452,8 +454,10 @@ fn upgrade_makes_a_v1_volume_authenticated_and_refuses_the_old_config_after() {
 }
 
 #[test]
-#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
-#[cfg_attr(not(feature = "pkcs11_tests"), ignore = "needs SoftHSM2: --features pkcs11_tests")]
+#[cfg_attr(
+    not(all(feature = "fuse_tests", feature = "pkcs11_tests")),
+    ignore = "needs FUSE mounts as root and SoftHSM2: --features fuse_tests,pkcs11_tests"
+)]
 fn a_key_object_the_volume_did_not_pin_is_never_used() {
     let (d, backing, pin, _) = common::pkcs11_volume("pins", "kek");
     // Someone with access to the token (not to the volume's keys) adds `kek/v9`: by its

@@ -25,12 +25,6 @@ impl Volume {
         }
     }
 
-    /// A new header for a new envelope: random file id, fresh DEK wrapped by the provider.
-    /// Returns the header region (two identical slots) and the key. For this process.
-    pub fn new_header(&self, path: &dyn Fn() -> String) -> Result<(Vec<u8>, Arc<FileKey>)> {
-        self.new_header_for(path, None)
-    }
-
     /// Whether new data keys can be made here: every key slot must be open, since a file is
     /// never made with fewer records than the policy has slots. The frontend asks before
     /// creating or emptying a file, so the error reaches the caller and not a deferred
@@ -77,13 +71,9 @@ impl Volume {
         Ok((region, key))
     }
 
-    /// Find the newest slot that decodes, unwraps and authenticates. A torn or tampered
-    /// newest slot falls back to the other one.
-    pub fn open_header(&self, region: &[u8], path: &dyn Fn() -> String) -> Result<OpenedHeader> {
-        self.open_header_for(region, path, None, &|_| Ok(true)).map(|(h, _)| h)
-    }
-
-    /// `open_header` on behalf of `who` (a FUSE request's process), preferring a slot whose
+    /// The newest slot that decodes, unwraps and authenticates (a torn or tampered newest
+    /// slot falls back to the other one), on behalf of `who` (a FUSE request's process),
+    /// preferring a slot whose
     /// key `belongs` to the content: a slot pasted from another file verifies under its own
     /// key, so the next slot that verifies is tried before it is taken. The flag says
     /// whether the slot returned belongs (false: none that verifies does).

@@ -15,6 +15,13 @@ use tempfile::TempDir;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_envelopefs");
 
+/// The header region of volumes made with the default geometry (`InitOptions`).
+pub const HEADER: u64 = 4096;
+/// Bytes a stored 4 KiB block takes (nonce and tag around it).
+pub const STORED: u64 = 4096 + envelopefs::format::BLOCK_OVERHEAD;
+/// Root, as the FUSE adapter passes a request's caller to the library.
+pub const ROOT: envelopefs::fs::Caller = envelopefs::fs::Caller { uid: 0, gid: 0, pid: 1 };
+
 /// Exit codes the binary promises to scripts (`envelopefs man`, EXIT STATUS).
 pub const EXIT_USAGE: i32 = 2;
 pub const EXIT_UNTRUSTED: i32 = 15;
