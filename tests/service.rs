@@ -339,3 +339,76 @@ fn sighup_reopens_the_log_file_and_the_mount_stays() {
     assert!(!fs::read_to_string(&rotated).unwrap().contains("reopened"), "the old file got the new lines");
     assert!(m.unmount().success());
 }
+
+/// Upgrading the binary under a running mount (docs/OPERATIONS.md): the unit names the
+/// binary by a version symlink; switching the link leaves the running daemon serving, and
+/// the next start runs the new version.
+#[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
+fn an_upgrade_under_a_running_mount_takes_effect_at_the_next_start() {
+    let vol = TestVolume::new(4096);
+    let (root, mnt, bin) = (vol.dir.path().join("root"), vol.dir.path().join("mnt"), vol.dir.path().join("bin"));
+    fs::create_dir_all(&bin).unwrap();
+    fs::create_dir(&mnt).unwrap();
+    for v in ["envelopefs-1", "envelopefs-2"] {
+        fs::copy(BIN, bin.join(v)).unwrap();
+    }
+    let link = bin.join("envelopefs");
+    std::os::unix::fs::symlink("envelopefs-1", &link).unwrap();
+    let opts = format!("key_file={}", vol.key.display());
+    let link_s = link.display().to_string();
+    ok(cli(&[
+        &"service",
+        &"install",
+        &"up",
+        &"--backing",
+        &vol.backing,
+        &"--mountpoint",
+        &mnt,
+        &"-o",
+        &opts,
+        &"--root",
+        &root,
+        &"--exe",
+        &link_s,
+    ]));
+    let unit = fs::read_to_string(root.join("etc/systemd/system/envelopefs@.service")).unwrap();
+    let exec = unit.lines().find_map(|l| l.strip_prefix("ExecStart=")).unwrap();
+    assert!(exec.starts_with(&link_s), "the unit names the link, not what it points at: {exec}");
+    let argv: Vec<String> = exec
+        .replace("/etc/envelopefs/%i.toml", &root.join("etc/envelopefs/up.toml").display().to_string())
+        .split(' ')
+        .map(str::to_owned)
+        .collect();
+    let start = || {
+        let child = Command::new(&argv[0])
+            .args(&argv[1..])
+            .env("ENVELOPEFS_TRUST_DIR", common::trust_dir())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let t = Instant::now();
+        while !is_mounted(&mnt) {
+            assert!(t.elapsed() < Duration::from_secs(20), "the mount did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        common::Mounted::adopt_child(&mnt, child)
+    };
+    let exe_of = |m: &common::Mounted| fs::read_link(format!("/proc/{}/exe", m.pid())).unwrap();
+    let m = start();
+    assert_eq!(exe_of(&m), bin.join("envelopefs-1"));
+    fs::write(m.path("f"), b"across the upgrade").unwrap();
+    // The upgrade: the link now points at the new version.
+    let next = bin.join("envelopefs.next");
+    std::os::unix::fs::symlink("envelopefs-2", &next).unwrap();
+    fs::rename(&next, &link).unwrap();
+    assert_eq!(fs::read(m.path("f")).unwrap(), b"across the upgrade", "the running daemon serves on");
+    assert_eq!(exe_of(&m), bin.join("envelopefs-1"));
+    assert!(m.unmount().success());
+    let m = start();
+    assert_eq!(exe_of(&m), bin.join("envelopefs-2"), "the next start runs the new version");
+    assert_eq!(fs::read(m.path("f")).unwrap(), b"across the upgrade");
+    assert!(m.unmount().success());
+}
