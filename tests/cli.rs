@@ -188,7 +188,6 @@ fn sigterm_unmounts_cleanly() {
 }
 
 #[test]
-#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn help_teaches() {
     let out = cli(&[&"--help"]);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -196,6 +195,16 @@ fn help_teaches() {
     let out = cli(&[&"mount", &"--help"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("--allow-other") && text.contains("--cache-ttl"), "{text}");
+    // The recovery key opens a volume to read it; commands that make volumes or change
+    // keys do not offer it.
+    assert!(text.contains("--recovery-key"), "{text}");
+    for cmd in [&["init"][..], &["trust"], &["rekey"], &["key", "rotate"], &["key", "passwd"], &["key", "slot", "add"]]
+    {
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = cmd.iter().map(|a| a as &dyn AsRef<std::ffi::OsStr>).collect();
+        args.push(&"--help");
+        let text = String::from_utf8_lossy(&cli(&args).stdout).into_owned();
+        assert!(text.contains("--passphrase-file") && !text.contains("--recovery-key "), "{cmd:?}: {text}");
+    }
 }
 
 /// Every documented exit status (`envelopefs man`, EXIT STATUS) and a case that produces

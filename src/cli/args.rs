@@ -36,8 +36,9 @@ pub struct Cli {
     pub cmd: Cmd,
 }
 
+/// The volume's secret, for the commands that make volumes or change keys.
 #[derive(Args, Clone, Default)]
-pub struct SecretArgs {
+pub struct KeySecretArgs {
     /// Read the keyring passphrase from this file (one trailing newline is ignored).
     #[arg(long, value_name = "FILE")]
     pub passphrase_file: Option<PathBuf>,
@@ -48,6 +49,16 @@ pub struct SecretArgs {
     /// PKCS#11 volumes: read the token's user PIN from this file.
     #[arg(long, value_name = "FILE")]
     pub pin_file: Option<PathBuf>,
+    /// Read the passphrase or PIN from standard input (used by a daemonizing mount for its child).
+    #[arg(long, hide = true)]
+    pub secret_stdin: bool,
+}
+
+/// The volume's secret, or its offline recovery key, for the commands that read a volume.
+#[derive(Args, Clone, Default)]
+pub struct SecretArgs {
+    #[command(flatten)]
+    pub key: KeySecretArgs,
     /// Open the volume with only its offline recovery key (an age identity file,
     /// AGE-SECRET-KEY-1…), for the day its key stores are gone. A mount is then read-only.
     #[arg(long, value_name = "FILE")]
@@ -56,20 +67,26 @@ pub struct SecretArgs {
     /// value (shown by `envelopefs key slot list`), proving the volume is the one you own.
     #[arg(long, value_name = "HEX", requires = "recovery_key")]
     pub volume_check: Option<String>,
-    /// Read the passphrase or PIN from standard input (used by a daemonizing mount for its child).
-    #[arg(long, hide = true)]
-    pub secret_stdin: bool,
 }
 
-impl SecretArgs {
+impl KeySecretArgs {
     pub fn source(&self) -> SecretSource {
         SecretSource {
             passphrase_file: self.passphrase_file.clone(),
             key_file: self.key_file.clone(),
             stdin: self.secret_stdin,
             pin_file: self.pin_file.clone(),
+            ..Default::default()
+        }
+    }
+}
+
+impl SecretArgs {
+    pub fn source(&self) -> SecretSource {
+        SecretSource {
             recovery_key: self.recovery_key.clone(),
             volume_check: self.volume_check.clone(),
+            ..self.key.source()
         }
     }
 }
@@ -138,7 +155,7 @@ pub enum Cmd {
         #[arg(long)]
         kms_intermediate_key: bool,
         #[command(flatten)]
-        secret: SecretArgs,
+        secret: KeySecretArgs,
     },
     /// Key-encryption keys: create (PKCS#11), rotate, status, retire.
     #[command(subcommand)]
@@ -171,14 +188,14 @@ pub enum Cmd {
         #[arg(long)]
         accept_rollback: bool,
         #[command(flatten)]
-        secret: SecretArgs,
+        secret: KeySecretArgs,
     },
     /// Move a format-1 volume to format 2 (authenticated config, pinned keys). Offline;
     /// files are untouched. Older envelopefs versions cannot open the volume afterwards.
     Upgrade {
         backing: PathBuf,
         #[command(flatten)]
-        secret: SecretArgs,
+        secret: KeySecretArgs,
     },
     /// Move files to the current KEK. --rewrap (default) re-wraps each header's data key:
     /// cheap, data untouched, safe while mounted. --reencrypt gives each file a new data key
@@ -207,7 +224,7 @@ pub enum Cmd {
         #[arg(long, value_name = "FILE")]
         audit_log: Option<PathBuf>,
         #[command(flatten)]
-        secret: SecretArgs,
+        secret: KeySecretArgs,
     },
     /// Mount a volume. Returns once the mount answers, leaving a daemon behind (or stays in
     /// the foreground with --foreground).

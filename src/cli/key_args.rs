@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
-use super::args::SecretArgs;
+use super::args::{KeySecretArgs, SecretArgs};
 
 #[derive(Subcommand)]
 pub enum KeyCmd {
@@ -28,7 +28,7 @@ pub enum KeyCmd {
         kdf_iterations: u32,
         /// The current passphrase or key file.
         #[command(flatten)]
-        secret: SecretArgs,
+        secret: KeySecretArgs,
     },
     /// Create version 1 of a KEK inside a PKCS#11 token (sensitive, never extractable).
     Create {
@@ -39,7 +39,7 @@ pub enum KeyCmd {
         #[arg(long, value_name = "URI")]
         key: String,
         #[command(flatten)]
-        secret: SecretArgs,
+        secret: KeySecretArgs,
     },
     /// Make a new KEK version current. New files wrap under it (running mounts too: they
     /// pick up the new version within seconds); old files keep opening with the version
@@ -47,7 +47,7 @@ pub enum KeyCmd {
     Rotate {
         backing: PathBuf,
         #[command(flatten)]
-        secret: SecretArgs,
+        secret: KeySecretArgs,
     },
     /// List the KEK versions and how many file headers use each.
     Status {
@@ -73,7 +73,7 @@ pub enum KeyCmd {
         #[arg(long)]
         force: bool,
         #[command(flatten)]
-        secret: SecretArgs,
+        secret: KeySecretArgs,
     },
 }
 
@@ -87,7 +87,7 @@ pub enum SlotCmd {
         #[command(flatten)]
         slot: NewSlotArgs,
         #[command(flatten)]
-        secret: SecretArgs,
+        secret: KeySecretArgs,
     },
     /// Remove a key slot from the policy. Refused for the primary and while any file has no
     /// record for the slots that stay. Headers keep the removed slot's records until
@@ -97,7 +97,7 @@ pub enum SlotCmd {
         /// The slot's number (`key slot list`).
         slot: usize,
         #[command(flatten)]
-        secret: SecretArgs,
+        secret: KeySecretArgs,
     },
     /// List the key slots (0 is the primary) and the volume's check value.
     List {
@@ -111,7 +111,7 @@ pub enum SlotCmd {
         backing: PathBuf,
         slot: usize,
         #[command(flatten)]
-        secret: SecretArgs,
+        secret: KeySecretArgs,
     },
 }
 
