@@ -156,7 +156,14 @@ fn outage_is_eio_within_the_bound_then_recovers_and_throttling_is_survived() {
     let e = fs::File::open(m.path("f")).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
     assert!(t.elapsed() < Duration::from_secs(10), "bounded: {:?}", t.elapsed());
-    kms.proxy(r#"{"mode": "ok"}"#);
+    // A KMS that hangs: EIO once --kms-timeout (3 s) has passed, once, not for each copy of
+    // the header.
+    kms.proxy(r#"{"mode": "ok", "latency_ms": 20000}"#);
+    let t = Instant::now();
+    let e = fs::File::open(m.path("f")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    assert!(t.elapsed() < Duration::from_millis(5000), "one timeout, not two: {:?}", t.elapsed());
+    kms.proxy(r#"{"mode": "ok", "latency_ms": 0}"#);
     assert_eq!(fs::read(m.path("f")).unwrap(), data, "recovered, nothing lost");
     // A throttling storm: the next 4 calls are refused with ThrottlingException.
     drop(m);

@@ -91,6 +91,10 @@ impl Volume {
         }
         let mut first_err: Option<Error> = None;
         let mut foreign: Option<OpenedHeader> = None;
+        // A slot whose records could not be unwrapped: the other copy, when it holds the
+        // same records, would ask the same key stores the same thing (a KMS that hangs
+        // would cost a second timeout).
+        let mut failed: Option<crate::format::Header> = None;
         for (idx, slot) in decode_region(region) {
             let view = match slot {
                 Ok(v) => v,
@@ -112,6 +116,9 @@ impl Volume {
                 )));
                 continue;
             }
+            if failed.as_ref().is_some_and(|f| f.file_id == h.file_id && f.records == h.records) {
+                continue;
+            }
             let loaded = self.cache.get_or_load(h.file_id, h.generation, || {
                 self.unwrap_any(h, path, who).map(|dek| FileKey::new(self.backend, h.file_id, &dek))
             });
@@ -127,6 +134,7 @@ impl Volume {
                 }
                 Err(e) => {
                     first_err.get_or_insert(e.context(format!("header slot {idx}")));
+                    failed.get_or_insert_with(|| view.header.clone());
                 }
             }
         }
