@@ -156,6 +156,25 @@ fn passphrase_volume_daemonizes_and_stops_on_umount() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no passphrase"), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!is_mounted(&mnt));
 
+    // The passphrase piped in (`--passphrase-file /dev/stdin`), without --foreground: the
+    // daemon gets it from the command that started it.
+    let mut c = common::bin()
+        .args(["mount", "--passphrase-file", "/dev/stdin", "--log-file"])
+        .arg(&log)
+        .arg(&backing)
+        .arg(&mnt)
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut c.stdin.take().unwrap(), b"correct horse battery staple\n").unwrap();
+    let out = c.wait_with_output().unwrap();
+    let _g = Guard(&mnt);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(is_mounted(&mnt));
+    assert_eq!(fs::read(mnt.join("x")).unwrap(), b"hello");
+    assert!(cli(&[&"umount", &mnt]).status.success());
+
     // Detached without --log-file where there is no syslog: said at start, not silent.
     if !Path::new("/dev/log").exists() {
         let out = cli(&[&"mount", &"--passphrase-file", &pw, &backing, &mnt]);

@@ -27,6 +27,11 @@ pub fn child_args(args: &[OsString], prompted: bool) -> Vec<OsString> {
     out
 }
 
+/// Whether `p` names this process's standard input.
+fn is_stdin(p: &Path) -> bool {
+    ["/dev/stdin", "/dev/fd/0", "/proc/self/fd/0"].iter().any(|s| p == Path::new(s))
+}
+
 fn io(e: std::io::Error, what: &str) -> Error {
     Error::new(e.raw_os_error().unwrap_or(libc::EIO), format!("{what}: {e}"))
 }
@@ -42,9 +47,20 @@ pub fn daemonize(backing: &Path, secret: &SecretSource, args: &[OsString]) -> Re
         .secret_kind()
         .filter(|_| secret.recovery_key.is_none())
         .and_then(|k| secret.would_prompt(k, terminal));
+    // A secret file that is this process's stdin (`--passphrase-file /dev/stdin`) is read
+    // here: the daemon's own stdin is not the caller's. It gets the bytes on its stdin,
+    // where its `--passphrase-file /dev/stdin` then finds them.
+    let stdin_file =
+        [secret.passphrase_file.as_deref(), secret.pin_file.as_deref()].into_iter().flatten().any(is_stdin);
     let passphrase = match prompt {
         Some(p) => {
             Some(Zeroizing::new(rpassword::prompt_password(p).map_err(|e| io(e, "reading secret"))?.into_bytes()))
+        }
+        None if stdin_file => {
+            use std::io::Read;
+            let mut raw = Zeroizing::new(Vec::new());
+            std::io::stdin().read_to_end(&mut raw).map_err(|e| io(e, "reading the secret from stdin"))?;
+            Some(raw)
         }
         None => None,
     };
@@ -52,7 +68,7 @@ pub fn daemonize(backing: &Path, secret: &SecretSource, args: &[OsString]) -> Re
     let mut cmd = Command::new(exe);
     cmd.args(child_args(args, prompt.is_some()))
         .env("ENVELOPEFS_NOTIFY_PARENT", "1")
-        .stdin(if prompt.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if passphrase.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped());
     // SAFETY: the closure runs in the forked child before exec and calls only setsid,
     // which is async-signal-safe; it allocates nothing and touches no shared state.
