@@ -382,7 +382,13 @@ fn the_metrics_endpoint_counts_what_the_workload_did() {
     assert_eq!(sample(&text, r#"envelopefs_fuse_requests_total{op="create"}"#), 5);
     assert_eq!(sample(&text, "envelopefs_kms_requests_total"), all_calls(&kms) - before, "{text}");
     assert!(text.contains(r#"envelopefs_fuse_request_seconds_count{op="write"}"#), "{text}");
+    fs::write(m.path("tampered"), pattern(9, 6000)).unwrap(); // two blocks: the second is tampered
     drop(m);
+    let t = v.backing.join("tampered");
+    let mut raw = fs::read(&t).unwrap();
+    let n = raw.len();
+    raw[n - 1] ^= 1;
+    fs::write(&t, raw).unwrap();
 
     // Read-only: no keys made ahead; each file's key unwrapped once, then cached.
     let gen = kms.calls("GenerateDataKey");
@@ -403,4 +409,11 @@ fn the_metrics_endpoint_counts_what_the_workload_did() {
     assert_eq!(sample(&text, "envelopefs_dek_cache_misses_total"), 5, "{text}");
     assert_eq!(sample(&text, "envelopefs_dek_cache_hits_total"), 5, "{text}");
     assert_eq!(sample(&text, "envelopefs_kms_requests_total"), all_calls(&kms) - before, "{text}");
+    let slot0 = r#"{slot="0",kind="aws-kms"}"#;
+    assert_eq!(sample(&text, &format!("envelopefs_key_slot_operations_total{slot0}")), 5, "one unwrap per file");
+    assert_eq!(sample(&text, &format!("envelopefs_key_slot_seconds_count{slot0}")), 5, "each timed");
+    // A tampered block: EIO, counted as an integrity failure of a block.
+    assert_eq!(fs::read(m.path("tampered")).unwrap_err().raw_os_error(), Some(libc::EIO));
+    let text = scrape(port);
+    assert!(sample(&text, r#"envelopefs_integrity_failures_total{cause="block"}"#) >= 1, "{text}");
 }

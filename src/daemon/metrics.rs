@@ -71,6 +71,40 @@ impl Collector for Live {
             "key-store operations that failed",
             v.provider_errors.load(Relaxed),
         )?;
+        // By key slot: what the store behind it was asked when files were opened or
+        // rewrapped (new files' keys are made ahead, in the pool, and counted in the totals).
+        let slot_labels = |s: &crate::volume::KeySlot| {
+            vec![("slot", s.index.to_string()), ("kind", s.provider.kind().name().to_owned())]
+        };
+        let mut ops = e.encode_descriptor(
+            "envelopefs_key_slot_operations",
+            "operations asked of a key slot's store",
+            None,
+            c.metric_type(),
+        )?;
+        for s in &v.slots {
+            s.ops.encode(ops.encode_family(&slot_labels(s))?)?;
+        }
+        let mut failures = e.encode_descriptor(
+            "envelopefs_key_slot_failures",
+            "a key slot's operations that failed",
+            None,
+            c.metric_type(),
+        )?;
+        for s in &v.slots {
+            s.failures.encode(failures.encode_family(&slot_labels(s))?)?;
+        }
+        if let Some(first) = v.slots.first() {
+            let mut secs = e.encode_descriptor(
+                "envelopefs_key_slot_seconds",
+                "time a key slot's store took per operation",
+                None,
+                first.seconds.metric_type(),
+            )?;
+            for s in &v.slots {
+                s.seconds.encode(secs.encode_family(&slot_labels(s))?)?;
+            }
+        }
         if let Some(n) = v.requests_sent() {
             counter(
                 &mut e,
@@ -104,6 +138,11 @@ pub fn serve(addr: &str, fs: Arc<EncryptedFs>, journal: Option<Arc<Journal>>, re
         fs.stats.latency.clone(),
     );
     registry.register("envelopefs_fuse_errors", "errors replied to FUSE requests, by errno", fs.stats.errnos.clone());
+    registry.register(
+        "envelopefs_integrity_failures",
+        "replies that were EIO because something did not authenticate, by what (block, header, name)",
+        fs.stats.integrity.clone(),
+    );
     registry.register_collector(Box::new(Live { fs, journal, recovered }));
     let server = tiny_http::Server::http(addr).map_err(|e| {
         Error::new(libc::EADDRNOTAVAIL, format!("metrics endpoint {addr}: {e}")).with_class(crate::error::Class::Usage)

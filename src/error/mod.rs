@@ -10,7 +10,30 @@ pub struct Error {
     errno: i32,
     context: String,
     class: Option<Class>,
+    /// What failed to authenticate, when that is the error.
+    integrity: Option<Integrity>,
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+/// What did not authenticate: the metrics count integrity failures by it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Integrity {
+    /// A content block (tampered, moved, or torn without a journal to finish it).
+    Block,
+    /// A file's header (no slot authenticates, or one pasted from another file).
+    Header,
+    /// A hidden name, symlink target or extended attribute.
+    Name,
+}
+
+impl Integrity {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Integrity::Block => "block",
+            Integrity::Header => "header",
+            Integrity::Name => "name",
+        }
+    }
 }
 
 /// What a script needs to tell failures apart; each is a distinct exit code of the binary
@@ -80,7 +103,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn new(errno: i32, context: impl Into<String>) -> Self {
-        Self { errno, context: context.into(), class: None, source: None }
+        Self { errno, context: context.into(), class: None, integrity: None, source: None }
     }
 
     /// An I/O error from the backing store, keeping its errno.
@@ -89,6 +112,7 @@ impl Error {
             errno: err.raw_os_error().unwrap_or(libc::EIO),
             context: context.into(),
             class: None,
+            integrity: None,
             source: Some(Box::new(err)),
         }
     }
@@ -110,6 +134,15 @@ impl Error {
 
     pub fn class(&self) -> Option<Class> {
         self.class
+    }
+
+    /// Data that fails to authenticate: EIO, counted by what it was.
+    pub fn integrity(kind: Integrity, context: impl Into<String>) -> Self {
+        Self { integrity: Some(kind), ..Self::new(libc::EIO, context) }
+    }
+
+    pub fn integrity_kind(&self) -> Option<Integrity> {
+        self.integrity
     }
 
     /// Data that does not authenticate or parse: never hand out wrong bytes.

@@ -241,7 +241,10 @@ impl Content<'_> {
 }
 
 fn bad_block(i: u64) -> Error {
-    Error::corrupt(format!("block {i} does not authenticate (tampered, or moved from another position or file)"))
+    Error::integrity(
+        crate::error::Integrity::Block,
+        format!("block {i} does not authenticate (tampered, or moved from another position or file)"),
+    )
 }
 
 fn size_error(e: SizeError, len: u64) -> Error {

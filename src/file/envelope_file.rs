@@ -71,7 +71,7 @@ impl EnvelopeFile<'_> {
     pub fn load(&self, len: u64) -> Result<Loaded> {
         match self.load_header(len)? {
             (loaded, true) => Ok(loaded),
-            (_, false) => Err(Error::corrupt(PASTED_HEADER)),
+            (_, false) => Err(Error::integrity(crate::error::Integrity::Header, PASTED_HEADER)),
         }
     }
 

@@ -323,6 +323,8 @@ pub struct Stats {
     pub latency: Family<Labels, Histogram, fn() -> Histogram>,
     /// Errors replied, by errno.
     pub errnos: Family<Labels, Counter>,
+    /// Replies that were EIO because something did not authenticate, by what.
+    pub integrity: Family<Labels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -338,6 +340,7 @@ impl Default for Stats {
             requests: Default::default(),
             latency: Family::new_with_constructor(latency_histogram),
             errnos: Family::default(),
+            integrity: Family::default(),
         }
     }
 }
@@ -365,8 +368,11 @@ impl Stats {
     }
 
     /// Count one error reply.
-    pub fn errno(&self, errno: i32) {
-        self.errnos.get_or_create(&vec![("errno", errno_name(errno))]).inc();
+    pub fn errno(&self, e: &Error) {
+        self.errnos.get_or_create(&vec![("errno", errno_name(e.errno()))]).inc();
+        if let Some(kind) = e.integrity_kind() {
+            self.integrity.get_or_create(&vec![("cause", kind.name().to_owned())]).inc();
+        }
     }
 
     /// Requests served so far, by opcode (those never sent left out).

@@ -135,7 +135,7 @@ impl FuseFs {
             On::Ino(ino) => self.fs.describe(ino),
             On::Name(parent, name) => format!("{name:?} in {}", self.fs.describe(parent)),
         };
-        self.fs.stats.errno(e.errno());
+        self.fs.stats.errno(e);
         if e.is_noteworthy() {
             warn!("{op} {} failed: {e}", what());
             self.fs.stats.error(format!("{op} {}: {e}", what()));

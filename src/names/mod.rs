@@ -117,7 +117,12 @@ impl NameCipher {
 
     /// The plaintext name of an encrypted one (a short entry, or a side file's content).
     pub fn decrypt_name(&self, encoded: &[u8]) -> Result<OsString> {
-        let bad = || Error::corrupt(format!("{:?} is not a name this volume encrypted", OsStr::from_bytes(encoded)));
+        let bad = || {
+            Error::integrity(
+                crate::error::Integrity::Name,
+                format!("{:?} is not a name this volume encrypted", OsStr::from_bytes(encoded)),
+            )
+        };
         let sealed = URL_SAFE_NO_PAD.decode(encoded).map_err(|_| bad())?;
         let mut padded = Zeroizing::new(self.open(b"name", &sealed).ok_or_else(bad)?);
         let pad = *padded.last().ok_or_else(bad)? as usize;
@@ -149,7 +154,12 @@ impl NameCipher {
     }
 
     pub fn decrypt_target(&self, stored: &[u8]) -> Result<Vec<u8>> {
-        let bad = || Error::corrupt("the symlink target does not decrypt (not made by this volume, or changed)");
+        let bad = || {
+            Error::integrity(
+                crate::error::Integrity::Name,
+                "the symlink target does not decrypt (not made by this volume, or changed)",
+            )
+        };
         let sealed = URL_SAFE_NO_PAD.decode(stored).map_err(|_| bad())?;
         self.open(b"symlink", &sealed).ok_or_else(bad)
     }
@@ -190,7 +200,12 @@ impl NameCipher {
     }
 
     pub fn open_xattr_value(&self, stored_name: &[u8], stored: &[u8]) -> Result<Vec<u8>> {
-        let bad = || Error::corrupt("an xattr value does not authenticate (changed, or moved from another name)");
+        let bad = || {
+            Error::integrity(
+                crate::error::Integrity::Name,
+                "an xattr value does not authenticate (changed, or moved from another name)",
+            )
+        };
         if stored.len() < NONCE_LEN + TAG_LEN {
             return Err(bad());
         }

@@ -130,7 +130,10 @@ impl Volume {
                     foreign.get_or_insert(OpenedHeader { key, header: view.header, slot: idx });
                 }
                 Ok(_) => {
-                    first_err.get_or_insert(Error::corrupt(format!("header slot {idx} does not authenticate")));
+                    first_err.get_or_insert(Error::integrity(
+                        crate::error::Integrity::Header,
+                        format!("header slot {idx} does not authenticate"),
+                    ));
                 }
                 Err(e) => {
                     first_err.get_or_insert(e.context(format!("header slot {idx}")));
@@ -155,7 +158,7 @@ impl Volume {
         let (mut refused, mut failed): (Option<Error>, Option<Error>) = (None, None);
         for slot in order {
             for rec in h.records.iter().filter(|r| slot.settings.claims(r)) {
-                let res = self.count(slot.provider.unwrap(rec, &ctx));
+                let res = self.count(slot.timed(|| slot.provider.unwrap(rec, &ctx)));
                 slot.mark(&res);
                 let served = Some(slot.index).filter(|_| several);
                 self.audit("unwrap", &h.file_id, path, rec, res.as_ref().map(drop), who, served);
@@ -205,7 +208,7 @@ impl Volume {
             let rec = match (slot, have) {
                 (Some(s), Some(r)) if s.current(r) => r.clone(),
                 (Some(s), Some(r)) if s.settings.kind() != crate::format::ProviderKind::Recovery => {
-                    let res = self.count(s.provider.rewrap(r, &ctx));
+                    let res = self.count(s.timed(|| s.provider.rewrap(r, &ctx)));
                     self.audit("rewrap", &h.file_id, path, r, res.as_ref().map(drop), who, Some(i));
                     res?
                 }
@@ -217,7 +220,7 @@ impl Volume {
                         }
                         dek = Some(d);
                     }
-                    let res = self.count(s.provider.wrap(dek.as_ref().unwrap(), &ctx));
+                    let res = self.count(s.timed(|| s.provider.wrap(dek.as_ref().unwrap(), &ctx)));
                     if let Ok(r) = &res {
                         self.audit("wrap", &h.file_id, path, r, Ok(()), who, Some(i));
                     }

@@ -129,11 +129,38 @@ pub struct KeySlot {
     pub provider: Arc<dyn KeyProvider>,
     /// Until when it is tried last (its store failed to answer).
     down_until: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Operations asked of its store, failures, and how long each took (the metrics).
+    pub ops: prometheus_client::metrics::counter::Counter,
+    pub failures: prometheus_client::metrics::counter::Counter,
+    pub seconds: prometheus_client::metrics::histogram::Histogram,
 }
 
 impl KeySlot {
     pub(crate) fn new(index: usize, settings: ProviderConfig, provider: Arc<dyn KeyProvider>) -> Self {
-        Self { index, settings, provider, down_until: std::sync::Mutex::new(None) }
+        Self {
+            index,
+            settings,
+            provider,
+            down_until: std::sync::Mutex::new(None),
+            ops: Default::default(),
+            failures: Default::default(),
+            // 100 µs to about 100 s.
+            seconds: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(1e-4, 4.0, 11),
+            ),
+        }
+    }
+
+    /// Run one operation on this slot's store, timed and counted.
+    pub(crate) fn timed<T>(&self, op: impl FnOnce() -> Result<T>) -> Result<T> {
+        let start = std::time::Instant::now();
+        let r = op();
+        self.seconds.observe(start.elapsed().as_secs_f64());
+        self.ops.inc();
+        if r.is_err() {
+            self.failures.inc();
+        }
+        r
     }
 
     fn is_down(&self) -> bool {
