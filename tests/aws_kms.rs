@@ -417,3 +417,51 @@ fn the_metrics_endpoint_counts_what_the_workload_did() {
     let text = scrape(port);
     assert!(sample(&text, r#"envelopefs_integrity_failures_total{cause="block"}"#) >= 1, "{text}");
 }
+
+/// `rekey --metrics`: the run's progress can be scraped while it runs (here slowed by a
+/// KMS that answers in 300 ms, one file at a time).
+#[test]
+#[cfg_attr(
+    not(all(feature = "fuse_tests", feature = "kms_tests")),
+    ignore = "needs FUSE mounts as root and moto: --features fuse_tests,kms_tests"
+)]
+fn rekey_progress_is_scraped_while_it_runs() {
+    let kms = Kms::start();
+    let v = kms_volume(&kms, "progress");
+    let m = mount(&v, &[]);
+    for i in 0..12 {
+        fs::write(m.path(&format!("f{i}")), b"data").unwrap();
+    }
+    drop(m);
+    let port = common::free_port();
+    kms.proxy(r#"{"latency_ms": 300}"#);
+    let mut child = common::bin()
+        .args(["rekey", "--reencrypt", "--jobs", "1", "--metrics", &format!("127.0.0.1:{port}")])
+        .arg(&v.backing)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let text = loop {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            drop(std::io::Write::write_all(&mut s, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"));
+            let mut resp = String::new();
+            let _ = std::io::Read::read_to_string(&mut s, &mut resp);
+            if let Some(body) = resp.split("\r\n\r\n").nth(1) {
+                if body.contains("envelopefs_rekey_files_done_total")
+                    && sample(body, "envelopefs_rekey_files_done_total") >= 1
+                {
+                    break body.to_owned();
+                }
+            }
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "no progress to scrape");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(sample(&text, "envelopefs_rekey_files"), 12, "{text}");
+    assert!(sample(&text, "envelopefs_rekey_files_done_total") < 12, "scraped mid-run: {text}");
+    assert!(child.wait().unwrap().success());
+    kms.proxy(r#"{"latency_ms": 0}"#);
+}

@@ -223,6 +223,10 @@ pub enum Cmd {
         /// Append one JSON line per key operation to this file.
         #[arg(long, value_name = "FILE")]
         audit_log: Option<PathBuf>,
+        /// Serve the run's progress as OpenMetrics at http://ADDR/metrics while it runs
+        /// (envelopefs_rekey_files, envelopefs_rekey_files_done).
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<String>,
         #[command(flatten)]
         secret: KeySecretArgs,
     },

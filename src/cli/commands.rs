@@ -92,14 +92,14 @@ pub fn run(cmd: Cmd) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Rekey { backing, rewrap: _, reencrypt, paths, jobs, to_key, audit_log, secret } => {
+        Cmd::Rekey { backing, rewrap: _, reencrypt, paths, jobs, to_key, audit_log, metrics, secret } => {
             let mode = if reencrypt { rekey::Mode::Reencrypt } else { rekey::Mode::Rewrap };
             let opts = OpenOptions { audit_log, ..OpenOptions::default() };
             let vol = match to_key {
                 None => Volume::open(&backing, &secret.source(), &opts)?,
                 Some(k) => crate::tools::key_move::move_to_key(&backing, &k, &secret.source(), &opts)?,
             };
-            rekey_files(&vol, &backing, mode, paths, jobs)
+            rekey_files(&vol, &backing, mode, paths, jobs, metrics.as_deref())
         }
         Cmd::Inspect { file, volume: None, .. } => {
             crate::tools::check::inspect(&file, &mut std::io::stdout().lock())?;
@@ -194,7 +194,14 @@ fn init(backing: &Path, secret: &SecretSource, opts: &InitOptions) -> Result<Exi
     Ok(ExitCode::SUCCESS)
 }
 
-fn rekey_files(vol: &Volume, backing: &Path, mode: rekey::Mode, paths: Vec<PathBuf>, jobs: usize) -> Result<ExitCode> {
+fn rekey_files(
+    vol: &Volume,
+    backing: &Path,
+    mode: rekey::Mode,
+    paths: Vec<PathBuf>,
+    jobs: usize,
+    metrics: Option<&str>,
+) -> Result<ExitCode> {
     let _lock = if mode == rekey::Mode::Reencrypt {
         Some(lock_volume(backing).context("rekey --reencrypt rewrites files: unmount the volume first")?)
     } else {
@@ -209,7 +216,10 @@ fn rekey_files(vol: &Volume, backing: &Path, mode: rekey::Mode, paths: Vec<PathB
     }
     let files = if paths.is_empty() { crate::volume::tree::volume_files(&vol)? } else { paths };
     let label = if mode == rekey::Mode::Rewrap { "rewrap" } else { "reencrypt" };
-    let progress = rekey::Progress::new(files.len() as u64, label);
+    let progress = std::sync::Arc::new(rekey::Progress::new(files.len() as u64, label));
+    if let Some(addr) = metrics {
+        crate::daemon::metrics::serve_rekey(addr, progress.clone())?;
+    }
     let sum = rekey::run(vol, mode, files, jobs, &|p| progress.tick(p));
     progress.finish();
     for (p, e) in &sum.failed {

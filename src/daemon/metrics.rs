@@ -144,6 +144,35 @@ pub fn serve(addr: &str, fs: Arc<EncryptedFs>, journal: Option<Arc<Journal>>, re
         fs.stats.integrity.clone(),
     );
     registry.register_collector(Box::new(Live { fs, journal, recovered }));
+    serve_registry(addr, registry)
+}
+
+/// The progress of a `rekey` run, for as long as it runs.
+struct RekeyProgress(Arc<crate::tools::rekey::Progress>);
+
+impl std::fmt::Debug for RekeyProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("rekey progress")
+    }
+}
+
+impl Collector for RekeyProgress {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        let (done, total) = self.0.counts();
+        gauge(&mut e, "envelopefs_rekey_files", "files this rekey run works on", total as i64)?;
+        counter(&mut e, "envelopefs_rekey_files_done", "files this rekey run has finished", done)
+    }
+}
+
+/// Serve `rekey`'s progress on `addr` while it runs.
+pub fn serve_rekey(addr: &str, progress: Arc<crate::tools::rekey::Progress>) -> Result<()> {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(RekeyProgress(progress)));
+    serve_registry(addr, registry)
+}
+
+/// Answer `GET /metrics` on `addr` from a thread of its own.
+fn serve_registry(addr: &str, registry: Registry) -> Result<()> {
     let server = tiny_http::Server::http(addr).map_err(|e| {
         Error::new(libc::EADDRNOTAVAIL, format!("metrics endpoint {addr}: {e}")).with_class(crate::error::Class::Usage)
     })?;

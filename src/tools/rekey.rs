@@ -239,6 +239,11 @@ impl Progress {
         Self { bar, done: AtomicU64::new(0), total, start: Instant::now(), last_line: Mutex::new(Instant::now()) }
     }
 
+    /// Files done so far, and in all.
+    pub fn counts(&self) -> (u64, u64) {
+        (self.done.load(Ordering::Relaxed), self.total)
+    }
+
     pub fn tick(&self, _path: &Path) {
         let done = self.done.fetch_add(1, Ordering::Relaxed) + 1;
         if let Some(b) = &self.bar {
