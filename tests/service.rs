@@ -210,6 +210,10 @@ fn status_json_moves_as_files_are_used() {
     let s0 = status();
     assert_eq!(s0["open_files"], 0);
     assert_eq!(s0["errors"], 0);
+    // Without a mount point: every envelopefs mount of the host, this one among them.
+    let all: serde_json::Value = serde_json::from_str(&ok(cli(&[&"status", &"--json"]))).unwrap();
+    let mnt = m.mnt.display().to_string();
+    assert!(all.as_array().unwrap().iter().any(|st| st["mountpoint"] == mnt.as_str()), "{all}");
     fs::write(m.path("a"), b"hello").unwrap();
     // The kernel sends RELEASE in the background: until it arrives the inode keeps its key
     // and the next open asks no cache.

@@ -246,8 +246,9 @@ pub enum Cmd {
     /// Ask a running mount how it is doing: uptime, open files, DEK cache, key-store operations and KMS requests,
     /// errors.
     Status {
-        mountpoint: PathBuf,
-        /// Machine-readable output.
+        /// A mount point; without one, every envelopefs mount on this host, one after another.
+        mountpoint: Option<PathBuf>,
+        /// Machine-readable output (a JSON array without MOUNTPOINT).
         #[arg(long)]
         json: bool,
     },

@@ -83,12 +83,31 @@ pub fn run(cmd: Cmd) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Status { mountpoint, json } => {
+        Cmd::Status { mountpoint: Some(mountpoint), json } => {
             let st = crate::daemon::control::query(&mountpoint)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&st)?);
             } else {
                 crate::daemon::status::write_human(&st, &mut std::io::stdout())?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Status { mountpoint: None, json } => {
+            let mut all = Vec::new();
+            for mnt in crate::daemon::process::envelopefs_mounts() {
+                match crate::daemon::control::query(&mnt) {
+                    Ok(st) => all.push(st),
+                    Err(e) => eprintln!("{}: {}", mnt.display(), crate::error::printable(&e.to_string())),
+                }
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else if all.is_empty() {
+                println!("no envelopefs mount answers here");
+            } else {
+                for st in &all {
+                    crate::daemon::status::write_human(st, &mut std::io::stdout())?;
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

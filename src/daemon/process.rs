@@ -72,6 +72,16 @@ pub fn mount_source(path: &std::path::Path) -> Option<std::path::PathBuf> {
     mount_source_at(&std::fs::canonicalize(path).ok()?)
 }
 
+/// Every envelopefs mount point this host lists (type `fuse.envelopefs`).
+pub fn envelopefs_mounts() -> Vec<std::path::PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines()
+        .filter(|l| l.split_once(" - ").is_some_and(|(_, t)| t.starts_with("fuse.envelopefs ")))
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| std::path::PathBuf::from(p.replace("\\040", " ")))
+        .collect()
+}
+
 /// `mount_source` of a mount point named exactly `abs` (a dead mount cannot be resolved).
 pub fn mount_source_at(abs: &std::path::Path) -> Option<std::path::PathBuf> {
     let want = abs.to_string_lossy().replace(' ', "\\040");
