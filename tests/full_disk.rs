@@ -63,11 +63,7 @@ fn volume_on_small_disk() -> (TestVolume, SmallDisk) {
     let disk = SmallDisk::new(dir.path().join("disk"), 8);
     let backing = disk.0.join("backing");
     fs::create_dir(&backing).unwrap();
-    let key = dir.path().join("volume.key");
-    let mut k = [0u8; 32];
-    getrandom::getrandom(&mut k).unwrap();
-    fs::write(&key, k).unwrap();
-    fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let key = new_key_file(dir.path());
     let opts = InitOptions { block_size: 4096, trust: test_trust(), ..InitOptions::default() };
     volume::init(&backing, &TestVolume::source_for(&key), &opts).unwrap();
     (TestVolume { dir, backing, key }, disk)

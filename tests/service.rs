@@ -16,6 +16,27 @@ fn ok(out: std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Run a unit's ExecStart line (`exec`, with `conf` for the instance's config) as systemd
+/// would, and take charge of the mount once it answers at `mnt`.
+fn exec_start(exec: &str, conf: &Path, mnt: &Path) -> common::Mounted {
+    let argv: Vec<String> =
+        exec.replace("/etc/envelopefs/%i.toml", &conf.display().to_string()).split(' ').map(str::to_owned).collect();
+    let child = Command::new(&argv[0])
+        .args(&argv[1..])
+        .env("ENVELOPEFS_TRUST_DIR", common::trust_dir())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !is_mounted(mnt) || fs::metadata(mnt).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(20), "the mount did not come up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    common::Mounted::adopt_child(mnt, child)
+}
+
 /// `service install NAME` of `vol` under `root`.
 fn install(vol: &TestVolume, name: &str, mnt: &Path, opts: &str, root: &Path) {
     ok(cli(&[
@@ -286,24 +307,7 @@ fn the_units_exec_start_brings_a_killed_daemon_back() {
     let unit = fs::read_to_string(root.join("etc/systemd/system/envelopefs@.service")).unwrap();
     let exec = unit.lines().find_map(|l| l.strip_prefix("ExecStart=")).unwrap();
     let conf = root.join("etc/envelopefs/crash.toml");
-    let argv: Vec<String> =
-        exec.replace("/etc/envelopefs/%i.toml", &conf.display().to_string()).split(' ').map(str::to_owned).collect();
-    let start = || {
-        let child = Command::new(&argv[0])
-            .args(&argv[1..])
-            .env("ENVELOPEFS_TRUST_DIR", common::trust_dir())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let t = Instant::now();
-        while !is_mounted(&mnt) || fs::metadata(&mnt).is_err() {
-            assert!(t.elapsed() < Duration::from_secs(20), "the mount did not come up");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        common::Mounted::adopt_child(&mnt, child)
-    };
+    let start = || exec_start(exec, &conf, &mnt);
     let mut m = start();
     fs::write(m.path("kept"), b"before the crash").unwrap();
     m.kill9();
@@ -379,27 +383,8 @@ fn an_upgrade_under_a_running_mount_takes_effect_at_the_next_start() {
     let unit = fs::read_to_string(root.join("etc/systemd/system/envelopefs@.service")).unwrap();
     let exec = unit.lines().find_map(|l| l.strip_prefix("ExecStart=")).unwrap();
     assert!(exec.starts_with(&link_s), "the unit names the link, not what it points at: {exec}");
-    let argv: Vec<String> = exec
-        .replace("/etc/envelopefs/%i.toml", &root.join("etc/envelopefs/up.toml").display().to_string())
-        .split(' ')
-        .map(str::to_owned)
-        .collect();
-    let start = || {
-        let child = Command::new(&argv[0])
-            .args(&argv[1..])
-            .env("ENVELOPEFS_TRUST_DIR", common::trust_dir())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let t = Instant::now();
-        while !is_mounted(&mnt) {
-            assert!(t.elapsed() < Duration::from_secs(20), "the mount did not come up");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        common::Mounted::adopt_child(&mnt, child)
-    };
+    let conf = root.join("etc/envelopefs/up.toml");
+    let start = || exec_start(exec, &conf, &mnt);
     let exe_of = |m: &common::Mounted| fs::read_link(format!("/proc/{}/exe", m.pid())).unwrap();
     let m = start();
     assert_eq!(exe_of(&m), bin.join("envelopefs-1"));

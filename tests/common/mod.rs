@@ -51,6 +51,16 @@ pub fn bin() -> Command {
     c
 }
 
+/// A fresh random key file `volume.key` in `dir`, mode 0600 like a real one.
+pub fn new_key_file(dir: &Path) -> PathBuf {
+    let key = dir.join("volume.key");
+    let mut k = [0u8; 32];
+    getrandom::getrandom(&mut k).unwrap();
+    fs::write(&key, k).unwrap();
+    fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    key
+}
+
 /// A volume in a temp dir, unlocked by a key file.
 pub struct TestVolume {
     pub dir: TempDir,
@@ -74,11 +84,7 @@ impl TestVolume {
         let dir = tempfile::Builder::new().prefix("envelopefs-test").tempdir().unwrap();
         let backing = dir.path().join("backing");
         fs::create_dir(&backing).unwrap();
-        let key = dir.path().join("volume.key");
-        let mut k = [0u8; 32];
-        getrandom::getrandom(&mut k).unwrap();
-        fs::write(&key, k).unwrap();
-        fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        let key = new_key_file(dir.path());
         let opts = InitOptions { block_size, format, trust: test_trust(), ..InitOptions::default() };
         volume::init(&backing, &Self::source_for(&key), &opts).unwrap();
         Self { dir, backing, key }
