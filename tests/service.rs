@@ -38,8 +38,8 @@ fn exec_start(exec: &str, conf: &Path, mnt: &Path) -> common::Mounted {
 }
 
 /// `service install NAME` of `vol` under `root`.
-fn install(vol: &TestVolume, name: &str, mnt: &Path, opts: &str, root: &Path) {
-    ok(cli(&[
+fn install(vol: &TestVolume, name: &str, mnt: &Path, opts: &str, root: &Path, extra: &[&str]) {
+    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
         &"service",
         &"install",
         &name,
@@ -51,7 +51,9 @@ fn install(vol: &TestVolume, name: &str, mnt: &Path, opts: &str, root: &Path) {
         &opts,
         &"--root",
         &root,
-    ]));
+    ];
+    args.extend(extra.iter().map(|a| a as &dyn AsRef<std::ffi::OsStr>));
+    ok(cli(&args));
 }
 
 #[test]
@@ -61,7 +63,7 @@ fn service_install_writes_a_unit_that_systemd_accepts() {
     let root = vol.dir.path().join("root");
     let mnt = vol.dir.path().join("mnt");
     let opts = format!("key_file={},allow_other,trust_backing_permissions", vol.key.display());
-    install(&vol, "secret", &mnt, &opts, &root);
+    install(&vol, "secret", &mnt, &opts, &root, &[]);
     let unit = root.join("etc/systemd/system/envelopefs@.service");
     let text = fs::read_to_string(&unit).unwrap();
     assert!(text.contains(&format!("ExecStart={BIN} mount --foreground --config /etc/envelopefs/%i.toml")), "{text}");
@@ -303,7 +305,7 @@ fn the_units_exec_start_brings_a_killed_daemon_back() {
     let mnt = vol.dir.path().join("mnt");
     fs::create_dir(&mnt).unwrap();
     let opts = format!("key_file={}", vol.key.display());
-    install(&vol, "crash", &mnt, &opts, &root);
+    install(&vol, "crash", &mnt, &opts, &root, &[]);
     let unit = fs::read_to_string(root.join("etc/systemd/system/envelopefs@.service")).unwrap();
     let exec = unit.lines().find_map(|l| l.strip_prefix("ExecStart=")).unwrap();
     let conf = root.join("etc/envelopefs/crash.toml");
@@ -365,21 +367,7 @@ fn an_upgrade_under_a_running_mount_takes_effect_at_the_next_start() {
     std::os::unix::fs::symlink("envelopefs-1", &link).unwrap();
     let opts = format!("key_file={}", vol.key.display());
     let link_s = link.display().to_string();
-    ok(cli(&[
-        &"service",
-        &"install",
-        &"up",
-        &"--backing",
-        &vol.backing,
-        &"--mountpoint",
-        &mnt,
-        &"-o",
-        &opts,
-        &"--root",
-        &root,
-        &"--exe",
-        &link_s,
-    ]));
+    install(&vol, "up", &mnt, &opts, &root, &["--exe", &link_s]);
     let unit = fs::read_to_string(root.join("etc/systemd/system/envelopefs@.service")).unwrap();
     let exec = unit.lines().find_map(|l| l.strip_prefix("ExecStart=")).unwrap();
     assert!(exec.starts_with(&link_s), "the unit names the link, not what it points at: {exec}");
