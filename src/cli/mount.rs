@@ -127,7 +127,14 @@ pub fn mount(mut s: MountSettings, foreground: bool, argv: &[OsString]) -> Resul
     let mut session = crate::fuse::mount(fs.clone(), s.mountpoint(), opts)
         .with_context(|| format!("mounting on {}", s.mountpoint().display()))?;
     let mut unmounter = session.unmount_callable();
-    let mut signals = signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP])?;
+    // The mount exists from here on: an error must not leave it behind without a daemon.
+    let mut signals = match signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP]) {
+        Ok(s) => s,
+        Err(e) => {
+            detach(s.mountpoint());
+            return Err(e.into());
+        }
+    };
     let mnt = s.mountpoint().to_owned();
     std::thread::spawn(move || {
         for sig in signals.forever() {
