@@ -47,6 +47,16 @@ impl Collector for Live {
         for (op, n) in self.fs.stats.requests() {
             ConstCounter::new(n).encode(requests.encode_family(&vec![("op", op)])?)?;
         }
+        let hist_type = prometheus_client::metrics::MetricType::Histogram;
+        let mut latency = e.encode_descriptor(
+            "envelopefs_fuse_request_seconds",
+            "time to answer a FUSE request, by opcode",
+            None,
+            hist_type,
+        )?;
+        for (op, h) in self.fs.stats.latencies() {
+            h.encode(latency.encode_family(&vec![("op", op)])?)?;
+        }
         counter(
             &mut e,
             "envelopefs_dek_cache_hits",
@@ -132,11 +142,6 @@ impl Collector for Live {
 /// Serve the metrics of the mount of `fs` on `addr` (host:port) from a thread of its own.
 pub fn serve(addr: &str, fs: Arc<EncryptedFs>, journal: Option<Arc<Journal>>, recovered: u64) -> Result<()> {
     let mut registry = Registry::default();
-    registry.register(
-        "envelopefs_fuse_request_seconds",
-        "time to answer a FUSE request, by opcode",
-        fs.stats.latency.clone(),
-    );
     registry.register("envelopefs_fuse_errors", "errors replied to FUSE requests, by errno", fs.stats.errnos.clone());
     registry.register(
         "envelopefs_integrity_failures",
