@@ -2,9 +2,9 @@
 //! replaced without following symlinks: the backing directory is untrusted, so a link
 //! planted at `NAME` or `NAME.tmp` must never redirect a read or a write elsewhere.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 /// Read a whole file, refusing a symlink in the last component (ELOOP) and anything but a
@@ -24,40 +24,32 @@ pub fn read(path: &Path) -> io::Result<Vec<u8>> {
     Ok(out)
 }
 
-/// The temporary name `replace` writes first.
+/// The temporary name releases before this one wrote first: a leftover there is removed.
 pub fn temp_name(path: &Path) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(".tmp");
     PathBuf::from(name)
 }
 
-/// Replace `path` atomically with `bytes`: a fresh temp file (O_EXCL|O_NOFOLLOW, so a planted
-/// link or file at the temp name is removed, never written through), fsync, rename, fsync
-/// of the directory. A crash leaves the old file or the new one.
+/// Replace `path` atomically with `bytes` (`sys::write_new_at`: a fresh temporary, synced,
+/// renamed over it, so a link or FIFO planted at `path` is replaced, never written
+/// through), then fsync the directory. A crash leaves the old file or the new one.
 pub fn replace(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
-    let tmp = temp_name(path);
-    match fs::remove_file(&tmp) {
+    match fs::remove_file(temp_name(path)) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
-    }
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(&tmp)?;
-    let written = f.write_all(bytes).and_then(|_| f.sync_all());
-    drop(f);
-    if let Err(e) = written.and_then(|_| fs::rename(&tmp, path)) {
-        let _ = fs::remove_file(&tmp);
-        return Err(e);
     }
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    File::open(dir)?.sync_all()
+    let name = path.file_name().ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let dir = File::open(dir)?;
+    let os = |e: crate::error::Error| io::Error::from_raw_os_error(e.errno());
+    let name = crate::sys::cstr(name).map_err(os)?;
+    crate::sys::write_new_at(dir.as_raw_fd(), &name, bytes, mode).map_err(os)?;
+    dir.sync_all()
 }
 
 #[cfg(test)]

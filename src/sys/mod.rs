@@ -48,13 +48,7 @@ fn owned(fd: libc::c_int, what: impl FnOnce() -> String) -> Result<OwnedFd> {
 
 /// The process's soft RLIMIT_NOFILE.
 pub fn nofile_limit() -> u64 {
-    // SAFETY: an all-zero rlimit is valid plain data; getrlimit writes only that struct.
-    let mut r: libc::rlimit = unsafe { std::mem::zeroed() };
-    // SAFETY: `r` is a valid, writable rlimit.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
-        return 0;
-    }
-    r.rlim_cur
+    rustix::process::getrlimit(rustix::process::Resource::Nofile).current.unwrap_or(u64::MAX)
 }
 
 /// A kernel file handle: names an inode (with its generation) on one filesystem, for as
