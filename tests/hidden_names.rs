@@ -520,3 +520,25 @@ fn failures_are_logged_with_the_plaintext_path() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("(payroll/salaries.txt)"), "{text}");
 }
+
+/// A temporary a crash left (a side file being written when the daemon died) is removed
+/// by the next mount's crash recovery, so fsck finds the volume clean. The crash is a
+/// kill -9; the temporary is put where the killed write would have left it.
+#[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
+fn a_temporary_a_crash_left_goes_at_the_next_mount() {
+    let vol = TestVolume::hidden(4096);
+    let mut m = vol.mount(&[]);
+    fs::create_dir(m.path("d")).unwrap();
+    fs::write(m.path("d/f"), b"x").unwrap();
+    m.kill9();
+    drop(m);
+    let dir = fs::read_dir(&vol.backing).unwrap().map(|e| e.unwrap().path()).find(|p| p.is_dir()).unwrap();
+    let tmp = dir.join(".0123456789abcdef.envelopefs-reencrypt");
+    fs::write(&tmp, b"half a side file").unwrap();
+    let m = vol.mount(&[]);
+    assert!(!tmp.exists(), "the crash's temporary is still there");
+    assert_eq!(fs::read(m.path("d/f")).unwrap(), b"x");
+    drop(m);
+    assert_fsck_clean(&vol);
+}

@@ -51,11 +51,26 @@ fn summary(c: &Recorded) -> String {
 /// Put right every file the journal names, make the result durable, then drop the journal.
 /// Nothing to do (and `Ok(vec![])`) when there is no journal.
 pub fn recover(vol: &Volume) -> Result<Vec<Touched>> {
+    // A journal left behind means the last mount did not end cleanly: temporaries it was
+    // writing (long-name side files, stored targets) may be left too. Its originals are
+    // intact, so they go. Only then: a walk of the whole tree is no price for every mount.
+    let crashed = journal_names(vol).iter().any(|n| journal::exists(&vol.journal_dir(), n));
     let out = run(vol, true)?;
     for t in &out {
         tracing::warn!("crash recovery: {}: {}", t.path.display(), t.what);
     }
+    if crashed {
+        let n = crate::volume::tree::remove_stale_temporaries(vol)?;
+        if n > 0 {
+            tracing::info!("crash recovery: removed {n} temporary file(s) the crash left");
+        }
+    }
     Ok(out)
+}
+
+/// The journal names this volume may have here (its own, and the one of earlier releases).
+fn journal_names(vol: &Volume) -> Vec<String> {
+    std::iter::once(journal::name_of(vol)).chain(journal::legacy_name_of(vol)).collect()
 }
 
 /// Find each file the journal names and settle its newest change (`act`), or say what
@@ -64,7 +79,7 @@ fn run(vol: &Volume, act: bool) -> Result<Vec<Touched>> {
     let flags = if act { libc::O_RDWR } else { libc::O_RDONLY };
     let dir = vol.journal_dir();
     let id = &vol.config.volume_id;
-    let names: Vec<String> = std::iter::once(journal::name_of(vol)).chain(journal::legacy_name_of(vol)).collect();
+    let names = journal_names(vol);
     let names: Vec<&String> = names.iter().filter(|n| journal::exists(&dir, n)).collect();
     if names.is_empty() {
         return Ok(Vec::new());
