@@ -32,13 +32,20 @@ struct Fixture {
     secret: (&'static str, &'static str),
 }
 
-const FIXTURES: [Fixture; 4] = [
+const FIXTURES: [Fixture; 5] = [
     Fixture { name: "v1-keyfile-4k", block_size: 4096, secret: ("--key-file", "volume.key") },
     Fixture { name: "v1-passphrase-1k", block_size: 1024, secret: ("--passphrase-file", "passphrase") },
     Fixture { name: "v2-keyfile-4k", block_size: 4096, secret: ("--key-file", "volume.key") },
     // Format 4: hidden names, with a long name (a side file) beside the common tree.
     Fixture { name: "v4-names-keyfile-4k", block_size: 4096, secret: ("--key-file", "volume.key") },
+    // Format 5: a shared volume (`init --shared`), otherwise as format 4.
+    Fixture { name: "v5-shared-keyfile-4k", block_size: 4096, secret: ("--key-file", "volume.key") },
 ];
+
+/// Whether a fixture has hidden names (formats 4 and 5).
+fn hidden_names(fx: &Fixture) -> bool {
+    fx.name.starts_with("v4") || fx.name.starts_with("v5")
+}
 
 /// A name of format 4's long kind (a stand-in and a side file), in `v4-…` only.
 fn long_name() -> String {
@@ -51,7 +58,7 @@ const V3: Fixture = Fixture { name: "v3-slots-keyfile-4k", block_size: 4096, sec
 
 /// Broken volumes, made from `v2-keyfile-4k` (or `v3-…`): each must be refused with exit
 /// 16 (tampered) and a message naming what is wrong.
-const BROKEN: [(&str, &str); 9] = [
+const BROKEN: [(&str, &str); 11] = [
     ("broken-v2-edited-config", "does not authenticate under the volume key"),
     ("broken-v2-config-as-v1", "format 1"),
     ("broken-v2-old-keyring-cost", "KDF cost is refused"),
@@ -59,7 +66,11 @@ const BROKEN: [(&str, &str); 9] = [
     ("broken-format-3", "does not authenticate under the volume key"),
     // Made when format 4 did not exist yet: a format-2 config claiming 4 lacks its names.
     ("broken-format-4", "format 4 without its names scheme"),
-    ("broken-format-5", "format 5 is not supported"),
+    // Made when format 5 did not exist yet: a format-2 config claiming 5 lacks its names.
+    ("broken-format-5", "format 5 without its names scheme"),
+    ("broken-format-6", "format 6 is not supported"),
+    // Format 5's config with `shared` removed: the MAC covers it.
+    ("broken-v5-sharing-dropped", "does not authenticate under the volume key"),
     // Format 4's config with its names field removed (a silent downgrade to plaintext names).
     ("broken-v4-names-dropped", "format 4 without its names scheme"),
     ("broken-v3-slots-as-v2", "format 2 with key slots"),
@@ -124,7 +135,7 @@ fn every_fixture_volume_still_opens_and_reads_back() {
         }
         let e = fs::write(m.path("new"), b"x").unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EROFS), "read-only mount refuses writes");
-        if fx.name.starts_with("v4") {
+        if hidden_names(&fx) {
             assert_eq!(fs::read(m.path(&long_name())).unwrap(), b"a long name", "{}", fx.name);
             assert!(!backing.join("small.txt").exists() && !backing.join("dir").exists(), "names are hidden");
             let names = cli(&[&"name", &"encrypt", &backing, &"dir/nested/file", &fx.secret.0, &secret]);
@@ -259,7 +270,7 @@ fn make_fixtures() {
             fs::write(&secret, "fixture passphrase, not a secret\n").unwrap();
         }
         let bs = fx.block_size.to_string();
-        let out = cli(&[
+        let mut init: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
             &"init",
             &fx.secret.0,
             &secret,
@@ -270,7 +281,11 @@ fn make_fixtures() {
             &"--kdf-iterations",
             &"1",
             &backing,
-        ]);
+        ];
+        if fx.name.starts_with("v5") {
+            init.push(&"--shared");
+        }
+        let out = cli(&init);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let tmp = tempfile::tempdir().unwrap();
         let m = Mounted::start_with(&backing, fx.secret.0, &secret, &tmp.path().join("mnt"), &[]);
@@ -289,7 +304,7 @@ fn make_fixtures() {
                 None => std::os::unix::fs::symlink("small.txt", &p).unwrap(),
             }
         }
-        if fx.name.starts_with("v4") {
+        if hidden_names(&fx) {
             fs::write(m.path(&long_name()), b"a long name").unwrap();
         }
     }
@@ -336,6 +351,14 @@ fn make_v3_fixtures() {
     });
     edit("broken-format-5", &src, &|b| {
         let text = fs::read_to_string(config(b)).unwrap().replace("format = 2", "format = 5");
+        fs::write(config(b), text).unwrap();
+    });
+    edit("broken-format-6", &src, &|b| {
+        let text = fs::read_to_string(config(b)).unwrap().replace("format = 2", "format = 6");
+        fs::write(config(b), text).unwrap();
+    });
+    edit("broken-v5-sharing-dropped", &fixture_dir("v5-shared-keyfile-4k"), &|b| {
+        let text = fs::read_to_string(config(b)).unwrap().replace("shared = true\n", "");
         fs::write(config(b), text).unwrap();
     });
     edit("broken-v4-names-dropped", &fixture_dir("v4-names-keyfile-4k"), &|b| {

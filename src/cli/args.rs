@@ -154,6 +154,22 @@ pub enum Cmd {
         /// the file binding is local (AAD). Default: one KMS call per file.
         #[arg(long)]
         kms_intermediate_key: bool,
+        /// Several hosts will mount this volume at once, from a shared filesystem (NFSv4,
+        /// CephFS, GlusterFS, JuiceFS): they lock what they change and follow each other's
+        /// changes (docs/SHARING.md). Makes format 5.
+        #[arg(long, conflicts_with = "plaintext_names")]
+        shared: bool,
+        #[command(flatten)]
+        secret: KeySecretArgs,
+    },
+    /// Let several hosts mount a volume at once (format 5; docs/SHARING.md), or with --off
+    /// only one again. Needs the volume unmounted on every host. Each host then runs
+    /// `envelopefs trust` once and mounts it.
+    Share {
+        backing: PathBuf,
+        /// One host at a time again.
+        #[arg(long)]
+        off: bool,
         #[command(flatten)]
         secret: KeySecretArgs,
     },

@@ -35,6 +35,7 @@ pub fn run(cmd: Cmd) -> Result<ExitCode> {
             region,
             kms_endpoint,
             kms_intermediate_key,
+            shared,
             secret,
         } => {
             let provider = match provider {
@@ -63,15 +64,26 @@ pub fn run(cmd: Cmd) -> Result<ExitCode> {
             };
             let format = if plaintext_names {
                 crate::volume::config::PLAINTEXT_NAMES_FORMAT
+            } else if shared {
+                crate::volume::config::SHARED_FORMAT
             } else {
                 crate::volume::config::FORMAT
             };
-            let opts = InitOptions { block_size, header_size, provider, format, ..InitOptions::default() };
+            let opts = InitOptions { block_size, header_size, provider, format, shared, ..InitOptions::default() };
             init(&backing, &secret.source(), &opts)
         }
         Cmd::Trust { backing, yes, module, accept_format, accept_rollback, secret } => {
             let asked = crate::volume::trust::Pinning { module: module.as_deref(), accept_format, accept_rollback };
             trust(&backing, yes, &asked, &secret.source())
+        }
+        Cmd::Share { backing, off, secret } => {
+            let _lock = lock_volume(&backing).context("sharing is changed with the volume unmounted on every host")?;
+            let mut vol = Volume::open(&backing, &secret.source(), &OpenOptions::default())?;
+            let changed = vol.set_shared(!off)?;
+            let now = if off { "mounted by one host at a time" } else { "shared: several hosts may mount it" };
+            let was = if changed { "is now" } else { "is already" };
+            println!("{} {was} {now} (format {})", backing.display(), vol.config.format);
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Upgrade { backing, secret } => {
             let _lock = lock_volume(&backing).context("upgrade rewrites the config: unmount the volume first")?;

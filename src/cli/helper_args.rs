@@ -6,13 +6,14 @@ use std::ffi::OsString;
 use std::path::Path;
 
 /// The binary's subcommands: a first argument naming one is never a mount source.
-pub const SUBCOMMANDS: [&str; 14] = [
+pub const SUBCOMMANDS: [&str; 15] = [
     "init",
     "mount",
     "umount",
     "key",
     "trust",
     "upgrade",
+    "share",
     "rekey",
     "status",
     "inspect",

@@ -15,7 +15,7 @@ use crate::daemon::process;
 use crate::error::{Class, Error};
 use crate::file::journal::{Journal, Mode, DEFAULT_LIMIT};
 use crate::fs::EncryptedFs;
-use crate::volume::lock::lock_volume;
+use crate::volume::lock::{lock, Access};
 use crate::volume::{OpenOptions, Volume, VolumeConfig};
 
 /// Lazily detach the mount at `path` (when it cannot be unmounted cleanly).
@@ -57,7 +57,7 @@ pub fn mount(mut s: MountSettings, foreground: bool, argv: &[OsString]) -> Resul
     // The daemon works from / once it serves: every path it keeps must be absolute.
     let mnt = s.mountpoint().to_owned();
     s.mountpoint = Some(std::path::absolute(&mnt).map_err(|e| Error::io(e, format!("mount point {}", mnt.display())))?);
-    let opts = s.mount_options();
+    let mut opts = s.mount_options();
     let mnt_err = |errno, why: &str| {
         Error::new(errno, format!("mount point {} {why}", s.mountpoint().display())).with_class(Class::Mountpoint)
     };
@@ -98,8 +98,11 @@ pub fn mount(mut s: MountSettings, foreground: bool, argv: &[OsString]) -> Resul
         return Ok(ExitCode::from(crate::daemon::daemonize::daemonize(s.backing(), &s.secret, argv)?));
     }
     let backend: Backend = s.crypto.parse().map_err(crate::error::usage)?;
-    // The volume is this daemon's before anything of it is opened.
-    let _lock = lock_volume(s.backing())?;
+    // The volume is this daemon's (or, shared, this host's among others) before anything
+    // of it is opened. The config is authenticated only by `Volume::open`: the lock's kind
+    // is checked against it there.
+    let access = if VolumeConfig::load(s.backing())?.shared { Access::Shared } else { Access::Alone };
+    let _lock = lock(s.backing(), access)?;
     let vol = Volume::open(
         s.backing(),
         &s.secret,
@@ -113,6 +116,16 @@ pub fn mount(mut s: MountSettings, foreground: bool, argv: &[OsString]) -> Resul
             ..OpenOptions::default()
         },
     )?;
+    if vol.config.shared != (access == Access::Shared) {
+        return Err(Error::tampered("envelopefs.toml changed while the volume was being opened").into());
+    }
+    if vol.config.shared {
+        if s.exclusive {
+            return Err(crate::error::usage("-o exclusive: a shared volume is changed by other hosts").into());
+        }
+        opts = opts.shared();
+        info!("shared volume: names and attributes are not cached, locks reach every host (docs/SHARING.md)");
+    }
     process::raise_fd_limit();
     let (journal, recovered) = start_journal(&vol, &s)?;
     let mut fs = EncryptedFs::new(Arc::new(vol))?.with_inode_fds(s.file_handles, s.max_inode_fds)?;

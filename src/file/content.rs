@@ -1,6 +1,13 @@
 //! The block layer: plaintext reads, writes, truncates and allocations of one envelope,
-//! translated into sealed blocks of its backing file. No locking here: the caller holds
-//! the file's content lock (shared for reads, exclusive for the rest).
+//! translated into sealed blocks of its backing file. The caller holds the file's content
+//! lock (shared for reads, exclusive for the rest), which orders this host's changes.
+//!
+//! On a shared volume other hosts change the file too. Each change then holds an OFD lock
+//! on the backing range it reads and rewrites: the blocks it touches, or, when it may
+//! change the file's length, everything from the first of them on. So no host rewrites a
+//! block from a read another host's write has made stale, and no host takes another's
+//! append in progress for a torn one. Reads take no lock: a block that does not
+//! authenticate is read again under a shared lock before it is called damaged.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -9,6 +16,11 @@ use crate::crypto::{fill_random, FileKey};
 use crate::error::{Error, Result};
 use crate::file::journal::{self, Change, Target};
 use crate::format::{is_hole, Geometry, SizeError, BLOCK_OVERHEAD, NONCE_LEN};
+use crate::sys::range_lock::{self, Held, Kind};
+
+/// Locks on stored content lie below this backing offset ("to the end" stops here); the
+/// locks users take through the mount lie above it (`fs::locks`), so the two never meet.
+pub const CONTENT_LOCKS_END: u64 = 1 << 62;
 
 /// One envelope's content, seen through its key.
 pub struct Content<'a> {
@@ -18,6 +30,15 @@ pub struct Content<'a> {
     pub key: Option<&'a FileKey>,
     /// Where changes are recorded before they are made (the mount's crash journal).
     pub journal: Option<&'a Target<'a>>,
+    /// Other hosts change the file too (a shared volume): lock what is changed.
+    pub shared: bool,
+}
+
+/// What a change holds on a shared volume: the range it rewrites, and whether that range
+/// reaches the end of the file (only then may it change the length).
+struct Range<'a> {
+    _held: Option<Held<'a, File>>,
+    to_end: bool,
 }
 
 impl Content<'_> {
@@ -44,6 +65,19 @@ impl Content<'_> {
     }
 
     pub fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        match self.read_once(offset, len) {
+            // Another host's write of the block was in flight: read it again once that
+            // write is done.
+            Err(e) if self.shared && e.integrity_kind().is_some() => {
+                let from = self.geo.block_offset(offset / self.geo.block_size);
+                let _held = range_lock::hold(self.file, Kind::Read, from, CONTENT_LOCKS_END - from)?;
+                self.read_once(offset, len)
+            }
+            r => r,
+        }
+    }
+
+    fn read_once(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
         let size = self.size()?;
         if offset >= size || len == 0 {
             return Ok(Vec::new());
@@ -149,12 +183,48 @@ impl Content<'_> {
         self.write_blocks(i, &[&plain], self.geo.backing_size(size), None)
     }
 
+    /// On a shared volume, lock the stored blocks from `first` on for a change: through
+    /// `last` when they lie before the last block of the file, else to the end. Without
+    /// sharing nothing is locked and the change may reach the end.
+    fn lock_blocks(&self, first: u64, last: Option<u64>) -> Result<Range<'_>> {
+        if !self.shared {
+            return Ok(Range { _held: None, to_end: true });
+        }
+        let bs = self.geo.block_size;
+        // The file's length may change until the lock is held: check the range fits after.
+        let needs = |size: u64| -> (u64, Option<u64>) {
+            match last {
+                Some(l) if (l + 1) * bs <= size - size % bs => (first, Some(l)),
+                _ => (first.min(size / bs), None),
+            }
+        };
+        let mut want = needs(self.size()?);
+        loop {
+            let from = self.geo.block_offset(want.0);
+            let len = want.1.map_or(CONTENT_LOCKS_END - from, |l| self.geo.block_offset(l + 1) - from);
+            let held = range_lock::hold(self.file, Kind::Write, from, len)?;
+            let now = needs(self.size()?);
+            let covered = now.0 >= want.0
+                && match (now.1, want.1) {
+                    (_, None) => true,
+                    (Some(n), Some(w)) => n <= w,
+                    (None, Some(_)) => false,
+                };
+            if covered {
+                return Ok(Range { _held: Some(held), to_end: want.1.is_none() });
+            }
+            drop(held);
+            want = now;
+        }
+    }
+
     /// Cut a torn trailing fragment (see `size`) before the file changes, so it can never
-    /// end up inside a block that is no longer the last.
-    fn settle(&self) -> Result<u64> {
+    /// end up inside a block that is no longer the last. Only a change that holds the end
+    /// of the file may: elsewhere it is another host's append in flight.
+    fn settle(&self, range: &Range<'_>) -> Result<u64> {
         let len = self.backing_len()?;
         let size = self.size_of(len)?;
-        if len > 0 && len != self.geo.backing_size(size) {
+        if range.to_end && len > 0 && len != self.geo.backing_size(size) {
             self.set_len(len, self.geo.backing_size(size)).map_err(|e| e.context("cutting a torn last block"))?;
         }
         Ok(size)
@@ -164,10 +234,11 @@ impl Content<'_> {
         if data.is_empty() {
             return Ok(());
         }
-        let size = self.settle()?;
         let end = offset + data.len() as u64;
-        let new_size = size.max(end);
         let bs = self.geo.block_size;
+        let range = self.lock_blocks(offset / bs, Some((end - 1) / bs))?;
+        let size = self.settle(&range)?;
+        let new_size = size.max(end);
         let (first, last) = (offset / bs, (end - 1) / bs);
         let mut old_len = self.geo.backing_size(size);
         if size % bs != 0 && size / bs < first {
@@ -203,7 +274,12 @@ impl Content<'_> {
     }
 
     pub fn truncate(&self, new_size: u64) -> Result<()> {
-        let size = self.settle()?;
+        let range = self.lock_blocks(new_size / self.geo.block_size, None)?;
+        self.truncate_locked(new_size, &range)
+    }
+
+    fn truncate_locked(&self, new_size: u64, range: &Range<'_>) -> Result<()> {
+        let size = self.settle(range)?;
         let bs = self.geo.block_size;
         if new_size > size {
             self.grow_tail(size, new_size)?;
@@ -226,9 +302,10 @@ impl Content<'_> {
     /// and reserve backing space for the stored blocks of the range.
     pub fn allocate(&self, offset: u64, len: u64) -> Result<()> {
         let end = offset.checked_add(len).ok_or_else(|| Error::new(libc::EFBIG, "fallocate range overflows"))?;
-        let size = self.settle()?;
+        let range = self.lock_blocks(offset / self.geo.block_size, None)?;
+        let size = self.settle(&range)?;
         if end > size {
-            self.truncate(end)?;
+            self.truncate_locked(end, &range)?;
         }
         let from = self.geo.block_offset(offset / self.geo.block_size);
         let to = self.geo.backing_size(end.max(size));

@@ -3,8 +3,11 @@
 //! lazily (with its rollback), the file's key, its content, re-wrapping, re-encrypting and
 //! verifying all live here, so a file gets one verdict whoever asks.
 //!
-//! No locking here: the mount holds the file's content lock; the offline tools hold the
-//! volume lock or work on headers only (re-wrap's two-slot protocol).
+//! The mount holds the file's content lock; the offline tools hold the volume lock or work
+//! on headers only (re-wrap's two-slot protocol). On a shared volume other hosts make and
+//! re-wrap headers too: the header region is read under a shared OFD lock and written
+//! under an exclusive one, and a header is made only by whoever finds the file empty with
+//! that lock held, so concurrent first writes agree on one header.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -15,6 +18,7 @@ use crate::error::{Error, Result};
 use crate::file::content::Content;
 use crate::file::journal::{self, Change, Target};
 use crate::format::{decode_region, is_hole, Header, SizeError, SlotError, BLOCK_OVERHEAD};
+use crate::sys::range_lock::{self, Held, Kind};
 use crate::volume::audit::Requester;
 use crate::volume::Volume;
 
@@ -69,6 +73,11 @@ impl EnvelopeFile<'_> {
     /// then check that it belongs to this content: a header pasted from another file
     /// unwraps and verifies, but its key does not open this file's first block.
     pub fn load(&self, len: u64) -> Result<Loaded> {
+        let _held = self.lock_header(Kind::Read)?;
+        self.load_locked(len)
+    }
+
+    fn load_locked(&self, len: u64) -> Result<Loaded> {
         match self.load_header(len)? {
             (loaded, true) => Ok(loaded),
             (_, false) => Err(Error::integrity(crate::error::Integrity::Header, PASTED_HEADER)),
@@ -111,6 +120,14 @@ impl EnvelopeFile<'_> {
         Ok((!is_hole(&stored)).then_some(stored))
     }
 
+    /// On a shared volume, lock the header region.
+    fn lock_header(&self, kind: Kind) -> Result<Option<Held<'_, File>>> {
+        if !self.vol.config.shared {
+            return Ok(None);
+        }
+        range_lock::hold(self.file, kind, 0, self.vol.geometry.header_size).map(Some)
+    }
+
     /// Write a new header (fresh file id and DEK) to an empty envelope. If the write fails
     /// the file is put back to 0 bytes, a valid empty envelope, never a stub shorter than
     /// its header. With a journal the header is recorded as an append: a crash inside
@@ -141,7 +158,12 @@ impl EnvelopeFile<'_> {
         if len > 0 {
             Ok(Some(self.load(len)?.key))
         } else if needs_header {
-            Ok(Some(self.create_header(journal)?))
+            let _held = self.lock_header(Kind::Write)?;
+            // Another host may have made it since the length was read.
+            match self.backing_len()? {
+                0 => Ok(Some(self.create_header(journal)?)),
+                len => Ok(Some(self.load_locked(len)?.key)),
+            }
         } else {
             Ok(None)
         }
@@ -149,7 +171,7 @@ impl EnvelopeFile<'_> {
 
     /// The content, through `key` (None only for an empty file).
     pub fn content<'k>(&'k self, key: Option<&'k FileKey>) -> Content<'k> {
-        Content { file: self.file, geo: self.vol.geometry, key, journal: None }
+        Content { file: self.file, geo: self.vol.geometry, key, journal: None, shared: self.vol.config.shared }
     }
 
     /// Re-wrap the header under the current KEK version. Writes the older slot (at
@@ -161,7 +183,8 @@ impl EnvelopeFile<'_> {
             return Ok(false); // no header yet: it will be made under the current KEK
         }
         let vol = self.vol;
-        let l = self.load(len)?;
+        let _held = self.lock_header(Kind::Write)?;
+        let l = self.load_locked(len)?;
         let h = &l.header;
         let wanted = vol.records_for_policy(h, &l.key, self.describe, self.who)?;
         let other = 1 - l.slot;

@@ -5,7 +5,10 @@
 //! touched is reported with what was done and why.
 //!
 //! The journal is host state (never in the backing directory), so its records are acted
-//! on as they stand. A file is acted on only once it is known to be the one recorded: its
+//! on as they stand. On a shared volume other hosts may have written the file since the
+//! crash: a change is then put right only where the file does not read back whole (a
+//! block that does not authenticate, a torn length), under a lock of the range, so that
+//! no later write of another host is undone. A file is acted on only once it is known to be the one recorded: its
 //! header names the recorded file id (a header being created, which has no id to read
 //! yet, must be at the recorded path and inode both).
 
@@ -157,6 +160,22 @@ fn header_file_id(vol: &Volume, file: &File) -> Option<FileId> {
 /// Finish or cut back the newest change of one file.
 fn settle(vol: &Volume, file: &File, path: &Path, p: &Pending, act: bool) -> Option<Touched> {
     let touched = |what: String, repaired: bool| Touched { path: path.to_owned(), what, repaired };
+    let shared = if vol.config.shared {
+        // Every block: recovery is rare, and the header's own lock is taken to read it.
+        let blocks = vol.geometry.header_size;
+        let len = crate::file::content::CONTENT_LOCKS_END - blocks;
+        match crate::sys::range_lock::hold(file, crate::sys::range_lock::Kind::Write, blocks, len) {
+            Ok(held) if reads_whole(vol, file, &p.change) => {
+                drop(held);
+                return None;
+            }
+            Ok(held) => Some(held),
+            Err(e) => return Some(touched(format!("{} could not be locked: {e}", summary(&p.change)), false)),
+        }
+    } else {
+        None
+    };
+    let _held = shared;
     match apply(vol, file, &p.change, act) {
         Ok(None) => None,
         Ok(Some(what)) if !act => Some(touched(what, false)),
@@ -166,6 +185,38 @@ fn settle(vol: &Volume, file: &File, path: &Path, p: &Pending, act: bool) -> Opt
         },
         Err(e) => Some(touched(format!("{} could not be recovered: {e}", summary(&p.change)), false)),
     }
+}
+
+/// Whether the blocks `change` touched, as they stand, authenticate under the file's
+/// header, and its length is whole: the change completed, never began, or another host
+/// has written there since. Either way there is nothing to put right.
+fn reads_whole(vol: &Volume, file: &File, change: &Recorded) -> bool {
+    let geo = vol.geometry;
+    let Ok(len) = file.metadata().map(|m| m.len()) else { return false };
+    if len == 0 {
+        return true;
+    }
+    let Ok(size) = geo.plain_size(len) else { return false };
+    let describe = || "a file of the crash journal".to_owned();
+    let env = crate::file::envelope_file::EnvelopeFile { vol, file, describe: &describe, who: None };
+    let Ok(loaded) = env.load(len) else { return false };
+    let index = |stored: u64| stored.saturating_sub(geo.header_size) / geo.stored_block_size();
+    let (first, last) = match change {
+        Recorded::Overwrite { offset, bytes, .. } => (index(*offset), index(offset + bytes.len() as u64 - 1)),
+        Recorded::Append { offset, .. } => (index(*offset), u64::MAX),
+        Recorded::SetLen { len } => (index(*len).saturating_sub(1), u64::MAX),
+    };
+    let last = last.min(geo.block_count(size).saturating_sub(1));
+    let mut out = Vec::new();
+    (first..=last).filter(|i| *i < geo.block_count(size)).all(|i| {
+        let blen = geo.block_len(i, size) as usize;
+        let Some(stored) = read_at(file, geo.block_offset(i), blen + crate::format::BLOCK_OVERHEAD as usize, len)
+        else {
+            return false;
+        };
+        out.resize(blen, 0);
+        crate::format::is_hole(&stored) || loaded.key.open_block(i, &stored, &mut out).is_ok()
+    })
 }
 
 fn read_at(file: &File, offset: u64, len: usize, file_len: u64) -> Option<Vec<u8>> {

@@ -136,7 +136,8 @@ impl EncryptedFs {
             if key.is_none() {
                 return Ok(()); // empty, headerless, and staying empty
             }
-            let c = Content { file, geo: self.vol.geometry, key: key.as_deref(), journal };
+            let c =
+                Content { file, geo: self.vol.geometry, key: key.as_deref(), journal, shared: self.vol.config.shared };
             c.truncate(size).map_err(|e| e.context(describe()))
         })
     }

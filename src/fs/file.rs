@@ -153,8 +153,22 @@ impl EncryptedFs {
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
         let h = self.file_handle(fh)?;
+        if self.vol.config.shared && h.inode.content.read().unwrap().key.is_none() {
+            // Opened empty; another host may have given it a header and content since.
+            let mut st = h.inode.content.write().unwrap();
+            let len = h.file.metadata().map_err(|e| Error::io(e, "fstat"))?.len();
+            if st.key.is_none() && len > 0 {
+                st.key = Some(self.load_key(&h.file, len, h.opener).map_err(|e| e.context(h.describe()))?);
+            }
+        }
         let st = h.inode.content.read().unwrap();
-        let c = Content { file: &h.file, geo: self.vol.geometry, key: st.key.as_deref(), journal: None };
+        let c = Content {
+            file: &h.file,
+            geo: self.vol.geometry,
+            key: st.key.as_deref(),
+            journal: None,
+            shared: self.vol.config.shared,
+        };
         c.read(offset, size as usize).map_err(|e| e.context(h.describe()))
     }
 
@@ -183,7 +197,13 @@ impl EncryptedFs {
             let key = self
                 .key_for_write(&mut st, &h.file, true, h.writer(caller), journal)
                 .map_err(|e| e.context(h.describe()))?;
-            let c = Content { file: &h.file, geo: self.vol.geometry, key: key.as_deref(), journal };
+            let c = Content {
+                file: &h.file,
+                geo: self.vol.geometry,
+                key: key.as_deref(),
+                journal,
+                shared: self.vol.config.shared,
+            };
             change(&c).map_err(|e| e.context(h.describe()))
         })
     }

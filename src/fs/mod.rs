@@ -13,6 +13,7 @@ mod fd_cache;
 mod file;
 mod inodes;
 mod locate;
+mod locks;
 mod namespace;
 mod xattr;
 
@@ -276,7 +277,7 @@ enum Handle {
 
 /// The FUSE requests the adapter serves, as `status` counts them. fuser hands a
 /// BATCH_FORGET over as one `forget` per inode, so that is how forgets are counted.
-pub const OPCODES: [&str; 31] = [
+pub const OPCODES: [&str; 33] = [
     "lookup",
     "forget",
     "getattr",
@@ -308,6 +309,8 @@ pub const OPCODES: [&str; 31] = [
     "access",
     "create",
     "fallocate",
+    "getlk",
+    "setlk",
 ];
 
 /// A metric's labels, as the metrics endpoint shows them.
@@ -338,7 +341,7 @@ impl Default for Stats {
         Self {
             errors: AtomicU64::new(0),
             last_error: Mutex::new(None),
-            requests: Default::default(),
+            requests: std::array::from_fn(|_| AtomicU64::new(0)),
             latency: std::array::from_fn(|_| latency_histogram()),
             errnos: Family::default(),
             integrity: Family::default(),
@@ -442,6 +445,8 @@ pub struct EncryptedFs {
     /// A daemon that is not root cannot give objects away: they are its own user's, as on
     /// any unprivileged FUSE mount (None: root, objects belong to their creator).
     own_ids: Option<(u32, u32)>,
+    /// Locks taken through the mount of a shared volume (`locks`).
+    locks: locks::Owners,
 }
 
 impl EncryptedFs {
@@ -481,6 +486,7 @@ impl EncryptedFs {
                 (uid, _) if uid.is_root() => None,
                 (uid, gid) => Some((uid.as_raw(), gid.as_raw())),
             },
+            locks: Default::default(),
         };
         fs.with_inode_fds(FileHandles::Auto, DEFAULT_MAX_INODE_FDS)
     }

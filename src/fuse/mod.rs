@@ -9,59 +9,17 @@ use std::time::Duration;
 use fuser::{
     AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
-    Request, Session, SessionACL, TimeOrNow, WriteFlags,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, Session, SessionACL, TimeOrNow, WriteFlags,
 };
 use tracing::{debug, warn};
 
 use crate::error::Error;
 use crate::fs::{Attr, Caller, EncryptedFs, SetAttr, SetTime};
 
-/// How the mount behaves towards the kernel.
-#[derive(Clone, Debug)]
-pub struct MountOptions {
-    /// Let every user reach the mount (`allow_other`); permissions are then checked by the
-    /// kernel (`default_permissions` is always on).
-    pub allow_other: bool,
-    pub threads: usize,
-    pub attr_timeout: Duration,
-    pub entry_timeout: Duration,
-    /// FUSE writeback cache: the kernel batches small writes into pages (on by default; see
-    /// docs/PERFORMANCE.md for what the benchmark does and does not show).
-    pub writeback_cache: bool,
-    pub read_only: bool,
-    pub max_write: u32,
-    /// Read-ahead of the mount in KiB, set after mounting (0: leave the kernel's 128).
-    pub read_ahead_kb: u32,
-    pub fsname: String,
-}
+mod options;
 
-/// Large sequential reads reach the daemon in requests this large (the kernel's 128 KiB
-/// default costs a round trip per 128 KiB; docs/PERFORMANCE.md).
-pub const DEFAULT_READ_AHEAD_KB: u32 = 1024;
-
-/// Set the read-ahead of the mount whose device is `dev` (needs root: it is the backing
-/// device info's sysfs file).
-pub fn set_read_ahead(dev: u64, kb: u32) -> io::Result<()> {
-    let path = format!("/sys/class/bdi/{}:{}/read_ahead_kb", libc::major(dev), libc::minor(dev));
-    std::fs::write(&path, format!("{kb}\n")).map_err(|e| io::Error::new(e.kind(), format!("{path}: {e}")))
-}
-
-impl Default for MountOptions {
-    fn default() -> Self {
-        Self {
-            allow_other: false,
-            threads: 4,
-            attr_timeout: Duration::from_secs(1),
-            entry_timeout: Duration::from_secs(1),
-            writeback_cache: true,
-            read_only: false,
-            max_write: 1 << 20,
-            read_ahead_kb: DEFAULT_READ_AHEAD_KB,
-            fsname: "envelopefs".into(),
-        }
-    }
-}
+pub use options::{set_read_ahead, MountOptions, DEFAULT_READ_AHEAD_KB};
 
 pub struct FuseFs {
     fs: std::sync::Arc<EncryptedFs>,
@@ -192,6 +150,9 @@ impl Filesystem for FuseFs {
             | InitFlags::FUSE_READDIRPLUS_AUTO;
         if self.opts.writeback_cache {
             want |= InitFlags::FUSE_WRITEBACK_CACHE;
+        }
+        if self.opts.shared_locks {
+            want |= InitFlags::FUSE_POSIX_LOCKS | InitFlags::FUSE_FLOCK_LOCKS;
         }
         if let Err(missing) = config.add_capabilities(want) {
             warn!("kernel lacks FUSE capabilities {missing:?}");
@@ -365,8 +326,13 @@ impl Filesystem for FuseFs {
         }
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
         let _timer = self.fs.stats.request("flush");
+        if self.opts.shared_locks {
+            // A close drops the closing process's locks on the file (POSIX).
+            self.fs.drop_locks(ino.0, lock_owner.0);
+            return reply.ok();
+        }
         // Writes reach the backing file synchronously, so there is nothing to flush here.
         // ENOSYS tells the kernel to stop sending FLUSH (one round trip less per close); it
         // still writes back its own dirty pages on close before that.
@@ -376,14 +342,18 @@ impl Filesystem for FuseFs {
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
+        lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
         let _timer = self.fs.stats.request("release");
+        // The last close of a description drops its flock.
+        if let Some(owner) = lock_owner.filter(|_| self.opts.shared_locks) {
+            self.fs.drop_locks(ino.0, owner.0);
+        }
         self.fs.release(fh.0);
         reply.ok();
     }
@@ -391,6 +361,61 @@ impl Filesystem for FuseFs {
     fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
         let _timer = self.fs.stats.request("fsync");
         self.empty(reply, "fsync", On::Ino(ino.0), self.fs.fsync(fh.0, datasync));
+    }
+
+    fn getlk(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        _pid: u32,
+        reply: ReplyLock,
+    ) {
+        let _timer = self.fs.stats.request("getlk");
+        match self.fs.get_lock(ino.0, lock_owner.0, start, end, typ) {
+            // The holder may be on another host: there is no pid to give.
+            Ok(Some((typ, start, end))) => reply.locked(start, end, typ, 0),
+            Ok(None) => reply.locked(start, end, libc::F_UNLCK, 0),
+            Err(e) => reply.error(self.errno("getlk", On::Ino(ino.0), &e)),
+        }
+    }
+
+    fn setlk(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        _pid: u32,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        let timer = self.fs.stats.request("setlk");
+        if !sleep {
+            return self.empty(
+                reply,
+                "setlk",
+                On::Ino(ino.0),
+                self.fs.set_lock(ino.0, lock_owner.0, start, end, typ, false),
+            );
+        }
+        // A wait may last as long as another host holds the lock: not on a worker thread.
+        drop(timer);
+        let fs = self.fs.clone();
+        std::thread::spawn(move || match fs.set_lock(ino.0, lock_owner.0, start, end, typ, true) {
+            Ok(()) => reply.ok(),
+            Err(e) => {
+                debug!("setlk on inode {}: {e}", ino.0);
+                reply.error(Errno::from_i32(e.errno()))
+            }
+        });
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {

@@ -25,6 +25,13 @@ pub fn init(root: &Path, secret: &SecretSource, opts: &InitOptions) -> Result<Vo
     if !crate::volume::config::FORMATS.contains(&opts.format) {
         return Err(Error::new(libc::EINVAL, format!("format {} is not one this version writes", opts.format)));
     }
+    if opts.shared && opts.format != crate::volume::config::SHARED_FORMAT {
+        return Err(Error::new(
+            libc::EINVAL,
+            format!("a shared volume is format {}", crate::volume::config::SHARED_FORMAT),
+        )
+        .with_class(Class::Usage));
+    }
     if let ProviderInit::AwsKms(s) = &opts.provider {
         if let Some(url) = &s.endpoint {
             crate::volume::config::check_endpoint(url)?;
@@ -53,6 +60,7 @@ pub fn init(root: &Path, secret: &SecretSource, opts: &InitOptions) -> Result<Vo
             slots: Vec::new(),
             names: (opts.format >= crate::volume::config::NAMES_FORMAT)
                 .then(|| crate::volume::config::NAMES_SCHEME.to_owned()),
+            shared: opts.shared,
         };
         let mut check = None;
         if opts.format >= 2 {

@@ -33,8 +33,8 @@ use crate::volume::trust::{TrustRecord, TrustStore};
 pub use crate::volume::config::{ProviderConfig, VolumeConfig, WrappedKey, CONFIG_NAME, FORMAT, KEYRING_NAME};
 /// Names in the backing root that belong to the volume, not to its users: hidden from the
 /// mount, refused as targets, skipped by fsck.
-pub const RESERVED: [&str; 5] =
-    [CONFIG_NAME, KEYRING_NAME, "envelopefs.toml.tmp", "envelopefs.keyring.tmp", TARGETS_DIR];
+pub const RESERVED: [&str; 6] =
+    [CONFIG_NAME, KEYRING_NAME, "envelopefs.toml.tmp", "envelopefs.keyring.tmp", TARGETS_DIR, lock::LOCK_NAME];
 pub use crate::names::TARGETS_DIR;
 /// Suffix of the temporary a re-encryption writes beside its original.
 pub use crate::sys::TEMP_SUFFIX as REENCRYPT_SUFFIX;
@@ -85,6 +85,8 @@ pub struct InitOptions {
     pub format: u32,
     /// Where this host records that it trusts the new volume.
     pub trust: TrustStore,
+    /// Several hosts will mount it (format 5; docs/SHARING.md).
+    pub shared: bool,
 }
 
 impl Default for InitOptions {
@@ -95,6 +97,7 @@ impl Default for InitOptions {
             provider: ProviderInit::Local { kdf: KdfParams::default(), keyring: None },
             format: FORMAT,
             trust: TrustStore::host(),
+            shared: false,
         }
     }
 }
@@ -357,6 +360,32 @@ impl Volume {
         }
         self.provider.mark_volume_format(self.config.format)?;
         Ok(was < 2)
+    }
+
+    /// Make the volume shared by several hosts, or no longer shared (the caller holds the
+    /// volume alone). Sharing needs an authenticated config with hidden names (format 4);
+    /// it makes the volume format 5, which releases before it do not open. Returns whether
+    /// anything changed.
+    pub fn set_shared(&mut self, on: bool) -> Result<bool> {
+        use crate::volume::config::{NAMES_FORMAT, SHARED_FORMAT};
+        if self.config.shared == on {
+            return Ok(false);
+        }
+        if on && self.config.format < NAMES_FORMAT {
+            return Err(Error::new(
+                libc::EINVAL,
+                format!(
+                    "format {} cannot be shared: a shared volume has hidden names (make a new volume with init --shared)",
+                    self.config.format
+                ),
+            )
+            .with_class(Class::Usage));
+        }
+        self.update_config_with(|c| {
+            c.shared = on;
+            c.format = c.format.max(SHARED_FORMAT);
+        })?;
+        Ok(true)
     }
 
     /// Use another key store from now on (`rekey --to-key`): records of the old key keep

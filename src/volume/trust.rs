@@ -488,6 +488,7 @@ mod tests {
             volume_key: None,
             slots: vec![],
             names: None,
+            shared: false,
         }
     }
 

@@ -27,8 +27,10 @@ pub const SLOTS_FORMAT: u32 = 3;
 pub const NAMES_FORMAT: u32 = 4;
 /// How format 4 encrypts names (docs/FORMAT.md §10).
 pub const NAMES_SCHEME: &str = "aes-siv";
+/// The format whose config may say `shared` (several hosts mount it; docs/SHARING.md).
+pub const SHARED_FORMAT: u32 = 5;
 /// The formats this version opens.
-pub const FORMATS: [u32; 4] = [1, 2, 3, 4];
+pub const FORMATS: [u32; 5] = [1, 2, 3, 4, 5];
 const MAC_LABEL: &str = "envelopefs v2 config mac";
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -55,6 +57,9 @@ pub struct VolumeConfig {
     /// How names, symlink targets and xattrs are encrypted (format 4: "aes-siv").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub names: Option<String>,
+    /// Several hosts mount it at once (format 5; docs/SHARING.md).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub shared: bool,
 }
 
 /// One key slot beyond the primary.
@@ -68,6 +73,10 @@ pub struct SlotConfig {
 
 fn is_zero(v: &u64) -> bool {
     *v == 0
+}
+
+fn is_false(v: &bool) -> bool {
+    !*v
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -201,7 +210,7 @@ impl VolumeConfig {
         if !FORMATS.contains(&self.format) {
             return Err(Error::new(
                 libc::EINVAL,
-                format!("format {} is not supported by this version (it reads formats 1 to 4)", self.format),
+                format!("format {} is not supported by this version (it reads formats 1 to 5)", self.format),
             )
             .with_class(Class::Tampered));
         }
@@ -226,6 +235,9 @@ impl VolumeConfig {
             (Some(_), false) => {
                 return Err(Error::tampered(format!("format {} with hidden names (format 4 has them)", self.format)))
             }
+        }
+        if self.shared && self.format < SHARED_FORMAT {
+            return Err(Error::tampered(format!("format {} that says shared (format 5 does)", self.format)));
         }
         if matches!(self.provider, ProviderConfig::Recovery { .. }) {
             return Err(Error::tampered("a recovery recipient is never the primary key slot"));

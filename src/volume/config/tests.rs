@@ -69,6 +69,7 @@ fn the_mac_covers_every_field() {
         volume_key: Some(WrappedKey { kek_id: "k".into(), kek_version: 1, wrapped: "aa".into() }),
         slots: vec![],
         names: None,
+        shared: false,
     };
     cfg.seal(&key);
     cfg.verify(&key).unwrap();
@@ -114,6 +115,7 @@ fn slots_need_format_3_and_a_recovery_recipient_is_never_primary() {
         volume_key: Some(WrappedKey { kek_id: "k".into(), kek_version: 1, wrapped: "aa".into() }),
         slots: vec![slot(ProviderConfig::Recovery { recipient: recipient.clone() })],
         names: None,
+        shared: false,
     };
     cfg.check_shape().unwrap();
     assert_eq!(cfg.policy().count(), 2);
