@@ -152,7 +152,9 @@ impl Filesystem for FuseFs {
             want |= InitFlags::FUSE_WRITEBACK_CACHE;
         }
         if self.opts.shared_locks {
-            want |= InitFlags::FUSE_POSIX_LOCKS | InitFlags::FUSE_FLOCK_LOCKS;
+            // Pages cached of a file another host changed are dropped when its size or
+            // mtime is seen to change.
+            want |= InitFlags::FUSE_POSIX_LOCKS | InitFlags::FUSE_FLOCK_LOCKS | InitFlags::FUSE_AUTO_INVAL_DATA;
         }
         if let Err(missing) = config.add_capabilities(want) {
             warn!("kernel lacks FUSE capabilities {missing:?}");

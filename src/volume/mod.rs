@@ -385,6 +385,8 @@ impl Volume {
             c.shared = on;
             c.format = c.format.max(SHARED_FORMAT);
         })?;
+        // The keyring names the format too: a format-4 config put back is refused.
+        self.provider.mark_volume_format(self.config.format)?;
         Ok(true)
     }
 
