@@ -358,3 +358,33 @@ fn a_torn_write_of_a_killed_host_is_still_finished_on_a_shared_volume() {
     assert_eq!(fs::read(h1.path("f")).unwrap(), want);
     assert!(h1.log_text().contains("finished from the journal"), "{}", h1.log_text());
 }
+
+#[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
+fn a_key_rotation_and_rewrap_on_one_host_reach_the_other_without_a_remount() {
+    let fleet = Fleet::new(true);
+    let h1 = fleet.mount(1);
+    let h2 = fleet.mount(2);
+    fs::write(h1.path("old"), b"before the rotation").unwrap();
+    let out = cli_with_trust(&fleet.trust(1), &[&"key", &"rotate", &"--key-file", &fleet.key, &fleet.backing]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Each host makes a file under the new KEK version; the other opens it.
+    fs::write(h1.path("new1"), b"made on host 1").unwrap();
+    fs::write(h2.path("new2"), b"made on host 2").unwrap();
+    assert_eq!(fs::read(h2.path("new1")).unwrap(), b"made on host 1");
+    assert_eq!(fs::read(h1.path("new2")).unwrap(), b"made on host 2");
+    for name in ["new1", "new2"] {
+        let out = cli_with_trust(
+            &fleet.trust(1),
+            &[&"inspect", &"--volume", &fleet.backing, &"--key-file", &fleet.key, &name],
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("KEK \"local\" version 2"), "{name}: {text}");
+    }
+    let out = cli_with_trust(&fleet.trust(2), &[&"rekey", &"--rewrap", &"--key-file", &fleet.key, &fleet.backing]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for h in [&h1, &h2] {
+        assert_eq!(fs::read(h.path("old")).unwrap(), b"before the rotation");
+        assert_eq!(fs::read(h.path("new1")).unwrap(), b"made on host 1");
+    }
+}
