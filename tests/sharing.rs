@@ -388,3 +388,28 @@ fn a_key_rotation_and_rewrap_on_one_host_reach_the_other_without_a_remount() {
         assert_eq!(fs::read(h.path("new1")).unwrap(), b"made on host 1");
     }
 }
+
+#[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
+fn long_names_are_changed_under_a_lock_every_host_sees() {
+    let fleet = Fleet::new(true);
+    let h1 = fleet.mount(1);
+    let h2 = fleet.mount(2);
+    let long = "n".repeat(220);
+    let lock_file = fleet.backing.join("envelopefs.lock");
+    let third = rw(&lock_file);
+    hold(&third, 1, 1);
+    std::thread::scope(|s| {
+        s.spawn(|| fs::write(h1.path(&long), b"a long name").unwrap());
+        wait_for_waiters(&lock_file, 1);
+        drop(third);
+    });
+    assert_eq!(fs::read(h2.path(&long)).unwrap(), b"a long name");
+    let names: Vec<String> =
+        fs::read_dir(&h2.mnt).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(names, [long.clone()]);
+    fs::remove_file(h2.path(&long)).unwrap();
+    assert_eq!(fs::read_dir(&h1.mnt).unwrap().count(), 0);
+    let left: Vec<_> = fs::read_dir(&fleet.backing).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left.len(), 3, "only the volume's own files are left: {left:?}");
+}

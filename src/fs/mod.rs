@@ -441,7 +441,7 @@ pub struct EncryptedFs {
     journal: Option<Arc<Journal>>,
     /// Held while a long name's entry and side file change, so a listing never takes a
     /// side file written for an entry about to be made for an orphan.
-    long_names: Mutex<()>,
+    long_names: backing::LongNames,
     /// A daemon that is not root cannot give objects away: they are its own user's, as on
     /// any unprivileged FUSE mount (None: root, objects belong to their creator).
     own_ids: Option<(u32, u32)>,
@@ -459,6 +459,16 @@ impl EncryptedFs {
             .map_err(|e| e.context(format!("opening backing directory {}", vol.root.display())))?;
         let st = sys::fstat(fd.as_raw_fd())?;
         let root_dir = sys::reopen(&fd, libc::O_RDONLY | libc::O_DIRECTORY)?;
+        // Long names are changed under a lock every host of a shared volume sees.
+        let fleet = match vol.config.shared {
+            true => Some(File::from(sys::openat(
+                root_dir.as_raw_fd(),
+                &sys::cstr(OsStr::new(crate::volume::lock::LOCK_NAME))?,
+                libc::O_RDWR | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                0,
+            )?)),
+            false => None,
+        };
         let root = InodeData {
             id: 0,
             locator: Locator::Root,
@@ -481,7 +491,7 @@ impl EncryptedFs {
             handles: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             journal: None,
-            long_names: Mutex::new(()),
+            long_names: backing::LongNames::new(fleet),
             own_ids: match (rustix::process::geteuid(), rustix::process::getegid()) {
                 (uid, _) if uid.is_root() => None,
                 (uid, gid) => Some((uid.as_raw(), gid.as_raw())),

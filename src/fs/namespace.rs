@@ -14,8 +14,8 @@ impl EncryptedFs {
     }
 
     /// Hold the long-name lock if `names` has a long one.
-    pub(super) fn long_name_guard(&self, names: &[&BackingName]) -> Option<std::sync::MutexGuard<'_, ()>> {
-        names.iter().any(|b| b.side.is_some()).then(|| self.long_names.lock().unwrap())
+    pub(super) fn long_name_guard(&self, names: &[&BackingName]) -> Result<Option<backing::LongNamesHeld<'_>>> {
+        names.iter().any(|b| b.side.is_some()).then(|| self.long_names.hold()).transpose()
     }
 
     /// Make the entry of `b` in `dir` with `make`, its side file first if it is long.
@@ -25,7 +25,7 @@ impl EncryptedFs {
         b: &BackingName,
         make: impl FnOnce(&std::ffi::CStr) -> Result<()>,
     ) -> Result<()> {
-        let _g = self.long_name_guard(&[b]);
+        let _g = self.long_name_guard(&[b])?;
         backing::put_side(dir, b)?;
         let made = make(&sys::cstr(&b.main)?);
         if made.is_err() {
@@ -180,7 +180,7 @@ impl EncryptedFs {
         let p = self.inode(parent)?;
         let dir = self.fd(&p)?;
         let c = sys::cstr(&b.main)?;
-        let _g = self.long_name_guard(&[&b]);
+        let _g = self.long_name_guard(&[&b])?;
         let gone = self.known_at(dir.as_raw_fd(), &c);
         sys::unlinkat(dir.as_raw_fd(), &c, flags)?;
         backing::drop_side_after(dir.as_raw_fd(), &b);
@@ -214,7 +214,7 @@ impl EncryptedFs {
         let np = self.inode(newparent)?;
         let (dir, newdir) = (self.fd(&p)?, self.fd(&np)?);
         let (c, newc) = (sys::cstr(name)?, sys::cstr(newname)?);
-        let _g = self.long_name_guard(&[&from, &to]);
+        let _g = self.long_name_guard(&[&from, &to])?;
         let moved = self.known_at(dir.as_raw_fd(), &c);
         let other = self.known_at(newdir.as_raw_fd(), &newc);
         backing::put_side(newdir.as_raw_fd(), &to)?;

@@ -13,6 +13,41 @@ use std::os::fd::RawFd;
 use crate::error::{Error, Result};
 use crate::names::{BackingName, EntryKind, NameCipher};
 use crate::sys;
+use crate::sys::range_lock::{self, Held, Kind};
+
+/// The range of the volume's lock file (`envelopefs.lock`) whose lock a shared volume's
+/// hosts hold while they change a long name (docs/FORMAT.md §11); byte 0 is the volume's.
+pub const LONG_NAMES_LOCK: (u64, u64) = (1, 1);
+
+/// Held by whoever changes a long name or removes orphaned side files, so that a side
+/// file written for an entry about to be made is never taken for an orphan. On a shared
+/// volume it reaches every host: a lock of the volume's lock file.
+pub struct LongNames {
+    local: std::sync::Mutex<()>,
+    fleet: Option<std::fs::File>,
+}
+
+/// A held [`LongNames`].
+pub struct LongNamesHeld<'a> {
+    _fleet: Option<Held<'a, std::fs::File>>,
+    _local: std::sync::MutexGuard<'a, ()>,
+}
+
+impl LongNames {
+    /// `fleet`: the volume's lock file, on a shared volume.
+    pub fn new(fleet: Option<std::fs::File>) -> Self {
+        Self { local: std::sync::Mutex::new(()), fleet }
+    }
+
+    pub fn hold(&self) -> Result<LongNamesHeld<'_>> {
+        let local = self.local.lock().unwrap();
+        let fleet = match &self.fleet {
+            Some(f) => Some(range_lock::hold(f, Kind::Write, LONG_NAMES_LOCK.0, LONG_NAMES_LOCK.1)?),
+            None => None,
+        };
+        Ok(LongNamesHeld { _fleet: fleet, _local: local })
+    }
+}
 
 /// A plaintext name resolved to the backing directory.
 pub fn resolve(cipher: Option<&NameCipher>, name: &OsStr) -> Result<BackingName> {
@@ -68,13 +103,12 @@ pub struct Listed<T> {
 
 /// The plaintext names of a format-4 directory's entries; entries that are not this
 /// volume's (or do not decrypt) are logged and left out, orphaned side files removed
-/// (under `long_names`, held by whoever changes a long name, so a side file written for
-/// an entry about to be made is never taken for an orphan).
+/// (under `long_names`).
 pub fn list<T>(
     cipher: &NameCipher,
     dir: RawFd,
     entries: Vec<(OsString, T)>,
-    long_names: &std::sync::Mutex<()>,
+    long_names: &LongNames,
     describe: &dyn Fn() -> String,
 ) -> Vec<Listed<T>> {
     let mut out = Vec::with_capacity(entries.len());
@@ -102,8 +136,8 @@ pub fn list<T>(
             Err(err) => tracing::warn!("{}/{}: left out of the listing: {err}", describe(), e.to_string_lossy()),
         }
     }
-    let _g = (!sides.is_empty()).then(|| long_names.lock().unwrap());
-    for side in sides {
+    let held = if sides.is_empty() { None } else { long_names.hold().inspect_err(|e| tracing::warn!("{e}")).ok() };
+    for side in sides.into_iter().filter(|_| held.is_some()) {
         let Some(main) = crate::names::stand_in_of(&side) else { continue };
         if !stand_ins.contains(main) {
             let b = BackingName { main: main.to_owned(), side: Some((side.clone(), Vec::new())) };

@@ -19,6 +19,8 @@ use crate::volume::{VolumeConfig, CONFIG_NAME};
 
 /// The lock file's name in the backing root (made at the first lock).
 pub const LOCK_NAME: &str = "envelopefs.lock";
+/// The range of the lock file that is the volume's lock (others: `names::backing`).
+pub const VOLUME_LOCK: (u64, u64) = (0, 1);
 
 /// How a lock holder uses the volume.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,7 +68,7 @@ pub fn lock(backing: &Path, access: Access) -> Result<VolumeLock> {
     let file = open_lock_file(backing)?;
     if let Some(f) = &file {
         let kind = if access == Access::Alone { Kind::Write } else { Kind::Read };
-        if !range_lock::set(f, kind, 0, 0, false)? {
+        if !range_lock::set(f, kind, VOLUME_LOCK.0, VOLUME_LOCK.1, false)? {
             return Err(busy());
         }
     }
@@ -112,7 +114,7 @@ pub fn volume_locked(backing: &Path) -> bool {
     }
     let _ = rustix::fs::flock(&dir, rustix::fs::FlockOperation::Unlock);
     match File::open(backing.join(LOCK_NAME)) {
-        Ok(f) => range_lock::conflict(&f, Kind::Write, 0, 0).is_ok_and(|c| c.is_some()),
+        Ok(f) => range_lock::conflict(&f, Kind::Write, VOLUME_LOCK.0, VOLUME_LOCK.1).is_ok_and(|c| c.is_some()),
         Err(_) => false,
     }
 }
