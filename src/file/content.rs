@@ -7,7 +7,10 @@
 //! change the file's length, everything from the first of them on. So no host rewrites a
 //! block from a read another host's write has made stale, and no host takes another's
 //! append in progress for a torn one. Reads take no lock: a block that does not
-//! authenticate is read again under a shared lock before it is called damaged.
+//! authenticate is read again under a shared lock before it is called damaged. Under a
+//! lock the file is read and written through a new open (`range_lock::reopen_fresh`), and
+//! a change is flushed before its lock goes (`publish`): a shared filesystem's client may
+//! otherwise serve what it read before, or keep what it was given to write.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -23,6 +26,7 @@ use crate::sys::range_lock::{self, Held, Kind};
 pub const CONTENT_LOCKS_END: u64 = 1 << 62;
 
 /// One envelope's content, seen through its key.
+#[derive(Clone, Copy)]
 pub struct Content<'a> {
     pub file: &'a File,
     pub geo: Geometry,
@@ -34,15 +38,30 @@ pub struct Content<'a> {
     pub shared: bool,
 }
 
-/// What a change holds on a shared volume: the range it rewrites, and whether that range
-/// reaches the end of the file (only then may it change the length).
+/// What a change holds on a shared volume: the range it rewrites, a new open of the file
+/// to work through, and whether that range reaches the end of the file (only then may it
+/// change the length).
 struct Range<'a> {
     _held: Option<Held<'a, File>>,
+    fresh: Option<File>,
     to_end: bool,
+}
+
+impl<'a> Content<'a> {
+    /// This content through the range's new open, if it has one.
+    fn through<'b>(&self, range: &'b Range<'_>) -> Content<'b>
+    where
+        'a: 'b,
+    {
+        Content { file: range.fresh.as_ref().unwrap_or(self.file), ..*self }
+    }
 }
 
 impl Content<'_> {
     fn backing_len(&self) -> Result<u64> {
+        if self.shared {
+            return range_lock::fresh_len(self.file);
+        }
         Ok(self.file.metadata().map_err(|e| Error::io(e, "fstat"))?.len())
     }
 
@@ -71,7 +90,8 @@ impl Content<'_> {
             Err(e) if self.shared && e.integrity_kind().is_some() => {
                 let from = self.geo.block_offset(offset / self.geo.block_size);
                 let _held = range_lock::hold(self.file, Kind::Read, from, CONTENT_LOCKS_END - from)?;
-                self.read_once(offset, len)
+                let fresh = range_lock::reopen_fresh(self.file, from, 0)?;
+                Content { file: &fresh, ..*self }.read_once(offset, len)
             }
             r => r,
         }
@@ -188,7 +208,7 @@ impl Content<'_> {
     /// sharing nothing is locked and the change may reach the end.
     fn lock_blocks(&self, first: u64, last: Option<u64>) -> Result<Range<'_>> {
         if !self.shared {
-            return Ok(Range { _held: None, to_end: true });
+            return Ok(Range { _held: None, fresh: None, to_end: true });
         }
         let bs = self.geo.block_size;
         // The file's length may change until the lock is held: check the range fits after.
@@ -203,7 +223,8 @@ impl Content<'_> {
             let from = self.geo.block_offset(want.0);
             let len = want.1.map_or(CONTENT_LOCKS_END - from, |l| self.geo.block_offset(l + 1) - from);
             let held = range_lock::hold(self.file, Kind::Write, from, len)?;
-            let now = needs(self.size()?);
+            let fresh = range_lock::reopen_fresh(self.file, from, want.1.map_or(0, |_| len))?;
+            let now = needs(Content { file: &fresh, ..*self }.size()?);
             let covered = now.0 >= want.0
                 && match (now.1, want.1) {
                     (_, None) => true,
@@ -211,7 +232,7 @@ impl Content<'_> {
                     (None, Some(_)) => false,
                 };
             if covered {
-                return Ok(Range { _held: Some(held), to_end: want.1.is_none() });
+                return Ok(Range { _held: Some(held), fresh: Some(fresh), to_end: want.1.is_none() });
             }
             drop(held);
             want = now;
@@ -237,7 +258,14 @@ impl Content<'_> {
         let end = offset + data.len() as u64;
         let bs = self.geo.block_size;
         let range = self.lock_blocks(offset / bs, Some((end - 1) / bs))?;
-        let size = self.settle(&range)?;
+        let c = self.through(&range);
+        c.publish(c.write_locked(offset, data, &range))
+    }
+
+    fn write_locked(&self, offset: u64, data: &[u8], range: &Range<'_>) -> Result<()> {
+        let end = offset + data.len() as u64;
+        let bs = self.geo.block_size;
+        let size = self.settle(range)?;
         let new_size = size.max(end);
         let (first, last) = (offset / bs, (end - 1) / bs);
         let mut old_len = self.geo.backing_size(size);
@@ -275,7 +303,18 @@ impl Content<'_> {
 
     pub fn truncate(&self, new_size: u64) -> Result<()> {
         let range = self.lock_blocks(new_size / self.geo.block_size, None)?;
-        self.truncate_locked(new_size, &range)
+        let c = self.through(&range);
+        c.publish(c.truncate_locked(new_size, &range))
+    }
+
+    /// On a shared volume, make a change other hosts' reads see before its lock goes:
+    /// a shared filesystem's client may hold written bytes until a flush (JuiceFS does).
+    fn publish(&self, change: Result<()>) -> Result<()> {
+        change?;
+        if self.shared {
+            self.file.sync_data().map_err(|e| Error::io(e, "flushing a change for other hosts"))?;
+        }
+        Ok(())
     }
 
     fn truncate_locked(&self, new_size: u64, range: &Range<'_>) -> Result<()> {
@@ -303,14 +342,15 @@ impl Content<'_> {
     pub fn allocate(&self, offset: u64, len: u64) -> Result<()> {
         let end = offset.checked_add(len).ok_or_else(|| Error::new(libc::EFBIG, "fallocate range overflows"))?;
         let range = self.lock_blocks(offset / self.geo.block_size, None)?;
-        let size = self.settle(&range)?;
+        let c = self.through(&range);
+        let size = c.settle(&range)?;
         if end > size {
-            self.truncate_locked(end, &range)?;
+            c.publish(c.truncate_locked(end, &range))?;
         }
         let from = self.geo.block_offset(offset / self.geo.block_size);
         let to = self.geo.backing_size(end.max(size));
         if to > from {
-            rustix::fs::fallocate(self.file, rustix::fs::FallocateFlags::empty(), from, to - from)
+            rustix::fs::fallocate(c.file, rustix::fs::FallocateFlags::empty(), from, to - from)
                 .map_err(|e| Error::io(e.into(), "fallocate"))?;
         }
         Ok(())

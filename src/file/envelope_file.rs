@@ -23,6 +23,7 @@ use crate::volume::audit::Requester;
 use crate::volume::Volume;
 
 /// An open backing file of the volume, seen as an envelope.
+#[derive(Clone, Copy)]
 pub struct EnvelopeFile<'a> {
     pub vol: &'a Volume,
     pub file: &'a File,
@@ -66,6 +67,9 @@ pub struct Verdict {
 impl EnvelopeFile<'_> {
     /// The backing file's length.
     pub fn backing_len(&self) -> Result<u64> {
+        if self.vol.config.shared {
+            return range_lock::fresh_len(self.file);
+        }
         Ok(self.file.metadata().map_err(|e| Error::io(e, "fstat"))?.len())
     }
 
@@ -73,8 +77,10 @@ impl EnvelopeFile<'_> {
     /// then check that it belongs to this content: a header pasted from another file
     /// unwraps and verifies, but its key does not open this file's first block.
     pub fn load(&self, len: u64) -> Result<Loaded> {
-        let _held = self.lock_header(Kind::Read)?;
-        self.load_locked(len)
+        match self.lock_header(Kind::Read)? {
+            Some((_held, fresh)) => EnvelopeFile { file: &fresh, ..*self }.load_locked(len),
+            None => self.load_locked(len),
+        }
     }
 
     fn load_locked(&self, len: u64) -> Result<Loaded> {
@@ -120,12 +126,15 @@ impl EnvelopeFile<'_> {
         Ok((!is_hole(&stored)).then_some(stored))
     }
 
-    /// On a shared volume, lock the header region.
-    fn lock_header(&self, kind: Kind) -> Result<Option<Held<'_, File>>> {
+    /// On a shared volume, lock the header region; and a new open of the file to work on
+    /// it through (see `range_lock::reopen_fresh`).
+    fn lock_header(&self, kind: Kind) -> Result<Option<(Held<'_, File>, File)>> {
         if !self.vol.config.shared {
             return Ok(None);
         }
-        range_lock::hold(self.file, kind, 0, self.vol.geometry.header_size).map(Some)
+        let held = range_lock::hold(self.file, kind, 0, self.vol.geometry.header_size)?;
+        let fresh = range_lock::reopen_fresh(self.file, 0, self.vol.geometry.header_size)?;
+        Ok(Some((held, fresh)))
     }
 
     /// Write a new header (fresh file id and DEK) to an empty envelope. If the write fails
@@ -158,11 +167,22 @@ impl EnvelopeFile<'_> {
         if len > 0 {
             Ok(Some(self.load(len)?.key))
         } else if needs_header {
-            let _held = self.lock_header(Kind::Write)?;
+            let held = self.lock_header(Kind::Write)?;
+            let this = match &held {
+                Some((_, fresh)) => EnvelopeFile { file: fresh, ..*self },
+                None => EnvelopeFile { ..*self },
+            };
             // Another host may have made it since the length was read.
-            match self.backing_len()? {
-                0 => Ok(Some(self.create_header(journal)?)),
-                len => Ok(Some(self.load_locked(len)?.key)),
+            match this.backing_len()? {
+                0 => {
+                    let key = this.create_header(journal)?;
+                    // Other hosts read it once the lock goes: flushed first (see `content`).
+                    if held.is_some() {
+                        this.file.sync_data().map_err(|e| Error::io(e, "flushing a new header"))?;
+                    }
+                    Ok(Some(key))
+                }
+                len => Ok(Some(this.load_locked(len)?.key)),
             }
         } else {
             Ok(None)
@@ -183,8 +203,12 @@ impl EnvelopeFile<'_> {
             return Ok(false); // no header yet: it will be made under the current KEK
         }
         let vol = self.vol;
-        let _held = self.lock_header(Kind::Write)?;
-        let l = self.load_locked(len)?;
+        let held = self.lock_header(Kind::Write)?;
+        let this = match &held {
+            Some((_, fresh)) => EnvelopeFile { file: fresh, ..*self },
+            None => EnvelopeFile { ..*self },
+        };
+        let l = this.load_locked(len)?;
         let h = &l.header;
         let wanted = vol.records_for_policy(h, &l.key, self.describe, self.who)?;
         let other = 1 - l.slot;
@@ -200,9 +224,9 @@ impl EnvelopeFile<'_> {
         for (step, slot) in [(1, other), (2, l.slot)] {
             let newer = Header { generation: h.generation + step, records: records.clone(), ..h.clone() };
             let bytes = newer.encode_slot(half, |b| l.key.header_tag(b))?;
-            self.file
+            this.file
                 .write_all_at(&bytes, (slot * half) as u64)
-                .and_then(|_| self.file.sync_data())
+                .and_then(|_| this.file.sync_data())
                 .map_err(|e| Error::io(e, format!("writing header slot {slot}")))?;
         }
         Ok(true)

@@ -165,7 +165,10 @@ fn settle(vol: &Volume, file: &File, path: &Path, p: &Pending, act: bool) -> Opt
         let blocks = vol.geometry.header_size;
         let len = crate::file::content::CONTENT_LOCKS_END - blocks;
         match crate::sys::range_lock::hold(file, crate::sys::range_lock::Kind::Write, blocks, len) {
-            Ok(held) if reads_whole(vol, file, &p.change) => {
+            Ok(held)
+                if crate::sys::range_lock::reopen_fresh(file, blocks, 0)
+                    .is_ok_and(|f| reads_whole(vol, &f, &p.change)) =>
+            {
                 drop(held);
                 return None;
             }
@@ -192,7 +195,7 @@ fn settle(vol: &Volume, file: &File, path: &Path, p: &Pending, act: bool) -> Opt
 /// has written there since. Either way there is nothing to put right.
 fn reads_whole(vol: &Volume, file: &File, change: &Recorded) -> bool {
     let geo = vol.geometry;
-    let Ok(len) = file.metadata().map(|m| m.len()) else { return false };
+    let Ok(len) = crate::sys::range_lock::fresh_len(file) else { return false };
     if len == 0 {
         return true;
     }

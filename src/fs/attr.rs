@@ -76,6 +76,9 @@ impl EncryptedFs {
     pub fn getattr(&self, ino: u64) -> Result<Attr> {
         let inode = self.inode(ino)?;
         let fd = self.fd(&inode)?;
+        if self.vol.config.shared {
+            sys::sync_attrs(fd.as_raw_fd())?;
+        }
         let st = sys::fstat(fd.as_raw_fd())?;
         Ok(self.attr_at(ino, &st, fd.as_raw_fd()))
     }

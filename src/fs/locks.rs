@@ -76,6 +76,11 @@ impl EncryptedFs {
             range_lock::set(&*held, Kind::Unlock, from, len, false)?;
             return Err(Error::new(libc::EINTR, "the file was closed while the lock was awaited"));
         }
+        // What other hosts wrote before they let go is what the owner reads now (as NFS
+        // gives at a lock): a new open makes the filesystem's client look again.
+        if kind != Kind::Unlock {
+            range_lock::reopen_fresh(&*held, 0, 0)?;
+        }
         Ok(())
     }
 

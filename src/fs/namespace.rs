@@ -37,6 +37,9 @@ impl EncryptedFs {
     pub(super) fn lookup_fd(&self, parent: &Arc<Inode>, backing: &OsStr) -> Result<Attr> {
         let c = sys::cstr(backing)?;
         let fd = sys::open_path(self.fd(parent)?.as_raw_fd(), &c)?;
+        if self.vol.config.shared {
+            sys::sync_attrs(fd.as_raw_fd())?;
+        }
         let st = sys::fstat(fd.as_raw_fd())?;
         let attr = self.attr_at(0, &st, fd.as_raw_fd());
         let inode = self.intern(fd, &st, parent, backing);

@@ -24,6 +24,8 @@ pub use options::{set_read_ahead, MountOptions, DEFAULT_READ_AHEAD_KB};
 pub struct FuseFs {
     fs: std::sync::Arc<EncryptedFs>,
     opts: MountOptions,
+    /// To drop the kernel's pages of a file whose lock a user was granted (shared volumes).
+    notifier: std::sync::Arc<std::sync::OnceLock<fuser::Notifier>>,
 }
 
 /// Mount `fs` at `mountpoint`. The mount is live when this returns; run the session to serve.
@@ -46,10 +48,15 @@ pub fn mount(fs: std::sync::Arc<EncryptedFs>, mountpoint: &Path, opts: MountOpti
     // As root the mount is made here, typed `fuse.envelopefs` (fuser's own mount(2) says
     // `fuse`), so `findmnt -t fuse.envelopefs` and `umount -a -t fuse.envelopefs` find it.
     // Elsewhere fusermount3 makes it, with the subtype.
-    match crate::sys::mount_fuse(mountpoint, &opts.fsname, "envelopefs", opts.read_only, opts.allow_other)? {
-        Some(fd) => Session::from_fd(FuseFs { fs, opts }, fd, config.acl, config),
-        None => Session::new(FuseFs { fs, opts }, mountpoint, &config),
-    }
+    let notifier = std::sync::Arc::new(std::sync::OnceLock::new());
+    let ffs = FuseFs { fs, opts: opts.clone(), notifier: notifier.clone() };
+    let session =
+        match crate::sys::mount_fuse(mountpoint, &opts.fsname, "envelopefs", opts.read_only, opts.allow_other)? {
+            Some(fd) => Session::from_fd(ffs, fd, config.acl, config),
+            None => Session::new(ffs, mountpoint, &config),
+        }?;
+    let _ = notifier.set(session.notifier());
+    Ok(session)
 }
 
 fn file_type(mode: u32) -> FileType {
@@ -400,19 +407,28 @@ impl Filesystem for FuseFs {
         reply: ReplyEmpty,
     ) {
         let timer = self.fs.stats.request("setlk");
+        // Once granted, what other hosts wrote before they let go is read, not the pages
+        // this kernel kept (as NFS does at a lock).
+        let notifier = self.notifier.clone();
+        let invalidate = move || {
+            if typ != libc::F_UNLCK {
+                if let Some(Err(e)) = notifier.get().map(|n| n.inval_inode(ino, 0, 0)) {
+                    debug!("dropping cached pages of inode {}: {e}", ino.0);
+                }
+            }
+        };
         if !sleep {
-            return self.empty(
-                reply,
-                "setlk",
-                On::Ino(ino.0),
-                self.fs.set_lock(ino.0, lock_owner.0, start, end, typ, false),
-            );
+            let r = self.fs.set_lock(ino.0, lock_owner.0, start, end, typ, false).inspect(|()| invalidate());
+            return self.empty(reply, "setlk", On::Ino(ino.0), r);
         }
         // A wait may last as long as another host holds the lock: not on a worker thread.
         drop(timer);
         let fs = self.fs.clone();
         std::thread::spawn(move || match fs.set_lock(ino.0, lock_owner.0, start, end, typ, true) {
-            Ok(()) => reply.ok(),
+            Ok(()) => {
+                invalidate();
+                reply.ok()
+            }
             Err(e) => {
                 debug!("setlk on inode {}: {e}", ino.0);
                 reply.error(Errno::from_i32(e.errno()))

@@ -173,6 +173,16 @@ pub fn fstat(fd: RawFd) -> Result<libc::stat> {
     Ok(st)
 }
 
+/// Have the kernel ask the filesystem for `fd`'s attributes now, not from its cache: on a
+/// shared filesystem other hosts change them (the next `fstat` then sees what it got).
+pub fn sync_attrs(fd: RawFd) -> Result<()> {
+    use rustix::fs::{AtFlags, StatxFlags};
+    // SAFETY: `fd` is open for the duration of the call.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let flags = AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW | AtFlags::STATX_FORCE_SYNC;
+    rustix::fs::statx(fd, "", flags, StatxFlags::BASIC_STATS).map(drop).map_err(|e| Error::io(e.into(), "statx"))
+}
+
 /// `fstatat` of `name` in `dir`, not following a final symlink.
 pub fn fstatat_nofollow(dir: RawFd, name: &CStr) -> Result<libc::stat> {
     // SAFETY: an all-zero `stat` is a valid value of this plain C struct.

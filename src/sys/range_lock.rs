@@ -76,6 +76,33 @@ pub fn conflict(fd: impl AsFd, kind: Kind, start: u64, len: u64) -> Result<Optio
     })
 }
 
+/// A new open of a locked file, to read and write through while the lock is held: a
+/// client of a shared filesystem may go on serving, within one open, what it read before
+/// the lock was granted (JuiceFS does), while a new open sees every change flushed before
+/// (close-to-open, as NFS also gives at a lock). The kernel's cached pages of the locked
+/// range (`len` bytes from `start`, 0: to the end) are dropped too.
+pub fn reopen_fresh(file: &std::fs::File, start: u64, len: u64) -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let path = format!("/proc/self/fd/{}", file.as_raw_fd());
+    let open = |flags| {
+        rustix::fs::open(&path, flags | rustix::fs::OFlags::CLOEXEC, rustix::fs::Mode::empty()).map(std::fs::File::from)
+    };
+    let fresh = open(rustix::fs::OFlags::RDWR)
+        .or_else(|_| open(rustix::fs::OFlags::RDONLY))
+        .map_err(|e| Error::io(e.into(), "opening a locked file again"))?;
+    rustix::fs::fadvise(&fresh, start, std::num::NonZeroU64::new(len), rustix::fs::Advice::DontNeed)
+        .map_err(|e| Error::io(e.into(), "dropping cached pages of a locked range"))?;
+    Ok(fresh)
+}
+
+/// The file's length as the filesystem has it now (`AT_STATX_FORCE_SYNC`).
+pub fn fresh_len(file: &std::fs::File) -> Result<u64> {
+    use rustix::fs::{AtFlags, StatxFlags};
+    rustix::fs::statx(file, "", AtFlags::EMPTY_PATH | AtFlags::STATX_FORCE_SYNC, StatxFlags::SIZE)
+        .map(|st| st.stx_size)
+        .map_err(|e| Error::io(e.into(), "statx"))
+}
+
 /// A lock held until dropped.
 #[must_use = "the lock is dropped at once"]
 pub struct Held<'a, F: AsFd> {
