@@ -130,7 +130,7 @@ pkill -9 -f "envelopefs mount --log-file $FLEET_DIR/h1/" || { echo "no daemon on
 wait "$w1" || true
 py 2 overwrite shared-k two
 sleep 1
-pkill -f "fleet_battery.py overwrite-loop 2 " || true
+pkill -f "fleet_battery.py overwrite-loop 2 $(mnt 2)" || true
 wait "$w2" || true
 mount_host 1
 py 1 check-block shared-k two

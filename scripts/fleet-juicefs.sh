@@ -17,8 +17,8 @@
 #   hN/cache      host N's JuiceFS block cache (separate per host: two clients, two caches)
 #   hN/juicefs.log, hN/juicefs.pid
 #
-# Network: bridge efs-br0 = $NET.1/24 in the root netns (redis binds there); host N is
-# netns efs-hN with eth0 = $NET.1N, joined to the bridge by a veth pair (efs-hN-v <-> eth0).
+# Network: bridge $FN-br0 (FLEET_NAME, default efs) = $NET.1/24 in the root netns (redis binds there); host N is
+# netns $FN-hN with eth0 = $NET.1N, joined to the bridge by a veth pair ($FN-hN-v <-> eth0).
 set -uo pipefail
 
 FLEET_DIR=${FLEET_DIR:-/tmp/fleet}       # absolute, no spaces (paths are matched in mountinfo)
@@ -26,8 +26,9 @@ NET=${FLEET_NET:-10.77.0}                 # first three octets of a /24
 REDIS_PORT=${FLEET_REDIS_PORT:-6379}
 VOLUME=${FLEET_VOLUME:-fleetvol}          # 3-63 letters, digits or '-'
 JFS_MOUNT_OPTS=${FLEET_JFS_MOUNT_OPTS:-}  # extra `juicefs mount` options, e.g. "--attr-cache 0"
+FN=${FLEET_NAME:-efs}                     # prefix of namespaces and links: two fleets need two names
 HOSTS="1 2"
-BR=efs-br0
+BR=$FN-br0
 NSD=$FLEET_DIR/ns
 META="redis://$NET.1:$REDIS_PORT/1"
 
@@ -56,7 +57,7 @@ juicefs_bin() {
 # so a mount made in one call is invisible to the next one.
 enter() {
   local n=$1; shift
-  local net=(); [ -e "/run/netns/efs-h$n" ] && net=(--net="/run/netns/efs-h$n")  # down after a partial up
+  local net=(); [ -e "/run/netns/$FN-h$n" ] && net=(--net="/run/netns/$FN-h$n")  # down after a partial up
   nsenter --mount="$NSD/h$n.mnt" --uts="$NSD/h$n.uts" "${net[@]}" -- "$@"
 }
 
@@ -106,14 +107,14 @@ cmd_up() {
   ip addr add "$NET.1/24" dev "$BR"
   ip link set "$BR" up
   for n in $HOSTS; do
-    ip netns add "efs-h$n"
-    ip link add "efs-h$n-v" type veth peer name eth0 netns "efs-h$n"
-    ip link set "efs-h$n-v" master "$BR" up
-    ip -n "efs-h$n" addr add "$NET.1$n/24" dev eth0
-    ip -n "efs-h$n" link set eth0 up
-    ip -n "efs-h$n" link set lo up
+    ip netns add "$FN-h$n"
+    ip link add "$FN-h$n-v" type veth peer name eth0 netns "$FN-h$n"
+    ip link set "$FN-h$n-v" master "$BR" up
+    ip -n "$FN-h$n" addr add "$NET.1$n/24" dev eth0
+    ip -n "$FN-h$n" link set eth0 up
+    ip -n "$FN-h$n" link set lo up
   done
-  log "network ok ($(since "$t")): $BR=$NET.1/24, hosts $(for n in $HOSTS; do printf 'efs-h%s=%s.1%s ' "$n" "$NET" "$n"; done)"
+  log "network ok ($(since "$t")): $BR=$NET.1/24, hosts $(for n in $HOSTS; do printf '%s-h%s=%s.1%s ' "$FN" "$n" "$NET" "$n"; done)"
 
   # --- redis: metadata engine, listening only on the bridge address, no persistence ---
   t=$(now)
@@ -146,7 +147,7 @@ cmd_up() {
     mount -t tmpfs -o ro,size=4k,mode=0555 fleet-guard "$M"
     # Persistent mount + uts namespace for host N (private propagation: nothing leaks in/out).
     touch "$NSD/h$n.mnt" "$NSD/h$n.uts"
-    unshare --mount="$NSD/h$n.mnt" --uts="$NSD/h$n.uts" --propagation private hostname "efs-h$n"
+    unshare --mount="$NSD/h$n.mnt" --uts="$NSD/h$n.uts" --propagation private hostname "$FN-h$n"
     # The new mount ns holds copies of every root-ns mount. Copies of FUSE mounts and of
     # namespace files would pin them: another program's FUSE daemon would not see its
     # connection end when it unmounts in the root ns, and ns/ would pin the other host's ns.
@@ -162,7 +163,7 @@ cmd_up() {
     # Foreground client under setsid, so its pid is $! and it survives this script.
     # --no-usage-report: no phoning home; --backup-meta 0: no hourly meta dump in objects/.
     # shellcheck disable=SC2086
-    setsid nsenter --mount="$NSD/h$n.mnt" --uts="$NSD/h$n.uts" --net="/run/netns/efs-h$n" -- \
+    setsid nsenter --mount="$NSD/h$n.mnt" --uts="$NSD/h$n.uts" --net="/run/netns/$FN-h$n" -- \
       "$JFS" mount --no-usage-report --backup-meta 0 --cache-dir "$H/cache" $JFS_MOUNT_OPTS \
       "$META" "$M" </dev/null >>"$H/juicefs.log" 2>&1 &
     echo $! >"$H/juicefs.pid"
@@ -201,7 +202,7 @@ cmd_run() {
   # Entering a mount ns resets the cwd to /; go back to the caller's directory (resolved
   # inside host N, so a cwd under hN/jfs lands on the JuiceFS mount), else stay at /.
   FLEET_HOST=$n FLEET_MNT=$(mnt_of "$n") FLEET_PWD=$PWD \
-    exec nsenter --mount="$NSD/h$n.mnt" --uts="$NSD/h$n.uts" --net="/run/netns/efs-h$n" -- \
+    exec nsenter --mount="$NSD/h$n.mnt" --uts="$NSD/h$n.uts" --net="/run/netns/$FN-h$n" -- \
     sh -c 'cd "$FLEET_PWD" 2>/dev/null || cd /; unset FLEET_PWD; exec "$@"' fleet-run "$@"
 }
 
@@ -210,7 +211,7 @@ host_pids() {
   local n=$1 ino=""
   is_nsfs "$NSD/h$n.mnt" && ino=$(stat -L -c %i "$NSD/h$n.mnt" 2>/dev/null)
   {
-    [ -e "/run/netns/efs-h$n" ] && ip netns pids "efs-h$n" 2>/dev/null
+    [ -e "/run/netns/$FN-h$n" ] && ip netns pids "$FN-h$n" 2>/dev/null
     # one ls for all of /proc (a fork per process is slow when called in a loop)
     [ -n "$ino" ] && ls -l /proc/[0-9]*/ns/mnt 2>/dev/null \
       | awk -v t="mnt:[$ino]" '$NF == t { split($(NF-2), a, "/"); print a[3] }' 
@@ -286,8 +287,8 @@ cmd_down() {
     for f in "$NSD/h$n.mnt" "$NSD/h$n.uts"; do
       is_nsfs "$f" && umount "$f"; rm -f "$f"
     done
-    [ -e "/run/netns/efs-h$n" ] && ip netns del "efs-h$n"
-    ip link show "efs-h$n-v" >/dev/null 2>&1 && ip link del "efs-h$n-v"
+    [ -e "/run/netns/$FN-h$n" ] && ip netns del "$FN-h$n"
+    ip link show "$FN-h$n-v" >/dev/null 2>&1 && ip link del "$FN-h$n-v"
     # Guard tmpfs (and anything else someone mounted there in the root ns).
     while is_mounted "$M"; do umount -c "$M" 2>/dev/null || umount -c -l "$M" || break; done
     rm -f "$FLEET_DIR/h$n/juicefs.pid"
@@ -304,7 +305,7 @@ cmd_down() {
   local left=""
   local lm; lm=$(awk -v d="$FLEET_DIR" 'index($5, d "/") == 1 || $5 == d {print $5}' /proc/self/mountinfo)
   [ -n "$lm" ] && left+=" mounts:[$(echo $lm)]"
-  local ln; ln=$(ip netns list 2>/dev/null | grep -o '^efs-h[0-9]*' | tr '\n' ' ')
+  local ln; ln=$(ip netns list 2>/dev/null | grep -o "^$FN-h[0-9]*" | tr '\n' ' ')
   [ -n "$ln" ] && left+=" netns:[$ln]"
   ip link show "$BR" >/dev/null 2>&1 && left+=" link:$BR"
   [ -n "${redis_left:-}" ] && left+=" redis:$redis_left"
@@ -327,7 +328,7 @@ cmd_status() {
 
 cmd_link() {  # cut/heal: host N's side of the veth pair down/up
   local n=${2:-}; case "$n" in 1|2) ;; *) die "usage: $0 $1 1|2";; esac
-  ip -n "efs-h$n" link set eth0 "$([ "$1" = cut ] && echo down || echo up)"
+  ip -n "$FN-h$n" link set eth0 "$([ "$1" = cut ] && echo down || echo up)"
 }
 
 case "${1:-}" in
