@@ -85,20 +85,17 @@ wait "$holder"
 py 2 try-lock granted
 
 step "SQLite (rollback journal): a writer on each host, 100 transactions each"
-# JuiceFS itself is tried first: where it loses committed rows, so does anything above it.
+# JuiceFS alone first, for comparison (reported, not checked).
 raw() { local n=$1 action=$2; host "$n" python3 "$PY" "$action" "$n" "$(jfs "$n")"; }
 raw 1 sqlite-init
-raw 1 sqlite-writer & a=$!; raw 2 sqlite-writer & b=$!; wait "$a" || true; wait "$b" || true
-lower=$(raw 1 sqlite-report)
-echo "   JuiceFS alone: $lower"
+raw 1 sqlite-writer 2>/dev/null & a=$!; raw 2 sqlite-writer 2>/dev/null & b=$!
+wait "$a" && ra=ok || ra=failed; wait "$b" && rb=ok || rb=failed
+echo "   JuiceFS alone: writers $ra and $rb; $(raw 1 sqlite-report)"
 py 1 sqlite-init
 both sqlite-writer
-if [ "$lower" = "integrity_check ok, 200 of 200 committed rows" ]; then
-  py 1 check-sqlite
-  py 2 check-sqlite
-else
-  echo "   envelopefs on it: $(py 1 sqlite-report) (not checked: the lower filesystem loses rows)"
-fi
+py 1 check-sqlite
+py 2 check-sqlite
+echo "   envelopefs: $(py 2 sqlite-report)"
 
 step "tar made on host 1, unpacked on host 2"
 host 1 tar cf "$(mnt 1)/src.tar" -C "$PWD" src
@@ -126,7 +123,7 @@ w1=$!
 py 2 overwrite-loop k2 twos &
 w2=$!
 sleep 1
-pkill -9 -f "envelopefs mount --log-file $FLEET_DIR/h1/" || { echo "no daemon on host 1" >&2; exit 1; }
+pkill -9 -f " mount --log-file $FLEET_DIR/h1/envelopefs.log" || { echo "no daemon on host 1" >&2; exit 1; }
 wait "$w1" || true
 py 2 overwrite shared-k two
 sleep 1

@@ -30,6 +30,14 @@ impl EncryptedFs {
         Ok(env.load(len)?.key)
     }
 
+    /// A backing file's length; on a shared volume as its filesystem has it now.
+    fn backing_len(&self, file: &File) -> Result<u64> {
+        match self.vol.config.shared {
+            true => sys::range_lock::fresh_len(file),
+            false => Ok(file.metadata().map_err(|e| Error::io(e, "fstat"))?.len()),
+        }
+    }
+
     pub(super) fn handle(&self, fh: u64) -> Result<Handle> {
         self.handles.read().unwrap().get(&fh).cloned().ok_or_else(|| Error::new(libc::EBADF, "unknown handle"))
     }
@@ -58,13 +66,19 @@ impl EncryptedFs {
         // Partial-block writes read the block first, so writers always get read access.
         let file = match file {
             Some(f) => f,
-            None => sys::reopen(&*self.fd(&inode)?, if writable { libc::O_RDWR } else { libc::O_RDONLY })?,
+            None => {
+                let fd = self.fd(&inode)?;
+                let mode = if writable { libc::O_RDWR } else { libc::O_RDONLY };
+                // Close-to-open on a shared filesystem: past pages cached of an older open.
+                let direct = self.vol.config.shared && sys::range_lock::bypass_page_cache(&*fd);
+                sys::reopen(&fd, mode | if direct { libc::O_DIRECT } else { 0 })?
+            }
         };
         let trunc = writable && flags & libc::O_TRUNC != 0;
         {
             let mut st = inode.content.write().unwrap();
             if st.key.is_none() {
-                let len = file.metadata().map_err(|e| Error::io(e, "fstat"))?.len();
+                let len = self.backing_len(&file)?;
                 if len > 0 {
                     st.key = Some(
                         self.load_key(&file, len, caller).map_err(|e| e.context(sys::describe_fd(file.as_raw_fd())))?,
@@ -156,14 +170,14 @@ impl EncryptedFs {
         if self.vol.config.shared && h.inode.content.read().unwrap().key.is_none() {
             // Opened empty; another host may have given it a header and content since.
             let mut st = h.inode.content.write().unwrap();
-            let len = h.file.metadata().map_err(|e| Error::io(e, "fstat"))?.len();
+            let len = self.backing_len(&h.file)?;
             if st.key.is_none() && len > 0 {
                 st.key = Some(self.load_key(&h.file, len, h.opener).map_err(|e| e.context(h.describe()))?);
             }
         }
         let st = h.inode.content.read().unwrap();
         let c = Content {
-            file: &h.file,
+            file: st.fresh.as_deref().unwrap_or(&h.file),
             geo: self.vol.geometry,
             key: st.key.as_deref(),
             journal: None,
@@ -232,6 +246,7 @@ impl EncryptedFs {
             if st.opens == 0 {
                 // The cache keeps it for its TTL; the inode does not outlive the opens.
                 st.key = None;
+                st.fresh = None;
             }
         }
     }

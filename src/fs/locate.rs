@@ -110,7 +110,7 @@ impl EncryptedFs {
             },
             pinned: Mutex::new(None),
             fmt,
-            content: RwLock::new(ContentState { key: None, opens: 0 }),
+            content: RwLock::new(ContentState { key: None, opens: 0, fresh: None }),
         };
         let fresh = || self.next_ino.fetch_add(1, Ordering::Relaxed);
         let node = self.table.intern((st.st_dev, st.st_ino), same, preferred, fresh, make);

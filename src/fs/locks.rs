@@ -77,9 +77,14 @@ impl EncryptedFs {
             return Err(Error::new(libc::EINTR, "the file was closed while the lock was awaited"));
         }
         // What other hosts wrote before they let go is what the owner reads now (as NFS
-        // gives at a lock): a new open makes the filesystem's client look again.
+        // gives at a lock): reads of the file go through a new open from here on.
         if kind != Kind::Unlock {
-            range_lock::reopen_fresh(&*held, 0, 0)?;
+            let fresh = Arc::new(range_lock::reopen_fresh(&*held, 0, 0)?);
+            let inode = self.inode(ino)?;
+            let mut st = inode.content.write().unwrap();
+            if st.opens > 0 {
+                st.fresh = Some(fresh);
+            }
         }
         Ok(())
     }

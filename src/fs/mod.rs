@@ -140,6 +140,9 @@ struct ContentState {
     /// The file's key while any handle has it open (and while it is empty: `None`).
     key: Option<Arc<FileKey>>,
     opens: usize,
+    /// On a shared volume, an open of the backing file made when a user was last granted a
+    /// lock on it: reads go through it, so they see what other hosts wrote before.
+    fresh: Option<Arc<File>>,
 }
 
 /// How the inode table finds a backing object again once its descriptor was closed.
@@ -330,7 +333,7 @@ impl EncryptedFs {
             locator: Locator::Root,
             pinned: Mutex::new(None),
             fmt: libc::S_IFDIR,
-            content: RwLock::new(ContentState { key: None, opens: 0 }),
+            content: RwLock::new(ContentState { key: None, opens: 0, fresh: None }),
         };
         let table = inodes::InodeTable::new(ROOT_INO, (st.st_dev, st.st_ino), root);
         let fs = Self {

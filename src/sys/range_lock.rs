@@ -78,14 +78,16 @@ pub fn conflict(fd: impl AsFd, kind: Kind, start: u64, len: u64) -> Result<Optio
 
 /// A new open of a locked file, to read and write through while the lock is held: a
 /// client of a shared filesystem may go on serving, within one open, what it read before
-/// the lock was granted (JuiceFS does), while a new open sees every change flushed before
-/// (close-to-open, as NFS also gives at a lock). The kernel's cached pages of the locked
-/// range (`len` bytes from `start`, 0: to the end) are dropped too.
+/// the lock was granted (JuiceFS does), while a new open that bypasses the page cache
+/// sees every change flushed before (close-to-open). The kernel's cached pages of the
+/// locked range (`len` bytes from `start`, 0: to the end) are dropped too.
 pub fn reopen_fresh(file: &std::fs::File, start: u64, len: u64) -> Result<std::fs::File> {
     use std::os::fd::AsRawFd;
     let path = format!("/proc/self/fd/{}", file.as_raw_fd());
+    let direct = if bypass_page_cache(file) { rustix::fs::OFlags::DIRECT } else { rustix::fs::OFlags::empty() };
     let open = |flags| {
-        rustix::fs::open(&path, flags | rustix::fs::OFlags::CLOEXEC, rustix::fs::Mode::empty()).map(std::fs::File::from)
+        rustix::fs::open(&path, flags | direct | rustix::fs::OFlags::CLOEXEC, rustix::fs::Mode::empty())
+            .map(std::fs::File::from)
     };
     let fresh = open(rustix::fs::OFlags::RDWR)
         .or_else(|_| open(rustix::fs::OFlags::RDONLY))
@@ -93,6 +95,16 @@ pub fn reopen_fresh(file: &std::fs::File, start: u64, len: u64) -> Result<std::f
     rustix::fs::fadvise(&fresh, start, std::num::NonZeroU64::new(len), rustix::fs::Advice::DontNeed)
         .map_err(|e| Error::io(e.into(), "dropping cached pages of a locked range"))?;
     Ok(fresh)
+}
+
+/// Whether opens of `file` for other hosts' bytes must bypass the page cache (`O_DIRECT`):
+/// on a FUSE filesystem (JuiceFS keeps a file's cached pages across a new open while its
+/// attribute cache says the file is unchanged) and on NFS. Both take unaligned direct I/O;
+/// local filesystems need neither.
+pub fn bypass_page_cache(file: &impl AsFd) -> bool {
+    const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
+    const NFS_SUPER_MAGIC: i64 = 0x6969;
+    rustix::fs::fstatfs(file).is_ok_and(|st| [FUSE_SUPER_MAGIC, NFS_SUPER_MAGIC].contains(&(st.f_type as i64)))
 }
 
 /// The file's length as the filesystem has it now (`AT_STATX_FORCE_SYNC`).
