@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine, as root: installs what the tests use (fuse3,
 # SoftHSM2 and OpenSC for PKCS#11, systemd's analyzer, moto for a local KMS), then runs
-# `cargo test --locked` with the FUSE, PKCS#11 and KMS suites on. Mounting tests need
+# `cargo test --locked` with the FUSE, PKCS#11 and KMS suites on, and the two-host
+# battery on JuiceFS (scripts/fleet-battery.sh). Mounting tests need
 # /dev/fuse. (Plain `cargo test` runs anywhere, as any user: those suites show as ignored.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,3 +31,5 @@ export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 cargo test --locked --features fuse_tests,pkcs11_tests,kms_tests "$@"
 # The concurrency tests of the inode table run under shuttle (src/sync.rs).
 cargo test --locked --features shuttle --lib fs::inodes
+# Two hosts on JuiceFS share one volume (docs/SHARING.md); installs Redis, JuiceFS, socat.
+./scripts/fleet-battery.sh target/debug/envelopefs

@@ -413,3 +413,31 @@ fn long_names_are_changed_under_a_lock_every_host_sees() {
     let left: Vec<_> = fs::read_dir(&fleet.backing).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(left.len(), 3, "only the volume's own files are left: {left:?}");
 }
+
+#[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
+fn long_symlink_targets_made_on_two_hosts_at_once_read_back_on_both() {
+    let fleet = Fleet::new(true);
+    let h1 = fleet.mount(1);
+    let h2 = fleet.mount(2);
+    // Too long for a backing symlink: kept in the volume's target store, one file per
+    // target, which both hosts write at once.
+    let target = format!("/{}", "t/".repeat(1500));
+    std::thread::scope(|s| {
+        for (n, h) in [(1, &h1), (2, &h2)] {
+            let target = &target;
+            s.spawn(move || {
+                for i in 0..20 {
+                    std::os::unix::fs::symlink(target, h.path(&format!("l{n}-{i}"))).unwrap();
+                }
+            });
+        }
+    });
+    for h in [&h1, &h2] {
+        for n in 1..=2 {
+            for i in 0..20 {
+                assert_eq!(fs::read_link(h.path(&format!("l{n}-{i}"))).unwrap(), PathBuf::from(&target));
+            }
+        }
+    }
+}
