@@ -140,12 +140,13 @@ host 1 "$BIN" umount "$(mnt 1)"
 host 2 "$BIN" umount "$(mnt 2)"
 host 1 "$BIN" fsck "$(jfs 1)/vol"
 
-step "a volume that is not shared: the second host is refused (exit 17)"
+step "a volume that is not shared: files removed after writing leave syncfs clean; a second host is refused (exit 17)"
 host 1 mkdir "$(jfs 1)/plain"
 host 1 "$BIN" init --provider aws-kms --key-id "$ARN" --kms-endpoint "http://127.0.0.1:$KMS_PORT" \
   "$(jfs 1)/plain" >/dev/null
 host 2 "$BIN" trust --yes "$(jfs 2)/plain" >/dev/null
 mount_host 1 plain
+py 1 unlink-syncfs
 rc=0
 mount_host 2 plain 2>"$FLEET_DIR/refused" || rc=$?
 [ "$rc" = 17 ] || { echo "second mount of a plain volume: exit $rc" >&2; cat "$FLEET_DIR/refused" >&2; exit 1; }

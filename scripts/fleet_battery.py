@@ -173,6 +173,30 @@ def check_block(host, mnt, name, marker):
         fail(f"{name} on host {host} does not hold host 2's later write: {got[:16]!r}")
 
 
+def unlink_syncfs(host, mnt):
+    # Files written, closed and removed: the times the kernel writes back for them must
+    # not turn into a failed syncfs.
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    for i in range(5):
+        path = f"{mnt}/gone{i}"
+        with open(path, "wb") as f:
+            f.write(b"x" * 4096)
+            if i % 2:
+                os.fsync(f.fileno())
+        if i == 4:
+            keep = open(path, "rb")
+        os.unlink(path)
+        fd = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
+        rc = libc.syncfs(fd)
+        err = ctypes.get_errno()
+        os.close(fd)
+        if rc != 0:
+            fail(f"syncfs after removing a file on host {host}: {os.strerror(err)}")
+    if keep.read() != b"x" * 4096:
+        fail(f"a file open after its removal on host {host} no longer reads back")
+
+
 def main():
     action, host, mnt, *args = sys.argv[1:]
     globals()[action.replace("-", "_")](int(host), mnt, *args)

@@ -23,6 +23,8 @@ pub fn umount(mountpoint: &Path, lazy: bool) -> Result<()> {
     let Some(backing) = mount_source(mountpoint) else {
         return refuse(libc::EINVAL, format!("{} is not an envelopefs mount", mountpoint.display()));
     };
+    // The daemon to wait for: on a shared volume other hosts' daemons hold its lock too.
+    let daemon = crate::daemon::control::query(mountpoint).ok().map(|st| st.pid);
     let flags = if lazy { UnmountFlags::DETACH } else { UnmountFlags::empty() };
     match rustix::mount::unmount(mountpoint, flags) {
         Ok(()) => {}
@@ -55,10 +57,30 @@ pub fn umount(mountpoint: &Path, lazy: bool) -> Result<()> {
     }
     // After a lazy unmount with files open the daemon goes on serving them: a short wait.
     let wait = if lazy { LAZY_WAIT } else { RELEASE_WAIT };
-    if !wait_released(&backing, Instant::now() + wait) && !lazy {
+    let released = match daemon {
+        Some(pid) => wait_exited(pid, Instant::now() + wait),
+        None => wait_released(&backing, Instant::now() + wait),
+    };
+    if !released && !lazy {
         tracing::warn!("the daemon of {} has not exited yet", backing.display());
     }
     Ok(())
+}
+
+/// Wait until process `pid` has exited (a zombie has), or until `deadline`; says which.
+fn wait_exited(pid: u32, deadline: Instant) -> bool {
+    let gone = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.rsplit_once(") ").is_none_or(|(_, rest)| rest.starts_with('Z')))
+            .unwrap_or(true)
+    };
+    while !gone() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
 }
 
 /// Wait until nobody holds the volume's lock, or until `deadline`; says which.

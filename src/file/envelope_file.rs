@@ -78,12 +78,17 @@ impl EnvelopeFile<'_> {
     /// unwraps and verifies, but its key does not open this file's first block.
     pub fn load(&self, len: u64) -> Result<Loaded> {
         match self.lock_header(Kind::Read)? {
-            Some((_held, fresh)) => EnvelopeFile { file: &fresh, ..*self }.load_locked(len),
-            None => self.load_locked(len),
+            // Other hosts may have grown block 0 since `len` was read.
+            Some((_held, fresh)) => {
+                let this = EnvelopeFile { file: &fresh, ..*self };
+                this.load_held(this.backing_len()?)
+            }
+            None => self.load_held(len),
         }
     }
 
-    fn load_locked(&self, len: u64) -> Result<Loaded> {
+    /// `load`, by a caller that holds the file's header lock (or all of the file) itself.
+    pub fn load_held(&self, len: u64) -> Result<Loaded> {
         match self.load_header(len)? {
             (loaded, true) => Ok(loaded),
             (_, false) => Err(Error::integrity(crate::error::Integrity::Header, PASTED_HEADER)),
@@ -126,14 +131,16 @@ impl EnvelopeFile<'_> {
         Ok((!is_hole(&stored)).then_some(stored))
     }
 
-    /// On a shared volume, lock the header region; and a new open of the file to work on
-    /// it through (see `range_lock::reopen_fresh`).
+    /// On a shared volume, lock the header region and block 0 (read to check the header
+    /// belongs, while another host may be rewriting it); and a new open of the file to
+    /// work on them through (see `range_lock::reopen_fresh`).
     fn lock_header(&self, kind: Kind) -> Result<Option<(Held<'_, File>, File)>> {
         if !self.vol.config.shared {
             return Ok(None);
         }
-        let held = range_lock::hold(self.file, kind, 0, self.vol.geometry.header_size)?;
-        let fresh = range_lock::reopen_fresh(self.file, 0, self.vol.geometry.header_size)?;
+        let len = self.vol.geometry.block_offset(1);
+        let held = range_lock::hold(self.file, kind, 0, len)?;
+        let fresh = range_lock::reopen_fresh(self.file, 0, len)?;
         Ok(Some((held, fresh)))
     }
 
@@ -182,7 +189,7 @@ impl EnvelopeFile<'_> {
                     }
                     Ok(Some(key))
                 }
-                len => Ok(Some(this.load_locked(len)?.key)),
+                len => Ok(Some(this.load_held(len)?.key)),
             }
         } else {
             Ok(None)
@@ -208,7 +215,7 @@ impl EnvelopeFile<'_> {
             Some((_, fresh)) => EnvelopeFile { file: fresh, ..*self },
             None => EnvelopeFile { ..*self },
         };
-        let l = this.load_locked(len)?;
+        let l = this.load_held(this.backing_len()?)?;
         let h = &l.header;
         let wanted = vol.records_for_policy(h, &l.key, self.describe, self.who)?;
         let other = 1 - l.slot;

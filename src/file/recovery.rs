@@ -161,13 +161,12 @@ fn header_file_id(vol: &Volume, file: &File) -> Option<FileId> {
 fn settle(vol: &Volume, file: &File, path: &Path, p: &Pending, act: bool) -> Option<Touched> {
     let touched = |what: String, repaired: bool| Touched { path: path.to_owned(), what, repaired };
     let shared = if vol.config.shared {
-        // Every block: recovery is rare, and the header's own lock is taken to read it.
-        let blocks = vol.geometry.header_size;
-        let len = crate::file::content::CONTENT_LOCKS_END - blocks;
-        match crate::sys::range_lock::hold(file, crate::sys::range_lock::Kind::Write, blocks, len) {
+        // The whole file, header included: recovery is rare. (A second lock of the header,
+        // through another open, would wait for this one.)
+        let len = crate::file::content::CONTENT_LOCKS_END;
+        match crate::sys::range_lock::hold(file, crate::sys::range_lock::Kind::Write, 0, len) {
             Ok(held)
-                if crate::sys::range_lock::reopen_fresh(file, blocks, 0)
-                    .is_ok_and(|f| reads_whole(vol, &f, &p.change)) =>
+                if crate::sys::range_lock::reopen_fresh(file, 0, 0).is_ok_and(|f| reads_whole(vol, &f, &p.change)) =>
             {
                 drop(held);
                 return None;
@@ -202,7 +201,7 @@ fn reads_whole(vol: &Volume, file: &File, change: &Recorded) -> bool {
     let Ok(size) = geo.plain_size(len) else { return false };
     let describe = || "a file of the crash journal".to_owned();
     let env = crate::file::envelope_file::EnvelopeFile { vol, file, describe: &describe, who: None };
-    let Ok(loaded) = env.load(len) else { return false };
+    let Ok(loaded) = env.load_held(len) else { return false };
     let index = |stored: u64| stored.saturating_sub(geo.header_size) / geo.stored_block_size();
     let (first, last) = match change {
         Recorded::Overwrite { offset, bytes, .. } => (index(*offset), index(offset + bytes.len() as u64 - 1)),

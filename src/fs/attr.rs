@@ -97,10 +97,34 @@ impl EncryptedFs {
         if let Some(size) = set.size {
             self.truncate(&inode, &fd, size, set.fh, caller)?;
         }
+        // Through the caller's open file when there is one: a backing filesystem may drop
+        // a removed file's name at once (JuiceFS), and the kernel still writes back times
+        // of a file open after its last name went.
+        let open = set.fh.and_then(|fh| self.file_handle(fh).ok());
+        let target = open.as_ref().map_or(fd.as_raw_fd(), |h| h.file.as_raw_fd());
         if set.atime.is_some() || set.mtime.is_some() {
-            sys::utimens_fd(fd.as_raw_fd(), inode.is_symlink(), &[timespec(set.atime), timespec(set.mtime)])?;
+            let times = [timespec(set.atime), timespec(set.mtime)];
+            let set_times = match &open {
+                Some(h) => sys::futimens(h.file.as_raw_fd(), &times),
+                None => sys::utimens_fd(fd.as_raw_fd(), inode.is_symlink(), &times),
+            };
+            match set_times {
+                // Removed through this mount and gone from the backing filesystem: through
+                // a handle still open on it, else there is nothing left to set times on.
+                Err(e) if e.errno() == libc::ENOENT && inode.pinned.lock().unwrap().is_some() => {
+                    let Some(h) = self.open_handle_of(&inode) else {
+                        tracing::debug!("times of a removed file are dropped: {e}");
+                        let mut gone = Attr::absent();
+                        (gone.ino, gone.mode) = (ino, inode.fmt);
+                        return Ok(gone);
+                    };
+                    sys::futimens(h.file.as_raw_fd(), &times)?;
+                    return Ok(self.attr_at(ino, &sys::fstat(h.file.as_raw_fd())?, fd.as_raw_fd()));
+                }
+                r => r?,
+            }
         }
-        let st = sys::fstat(fd.as_raw_fd())?;
+        let st = sys::fstat(target)?;
         Ok(self.attr_at(ino, &st, fd.as_raw_fd()))
     }
 

@@ -49,6 +49,14 @@ impl EncryptedFs {
         }
     }
 
+    /// Some handle open on `inode`, if any.
+    pub(super) fn open_handle_of(&self, inode: &Arc<Inode>) -> Option<Arc<FileHandle>> {
+        self.handles.read().unwrap().values().find_map(|h| match h {
+            Handle::File(f) if Arc::ptr_eq(&f.inode, inode) => Some(f.clone()),
+            _ => None,
+        })
+    }
+
     pub(super) fn add_handle(&self, h: Handle) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles.write().unwrap().insert(fh, h);

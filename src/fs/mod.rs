@@ -237,7 +237,9 @@ impl InodeData {
     /// descriptor, kept if that was the last name.
     fn drop_name(&self, parent: &Inode, name: &OsStr, fd: &Arc<OwnedFd>) {
         let nameless = self.drop_name_only(parent, name);
-        if nameless || sys::fstat(fd.as_raw_fd()).is_ok_and(|st| st.st_nlink == 0) {
+        // A backing filesystem may drop a removed object at once (JuiceFS): ENOENT.
+        let gone = |r: Result<libc::stat>| r.map_or_else(|e| e.errno() == libc::ENOENT, |st| st.st_nlink == 0);
+        if nameless || gone(sys::fstat(fd.as_raw_fd())) {
             *self.pinned.lock().unwrap() = Some(fd.clone());
         }
     }

@@ -375,6 +375,12 @@ pub fn utimens_fd(fd: RawFd, is_symlink: bool, times: &[libc::timespec; 2]) -> R
     cvt(r, || "utimensat".into()).map(drop)
 }
 
+/// `futimens` of an open (not O_PATH) descriptor.
+pub fn futimens(fd: RawFd, times: &[libc::timespec; 2]) -> Result<()> {
+    // SAFETY: `times` points to two timespecs.
+    cvt(unsafe { libc::futimens(fd, times.as_ptr()) }, || "futimens".into()).map(drop)
+}
+
 pub fn fstatvfs(fd: RawFd) -> Result<libc::statvfs> {
     // SAFETY: an all-zero `statvfs` is a valid value of this plain C struct.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
