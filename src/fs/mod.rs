@@ -325,7 +325,7 @@ impl EncryptedFs {
             true => Some(File::from(sys::openat(
                 root_dir.as_raw_fd(),
                 &sys::cstr(OsStr::new(crate::volume::lock::LOCK_NAME))?,
-                libc::O_RDWR | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                libc::O_RDWR | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC,
                 0,
             )?)),
             false => None,
