@@ -90,11 +90,15 @@ impl KeyPool {
                                 inner.in_flight.fetch_sub(1, Ordering::AcqRel);
                                 break;
                             }
-                            let made = (inner.make)();
-                            inner.in_flight.fetch_sub(1, Ordering::AcqRel);
-                            match made {
-                                Ok(k) => inner.ready.lock().unwrap().push_back(k),
+                            // A key counts as in flight until it is in the pool: released
+                            // before, another maker could see room for one more.
+                            match (inner.make)() {
+                                Ok(k) => {
+                                    inner.ready.lock().unwrap().push_back(k);
+                                    inner.in_flight.fetch_sub(1, Ordering::AcqRel);
+                                }
                                 Err(e) => {
+                                    inner.in_flight.fetch_sub(1, Ordering::AcqRel);
                                     tracing::warn!("making data keys ahead for new files: {e}");
                                     failed.store(true, Ordering::Relaxed);
                                 }
