@@ -59,10 +59,7 @@ impl<'a> Content<'a> {
 
 impl Content<'_> {
     fn backing_len(&self) -> Result<u64> {
-        if self.shared {
-            return range_lock::fresh_len(self.file);
-        }
-        Ok(self.file.metadata().map_err(|e| Error::io(e, "fstat"))?.len())
+        crate::file::backing_len(self.file, self.shared)
     }
 
     /// Plaintext size. A torn last block (a crash mid-append) is left out: the file reads

@@ -67,10 +67,7 @@ pub struct Verdict {
 impl EnvelopeFile<'_> {
     /// The backing file's length.
     pub fn backing_len(&self) -> Result<u64> {
-        if self.vol.config.shared {
-            return range_lock::fresh_len(self.file);
-        }
-        Ok(self.file.metadata().map_err(|e| Error::io(e, "fstat"))?.len())
+        crate::file::backing_len(self.file, self.vol.config.shared)
     }
 
     /// Read and authenticate the header of a non-empty envelope of backing length `len`,

@@ -6,3 +6,16 @@ pub mod content;
 pub mod envelope_file;
 pub mod journal;
 pub mod recovery;
+
+use std::fs::File;
+
+use crate::error::{Error, Result};
+
+/// A backing file's length; with `shared` (other hosts change it), as its filesystem has
+/// it now rather than as the kernel cached it.
+pub fn backing_len(file: &File, shared: bool) -> Result<u64> {
+    if shared {
+        return crate::sys::range_lock::fresh_len(file);
+    }
+    Ok(file.metadata().map_err(|e| Error::io(e, "fstat"))?.len())
+}

@@ -30,14 +30,6 @@ impl EncryptedFs {
         Ok(env.load(len)?.key)
     }
 
-    /// A backing file's length; on a shared volume as its filesystem has it now.
-    fn backing_len(&self, file: &File) -> Result<u64> {
-        match self.vol.config.shared {
-            true => sys::range_lock::fresh_len(file),
-            false => Ok(file.metadata().map_err(|e| Error::io(e, "fstat"))?.len()),
-        }
-    }
-
     pub(super) fn handle(&self, fh: u64) -> Result<Handle> {
         self.handles.read().unwrap().get(&fh).cloned().ok_or_else(|| Error::new(libc::EBADF, "unknown handle"))
     }
@@ -86,7 +78,7 @@ impl EncryptedFs {
         {
             let mut st = inode.content.write().unwrap();
             if st.key.is_none() {
-                let len = self.backing_len(&file)?;
+                let len = crate::file::backing_len(&file, self.vol.config.shared)?;
                 if len > 0 {
                     st.key = Some(
                         self.load_key(&file, len, caller).map_err(|e| e.context(sys::describe_fd(file.as_raw_fd())))?,
@@ -178,7 +170,7 @@ impl EncryptedFs {
         if self.vol.config.shared && h.inode.content.read().unwrap().key.is_none() {
             // Opened empty; another host may have given it a header and content since.
             let mut st = h.inode.content.write().unwrap();
-            let len = self.backing_len(&h.file)?;
+            let len = crate::file::backing_len(&h.file, self.vol.config.shared)?;
             if st.key.is_none() && len > 0 {
                 st.key = Some(self.load_key(&h.file, len, h.opener).map_err(|e| e.context(h.describe()))?);
             }

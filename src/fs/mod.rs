@@ -322,12 +322,7 @@ impl EncryptedFs {
         let root_dir = sys::reopen(&fd, libc::O_RDONLY | libc::O_DIRECTORY)?;
         // Long names are changed under a lock every host of a shared volume sees.
         let fleet = match vol.config.shared {
-            true => Some(File::from(sys::openat(
-                root_dir.as_raw_fd(),
-                &sys::cstr(OsStr::new(crate::volume::lock::LOCK_NAME))?,
-                libc::O_RDWR | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC,
-                0,
-            )?)),
+            true => crate::volume::lock::open_lock_file(&vol.root)?,
             false => None,
         };
         let root = InodeData {

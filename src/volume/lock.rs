@@ -78,7 +78,7 @@ pub fn lock(backing: &Path, access: Access) -> Result<VolumeLock> {
 /// The lock file, made if missing. Whoever writes the backing directory may have put
 /// anything there: only a regular file is used. `None` on a read-only backing directory,
 /// which nobody can rewrite.
-fn open_lock_file(backing: &Path) -> Result<Option<File>> {
+pub fn open_lock_file(backing: &Path) -> Result<Option<File>> {
     let path = backing.join(LOCK_NAME);
     let opened = std::fs::OpenOptions::new()
         .read(true)
