@@ -431,6 +431,12 @@ pub struct MountArgs {
     /// longer than this is EIO.
     #[arg(long, value_name = "S")]
     pub kms_timeout: Option<f64>,
+    /// When opens in a scan (grep -r, a backup, a build) keep waiting for the key store,
+    /// unwrap the keys of up to N more files of the directory ahead, in the background.
+    /// Each costs a key-store call even if the file is never opened. Default 64 where an
+    /// unwrap waits on another machine (per-file aws-kms, pkcs11), else 0 (off).
+    #[arg(long, value_name = "N")]
+    pub prefetch_keys: Option<usize>,
     /// Crash journal (docs/FORMAT.md §8): every change to a file is recorded on this host
     /// before it is made, so a crash inside a write never leaves a block that reads as EIO.
     /// `ordered` (default) covers a killed daemon, and power cuts on storage that keeps
@@ -489,6 +495,7 @@ impl MountArgs {
             audit_log: self.audit_log.clone(),
             kms_pool: self.kms_pool,
             kms_timeout: self.kms_timeout,
+            prefetch_keys: self.prefetch_keys,
             journal: self.journal.parse().unwrap_or_default(),
             file_handles: self.file_handles.parse().unwrap_or(crate::fs::FileHandles::Auto),
             max_inode_fds: self.max_inode_fds,

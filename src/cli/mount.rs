@@ -128,8 +128,16 @@ pub fn mount(mut s: MountSettings, foreground: bool, argv: &[OsString]) -> Resul
     }
     process::raise_fd_limit();
     let (journal, recovered) = start_journal(&vol, &s)?;
+    let prefetch = s.prefetch(vol.unwraps_remotely());
     let mut fs = EncryptedFs::new(Arc::new(vol))?.with_inode_fds(s.file_handles, s.max_inode_fds)?;
     info!("{}", fs.inode_fds_summary());
+    if prefetch.files > 0 {
+        info!(
+            "keys unwrapped ahead in a scan: up to {} files of a directory per miss, {} at a time (--prefetch-keys)",
+            prefetch.files, prefetch.parallel
+        );
+        fs = fs.with_prefetch(prefetch);
+    }
     if let Some(j) = &journal {
         fs = fs.with_journal(j.clone());
     }

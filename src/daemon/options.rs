@@ -39,6 +39,9 @@ pub struct MountSettings {
     pub audit_log: Option<PathBuf>,
     pub kms_pool: Option<usize>,
     pub kms_timeout: Option<f64>,
+    /// Files of a directory whose keys are unwrapped ahead per cache miss in a scan (None:
+    /// the volume's default, see `prefetch`).
+    pub prefetch_keys: Option<usize>,
     /// How changes are journaled against crashes: ordered, sync or off.
     pub journal: crate::file::journal::Mode,
     /// How the inode table finds an inode again once its descriptor is closed.
@@ -75,6 +78,7 @@ impl Default for MountSettings {
             audit_log: None,
             kms_pool: None,
             kms_timeout: None,
+            prefetch_keys: None,
             journal: crate::file::journal::Mode::Ordered,
             file_handles: crate::fs::FileHandles::Auto,
             max_inode_fds: crate::fs::DEFAULT_MAX_INODE_FDS,
@@ -175,6 +179,7 @@ pub fn apply_word(s: &mut MountSettings, word: &str) -> Result<()> {
         "audit_log" => s.audit_log = Some(path()?),
         "kms_pool" => s.kms_pool = Some(num()? as usize),
         "kms_timeout" => s.kms_timeout = Some(num()?),
+        "prefetch_keys" => s.prefetch_keys = Some(num()? as usize),
         "journal" => s.journal = val()?.parse().map_err(|e: String| usage(format!("mount option {word}: {e}")))?,
         "file_handles" => {
             s.file_handles = val()?.parse().map_err(|e: String| usage(format!("mount option {word}: {e}")))?
@@ -266,6 +271,18 @@ impl MountSettings {
         }
     }
 
+    /// How far the mount unwraps keys ahead of a scan's opens: by default only where an
+    /// unwrap waits on another machine (`remote`: per-file KMS, an HSM).
+    pub fn prefetch(&self, remote: bool) -> crate::fs::PrefetchConfig {
+        use crate::fs::PrefetchConfig;
+        match self.prefetch_keys {
+            Some(0) => PrefetchConfig::OFF,
+            Some(files) => PrefetchConfig { files, ..PrefetchConfig::REMOTE },
+            None if remote => PrefetchConfig::REMOTE,
+            None => PrefetchConfig::OFF,
+        }
+    }
+
     /// The DEK cache the mount keeps.
     pub fn cache(&self) -> CacheConfig {
         CacheConfig {
@@ -327,6 +344,7 @@ mod tests {
             ("audit_log=/a", |s| s.audit_log.as_deref() == Some(Path::new("/a"))),
             ("kms_pool=0", |s| s.kms_pool == Some(0)),
             ("kms_timeout=1.5", |s| s.kms_timeout == Some(1.5)),
+            ("prefetch_keys=0", |s| s.prefetch_keys == Some(0)),
             ("journal=sync", |s| s.journal == crate::file::journal::Mode::Sync),
             ("journal=off", |s| s.journal == crate::file::journal::Mode::Off),
             ("file_handles=never", |s| s.file_handles == crate::fs::FileHandles::Never),

@@ -155,6 +155,18 @@ impl Error {
         Self::new(libc::EACCES, context)
     }
 
+    /// One error handed to several waiters (the DEK cache gives one load's failure to every
+    /// open that waited for it): the same errno, class and cause for each.
+    pub fn shared(e: &std::sync::Arc<Error>) -> Self {
+        Self {
+            errno: e.errno,
+            context: e.context.clone(),
+            class: e.class,
+            integrity: e.integrity,
+            source: e.source.as_ref().map(|s| s.to_string().into()),
+        }
+    }
+
     /// Prefix more context (for example the path of the file concerned).
     pub fn context(mut self, outer: impl fmt::Display) -> Self {
         self.context = format!("{outer}: {}", self.context);

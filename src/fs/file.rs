@@ -75,6 +75,12 @@ impl EncryptedFs {
             }
         };
         let trunc = writable && flags & libc::O_TRUNC != 0;
+        // The key store's round trip runs without the inode's lock: the DEK cache keeps
+        // what it unwrapped, and the load under the lock (the file may have changed) finds
+        // it there.
+        if inode.content.read().unwrap().key.is_none() {
+            self.warm_key(&inode, &file, caller)?;
+        }
         {
             let mut st = inode.content.write().unwrap();
             if st.key.is_none() {
@@ -101,6 +107,24 @@ impl EncryptedFs {
             }
         }
         Ok(fh)
+    }
+
+    /// Bring the key of `inode`'s file (open as `file`) into the DEK cache. An open that
+    /// had to wait for the key store tells the prefetcher, which may unwrap the directory's
+    /// other files ahead.
+    fn warm_key(&self, inode: &Inode, file: &File, caller: Caller) -> Result<()> {
+        let len = crate::file::backing_len(file, self.vol.config.shared)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let loads = crate::keys::cache::loads_on_this_thread();
+        self.load_key(file, len, caller).map_err(|e| e.context(sys::describe_fd(file.as_raw_fd())))?;
+        if crate::keys::cache::loads_on_this_thread() != loads {
+            if let Some(parent) = inode.parent.lock().unwrap().upgrade() {
+                self.prefetch.missed(parent.id, || self.fd(&parent), matches!(parent.locator, Locator::Root));
+            }
+        }
+        Ok(())
     }
 
     pub fn open(&self, ino: u64, flags: i32, caller: Caller) -> Result<u64> {

@@ -110,11 +110,15 @@ impl EncryptedFs {
             },
             pinned: Mutex::new(None),
             fmt,
+            parent: Mutex::new(std::sync::Weak::new()),
             content: RwLock::new(ContentState { key: None, opens: 0, fresh: None }),
         };
         let fresh = || self.next_ino.fetch_add(1, Ordering::Relaxed);
         let node = self.table.intern((st.st_dev, st.st_ino), same, preferred, fresh, make);
         node.add_name(parent, name);
+        if fmt == libc::S_IFREG {
+            *node.parent.lock().unwrap() = Arc::downgrade(parent);
+        }
         if !matches!(node.locator, Locator::Root) {
             self.fds.put(node.id, Arc::new(fd));
         }

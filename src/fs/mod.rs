@@ -15,6 +15,7 @@ mod inodes;
 mod locate;
 mod locks;
 mod namespace;
+mod prefetch;
 mod stats;
 mod xattr;
 
@@ -39,6 +40,7 @@ use crate::sys;
 use crate::volume::audit::Requester;
 use crate::volume::{is_reserved, Volume};
 
+pub use prefetch::{PrefetchConfig, PrefetchStats};
 pub use stats::{Labels, RequestTimer, Stats, OPCODES};
 
 pub const ROOT_INO: u64 = 1;
@@ -193,6 +195,8 @@ struct InodeData {
     /// again, so it is held until the kernel forgets the inode.
     pinned: Mutex<Option<Arc<OwnedFd>>>,
     fmt: u32,
+    /// The directory a regular file was last looked up in: where to unwrap keys ahead.
+    parent: Mutex<std::sync::Weak<Inode>>,
     /// Readers share it; writes, truncates and allocations take it alone.
     content: RwLock<ContentState>,
 }
@@ -308,6 +312,8 @@ pub struct EncryptedFs {
     own_ids: Option<(u32, u32)>,
     /// Locks taken through the mount of a shared volume (`locks`).
     locks: locks::Owners,
+    /// Unwraps keys ahead of opens in a scan (off unless `with_prefetch`).
+    prefetch: prefetch::Prefetcher,
 }
 
 impl EncryptedFs {
@@ -330,12 +336,13 @@ impl EncryptedFs {
             locator: Locator::Root,
             pinned: Mutex::new(None),
             fmt: libc::S_IFDIR,
+            parent: Mutex::new(std::sync::Weak::new()),
             content: RwLock::new(ContentState { key: None, opens: 0, fresh: None }),
         };
         let table = inodes::InodeTable::new(ROOT_INO, (st.st_dev, st.st_ino), root);
         let fs = Self {
             stats: Default::default(),
-            vol,
+            vol: vol.clone(),
             root_dev: st.st_dev,
             root_dir,
             root_fd: Arc::new(fd),
@@ -353,6 +360,7 @@ impl EncryptedFs {
                 (uid, gid) => Some((uid.as_raw(), gid.as_raw())),
             },
             locks: Default::default(),
+            prefetch: prefetch::Prefetcher::new(vol.clone(), PrefetchConfig::OFF),
         };
         fs.with_inode_fds(FileHandles::Auto, DEFAULT_MAX_INODE_FDS)
     }
@@ -394,6 +402,17 @@ impl EncryptedFs {
     pub fn with_journal(mut self, journal: Arc<Journal>) -> Self {
         self.journal = Some(journal);
         self
+    }
+
+    /// Unwrap keys ahead of the opens of a scan (see `prefetch`).
+    pub fn with_prefetch(mut self, cfg: PrefetchConfig) -> Self {
+        self.prefetch = prefetch::Prefetcher::new(self.vol.clone(), cfg);
+        self
+    }
+
+    /// What unwrapping ahead is set to and has done (for status and metrics).
+    pub fn prefetch(&self) -> (PrefetchConfig, &PrefetchStats) {
+        (self.prefetch.config(), self.prefetch.stats())
     }
 
     /// Run `f` with where changes to `inode` are recorded.

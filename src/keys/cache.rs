@@ -2,6 +2,7 @@
 //! the cache's reference and the key is wiped when the last holder (an open file) lets go,
 //! so "evicted" never means "still readable somewhere by accident".
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +36,16 @@ pub struct CacheStats {
     pub misses: AtomicU64,
 }
 
+thread_local! {
+    static LOADS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Keys this thread has loaded so far (asked a key store for, not found in a cache): tells a
+/// caller whether the call it just made waited for an unwrap.
+pub fn loads_on_this_thread() -> u64 {
+    LOADS.with(Cell::get)
+}
+
 pub struct DekCache {
     inner: Cache<(FileId, u64), Arc<FileKey>>,
     pub stats: CacheStats,
@@ -59,9 +70,10 @@ impl DekCache {
             .inner
             .try_get_with((file_id, generation), || {
                 loaded = true;
+                LOADS.with(|n| n.set(n.get() + 1));
                 load().map(Arc::new)
             })
-            .map_err(|e: Arc<crate::error::Error>| crate::error::Error::new(e.errno(), e.to_string()));
+            .map_err(|e: Arc<crate::error::Error>| crate::error::Error::shared(&e));
         if loaded {
             self.stats.misses.fetch_add(1, Ordering::Relaxed);
         } else {

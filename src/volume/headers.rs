@@ -242,6 +242,12 @@ impl Volume {
         Ok((out != h.records).then_some(out))
     }
 
+    /// Whether unwrapping a file's key waits on another machine (a KMS call per file, an
+    /// HSM): the first slot tried is the one that usually answers.
+    pub fn unwraps_remotely(&self) -> bool {
+        self.slots.first().is_some_and(|s| s.provider.wraps_remotely())
+    }
+
     /// Whether this process holds every slot of the policy (and so may make new files).
     pub fn has_every_slot(&self) -> bool {
         self.missing.is_empty() && self.slots.len() == self.config.policy().count()
