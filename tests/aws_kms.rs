@@ -334,6 +334,54 @@ fn an_unreachable_kms_is_its_own_exit_code() {
 }
 
 /// `GET /metrics` on the running daemon, as text.
+/// A scan (opens one after another, each missing the DEK cache) has the rest of its
+/// directory unwrapped ahead, a window per miss; every file still costs one Decrypt.
+#[test]
+#[cfg_attr(
+    not(all(feature = "fuse_tests", feature = "kms_tests")),
+    ignore = "needs FUSE mounts as root and moto: --features fuse_tests,kms_tests"
+)]
+fn a_scan_has_keys_unwrapped_ahead_and_each_file_costs_one_decrypt() {
+    let kms = Kms::start();
+    let v = kms_volume(&kms, "ahead");
+    let m = mount(&v, &["--kms-pool", "0"]);
+    fs::create_dir(m.path("d")).unwrap();
+    for i in 0..40 {
+        fs::write(m.path(&format!("d/f{i}")), format!("file {i}")).unwrap();
+    }
+    drop(m);
+    let port = common::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let m = mount(&v, &["--kms-pool", "0", "--prefetch-keys", "16", "--metrics", &addr]);
+    let before = kms.calls("Decrypt");
+    let read = |i: usize| assert_eq!(fs::read_to_string(m.path(&format!("d/f{i}"))).unwrap(), format!("file {i}"));
+    // One miss alone is an open, not a scan.
+    read(0);
+    // A second one makes it a scan: a window of 16 files (f0 and f1 may be among them).
+    read(1);
+    let start = Instant::now();
+    while kms.calls("Decrypt") - before < 16 {
+        assert!(start.elapsed() < Duration::from_secs(20), "nothing unwrapped ahead: {}", scrape(port));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(sample(&scrape(port), "envelopefs_prefetch_files_total") >= 16);
+    for i in 0..40 {
+        read(i);
+    }
+    assert_eq!(kms.calls("Decrypt") - before, 40, "one Decrypt per file: none asked twice");
+    assert_eq!(sample(&scrape(port), "envelopefs_prefetch_failures_total"), 0);
+    drop(m);
+
+    // Off: a scan's opens each wait for their own Decrypt, and nothing more is asked.
+    let m = mount(&v, &["--kms-pool", "0", "--prefetch-keys", "0", "--metrics", &addr]);
+    let before = kms.calls("Decrypt");
+    for i in 0..3 {
+        assert_eq!(fs::read_to_string(m.path(&format!("d/f{i}"))).unwrap(), format!("file {i}"));
+    }
+    assert_eq!(sample(&scrape(port), "envelopefs_prefetch_files_total"), 0);
+    assert_eq!(kms.calls("Decrypt") - before, 3);
+}
+
 fn scrape(port: u16) -> String {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     std::io::Write::write_all(&mut s, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
@@ -408,7 +456,8 @@ fn the_metrics_endpoint_counts_what_the_workload_did() {
     // Read-only: no keys made ahead; each file's key unwrapped once, then cached.
     let gen = kms.calls("GenerateDataKey");
     let before = all_calls(&kms);
-    let m = mount(&v, &["--read-only", "--metrics", &addr]);
+    // Exact counts per open: nothing unwrapped ahead (that has its own test).
+    let m = mount(&v, &["--read-only", "--metrics", &addr, "--prefetch-keys", "0"]);
     for _ in 0..2 {
         for i in 0..5 {
             assert_eq!(fs::read(m.path(&format!("f{i}"))).unwrap(), b"data");

@@ -69,6 +69,19 @@ impl Collector for Live {
             "opens that unwrapped the data key",
             v.cache.stats.misses.load(Relaxed),
         )?;
+        let (_, ahead) = self.fs.prefetch();
+        counter(
+            &mut e,
+            "envelopefs_prefetch_files",
+            "files whose key was asked for ahead of an open (--prefetch-keys)",
+            ahead.files.load(Relaxed),
+        )?;
+        counter(
+            &mut e,
+            "envelopefs_prefetch_failures",
+            "unwraps ahead that failed and paused prefetching",
+            ahead.failures.load(Relaxed),
+        )?;
         counter(
             &mut e,
             "envelopefs_key_store_operations",

@@ -78,17 +78,24 @@ impl EncryptedFs {
         // The key store's round trip runs without the inode's lock: the DEK cache keeps
         // what it unwrapped, and the load under the lock (the file may have changed) finds
         // it there.
-        if inode.content.read().unwrap().key.is_none() {
-            self.warm_key(&inode, &file, caller)?;
-        }
+        let warm = match inode.content.read().unwrap().key {
+            None => self.warm_key(&inode, &file, caller)?,
+            Some(_) => None,
+        };
         {
             let mut st = inode.content.write().unwrap();
             if st.key.is_none() {
                 let len = crate::file::backing_len(&file, self.vol.config.shared)?;
-                if len > 0 {
+                match warm {
+                    // Unchanged since: the key loaded is still the header's.
+                    Some((key, was)) if !self.vol.config.shared && stamp(&file)? == was => st.key = Some(key),
+                    _ if len > 0 => {
                     st.key = Some(
-                        self.load_key(&file, len, caller).map_err(|e| e.context(sys::describe_fd(file.as_raw_fd())))?,
-                    );
+                            self.load_key(&file, len, caller)
+                                .map_err(|e| e.context(sys::describe_fd(file.as_raw_fd())))?,
+                        );
+                    }
+                    _ => {}
                 }
             }
             // Content written to an empty file needs a new data key.
@@ -109,22 +116,23 @@ impl EncryptedFs {
         Ok(fh)
     }
 
-    /// Bring the key of `inode`'s file (open as `file`) into the DEK cache. An open that
-    /// had to wait for the key store tells the prefetcher, which may unwrap the directory's
-    /// other files ahead.
-    fn warm_key(&self, inode: &Inode, file: &File, caller: Caller) -> Result<()> {
+    /// The key of `inode`'s file (open as `file`) and the file's stamp when it was read
+    /// (None: empty). An open that had to wait for the key store tells the prefetcher,
+    /// which may unwrap the directory's other files ahead.
+    fn warm_key(&self, inode: &Inode, file: &File, caller: Caller) -> Result<Option<(Arc<FileKey>, Stamp)>> {
+        let was = stamp(file)?;
         let len = crate::file::backing_len(file, self.vol.config.shared)?;
         if len == 0 {
-            return Ok(());
+            return Ok(None);
         }
         let loads = crate::keys::cache::loads_on_this_thread();
-        self.load_key(file, len, caller).map_err(|e| e.context(sys::describe_fd(file.as_raw_fd())))?;
+        let key = self.load_key(file, len, caller).map_err(|e| e.context(sys::describe_fd(file.as_raw_fd())))?;
         if crate::keys::cache::loads_on_this_thread() != loads {
             if let Some(parent) = inode.parent.lock().unwrap().upgrade() {
                 self.prefetch.missed(parent.id, || self.fd(&parent), matches!(parent.locator, Locator::Root));
             }
         }
-        Ok(())
+        Ok(Some((key, was)))
     }
 
     pub fn open(&self, ino: u64, flags: i32, caller: Caller) -> Result<u64> {
@@ -274,4 +282,12 @@ impl EncryptedFs {
             }
         }
     }
+}
+
+/// What changes whenever the backing file's header may have: its size and change time.
+type Stamp = (i64, i64, i64);
+
+fn stamp(file: &File) -> Result<Stamp> {
+    let st = sys::fstat(file.as_raw_fd())?;
+    Ok((st.st_size, st.st_ctime, st.st_ctime_nsec))
 }

@@ -58,22 +58,33 @@ impl DekCache {
     }
 
     /// The key for (file, header generation), loading it once even when many threads ask
-    /// at the same time (moka coalesces concurrent loads of one entry).
+    /// at the same time (moka coalesces concurrent loads of one entry). A caller that waited
+    /// on another's load which failed for a reason that may pass (EIO, not an integrity
+    /// failure) loads once itself: a throttled unwrap ahead must not fail an open.
     pub fn get_or_load(
         &self,
         file_id: FileId,
         generation: u64,
         load: impl FnOnce() -> Result<FileKey>,
     ) -> Result<Arc<FileKey>> {
+        let mut load = Some(load);
         let mut loaded = false;
-        let res = self
-            .inner
-            .try_get_with((file_id, generation), || {
-                loaded = true;
-                LOADS.with(|n| n.set(n.get() + 1));
-                load().map(Arc::new)
-            })
-            .map_err(|e: Arc<crate::error::Error>| crate::error::Error::shared(&e));
+        let mut res = Err(crate::error::Error::new(libc::EIO, "no load"));
+        // At most twice: a second time only if this caller's own load has not run yet.
+        while load.is_some() {
+            res = self
+                .inner
+                .try_get_with((file_id, generation), || {
+                    loaded = true;
+                    LOADS.with(|n| n.set(n.get() + 1));
+                    let load = load.take().expect("one load per caller");
+                    load().map(Arc::new)
+                })
+                .map_err(|e: Arc<crate::error::Error>| crate::error::Error::shared(&e));
+            if !res.as_ref().is_err_and(|e| e.errno() == libc::EIO && e.integrity_kind().is_none()) {
+                break;
+            }
+        }
         if loaded {
             self.stats.misses.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -160,6 +171,38 @@ mod tests {
         let keys: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
         assert_eq!(loads.load(Ordering::SeqCst), 1);
         assert!(keys.windows(2).all(|w| Arc::ptr_eq(&w[0], &w[1])));
+    }
+
+    #[test]
+    fn a_waiter_whose_shared_load_failed_for_a_passing_reason_loads_itself() {
+        let c = Arc::new(DekCache::new(CacheConfig::default()));
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let (started, has_started) = std::sync::mpsc::channel::<()>();
+        let first = {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                c.get_or_load([4; 16], 1, || {
+                    started.send(()).unwrap();
+                    wait.recv().unwrap();
+                    Err(crate::error::Error::new(libc::EIO, "throttled (unwrapping ahead)"))
+                })
+            })
+        };
+        has_started.recv().unwrap();
+        let second = {
+            let c = c.clone();
+            std::thread::spawn(move || c.get_or_load([4; 16], 1, || Ok(key(4))))
+        };
+        // Time for the second caller to join the first's load (moka shows no waiters).
+        std::thread::sleep(Duration::from_millis(200));
+        release.send(()).unwrap();
+        assert_eq!(first.join().unwrap().unwrap_err().errno(), libc::EIO);
+        assert!(second.join().unwrap().is_ok(), "the second caller loads for itself");
+        // An integrity failure is the file's verdict, not a passing one: shared as it is.
+        let e = c
+            .get_or_load([5; 16], 1, || Err(crate::error::Error::integrity(crate::error::Integrity::Header, "bad")))
+            .unwrap_err();
+        assert_eq!(e.integrity_kind(), Some(crate::error::Integrity::Header));
     }
 
     #[test]
