@@ -148,8 +148,8 @@ class EnvelopefsKms(Envelopefs):
     """envelopefs on the aws-kms provider: moto's KMS on loopback behind the fault-injection
     proxy from tests/support, which adds `latency_ms` to every KMS call and counts calls."""
 
-    def __init__(self, name, work, binary, latency_ms, init_extra=(), slots=1):
-        super().__init__(name, work, binary, [])
+    def __init__(self, name, work, binary, latency_ms, init_extra=(), slots=1, extra=()):
+        super().__init__(name, work, binary, list(extra))
         self.latency_ms = latency_ms
         self.init_extra = list(init_extra)
         self.slots = slots
@@ -196,7 +196,7 @@ class EnvelopefsKms(Envelopefs):
 
     def mount(self):
         self.log = self.root / "envelopefs.log"
-        subprocess.run([self.binary, "mount", "--log-file", self.log, self.backing, self.path],
+        subprocess.run([self.binary, "mount", "--log-file", self.log, *self.extra, self.backing, self.path],
                        env=self.env, check=True, capture_output=True)
 
     def cpu(self):
@@ -374,6 +374,29 @@ def w_smallfiles(s, cfg):
     return out
 
 
+def w_scan(s, cfg):
+    """grep -r over 20 directories of 50 files of 1 KiB, cold after a remount: one open
+    after another, as a backup or a build reads a tree. KMS systems also report Decrypts per
+    file read (what unwrapping ahead costs beyond one per file)."""
+    d = s.path / "scan"
+    n = 20 * 50
+    if not d.exists():
+        for i in range(20):
+            (d / f"d{i}").mkdir(parents=True)
+            for j in range(50):
+                (d / f"d{i}" / f"f{j}").write_bytes(b"y" * 1024)
+    s.remount()
+    drop_caches()
+    calls0 = s.calls() if hasattr(s, "calls") else None
+    t = time.perf_counter()
+    # grep exits 1 when nothing matches, which is what it reads here.
+    subprocess.run(["grep", "-r", "-c", "needle", str(d)], stdout=subprocess.DEVNULL, check=False)
+    out = {"scan-files": n / (time.perf_counter() - t)}
+    if calls0 is not None:
+        out["kms-decrypts-per-file"] = (s.calls().get("Decrypt", 0) - calls0.get("Decrypt", 0)) / n
+    return out
+
+
 # metric, unit, higher is better
 METRICS = [
     ("seq-write", "MB/s", True),
@@ -393,6 +416,8 @@ METRICS = [
     ("daemon-cpu-per-create", "ms", False),
     ("kms-server-cpu-per-create", "ms", False),
     ("appends-1000B", "appends/s", True),
+    ("scan-files", "files/s", True),
+    ("kms-decrypts-per-file", "calls", False),
 ]
 def w_appends(s, cfg):
     """A log writer: appends of 1000 bytes (never block-aligned, so each rewrites the partial
@@ -414,7 +439,7 @@ def w_appends(s, cfg):
     return {"appends-1000B": rate}
 
 
-WORKLOADS = {"seq": w_seq, "rand": w_rand, "tree": w_tree, "opens": w_opens, "smallfiles": w_smallfiles,
+WORKLOADS = {"scan": w_scan, "seq": w_seq, "rand": w_rand, "tree": w_tree, "opens": w_opens, "smallfiles": w_smallfiles,
              "appends": w_appends}
 
 
@@ -590,6 +615,10 @@ def main():
         "envelopefs-journal-sync": lambda: Envelopefs("envelopefs-journal-sync", work, cfg.binary, ["--journal", "sync"]),
         "envelopefs-kms": lambda: EnvelopefsKms("envelopefs-kms", work, cfg.binary, 0),
         "envelopefs-kms-10ms": lambda: EnvelopefsKms("envelopefs-kms-10ms", work, cfg.binary, 10),
+        "envelopefs-kms-10ms-baseline": lambda: EnvelopefsKms("envelopefs-kms-10ms-baseline", work,
+                                                             cfg.baseline_binary, 10),
+        "envelopefs-kms-10ms-no-prefetch": lambda: EnvelopefsKms("envelopefs-kms-10ms-no-prefetch", work, cfg.binary,
+                                                                10, extra=["--prefetch-keys", "0"]),
         "envelopefs-kms-ik-10ms": lambda: EnvelopefsKms("envelopefs-kms-ik-10ms", work, cfg.binary, 10,
                                                         ["--kms-intermediate-key"]),
         # Two KMS key slots (every DEK wrapped by both keys, concurrently).
