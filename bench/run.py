@@ -388,12 +388,17 @@ def w_scan(s, cfg):
     s.remount()
     drop_caches()
     calls0 = s.calls() if hasattr(s, "calls") else None
+    cpu0 = s.cpu() if hasattr(s, "cpu") else None
     t = time.perf_counter()
     # grep exits 1 when nothing matches, which is what it reads here.
     subprocess.run(["grep", "-r", "-c", "needle", str(d)], stdout=subprocess.DEVNULL, check=False)
     out = {"scan-files": n / (time.perf_counter() - t)}
     if calls0 is not None:
         out["kms-decrypts-per-file"] = (s.calls().get("Decrypt", 0) - calls0.get("Decrypt", 0)) / n
+    if cpu0:
+        cpu1 = s.cpu()
+        out["daemon-cpu-per-file"] = (cpu1[0] - cpu0[0]) * 1000 / n
+        out["kms-server-cpu-per-file"] = (cpu1[1] - cpu0[1]) * 1000 / n
     return out
 
 
@@ -418,6 +423,8 @@ METRICS = [
     ("appends-1000B", "appends/s", True),
     ("scan-files", "files/s", True),
     ("kms-decrypts-per-file", "calls", False),
+    ("daemon-cpu-per-file", "ms", False),
+    ("kms-server-cpu-per-file", "ms", False),
 ]
 def w_appends(s, cfg):
     """A log writer: appends of 1000 bytes (never block-aligned, so each rewrites the partial

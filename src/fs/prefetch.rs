@@ -93,7 +93,7 @@ struct Shared {
 
 pub struct Prefetcher {
     shared: Arc<Shared>,
-    workers: Vec<std::thread::JoinHandle<()>>,
+    workers: usize,
 }
 
 impl Prefetcher {
@@ -106,11 +106,11 @@ impl Prefetcher {
             stats: PrefetchStats::default(),
         });
         let workers = (0..if cfg.files == 0 { 0 } else { cfg.parallel.max(1) })
-            .filter_map(|i| {
+            .filter(|i| {
                 let s = shared.clone();
-                std::thread::Builder::new().name(format!("key-prefetch-{i}")).spawn(move || s.work()).ok()
+                std::thread::Builder::new().name(format!("key-prefetch-{i}")).spawn(move || s.work()).is_ok()
             })
-            .collect();
+            .count();
         Self { shared, workers }
     }
 
@@ -124,7 +124,7 @@ impl Prefetcher {
 
     /// An open in directory `dir_id` (O_PATH descriptor `dir`) had to unwrap its key.
     pub(super) fn missed(&self, dir_id: u64, dir: impl FnOnce() -> Result<Arc<OwnedFd>>, root: bool) {
-        if self.workers.is_empty() {
+        if self.workers == 0 {
             return;
         }
         let now = Instant::now();
@@ -163,12 +163,11 @@ fn next_window(l: &mut Listing, files: usize) -> impl Iterator<Item = Task> + '_
 }
 
 impl Drop for Prefetcher {
+    /// Workers stop at their next task; one inside a key-store call is not waited for (an
+    /// unmount must not wait out a KMS timeout), and lets go of the volume when it returns.
     fn drop(&mut self) {
         self.shared.state.lock().unwrap().stop = true;
         self.shared.wake.notify_all();
-        for w in self.workers.drain(..) {
-            let _ = w.join();
-        }
     }
 }
 
