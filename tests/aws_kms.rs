@@ -24,7 +24,6 @@ fn aws_kms_provider_meets_the_contract() {
     kms.create_key("contract");
     let mut s = KmsSettings::new("alias/contract");
     s.endpoint = Some(kms.moto_url.clone());
-    s.pool_size = 4;
     let p = AwsKmsProvider::open(&s, [0x11; 16]).unwrap();
     assert!(p.arn().starts_with("arn:aws:kms:"), "the alias resolves to the key ARN: {}", p.arn());
     common::provider_contract(Arc::new(p), false);
@@ -41,7 +40,6 @@ fn aws_kms_provider_meets_the_contract() {
     kms.create_key("foreign");
     let mut f = KmsSettings::new("alias/foreign");
     f.endpoint = Some(kms.moto_url.clone());
-    f.pool_size = 0;
     let foreign = AwsKmsProvider::open(&f, [0x11; 16]).unwrap();
     let ctx = envelopefs::keys::KeyContext { volume_id: &[0x11; 16], file_id: &[9; 16] };
     let (_, rec) = envelopefs::keys::KeyProvider::generate(&foreign, &ctx).unwrap();
@@ -444,6 +442,7 @@ fn the_metrics_endpoint_counts_what_the_workload_did() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(sample(&text, r#"envelopefs_fuse_requests_total{op="create"}"#), 5);
+    assert_eq!(sample(&text, "envelopefs_key_pool_fallbacks_total"), 0, "every create took a key made ahead");
     assert!(text.contains(r#"envelopefs_fuse_request_seconds_count{op="write"}"#), "{text}");
     fs::write(m.path("tampered"), pattern(9, 6000)).unwrap(); // two blocks: the second is tampered
     drop(m);

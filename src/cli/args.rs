@@ -425,6 +425,7 @@ pub struct MountArgs {
     #[arg(long, value_name = "FILE")]
     pub audit_log: Option<PathBuf>,
     /// aws-kms: wrapped data keys generated ahead for new files (default 256; 0 = none).
+    /// When creates empty it, the pool grows, up to 16 times this (at most 4096).
     #[arg(long, value_name = "N")]
     pub kms_pool: Option<usize>,
     /// aws-kms: seconds one KMS call may take, retries included (default 20); an outage

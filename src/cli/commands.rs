@@ -57,7 +57,6 @@ pub fn run(cmd: Cmd) -> Result<ExitCode> {
                     let mut s = KmsSettings::new(&key_id);
                     s.region = region;
                     s.endpoint = kms_endpoint;
-                    s.pool_size = 0;
                     s.intermediate_key = kms_intermediate_key;
                     volume::ProviderInit::AwsKms(s)
                 }

@@ -111,7 +111,7 @@ pub fn mount(mut s: MountSettings, foreground: bool, argv: &[OsString]) -> Resul
             cache: s.cache(),
             audit_log: s.audit_log.clone(),
             // A read-only mount makes no files: keys made ahead would be KMS calls for nothing.
-            kms_pool: Some(if s.read_only { 0 } else { s.kms_pool.unwrap_or(crate::keys::aws_kms::DEFAULT_POOL) }),
+            kms_pool: Some(if s.read_only { 0 } else { s.kms_pool.unwrap_or(crate::keys::pool::DEFAULT_SIZE) }),
             kms_timeout: s.kms_timeout.map(Duration::from_secs_f64),
             ..OpenOptions::default()
         },

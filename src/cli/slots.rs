@@ -81,7 +81,6 @@ fn new_slot(a: &NewSlotArgs) -> Result<ProviderInit> {
         s.region.clone_from(&a.region);
         s.endpoint.clone_from(&a.kms_endpoint);
         s.intermediate_key = a.kms_intermediate_key;
-        s.pool_size = 0;
         ProviderInit::AwsKms(s)
     } else if let Some(r) = &k.recovery {
         ProviderInit::Recovery { recipient: r.clone() }

@@ -69,6 +69,22 @@ impl Collector for Live {
             "opens that unwrapped the data key",
             v.cache.stats.misses.load(Relaxed),
         )?;
+        if let Some(pool) = v.key_pool() {
+            let (size, _, fallbacks) = pool.sizing();
+            gauge(&mut e, "envelopefs_key_pool_ready", "data keys made ahead, ready for new files", pool.len() as i64)?;
+            gauge(
+                &mut e,
+                "envelopefs_key_pool_size",
+                "data keys the pool keeps (grows with the create rate)",
+                size as i64,
+            )?;
+            counter(
+                &mut e,
+                "envelopefs_key_pool_fallbacks",
+                "creates that found no key made ahead and made their own",
+                fallbacks,
+            )?;
+        }
         let (_, ahead) = self.fs.prefetch();
         counter(
             &mut e,

@@ -90,7 +90,7 @@ impl EncryptedFs {
                     // Unchanged since: the key loaded is still the header's.
                     Some((key, was)) if !self.vol.config.shared && stamp(&file)? == was => st.key = Some(key),
                     _ if len > 0 => {
-                    st.key = Some(
+                        st.key = Some(
                             self.load_key(&file, len, caller)
                                 .map_err(|e| e.context(sys::describe_fd(file.as_raw_fd())))?,
                         );

@@ -1,10 +1,16 @@
-//! Data keys made ahead for new files of a volume with several key slots: each is a file
-//! id, a DEK and one record per slot, made by background threads so a create waits on no
-//! key store. (A single-slot KMS volume uses the provider's own pool instead.)
+//! Data keys made ahead for new files of a volume whose key slots wrap per file on another
+//! machine (a KMS call each): each is a file id, a DEK and one record per slot, made by
+//! background threads so a create waits on no key store.
+//!
+//! Sized to the create rate: a take that finds the pool empty doubles how many keys it keeps
+//! and how many it makes at once (up to `MAX_SIZE` and `MAX_CONCURRENCY`), and waits for the
+//! next key made rather than making its own: a burst of creates is served at the rate of
+//! the calls in flight, not one round trip per file on each FUSE thread.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::crypto::Dek;
 use crate::error::Result;
@@ -13,18 +19,31 @@ use crate::format::{FileId, KeyRecord};
 pub type ReadyKey = (FileId, Dek, Vec<KeyRecord>);
 type Make = dyn Fn() -> Result<ReadyKey> + Send + Sync;
 
+/// Keys a mount keeps ready at first (`--kms-pool`).
+pub const DEFAULT_SIZE: usize = 256;
+/// Makers at once at first: fast to refill, gentle on request quotas.
+pub const DEFAULT_CONCURRENCY: usize = 16;
+const MAX_SIZE: usize = 4096;
+const MAX_CONCURRENCY: usize = 64;
+
 pub struct KeyPool {
     inner: Arc<Inner>,
 }
 
 struct Inner {
     ready: Mutex<VecDeque<ReadyKey>>,
-    size: usize,
-    /// Makers at once while refilling: fast to refill, gentle on request quotas.
-    concurrency: usize,
+    /// Signalled when a key is added or a round of making ends.
+    made: Condvar,
+    size: AtomicUsize,
+    max_size: usize,
+    concurrency: AtomicUsize,
     filling: AtomicBool,
+    /// The last round of making stopped on an error.
+    failed: AtomicBool,
     in_flight: AtomicUsize,
     make: Box<Make>,
+    /// Takes that got no key (the caller made its own).
+    fallbacks: AtomicU64,
 }
 
 impl KeyPool {
@@ -33,31 +52,68 @@ impl KeyPool {
         let pool = Self {
             inner: Arc::new(Inner {
                 ready: Mutex::new(VecDeque::with_capacity(size)),
-                size,
-                concurrency: concurrency.max(1),
+                made: Condvar::new(),
+                size: AtomicUsize::new(size),
+                max_size: size.max(MAX_SIZE.min(size * 16)),
+                concurrency: AtomicUsize::new(concurrency.max(1)),
                 filling: AtomicBool::new(false),
+                failed: AtomicBool::new(false),
                 in_flight: AtomicUsize::new(0),
                 make,
+                fallbacks: AtomicU64::new(0),
             }),
         };
         pool.refill();
         pool
     }
 
-    /// A ready key for which `fresh` holds (keys made before a rotation are dropped).
-    pub fn take(&self, fresh: impl Fn(&ReadyKey) -> bool) -> Option<ReadyKey> {
-        let got = {
-            let mut ready = self.inner.ready.lock().unwrap();
-            loop {
-                match ready.pop_front() {
-                    Some(k) if fresh(&k) => break Some(k),
-                    Some(_) => continue,
-                    None => break None,
+    /// A ready key for which `fresh` holds (keys made before a rotation are dropped),
+    /// waiting up to `wait` for one being made when none is ready. None: the caller makes
+    /// its own (the pool is off, or its key store is failing or slow).
+    pub fn take(&self, fresh: impl Fn(&ReadyKey) -> bool, wait: Duration) -> Option<ReadyKey> {
+        let inner = &self.inner;
+        let deadline = Instant::now() + wait;
+        let mut grown = false;
+        let mut ready = inner.ready.lock().unwrap();
+        loop {
+            while let Some(k) = ready.pop_front() {
+                if fresh(&k) {
+                    drop(ready);
+                    self.refill();
+                    return Some(k);
                 }
             }
-        };
-        self.refill();
-        got
+            if !grown {
+                grown = true;
+                self.grow();
+            }
+            drop(ready);
+            self.refill();
+            ready = inner.ready.lock().unwrap();
+            let now = Instant::now();
+            if !ready.is_empty() {
+                continue;
+            }
+            if now >= deadline || inner.failed.load(Ordering::Acquire) {
+                inner.fallbacks.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+            // A round that ended full and was emptied since: the next turn starts another.
+            if inner.filling.load(Ordering::Acquire) {
+                ready = inner.made.wait_timeout(ready, deadline - now).unwrap().0;
+            }
+        }
+    }
+
+    /// The pool ran dry: keep twice as many, make twice as many at once.
+    fn grow(&self) {
+        let inner = &self.inner;
+        let _ = inner.size.fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+            (s > 0 && s < inner.max_size).then(|| (s * 2).min(inner.max_size))
+        });
+        let _ = inner.concurrency.fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
+            (c < MAX_CONCURRENCY).then(|| (c * 2).min(MAX_CONCURRENCY))
+        });
     }
 
     pub fn len(&self) -> usize {
@@ -68,25 +124,33 @@ impl KeyPool {
         self.len() == 0
     }
 
+    /// How many keys it keeps and makes at once now, and the takes that got none.
+    pub fn sizing(&self) -> (usize, usize, u64) {
+        let i = &self.inner;
+        (i.size.load(Ordering::Relaxed), i.concurrency.load(Ordering::Relaxed), i.fallbacks.load(Ordering::Relaxed))
+    }
+
     /// Top the pool up in the background if it is below half full. A failure stops this
     /// round (logged); the next take starts another.
     fn refill(&self) {
         let inner = &self.inner;
-        if inner.size == 0 || inner.ready.lock().unwrap().len() * 2 >= inner.size {
+        let size = inner.size.load(Ordering::Acquire);
+        if size == 0 || inner.ready.lock().unwrap().len() * 2 >= size {
             return;
         }
         if inner.filling.swap(true, Ordering::AcqRel) {
             return;
         }
+        inner.failed.store(false, Ordering::Release);
         let inner = self.inner.clone();
         let spawned = std::thread::Builder::new().name("key-pool".into()).spawn(move || {
             let failed = AtomicBool::new(false);
             std::thread::scope(|s| {
-                for _ in 0..inner.concurrency {
+                for _ in 0..inner.concurrency.load(Ordering::Acquire) {
                     s.spawn(|| {
                         while !failed.load(Ordering::Relaxed) {
                             let claimed = inner.in_flight.fetch_add(1, Ordering::AcqRel);
-                            if inner.ready.lock().unwrap().len() + claimed >= inner.size {
+                            if inner.ready.lock().unwrap().len() + claimed >= inner.size.load(Ordering::Acquire) {
                                 inner.in_flight.fetch_sub(1, Ordering::AcqRel);
                                 break;
                             }
@@ -96,6 +160,7 @@ impl KeyPool {
                                 Ok(k) => {
                                     inner.ready.lock().unwrap().push_back(k);
                                     inner.in_flight.fetch_sub(1, Ordering::AcqRel);
+                                    inner.made.notify_one();
                                 }
                                 Err(e) => {
                                     inner.in_flight.fetch_sub(1, Ordering::AcqRel);
@@ -107,7 +172,11 @@ impl KeyPool {
                     });
                 }
             });
+            inner.failed.store(failed.load(Ordering::Relaxed), Ordering::Release);
             inner.filling.store(false, Ordering::Release);
+            // Waiters see the round is over (a failure: they make their own key).
+            let _guard = inner.ready.lock().unwrap();
+            inner.made.notify_all();
         });
         if spawned.is_err() {
             self.inner.filling.store(false, Ordering::Release);
@@ -145,17 +214,45 @@ mod tests {
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(pool.len(), 8, "never more than its size");
         // Only ids >= 5 are "fresh": the older ones are dropped, not handed out.
-        let k = pool.take(|k| k.0[0] >= 5).unwrap();
+        let k = pool.take(|k| k.0[0] >= 5, Duration::ZERO).unwrap();
         assert!(k.0[0] >= 5);
         wait_for(&pool, 8);
         assert!(made.load(Ordering::SeqCst) >= 9);
     }
 
     #[test]
+    fn a_burst_waits_for_keys_being_made_and_the_pool_grows() {
+        // Each key takes 10 ms to make, like a KMS round trip.
+        let pool = KeyPool::new(
+            8,
+            2,
+            Box::new(|| {
+                std::thread::sleep(Duration::from_millis(10));
+                Ok(([0; 16], Dek::generate()?, Vec::new()))
+            }),
+        );
+        wait_for(&pool, 8);
+        // Four FUSE threads create 50 files each: far more than the pool holds.
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..50 {
+                        assert!(pool.take(|_| true, Duration::from_secs(10)).is_some());
+                    }
+                });
+            }
+        });
+        let (size, concurrency, fallbacks) = pool.sizing();
+        assert_eq!(fallbacks, 0, "every create took a key made ahead");
+        assert!(size > 8 && concurrency > 2, "grew to the rate: {size} keys, {concurrency} at once");
+        assert!(size <= 8 * 16 && concurrency <= MAX_CONCURRENCY);
+    }
+
+    #[test]
     fn a_failing_maker_leaves_the_pool_empty_but_working() {
         let pool = KeyPool::new(4, 2, Box::new(|| Err(Error::new(libc::EIO, "key store down"))));
         std::thread::sleep(Duration::from_millis(50));
-        assert!(pool.take(|_| true).is_none());
+        assert!(pool.take(|_| true, Duration::from_secs(5)).is_none(), "a failed round ends the wait");
         assert!(pool.is_empty());
     }
 }

@@ -37,7 +37,6 @@ fn destination(vol: &Volume, key: &str, secret: &SecretSource) -> Result<(Arc<dy
             settings.intermediate_key = intermediate_key;
             settings.region.clone_from(&region);
             settings.endpoint.clone_from(&endpoint);
-            settings.pool_size = 0;
             // Records still under the current (soon previous) key must keep unwrapping.
             settings.allowed_key_ids = std::iter::once(key_id.clone()).chain(previous_key_ids.clone()).collect();
             let p = AwsKmsProvider::open(&settings, vol.volume_id)?;

@@ -3,6 +3,10 @@
 
 use super::*;
 
+/// How long a create waits for a key being made ahead before making its own: a few KMS
+/// round trips (a slow or failing store ends the wait sooner: its round of making stops).
+const POOL_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl Volume {
     /// Record a key operation in the audit log, if there is one, as `who`'s (None: this
     /// process's), naming the key slot that did it on a volume with several.
@@ -45,19 +49,20 @@ impl Volume {
     /// fewer than the policy names.
     pub fn new_header_for(&self, path: &dyn Fn() -> String, who: Option<Requester>) -> Result<(Vec<u8>, Arc<FileKey>)> {
         self.follow_pinned_objects();
-        let (file_id, dek, records) = if self.slots.len() == 1 && self.has_every_slot() {
-            let (file_id, dek, record) = self.count(self.provider.generate_file_key(&self.volume_id))?;
-            (file_id, dek, vec![record])
-        } else {
-            self.can_make_keys(path)?;
-            let fresh = |k: &ReadyKey| k.2.iter().zip(&self.slots).all(|(r, s)| s.current(r));
-            match self.pool.as_ref().and_then(|p| p.take(fresh)) {
-                Some(ready) => ready,
-                None => {
+        self.can_make_keys(path)?;
+        let fresh = |k: &ReadyKey| k.2.iter().zip(&self.slots).all(|(r, s)| s.current(r));
+        let (file_id, dek, records) = match self.pool.as_ref().and_then(|p| p.take(fresh, POOL_WAIT)) {
+            Some(ready) => self.count(Ok(ready))?,
+            None => match &self.slots[..] {
+                [one] => {
+                    let (file_id, dek, record) = self.count(one.provider.generate_file_key(&self.volume_id))?;
+                    (file_id, dek, vec![record])
+                }
+                _ => {
                     let providers: Vec<_> = self.slots.iter().map(|s| s.provider.clone()).collect();
                     self.count(wrap_for_all(&providers, &self.volume_id))?
                 }
-            }
+            },
         };
         for (i, record) in records.iter().enumerate() {
             self.audit("wrap", &file_id, path, record, Ok(()), who, Some(i).filter(|_| records.len() > 1));

@@ -120,8 +120,6 @@ pub struct OpenOptions {
 
 /// How long a slot whose store did not answer is tried last.
 const SLOT_DOWN_FOR: std::time::Duration = std::time::Duration::from_secs(30);
-/// Record sets made at once while filling the key pool of a volume with several slots.
-const POOL_CONCURRENCY: usize = 16;
 
 /// One key slot opened in this process.
 pub struct KeySlot {
@@ -262,6 +260,11 @@ impl Volume {
     /// slot is one.
     pub fn requests_sent(&self) -> Option<u64> {
         self.slots.iter().filter_map(|s| s.provider.requests_sent()).reduce(|a, b| a + b)
+    }
+
+    /// The keys made ahead for new files, if this process keeps any.
+    pub fn key_pool(&self) -> Option<&KeyPool> {
+        self.pool.as_ref()
     }
 
     /// What this host trusts and has seen of the volume.

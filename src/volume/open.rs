@@ -14,7 +14,6 @@ pub(super) fn open_slots(
     opts: &OpenOptions,
 ) -> Result<OpenedSlots> {
     let recovering = secret.recovery_key.is_some();
-    let pooled = settings.len() == 1;
     let (mut slots, mut missing) = (Vec::new(), Vec::new());
     for (i, s) in settings.iter().enumerate() {
         let is_recovery = matches!(s, ProviderConfig::Recovery { .. });
@@ -22,7 +21,7 @@ pub(super) fn open_slots(
             missing.push((i, "not opened (a recovery open)".to_owned()));
             continue;
         }
-        match open_provider(root, s, volume_id, secret, opts, pooled) {
+        match open_provider(root, s, volume_id, secret, opts) {
             Ok(p) => slots.push(KeySlot::new(i, s.clone(), p)),
             // A volume may have several recovery slots; the identity given is for one.
             Err(e) if recovering => missing.push((i, e.to_string())),
@@ -245,18 +244,26 @@ impl Volume {
         })
     }
 
-    /// Several slots, one of them a KMS key called per file, in a mount: keep record sets
-    /// ready, so creates wait on no store.
+    /// A mount of a volume with a KMS key called per file among its slots: keep keys (a
+    /// record per slot) ready, so creates wait on no store.
     pub(super) fn start_pool(&mut self, opts: &OpenOptions) {
         let size = opts.kms_pool.unwrap_or(0);
         let per_file_kms =
             self.slots.iter().any(|s| matches!(s.settings, ProviderConfig::AwsKms { intermediate_key: false, .. }));
-        if self.slots.len() < 2 || !self.missing.is_empty() || size == 0 || !per_file_kms {
+        if !self.has_every_slot() || size == 0 || !per_file_kms {
             return;
         }
         let providers: Vec<_> = self.slots.iter().map(|s| s.provider.clone()).collect();
         let volume_id = self.volume_id;
-        self.pool = Some(KeyPool::new(size, POOL_CONCURRENCY, Box::new(move || wrap_for_all(&providers, &volume_id))));
+        let make: Box<dyn Fn() -> Result<ReadyKey> + Send + Sync> = match &providers[..] {
+            // One slot: KMS draws the DEK (GenerateDataKey), one call.
+            [one] => {
+                let one = one.clone();
+                Box::new(move || one.generate_file_key(&volume_id).map(|(id, dek, rec)| (id, dek, vec![rec])))
+            }
+            _ => Box::new(move || wrap_for_all(&providers, &volume_id)),
+        };
+        self.pool = Some(KeyPool::new(size, crate::keys::pool::DEFAULT_CONCURRENCY, make));
     }
 
     /// A running mount follows `key rotate` run by another process: every couple of

@@ -82,7 +82,6 @@ pub(super) fn open_provider(
     volume_id: VolumeId,
     secret: &SecretSource,
     opts: &OpenOptions,
-    pooled: bool,
 ) -> Result<Arc<dyn KeyProvider>> {
     Ok(match settings {
         ProviderConfig::Local { keyring } => {
@@ -108,10 +107,8 @@ pub(super) fn open_provider(
             s.region.clone_from(region);
             s.endpoint.clone_from(endpoint);
             s.allowed_key_ids = previous_key_ids.clone();
-            // Only a mount creates files: other commands fill no pool. A volume with several
-            // slots pools its keys itself (`KeyPool`), whole records sets at a time.
-            let pool = opts.kms_pool.unwrap_or(0);
-            s.pool_size = if pooled || *intermediate_key { pool } else { 0 };
+            // Only a mount creates files (its keys made ahead are the volume's `KeyPool`).
+            s.for_mount = opts.kms_pool.unwrap_or(0) > 0;
             if let Some(t) = opts.kms_timeout {
                 s.call_timeout = t;
             }

@@ -2,16 +2,16 @@
 //! unwraps, ReEncrypt re-wraps (the DEK never leaves KMS in plaintext for that), always with
 //! the encryption context {"envelopefs:volume": …, "envelopefs:file": …}.
 //!
-//! Creates must not wait on KMS: a small pool of wrapped DEKs, each generated for a
-//! pre-drawn file id, is kept filled by concurrent background calls. KEK "versions" are
-//! KMS's rotations of the key (ListKeyRotations); the key id never changes.
+//! Creates need not wait on KMS: a mount keeps keys made ahead (`keys::pool`), each a
+//! GenerateDataKey for a pre-drawn file id. KEK "versions" are KMS's rotations of the key
+//! (ListKeyRotations); the key id never changes.
 
 mod wire;
 
 pub use wire::mrk_equivalent;
 use wire::*;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -39,8 +39,9 @@ pub struct KmsSettings {
     pub region: Option<String>,
     /// A VPC endpoint or a local KMS-compatible server.
     pub endpoint: Option<String>,
-    /// Wrapped DEKs kept ready for new files (0: none, every first write calls KMS).
-    pub pool_size: usize,
+    /// Opened by a mount, which creates files: an intermediate key is made before the
+    /// first create.
+    pub for_mount: bool,
     /// Attempts per call (throttling and 5xx are retried with backoff and jitter).
     pub max_attempts: u32,
     /// Bound on one call, retries included: a KMS outage is EIO after this.
@@ -52,16 +53,13 @@ pub struct KmsSettings {
     pub intermediate_key: bool,
 }
 
-/// Wrapped DEKs a mount keeps ready by default.
-pub const DEFAULT_POOL: usize = 256;
-
 impl KmsSettings {
     pub fn new(key_id: &str) -> Self {
         Self {
             key_id: key_id.to_owned(),
             region: None,
             endpoint: None,
-            pool_size: DEFAULT_POOL,
+            for_mount: false,
             max_attempts: 6,
             call_timeout: Duration::from_secs(20),
             allowed_key_ids: Vec::new(),
@@ -89,9 +87,6 @@ struct Intermediate {
     files: u64,
 }
 
-/// GenerateDataKey calls in flight at once while refilling the pool.
-const REFILL_CONCURRENCY: usize = 16;
-
 pub struct AwsKmsProvider {
     rt: tokio::runtime::Runtime,
     client: Client,
@@ -100,9 +95,6 @@ pub struct AwsKmsProvider {
     volume_id: VolumeId,
     /// Rotations of the key seen at start (and after our own rotate): the "version".
     rotations: AtomicU32,
-    pool: Arc<Mutex<VecDeque<Ready>>>,
-    pool_size: usize,
-    refilling: Arc<std::sync::atomic::AtomicBool>,
     /// Key ARNs a record may name: ours and the volume's previous keys. A header naming
     /// any other key is refused before KMS is asked (an attacker who can write the backing
     /// store must not be able to bring a key of their own that our role may use).
@@ -116,7 +108,7 @@ pub struct AwsKmsProvider {
 }
 
 impl AwsKmsProvider {
-    /// Connect, resolve the key (DescribeKey), and start filling the pool.
+    /// Connect and resolve the key (DescribeKey).
     pub fn open(settings: &KmsSettings, volume_id: VolumeId) -> Result<Self> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -166,9 +158,6 @@ impl AwsKmsProvider {
             arn: arn.clone(),
             volume_id,
             rotations: AtomicU32::new(0),
-            pool: Arc::new(Mutex::new(VecDeque::new())),
-            pool_size: settings.pool_size,
-            refilling: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             allowed: std::iter::once(arn.clone()).chain(settings.allowed_key_ids.iter().cloned()).collect(),
             intermediate: settings.intermediate_key,
             current_ik: Mutex::new(None),
@@ -176,12 +165,8 @@ impl AwsKmsProvider {
             requests: counter,
         };
         p.rotations.store(p.count_rotations()?, Ordering::Relaxed);
-        if p.intermediate {
-            if settings.pool_size > 0 {
-                p.intermediate_key()?; // ready before the first create
-            }
-        } else {
-            p.refill();
+        if p.intermediate && settings.for_mount {
+            p.intermediate_key()?; // ready before the first create
         }
         Ok(p)
     }
@@ -379,47 +364,6 @@ impl AwsKmsProvider {
         };
         Ok((file_id, dek, rec))
     }
-
-    /// Top the pool up in the background, concurrently, if it is below half full.
-    fn refill(&self) {
-        if self.pool_size == 0 {
-            return;
-        }
-        let missing = {
-            let pool = self.pool.lock().unwrap();
-            if pool.len() * 2 >= self.pool_size {
-                return;
-            }
-            self.pool_size - pool.len()
-        };
-        if self.refilling.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let (client, arn, vid, pool, flag) =
-            (self.client.clone(), self.arn.clone(), self.volume_id, self.pool.clone(), self.refilling.clone());
-        let version = self.rotations.load(Ordering::Relaxed);
-        self.rt.spawn(async move {
-            // Bounded concurrency: fast to refill, gentle on the KMS request quota.
-            let mut tasks = tokio::task::JoinSet::new();
-            let mut started = 0;
-            loop {
-                while started < missing && tasks.len() < REFILL_CONCURRENCY {
-                    tasks.spawn(Self::generate_one(client.clone(), arn.clone(), vid, None, version));
-                    started += 1;
-                }
-                match tasks.join_next().await {
-                    Some(Ok(Ok(ready))) => pool.lock().unwrap().push_back(ready),
-                    Some(Ok(Err(e))) => {
-                        tracing::warn!("refilling the data-key pool: {e}");
-                        break;
-                    }
-                    Some(Err(e)) => tracing::warn!("refilling the data-key pool: {e}"),
-                    None => break,
-                }
-            }
-            flag.store(false, Ordering::Release);
-        });
-    }
 }
 
 impl KeyProvider for AwsKmsProvider {
@@ -437,24 +381,6 @@ impl KeyProvider for AwsKmsProvider {
 
     fn describe(&self) -> String {
         format!("AWS KMS key {}", self.arn)
-    }
-
-    fn generate_file_key(&self, volume_id: &VolumeId) -> Result<(FileId, Dek, KeyRecord)> {
-        if self.intermediate {
-            let mut file_id = [0u8; FILE_ID_LEN];
-            fill_random(&mut file_id)?;
-            let (dek, rec) = self.wrap_under_ik(volume_id, &file_id)?;
-            return Ok((file_id, dek, rec));
-        }
-        if *volume_id == self.volume_id {
-            let ready = self.pool.lock().unwrap().pop_front();
-            self.refill();
-            if let Some(r) = ready {
-                return Ok(r);
-            }
-        }
-        let version = self.rotations.load(Ordering::Relaxed);
-        self.rt.block_on(Self::generate_one(self.client.clone(), self.arn.clone(), *volume_id, None, version))
     }
 
     fn generate(&self, ctx: &KeyContext<'_>) -> Result<(Dek, KeyRecord)> {
@@ -524,7 +450,6 @@ impl KeyProvider for AwsKmsProvider {
             .map_err(|e| kms_error(e, "RotateKeyOnDemand"))?;
         let n = self.count_rotations()?;
         self.rotations.store(n, Ordering::Relaxed);
-        self.pool.lock().unwrap().clear();
         *self.current_ik.lock().unwrap() = None;
         Ok(n)
     }
