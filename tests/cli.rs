@@ -310,6 +310,18 @@ fn rustix_flock(f: &fs::File) -> impl Drop + '_ {
     Held(f)
 }
 
+/// An error whose text runs over lines prints as one line, not with a literal `\n`.
+#[test]
+fn a_bad_config_file_is_said_on_one_line() {
+    let d = tempfile::tempdir().unwrap();
+    let bad = d.path().join("bad.toml");
+    fs::write(&bad, "backing = \"/b\"\nmountpoint = \"/m\"\n[bad\n").unwrap();
+    let out = cli(&[&"mount", &"--config", &bad]);
+    fails_with(&out, 2, "bad.toml: line 3: invalid table header; expected `.`, `]`");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("\\n") && err.trim_end().lines().count() == 1, "{err}");
+}
+
 /// A weak new passphrase and a key file others can read are said, not silently taken.
 #[test]
 fn weak_secrets_are_warned_about() {
