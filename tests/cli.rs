@@ -63,7 +63,7 @@ fn init_refuses_a_non_empty_dir_and_leaves_it_alone() {
     fs::create_dir(&f).unwrap();
     let short = d.path().join("short");
     fs::write(&short, b"short").unwrap();
-    fails_with(&cli(&[&"init", &"--key-file", &short, &f]), 1, "32 raw bytes");
+    fails_with(&cli(&[&"init", &"--key-file", &short, &f]), 2, "32 raw bytes");
     assert_eq!(fs::read_dir(&f).unwrap().count(), 0);
 }
 
@@ -267,6 +267,7 @@ fn every_documented_exit_status_has_a_case() {
         (2, vec![&"mount", &"--key-file", k, &"--allow-other", &v.backing, &mnt], "trust_backing_permissions"),
         (2, vec![&"mount", &"--key-file", k, &"--threads", &"0", &v.backing, &mnt], "threads"),
         (2, vec![&"init", &"--key-file", k, &"--kdf-memory-mib", &"100000", &empty], "out of range"),
+        (2, vec![&"fsck", &"--key-file", &missing, &v.backing], "reading key file"),
         (2, vec![&"service", &"install", &"x", &"--backing", &v.backing, &"--mountpoint", &mnt, &"-o", &"frob=1", &"--root", &svc_root], "frob"),
         (10, vec![&"fsck", &"--key-file", k, &empty], "not an envelopefs volume"),
         (10, vec![&"fsck", &"--key-file", k, &a_file], "not an envelopefs volume"),

@@ -89,7 +89,10 @@ impl Class {
 pub const EXIT_STATUS: [(u8, &str); 10] = [
     (0, "success"),
     (1, "failure without a class of its own (fsck and rekey: problems remain)"),
-    (Class::Usage.exit_code(), "usage: a bad argument, mount option or --config file"),
+    (
+        Class::Usage.exit_code(),
+        "usage: a bad argument, mount option or --config file; an unreadable secret file, a key file with no key",
+    ),
     (Class::NotVolume.exit_code(), "the directory is not an envelopefs volume"),
     (Class::WrongSecret.exit_code(), "wrong passphrase or key file"),
     (Class::Mountpoint.exit_code(), "the mount point is missing, not a directory, or busy"),
