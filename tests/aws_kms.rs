@@ -331,6 +331,25 @@ fn an_unreachable_kms_is_its_own_exit_code() {
     ok(cli(&[&"fsck", &v.backing]));
 }
 
+/// A KMS that refuses connections is said as a chain of messages, each once, not as the
+/// SDK's Debug dump. Needs no moto: nothing listens on the port.
+#[test]
+fn a_refused_kms_connection_is_said_plainly() {
+    std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
+    std::env::set_var("AWS_REGION", "us-east-1");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let d = tempfile::tempdir().unwrap();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let out =
+        cli(&[&"init", &"--provider", &"aws-kms", &"--key-id", &"alias/x", &"--kms-endpoint", &endpoint, &d.path()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(13), "{err}");
+    assert!(err.contains("Connection refused (os error 111)"), "{err}");
+    assert!(!err.contains('{') && !err.contains("DispatchFailure("), "no Debug dump: {err}");
+    assert_eq!(err.matches("Connection refused").count(), 1, "each cause once: {err}");
+}
+
 /// `GET /metrics` on the running daemon, as text.
 /// A scan (opens one after another, each missing the DEK cache) has the rest of its
 /// directory unwrapped ahead, a window per miss; every file still costs one Decrypt.

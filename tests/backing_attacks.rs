@@ -498,7 +498,7 @@ fn a_half_pasted_header_falls_back_to_the_genuine_slot() {
     assert_eq!(fs::read(m.path("y")).unwrap(), b"the real y");
     drop(m);
     let out = cli(&[&"fsck", &"--repair", &"--key-file", &v.key, &v.backing]);
-    assert!(text(&out).contains("header slot 0 is damaged; slot 1 is good"), "{}", text(&out));
+    assert!(text(&out).contains("header copy 0 is damaged; copy 1 is good"), "{}", text(&out));
     let out = cli(&[&"fsck", &"--key-file", &v.key, &v.backing]);
     assert!(out.status.success(), "{}", text(&out));
     let m = v.mount(&[]);

@@ -63,7 +63,7 @@ fn init_refuses_a_non_empty_dir_and_leaves_it_alone() {
     fs::create_dir(&f).unwrap();
     let short = d.path().join("short");
     fs::write(&short, b"short").unwrap();
-    fails_with(&cli(&[&"init", &"--key-file", &short, &f]), 1, "32 raw bytes");
+    fails_with(&cli(&[&"init", &"--key-file", &short, &f]), 2, "32 raw bytes");
     assert_eq!(fs::read_dir(&f).unwrap().count(), 0);
 }
 
@@ -267,6 +267,7 @@ fn every_documented_exit_status_has_a_case() {
         (2, vec![&"mount", &"--key-file", k, &"--allow-other", &v.backing, &mnt], "trust_backing_permissions"),
         (2, vec![&"mount", &"--key-file", k, &"--threads", &"0", &v.backing, &mnt], "threads"),
         (2, vec![&"init", &"--key-file", k, &"--kdf-memory-mib", &"100000", &empty], "out of range"),
+        (2, vec![&"fsck", &"--key-file", &missing, &v.backing], "reading key file"),
         (2, vec![&"service", &"install", &"x", &"--backing", &v.backing, &"--mountpoint", &mnt, &"-o", &"frob=1", &"--root", &svc_root], "frob"),
         (10, vec![&"fsck", &"--key-file", k, &empty], "not an envelopefs volume"),
         (10, vec![&"fsck", &"--key-file", k, &a_file], "not an envelopefs volume"),
@@ -308,6 +309,18 @@ fn rustix_flock(f: &fs::File) -> impl Drop + '_ {
     // SAFETY: flock on a descriptor borrowed for the guard's life.
     assert_eq!(unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(f), libc::LOCK_EX | libc::LOCK_NB) }, 0);
     Held(f)
+}
+
+/// An error whose text runs over lines prints as one line, not with a literal `\n`.
+#[test]
+fn a_bad_config_file_is_said_on_one_line() {
+    let d = tempfile::tempdir().unwrap();
+    let bad = d.path().join("bad.toml");
+    fs::write(&bad, "backing = \"/b\"\nmountpoint = \"/m\"\n[bad\n").unwrap();
+    let out = cli(&[&"mount", &"--config", &bad]);
+    fails_with(&out, 2, "bad.toml: line 3: invalid table header; expected `.`, `]`");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("\\n") && err.trim_end().lines().count() == 1, "{err}");
 }
 
 /// A weak new passphrase and a key file others can read are said, not silently taken.

@@ -218,7 +218,7 @@ fn a_rewrapped_fixture_at_generation_3_opens() {
     }
 }
 
-/// A volume with the damage fsck exists for: a torn header slot, a torn append and a
+/// A volume with the damage fsck exists for: a torn header copy, a torn append and a
 /// flipped bit in a middle block. fsck names each; `--repair` fixes the first two and
 /// only reports the third.
 #[test]
@@ -240,7 +240,7 @@ fn fsck_of_the_broken_fixture_names_each_problem() {
     assert_eq!(code, Some(1), "{text}");
     let problems: Vec<&str> = text.lines().filter(|l| l.starts_with("PROBLEM")).collect();
     assert_eq!(problems.len(), 3, "{text}");
-    assert!(text.contains("/small.txt: header slot 0 is damaged"), "{text}");
+    assert!(text.contains("/small.txt: header copy 0 is damaged"), "{text}");
     assert!(text.contains("/one-block: last block 0") || text.contains("/one-block: block 0"), "{text}");
     assert!(text.contains("/multi: block 1 does not authenticate"), "{text}");
     let (code, text) = run(true);
@@ -408,7 +408,7 @@ fn make_broken_fixtures() {
     edit("broken-for-fsck", &|b| {
         use std::os::unix::fs::FileExt;
         let open = |n: &str| fs::OpenOptions::new().write(true).open(b.join(n)).unwrap();
-        open("small.txt").write_all_at(&[0; 100], 40).unwrap(); // a torn header slot
+        open("small.txt").write_all_at(&[0; 100], 40).unwrap(); // a torn header copy
         let one = b.join("one-block");
         let len = fs::metadata(&one).unwrap().len();
         open("one-block").write_all_at(&[0x55; 60], len - 100).unwrap(); // a torn (re)write of its last block

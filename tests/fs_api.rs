@@ -45,7 +45,7 @@ fn fsck_repair_fixes_what_it_can_and_reports_the_rest() {
     let open = |n: &str| OpenOptions::new().write(true).open(vol.backing.join(n)).unwrap();
     // A torn append: the last block is only half written.
     open("torn-append").write_all_at(&[0x55; 2000], 4096 + 2 * 4124 + 100).unwrap();
-    // A torn header slot.
+    // A torn header copy.
     open("torn-slot").write_all_at(&[0; 1000], 50).unwrap();
     // A flipped bit in the middle block: reported, never "repaired".
     open("bit-flip").write_all_at(&[0xFF], 4096 + 4124 + 50).unwrap();
@@ -62,7 +62,7 @@ fn fsck_repair_fixes_what_it_can_and_reports_the_rest() {
     let (code, text) = run(false);
     assert_eq!(code, Some(1), "{text}");
     assert!(text.contains("torn-append: last block 2 does not authenticate"), "{text}");
-    assert!(text.contains("torn-slot: header slot 0 is damaged"), "{text}");
+    assert!(text.contains("torn-slot: header copy 0 is damaged"), "{text}");
     assert!(text.contains("bit-flip: block 1 does not authenticate"), "{text}");
     assert!(text.contains("3 problems, 0 repaired"), "{text}");
 

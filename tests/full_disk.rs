@@ -209,6 +209,68 @@ fn a_full_disk_loses_nothing_without_a_journal() {
     run(&["--no-writeback-cache", "--journal", "off"]);
 }
 
+/// With the writeback cache (the default) write(2) only fills the page cache, so a full
+/// disk cannot fail it: a new file fails at its create (so a shell's `>` fails), and a
+/// write to an existing file fails at close, without fsync, as ENOSPC.
+#[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
+fn with_the_writeback_cache_a_full_disk_fails_the_create_and_the_close() {
+    let (vol, disk) = volume_on_small_disk();
+    let m = vol.mount(&[]);
+    let kept = pattern(9, 6000);
+    for name in ["kept", "scratch"] {
+        write_sync(&File::create(m.path(name)).unwrap(), &kept, Some(0)).unwrap();
+    }
+    disk.fill();
+
+    let e = File::create(m.path("new.txt")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "create: {e}");
+    let sh = std::process::Command::new("sh").arg("-c").arg("echo hi > new.txt").current_dir(&m.mnt).output().unwrap();
+    assert!(!sh.status.success(), "echo hi > new.txt on a full disk");
+    assert!(String::from_utf8_lossy(&sh.stderr).contains("No space left on device"), "{sh:?}");
+    assert!(!m.path("new.txt").exists());
+    assert!(m.log_text().contains("no room for a new file"), "{}", m.log_text());
+
+    let more = pattern(10, 100_000);
+    let f = OpenOptions::new().append(true).open(m.path("kept")).unwrap();
+    (&f).write_all(&more).expect("write(2) goes to the page cache");
+    let fd = std::os::fd::IntoRawFd::into_raw_fd(f);
+    // SAFETY: closing the descriptor just taken out of its File.
+    let closed = unsafe { libc::close(fd) };
+    assert_eq!((closed, std::io::Error::last_os_error().raw_os_error()), (-1, Some(libc::ENOSPC)), "close");
+
+    // Truncating an existing file frees its space: not refused.
+    drop(OpenOptions::new().write(true).truncate(true).open(m.path("scratch")).unwrap());
+    let kept_x = Expect { durable: kept.clone(), maybe: vec![(kept.len() as u64, more)] };
+    kept_x.check("kept", &read_all(&m.path("kept")));
+    m.unmount();
+
+    disk.free();
+    let out = cli(&[&"fsck", &"--key-file", &vol.key, &vol.backing]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let m = vol.mount(&[]);
+    kept_x.check("kept", &read_all(&m.path("kept")));
+    assert!(!m.path("new.txt").exists());
+    m.unmount();
+}
+
+/// Without the writeback cache each write(2) reaches the daemon, which fails it.
+#[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
+fn without_the_writeback_cache_write_itself_fails_with_enospc() {
+    let (vol, disk) = volume_on_small_disk();
+    let m = vol.mount(&["--no-writeback-cache"]);
+    let kept = pattern(11, 6000);
+    write_sync(&File::create(m.path("kept")).unwrap(), &kept, Some(0)).unwrap();
+    disk.fill();
+    let f = OpenOptions::new().append(true).open(m.path("kept")).unwrap();
+    let e = (&f).write_all(&pattern(12, 100_000)).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "write(2): {e}");
+    drop(f);
+    assert_eq!(read_all(&m.path("kept")), kept);
+    m.unmount();
+}
+
 /// The trust directory full (it holds the crash journal): a change whose record cannot be
 /// written fails with ENOSPC before anything in the backing directory is touched.
 #[test]

@@ -164,7 +164,7 @@ fn a_second_region_slot_serves_through_a_primary_outage_and_the_recovery_key_thr
     assert_eq!(
         inspect.matches("provider aws-kms").count(),
         4,
-        "two KMS records in each of two header slots: {inspect}"
+        "two KMS records in each of two header copies: {inspect}"
     );
     assert_eq!(inspect.matches("provider recovery").count(), 2, "{inspect}");
     let status = ok(run(&["key", "status", b]));

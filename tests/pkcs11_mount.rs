@@ -52,6 +52,17 @@ fn pkcs11_volume_round_trip_rotate_and_deleted_key() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("ERROR"), "a healthy token logs no ERROR lines: {err}");
     let status = ok(out);
+    // Nor under a RUST_LOG that does not name the cryptoki crate.
+    let out = Command::new(common::BIN)
+        .env("ENVELOPEFS_TRUST_DIR", common::trust_dir())
+        .env("RUST_LOG", "info")
+        .args(["key", "status", "--pin-file"])
+        .arg(&pin)
+        .arg(&backing)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !err.contains("ERROR"), "RUST_LOG=info: {err}");
     assert!(status.contains("version 1: 1 files") && status.contains("version 2 (current): 1 files"), "{status}");
 
     // A wrong PIN is refused at mount, clearly.

@@ -324,6 +324,27 @@ fn the_units_exec_start_brings_a_killed_daemon_back() {
     assert!(unit.contains("RestartPreventExitStatus=2 10 11 12 15 16"), "{unit}");
 }
 
+/// `status` on a mount whose daemon was killed says the daemon is gone and what clears the
+/// dead connection, with the mount-point exit code.
+#[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
+fn status_of_a_killed_daemon_says_it_is_gone() {
+    let vol = TestVolume::new(4096);
+    let mut m = vol.mount(&[]);
+    m.kill9();
+    // Dropping `m` detaches the dead mount (umount -l), whatever fails below.
+    let out = cli(&[&"status", &m.mnt]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(12), "{err}");
+    let want = format!(
+        "envelopefs: error: the envelopefs daemon of {} is gone (killed or crashed): its FUSE connection is dead \
+         (ENOTCONN); the next `envelopefs mount` of the volume there (or the unit's restart) clears it",
+        m.mnt.display()
+    );
+    assert!(err.starts_with(&want), "{err}");
+    assert!(!err.contains("Connection refused"), "{err}");
+}
+
 /// logrotate's `postrotate kill -HUP`: the daemon reopens its log file by name and keeps
 /// serving (SIGHUP used to unmount). The mount's type is `fuse.envelopefs`, so findmnt and
 /// `umount -a -t fuse.envelopefs` find it.

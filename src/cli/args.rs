@@ -114,7 +114,7 @@ pub enum Cmd {
         /// suit large sequential files; small random writes rewrite a whole block.
         #[arg(long, default_value_t = 4096)]
         block_size: u32,
-        /// Bytes reserved at the start of each file for its two header slots.
+        /// Bytes reserved at the start of each file for its two header copies.
         #[arg(long, default_value_t = 4096)]
         header_size: u32,
         /// Keep file names, symlink targets and xattrs in the clear in the backing
@@ -302,7 +302,7 @@ pub enum Cmd {
     /// --repair. Exit status 1 when problems remain.
     Fsck {
         backing: PathBuf,
-        /// Rewrite damaged header slots from their good twin, cut torn trailing blocks and a
+        /// Rewrite damaged header copies from their good twin, cut torn trailing blocks and a
         /// last block that fails authentication (a torn append). Other blocks that fail
         /// authentication are only reported. Refuses while the volume is mounted.
         #[arg(long)]

@@ -101,7 +101,7 @@ pub fn key_cmd(cmd: KeyCmd) -> Result<ExitCode> {
             let stale: u64 = usage.any_slot.iter().filter(|(v, _)| Some(**v) != current).map(|(_, n)| n).sum();
             if stale > 0 {
                 println!(
-                    "  {stale} files still reference an older version in a header slot: `envelopefs rekey --rewrap`"
+                    "  {stale} files still reference an older version in a header copy: `envelopefs rekey --rewrap`"
                 );
             }
             if usage.unreadable > 0 {

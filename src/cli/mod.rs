@@ -169,14 +169,37 @@ fn roff_escape(s: &str) -> String {
     }
 }
 
-/// What is logged unless RUST_LOG says otherwise. The cryptoki crate logs an ERROR for
-/// every mechanism a token lists that it does not know (about 30 against SoftHSM2, on every
-/// command): noise for anyone who alerts on ERROR, so it is off; PKCS#11 failures that
-/// matter reach the log through envelopefs's own errors, naming the module.
-const DEFAULT_LOG_FILTER: &str = "info,fuser=error,cryptoki=off";
+/// What is logged unless RUST_LOG says otherwise.
+const DEFAULT_LOG_FILTER: &str = "info";
+
+/// Targets kept quiet even under a RUST_LOG that does not name them. The cryptoki crate
+/// logs an ERROR for every mechanism a token lists that it does not know (about 30 against
+/// SoftHSM2, on every command): noise for anyone who alerts on ERROR; PKCS#11 failures that
+/// matter reach the log through envelopefs's own errors, naming the module. fuser logs
+/// every errno reply, which the adapter already logs once with the file named.
+const QUIET_TARGETS: [(&str, &str); 2] = [("fuser", "error"), ("cryptoki", "off")];
+
+/// The filter for RUST_LOG (`None`: unset): the user's directives, then the quiet targets
+/// the user did not name.
+fn log_filter(rust_log: Option<&str>) -> String {
+    let user = rust_log.map(str::trim).filter(|s| !s.is_empty()).unwrap_or(DEFAULT_LOG_FILTER);
+    let names = |target: &str| {
+        user.split(',').any(|d| {
+            let d = d.trim();
+            d.strip_prefix(target).is_some_and(|rest| rest.is_empty() || rest.starts_with(['=', '[', ':']))
+        })
+    };
+    let mut filter = user.to_owned();
+    for (target, level) in QUIET_TARGETS.iter().filter(|(t, _)| !names(t)) {
+        filter.push_str(&format!(",{target}={level}"));
+    }
+    filter
+}
 
 fn init_logging(log_file: Option<&Path>) -> Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| DEFAULT_LOG_FILTER.into());
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let filter = tracing_subscriber::EnvFilter::try_new(log_filter(rust_log.as_deref()))
+        .unwrap_or_else(|_| log_filter(None).into());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
     match log_file {
         Some(p) => {
@@ -214,6 +237,17 @@ mod tests {
             assert!(section.contains(&format!("\\fB{}\\fR", class.exit_code())), "{class:?}");
         }
         assert!(page.starts_with(".ie") || page.contains(".TH envelopefs"));
+    }
+
+    #[test]
+    fn quiet_targets_stay_quiet_unless_rust_log_names_them() {
+        assert_eq!(log_filter(None), "info,fuser=error,cryptoki=off");
+        assert_eq!(log_filter(Some("")), "info,fuser=error,cryptoki=off");
+        assert_eq!(log_filter(Some("debug")), "debug,fuser=error,cryptoki=off");
+        assert_eq!(log_filter(Some("info,cryptoki=debug")), "info,cryptoki=debug,fuser=error");
+        assert_eq!(log_filter(Some("fuser::request=trace")), "fuser::request=trace,cryptoki=off");
+        // A target that only starts with the same letters is another target.
+        assert_eq!(log_filter(Some("fuserx=info")), "fuserx=info,fuser=error,cryptoki=off");
     }
 
     #[test]

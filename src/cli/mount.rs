@@ -61,10 +61,17 @@ pub fn mount(mut s: MountSettings, foreground: bool, argv: &[OsString]) -> Resul
     let mnt_err = |errno, why: &str| {
         Error::new(errno, format!("mount point {} {why}", s.mountpoint().display())).with_class(Class::Mountpoint)
     };
+    // statfs always asks the daemon; a stat may be answered from the kernel's cache for up
+    // to a second after the daemon died.
+    let dead = rustix::fs::statvfs(s.mountpoint()).is_err_and(|e| e == rustix::io::Errno::NOTCONN);
     let meta = match std::fs::metadata(s.mountpoint()) {
         // The daemon of the last mount here died (kill -9, OOM, a panic): what is left is
         // a connection nobody serves. Clear it if it was this volume's, then mount again,
         // so that systemd's Restart=on-failure brings the volume back.
+        _ if dead => {
+            clear_dead_mount(s.mountpoint(), s.backing()).map_err(|why| mnt_err(libc::ENOTCONN, &why))?;
+            std::fs::metadata(s.mountpoint()).map_err(|_| mnt_err(libc::ENOENT, "does not exist"))?
+        }
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
             clear_dead_mount(s.mountpoint(), s.backing()).map_err(|why| mnt_err(libc::ENOTCONN, &why))?;
             std::fs::metadata(s.mountpoint()).map_err(|_| mnt_err(libc::ENOENT, "does not exist"))?

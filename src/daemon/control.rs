@@ -126,6 +126,21 @@ pub fn serve(mountpoint: &Path, status: Arc<dyn Fn() -> Status + Send + Sync>) -
 pub fn query(mountpoint: &Path) -> Result<Status> {
     let path = socket_path(mountpoint);
     let mut s = UnixStream::connect(&path).map_err(|e| {
+        // A daemon killed (-9, OOM, a panic) leaves its socket file and a connection nobody
+        // serves: say that, not only the socket's errno.
+        // statfs always asks the daemon; a stat may be answered from the kernel's cache.
+        if rustix::fs::statvfs(mountpoint).is_err_and(|e| e == rustix::io::Errno::NOTCONN) {
+            return Error::new(
+                libc::ENOTCONN,
+                format!(
+                    "the envelopefs daemon of {0} is gone (killed or crashed): its FUSE connection is dead \
+                     (ENOTCONN); the next `envelopefs mount` of the volume there (or the unit's restart) clears \
+                     it, or `umount -l {0}` does",
+                    mountpoint.display()
+                ),
+            )
+            .with_class(crate::error::Class::Mountpoint);
+        }
         Error::io(e, format!("no envelopefs daemon answers for {} (socket {})", mountpoint.display(), path.display()))
     })?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok();

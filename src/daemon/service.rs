@@ -78,9 +78,12 @@ pub fn install(i: &Install<'_>, out: &mut dyn Write) -> Result<()> {
     let conf_path = config_path(root, name);
     if let Ok(old) = std::fs::read_to_string(&conf_path) {
         if old != conf && !i.force {
+            // One line: error output escapes newlines.
+            let settings: Vec<&str> = old.lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')).collect();
             return Err(crate::error::usage(format!(
-                "instance {name} exists ({}):\n{old}replace it with --force",
-                conf_path.display()
+                "instance {name} exists ({}) with other settings: {}; replace it with --force",
+                conf_path.display(),
+                settings.join(", ")
             )));
         }
     }
@@ -193,6 +196,7 @@ mod tests {
         install(&web(r"key_file=/k\,1,ro", false), &mut Vec::new()).unwrap();
         let e = install(&web("ro", false), &mut Vec::new()).unwrap_err();
         assert!(e.to_string().contains("--force") && e.to_string().contains("key_file=/k"), "{e}");
+        assert!(!e.to_string().contains('\n'), "one line: {e}");
         install(&web("ro", true), &mut Vec::new()).unwrap();
         let mut listed = Vec::new();
         list(&root, &mut listed).unwrap();

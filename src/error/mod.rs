@@ -89,7 +89,10 @@ impl Class {
 pub const EXIT_STATUS: [(u8, &str); 10] = [
     (0, "success"),
     (1, "failure without a class of its own (fsck and rekey: problems remain)"),
-    (Class::Usage.exit_code(), "usage: a bad argument, mount option or --config file"),
+    (
+        Class::Usage.exit_code(),
+        "usage: a bad argument, mount option or --config file; an unreadable secret file, a key file with no key",
+    ),
     (Class::NotVolume.exit_code(), "the directory is not an envelopefs volume"),
     (Class::WrongSecret.exit_code(), "wrong passphrase or key file"),
     (Class::Mountpoint.exit_code(), "the mount point is missing, not a directory, or busy"),
@@ -203,6 +206,25 @@ impl std::error::Error for Error {
     }
 }
 
+/// An error and its sources as one line, each distinct message once (a library's error
+/// often repeats its source's text in its own), by Display only: a dependency's Debug
+/// dump is no message for a person.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = String::new();
+    let mut next = Some(e);
+    while let Some(err) = next {
+        let text = err.to_string();
+        if !text.is_empty() && !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+        next = err.source();
+    }
+    out
+}
+
 /// Text that may hold bytes from the backing directory (names, paths), made safe to show
 /// on a terminal or in a log: control characters (ESC sequences that move the cursor or
 /// erase a line, CR, a newline that would forge a log line, C1 controls) are escaped.
@@ -255,6 +277,13 @@ mod tests {
         assert_eq!(e.errno(), libc::EIO);
         assert_eq!(e.to_string(), "file x: block 3 does not authenticate");
         assert!(e.is_noteworthy());
+    }
+
+    #[test]
+    fn a_chain_names_each_distinct_cause_once() {
+        let inner = Error::io(io::Error::from_raw_os_error(libc::ECONNREFUSED), "io error");
+        let outer = Error { source: Some(Box::new(inner)), ..Error::new(libc::EIO, "dispatch failure") };
+        assert_eq!(chain(&outer), "dispatch failure: io error: Connection refused (os error 111)");
     }
 
     #[test]

@@ -231,13 +231,13 @@ impl EnvelopeFile<'_> {
             this.file
                 .write_all_at(&bytes, (slot * half) as u64)
                 .and_then(|_| this.file.sync_data())
-                .map_err(|e| Error::io(e, format!("writing header slot {slot}")))?;
+                .map_err(|e| Error::io(e, format!("writing header copy {slot}")))?;
         }
         Ok(true)
     }
 
     /// Check that the header and every block authenticate: the same rules as the mount's.
-    /// With `repair`: a damaged header slot is rewritten from its good twin, a torn
+    /// With `repair`: a damaged header copy is rewritten from its good twin, a torn
     /// trailing fragment is cut, and a last block that does not authenticate (a torn
     /// append) is cut. Other blocks that fail are only reported.
     pub fn verify(&self, repair: bool) -> Verdict {
@@ -299,7 +299,7 @@ impl EnvelopeFile<'_> {
             let good = &loaded.region[loaded.slot * half..(loaded.slot + 1) * half];
             let fixed = repair
                 && self.file.write_all_at(good, (other * half) as u64).and_then(|_| self.file.sync_data()).is_ok();
-            found(format!("header slot {other} is damaged; slot {} is good", loaded.slot), fixed);
+            found(format!("header copy {other} is damaged; copy {} is good", loaded.slot), fixed);
         }
         self.verify_blocks(&loaded.key, size, repair, &mut v);
         v.header = Some(loaded.header);

@@ -156,6 +156,7 @@ impl EncryptedFs {
         let dir = self.fd(&p)?;
         let perm = mode & !umask & 0o7777;
         self.vol.can_make_keys(&|| format!("{}/{}", sys::describe_fd(dir.as_raw_fd()), name.to_string_lossy()))?;
+        self.room_for_a_file(dir.as_raw_fd())?;
         let mut made = None;
         let res = self.make_named(dir.as_raw_fd(), &b, |c| {
             made = Some(sys::openat(

@@ -115,12 +115,38 @@ impl EncryptedFs {
         self.finish_new(&p, dir.as_raw_fd(), &b.main, caller, libc::S_IFDIR)
     }
 
+    /// ENOSPC where the backing filesystem has no room for a new file's header and one
+    /// stored block. With the writeback cache a write(2) only fills pages and its ENOSPC
+    /// comes at fsync or close, which a shell's `>` never checks: failing the create is the
+    /// one error such a writer sees. (root's reserved blocks count: the daemon may use them.)
+    pub(super) fn room_for_a_file(&self, dir: RawFd) -> Result<()> {
+        let geo = &self.vol.geometry;
+        let s = sys::fstatvfs(dir)?;
+        let unit = s.f_frsize.max(1);
+        let need = geo.header_size.div_ceil(unit) + (geo.backing_size(1) - geo.header_size).div_ceil(unit);
+        if s.f_bfree < need {
+            return Err(Error::new(
+                libc::ENOSPC,
+                format!(
+                    "no room for a new file: the backing filesystem has {} bytes free, its header and first block \
+                     take {}",
+                    s.f_bfree * unit,
+                    need * unit
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Regular files, fifos, sockets and device nodes. A regular file starts empty, with
     /// no header: its first write creates one.
     pub fn mknod(&self, parent: u64, name: &OsStr, mode: u32, umask: u32, rdev: u32, caller: Caller) -> Result<Attr> {
         let b = self.backing_name(parent, name)?;
         let p = self.inode(parent)?;
         let dir = self.fd(&p)?;
+        if mode & libc::S_IFMT == libc::S_IFREG {
+            self.room_for_a_file(dir.as_raw_fd())?;
+        }
         let perm = mode & !umask & 0o7777;
         self.make_named(dir.as_raw_fd(), &b, |c| {
             self.make_as(caller, || sys::mknodat(dir.as_raw_fd(), c, (mode & libc::S_IFMT) | perm, rdev as u64))

@@ -166,7 +166,7 @@ impl SecretSource {
             Place::KeyFile(p) => read_key_file(&p).map(Secret::KeyFile),
             Place::File(p) => {
                 let raw = Zeroizing::new(
-                    fs::read(&p).map_err(|e| Error::io(e, format!("reading passphrase file {}", p.display())))?,
+                    fs::read(&p).map_err(|e| unreadable(e, format!("reading passphrase file {}", p.display())))?,
                 );
                 passphrase(trim_newline(&raw), &format!("passphrase file {}", p.display()))
             }
@@ -210,7 +210,7 @@ impl SecretSource {
     pub fn resolve_pin(&self, uri_pin_source: Option<&str>) -> Result<Zeroizing<String>> {
         let from_file = |p: &Path| -> Result<Zeroizing<String>> {
             let raw =
-                Zeroizing::new(fs::read(p).map_err(|e| Error::io(e, format!("reading PIN file {}", p.display())))?);
+                Zeroizing::new(fs::read(p).map_err(|e| unreadable(e, format!("reading PIN file {}", p.display())))?);
             pin(trim_newline(&raw))
         };
         let place =
@@ -265,7 +265,7 @@ const WEAK_PASSPHRASE: usize = 12;
 
 /// A key file holds 32 raw bytes, or 64 hex digits (a trailing newline is fine).
 pub fn read_key_file(p: &Path) -> Result<Zeroizing<[u8; 32]>> {
-    let raw = Zeroizing::new(fs::read(p).map_err(|e| Error::io(e, format!("reading key file {}", p.display())))?);
+    let raw = Zeroizing::new(fs::read(p).map_err(|e| unreadable(e, format!("reading key file {}", p.display())))?);
     if let Ok(m) = fs::metadata(p) {
         use std::os::unix::fs::PermissionsExt;
         if m.permissions().mode() & 0o077 != 0 {
@@ -285,10 +285,17 @@ pub fn read_key_file(p: &Path) -> Result<Zeroizing<[u8; 32]>> {
     if text.len() == 64 && hex::decode_to_slice(text, &mut key[..]).is_ok() {
         return Ok(key);
     }
-    Err(Error::new(
-        libc::EINVAL,
-        format!("key file {} must hold 32 raw bytes or 64 hex digits (got {} bytes)", p.display(), raw.len()),
-    ))
+    Err(crate::error::usage(format!(
+        "key file {} must hold 32 raw bytes or 64 hex digits (got {} bytes)",
+        p.display(),
+        raw.len()
+    )))
+}
+
+/// A secret file named on the command line that cannot be read is a bad argument (exit
+/// 2), whatever its errno: no retry of the same command can succeed.
+fn unreadable(e: std::io::Error, context: String) -> Error {
+    Error::io(e, context).with_class(crate::error::Class::Usage)
 }
 
 #[cfg(test)]

@@ -102,7 +102,7 @@ pub struct FsckReport {
 }
 
 /// Check that every header and every block of every envelope authenticates. Without
-/// `repair` nothing is written. With it: a damaged header slot is rewritten from the good
+/// `repair` nothing is written. With it: a damaged header copy is rewritten from the good
 /// one, a torn trailing fragment is cut off, and a last block that does not authenticate
 /// (a torn append) is cut. Other blocks that do not authenticate are only reported.
 /// The caller makes sure the volume is not mounted when repairing.

@@ -105,18 +105,18 @@ impl Volume {
                 Ok(v) => v,
                 Err(SlotError::Empty) => continue,
                 Err(e) => {
-                    first_err.get_or_insert(Error::corrupt(format!("header slot {idx}: {e}")));
+                    first_err.get_or_insert(Error::corrupt(format!("header copy {idx}: {e}")));
                     continue;
                 }
             };
             let h = &view.header;
             if h.file_id == VOLUME_KEY_FILE_ID {
-                first_err.get_or_insert(Error::corrupt(format!("header slot {idx} names the volume key's file id")));
+                first_err.get_or_insert(Error::corrupt(format!("header copy {idx} names the volume key's file id")));
                 continue;
             }
             if h.block_size as u64 != self.geometry.block_size {
                 first_err.get_or_insert(Error::corrupt(format!(
-                    "header slot {idx} says block size {} but the volume uses {}",
+                    "header copy {idx} says block size {} but the volume uses {}",
                     h.block_size, self.geometry.block_size
                 )));
                 continue;
@@ -137,11 +137,11 @@ impl Volume {
                 Ok(_) => {
                     first_err.get_or_insert(Error::integrity(
                         crate::error::Integrity::Header,
-                        format!("header slot {idx} does not authenticate"),
+                        format!("header copy {idx} does not authenticate"),
                     ));
                 }
                 Err(e) => {
-                    first_err.get_or_insert(e.context(format!("header slot {idx}")));
+                    first_err.get_or_insert(e.context(format!("header copy {idx}")));
                     failed.get_or_insert_with(|| view.header.clone());
                 }
             }
@@ -149,7 +149,7 @@ impl Volume {
         if let Some(h) = foreign {
             return Ok((h, false));
         }
-        Err(first_err.unwrap_or_else(|| Error::corrupt("no header slot holds a header")))
+        Err(first_err.unwrap_or_else(|| Error::corrupt("no header copy holds a header")))
     }
 
     /// The header's DEK from the first key slot that unwraps one of its records: slots in

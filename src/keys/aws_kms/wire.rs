@@ -78,7 +78,7 @@ pub(super) fn kms_error<E: ProvideErrorMetadata + std::error::Error + Send + Syn
         aws_sdk_kms::error::SdkError::ServiceError(s) => {
             format!("{}: {}", s.err().code().unwrap_or("error"), s.err().message().unwrap_or(""))
         }
-        other => format!("{}", aws_sdk_kms::error::DisplayErrorContext(other)),
+        other => crate::error::chain(other),
     };
     let errno = match code.as_deref() {
         Some(

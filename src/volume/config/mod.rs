@@ -147,9 +147,12 @@ impl std::fmt::Display for ProviderConfig {
 
 /// A TOML error with the line it is on, for people editing or reading the file.
 pub fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    // The parser's message may run over lines ("invalid table header\nexpected …"): one
+    // line, since error output escapes control characters.
+    let message = e.message().lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
     match e.span() {
-        Some(span) => format!("line {}: {}", text[..span.start.min(text.len())].matches('\n').count() + 1, e.message()),
-        None => e.message().to_owned(),
+        Some(span) => format!("line {}: {message}", text[..span.start.min(text.len())].matches('\n').count() + 1),
+        None => message,
     }
 }
 

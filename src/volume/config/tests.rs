@@ -7,6 +7,9 @@ fn toml_errors_name_their_line() {
     let text = "format = 2\nblock_size = 4096\nheader_size = =\n";
     let e = toml::from_str::<toml::Table>(text).unwrap_err();
     assert!(toml_error(text, &e).starts_with("line 3: "), "{}", toml_error(text, &e));
+    let text = "backing = 3\n[bad\n";
+    let e = toml::from_str::<toml::Table>(text).unwrap_err();
+    assert_eq!(toml_error(text, &e), "line 2: invalid table header; expected `.`, `]`");
 }
 
 fn kms(endpoint: Option<&str>) -> ProviderConfig {
