@@ -134,6 +134,7 @@ pub fn mount(mut s: MountSettings, foreground: bool, argv: &[OsString]) -> Resul
         info!("shared volume: names and attributes are not cached, locks reach every host (docs/SHARING.md)");
     }
     process::raise_fd_limit();
+    process::unmask_modes();
     let (journal, recovered) = start_journal(&vol, &s)?;
     let prefetch = s.prefetch(vol.unwraps_remotely());
     let mut fs = EncryptedFs::new(Arc::new(vol))?.with_inode_fds(s.file_handles, s.max_inode_fds)?;

@@ -21,6 +21,13 @@ pub fn harden_memory(lock: bool) -> Result<(), String> {
     Ok(())
 }
 
+/// Modes arrive from the kernel already masked by the caller's umask and must reach the
+/// backing store unchanged: whoever serves an `EncryptedFs` runs with umask 0. The mount
+/// daemon calls this; the library never changes it behind its user's back.
+pub fn unmask_modes() {
+    rustix::process::umask(rustix::fs::Mode::empty());
+}
+
 /// Every inode the kernel knows costs one descriptor: take the hard limit.
 pub fn raise_fd_limit() {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};

@@ -317,10 +317,9 @@ pub struct EncryptedFs {
 }
 
 impl EncryptedFs {
-    /// Serve `vol`. Sets the process umask to 0: modes arrive from the kernel already
-    /// masked by the caller's umask and must reach the backing store unchanged.
+    /// Serve `vol`. Modes given to it are applied as given, so the process umask must be
+    /// 0 (the daemon's `process::unmask_modes`).
     pub fn new(vol: Arc<Volume>) -> Result<Self> {
-        rustix::process::umask(rustix::fs::Mode::empty());
         let root = sys::cstr(vol.root.as_os_str())?;
         let fd = sys::openat(libc::AT_FDCWD, &root, libc::O_PATH | libc::O_DIRECTORY, 0)
             .map_err(|e| e.context(format!("opening backing directory {}", vol.root.display())))?;

@@ -99,6 +99,7 @@ impl TestVolume {
     }
 
     pub fn fs(&self) -> EncryptedFs {
+        envelopefs::daemon::process::unmask_modes();
         EncryptedFs::new(self.open()).unwrap()
     }
 
