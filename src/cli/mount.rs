@@ -150,6 +150,7 @@ pub fn mount(mut s: MountSettings, foreground: bool, argv: &[OsString]) -> Resul
         fs = fs.with_journal(j.clone());
     }
     let fs = Arc::new(fs);
+    crate::volume::watch_config(fs.volume(), Duration::from_secs(2));
     if let Some(addr) = &s.metrics {
         crate::daemon::metrics::serve(addr, fs.clone(), journal.clone(), recovered)?;
     }

@@ -48,7 +48,6 @@ impl Volume {
     /// the DEK carries one record per slot, in policy order: a file is never made with
     /// fewer than the policy names.
     pub fn new_header_for(&self, path: &dyn Fn() -> String, who: Option<Requester>) -> Result<(Vec<u8>, Arc<FileKey>)> {
-        self.follow_pinned_objects();
         self.can_make_keys(path)?;
         let fresh = |k: &ReadyKey| k.2.iter().zip(&self.slots).all(|(r, s)| s.current(r));
         let (file_id, dek, records) = match self.pool.as_ref().and_then(|p| p.take(fresh, POOL_WAIT)) {

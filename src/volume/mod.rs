@@ -39,6 +39,23 @@ pub use crate::names::TARGETS_DIR;
 /// Suffix of the temporary a re-encryption writes beside its original.
 pub use crate::sys::TEMP_SUFFIX as REENCRYPT_SUFFIX;
 
+/// Follow changes another process makes to the config of `vol` (`Volume::follow_config`)
+/// every `every`, for as long as the volume is open; nothing to do for a volume whose key
+/// store pins nothing.
+pub fn watch_config(vol: &Arc<Volume>, every: std::time::Duration) {
+    if vol.provider.pinned_objects().is_none() {
+        return;
+    }
+    let weak = Arc::downgrade(vol);
+    let _ = std::thread::Builder::new().name("config-watch".into()).spawn(move || loop {
+        std::thread::sleep(every);
+        match weak.upgrade() {
+            Some(v) => v.follow_config(),
+            None => return,
+        }
+    });
+}
+
 /// Whether `name` belongs to the volume, not to its users: its own files in the root, and
 /// re-encryption temporaries anywhere (a user's file of that name would be taken for a
 /// leftover and removed). Such names are hidden from the mount and refused as targets.
@@ -226,7 +243,8 @@ pub struct Volume {
     /// The provider's revocation counter when the DEK cache was last known good.
     revocations_seen: std::sync::atomic::AtomicU64,
     /// When the config was last looked at for key objects pinned by another process.
-    config_checked: std::sync::Mutex<std::time::Instant>,
+    /// The config file as `follow_config` last read it (inode, size, mtime).
+    config_seen: std::sync::Mutex<Option<(u64, u64, i64, i64)>>,
     /// Several slots: record sets made ahead for new files.
     pool: Option<KeyPool>,
 }

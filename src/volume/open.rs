@@ -239,7 +239,7 @@ impl Volume {
             names: None,
             trust: opts.trust.clone(),
             revocations_seen: Default::default(),
-            config_checked: std::sync::Mutex::new(std::time::Instant::now()),
+            config_seen: std::sync::Mutex::new(None),
             pool: None,
         })
     }
@@ -266,17 +266,22 @@ impl Volume {
         self.pool = Some(KeyPool::new(size, crate::keys::pool::DEFAULT_CONCURRENCY, make));
     }
 
-    /// A running mount follows `key rotate` run by another process: every couple of
-    /// seconds it re-reads the config and, once it authenticates under the volume key it
-    /// holds, takes the key objects it pins (an unauthenticated config changes nothing).
-    pub(super) fn follow_pinned_objects(&self) {
+    /// A running mount follows `key rotate` run by another process: when the config file
+    /// changed, it is read again and, once it authenticates under the volume key this
+    /// process holds, the key objects it pins are taken (an unauthenticated config changes
+    /// nothing). Run by `watch_config`'s timer, never on a request's path.
+    pub fn follow_config(&self) {
         let (Some(key), Some(_)) = (&self.volume_key, self.provider.pinned_objects()) else { return };
+        let stamp = std::fs::metadata(self.root.join(config::CONFIG_NAME)).ok().map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            (m.ino(), m.size(), m.mtime(), m.mtime_nsec())
+        });
         {
-            let mut last = self.config_checked.lock().unwrap();
-            if last.elapsed() < std::time::Duration::from_secs(2) {
+            let mut seen = self.config_seen.lock().unwrap();
+            if *seen == stamp {
                 return;
             }
-            *last = std::time::Instant::now();
+            *seen = stamp;
         }
         let fresh = VolumeConfig::load(&self.root).and_then(|c| c.verify(key).map(|_| c));
         match fresh {
