@@ -56,22 +56,40 @@ impl<T> InodeTable<T> {
     /// says it is still that object, or a new one holding `make()`. A new node is numbered
     /// `preferred` unless a live node has that number (a backing inode number reused while
     /// the kernel still knows the old object), else `fresh()`.
+    ///
+    /// `same` may make syscalls (finding an object again), so it runs without the table's
+    /// lock; its answer counts only if the table still maps `key` to the node it judged.
     pub fn intern(
         &self,
         key: (u64, u64),
-        same: impl FnOnce(&Node<T>) -> bool,
+        same: impl Fn(&Node<T>) -> bool,
         preferred: Option<u64>,
         fresh: impl FnOnce() -> u64,
         make: impl FnOnce() -> T,
     ) -> Arc<Node<T>> {
-        let mut m = self.maps.lock().unwrap();
-        if let Some(ino) = m.by_key.get(&key) {
-            let node = m.by_ino[ino].clone();
-            if same(&node) {
-                node.lookups.fetch_add(1, Ordering::SeqCst);
-                return node;
+        let mut judged = self.find(key).map(|n| {
+            let is = same(&n);
+            (n, is)
+        });
+        let mut m = loop {
+            let m = self.maps.lock().unwrap();
+            let now = m.by_key.get(&key).and_then(|i| m.by_ino.get(i)).cloned();
+            match (now, &judged) {
+                (Some(n), Some((j, true))) if Arc::ptr_eq(&n, j) => {
+                    n.lookups.fetch_add(1, Ordering::SeqCst);
+                    return n;
+                }
+                // Another object now has the number, or the node went: a new one.
+                (Some(n), Some((j, false))) if Arc::ptr_eq(&n, j) => break m,
+                (None, _) => break m,
+                // A node made for `key` since it was judged: judge that one.
+                (Some(n), _) => {
+                    drop(m);
+                    let is = same(&n);
+                    judged = Some((n, is));
+                }
             }
-        }
+        };
         let ino = preferred.filter(|p| !m.by_ino.contains_key(p)).unwrap_or_else(fresh);
         let node = Arc::new(Node { ino, key, lookups: AtomicU64::new(1), value: make() });
         m.by_key.insert(key, ino);
@@ -185,6 +203,35 @@ mod tests {
                 linker.join().unwrap();
                 let known = t.get(9).expect("the link's lookup keeps it");
                 assert_eq!(known.lookups(), 1);
+            },
+            2000,
+        );
+    }
+
+    /// `same` runs without the lock: one thread judges the known node while another
+    /// replaces it (a reused backing number). Each gets a node the table knows, and a node
+    /// judged "same" is the one its lookup counts on.
+    #[test]
+    fn a_node_judged_without_the_lock_is_judged_again_if_replaced() {
+        shuttle::check_random(
+            || {
+                let t = table();
+                let first = t.intern((0, 5), |_| true, Some(5), || 6, || 1);
+                let keeper = {
+                    let t = t.clone();
+                    shuttle::thread::spawn(move || t.intern((0, 5), |n| n.value == 1, Some(5), || 7, || 9))
+                };
+                let replacer = {
+                    let t = t.clone();
+                    shuttle::thread::spawn(move || t.intern((0, 5), |_| false, Some(5), || 8, || 2))
+                };
+                let (k, r) = (keeper.join().unwrap(), replacer.join().unwrap());
+                assert!(t.get(k.ino).is_some() && t.get(r.ino).is_some(), "both held, so known");
+                assert_eq!(r.value, 2);
+                // The keeper counted on the first node, or judged the replacement (not it) anew.
+                assert!(Arc::ptr_eq(&k, &first) || k.value == 9, "{}", k.value);
+                let held: u64 = [&first, &k, &r].iter().map(|n| n.lookups()).sum();
+                assert!(held >= 3);
             },
             2000,
         );
