@@ -174,11 +174,6 @@ pub fn run(cmd: Cmd) -> Result<ExitCode> {
                 Vec::new()
             };
             let mut rep = crate::tools::check::fsck(&vol, repair)?;
-            let journal = journal.into_iter().map(|t| crate::tools::check::Problem {
-                path: t.path,
-                what: t.what,
-                repaired: t.repaired,
-            });
             rep.problems.splice(0..0, journal);
             let mut remaining = 0;
             for p in &rep.problems {

@@ -11,12 +11,14 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::sync::Arc;
 
 use crate::crypto::FileKey;
 use crate::error::{Error, Result};
 use crate::file::content::Content;
 use crate::file::journal::{self, Change, Target};
+use crate::file::Finding;
 use crate::format::{decode_region, is_hole, Header, SizeError, SlotError, BLOCK_OVERHEAD};
 use crate::sys::range_lock::{self, Held, Kind};
 use crate::volume::audit::Requester;
@@ -46,13 +48,6 @@ pub struct Loaded {
 /// The reason block 0 refuses a header that otherwise verifies.
 pub const PASTED_HEADER: &str =
     "block 0 does not authenticate under this header's key: a tampered block, or a header pasted from another file";
-
-/// One thing fsck found, and whether it was put right.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Finding {
-    pub what: String,
-    pub repaired: bool,
-}
 
 /// What verifying an envelope found.
 #[derive(Debug, Default)]
@@ -240,9 +235,10 @@ impl EnvelopeFile<'_> {
     /// With `repair`: a damaged header copy is rewritten from its good twin, a torn
     /// trailing fragment is cut, and a last block that does not authenticate (a torn
     /// append) is cut. Other blocks that fail are only reported.
-    pub fn verify(&self, repair: bool) -> Verdict {
+    pub fn verify(&self, path: &Path, repair: bool) -> Verdict {
         let mut v = Verdict::default();
-        let mut found = |what: String, repaired: bool| v.findings.push(Finding { what, repaired });
+        let finding = |what: String, repaired: bool| Finding { path: path.to_owned(), what, repaired };
+        let mut found = |what: String, repaired: bool| v.findings.push(finding(what, repaired));
         let geo = self.vol.geometry;
         let len = match self.backing_len() {
             Ok(l) => l,
@@ -301,12 +297,13 @@ impl EnvelopeFile<'_> {
                 && self.file.write_all_at(good, (other * half) as u64).and_then(|_| self.file.sync_data()).is_ok();
             found(format!("header copy {other} is damaged; copy {} is good", loaded.slot), fixed);
         }
-        self.verify_blocks(&loaded.key, size, repair, &mut v);
+        self.verify_blocks(path, &loaded.key, size, repair, &mut v);
         v.header = Some(loaded.header);
         v
     }
 
-    fn verify_blocks(&self, key: &FileKey, size: u64, repair: bool, v: &mut Verdict) {
+    fn verify_blocks(&self, path: &Path, key: &FileKey, size: u64, repair: bool, v: &mut Verdict) {
+        let finding = |what: String, repaired: bool| Finding { path: path.to_owned(), what, repaired };
         let geo = self.vol.geometry;
         let mut stored = Vec::new();
         let mut out = Vec::new();
@@ -317,7 +314,7 @@ impl EnvelopeFile<'_> {
             out.resize(blen, 0);
             v.blocks += 1;
             if let Err(e) = self.file.read_exact_at(&mut stored, geo.block_offset(i)) {
-                v.findings.push(Finding { what: format!("block {i}: {e}"), repaired: false });
+                v.findings.push(finding(format!("block {i}: {e}"), false));
                 return;
             }
             if is_hole(&stored) {
@@ -333,9 +330,9 @@ impl EnvelopeFile<'_> {
                          (tampering, or a crash with journal=off or on another host); cutting it leaves {} bytes",
                         i * geo.block_size
                     );
-                    v.findings.push(Finding { what, repaired: fixed });
+                    v.findings.push(finding(what, fixed));
                 } else {
-                    v.findings.push(Finding { what: format!("block {i} does not authenticate"), repaired: false });
+                    v.findings.push(finding(format!("block {i} does not authenticate"), false));
                 }
             }
         }

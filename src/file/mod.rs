@@ -8,8 +8,18 @@ pub mod journal;
 pub mod recovery;
 
 use std::fs::File;
+use std::path::PathBuf;
 
 use crate::error::{Error, Result};
+
+/// One thing a check of the volume found (fsck, crash recovery, the name check), and
+/// whether it was put right.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    pub path: PathBuf,
+    pub what: String,
+    pub repaired: bool,
+}
 
 /// A backing file's length; with `shared` (other hosts change it), as its filesystem has
 /// it now rather than as the kernel cached it.

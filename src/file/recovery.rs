@@ -21,21 +21,14 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::file::journal::{self, FileId, Pending, Recorded};
+use crate::file::Finding;
 use crate::format::decode_region;
 use crate::volume::tree::{open_regular, Tree};
 use crate::volume::Volume;
 
-/// One file recovery touched (or could not).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Touched {
-    pub path: PathBuf,
-    pub what: String,
-    pub repaired: bool,
-}
-
 /// What recovery would do, without doing it (fsck without `--repair`): only the files a
 /// crash left half changed.
-pub fn describe_pending(vol: &Volume) -> Result<Vec<Touched>> {
+pub fn describe_pending(vol: &Volume) -> Result<Vec<Finding>> {
     let mut out = run(vol, false)?;
     for t in &mut out {
         t.what = format!("{} (not yet done: the next mount or `fsck --repair` does it)", t.what);
@@ -53,7 +46,7 @@ fn summary(c: &Recorded) -> String {
 
 /// Put right every file the journal names, make the result durable, then drop the journal.
 /// Nothing to do (and `Ok(vec![])`) when there is no journal.
-pub fn recover(vol: &Volume) -> Result<Vec<Touched>> {
+pub fn recover(vol: &Volume) -> Result<Vec<Finding>> {
     // A journal left behind means the last mount did not end cleanly: temporaries it was
     // writing (long-name side files, stored targets) may be left too. Its originals are
     // intact, so they go. Only then: a walk of the whole tree is no price for every mount.
@@ -78,7 +71,7 @@ fn journal_names(vol: &Volume) -> Vec<String> {
 
 /// Find each file the journal names and settle its newest change (`act`), or say what
 /// settling it would do.
-fn run(vol: &Volume, act: bool) -> Result<Vec<Touched>> {
+fn run(vol: &Volume, act: bool) -> Result<Vec<Finding>> {
     let flags = if act { libc::O_RDWR } else { libc::O_RDONLY };
     let dir = vol.journal_dir();
     let id = &vol.config.volume_id;
@@ -158,8 +151,8 @@ fn header_file_id(vol: &Volume, file: &File) -> Option<FileId> {
 }
 
 /// Finish or cut back the newest change of one file.
-fn settle(vol: &Volume, file: &File, path: &Path, p: &Pending, act: bool) -> Option<Touched> {
-    let touched = |what: String, repaired: bool| Touched { path: path.to_owned(), what, repaired };
+fn settle(vol: &Volume, file: &File, path: &Path, p: &Pending, act: bool) -> Option<Finding> {
+    let touched = |what: String, repaired: bool| Finding { path: path.to_owned(), what, repaired };
     let shared = if vol.config.shared {
         // The whole file, header included: recovery is rare. (A second lock of the header,
         // through another open, would wait for this one.)

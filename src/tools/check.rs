@@ -6,7 +6,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::file::envelope_file::{EnvelopeFile, Finding};
+use crate::file::envelope_file::EnvelopeFile;
+use crate::file::Finding;
 use crate::format::decode_region;
 use crate::volume::tree::{is_temporary, open_regular, Found, Tree};
 use crate::volume::{Volume, VolumeConfig, CONFIG_NAME};
@@ -83,20 +84,12 @@ pub fn inspect(path: &Path, out: &mut impl Write) -> Result<()> {
     Ok(())
 }
 
-/// What fsck found in one file.
-#[derive(Debug)]
-pub struct Problem {
-    pub path: PathBuf,
-    pub what: String,
-    pub repaired: bool,
-}
-
 #[derive(Debug, Default)]
 pub struct FsckReport {
     pub files: u64,
     pub blocks: u64,
     pub holes: u64,
-    pub problems: Vec<Problem>,
+    pub problems: Vec<Finding>,
     /// File id → the first file met with it, and that file's (dev, ino).
     ids: std::collections::HashMap<[u8; 16], (PathBuf, (u64, u64))>,
 }
@@ -119,14 +112,14 @@ pub fn fsck(vol: &Volume, repair: bool) -> Result<FsckReport> {
         // intact, so it only takes space. Only a regular file is removed.
         let repaired = repair && crate::sys::unlinkat(e.dir, e.name, 0).is_ok();
         let what = "a temporary left by an interrupted re-encryption or name write (the original is intact; harmless)";
-        report.problems.push(Problem { path: e.path.to_owned(), what: what.into(), repaired });
+        report.problems.push(Finding { path: e.path.to_owned(), what: what.into(), repaired });
     })?;
     if vol.names().is_some() {
         for p in &mut report.problems {
             p.what = format!("{} [in the volume: {}]", p.what, crate::tools::name_paths::describe(vol, &p.path));
         }
         for n in crate::tools::name_paths::check_names(vol, repair)? {
-            report.problems.push(Problem { path: n.path, what: n.what, repaired: n.repaired });
+            report.problems.push(n);
         }
     }
     Ok(report)
@@ -141,19 +134,17 @@ fn check_file(vol: &Volume, e: &Found<'_>, repair: bool, rep: &mut FsckReport) {
     }
     rep.files += 1;
     let mut problem =
-        |what: String, repaired: bool| rep.problems.push(Problem { path: path.to_owned(), what, repaired });
+        |what: String, repaired: bool| rep.problems.push(Finding { path: path.to_owned(), what, repaired });
     let (f, st) = match opened {
         Ok(Some(o)) => o,
         Ok(None) => return,
         Err(e) => return problem(format!("cannot open: {e}"), false),
     };
     let describe = || path.display().to_string();
-    let verdict = EnvelopeFile { vol, file: &f, describe: &describe, who: None }.verify(repair);
+    let verdict = EnvelopeFile { vol, file: &f, describe: &describe, who: None }.verify(path, repair);
     rep.blocks += verdict.blocks;
     rep.holes += verdict.holes;
-    for Finding { what, repaired } in verdict.findings {
-        problem(what, repaired);
-    }
+    rep.problems.extend(verdict.findings);
     // A copy of a backing file keeps its file id and so its data key: the two files' blocks
     // can be swapped for each other undetected, and the key is used twice. (Hard links are
     // one file.)
@@ -168,7 +159,7 @@ fn check_file(vol: &Volume, e: &Found<'_>, repair: bool, rep: &mut FsckReport) {
                 first.display(),
                 path.display()
             );
-            rep.problems.push(Problem { path: path.to_owned(), what, repaired: false });
+            rep.problems.push(Finding { path: path.to_owned(), what, repaired: false });
         }
         Some(_) => {}
         None => {

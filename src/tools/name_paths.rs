@@ -7,6 +7,7 @@ use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Component, Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::file::Finding;
 use crate::names::{classify, EntryKind, NameCipher};
 use crate::sys;
 use crate::volume::{is_reserved, Volume};
@@ -48,18 +49,10 @@ pub fn describe(vol: &Volume, backing: &Path) -> String {
     }
 }
 
-/// What fsck found wrong with a name.
-#[derive(Debug)]
-pub struct NameProblem {
-    pub path: PathBuf,
-    pub what: String,
-    pub repaired: bool,
-}
-
 /// fsck: every entry of the tree has a name that decrypts, every long name its side file,
 /// every symlink a target that decrypts. `repair` removes orphaned side files and long
 /// targets no symlink names any more.
-pub fn check_names(vol: &Volume, repair: bool) -> Result<Vec<NameProblem>> {
+pub fn check_names(vol: &Volume, repair: bool) -> Result<Vec<Finding>> {
     let mut out = Vec::new();
     let Some(c) = vol.names() else { return Ok(out) };
     let root = sys::openat(libc::AT_FDCWD, &sys::cstr(vol.root.as_os_str())?, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
@@ -76,7 +69,7 @@ fn unnamed_targets(
     root_path: &Path,
     repair: bool,
     named: &std::collections::HashSet<OsString>,
-    out: &mut Vec<NameProblem>,
+    out: &mut Vec<Finding>,
 ) -> Result<()> {
     let store = match sys::openat(
         root,
@@ -93,7 +86,7 @@ fn unnamed_targets(
         let name = e.map_err(|e| Error::io(e, "listing the long-target store"))?.file_name();
         if !named.contains(&name) {
             let repaired = repair && sys::unlinkat(store.as_raw_fd(), &sys::cstr(&name)?, 0).is_ok();
-            out.push(NameProblem {
+            out.push(Finding {
                 path: root_path.join(crate::names::TARGETS_DIR).join(&name),
                 what: "a long symlink target no symlink names any more (harmless)".into(),
                 repaired,
@@ -107,7 +100,7 @@ struct Walk<'a> {
     c: &'a NameCipher,
     root_fd: RawFd,
     repair: bool,
-    problems: &'a mut Vec<NameProblem>,
+    problems: &'a mut Vec<Finding>,
     /// Store files that symlinks name.
     named_targets: &'a mut std::collections::HashSet<OsString>,
 }
@@ -128,7 +121,7 @@ fn walk(w: &mut Walk<'_>, dir: RawFd, path: &Path, is_root: bool) -> Result<()> 
             continue;
         }
         let p = path.join(name);
-        let mut problem = |what: String, repaired: bool| problems.push(NameProblem { path: p.clone(), what, repaired });
+        let mut problem = |what: String, repaired: bool| problems.push(Finding { path: p.clone(), what, repaired });
         let decrypted = match classify(name) {
             EntryKind::Short => w.c.decrypt_name(name.as_bytes()).map(drop),
             EntryKind::Long => {
