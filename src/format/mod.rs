@@ -308,26 +308,29 @@ pub fn decode_slot(slot: &[u8]) -> Result<SlotView, SlotError> {
     if slot[crc_at + CRC_LEN..].iter().any(|&b| b != 0) {
         return Err(SlotError::Malformed("bytes after the checksum are not zero"));
     }
+    const TRUNCATED: SlotError = SlotError::Malformed("truncated");
     let mut r = Reader { buf: &slot[..body_len], pos: 12 };
-    let generation = r.u64()?;
-    let file_id: FileId = r.take(FILE_ID_LEN)?.try_into().unwrap();
-    let block_size = r.u32()?;
-    let count = r.u8()?;
+    let generation = r.u64().ok_or(TRUNCATED)?;
+    let file_id: FileId = r.take(FILE_ID_LEN).ok_or(TRUNCATED)?.try_into().unwrap();
+    let block_size = r.u32().ok_or(TRUNCATED)?;
+    let count = r.u8().ok_or(TRUNCATED)?;
     if count == 0 {
         return Err(SlotError::Malformed("no key record"));
     }
     let mut records = Vec::with_capacity(count as usize);
     for _ in 0..count {
-        let provider = ProviderKind::from_u8(r.u8()?).ok_or(SlotError::Malformed("unknown provider kind"))?;
-        if r.u8()? != 0 {
+        let provider =
+            ProviderKind::from_u8(r.u8().ok_or(TRUNCATED)?).ok_or(SlotError::Malformed("unknown provider kind"))?;
+        if r.u8().ok_or(TRUNCATED)? != 0 {
             return Err(SlotError::Malformed("key record flags (reserved) are not zero"));
         }
-        let id_len = r.u16()? as usize;
-        let kek_id =
-            std::str::from_utf8(r.take(id_len)?).map_err(|_| SlotError::Malformed("KEK id is not UTF-8"))?.to_owned();
-        let kek_version = r.u32()?;
-        let w_len = r.u16()? as usize;
-        let wrapped = r.take(w_len)?.to_vec();
+        let id_len = r.u16().ok_or(TRUNCATED)? as usize;
+        let kek_id = std::str::from_utf8(r.take(id_len).ok_or(TRUNCATED)?)
+            .map_err(|_| SlotError::Malformed("KEK id is not UTF-8"))?
+            .to_owned();
+        let kek_version = r.u32().ok_or(TRUNCATED)?;
+        let w_len = r.u16().ok_or(TRUNCATED)? as usize;
+        let wrapped = r.take(w_len).ok_or(TRUNCATED)?.to_vec();
         records.push(KeyRecord { provider, kek_id, kek_version, wrapped });
     }
     if r.pos != body_len {
@@ -352,30 +355,38 @@ pub fn decode_region(region: &[u8]) -> Vec<(usize, Result<SlotView, SlotError>)>
     slots
 }
 
-struct Reader<'a> {
+/// Little-endian fields read one after another from a byte slice (header slots here, the
+/// crash journal's records): None once the slice runs out.
+pub struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
 }
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], SlotError> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len());
-        let end = end.ok_or(SlotError::Malformed("truncated"))?;
+    pub fn new(buf: &'a [u8]) -> Self {
+        Self { buf, pos: 0 }
+    }
+    /// Whether every byte was read.
+    pub fn is_done(&self) -> bool {
+        self.pos == self.buf.len()
+    }
+    pub fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len())?;
         let s = &self.buf[self.pos..end];
         self.pos = end;
-        Ok(s)
+        Some(s)
     }
-    fn u8(&mut self) -> Result<u8, SlotError> {
-        Ok(self.take(1)?[0])
+    pub fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
     }
-    fn u16(&mut self) -> Result<u16, SlotError> {
-        Ok(u16::from_le_bytes(self.take(2)?.try_into().unwrap()))
+    pub fn u16(&mut self) -> Option<u16> {
+        self.take(2).map(|b| u16::from_le_bytes(b.try_into().unwrap()))
     }
-    fn u32(&mut self) -> Result<u32, SlotError> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+    pub fn u32(&mut self) -> Option<u32> {
+        self.take(4).map(|b| u32::from_le_bytes(b.try_into().unwrap()))
     }
-    fn u64(&mut self) -> Result<u64, SlotError> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    pub fn u64(&mut self) -> Option<u64> {
+        self.take(8).map(|b| u64::from_le_bytes(b.try_into().unwrap()))
     }
 }
 

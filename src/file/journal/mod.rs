@@ -46,7 +46,7 @@ const KIND_FILE: u8 = 1;
 const KIND_CHANGE: u8 = 2;
 const KEEPS_BYTES: u8 = 1;
 
-pub type FileId = [u8; FILE_ID_LEN];
+pub use crate::format::FileId;
 
 /// How the mount keeps the journal.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -437,31 +437,6 @@ pub struct InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.journal.finished(self.idx, self.checkpoint);
-    }
-}
-
-struct Cursor<'a>(&'a [u8]);
-
-impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        if self.0.len() < n {
-            return None;
-        }
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        Some(a)
-    }
-    fn u8(&mut self) -> Option<u8> {
-        self.take(1).map(|b| b[0])
-    }
-    fn u16(&mut self) -> Option<u16> {
-        self.take(2).map(|b| u16::from_le_bytes(b.try_into().unwrap()))
-    }
-    fn u32(&mut self) -> Option<u32> {
-        self.take(4).map(|b| u32::from_le_bytes(b.try_into().unwrap()))
-    }
-    fn u64(&mut self) -> Option<u64> {
-        self.take(8).map(|b| u64::from_le_bytes(b.try_into().unwrap()))
     }
 }
 

@@ -43,7 +43,7 @@ pub(super) fn encode_change(b: &mut Vec<u8>, c: &Change<'_>) {
 }
 
 pub(super) fn decode_record(body: &[u8]) -> Option<Rec> {
-    let mut c = Cursor(body);
+    let mut c = crate::format::Reader::new(body);
     let seq = c.u64()?;
     let kind = c.u8()?;
     let file_id: FileId = c.take(FILE_ID_LEN)?.try_into().ok()?;
@@ -73,7 +73,7 @@ pub(super) fn decode_record(body: &[u8]) -> Option<Rec> {
         }
         _ => return None,
     };
-    c.0.is_empty().then_some(rec)
+    c.is_done().then_some(rec)
 }
 
 /// The records of one journal file, in order, up to the first that is torn or damaged (a
@@ -96,7 +96,7 @@ pub(super) fn decode_file(raw: &[u8], volume_id: &[u8]) -> Result<Vec<Rec>> {
     if raw[8..8 + volume_id.len().min(16)] != volume_id[..volume_id.len().min(16)] {
         return Err(Error::corrupt("the crash journal of another volume"));
     }
-    let mut c = Cursor(&raw[HEADER_LEN as usize..]);
+    let mut c = crate::format::Reader::new(&raw[HEADER_LEN as usize..]);
     let mut out = Vec::new();
     while let Some(len) = c.u32() {
         let Some(crc) = c.u32() else { break };
