@@ -112,10 +112,10 @@ pub enum Cmd {
         provider: ProviderArg,
         /// Plaintext bytes per encrypted block (power of two, 512 B to 1 MiB). Larger blocks
         /// suit large sequential files; small random writes rewrite a whole block.
-        #[arg(long, default_value_t = 4096)]
+        #[arg(long, default_value_t = crate::format::DEFAULT_BLOCK_SIZE)]
         block_size: u32,
         /// Bytes reserved at the start of each file for its two header copies.
-        #[arg(long, default_value_t = 4096)]
+        #[arg(long, default_value_t = crate::format::DEFAULT_HEADER_SIZE)]
         header_size: u32,
         /// Keep file names, symlink targets and xattrs in the clear in the backing
         /// directory (format 2, which older releases read). By default they are encrypted
@@ -127,10 +127,10 @@ pub enum Cmd {
         #[arg(long, value_name = "PATH")]
         keyring: Option<PathBuf>,
         /// Argon2id memory cost for a passphrase, in MiB.
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = crate::keys::local::DEFAULT_KDF_MEMORY_MIB)]
         kdf_memory_mib: u32,
         /// Argon2id iterations for a passphrase.
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = crate::keys::local::DEFAULT_KDF_ITERATIONS)]
         kdf_iterations: u32,
         /// pkcs11: the PKCS#11 module (shared library) of the token.
         #[arg(long, value_name = "PATH")]
@@ -387,13 +387,13 @@ pub struct MountArgs {
     #[arg(long)]
     pub read_only: bool,
     /// FUSE worker threads.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = crate::daemon::options::DEFAULT_THREADS)]
     pub threads: usize,
     /// Seconds the kernel may cache attributes.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = crate::daemon::options::DEFAULT_TIMEOUT)]
     pub attr_timeout: f64,
     /// Seconds the kernel may cache name lookups.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = crate::daemon::options::DEFAULT_TIMEOUT)]
     pub entry_timeout: f64,
     /// Let the kernel cache writes and send them in pages (the default; kept for scripts).
     #[arg(long, hide = true)]
@@ -403,17 +403,17 @@ pub struct MountArgs {
     #[arg(long)]
     pub no_writeback_cache: bool,
     /// AES-GCM implementation.
-    #[arg(long, default_value = "aws-lc", value_parser = ["aws-lc", "rustcrypto"])]
+    #[arg(long, default_value = crate::daemon::options::DEFAULT_CRYPTO, value_parser = ["aws-lc", "rustcrypto"])]
     pub crypto: String,
     /// Seconds an unwrapped data key stays cached after it was loaded. Also the bound on how
     /// long files already opened keep working after their KEK is disabled.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = crate::keys::cache::DEFAULT_TTL_SECS)]
     pub cache_ttl: u64,
     /// Seconds an unused cached data key survives.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = crate::keys::cache::DEFAULT_TTI_SECS)]
     pub cache_tti: u64,
     /// Most data keys cached at once.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = crate::keys::cache::DEFAULT_MAX_ENTRIES)]
     pub cache_max: u64,
     /// Append logs to this file instead of stderr.
     #[arg(long, value_name = "FILE")]

@@ -21,10 +21,10 @@ pub enum KeyCmd {
         #[arg(long, value_name = "FILE", conflicts_with = "new_passphrase_file")]
         new_key_file: Option<PathBuf>,
         /// Argon2id memory cost of the new passphrase, in MiB.
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = crate::keys::local::DEFAULT_KDF_MEMORY_MIB)]
         kdf_memory_mib: u32,
         /// Argon2id iterations of the new passphrase.
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = crate::keys::local::DEFAULT_KDF_ITERATIONS)]
         kdf_iterations: u32,
         /// The current passphrase or key file.
         #[command(flatten)]

@@ -17,6 +17,13 @@ use crate::keys::secret::SecretSource;
 /// request buffer).
 pub const MAX_THREADS: usize = 64;
 
+/// What `envelopefs mount` does when not told otherwise (the command line's defaults are
+/// these).
+pub const DEFAULT_THREADS: usize = 4;
+/// Seconds the kernel caches names and attributes.
+pub const DEFAULT_TIMEOUT: f64 = 1.0;
+pub const DEFAULT_CRYPTO: &str = "aws-lc";
+
 /// The settings of one mount. `Default` is what `envelopefs mount` uses without flags.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MountSettings {
@@ -66,14 +73,14 @@ impl Default for MountSettings {
             allow_other: false,
             trust_backing_permissions: false,
             read_only: false,
-            threads: 4,
-            attr_timeout: 1.0,
-            entry_timeout: 1.0,
+            threads: DEFAULT_THREADS,
+            attr_timeout: DEFAULT_TIMEOUT,
+            entry_timeout: DEFAULT_TIMEOUT,
             no_writeback_cache: false,
-            crypto: "aws-lc".into(),
-            cache_ttl: 300,
-            cache_tti: 60,
-            cache_max: 4096,
+            crypto: DEFAULT_CRYPTO.into(),
+            cache_ttl: crate::keys::cache::DEFAULT_TTL_SECS,
+            cache_tti: crate::keys::cache::DEFAULT_TTI_SECS,
+            cache_max: crate::keys::cache::DEFAULT_MAX_ENTRIES,
             log_file: None,
             audit_log: None,
             kms_pool: None,

@@ -22,6 +22,10 @@ pub const MAX_HEADER_SIZE: u32 = 1 << 20;
 
 pub type FileId = [u8; FILE_ID_LEN];
 
+/// What `init` makes when not told otherwise: 4 KiB blocks behind a 4 KiB header region.
+pub const DEFAULT_BLOCK_SIZE: u32 = 4096;
+pub const DEFAULT_HEADER_SIZE: u32 = 4096;
+
 /// Where things are in a backing file of one volume. Every envelope of a volume shares it,
 /// so sizes are computed from the backing file's length alone (`ls -l` never reads headers).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -23,9 +23,18 @@ pub struct CacheConfig {
     pub max_entries: u64,
 }
 
+/// A cached key's life (seconds) and the most cached at once, when not told otherwise.
+pub const DEFAULT_TTL_SECS: u64 = 300;
+pub const DEFAULT_TTI_SECS: u64 = 60;
+pub const DEFAULT_MAX_ENTRIES: u64 = 4096;
+
 impl Default for CacheConfig {
     fn default() -> Self {
-        Self { ttl: Duration::from_secs(300), tti: Duration::from_secs(60), max_entries: 4096 }
+        Self {
+            ttl: Duration::from_secs(DEFAULT_TTL_SECS),
+            tti: Duration::from_secs(DEFAULT_TTI_SECS),
+            max_entries: DEFAULT_MAX_ENTRIES,
+        }
     }
 }
 

@@ -109,8 +109,8 @@ pub struct InitOptions {
 impl Default for InitOptions {
     fn default() -> Self {
         Self {
-            block_size: 4096,
-            header_size: 4096,
+            block_size: crate::format::DEFAULT_BLOCK_SIZE,
+            header_size: crate::format::DEFAULT_HEADER_SIZE,
             provider: ProviderInit::Local { kdf: KdfParams::default(), keyring: None },
             format: FORMAT,
             trust: TrustStore::host(),

@@ -40,9 +40,13 @@ pub struct KdfParams {
     pub p: u32,
 }
 
+/// Argon2id costs of a new passphrase when not told otherwise.
+pub const DEFAULT_KDF_MEMORY_MIB: u32 = 64;
+pub const DEFAULT_KDF_ITERATIONS: u32 = 3;
+
 impl Default for KdfParams {
     fn default() -> Self {
-        Self { m_kib: 64 * 1024, t: 3, p: 1 }
+        Self { m_kib: DEFAULT_KDF_MEMORY_MIB * 1024, t: DEFAULT_KDF_ITERATIONS, p: 1 }
     }
 }
 
