@@ -13,7 +13,7 @@ use crate::volume::{OpenOptions, Volume};
 pub fn key_cmd(cmd: KeyCmd) -> Result<ExitCode> {
     match cmd {
         KeyCmd::Create { module, key, secret } => {
-            let uri: Pkcs11Uri = key.parse().map_err(|e: String| crate::error::usage(format!("--key {key}: {e}")))?;
+            let uri: Pkcs11Uri = key.parse().map_err(|e: crate::error::Error| e.context(format!("--key {key}")))?;
             let pin = secret.source().resolve_pin(uri.pin_source.as_deref())?;
             let p = Pkcs11Provider::open(&module, &uri, pin, true)?;
             let v = p.current_version()?;

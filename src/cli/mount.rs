@@ -28,8 +28,9 @@ const SYSLOG_SOCKET: &str = "/dev/log";
 
 /// Detach a dead FUSE mount at `mnt` left by a daemon of the volume at `backing`; any
 /// other dead mount is left for the admin, with the reason.
-fn clear_dead_mount(mnt: &std::path::Path, backing: &std::path::Path) -> std::result::Result<(), String> {
-    let abs = std::path::absolute(mnt).map_err(|e| e.to_string())?;
+fn clear_dead_mount(mnt: &std::path::Path, backing: &std::path::Path) -> Result<(), Error> {
+    let why = |msg: String| Error::new(libc::ENOTCONN, msg);
+    let abs = std::path::absolute(mnt).map_err(|e| Error::io(e, "its absolute path"))?;
     match process::mount_source_at(&abs) {
         Some(src) if src == backing => {
             warn!(
@@ -38,13 +39,13 @@ fn clear_dead_mount(mnt: &std::path::Path, backing: &std::path::Path) -> std::re
                 abs.display()
             );
             rustix::mount::unmount(&abs, rustix::mount::UnmountFlags::DETACH)
-                .map_err(|e| format!("has a dead FUSE connection that could not be detached: {e}"))
+                .map_err(|e| why(format!("has a dead FUSE connection that could not be detached: {e}")))
         }
-        Some(src) => Err(format!(
+        Some(src) => Err(why(format!(
             "has a dead FUSE connection of {}, not of this volume: detach it with `umount -l`",
             src.display()
-        )),
-        None => Err("does not answer (ENOTCONN) and is not a mount this host lists".into()),
+        ))),
+        None => Err(why("does not answer (ENOTCONN) and is not a mount this host lists".into())),
     }
 }
 
@@ -69,11 +70,11 @@ pub fn mount(mut s: MountSettings, foreground: bool, argv: &[OsString]) -> Resul
         // a connection nobody serves. Clear it if it was this volume's, then mount again,
         // so that systemd's Restart=on-failure brings the volume back.
         _ if dead => {
-            clear_dead_mount(s.mountpoint(), s.backing()).map_err(|why| mnt_err(libc::ENOTCONN, &why))?;
+            clear_dead_mount(s.mountpoint(), s.backing()).map_err(|e| mnt_err(libc::ENOTCONN, &e.to_string()))?;
             std::fs::metadata(s.mountpoint()).map_err(|_| mnt_err(libc::ENOENT, "does not exist"))?
         }
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-            clear_dead_mount(s.mountpoint(), s.backing()).map_err(|why| mnt_err(libc::ENOTCONN, &why))?;
+            clear_dead_mount(s.mountpoint(), s.backing()).map_err(|e| mnt_err(libc::ENOTCONN, &e.to_string()))?;
             std::fs::metadata(s.mountpoint()).map_err(|_| mnt_err(libc::ENOENT, "does not exist"))?
         }
         r => r.map_err(|_| mnt_err(libc::ENOENT, "does not exist"))?,
@@ -104,7 +105,7 @@ pub fn mount(mut s: MountSettings, foreground: bool, argv: &[OsString]) -> Resul
         }
         return Ok(ExitCode::from(crate::daemon::daemonize::daemonize(s.backing(), &s.secret, argv)?));
     }
-    let backend: Backend = s.crypto.parse().map_err(crate::error::usage)?;
+    let backend: Backend = s.crypto.parse()?;
     // The volume is this daemon's (or, shared, this host's among others) before anything
     // of it is opened. The config is authenticated only by `Volume::open`: the lock's kind
     // is checked against it there.

@@ -114,15 +114,21 @@ impl Backend {
 }
 
 impl FromStr for Backend {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = crate::error::Error;
+    fn from_str(s: &str) -> crate::error::Result<Self> {
         match s {
             "aws-lc" => Ok(Backend::AwsLc),
             "rustcrypto" => Ok(Backend::RustCrypto),
-            _ => Err(format!("unknown crypto backend {s:?} (aws-lc or rustcrypto)")),
+            _ => Err(crate::error::usage(format!("unknown crypto backend {s:?} (aws-lc or rustcrypto)"))),
         }
     }
 }
+
+/// A sealed block that does not open under its key, index and file id: tampered, moved,
+/// torn, or another file's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("does not authenticate")]
+pub struct Unauthentic;
 
 impl fmt::Display for Backend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -142,7 +148,7 @@ pub trait BlockAead: Send + Sync {
         ct: &[u8],
         tag: &[u8; TAG_LEN],
         out: &mut [u8],
-    ) -> Result<(), ()>;
+    ) -> Result<(), Unauthentic>;
 }
 
 struct AwsLc(aws_lc_rs::aead::LessSafeKey);
@@ -164,9 +170,11 @@ impl BlockAead for AwsLc {
         ct: &[u8],
         tag: &[u8; TAG_LEN],
         out: &mut [u8],
-    ) -> Result<(), ()> {
+    ) -> Result<(), Unauthentic> {
         use aws_lc_rs::aead::{Aad, Nonce};
-        self.0.open_separate_gather(Nonce::assume_unique_for_key(*nonce), Aad::from(aad), ct, tag, out).map_err(|_| ())
+        self.0
+            .open_separate_gather(Nonce::assume_unique_for_key(*nonce), Aad::from(aad), ct, tag, out)
+            .map_err(|_| Unauthentic)
     }
 }
 
@@ -187,10 +195,10 @@ impl BlockAead for RustCrypto {
         ct: &[u8],
         tag: &[u8; TAG_LEN],
         out: &mut [u8],
-    ) -> Result<(), ()> {
+    ) -> Result<(), Unauthentic> {
         use aes_gcm::aead::AeadInPlace;
         out.copy_from_slice(ct);
-        self.0.decrypt_in_place_detached(nonce.into(), aad, out, tag.into()).map_err(|_| ())
+        self.0.decrypt_in_place_detached(nonce.into(), aad, out, tag.into()).map_err(|_| Unauthentic)
     }
 }
 
@@ -269,9 +277,9 @@ impl FileKey {
     }
 
     /// Open stored block `index` (nonce ‖ ciphertext ‖ tag) into `out`.
-    pub fn open_block(&self, index: u64, stored: &[u8], out: &mut [u8]) -> Result<(), ()> {
+    pub fn open_block(&self, index: u64, stored: &[u8], out: &mut [u8]) -> Result<(), Unauthentic> {
         if stored.len() <= NONCE_LEN + TAG_LEN {
-            return Err(());
+            return Err(Unauthentic);
         }
         let n = stored.len() - NONCE_LEN - TAG_LEN;
         debug_assert_eq!(out.len(), n);

@@ -187,9 +187,9 @@ pub fn apply_word(s: &mut MountSettings, word: &str) -> Result<()> {
         "kms_pool" => s.kms_pool = Some(num()? as usize),
         "kms_timeout" => s.kms_timeout = Some(num()?),
         "prefetch_keys" => s.prefetch_keys = Some(num()? as usize),
-        "journal" => s.journal = val()?.parse().map_err(|e: String| usage(format!("mount option {word}: {e}")))?,
+        "journal" => s.journal = val()?.parse().map_err(|e: Error| e.context(format!("mount option {word}")))?,
         "file_handles" => {
-            s.file_handles = val()?.parse().map_err(|e: String| usage(format!("mount option {word}: {e}")))?
+            s.file_handles = val()?.parse().map_err(|e: Error| e.context(format!("mount option {word}")))?
         }
         "max_inode_fds" => s.max_inode_fds = num()? as usize,
         "exclusive" => s.exclusive = true,

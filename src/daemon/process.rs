@@ -9,13 +9,14 @@ use tracing::warn;
 /// (PR_SET_DUMPABLE=0), and every page locked in RAM as it is touched (MCL_ONFAULT keeps
 /// the cost to what is used). Called first thing, before any secret is read. A failure to
 /// lock is returned for the caller to report (non-root users may lack RLIMIT_MEMLOCK).
-pub fn harden_memory(lock: bool) -> Result<(), String> {
+pub fn harden_memory(lock: bool) -> crate::error::Result<()> {
+    use crate::error::Error;
     use rustix::process::{set_dumpable_behavior, DumpableBehavior};
-    set_dumpable_behavior(DumpableBehavior::NotDumpable).map_err(|e| format!("PR_SET_DUMPABLE failed: {e}"))?;
+    set_dumpable_behavior(DumpableBehavior::NotDumpable).map_err(|e| Error::io(e.into(), "PR_SET_DUMPABLE failed"))?;
     if lock {
         use rustix::mm::{mlockall, MlockAllFlags};
         mlockall(MlockAllFlags::CURRENT | MlockAllFlags::FUTURE | MlockAllFlags::ONFAULT).map_err(|e| {
-            format!("mlockall failed ({e}): data keys may reach swap; run as root or raise RLIMIT_MEMLOCK")
+            Error::io(e.into(), "mlockall failed: data keys may reach swap; run as root or raise RLIMIT_MEMLOCK")
         })?;
     }
     Ok(())

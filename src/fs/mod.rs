@@ -159,13 +159,13 @@ pub enum FileHandles {
 }
 
 impl std::str::FromStr for FileHandles {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
         match s {
             "auto" => Ok(Self::Auto),
             "always" => Ok(Self::Always),
             "never" => Ok(Self::Never),
-            _ => Err(format!("{s:?}: expected auto, always or never")),
+            _ => Err(crate::error::usage(format!("{s:?}: expected auto, always or never"))),
         }
     }
 }

@@ -49,8 +49,7 @@ fn destination(vol: &Volume, key: &str, secret: &SecretSource) -> Result<(Arc<dy
             Ok((Arc::new(p), cfg))
         }
         ProviderConfig::Pkcs11 { module, key: old, objects, mut previous_keys } => {
-            let uri: Pkcs11Uri =
-                key.parse().map_err(|e: String| Error::new(libc::EINVAL, format!("--to-key {key}: {e}")))?;
+            let uri: Pkcs11Uri = key.parse().map_err(|e: Error| e.context(format!("--to-key {key}")))?;
             check_pkcs11_target(key, &uri)?;
             let pin = secret.resolve_pin(None)?;
             let p = Pkcs11Provider::open(Path::new(&module), &uri, pin, true)?;

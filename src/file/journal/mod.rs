@@ -63,13 +63,13 @@ pub enum Mode {
 }
 
 impl std::str::FromStr for Mode {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
         match s {
             "off" => Ok(Mode::Off),
             "ordered" => Ok(Mode::Ordered),
             "sync" => Ok(Mode::Sync),
-            _ => Err(format!("journal mode {s:?}: expected ordered, sync or off")),
+            _ => Err(crate::error::usage(format!("journal mode {s:?}: expected ordered, sync or off"))),
         }
     }
 }

@@ -37,9 +37,11 @@ pub(super) struct Preamble {
 }
 
 impl Preamble {
-    pub(super) fn parse(raw: &[u8]) -> std::result::Result<Self, String> {
+    /// The preamble, or why it is not one (class Tampered: the caller names the file).
+    pub(super) fn parse(raw: &[u8]) -> crate::error::Result<Self> {
+        let bad = |why: String| crate::error::Error::tampered(why);
         if raw.len() < PREAMBLE_LEN + TAG_LEN || (&raw[..8] != MAGIC && &raw[..8] != MAGIC_V1) {
-            return Err("not an envelopefs keyring".into());
+            return Err(bad("not an envelopefs keyring".into()));
         }
         let u32_at = |o: usize| u32::from_le_bytes(raw[o..o + 4].try_into().unwrap());
         let p = Preamble {
@@ -50,15 +52,15 @@ impl Preamble {
             volume_id: raw[40..56].try_into().unwrap(),
         };
         if raw[9..12] != [0; 3] {
-            return Err("reserved bytes are not zero".into());
+            return Err(bad("reserved bytes are not zero".into()));
         }
         match p.kdf {
             // Read before anything authenticates them: refuse costs no sane init would choose.
             KDF_ARGON2ID => {
-                p.params.check().map_err(|e| format!("its KDF cost is refused before deriving anything: {e}"))?
+                p.params.check().map_err(|e| bad(format!("its KDF cost is refused before deriving anything: {e}")))?
             }
             KDF_KEYFILE => {}
-            _ => return Err("unknown key derivation".into()),
+            _ => return Err(bad("unknown key derivation".into())),
         }
         Ok(p)
     }

@@ -123,7 +123,8 @@ impl LocalProvider {
         let raw = crate::sys::atomic_file::read(path)
             .map_err(|e| Error::io(e, format!("reading keyring {}", path.display())).with_class(Class::NotVolume))?;
         let bad = |why: &str| Error::tampered(format!("keyring {} is damaged: {why}", path.display()));
-        let Preamble { kdf, params, salt, volume_id: theirs, .. } = Preamble::parse(&raw).map_err(|e| bad(&e))?;
+        let Preamble { kdf, params, salt, volume_id: theirs, .. } =
+            Preamble::parse(&raw).map_err(|e| bad(&e.to_string()))?;
         if theirs != volume_id {
             return Err(bad("it belongs to another volume"));
         }

@@ -1,6 +1,7 @@
 //! RFC 7512 PKCS#11 URIs: the parts envelopefs uses, parsed strictly and written back.
 
 use super::*;
+use crate::error::usage;
 
 /// An RFC 7512 PKCS#11 URI, the parts envelopefs uses.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -13,37 +14,40 @@ pub struct Pkcs11Uri {
     pub module_path: Option<String>,
 }
 
-pub(super) fn pct_decode(s: &str) -> std::result::Result<String, String> {
+pub(super) fn pct_decode(s: &str) -> Result<String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' {
-            let hex = s.get(i + 1..i + 3).ok_or_else(|| format!("bad percent escape in {s:?}"))?;
-            out.push(u8::from_str_radix(hex, 16).map_err(|_| format!("bad percent escape in {s:?}"))?);
+            let bad = || usage(format!("bad percent escape in {s:?}"));
+            let hex = s.get(i + 1..i + 3).ok_or_else(bad)?;
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
             i += 3;
         } else {
             out.push(b[i]);
             i += 1;
         }
     }
-    String::from_utf8(out).map_err(|_| format!("{s:?} is not UTF-8"))
+    String::from_utf8(out).map_err(|_| usage(format!("{s:?} is not UTF-8")))
 }
 
 impl FromStr for Pkcs11Uri {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        let rest = s.strip_prefix("pkcs11:").ok_or("a PKCS#11 URI starts with pkcs11:")?;
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let rest = s.strip_prefix("pkcs11:").ok_or_else(|| usage("a PKCS#11 URI starts with pkcs11:"))?;
         let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
         let mut uri = Pkcs11Uri::default();
         let mut object = None;
         for attr in path.split(';').filter(|a| !a.is_empty()) {
-            let (k, v) = attr.split_once('=').ok_or_else(|| format!("{attr:?} is not NAME=VALUE"))?;
+            let (k, v) = attr.split_once('=').ok_or_else(|| usage(format!("{attr:?} is not NAME=VALUE")))?;
             let v = pct_decode(v)?;
             match k {
                 "token" => uri.token = Some(v),
                 "serial" => uri.serial = Some(v),
-                "slot-id" => uri.slot_id = Some(v.parse().map_err(|_| format!("slot-id {v:?} is not a number"))?),
+                "slot-id" => {
+                    uri.slot_id = Some(v.parse().map_err(|_| usage(format!("slot-id {v:?} is not a number")))?)
+                }
                 "object" => object = Some(v),
                 // Attributes that select nothing envelopefs needs are accepted and ignored.
                 "manufacturer"
@@ -55,27 +59,26 @@ impl FromStr for Pkcs11Uri {
                 | "slot-description"
                 | "type"
                 | "id" => {}
-                _ => return Err(format!("unknown PKCS#11 URI attribute {k:?}")),
+                _ => return Err(usage(format!("unknown PKCS#11 URI attribute {k:?}"))),
             }
         }
         for q in query.split('&').filter(|a| !a.is_empty()) {
-            let (k, v) = q.split_once('=').ok_or_else(|| format!("{q:?} is not NAME=VALUE"))?;
+            let (k, v) = q.split_once('=').ok_or_else(|| usage(format!("{q:?} is not NAME=VALUE")))?;
             let v = pct_decode(v)?;
             match k {
                 "pin-source" => uri.pin_source = Some(v),
                 "module-path" => uri.module_path = Some(v),
                 "pin-value" => {
-                    return Err(
-                        "pin-value in a URI would put the PIN on disk or a command line: use pin-source or --pin-file"
-                            .into(),
-                    )
+                    return Err(usage(
+                        "pin-value in a URI would put the PIN on disk or a command line: use pin-source or --pin-file",
+                    ))
                 }
                 _ => {}
             }
         }
-        uri.object = object.ok_or("the URI must name the key: object=LABEL")?;
+        uri.object = object.ok_or_else(|| usage("the URI must name the key: object=LABEL"))?;
         if uri.object.contains('/') {
-            return Err("object= must not contain '/' (envelopefs adds /vN per key version)".into());
+            return Err(usage("object= must not contain '/' (envelopefs adds /vN per key version)"));
         }
         Ok(uri)
     }
