@@ -154,6 +154,12 @@ impl Collector for Live {
         }
         if let Some(j) = &self.journal {
             counter(&mut e, "envelopefs_journal_records", "records written to the crash journal", j.records())?;
+            counter(
+                &mut e,
+                "envelopefs_journal_flushes",
+                "fdatasyncs of the journal (sync mode; one per round of writers)",
+                j.flushes(),
+            )?;
         }
         counter(
             &mut e,

@@ -20,6 +20,9 @@ pub const MAX_BLOCK_SIZE: u32 = 1 << 20;
 pub const MIN_HEADER_SIZE: u32 = 1024;
 pub const MAX_HEADER_SIZE: u32 = 1 << 20;
 
+mod reader;
+pub use reader::Reader;
+
 pub type FileId = [u8; FILE_ID_LEN];
 
 /// What `init` makes when not told otherwise: 4 KiB blocks behind a 4 KiB header region.
@@ -313,7 +316,7 @@ pub fn decode_slot(slot: &[u8]) -> Result<SlotView, SlotError> {
         return Err(SlotError::Malformed("bytes after the checksum are not zero"));
     }
     const TRUNCATED: SlotError = SlotError::Malformed("truncated");
-    let mut r = Reader { buf: &slot[..body_len], pos: 12 };
+    let mut r = Reader::new(slot.get(12..body_len).ok_or(TRUNCATED)?);
     let generation = r.u64().ok_or(TRUNCATED)?;
     let file_id: FileId = r.take(FILE_ID_LEN).ok_or(TRUNCATED)?.try_into().unwrap();
     let block_size = r.u32().ok_or(TRUNCATED)?;
@@ -337,7 +340,7 @@ pub fn decode_slot(slot: &[u8]) -> Result<SlotView, SlotError> {
         let wrapped = r.take(w_len).ok_or(TRUNCATED)?.to_vec();
         records.push(KeyRecord { provider, kek_id, kek_version, wrapped });
     }
-    if r.pos != body_len {
+    if !r.is_done() {
         return Err(SlotError::Malformed("trailing bytes after key records"));
     }
     Ok(SlotView {
@@ -357,41 +360,6 @@ pub fn decode_region(region: &[u8]) -> Vec<(usize, Result<SlotView, SlotError>)>
         Err(_) => (1, std::cmp::Reverse(0), *i),
     });
     slots
-}
-
-/// Little-endian fields read one after another from a byte slice (header slots here, the
-/// crash journal's records): None once the slice runs out.
-pub struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Reader<'a> {
-    pub fn new(buf: &'a [u8]) -> Self {
-        Self { buf, pos: 0 }
-    }
-    /// Whether every byte was read.
-    pub fn is_done(&self) -> bool {
-        self.pos == self.buf.len()
-    }
-    pub fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len())?;
-        let s = &self.buf[self.pos..end];
-        self.pos = end;
-        Some(s)
-    }
-    pub fn u8(&mut self) -> Option<u8> {
-        self.take(1).map(|b| b[0])
-    }
-    pub fn u16(&mut self) -> Option<u16> {
-        self.take(2).map(|b| u16::from_le_bytes(b.try_into().unwrap()))
-    }
-    pub fn u32(&mut self) -> Option<u32> {
-        self.take(4).map(|b| u32::from_le_bytes(b.try_into().unwrap()))
-    }
-    pub fn u64(&mut self) -> Option<u64> {
-        self.take(8).map(|b| u64::from_le_bytes(b.try_into().unwrap()))
-    }
 }
 
 #[cfg(test)]

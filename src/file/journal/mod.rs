@@ -125,8 +125,9 @@ pub enum Observed<'a> {
 pub type Observer = Arc<dyn Fn(&File, Observed<'_>) + Send + Sync>;
 
 struct State {
-    files: [File; 2],
     len: [u64; 2],
+    /// How much of each file is known flushed (sync mode).
+    synced: [u64; 2],
     active: usize,
     seq: u64,
     /// Changes recorded in each file whose backing write has not finished.
@@ -138,6 +139,10 @@ struct State {
 
 pub struct Journal {
     paths: [PathBuf; 2],
+    files: [File; 2],
+    /// Held by the one writer flushing for everyone (sync mode's group commit).
+    flushing: Mutex<()>,
+    flushes: std::sync::atomic::AtomicU64,
     mode: Mode,
     limit: u64,
     /// The backing root, for `syncfs`.
@@ -221,15 +226,31 @@ impl Journal {
         )?;
         let files: [File; 2] = files.try_into().map_err(|_| Error::new(libc::EIO, "journal files"))?;
         let state = State {
-            files,
             len: [HEADER_LEN; 2],
+            synced: [HEADER_LEN; 2],
             active: 0,
             seq: 0,
             inflight: [0; 2],
             known: [HashSet::new(), HashSet::new()],
             checkpointing: false,
         };
-        Ok(Arc::new(Self { paths, mode, limit, root, state: Mutex::new(state), drained: Condvar::new(), observer }))
+        Ok(Arc::new(Self {
+            paths,
+            files,
+            flushing: Mutex::new(()),
+            flushes: Default::default(),
+            mode,
+            limit,
+            root,
+            state: Mutex::new(state),
+            drained: Condvar::new(),
+            observer,
+        }))
+    }
+
+    /// Flushes of records (sync mode) since the journal started (for the metrics endpoint).
+    pub fn flushes(&self) -> u64 {
+        self.flushes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Records written since the journal started (for the metrics endpoint).
@@ -262,21 +283,44 @@ impl Journal {
         encode_change(&mut body, change);
         frame(&mut out, &body);
         let at = st.len[idx];
-        let f = &st.files[idx];
+        let f = &self.files[idx];
         if let Some(obs) = &self.observer {
             obs(f, Observed::Write { offset: at, bytes: &out });
         }
+        // Records go in one after another, under the lock: the file never has a gap.
         f.write_all_at(&out, at).map_err(|e| io(e, "writing", &self.paths[idx]))?;
-        if self.mode == Mode::Sync {
-            f.sync_data().map_err(|e| io(e, "flushing", &self.paths[idx]))?;
-        }
         st.len[idx] += out.len() as u64;
+        let end = st.len[idx];
         st.inflight[idx] += 1;
         let checkpoint = st.len[idx] > self.limit && !st.checkpointing;
         if checkpoint {
             st.checkpointing = true;
         }
-        Ok(InFlight { journal: self.clone(), idx, checkpoint })
+        drop(st);
+        let held = InFlight { journal: self.clone(), idx, checkpoint };
+        if self.mode == Mode::Sync {
+            self.flush_to(idx, end)?;
+        }
+        Ok(held)
+    }
+
+    /// Make file `idx` durable up to `end`. Writers that arrive while one flushes wait,
+    /// then find their records covered by it, or flush once for all who came meanwhile
+    /// (group commit): one fdatasync per round of writers, not per record.
+    fn flush_to(&self, idx: usize, end: u64) -> Result<()> {
+        let _one = self.flushing.lock().unwrap();
+        let target = {
+            let st = self.state.lock().unwrap();
+            if st.synced[idx] >= end {
+                return Ok(());
+            }
+            st.len[idx]
+        };
+        self.files[idx].sync_data().map_err(|e| io(e, "flushing", &self.paths[idx]))?;
+        self.flushes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut st = self.state.lock().unwrap();
+        st.synced[idx] = st.synced[idx].max(target);
+        Ok(())
     }
 
     fn finished(self: &Arc<Self>, idx: usize, checkpoint: bool) {
@@ -316,12 +360,13 @@ impl Journal {
         drop(st);
         syncfs(&self.root)?;
         let mut st = self.state.lock().unwrap();
-        let f = &st.files[idx];
+        let f = &self.files[idx];
         if let Some(obs) = &self.observer {
             obs(f, Observed::SetLen(HEADER_LEN));
         }
         f.set_len(HEADER_LEN).and_then(|_| f.sync_data()).map_err(|e| io(e, "emptying", &self.paths[idx]))?;
         st.len[idx] = HEADER_LEN;
+        st.synced[idx] = HEADER_LEN;
         st.known[idx].clear();
         Ok(())
     }
@@ -446,104 +491,4 @@ enum Rec {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const VID: &str = "00112233445566778899aabbccddeeff";
-
-    fn journal(dir: &Path, limit: u64) -> Arc<Journal> {
-        Journal::create(dir, VID, VID, dir, Mode::Ordered, limit, None).unwrap()
-    }
-
-    fn file(id: u8) -> (FileId, impl Fn() -> Vec<u8>) {
-        ([id; 16], move || format!("dir/f{id}").into_bytes())
-    }
-
-    #[test]
-    fn newest_change_per_file_wins_and_kinds_round_trip() {
-        let d = tempfile::tempdir().unwrap();
-        let j = journal(d.path(), DEFAULT_LIMIT);
-        let (id1, p1) = file(1);
-        let (id2, p2) = file(2);
-        let f1 = FileRef { file_id: id1, ino: 11, path: &p1 };
-        let f2 = FileRef { file_id: id2, ino: 22, path: &p2 };
-        let data = vec![7u8; 300];
-        let append = Change { offset: 100, bytes: &data, chunks: &[100, 200], old_len: 100, then_len: None };
-        drop(j.record(&f1, &append).unwrap());
-        let over = Change { offset: 50, bytes: &data[..10], chunks: &[10], old_len: 400, then_len: Some(60) };
-        drop(j.record(&f2, &over).unwrap());
-        let cut = Change { offset: 0, bytes: &[], chunks: &[], old_len: 400, then_len: Some(4) };
-        drop(j.record(&f1, &cut).unwrap());
-        let p = read(d.path(), VID, VID).unwrap();
-        assert_eq!(p.len(), 2);
-        assert_eq!(p[0].file_id, id2);
-        assert_eq!(p[0].ino, 22);
-        assert_eq!(p[0].path, b"dir/f2");
-        assert_eq!(p[0].change, Recorded::Overwrite { offset: 50, bytes: vec![7; 10], result_len: 60 });
-        assert_eq!(p[1].change, Recorded::SetLen { len: 4 });
-        drop(j.record(&f2, &append).unwrap());
-        let p = read(d.path(), VID, VID).unwrap();
-        let crc = |n| crc32fast::hash(&vec![7u8; n]);
-        let want = Recorded::Append { offset: 100, chunks: vec![(100, crc(100)), (200, crc(200))], result_len: 400 };
-        assert_eq!(p.iter().find(|p| p.file_id == id2).unwrap().change, want);
-    }
-
-    #[test]
-    fn a_torn_last_record_is_ignored_and_the_one_before_stands() {
-        let d = tempfile::tempdir().unwrap();
-        let j = journal(d.path(), DEFAULT_LIMIT);
-        let (id, p) = file(3);
-        let f = FileRef { file_id: id, ino: 3, path: &p };
-        let data = vec![1u8; 64];
-        drop(j.record(&f, &Change { offset: 0, bytes: &data, chunks: &[64], old_len: 64, then_len: None }).unwrap());
-        let before = std::fs::metadata(&paths(d.path(), VID)[0]).unwrap().len();
-        drop(j.record(&f, &Change { offset: 8, bytes: &data, chunks: &[64], old_len: 64, then_len: None }).unwrap());
-        let after = std::fs::metadata(&paths(d.path(), VID)[0]).unwrap().len();
-        for cut in before..after {
-            let raw = std::fs::read(&paths(d.path(), VID)[0]).unwrap();
-            let t = tempfile::tempdir().unwrap();
-            std::fs::write(&paths(t.path(), VID)[0], &raw[..cut as usize]).unwrap();
-            let p = read(t.path(), VID, VID).unwrap();
-            assert_eq!(p.len(), 1, "cut at {cut}");
-            assert!(matches!(&p[0].change, Recorded::Overwrite { offset: 0, .. }), "cut at {cut}");
-        }
-    }
-
-    #[test]
-    fn a_journal_of_another_volume_or_not_a_journal_is_refused() {
-        let d = tempfile::tempdir().unwrap();
-        drop(journal(d.path(), DEFAULT_LIMIT));
-        let other = "ffeeddccbbaa99887766554433221100";
-        std::fs::rename(&paths(d.path(), VID)[0], &paths(d.path(), other)[0]).unwrap();
-        assert_eq!(read(d.path(), other, other).unwrap_err().errno(), libc::EIO);
-        std::fs::write(&paths(d.path(), VID)[0], b"not a journal at all, no").unwrap();
-        assert_eq!(read(d.path(), VID, VID).unwrap_err().errno(), libc::EIO);
-    }
-
-    #[test]
-    fn checkpoint_empties_the_full_file_and_recording_goes_on_in_the_other() {
-        let d = tempfile::tempdir().unwrap();
-        let j = journal(d.path(), 1000);
-        let (id, p) = file(4);
-        let f = FileRef { file_id: id, ino: 4, path: &p };
-        let data = vec![2u8; 600];
-        for _ in 0..2 {
-            drop(
-                j.record(&f, &Change { offset: 0, bytes: &data, chunks: &[600], old_len: 600, then_len: None })
-                    .unwrap(),
-            );
-        }
-        // The second record crossed the limit: a background checkpoint empties file 0.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while std::fs::metadata(&paths(d.path(), VID)[0]).unwrap().len() != HEADER_LEN {
-            assert!(std::time::Instant::now() < deadline, "checkpoint did not happen");
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        assert!(read(d.path(), VID, VID).unwrap().is_empty());
-        drop(j.record(&f, &Change { offset: 0, bytes: &[], chunks: &[], old_len: 600, then_len: Some(5) }).unwrap());
-        let p = read(d.path(), VID, VID).unwrap();
-        assert_eq!((p.len(), &p[0].path[..]), (1, &b"dir/f4"[..]), "the path record is repeated in the new file");
-        j.close().unwrap();
-        assert!(!exists(d.path(), VID));
-    }
-}
+mod tests;
