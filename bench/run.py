@@ -292,6 +292,19 @@ def w_rand(s, cfg):
     return {"rand-write-4k": w["iops"], "rand-read-4k": r["iops"]}
 
 
+def w_syncwrites(s, cfg):
+    """Four writers of 4 KiB random writes, each followed by fsync, to files of their own
+    (a database's commits): what the crash journal's sync mode costs, and what writers that
+    flush at the same time share."""
+    args = ["fio", "--name=syncw", f"--directory={s.path}", "--rw=randwrite", "--bs=4k", "--size=8m",
+            "--numjobs=4", "--fsync=1", "--ioengine=psync", "--time_based", f"--runtime={cfg.rand_secs}",
+            "--group_reporting", "--output-format=json"]
+    out = json.loads(sh(*args).stdout)
+    for f in s.path.glob("syncw.*"):
+        f.unlink()
+    return {"sync-writes-4x4k": out["jobs"][0]["write"]["iops"]}
+
+
 def timed(fn):
     t = time.perf_counter()
     fn()
@@ -422,6 +435,7 @@ METRICS = [
     ("kms-server-cpu-per-create", "ms", False),
     ("appends-1000B", "appends/s", True),
     ("scan-files", "files/s", True),
+    ("sync-writes-4x4k", "IOPS", True),
     ("kms-decrypts-per-file", "calls", False),
     ("daemon-cpu-per-file", "ms", False),
     ("kms-server-cpu-per-file", "ms", False),
@@ -446,7 +460,7 @@ def w_appends(s, cfg):
     return {"appends-1000B": rate}
 
 
-WORKLOADS = {"scan": w_scan, "seq": w_seq, "rand": w_rand, "tree": w_tree, "opens": w_opens, "smallfiles": w_smallfiles,
+WORKLOADS = {"syncwrites": w_syncwrites, "scan": w_scan, "seq": w_seq, "rand": w_rand, "tree": w_tree, "opens": w_opens, "smallfiles": w_smallfiles,
              "appends": w_appends}
 
 
@@ -619,6 +633,8 @@ def main():
         "envelopefs-ra128": lambda: Envelopefs("envelopefs-ra128", work, cfg.binary, ["--read-ahead-kb", "0"]),
         "envelopefs-exclusive": lambda: Envelopefs("envelopefs-exclusive", work, cfg.binary, ["--exclusive"]),
         "envelopefs-journal-off": lambda: Envelopefs("envelopefs-journal-off", work, cfg.binary, ["--journal", "off"]),
+        "envelopefs-baseline-journal-sync": lambda: Envelopefs("envelopefs-baseline-journal-sync", work,
+                                                               cfg.baseline_binary, ["--journal", "sync"]),
         "envelopefs-journal-sync": lambda: Envelopefs("envelopefs-journal-sync", work, cfg.binary, ["--journal", "sync"]),
         "envelopefs-kms": lambda: EnvelopefsKms("envelopefs-kms", work, cfg.binary, 0),
         "envelopefs-kms-10ms": lambda: EnvelopefsKms("envelopefs-kms-10ms", work, cfg.binary, 10),
