@@ -351,6 +351,36 @@ fn a_refused_kms_connection_is_said_plainly() {
 }
 
 /// `GET /metrics` on the running daemon, as text.
+/// Cold opens of different files run their key-store round trips at the same time: the
+/// KMS stand-in answers no Decrypt until four are in flight (else each waits 10 s and the
+/// count shows one at a time).
+#[test]
+#[cfg_attr(
+    not(all(feature = "fuse_tests", feature = "kms_tests")),
+    ignore = "needs FUSE mounts as root and moto: --features fuse_tests,kms_tests"
+)]
+fn cold_opens_of_different_files_unwrap_in_parallel() {
+    let kms = Kms::start();
+    let v = kms_volume(&kms, "parallel");
+    let m = mount(&v, &["--kms-pool", "0"]);
+    for i in 0..4 {
+        fs::write(m.path(&format!("f{i}")), format!("file {i}")).unwrap();
+    }
+    drop(m);
+    // Nothing unwrapped ahead: the overlap must come from the opens themselves.
+    let m = mount(&v, &["--kms-pool", "0", "--prefetch-keys", "0", "--threads", "4"]);
+    kms.proxy(r#"{"hold_decrypts": 4, "decrypts_in_flight_max": 0}"#);
+    let before = kms.calls("Decrypt");
+    std::thread::scope(|s| {
+        for i in 0..4 {
+            let m = &m;
+            s.spawn(move || assert_eq!(fs::read_to_string(m.path(&format!("f{i}"))).unwrap(), format!("file {i}")));
+        }
+    });
+    assert_eq!(kms.calls("Decrypt") - before, 4);
+    assert_eq!(kms.proxy_state(&["decrypts_in_flight_max"]), 4, "the four Decrypts were in flight at once");
+}
+
 /// A scan (opens one after another, each missing the DEK cache) has the rest of its
 /// directory unwrapped ahead, a window per miss; every file still costs one Decrypt.
 #[test]

@@ -404,6 +404,11 @@ impl Kms {
 
     /// Calls the proxy has seen per KMS operation.
     pub fn calls(&self, op: &str) -> u64 {
+        self.proxy_state(&["calls", op])
+    }
+
+    /// A number from the proxy's state (GET /__proxy), 0 if absent.
+    pub fn proxy_state(&self, path: &[&str]) -> u64 {
         let port: u16 = self.proxy_url.rsplit(':').next().unwrap().parse().unwrap();
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
         std::io::Write::write_all(&mut s, b"GET /__proxy HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
@@ -411,7 +416,7 @@ impl Kms {
         std::io::Read::read_to_string(&mut s, &mut resp).unwrap();
         let body = resp.split("\r\n\r\n").nth(1).unwrap();
         let v: serde_json::Value = serde_json::from_str(body).unwrap();
-        v["calls"][op].as_u64().unwrap_or(0)
+        path.iter().fold(&v, |v, k| &v[k]).as_u64().unwrap_or(0)
     }
 }
 

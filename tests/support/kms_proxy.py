@@ -3,10 +3,12 @@
 
 moto does not enforce disabled keys and answers some errors differently from real KMS;
 this proxy lets tests (and bench/) add latency, answer DisabledException, throttle, or drop
-connections, and counts calls per KMS operation. Control it with
+connections, hold Decrypt answers until several are in flight, and counts calls per KMS
+operation. Control it with
 POST /__proxy {"mode": "ok"|"disabled"|"down", "latency_ms": N, "throttle": N,
-"disabled_keys": [ARN, ...]}
-and read counts with GET /__proxy.
+"disabled_keys": [ARN, ...], "hold_decrypts": N}
+and read counts with GET /__proxy ("decrypts_in_flight_max": the most Decrypts it held at
+once; with "hold_decrypts": N, none is answered until N are in flight, or 10 s passed).
 
     kms_proxy.py --port 0 --upstream http://127.0.0.1:5000   # prints the port it took
 """
@@ -20,8 +22,24 @@ import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-STATE = {"mode": "ok", "latency_ms": 0, "throttle": 0, "calls": {}, "disabled_keys": []}
+STATE = {"mode": "ok", "latency_ms": 0, "throttle": 0, "calls": {}, "disabled_keys": [], "hold_decrypts": 0,
+         "decrypts_in_flight": 0, "decrypts_in_flight_max": 0}
 LOCK = threading.Lock()
+HELD = threading.Condition(LOCK)
+
+
+def hold_decrypt():
+    """Count this Decrypt in flight; with hold_decrypts set, wait until that many are."""
+    with HELD:
+        STATE["decrypts_in_flight"] += 1
+        STATE["decrypts_in_flight_max"] = max(STATE["decrypts_in_flight_max"], STATE["decrypts_in_flight"])
+        HELD.notify_all()
+        HELD.wait_for(lambda: STATE["decrypts_in_flight_max"] >= STATE["hold_decrypts"], timeout=10)
+
+
+def release_decrypt():
+    with HELD:
+        STATE["decrypts_in_flight"] -= 1
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -58,6 +76,7 @@ class Handler(BaseHTTPRequestHandler):
                 if STATE.get("reset_calls"):
                     STATE["calls"] = {}
                     STATE.pop("reset_calls")
+                HELD.notify_all()
             return self.reply(200, {"ok": True}, "application/json")
         op = self.headers.get("X-Amz-Target", "?").split(".")[-1]
         with LOCK:
@@ -67,6 +86,15 @@ class Handler(BaseHTTPRequestHandler):
             throttled = STATE["throttle"] > 0
             if throttled:
                 STATE["throttle"] -= 1
+        if op == "Decrypt":
+            hold_decrypt()
+        try:
+            return self.forward(op, body, mode, latency, disabled_keys, throttled)
+        finally:
+            if op == "Decrypt":
+                release_decrypt()
+
+    def forward(self, op, body, mode, latency, disabled_keys, throttled):
         if latency:
             time.sleep(latency / 1000)
         if mode == "down":
