@@ -320,6 +320,17 @@ impl EncryptedFs {
     /// Serve `vol`. Sets the process umask to 0: modes arrive from the kernel already
     /// masked by the caller's umask and must reach the backing store unchanged.
     pub fn new(vol: Arc<Volume>) -> Result<Self> {
+        if vol.config.upgrading {
+            // Values are bound to their files one by one: some of each kind until it ends.
+            return Err(Error::new(
+                libc::EBUSY,
+                format!(
+                    "{}: an `envelopefs upgrade` to format 6 did not finish: run it again before mounting",
+                    vol.root.display()
+                ),
+            )
+            .with_class(crate::error::Class::Busy));
+        }
         rustix::process::umask(rustix::fs::Mode::empty());
         let root = sys::cstr(vol.root.as_os_str())?;
         let fd = sys::openat(libc::AT_FDCWD, &root, libc::O_PATH | libc::O_DIRECTORY, 0)
