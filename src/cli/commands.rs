@@ -279,7 +279,10 @@ fn upgrade_report(backing: &Path, done: &crate::tools::upgrade::Upgraded, resume
         return Ok(ExitCode::FAILURE);
     }
     if done.from == done.to && !resumed {
-        println!("{b} is already format {}", done.to);
+        // Plaintext names (2, 3): no xattr is encrypted, so format 6 has nothing to bind.
+        let why =
+            if !crate::volume::config::Features::of(done.to).names { ", the newest with plaintext names" } else { "" };
+        println!("{b} is already format {}{why}", done.to);
         return Ok(ExitCode::SUCCESS);
     }
     let what = match done.to {
