@@ -32,7 +32,7 @@ struct Fixture {
     secret: (&'static str, &'static str),
 }
 
-const FIXTURES: [Fixture; 5] = [
+const FIXTURES: [Fixture; 6] = [
     Fixture { name: "v1-keyfile-4k", block_size: 4096, secret: ("--key-file", "volume.key") },
     Fixture { name: "v1-passphrase-1k", block_size: 1024, secret: ("--passphrase-file", "passphrase") },
     Fixture { name: "v2-keyfile-4k", block_size: 4096, secret: ("--key-file", "volume.key") },
@@ -40,11 +40,31 @@ const FIXTURES: [Fixture; 5] = [
     Fixture { name: "v4-names-keyfile-4k", block_size: 4096, secret: ("--key-file", "volume.key") },
     // Format 5: a shared volume (`init --shared`), otherwise as format 4.
     Fixture { name: "v5-shared-keyfile-4k", block_size: 4096, secret: ("--key-file", "volume.key") },
+    // Format 6: xattr values bound to their file (`XATTRS`), otherwise as format 4.
+    Fixture { name: "v6-bound-xattrs-keyfile-4k", block_size: 4096, secret: ("--key-file", "volume.key") },
 ];
 
-/// Whether a fixture has hidden names (formats 4 and 5).
+/// The `user.note` values of format 6's fixture: a file, an empty file (given a header by
+/// its value), a directory (bound by name).
+const XATTRS: [(&str, &[u8]); 3] =
+    [("small.txt", b"bound to small.txt"), ("empty", b"bound to an empty file"), ("dir", b"on a directory")];
+
+/// Whether a fixture has hidden names (formats 4 to 6).
 fn hidden_names(fx: &Fixture) -> bool {
-    fx.name.starts_with("v4") || fx.name.starts_with("v5")
+    ["v4", "v5", "v6"].iter().any(|v| fx.name.starts_with(v))
+}
+
+fn get_xattr(p: &Path, name: &str) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::ffi::OsStrExt;
+    let (p, n) = (std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap(), std::ffi::CString::new(name).unwrap());
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: both strings are NUL-terminated and `buf` is writable for its length.
+    let len = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if len < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    buf.truncate(len as usize);
+    Ok(buf)
 }
 
 /// A name of format 4's long kind (a stand-in and a side file), in `v4-…` only.
@@ -56,9 +76,9 @@ fn long_name() -> String {
 /// and `rekey --rewrap`: the local keyring and an age recovery recipient.
 const V3: Fixture = Fixture { name: "v3-slots-keyfile-4k", block_size: 4096, secret: ("--key-file", "volume.key") };
 
-/// Broken volumes, made from `v2-keyfile-4k` (or `v3-…`): each must be refused with exit
-/// 16 (tampered) and a message naming what is wrong.
-const BROKEN: [(&str, &str); 11] = [
+/// Broken volumes, made from `v2-keyfile-4k` (or `v3-…`, `v6-…`): each must be refused
+/// with exit 16 (tampered) and a message naming what is wrong.
+const BROKEN: [(&str, &str); 13] = [
     ("broken-v2-edited-config", "does not authenticate under the volume key"),
     ("broken-v2-config-as-v1", "format 1"),
     ("broken-v2-old-keyring-cost", "KDF cost is refused"),
@@ -68,7 +88,12 @@ const BROKEN: [(&str, &str); 11] = [
     ("broken-format-4", "format 4 without its names scheme"),
     // Made when format 5 did not exist yet: a format-2 config claiming 5 lacks its names.
     ("broken-format-5", "format 5 without its names scheme"),
-    ("broken-format-6", "format 6 is not supported"),
+    // Made when format 6 did not exist yet: a format-2 config claiming 6 lacks its names.
+    ("broken-format-6", "format 6 without its names scheme"),
+    ("broken-format-7", "format 7 is not supported"),
+    // Format 6's config edited to say 5 (values read by name only): its keyring knows better
+    // (and the MAC covers the format).
+    ("broken-v6-format-as-5", "belongs to a format-6 volume"),
     // Format 5's config with `shared` removed: the MAC covers it.
     ("broken-v5-sharing-dropped", "does not authenticate under the volume key"),
     // Format 4's config with its names field removed (a silent downgrade to plaintext names).
@@ -80,6 +105,51 @@ const BROKEN: [(&str, &str); 11] = [
 
 fn fixture_dir(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+/// A fixture copied to `to`, with its xattrs put back (see `save_xattrs`).
+fn copy_fixture(from: &Path, to: &Path) {
+    copy_tree(from, to);
+    let Ok(list) = fs::read_to_string(to.join("xattrs")) else { return };
+    for line in list.lines() {
+        let mut f = line.split('\t');
+        let (path, name, value) = (f.next().unwrap(), f.next().unwrap(), hex::decode(f.next().unwrap()).unwrap());
+        let p = std::ffi::CString::new(to.join(path).into_os_string().into_encoded_bytes()).unwrap();
+        let n = std::ffi::CString::new(name).unwrap();
+        // SAFETY: both strings are NUL-terminated and `value` is readable for its length.
+        let r = unsafe { libc::lsetxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+        assert_eq!(r, 0, "{path}: {}", std::io::Error::last_os_error());
+    }
+}
+
+/// Git keeps no xattrs: a fixture's are listed in `xattrs` beside `backing` (a line each:
+/// backing path, stored name, value in hex) and put back on every copy.
+fn save_xattrs(dir: &Path) {
+    let mut lines = Vec::new();
+    let mut stack = vec![dir.join("backing")];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            }
+            let p = std::ffi::CString::new(e.path().into_os_string().into_encoded_bytes()).unwrap();
+            let mut names = vec![0u8; 65536];
+            // SAFETY: the path is NUL-terminated and `names` is writable for its length.
+            let n = unsafe { libc::llistxattr(p.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+            for name in names[..n.max(0) as usize].split(|&b| b == 0).filter(|n| n.starts_with(b"user.")) {
+                let c = std::ffi::CString::new(name).unwrap();
+                let mut v = vec![0u8; 65536];
+                // SAFETY: both strings are NUL-terminated and `v` is writable for its length.
+                let len = unsafe { libc::lgetxattr(p.as_ptr(), c.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
+                assert!(len >= 0);
+                let rel = e.path().strip_prefix(dir).unwrap().to_string_lossy().into_owned();
+                lines.push(format!("{rel}\t{}\t{}\n", String::from_utf8_lossy(name), hex::encode(&v[..len as usize])));
+            }
+        }
+    }
+    lines.sort();
+    fs::write(dir.join("xattrs"), lines.concat()).unwrap();
 }
 
 fn copy_tree(from: &Path, to: &Path) {
@@ -105,7 +175,7 @@ fn every_fixture_volume_still_opens_and_reads_back() {
         let src = fixture_dir(fx.name);
         assert!(src.join("backing/envelopefs.toml").is_file(), "fixture {} is missing", fx.name);
         let tmp = tempfile::tempdir().unwrap();
-        copy_tree(&src, tmp.path());
+        copy_fixture(&src, tmp.path());
         let backing = tmp.path().join("backing");
         let secret = tmp.path().join(fx.secret.1);
 
@@ -143,6 +213,11 @@ fn every_fixture_volume_still_opens_and_reads_back() {
             assert!(backing.join(&rel).is_file(), "{}: name encrypt gave {rel:?}", fx.name);
             let back = cli(&[&"name", &"decrypt", &backing, &rel, &fx.secret.0, &secret]);
             assert_eq!(String::from_utf8_lossy(&back.stdout).trim(), "dir/nested/file");
+        }
+        if fx.name.starts_with("v6") {
+            for (path, value) in XATTRS {
+                assert_eq!(get_xattr(&m.path(path), "user.note").unwrap(), value, "{}: {path}", fx.name);
+            }
         }
     }
 }
@@ -307,6 +382,17 @@ fn make_fixtures() {
         if hidden_names(&fx) {
             fs::write(m.path(&long_name()), b"a long name").unwrap();
         }
+        if fx.name.starts_with("v6") {
+            for (path, value) in XATTRS {
+                use std::os::unix::ffi::OsStrExt;
+                let (p, n) = (std::ffi::CString::new(m.path(path).as_os_str().as_bytes()).unwrap(), c"user.note");
+                // SAFETY: both strings are NUL-terminated and `value` is readable for its length.
+                let r = unsafe { libc::setxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+                assert_eq!(r, 0, "{path}: {}", std::io::Error::last_os_error());
+            }
+            drop(m);
+            save_xattrs(&dir);
+        }
     }
     make_broken_fixtures();
     make_v3_fixtures();
@@ -355,6 +441,14 @@ fn make_v3_fixtures() {
     });
     edit("broken-format-6", &src, &|b| {
         let text = fs::read_to_string(config(b)).unwrap().replace("format = 2", "format = 6");
+        fs::write(config(b), text).unwrap();
+    });
+    edit("broken-format-7", &src, &|b| {
+        let text = fs::read_to_string(config(b)).unwrap().replace("format = 2", "format = 7");
+        fs::write(config(b), text).unwrap();
+    });
+    edit("broken-v6-format-as-5", &fixture_dir("v6-bound-xattrs-keyfile-4k"), &|b| {
+        let text = fs::read_to_string(config(b)).unwrap().replace("format = 6", "format = 5");
         fs::write(config(b), text).unwrap();
     });
     edit("broken-v5-sharing-dropped", &fixture_dir("v5-shared-keyfile-4k"), &|b| {

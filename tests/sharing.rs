@@ -138,9 +138,8 @@ fn a_shared_volume_is_mounted_by_both_and_rewritten_by_neither_while_mounted() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let h1 = fleet.mount(1);
     assert_eq!(fs::read(h1.path("a")).unwrap(), b"written on host 1");
-    // Host 1 learned format 5 from the volume: a config swapped for one without sharing is
-    // still format 5, never an older format.
-    assert!(fs::read_to_string(fleet.backing.join("envelopefs.toml")).unwrap().contains("format = 5"));
+    // Sharing turned off keeps the format `init --shared` made (6), never an older one.
+    assert!(fs::read_to_string(fleet.backing.join("envelopefs.toml")).unwrap().contains("format = 6"));
 }
 
 #[test]

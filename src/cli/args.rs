@@ -206,8 +206,11 @@ pub enum Cmd {
         #[command(flatten)]
         secret: KeySecretArgs,
     },
-    /// Move a format-1 volume to format 2 (authenticated config, pinned keys). Offline;
-    /// files are untouched. Older envelopefs versions cannot open the volume afterwards.
+    /// Move a volume to the newest format its names allow: format 1 to 2 (authenticated
+    /// config, pinned keys; files untouched); hidden names (4, 5) to 6 (xattr values of
+    /// regular files bound to their file: each sealed anew, an empty file with values gets
+    /// a header). Offline. Interrupted, it is run again; the volume does not mount
+    /// meanwhile. Older envelopefs versions cannot open the volume afterwards.
     Upgrade {
         backing: PathBuf,
         #[command(flatten)]

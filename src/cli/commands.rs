@@ -63,8 +63,6 @@ pub fn run(cmd: Cmd) -> Result<ExitCode> {
             };
             let format = if plaintext_names {
                 crate::volume::config::PLAINTEXT_NAMES_FORMAT
-            } else if shared {
-                crate::volume::config::SHARED_FORMAT
             } else {
                 crate::volume::config::FORMAT
             };
@@ -87,12 +85,9 @@ pub fn run(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Upgrade { backing, secret } => {
             let _lock = lock_volume(&backing).context("upgrade rewrites the config: unmount the volume first")?;
             let mut vol = Volume::open(&backing, &secret.source(), &OpenOptions::default())?;
-            if vol.upgrade()? {
-                println!("{} is now format {}: its config is authenticated", backing.display(), vol.config.format);
-            } else {
-                println!("{} is already format {}", backing.display(), vol.config.format);
-            }
-            Ok(ExitCode::SUCCESS)
+            let was_upgrading = vol.config.upgrading;
+            let done = crate::tools::upgrade::upgrade(&mut vol)?;
+            upgrade_report(&backing, &done, was_upgrading)
         }
         Cmd::Status { mountpoint: Some(mountpoint), json } => {
             let st = crate::daemon::control::query(&mountpoint)?;
@@ -261,6 +256,42 @@ fn rekey_files(
     Ok(if sum.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
+/// What `upgrade` did, for people.
+fn upgrade_report(backing: &Path, done: &crate::tools::upgrade::Upgraded, resumed: bool) -> Result<ExitCode> {
+    let b = backing.display();
+    for (p, name) in &done.foreign {
+        eprintln!("warning: {}: xattr {name} does not authenticate: left as it is (it reads as EIO)", p.display());
+    }
+    for (p, e) in &done.failed {
+        eprintln!("{}: {e}", p.display());
+    }
+    if !done.finished() {
+        eprintln!(
+            "{b}: the upgrade to format {} is not finished ({} files failed): mend or remove them, then run              `envelopefs upgrade` again; the volume does not mount until then",
+            done.to,
+            done.failed.len()
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    if done.from == done.to && !resumed {
+        // Plaintext names (2, 3): no xattr is encrypted, so format 6 has nothing to bind.
+        let why =
+            if !crate::volume::config::Features::of(done.to).names { ", the newest with plaintext names" } else { "" };
+        println!("{b} is already format {}{why}", done.to);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let what = match done.to {
+        2 => "its config is authenticated".to_owned(),
+        _ => format!(
+            "xattr values of regular files are bound to their file (values sealed anew: {}, in files: {}; \
+             empty files given a header: {})",
+            done.values, done.files, done.headers
+        ),
+    };
+    println!("{b} is now format {}: {what}", done.to);
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `envelopefs trust`: show what would be pinned, ask, authenticate with it, pin it.
 fn trust(
     backing: &Path,
@@ -277,7 +308,7 @@ fn trust(
     for line in crate::volume::trust::describe(&rec) {
         println!("  {line}");
     }
-    if cfg.format < 2 {
+    if !cfg.features().authenticated {
         println!("  note: format 1: the config is not authenticated; `envelopefs upgrade` makes it format 2");
     }
     if let Some(old) = &existing {

@@ -1,11 +1,12 @@
 //! One envelope file: its header and key (`envelope_file`), its content as sealed blocks
-//! (`content`), the crash journal every change is recorded in first (`journal`), and what
-//! a crash left (`recovery`).
+//! (`content`), the crash journal every change is recorded in first (`journal`), what
+//! a crash left (`recovery`), and what its xattr values are bound to (`xattrs`).
 
 pub mod content;
 pub mod envelope_file;
 pub mod journal;
 pub mod recovery;
+pub mod xattrs;
 
 use std::fs::File;
 use std::path::PathBuf;

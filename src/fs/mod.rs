@@ -320,6 +320,17 @@ impl EncryptedFs {
     /// Serve `vol`. Modes given to it are applied as given, so the process umask must be
     /// 0 (the daemon's `process::unmask_modes`).
     pub fn new(vol: Arc<Volume>) -> Result<Self> {
+        if vol.config.upgrading {
+            // Values are bound to their files one by one: some of each kind until it ends.
+            return Err(Error::new(
+                libc::EBUSY,
+                format!(
+                    "{}: an `envelopefs upgrade` to format 6 did not finish: run it again before mounting",
+                    vol.root.display()
+                ),
+            )
+            .with_class(crate::error::Class::Busy));
+        }
         let root = sys::cstr(vol.root.as_os_str())?;
         let fd = sys::openat(libc::AT_FDCWD, &root, libc::O_PATH | libc::O_DIRECTORY, 0)
             .map_err(|e| e.context(format!("opening backing directory {}", vol.root.display())))?;

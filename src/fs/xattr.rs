@@ -1,7 +1,8 @@
 //! Extended attributes: `user.*` names and values encrypted on a hidden-names volume,
-//! others passed through.
+//! others passed through. From format 6 a regular file's values are bound to its file id.
 
 use super::*;
+use crate::names::XattrBinding;
 
 impl EncryptedFs {
     /// Only `user.*` extended attributes pass through: as they are with plaintext names,
@@ -28,7 +29,31 @@ impl EncryptedFs {
         })
     }
 
-    pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+    /// What `inode`'s values are bound to (see `EnvelopeFile::xattr_binding`): a regular
+    /// file of format 6 by its file id, read from its header (the key the inode holds while
+    /// open, or through the DEK cache); with `make`, an empty one gets its header first,
+    /// recorded in the journal like a first write. `None`: an empty file of format 6.
+    fn xattr_binding(&self, inode: &Arc<Inode>, make: bool, caller: Caller) -> Result<Option<XattrBinding>> {
+        if inode.fmt != libc::S_IFREG || !self.vol.config.features().bound_xattrs {
+            return Ok(Some(XattrBinding::Name));
+        }
+        if let Some(k) = &inode.content.read().unwrap().key {
+            return Ok(Some(XattrBinding::File(k.file_id)));
+        }
+        let fd = self.fd(inode)?;
+        let file = sys::reopen(&fd, if make { libc::O_RDWR } else { libc::O_RDONLY })?;
+        if !make {
+            let describe = || sys::describe_fd(file.as_raw_fd());
+            let env = EnvelopeFile { vol: &self.vol, file: &file, describe: &describe, who: Some(caller.requester()) };
+            return env.xattr_binding(false, None);
+        }
+        // A header made here is a change to the content: under its lock, journaled.
+        let mut st = inode.content.write().unwrap();
+        let key = self.journaled(inode, |journal| self.key_for_write(&mut st, &file, true, caller, journal))?;
+        Ok(key.map(|k| XattrBinding::File(k.file_id)))
+    }
+
+    pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32, caller: Caller) -> Result<()> {
         let inode = self.inode(ino)?;
         if inode.is_symlink() {
             return Err(Error::new(libc::EPERM, "no user xattrs on symlinks"));
@@ -40,7 +65,11 @@ impl EncryptedFs {
                 if value.len() + crate::names::XATTR_VALUE_OVERHEAD > 65536 {
                     return Err(Error::new(libc::E2BIG, "an xattr value this long does not fit once encrypted"));
                 }
-                sealed = c.seal_xattr_value(stored.as_bytes(), value)?;
+                let binding = self
+                    .xattr_binding(&inode, true, caller)
+                    .map_err(|e| e.context(format!("xattr {name:?} of {}", self.describe_inode(&inode))))?
+                    .expect("made on demand");
+                sealed = c.seal_xattr_value(binding, stored.as_bytes(), value)?;
                 &sealed[..]
             }
             None => value,
@@ -48,7 +77,7 @@ impl EncryptedFs {
         sys::setxattr(self.fd(&inode)?.as_raw_fd(), &stored, value, flags)
     }
 
-    pub fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> Result<Vec<u8>> {
+    pub fn getxattr(&self, ino: u64, name: &OsStr, size: u32, caller: Caller) -> Result<Vec<u8>> {
         let inode = self.inode(ino)?;
         if !name.as_bytes().starts_with(b"user.") || inode.is_symlink() {
             return Err(Error::new(libc::ENODATA, "no such attribute"));
@@ -59,8 +88,20 @@ impl EncryptedFs {
         };
         let stored = self.stored_xattr_name(name)?;
         let len = sys::getxattr(fd.as_raw_fd(), &stored, 0)?.len();
-        let value = c
-            .open_xattr_value(stored.as_bytes(), &sys::getxattr(fd.as_raw_fd(), &stored, len.max(1))?)
+        let sealed = sys::getxattr(fd.as_raw_fd(), &stored, len.max(1))?;
+        let value = self
+            .xattr_binding(&inode, false, caller)
+            .and_then(|b| {
+                // Format 6 gives a file its header before its first value: a value on an
+                // empty file was put there from outside.
+                let b = b.ok_or_else(|| {
+                    Error::integrity(
+                        crate::error::Integrity::Name,
+                        "an xattr value on an empty file with no header does not authenticate (put there from outside)",
+                    )
+                })?;
+                c.open_xattr_value(b, stored.as_bytes(), &sealed)
+            })
             .map_err(|e| e.context(format!("xattr {name:?} of {}", self.describe_inode(&inode))))?;
         match size as usize {
             0 => Ok(vec![0u8; value.len()]),

@@ -486,7 +486,7 @@ impl Filesystem for FuseFs {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -495,12 +495,12 @@ impl Filesystem for FuseFs {
         reply: ReplyEmpty,
     ) {
         let _timer = self.fs.stats.request("setxattr");
-        self.empty(reply, "setxattr", On::Ino(ino.0), self.fs.setxattr(ino.0, name, value, flags));
+        self.empty(reply, "setxattr", On::Ino(ino.0), self.fs.setxattr(ino.0, name, value, flags, caller(req)));
     }
 
-    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let _timer = self.fs.stats.request("getxattr");
-        match self.fs.getxattr(ino.0, name, size) {
+        match self.fs.getxattr(ino.0, name, size, caller(req)) {
             Ok(v) if size == 0 => reply.size(v.len() as u32),
             Ok(v) => reply.data(&v),
             Err(e) => reply.error(self.errno("getxattr", On::Ino(ino.0), &e)),

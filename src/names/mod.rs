@@ -22,6 +22,7 @@ use zeroize::Zeroizing;
 
 use crate::crypto::{fill_random, VolumeKey};
 use crate::error::{Error, Result};
+use crate::format::FileId;
 
 /// The longest name in the plaintext view, as on every Linux filesystem.
 pub const NAME_MAX: usize = 255;
@@ -67,10 +68,22 @@ pub enum EntryKind {
     Foreign,
 }
 
+/// What an xattr value is bound to (docs/FORMAT.md §10, §12).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XattrBinding {
+    /// Its stored name only: formats 4 and 5, and in format 6 what has no file header.
+    Name,
+    /// Its stored name and its regular file's id (format 6): a value copied to another
+    /// file, or kept from before a re-encryption, does not authenticate.
+    File(FileId),
+}
+
 /// Keys for names, targets and xattrs, derived from the volume key.
 pub struct NameCipher {
     siv: Zeroizing<[u8; 64]>,
     xattr_values: Zeroizing<[u8; 32]>,
+    /// A key of its own: a value bound by name never opens as one bound to a file.
+    file_xattr_values: Zeroizing<[u8; 32]>,
 }
 
 impl NameCipher {
@@ -78,7 +91,11 @@ impl NameCipher {
         let mut siv = Zeroizing::new([0u8; 64]);
         siv[..32].copy_from_slice(&volume_key.mac("names v4 siv mac", b""));
         siv[32..].copy_from_slice(&volume_key.mac("names v4 siv ctr", b""));
-        Self { siv, xattr_values: Zeroizing::new(volume_key.mac("names v4 xattr values", b"")) }
+        Self {
+            siv,
+            xattr_values: Zeroizing::new(volume_key.mac("names v4 xattr values", b"")),
+            file_xattr_values: Zeroizing::new(volume_key.mac("names v6 xattr values of a file", b"")),
+        }
     }
 
     fn siv(&self) -> Aes256Siv {
@@ -186,32 +203,49 @@ impl NameCipher {
         Some(out)
     }
 
-    /// An xattr value: AES-256-GCM under a random nonce, bound to its (stored) name.
-    pub fn seal_xattr_value(&self, stored_name: &[u8], value: &[u8]) -> Result<Vec<u8>> {
+    /// The key and additional data of a value of `stored_name` bound by `binding`.
+    fn xattr_aead(&self, binding: XattrBinding, stored_name: &[u8]) -> (aes_gcm::Aes256Gcm, Vec<u8>) {
+        match binding {
+            XattrBinding::Name => (aes_gcm::Aes256Gcm::new(self.xattr_values[..].into()), stored_name.to_vec()),
+            XattrBinding::File(id) => {
+                // The file id has a fixed length: file id ‖ name is unambiguous.
+                let aad = [&id[..], stored_name].concat();
+                (aes_gcm::Aes256Gcm::new(self.file_xattr_values[..].into()), aad)
+            }
+        }
+    }
+
+    /// An xattr value: AES-256-GCM under a random nonce, bound to its (stored) name and,
+    /// by `binding`, to its file.
+    pub fn seal_xattr_value(&self, binding: XattrBinding, stored_name: &[u8], value: &[u8]) -> Result<Vec<u8>> {
         let mut nonce = [0u8; NONCE_LEN];
         fill_random(&mut nonce)?;
-        let c = aes_gcm::Aes256Gcm::new(self.xattr_values[..].into());
+        let (c, aad) = self.xattr_aead(binding, stored_name);
         let ct = c
-            .encrypt((&nonce).into(), Payload { msg: value, aad: stored_name })
+            .encrypt((&nonce).into(), Payload { msg: value, aad: &aad })
             .map_err(|_| Error::new(libc::EIO, "sealing an xattr value"))?;
         let mut out = nonce.to_vec();
         out.extend_from_slice(&ct);
         Ok(out)
     }
 
-    pub fn open_xattr_value(&self, stored_name: &[u8], stored: &[u8]) -> Result<Vec<u8>> {
+    pub fn open_xattr_value(&self, binding: XattrBinding, stored_name: &[u8], stored: &[u8]) -> Result<Vec<u8>> {
         let bad = || {
             Error::integrity(
                 crate::error::Integrity::Name,
-                "an xattr value does not authenticate (changed, or moved from another name)",
+                match binding {
+                    XattrBinding::Name => "an xattr value does not authenticate (changed, or moved from another name)",
+                    XattrBinding::File(_) => {
+                        "an xattr value does not authenticate (changed, or moved from another name or file)"
+                    }
+                },
             )
         };
         if stored.len() < NONCE_LEN + TAG_LEN {
             return Err(bad());
         }
-        let c = aes_gcm::Aes256Gcm::new(self.xattr_values[..].into());
-        c.decrypt(stored[..NONCE_LEN].into(), Payload { msg: &stored[NONCE_LEN..], aad: stored_name })
-            .map_err(|_| bad())
+        let (c, aad) = self.xattr_aead(binding, stored_name);
+        c.decrypt(stored[..NONCE_LEN].into(), Payload { msg: &stored[NONCE_LEN..], aad: &aad }).map_err(|_| bad())
     }
 }
 
@@ -329,7 +363,8 @@ pub fn decode_for_fuzzing(data: &[u8]) {
     let _ = c.decrypt_target(data);
     let _ = c.decrypt_xattr_name(data);
     let (name, value) = data.split_at(data.len() / 2);
-    let _ = c.open_xattr_value(name, value);
+    let _ = c.open_xattr_value(XattrBinding::Name, name, value);
+    let _ = c.open_xattr_value(XattrBinding::File([7; 16]), name, value);
     // Plaintexts with any padding: only a well-formed one decrypts, to itself unpadded.
     let sealed = URL_SAFE_NO_PAD.encode(c.seal(b"name", data));
     if let Ok(name) = c.decrypt_name(sealed.as_bytes()) {
@@ -470,11 +505,26 @@ mod tests {
         let n = c.encrypt_xattr_name(b"user.comment").unwrap();
         assert!(n.starts_with(b"user.") && !n.windows(7).any(|w| w == b"comment"));
         assert_eq!(c.decrypt_xattr_name(&n).unwrap(), b"user.comment");
-        let v = c.seal_xattr_value(&n, b"value").unwrap();
+        let by_name = XattrBinding::Name;
+        let v = c.seal_xattr_value(by_name, &n, b"value").unwrap();
         assert_eq!(v.len(), 5 + XATTR_VALUE_OVERHEAD);
-        assert_eq!(c.open_xattr_value(&n, &v).unwrap(), b"value");
+        assert_eq!(c.open_xattr_value(by_name, &n, &v).unwrap(), b"value");
         let n2 = c.encrypt_xattr_name(b"user.other").unwrap();
-        assert!(c.open_xattr_value(&n2, &v).is_err(), "a value moved to another name");
+        assert!(c.open_xattr_value(by_name, &n2, &v).is_err(), "a value moved to another name");
+    }
+
+    #[test]
+    fn values_bound_to_a_file_open_on_that_file_only() {
+        let c = cipher();
+        let n = c.encrypt_xattr_name(b"user.note").unwrap();
+        let (a, b) = (XattrBinding::File([1; 16]), XattrBinding::File([2; 16]));
+        let v = c.seal_xattr_value(a, &n, b"a's note").unwrap();
+        assert_eq!(v.len(), 8 + XATTR_VALUE_OVERHEAD, "no longer than a value bound by name");
+        assert_eq!(c.open_xattr_value(a, &n, &v).unwrap(), b"a's note");
+        assert_eq!(c.open_xattr_value(b, &n, &v).unwrap_err().errno(), libc::EIO, "another file");
+        assert!(c.open_xattr_value(XattrBinding::Name, &n, &v).is_err(), "read as bound by name");
+        let by_name = c.seal_xattr_value(XattrBinding::Name, &n, b"d").unwrap();
+        assert!(c.open_xattr_value(a, &n, &by_name).is_err(), "a name-bound value put on a file");
     }
 
     #[test]

@@ -104,6 +104,11 @@ pub struct FsckReport {
 /// lead a repair outside the volume.
 pub fn fsck(vol: &Volume, repair: bool) -> Result<FsckReport> {
     let mut report = FsckReport::default();
+    if vol.config.upgrading {
+        let what =
+            "an `envelopefs upgrade` to format 6 did not finish: run it again (the volume does not mount until then)";
+        report.problems.push(Finding { path: vol.root.clone(), what: what.into(), repaired: false });
+    }
     Tree::open(vol)?.walk(&mut |e| {
         if !is_temporary(e.path) {
             return check_file(vol, e, repair, &mut report);
@@ -144,7 +149,16 @@ fn check_file(vol: &Volume, e: &Found<'_>, repair: bool, rep: &mut FsckReport) {
     let verdict = EnvelopeFile { vol, file: &f, describe: &describe, who: None }.verify(path, repair);
     rep.blocks += verdict.blocks;
     rep.holes += verdict.holes;
-    rep.problems.extend(verdict.findings);
+    for f in verdict.findings {
+        problem(f.what, f.repaired);
+    }
+    let empty = f.metadata().is_ok_and(|m| m.len() == 0);
+    if empty || verdict.header.is_some() {
+        let id = verdict.header.as_ref().map(|h| h.file_id);
+        for what in check_xattrs(vol, &f, id) {
+            problem(what, false);
+        }
+    }
     // A copy of a backing file keeps its file id and so its data key: the two files' blocks
     // can be swapped for each other undetected, and the key is used twice. (Hard links are
     // one file.)
@@ -166,6 +180,32 @@ fn check_file(vol: &Volume, e: &Found<'_>, repair: bool, rep: &mut FsckReport) {
             rep.ids.insert(id, (path.to_owned(), (st.st_dev, st.st_ino)));
         }
     }
+}
+
+/// Format 6: every `user.*` value of a regular file (`file_id`: from its header, `None`:
+/// empty) authenticates bound to it. What does not is named (and left alone).
+fn check_xattrs(vol: &Volume, f: &File, file_id: Option<[u8; 16]>) -> Vec<String> {
+    use crate::names::XattrBinding;
+    use std::os::unix::io::AsRawFd;
+    let (true, Some(names)) = (vol.config.features().bound_xattrs, vol.names()) else { return Vec::new() };
+    let fd = f.as_raw_fd();
+    let Ok(listed) = crate::sys::listxattr(fd) else { return vec!["cannot list its xattrs".into()] };
+    let mut out = Vec::new();
+    for n in listed.split(|&b| b == 0).filter(|n| n.starts_with(b"user.")) {
+        let shown = names.decrypt_xattr_name(n).unwrap_or_else(|| n.to_vec());
+        let shown = String::from_utf8_lossy(&shown);
+        let c = std::ffi::CString::new(n).expect("split at NUL");
+        let stored = crate::sys::getxattr(fd, &c, 65536);
+        let ok = match (file_id, &stored) {
+            (Some(id), Ok(v)) => names.open_xattr_value(XattrBinding::File(id), n, v).is_ok(),
+            _ => false,
+        };
+        if !ok {
+            let why = if file_id.is_none() { "on an empty file with no header" } else { "bound to another file" };
+            out.push(format!("xattr {shown} does not authenticate ({why}, or changed): it reads as EIO"));
+        }
+    }
+    out
 }
 
 /// How many file headers use each KEK version of the volume's provider.

@@ -59,7 +59,7 @@ fn destination(vol: &Volume, key: &str, secret: &SecretSource) -> Result<(Arc<dy
             }
             previous_keys.retain(|k| *k != new_id);
             p.set_previous_keys(previous_keys.clone());
-            if vol.config.format >= 2 {
+            if vol.config.features().authenticated {
                 let current = p.label(p.current_version()?);
                 p.pin_objects(objects.iter().cloned().chain([current]).collect())?;
             }

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::file::envelope_file::EnvelopeFile;
+use crate::file::xattrs::reseal;
 use crate::format::{is_hole, Geometry, BLOCK_OVERHEAD};
+use crate::names::XattrBinding;
 use crate::sys;
 use crate::volume::Volume;
 
@@ -144,6 +146,14 @@ pub fn reencrypt_file(vol: &Volume, tree: &Tree, path: &Path) -> Result<bool> {
         }
         dst.truncate(size)?;
         copy_metadata(&old, &new, &meta)?;
+        // Format 6: the values were bound to the old file id; bound to the new one now.
+        if let (true, Some(names)) = (vol.config.features().bound_xattrs, vol.names()) {
+            let (was, now) = (XattrBinding::File(opened.header.file_id), XattrBinding::File(new_key.file_id));
+            let done = reseal(names, old.as_raw_fd(), new.as_raw_fd(), was, now)?;
+            for n in done.foreign {
+                tracing::warn!("{}: xattr {n} does not authenticate: copied as it is (it reads as EIO)", describe());
+            }
+        }
         new.sync_all().map_err(|e| Error::io(e, "fsync"))?;
         // The name must still be the file that was read (a swap inside the volume is
         // refused rather than overwritten); the rename never leaves this directory.

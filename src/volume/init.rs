@@ -25,10 +25,11 @@ pub fn init(root: &Path, secret: &SecretSource, opts: &InitOptions) -> Result<Vo
     if !crate::volume::config::FORMATS.contains(&opts.format) {
         return Err(Error::new(libc::EINVAL, format!("format {} is not one this version writes", opts.format)));
     }
-    if opts.shared && opts.format != crate::volume::config::SHARED_FORMAT {
+    let has = crate::volume::config::Features::of(opts.format);
+    if opts.shared && !has.shared {
         return Err(Error::new(
             libc::EINVAL,
-            format!("a shared volume is format {}", crate::volume::config::SHARED_FORMAT),
+            format!("a shared volume is format {} or later", crate::volume::config::SHARED_FORMAT),
         )
         .with_class(Class::Usage));
     }
@@ -58,12 +59,12 @@ pub fn init(root: &Path, secret: &SecretSource, opts: &InitOptions) -> Result<Vo
             provider,
             volume_key: None,
             slots: Vec::new(),
-            names: (opts.format >= crate::volume::config::NAMES_FORMAT)
-                .then(|| crate::volume::config::NAMES_SCHEME.to_owned()),
+            names: has.names.then(|| crate::volume::config::NAMES_SCHEME.to_owned()),
             shared: opts.shared,
+            upgrading: false,
         };
         let mut check = None;
-        if opts.format >= 2 {
+        if has.authenticated {
             // The volume key is a data key like any file's, bound to a file id no file has.
             let (dek, rec) = key_store.generate(&volume_key_context(&volume_id))?;
             cfg.generation = 1;

@@ -383,16 +383,29 @@ impl Volume {
         Ok(was < 2)
     }
 
+    /// Mark an upgrade to format 6 as begun (`on`) or finished (the caller holds the volume
+    /// alone; `tools::upgrade` does the files between). From the start the config says
+    /// format 6 under its MAC and the keyring names it, so neither a release before 6 nor a
+    /// format-5 config put back opens the volume; mounts wait for the finish.
+    pub fn set_upgrading(&mut self, on: bool) -> Result<()> {
+        use crate::volume::config::BOUND_XATTRS_FORMAT;
+        self.update_config_with(|c| {
+            c.format = c.format.max(BOUND_XATTRS_FORMAT);
+            c.upgrading = on;
+        })?;
+        self.provider.mark_volume_format(self.config.format)
+    }
+
     /// Make the volume shared by several hosts, or no longer shared (the caller holds the
     /// volume alone). Sharing needs an authenticated config with hidden names (format 4);
-    /// it makes the volume format 5, which releases before it do not open. Returns whether
+    /// it makes the volume format 5 at least, which releases before it do not open. Returns whether
     /// anything changed.
     pub fn set_shared(&mut self, on: bool) -> Result<bool> {
-        use crate::volume::config::{NAMES_FORMAT, SHARED_FORMAT};
+        use crate::volume::config::SHARED_FORMAT;
         if self.config.shared == on {
             return Ok(false);
         }
-        if on && self.config.format < NAMES_FORMAT {
+        if on && !self.config.features().names {
             return Err(Error::new(
                 libc::EINVAL,
                 format!(

@@ -43,7 +43,7 @@ pub fn create_provider(
             let parsed: Pkcs11Uri = uri.parse().map_err(|e| Error::new(libc::EINVAL, format!("--key {uri}: {e}")))?;
             let pin = secret.resolve_pin(parsed.pin_source.as_deref())?;
             let p = Pkcs11Provider::open(module, &parsed, pin, true)?;
-            if format >= 2 {
+            if crate::volume::config::Features::of(format).authenticated {
                 p.pin_current()?;
             }
             let cfg = ProviderConfig::Pkcs11 {

@@ -335,7 +335,7 @@ pub fn candidate(
     let (module, accept_format) = (asked.module, asked.accept_format);
     // Format 1 has no MAC: anyone who can write the backing directory can present any
     // volume's config as format 1 (names in the clear, nothing authenticated).
-    if cfg.format < 2 && accept_format != Some(cfg.format) {
+    if !cfg.features().authenticated && accept_format != Some(cfg.format) {
         return Err(Error::untrusted(format!(
             "{}/envelopefs.toml says format {}: unauthenticated, and what a downgrade would look like. \
              If this volume is really that old, say so with `envelopefs trust --accept-format {} {}`, \
@@ -489,6 +489,7 @@ mod tests {
             slots: vec![],
             names: None,
             shared: false,
+            upgrading: false,
         }
     }
 

@@ -16,9 +16,10 @@ use crate::keys::VolumeId;
 
 pub const CONFIG_NAME: &str = "envelopefs.toml";
 pub const KEYRING_NAME: &str = "envelopefs.keyring";
-/// The format new volumes get: hidden names. `init --plaintext-names` makes format 2
-/// (format 3 once it has key slots), which the releases before read.
-pub const FORMAT: u32 = NAMES_FORMAT;
+/// The format new volumes get: hidden names, xattr values bound to their file.
+/// `init --plaintext-names` makes format 2 (format 3 once it has key slots), which the
+/// releases before read.
+pub const FORMAT: u32 = BOUND_XATTRS_FORMAT;
 /// The format a plaintext-names volume starts at.
 pub const PLAINTEXT_NAMES_FORMAT: u32 = 2;
 /// The format a plaintext-names volume with key slots is.
@@ -29,8 +30,38 @@ pub const NAMES_FORMAT: u32 = 4;
 pub const NAMES_SCHEME: &str = "aes-siv";
 /// The format whose config may say `shared` (several hosts mount it; docs/SHARING.md).
 pub const SHARED_FORMAT: u32 = 5;
+/// The format whose regular files' xattr values are bound to their file id (§12).
+pub const BOUND_XATTRS_FORMAT: u32 = 6;
 /// The formats this version opens.
-pub const FORMATS: [u32; 5] = [1, 2, 3, 4, 5];
+pub const FORMATS: [u32; 6] = [1, 2, 3, 4, 5, 6];
+
+/// What a format gives a volume: the one place a format number becomes features, so no
+/// check elsewhere compares numbers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Features {
+    /// An authenticated config and a volume key (format 2).
+    pub authenticated: bool,
+    /// Key slots beyond the primary may be listed (format 3).
+    pub slots: bool,
+    /// Hidden names, symlink targets and xattrs (format 4).
+    pub names: bool,
+    /// The config may say `shared` (format 5).
+    pub shared: bool,
+    /// Regular files' xattr values bound to their file id (format 6).
+    pub bound_xattrs: bool,
+}
+
+impl Features {
+    pub fn of(format: u32) -> Self {
+        Self {
+            authenticated: format >= 2,
+            slots: format >= SLOTS_FORMAT,
+            names: format >= NAMES_FORMAT,
+            shared: format >= SHARED_FORMAT,
+            bound_xattrs: format >= BOUND_XATTRS_FORMAT,
+        }
+    }
+}
 const MAC_LABEL: &str = "envelopefs v2 config mac";
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -60,6 +91,10 @@ pub struct VolumeConfig {
     /// Several hosts mount it at once (format 5; docs/SHARING.md).
     #[serde(default, skip_serializing_if = "is_false")]
     pub shared: bool,
+    /// An `upgrade` to format 6 has not finished sealing xattr values anew: mounts are
+    /// refused until `upgrade` runs to its end (format 6 only).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub upgrading: bool,
 }
 
 /// One key slot beyond the primary.
@@ -213,22 +248,23 @@ impl VolumeConfig {
         if !FORMATS.contains(&self.format) {
             return Err(Error::new(
                 libc::EINVAL,
-                format!("format {} is not supported by this version (it reads formats 1 to 5)", self.format),
+                format!("format {} is not supported by this version (it reads formats 1 to 6)", self.format),
             )
             .with_class(Class::Tampered));
         }
+        let has = self.features();
         let v2_fields = self.generation > 0 && self.mac.is_some() && self.volume_key.is_some();
         let v1_fields = self.generation == 0 && self.mac.is_none() && self.volume_key.is_none();
-        if (self.format >= 2 && !v2_fields) || (self.format == 1 && !v1_fields) {
+        if (has.authenticated && !v2_fields) || (!has.authenticated && !v1_fields) {
             return Err(Error::tampered(format!(
                 "format {} with the fields of another format (generation, mac, volume_key)",
                 self.format
             )));
         }
-        if !self.slots.is_empty() && self.format < SLOTS_FORMAT {
+        if !self.slots.is_empty() && !has.slots {
             return Err(Error::tampered(format!("format {} with key slots (format 3 has them)", self.format)));
         }
-        match (&self.names, self.format >= NAMES_FORMAT) {
+        match (&self.names, has.names) {
             (None, false) => {}
             (Some(n), true) if n == NAMES_SCHEME => {}
             (Some(n), true) => {
@@ -239,8 +275,11 @@ impl VolumeConfig {
                 return Err(Error::tampered(format!("format {} with hidden names (format 4 has them)", self.format)))
             }
         }
-        if self.shared && self.format < SHARED_FORMAT {
+        if self.shared && !has.shared {
             return Err(Error::tampered(format!("format {} that says shared (format 5 does)", self.format)));
+        }
+        if self.upgrading && !has.bound_xattrs {
+            return Err(Error::tampered(format!("format {} that says upgrading (format 6 does)", self.format)));
         }
         if matches!(self.provider, ProviderConfig::Recovery { .. }) {
             return Err(Error::tampered("a recovery recipient is never the primary key slot"));
@@ -252,6 +291,11 @@ impl VolumeConfig {
         self.volume_id()?;
         self.geometry()?;
         self.policy().try_for_each(ProviderConfig::check_stored)
+    }
+
+    /// What the volume's format gives it.
+    pub fn features(&self) -> Features {
+        Features::of(self.format)
     }
 
     /// Every key slot's settings, the primary first (slot 0).

@@ -73,6 +73,7 @@ fn the_mac_covers_every_field() {
         slots: vec![],
         names: None,
         shared: false,
+        upgrading: false,
     };
     cfg.seal(&key);
     cfg.verify(&key).unwrap();
@@ -119,6 +120,7 @@ fn slots_need_format_3_and_a_recovery_recipient_is_never_primary() {
         slots: vec![slot(ProviderConfig::Recovery { recipient: recipient.clone() })],
         names: None,
         shared: false,
+        upgrading: false,
     };
     cfg.check_shape().unwrap();
     assert_eq!(cfg.policy().count(), 2);
