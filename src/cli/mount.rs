@@ -209,11 +209,11 @@ pub fn mount(mut s: MountSettings, foreground: bool, argv: &[OsString]) -> Resul
     let back = s.backing().display().to_string();
     let sock = socket.as_ref().map(|s| s.path().to_owned());
     let read_ahead_kb = s.read_ahead_kb;
-    std::thread::spawn(move || match std::fs::metadata(&probe) {
-        Ok(md) => {
+    // From a child process: see `sys::probe` (a kill -9 meanwhile would hang the mount).
+    std::thread::spawn(move || match crate::sys::probe::stat_in_child(&probe) {
+        Ok(st) => {
             if read_ahead_kb > 0 {
-                use std::os::unix::fs::MetadataExt;
-                if let Err(e) = crate::fuse::set_read_ahead(md.dev(), read_ahead_kb) {
+                if let Err(e) = crate::fuse::set_read_ahead(st.st_dev, read_ahead_kb) {
                     warn!("read-ahead left at the kernel's default: {e}");
                 }
             }
