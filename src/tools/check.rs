@@ -189,7 +189,10 @@ fn check_xattrs(vol: &Volume, f: &File, file_id: Option<[u8; 16]>) -> Vec<String
     use std::os::unix::io::AsRawFd;
     let (true, Some(names)) = (vol.config.features().bound_xattrs, vol.names()) else { return Vec::new() };
     let fd = f.as_raw_fd();
-    let Ok(listed) = crate::sys::listxattr(fd) else { return vec!["cannot list its xattrs".into()] };
+    let listed = match crate::sys::listxattr(fd) {
+        Ok(l) => l,
+        Err(e) => return vec![format!("cannot list its xattrs: {e}")],
+    };
     let mut out = Vec::new();
     for n in listed.split(|&b| b == 0).filter(|n| n.starts_with(b"user.")) {
         let shown = names.decrypt_xattr_name(n).unwrap_or_else(|| n.to_vec());
