@@ -25,6 +25,9 @@ pub const DEFAULT_SIZE: usize = 256;
 pub const DEFAULT_CONCURRENCY: usize = 16;
 const MAX_SIZE: usize = 4096;
 const MAX_CONCURRENCY: usize = 64;
+/// After a round of making failed, the next waits this long (a failing store is not
+/// hammered by every create).
+const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 pub struct KeyPool {
     inner: Arc<Inner>,
@@ -38,8 +41,9 @@ struct Inner {
     max_size: usize,
     concurrency: AtomicUsize,
     filling: AtomicBool,
-    /// The last round of making stopped on an error.
+    /// The last round of making stopped on an error, at `failed_at`.
     failed: AtomicBool,
+    failed_at: Mutex<Instant>,
     in_flight: AtomicUsize,
     make: Box<Make>,
     /// Takes that got no key (the caller made its own).
@@ -58,6 +62,7 @@ impl KeyPool {
                 concurrency: AtomicUsize::new(concurrency.max(1)),
                 filling: AtomicBool::new(false),
                 failed: AtomicBool::new(false),
+                failed_at: Mutex::new(Instant::now()),
                 in_flight: AtomicUsize::new(0),
                 make,
                 fallbacks: AtomicU64::new(0),
@@ -94,6 +99,8 @@ impl KeyPool {
             if !ready.is_empty() {
                 continue;
             }
+            // A failing store is not asked more while a create waits: it makes its own key
+            // (and gets the store's error itself).
             if now >= deadline || inner.failed.load(Ordering::Acquire) {
                 inner.fallbacks.fetch_add(1, Ordering::Relaxed);
                 return None;
@@ -131,11 +138,14 @@ impl KeyPool {
     }
 
     /// Top the pool up in the background if it is below half full. A failure stops this
-    /// round (logged); the next take starts another.
+    /// round (logged); a take starts another once `RETRY_AFTER` has passed.
     fn refill(&self) {
         let inner = &self.inner;
         let size = inner.size.load(Ordering::Acquire);
         if size == 0 || inner.ready.lock().unwrap().len() * 2 >= size {
+            return;
+        }
+        if inner.failed.load(Ordering::Acquire) && inner.failed_at.lock().unwrap().elapsed() < RETRY_AFTER {
             return;
         }
         if inner.filling.swap(true, Ordering::AcqRel) {
@@ -172,6 +182,9 @@ impl KeyPool {
                     });
                 }
             });
+            if failed.load(Ordering::Relaxed) {
+                *inner.failed_at.lock().unwrap() = Instant::now();
+            }
             inner.failed.store(failed.load(Ordering::Relaxed), Ordering::Release);
             inner.filling.store(false, Ordering::Release);
             // Waiters see the round is over (a failure: they make their own key).
@@ -249,10 +262,25 @@ mod tests {
     }
 
     #[test]
-    fn a_failing_maker_leaves_the_pool_empty_but_working() {
-        let pool = KeyPool::new(4, 2, Box::new(|| Err(Error::new(libc::EIO, "key store down"))));
-        std::thread::sleep(Duration::from_millis(50));
-        assert!(pool.take(|_| true, Duration::from_secs(5)).is_none(), "a failed round ends the wait");
+    fn a_failing_maker_ends_the_wait_and_is_not_asked_again_at_once() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        let pool = KeyPool::new(
+            4,
+            2,
+            Box::new(move || {
+                c.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(5));
+                Err(Error::new(libc::EIO, "key store down"))
+            }),
+        );
+        let t = Instant::now();
+        for _ in 0..20 {
+            assert!(pool.take(|_| true, Duration::from_secs(5)).is_none(), "a failed round ends the wait");
+        }
+        assert!(t.elapsed() < Duration::from_secs(4), "20 creates waited {:?}", t.elapsed());
+        // The first round's two makers, and at most a few rounds more (one per RETRY_AFTER).
+        assert!(calls.load(Ordering::SeqCst) <= 2 * 5, "{} calls to a failing store", calls.load(Ordering::SeqCst));
         assert!(pool.is_empty());
     }
 }
