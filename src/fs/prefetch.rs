@@ -128,6 +128,8 @@ impl Prefetcher {
             return;
         }
         let now = Instant::now();
+        // Found before the lock is taken (it may make syscalls); unused unless a listing starts.
+        let Ok(dir) = dir() else { return };
         let mut guard = self.shared.state.lock().unwrap();
         let st = &mut *guard;
         if st.paused_until.is_some_and(|t| now < t) {
@@ -144,7 +146,6 @@ impl Prefetcher {
             let window: Vec<_> = next_window(l, self.shared.cfg.files).collect();
             st.tasks.extend(window);
         } else if st.listings.len() < MAX_LISTINGS && !st.tasks.iter().any(|t| is_listing_of(t, dir_id)) {
-            let Ok(dir) = dir() else { return };
             st.tasks.push_back(Task::List { dir_id, dir, root });
         }
         drop(guard);
@@ -226,26 +227,23 @@ impl Shared {
 
     fn unwrap(&self, dir: &File, name: &OsStr) {
         let Ok(c) = sys::cstr(name) else { return };
-        let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY;
-        let Ok(fd) = sys::openat(dir.as_raw_fd(), &c, flags, 0) else { return };
-        let file = File::from(fd);
+        // Whatever was planted under the name (a device, a FIFO) is never opened.
+        let Ok(Some((file, _))) = sys::open_regular(dir.as_raw_fd(), &c, libc::O_RDONLY) else { return };
         let describe = || sys::describe_fd(file.as_raw_fd());
-        let res = sys::fstat(file.as_raw_fd()).and_then(|st| {
-            if st.st_mode & libc::S_IFMT != libc::S_IFREG {
-                return Ok(());
-            }
-            let len = crate::file::backing_len(&file, self.vol.config.shared)?;
+        let res = crate::file::backing_len(&file, self.vol.config.shared).and_then(|len| {
             if len == 0 {
                 return Ok(());
             }
             self.stats.files.fetch_add(1, Ordering::Relaxed);
-            EnvelopeFile { vol: &self.vol, file: &file, describe: &describe, who: None }.load(len).map(drop)
+            let env = EnvelopeFile { vol: &self.vol, file: &file, describe: &describe, who: None };
+            crate::keys::cache::ahead(|| env.load(len).map(drop))
         });
         let mut st = self.state.lock().unwrap();
         match res {
             Ok(()) => st.pause = Duration::ZERO,
-            // Not ours to open, or not an envelope: the open will say so; nothing to back off.
-            Err(e) if e.errno() != libc::EIO || e.integrity_kind().is_some() => {
+            // Not ours to open, damaged, or not an envelope: the open will say so. Only a
+            // key store that does not answer is given a rest.
+            Err(e) if e.class() != Some(crate::error::Class::KeyStoreUnreachable) => {
                 tracing::debug!("prefetch of {}: {e}", describe());
             }
             Err(e) => {

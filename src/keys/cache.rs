@@ -3,8 +3,9 @@
 //! so "evicted" never means "still readable somewhere by accident".
 
 use std::cell::Cell;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use moka::sync::Cache;
@@ -47,6 +48,16 @@ pub struct CacheStats {
 
 thread_local! {
     static LOADS: Cell<u64> = const { Cell::new(0) };
+    static AHEAD: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Run `f` as work done ahead of need (`fs::prefetch`): a key it fails to load is not a
+/// verdict for the opens that waited on it, which then load it themselves.
+pub fn ahead<R>(f: impl FnOnce() -> R) -> R {
+    AHEAD.with(|a| a.set(true));
+    let r = f();
+    AHEAD.with(|a| a.set(false));
+    r
 }
 
 /// Keys this thread has loaded so far (asked a key store for, not found in a cache): tells a
@@ -58,42 +69,57 @@ pub fn loads_on_this_thread() -> u64 {
 pub struct DekCache {
     inner: Cache<(FileId, u64), Arc<FileKey>>,
     pub stats: CacheStats,
+    /// Keys whose last load was done ahead of need and failed.
+    failed_ahead: Mutex<HashSet<(FileId, u64)>>,
 }
 
 impl DekCache {
     pub fn new(cfg: CacheConfig) -> Self {
         let inner = Cache::builder().max_capacity(cfg.max_entries).time_to_live(cfg.ttl).time_to_idle(cfg.tti).build();
-        Self { inner, stats: CacheStats::default() }
+        Self { inner, stats: CacheStats::default(), failed_ahead: Mutex::default() }
     }
 
     /// The key for (file, header generation), loading it once even when many threads ask
-    /// at the same time (moka coalesces concurrent loads of one entry). A caller that waited
-    /// on another's load which failed for a reason that may pass (EIO, not an integrity
-    /// failure) loads once itself: a throttled unwrap ahead must not fail an open.
+    /// at the same time (moka coalesces concurrent loads of one entry). Callers that waited
+    /// on a load done ahead of need (`ahead`) which failed load once more themselves: a
+    /// throttled unwrap ahead must not fail an open. Any other failure is every waiter's.
     pub fn get_or_load(
         &self,
         file_id: FileId,
         generation: u64,
         load: impl FnOnce() -> Result<FileKey>,
     ) -> Result<Arc<FileKey>> {
+        let key = (file_id, generation);
         let mut load = Some(load);
         let mut loaded = false;
-        let mut res = Err(crate::error::Error::new(libc::EIO, "no load"));
-        // At most twice: a second time only if this caller's own load has not run yet.
-        while load.is_some() {
-            res = self
+        let res = loop {
+            let res = self
                 .inner
-                .try_get_with((file_id, generation), || {
+                .try_get_with(key, || {
                     loaded = true;
                     LOADS.with(|n| n.set(n.get() + 1));
+                    let ahead = AHEAD.with(Cell::get);
+                    if !ahead {
+                        self.failed_ahead.lock().unwrap().remove(&key);
+                    }
                     let load = load.take().expect("one load per caller");
-                    load().map(Arc::new)
+                    let res = load().map(Arc::new);
+                    if ahead && res.is_err() {
+                        let mut failed = self.failed_ahead.lock().unwrap();
+                        if failed.len() > 4096 {
+                            failed.clear();
+                        }
+                        failed.insert(key);
+                    }
+                    res
                 })
                 .map_err(|e: Arc<crate::error::Error>| crate::error::Error::shared(&e));
-            if !res.as_ref().is_err_and(|e| e.errno() == libc::EIO && e.integrity_kind().is_none()) {
-                break;
+            // Once at most: the retry's load is this caller's own, which clears the mark.
+            if res.is_err() && load.is_some() && self.failed_ahead.lock().unwrap().contains(&key) {
+                continue;
             }
-        }
+            break res;
+        };
         if loaded {
             self.stats.misses.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -182,36 +208,53 @@ mod tests {
         assert!(keys.windows(2).all(|w| Arc::ptr_eq(&w[0], &w[1])));
     }
 
-    #[test]
-    fn a_waiter_whose_shared_load_failed_for_a_passing_reason_loads_itself() {
+    /// One caller's failing load, with a second caller waiting on it: a load done ahead of
+    /// need leaves the waiter to load for itself; an open's own failure is the waiter's too.
+    fn waiter_after_failed_load(first_ahead: bool) -> (Result<Arc<FileKey>>, u64) {
         let c = Arc::new(DekCache::new(CacheConfig::default()));
         let (release, wait) = std::sync::mpsc::channel::<()>();
         let (started, has_started) = std::sync::mpsc::channel::<()>();
         let first = {
             let c = c.clone();
             std::thread::spawn(move || {
-                c.get_or_load([4; 16], 1, || {
-                    started.send(()).unwrap();
-                    wait.recv().unwrap();
-                    Err(crate::error::Error::new(libc::EIO, "throttled (unwrapping ahead)"))
-                })
+                let load = || {
+                    c.get_or_load([4; 16], 1, || {
+                        started.send(()).unwrap();
+                        wait.recv().unwrap();
+                        Err(crate::error::Error::new(libc::EIO, "throttled"))
+                    })
+                };
+                if first_ahead {
+                    ahead(load)
+                } else {
+                    load()
+                }
             })
         };
         has_started.recv().unwrap();
+        let own_loads = Arc::new(AtomicU64::new(0));
         let second = {
-            let c = c.clone();
-            std::thread::spawn(move || c.get_or_load([4; 16], 1, || Ok(key(4))))
+            let (c, n) = (c.clone(), own_loads.clone());
+            std::thread::spawn(move || {
+                c.get_or_load([4; 16], 1, || {
+                    n.fetch_add(1, Ordering::SeqCst);
+                    Ok(key(4))
+                })
+            })
         };
         // Time for the second caller to join the first's load (moka shows no waiters).
         std::thread::sleep(Duration::from_millis(200));
         release.send(()).unwrap();
         assert_eq!(first.join().unwrap().unwrap_err().errno(), libc::EIO);
-        assert!(second.join().unwrap().is_ok(), "the second caller loads for itself");
-        // An integrity failure is the file's verdict, not a passing one: shared as it is.
-        let e = c
-            .get_or_load([5; 16], 1, || Err(crate::error::Error::integrity(crate::error::Integrity::Header, "bad")))
-            .unwrap_err();
-        assert_eq!(e.integrity_kind(), Some(crate::error::Integrity::Header));
+        (second.join().unwrap(), own_loads.load(Ordering::SeqCst))
+    }
+
+    #[test]
+    fn a_waiter_on_a_failed_load_ahead_loads_itself_and_on_an_opens_shares_its_error() {
+        let (res, own) = waiter_after_failed_load(true);
+        assert!(res.is_ok() && own == 1, "the waiter loads for itself");
+        let (res, own) = waiter_after_failed_load(false);
+        assert_eq!((res.unwrap_err().errno(), own), (libc::EIO, 0), "one failure for both, one wait");
     }
 
     #[test]
