@@ -79,7 +79,16 @@ impl EncryptedFs {
         // what it unwrapped, and the load under the lock (the file may have changed) finds
         // it there.
         let warm = match inode.content.read().unwrap().key {
-            None => self.warm_key(&inode, &file, caller)?,
+            None => match self.warm_key(&inode, &file, caller) {
+                Ok(w) => w,
+                // A key store's answer is final (asking again would wait out its timeout
+                // twice). Anything else may be a read while a writer (a truncate, the first
+                // write) was changing the file: the load under the lock gives the verdict.
+                Err(e) if e.errno() == libc::EACCES || e.class() == Some(crate::error::Class::KeyStoreUnreachable) => {
+                    return Err(e)
+                }
+                Err(_) => None,
+            },
             Some(_) => None,
         };
         {

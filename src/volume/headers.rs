@@ -169,7 +169,13 @@ impl Volume {
                 match res {
                     Ok(dek) => return Ok(dek),
                     Err(e) if e.errno() == libc::EACCES => refused = Some(e),
+                    // A store that failed to answer (after its own retries) is unreachable
+                    // for now, whatever its error said.
                     Err(e) => {
+                        let e = match e.class() {
+                            None => e.with_class(crate::error::Class::KeyStoreUnreachable),
+                            Some(_) => e,
+                        };
                         failed.get_or_insert(e.context(format!(
                             "key slot {} ({})",
                             slot.index,
