@@ -31,7 +31,12 @@ pub fn stat_in_child(path: &Path) -> Result<libc::stat> {
             // descriptor would keep a dead daemon's connection alive, and its own stat
             // waiting on it.
             libc::dup2(w, 0);
-            libc::syscall(libc::SYS_close_range, 1u32, u32::MAX, 0u32);
+            if libc::syscall(libc::SYS_close_range, 1u32, u32::MAX, 0u32) != 0 {
+                // Kernels before 5.9 have no close_range.
+                for fd in 1..65536 {
+                    libc::close(fd);
+                }
+            }
             let w = 0;
             let mut st: libc::stat = zeroed();
             if libc::stat(c.as_ptr(), &mut st) == 0 {

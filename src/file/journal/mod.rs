@@ -140,8 +140,9 @@ struct State {
 pub struct Journal {
     paths: [PathBuf; 2],
     files: [File; 2],
-    /// Held by the one writer flushing for everyone (sync mode's group commit).
-    flushing: Mutex<()>,
+    /// Held by the one writer flushing for everyone (sync mode's group commit); true once a
+    /// flush failed.
+    flushing: Mutex<bool>,
     flushes: std::sync::atomic::AtomicU64,
     mode: Mode,
     limit: u64,
@@ -237,7 +238,7 @@ impl Journal {
         Ok(Arc::new(Self {
             paths,
             files,
-            flushing: Mutex::new(()),
+            flushing: Mutex::new(false),
             flushes: Default::default(),
             mode,
             limit,
@@ -308,7 +309,12 @@ impl Journal {
     /// then find their records covered by it, or flush once for all who came meanwhile
     /// (group commit): one fdatasync per round of writers, not per record.
     fn flush_to(&self, idx: usize, end: u64) -> Result<()> {
-        let _one = self.flushing.lock().unwrap();
+        let mut broken = self.flushing.lock().unwrap();
+        // After a failed flush the kernel reports the error once: a later flush would say
+        // records durable that may not be. The journal stays failed.
+        if *broken {
+            return Err(Error::new(libc::EIO, format!("{}: an earlier flush failed", self.paths[idx].display())));
+        }
         let target = {
             let st = self.state.lock().unwrap();
             if st.synced[idx] >= end {
@@ -316,7 +322,10 @@ impl Journal {
             }
             st.len[idx]
         };
-        self.files[idx].sync_data().map_err(|e| io(e, "flushing", &self.paths[idx]))?;
+        if let Err(e) = self.files[idx].sync_data() {
+            *broken = true;
+            return Err(io(e, "flushing", &self.paths[idx]));
+        }
         self.flushes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut st = self.state.lock().unwrap();
         st.synced[idx] = st.synced[idx].max(target);

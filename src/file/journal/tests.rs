@@ -52,7 +52,8 @@ fn sync_writers_that_arrive_during_a_flush_share_the_next_one() {
                 let (id, p) = file(10 + i);
                 let f = FileRef { file_id: id, ino: i as u64, path: &p };
                 let data = [i; 32];
-                drop(j.record(&f, &Change { offset: 0, bytes: &data, chunks: &[32], old_len: 32, then_len: None }));
+                let change = Change { offset: 0, bytes: &data, chunks: &[32], old_len: 32, then_len: None };
+                drop(j.record(&f, &change).unwrap());
             })
         })
         .collect();
