@@ -271,7 +271,7 @@ fn a_file_planted_with_the_public_recovery_recipient_does_not_open() {
     // The forger's own view of the volume: one slot, the recipient.
     cfg.slots.clear();
     let forger = envelopefs::keys::recovery::RecoveryProvider::new(&recipient, None).unwrap();
-    envelopefs::keys::KeyProvider::bind_volume_key(&forger, &envelopefs::crypto::VolumeKey::generate().unwrap());
+    envelopefs::keys::VolumeBinding::bind_volume_key(&forger, &envelopefs::crypto::VolumeKey::generate().unwrap());
     let vol =
         envelopefs::volume::Volume::with_provider(&backing, cfg, std::sync::Arc::new(forger), &common::open_options())
             .unwrap();

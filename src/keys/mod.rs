@@ -54,15 +54,6 @@ pub trait KeyProvider: Send + Sync {
     /// A fresh DEK and its wrapped form under the current KEK (like KMS GenerateDataKey).
     fn generate(&self, ctx: &KeyContext<'_>) -> Result<(Dek, KeyRecord)>;
 
-    /// A new file's id and key at once. Providers that pre-generate keys (KMS, whose
-    /// wraps bind the file id) hand out a ready one; the default draws an id and generates.
-    fn generate_file_key(&self, volume_id: &VolumeId) -> Result<(FileId, Dek, KeyRecord)> {
-        let mut file_id = [0u8; crate::format::FILE_ID_LEN];
-        crate::crypto::fill_random(&mut file_id)?;
-        let (dek, rec) = self.generate(&KeyContext { volume_id, file_id: &file_id })?;
-        Ok((file_id, dek, rec))
-    }
-
     /// Wrap a DEK drawn elsewhere under the current KEK (key slots: one DEK, one record per
     /// slot, like KMS Encrypt beside GenerateDataKey).
     fn wrap(&self, dek: &Dek, ctx: &KeyContext<'_>) -> Result<KeyRecord>;
@@ -101,40 +92,59 @@ pub trait KeyProvider: Send + Sync {
     /// without the plaintext DEK leaving the store (KMS ReEncrypt) override this.
     fn rewrap(&self, record: &KeyRecord, ctx: &KeyContext<'_>) -> Result<KeyRecord>;
 
-    /// The key objects this store is limited to, for stores that hold other keys too
-    /// (PKCS#11 tokens): the volume's authenticated config pins them.
-    fn pinned_objects(&self) -> Option<Vec<String>> {
+    /// The store limits itself to key objects the volume's config pins (PKCS#11 tokens,
+    /// which hold other keys too).
+    fn pinning(&self) -> Option<&dyn Pinning> {
         None
     }
 
-    /// Limit the store to these key objects (the config's authenticated list).
-    fn pin(&self, _objects: Vec<String>) -> Result<()> {
-        Ok(())
-    }
-
-    /// A keyring file's (version counter, volume format), for the host's rollback check.
-    fn keyring_state(&self) -> Option<(u64, u32)> {
+    /// The store keeps a keyring file of its own (local).
+    fn keyring(&self) -> Option<&dyn KeyringFile> {
         None
     }
 
-    /// A counter that grows whenever the store takes a key out of service (a retire seen
-    /// by this process): data keys cached before then are dropped, so none unwrapped with
-    /// a retired KEK keeps serving new opens.
-    fn revocations(&self) -> u64 {
-        0
+    /// The store's records are bound to the volume key (recovery recipients: anyone can
+    /// encrypt to a public key).
+    fn binding(&self) -> Option<&dyn VolumeBinding> {
+        None
     }
+}
 
-    /// Record in the store that the volume is now of `format` (stores that keep it).
-    fn mark_volume_format(&self, _format: u32) -> Result<()> {
-        Ok(())
-    }
+/// A new file's id and key at once, under `p`'s current KEK.
+pub fn new_file_key(p: &dyn KeyProvider, volume_id: &VolumeId) -> Result<(FileId, Dek, KeyRecord)> {
+    let mut file_id = [0u8; crate::format::FILE_ID_LEN];
+    crate::crypto::fill_random(&mut file_id)?;
+    let (dek, rec) = p.generate(&KeyContext { volume_id, file_id: &file_id })?;
+    Ok((file_id, dek, rec))
+}
 
-    /// Give the store the authenticated volume key, for stores whose records it binds
-    /// (recovery recipients: anyone can encrypt to a public key).
-    fn bind_volume_key(&self, _key: &VolumeKey) {}
+/// Key objects a store is limited to (the config's authenticated list).
+pub trait Pinning {
+    /// The objects pinned now; None before any are (a volume that pinned none yet).
+    fn pinned_objects(&self) -> Option<Vec<String>>;
+
+    /// Limit the store to these key objects.
+    fn pin(&self, objects: Vec<String>) -> Result<()>;
 
     /// Pin every key object the volume can use now (upgrading a volume that pinned none).
-    fn pin_found(&self) -> Result<()> {
-        Ok(())
-    }
+    fn pin_found(&self) -> Result<()>;
+}
+
+/// A keyring file the store keeps, which the host's rollback check follows.
+pub trait KeyringFile {
+    /// The keyring's (version counter, volume format).
+    fn state(&self) -> (u64, u32);
+
+    /// A counter that grows whenever a key is taken out of service (a retire seen by this
+    /// process): data keys cached before then are dropped, so none unwrapped with a
+    /// retired KEK keeps serving new opens.
+    fn revocations(&self) -> u64;
+
+    /// Record in the keyring that the volume is now of `format`.
+    fn mark_volume_format(&self, format: u32) -> Result<()>;
+}
+
+/// Records bound to the authenticated volume key.
+pub trait VolumeBinding {
+    fn bind_volume_key(&self, key: &VolumeKey);
 }

@@ -193,6 +193,12 @@ impl KeyProvider for RecoveryProvider {
         self.wrap(&dek, ctx)
     }
 
+    fn binding(&self) -> Option<&dyn super::VolumeBinding> {
+        Some(self)
+    }
+}
+
+impl super::VolumeBinding for RecoveryProvider {
     fn bind_volume_key(&self, key: &VolumeKey) {
         *self.volume_key.write().unwrap() = Some(VolumeKey::from_dek(&key.as_dek()));
     }
@@ -226,7 +232,7 @@ mod tests {
         let (id, r) = pair();
         let vk = VolumeKey::generate().unwrap();
         let writer = RecoveryProvider::new(&r, None).unwrap();
-        writer.bind_volume_key(&vk);
+        crate::keys::VolumeBinding::bind_volume_key(&writer, &vk);
         let vol = [7u8; 16];
         let (file, other) = ([1u8; FILE_ID_LEN], [2u8; FILE_ID_LEN]);
         let ctx = KeyContext { volume_id: &vol, file_id: &file };
@@ -235,14 +241,14 @@ mod tests {
 
         let reader = RecoveryProvider::new(&r, Some(id)).unwrap();
         assert!(reader.unwrap(&rec, &ctx).is_err(), "no volume key bound yet");
-        reader.bind_volume_key(&vk);
+        crate::keys::VolumeBinding::bind_volume_key(&reader, &vk);
         assert_eq!(reader.unwrap(&rec, &ctx).unwrap().expose(), dek.expose());
         let moved = KeyContext { volume_id: &vol, file_id: &other };
         assert_eq!(reader.unwrap(&rec, &moved).unwrap_err().errno(), libc::EACCES, "copied to another file");
 
         // A record made by someone with only the public key (and another volume key).
         let forger = RecoveryProvider::new(&r, None).unwrap();
-        forger.bind_volume_key(&VolumeKey::generate().unwrap());
+        crate::keys::VolumeBinding::bind_volume_key(&forger, &VolumeKey::generate().unwrap());
         let (_, forged) = forger.generate(&ctx).unwrap();
         let e = reader.unwrap(&forged, &ctx).unwrap_err();
         assert!(e.to_string().contains("does not authenticate under the volume key"), "{e}");

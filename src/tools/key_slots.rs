@@ -33,7 +33,9 @@ pub fn add(vol: &mut Volume, init: &ProviderInit, secret: &SecretSource) -> Resu
         if vol.config.policy().any(|p| p.host_view() == settings.host_view()) {
             return Err(Error::new(libc::EEXIST, format!("the volume has a slot for {} already", settings.summary())));
         }
-        provider.bind_volume_key(&volume_key);
+        if let Some(b) = provider.binding() {
+            b.bind_volume_key(&volume_key);
+        }
         let ctx = KeyContext { volume_id: &vol.volume_id, file_id: &VOLUME_KEY_FILE_ID };
         let rec = vol.count(provider.wrap(&volume_key.as_dek(), &ctx))?;
         if provider.kind() != ProviderKind::Recovery {
@@ -54,7 +56,9 @@ pub fn add(vol: &mut Volume, init: &ProviderInit, secret: &SecretSource) -> Resu
             c.slots.push(slot);
         })?;
         for s in &vol.slots {
-            s.provider.mark_volume_format(SLOTS_FORMAT)?;
+            if let Some(k) = s.provider.keyring() {
+                k.mark_volume_format(SLOTS_FORMAT)?;
+            }
         }
         Ok(index)
     })();

@@ -54,7 +54,8 @@ impl Volume {
             Some(ready) => self.count(Ok(ready))?,
             None => match &self.slots[..] {
                 [one] => {
-                    let (file_id, dek, record) = self.count(one.provider.generate_file_key(&self.volume_id))?;
+                    let (file_id, dek, record) =
+                        self.count(crate::keys::new_file_key(&*one.provider, &self.volume_id))?;
                     (file_id, dek, vec![record])
                 }
                 _ => {
@@ -88,7 +89,7 @@ impl Volume {
         who: Option<Requester>,
         belongs: &dyn Fn(&FileKey) -> Result<bool>,
     ) -> Result<(OpenedHeader, bool)> {
-        let revocations = self.provider.revocations();
+        let revocations = self.provider.keyring().map_or(0, |k| k.revocations());
         if self.revocations_seen.swap(revocations, std::sync::atomic::Ordering::SeqCst) != revocations {
             tracing::info!("a KEK version was retired: dropping every cached data key");
             self.cache.clear();

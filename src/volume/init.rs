@@ -75,7 +75,7 @@ pub fn init(root: &Path, secret: &SecretSource, opts: &InitOptions) -> Result<Vo
         }
         let mut trusted = TrustRecord::for_config(&cfg);
         trusted.volume_check = check;
-        trusted.keyring_version = key_store.keyring_state().map_or(0, |(v, _)| v);
+        trusted.keyring_version = key_store.keyring().map_or(0, |k| k.state().0);
         opts.trust.put(&trusted)?;
         // The config is written last: a directory without it is not a volume.
         write_config(root, &cfg)?;

@@ -43,7 +43,7 @@ pub use crate::sys::TEMP_SUFFIX as REENCRYPT_SUFFIX;
 /// every `every`, for as long as the volume is open; nothing to do for a volume whose key
 /// store pins nothing.
 pub fn watch_config(vol: &Arc<Volume>, every: std::time::Duration) {
-    if vol.provider.pinned_objects().is_none() {
+    if vol.provider.pinning().and_then(|p| p.pinned_objects()).is_none() {
         return;
     }
     let weak = Arc::downgrade(vol);
@@ -280,6 +280,11 @@ impl Volume {
         self.slots.iter().filter_map(|s| s.provider.requests_sent()).reduce(|a, b| a + b)
     }
 
+    /// Record the volume's format in its keyring, for stores that keep one.
+    fn mark_keyring_format(&self) -> Result<()> {
+        self.provider.keyring().map_or(Ok(()), |k| k.mark_volume_format(self.config.format))
+    }
+
     /// The keys made ahead for new files, if this process keeps any.
     pub fn key_pool(&self) -> Option<&KeyPool> {
         self.pool.as_ref()
@@ -320,7 +325,9 @@ impl Volume {
         for slot in &self.slots {
             let Some(i) = cfg.policy().position(|p| p.host_view() == slot.settings.host_view()) else { continue };
             let settings = if i == 0 { &mut cfg.provider } else { &mut cfg.slots[i - 1].provider };
-            if let (ProviderConfig::Pkcs11 { objects, .. }, Some(pinned)) = (settings, slot.provider.pinned_objects()) {
+            if let (ProviderConfig::Pkcs11 { objects, .. }, Some(pinned)) =
+                (settings, slot.provider.pinning().and_then(|p| p.pinned_objects()))
+            {
                 *objects = pinned;
             }
         }
@@ -351,7 +358,7 @@ impl Volume {
             seen.volume_check = Some(crate::volume::trust::volume_check(key));
         }
         for slot in &self.slots {
-            if let Some((v, _)) = slot.provider.keyring_state() {
+            if let Some((v, _)) = slot.provider.keyring().map(|k| k.state()) {
                 seen.keyring_version = seen.keyring_version.max(v);
             }
         }
@@ -372,14 +379,16 @@ impl Volume {
     pub fn upgrade(&mut self) -> Result<bool> {
         let was = self.config.format;
         if was < 2 {
-            self.provider.pin_found()?;
+            if let Some(p) = self.provider.pinning() {
+                p.pin_found()?;
+            }
             let (dek, rec) = self.count(self.provider.generate(&volume_key_context(&self.volume_id)))?;
             self.volume_key = Some(VolumeKey::from_dek(&dek));
             self.config.format = 2;
             self.config.volume_key = Some(WrappedKey::from_record(&rec));
             self.update_config(|_| {})?;
         }
-        self.provider.mark_volume_format(self.config.format)?;
+        self.mark_keyring_format()?;
         Ok(was < 2)
     }
 
@@ -393,7 +402,7 @@ impl Volume {
             c.format = c.format.max(BOUND_XATTRS_FORMAT);
             c.upgrading = on;
         })?;
-        self.provider.mark_volume_format(self.config.format)
+        self.mark_keyring_format()
     }
 
     /// Make the volume shared by several hosts, or no longer shared (the caller holds the
@@ -420,7 +429,7 @@ impl Volume {
             c.format = c.format.max(SHARED_FORMAT);
         })?;
         // The keyring names the format too: a format-4 config put back is refused.
-        self.provider.mark_volume_format(self.config.format)?;
+        self.mark_keyring_format()?;
         Ok(true)
     }
 

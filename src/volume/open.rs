@@ -127,7 +127,7 @@ impl Volume {
         let recovering = secret.recovery_key.is_some();
         let mut seen = trusted.clone().unwrap_or_else(|| TrustRecord::for_config(&config));
         for slot in &slots {
-            let Some((ring_version, ring_format)) = slot.provider.keyring_state() else { continue };
+            let Some((ring_version, ring_format)) = slot.provider.keyring().map(|k| k.state()) else { continue };
             if ring_format > config.format {
                 return Err(Error::tampered(format!(
                     "{}/{CONFIG_NAME} says format {} but its keyring belongs to a format-{ring_format} volume: \
@@ -163,7 +163,9 @@ impl Volume {
                 seen.config_generation = config.generation;
                 seen.volume_check = Some(crate::volume::trust::volume_check(&key));
                 for s in &slots {
-                    s.provider.bind_volume_key(&key);
+                    if let Some(b) = s.provider.binding() {
+                        b.bind_volume_key(&key);
+                    }
                 }
                 Some(key)
             }
@@ -259,7 +261,9 @@ impl Volume {
             // One slot: KMS draws the DEK (GenerateDataKey), one call.
             [one] => {
                 let one = one.clone();
-                Box::new(move || one.generate_file_key(&volume_id).map(|(id, dek, rec)| (id, dek, vec![rec])))
+                Box::new(move || {
+                    crate::keys::new_file_key(&*one, &volume_id).map(|(id, dek, rec)| (id, dek, vec![rec]))
+                })
             }
             _ => Box::new(move || wrap_for_all(&providers, &volume_id)),
         };
@@ -271,7 +275,10 @@ impl Volume {
     /// process holds, the key objects it pins are taken (an unauthenticated config changes
     /// nothing). Run by `watch_config`'s timer, never on a request's path.
     pub fn follow_config(&self) {
-        let (Some(key), Some(_)) = (&self.volume_key, self.provider.pinned_objects()) else { return };
+        let (Some(key), Some(pins)) = (&self.volume_key, self.provider.pinning()) else { return };
+        if pins.pinned_objects().is_none() {
+            return;
+        }
         let stamp = std::fs::metadata(self.root.join(config::CONFIG_NAME)).ok().map(|m| {
             use std::os::unix::fs::MetadataExt;
             (m.ino(), m.size(), m.mtime(), m.mtime_nsec())
@@ -286,10 +293,10 @@ impl Volume {
         let fresh = VolumeConfig::load(&self.root).and_then(|c| c.verify(key).map(|_| c));
         match fresh {
             Ok(VolumeConfig { provider: ProviderConfig::Pkcs11 { objects, .. }, .. })
-                if Some(&objects) != self.provider.pinned_objects().as_ref() =>
+                if Some(&objects) != pins.pinned_objects().as_ref() =>
             {
                 tracing::info!("the volume's config now pins key objects {}", objects.join(", "));
-                if let Err(e) = self.provider.pin(objects) {
+                if let Err(e) = pins.pin(objects) {
                     tracing::warn!("{e}");
                 }
             }

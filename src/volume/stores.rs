@@ -49,7 +49,7 @@ pub fn create_provider(
             let cfg = ProviderConfig::Pkcs11 {
                 module: module.to_string_lossy().into_owned(),
                 key: parsed.key_id(),
-                objects: p.pinned_objects().unwrap_or_default(),
+                objects: p.pinning().and_then(|x| x.pinned_objects()).unwrap_or_default(),
                 previous_keys: Vec::new(),
             };
             (cfg, None, Arc::new(p))

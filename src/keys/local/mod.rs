@@ -389,6 +389,12 @@ impl KeyProvider for LocalProvider {
         self.wrap_under(&dek, ctx, version)
     }
 
+    fn keyring(&self) -> Option<&dyn super::KeyringFile> {
+        Some(self)
+    }
+}
+
+impl super::KeyringFile for LocalProvider {
     fn revocations(&self) -> u64 {
         if let Err(e) = self.reload_if_changed() {
             tracing::warn!("{e}");
@@ -396,8 +402,8 @@ impl KeyProvider for LocalProvider {
         self.revoked.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    fn keyring_state(&self) -> Option<(u64, u32)> {
-        Some((self.ring_version(), self.volume_format()))
+    fn state(&self) -> (u64, u32) {
+        (self.ring_version(), self.volume_format())
     }
 
     fn mark_volume_format(&self, format: u32) -> Result<()> {

@@ -460,11 +460,10 @@ impl KeyProvider for Pkcs11Provider {
             })
             .map_err(|e| e.context(format!("key {label:?} (does the wrapped key belong to this file?)")))?;
         // CKR_GENERAL_ERROR on the decrypt of a record of the right length is ambiguous:
-        // SoftHSM2 (and other tokens) answer it for a GCM tag that does not verify, that is
-        // for a wrapped key that is tampered or belongs to another file, but it is also what
-        // a failing token says. A round trip under the same key tells them apart: if the
-        // token seals and opens a probe fine, the record does not authenticate (EACCES, as
-        // for the other providers); if not, the token is at fault (EIO).
+        // SoftHSM2 (and other tokens) answer it for a GCM tag that does not verify (a
+        // tampered record, or another file's), and a failing token says it too. A round trip
+        // under the same key tells them apart: if the token seals and opens a probe fine,
+        // the record does not authenticate (EACCES); if not, the token is at fault (EIO).
         let Some(plain) = plain else {
             return Err(match self.probe(h) {
                 Ok(()) => Error::access(format!(
@@ -541,6 +540,12 @@ impl KeyProvider for Pkcs11Provider {
         self.refresh_keys()
     }
 
+    fn pinning(&self) -> Option<&dyn super::Pinning> {
+        Some(self)
+    }
+}
+
+impl super::Pinning for Pkcs11Provider {
     fn pinned_objects(&self) -> Option<Vec<String>> {
         self.pins.read().unwrap().clone()
     }
@@ -550,7 +555,7 @@ impl KeyProvider for Pkcs11Provider {
     }
 
     fn pin_found(&self) -> Result<()> {
-        if self.pins.read().unwrap().is_some() {
+        if self.pinned_objects().is_some() {
             return Ok(());
         }
         let labels = self.keys.read().unwrap().iter().map(|(v, _)| self.label(*v)).collect();
