@@ -109,7 +109,7 @@ fn fixture_dir(name: &str) -> PathBuf {
 
 /// A fixture copied to `to`, with its xattrs put back (see `save_xattrs`).
 fn copy_fixture(from: &Path, to: &Path) {
-    copy_tree(from, to);
+    common::copy_tree(from, to);
     let Ok(list) = fs::read_to_string(to.join("xattrs")) else { return };
     for line in list.lines() {
         let mut f = line.split('\t');
@@ -150,22 +150,6 @@ fn save_xattrs(dir: &Path) {
     }
     lines.sort();
     fs::write(dir.join("xattrs"), lines.concat()).unwrap();
-}
-
-fn copy_tree(from: &Path, to: &Path) {
-    fs::create_dir_all(to).unwrap();
-    for e in fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let dst = to.join(e.file_name());
-        let ft = e.file_type().unwrap();
-        if ft.is_dir() {
-            copy_tree(&e.path(), &dst);
-        } else if ft.is_symlink() {
-            std::os::unix::fs::symlink(fs::read_link(e.path()).unwrap(), &dst).unwrap();
-        } else {
-            fs::copy(e.path(), &dst).unwrap();
-        }
-    }
 }
 
 #[test]
@@ -228,7 +212,7 @@ fn broken_fixtures_are_refused_as_tampered() {
         let src = fixture_dir(name);
         assert!(src.join("backing/envelopefs.toml").is_file(), "fixture {name} is missing");
         let tmp = tempfile::tempdir().unwrap();
-        copy_tree(&src, tmp.path());
+        common::copy_tree(&src, tmp.path());
         let backing = tmp.path().join("backing");
         // On a host that never saw the volume: the files themselves must give it away.
         let fresh = tempfile::tempdir().unwrap();
@@ -246,7 +230,7 @@ fn broken_fixtures_are_refused_as_tampered() {
 #[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn the_v3_fixture_opens_with_its_recovery_key() {
     let tmp = tempfile::tempdir().unwrap();
-    copy_tree(&fixture_dir(V3.name), tmp.path());
+    common::copy_tree(&fixture_dir(V3.name), tmp.path());
     let backing = tmp.path().join("backing");
     let rk = tmp.path().join("recovery.key");
     let check = fs::read_to_string(tmp.path().join("volume-check")).unwrap().trim().to_owned();
@@ -275,7 +259,7 @@ fn the_v3_fixture_opens_with_its_recovery_key() {
 #[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn a_rewrapped_fixture_at_generation_3_opens() {
     let tmp = tempfile::tempdir().unwrap();
-    copy_tree(&fixture_dir("v2-rewrapped-gen3"), tmp.path());
+    common::copy_tree(&fixture_dir("v2-rewrapped-gen3"), tmp.path());
     let backing = tmp.path().join("backing");
     let key = tmp.path().join("volume.key");
     let inspect = String::from_utf8_lossy(&cli(&[&"inspect", &backing.join("multi")]).stdout).into_owned();
@@ -299,7 +283,7 @@ fn a_rewrapped_fixture_at_generation_3_opens() {
 #[test]
 fn fsck_of_the_broken_fixture_names_each_problem() {
     let tmp = tempfile::tempdir().unwrap();
-    copy_tree(&fixture_dir("broken-for-fsck"), tmp.path());
+    common::copy_tree(&fixture_dir("broken-for-fsck"), tmp.path());
     let backing = tmp.path().join("backing");
     let key = tmp.path().join("volume.key");
     let run = |repair: bool| {
@@ -402,7 +386,7 @@ fn make_v3_fixtures() {
     let src = fixture_dir("v2-keyfile-4k");
     let v3 = fixture_dir(V3.name);
     if !v3.exists() {
-        copy_tree(&src, &v3);
+        common::copy_tree(&src, &v3);
         let (b, key, rk) = (v3.join("backing"), v3.join("volume.key"), v3.join("recovery.key"));
         let trust = tempfile::tempdir().unwrap();
         let out = common::cli_with_trust(
@@ -419,7 +403,7 @@ fn make_v3_fixtures() {
     let edit = |name: &str, from: &Path, f: &dyn Fn(&Path)| {
         let dir = fixture_dir(name);
         if !dir.exists() {
-            copy_tree(from, &dir);
+            common::copy_tree(from, &dir);
             f(&dir.join("backing"));
         }
     };
@@ -469,7 +453,7 @@ fn make_broken_fixtures() {
         if dir.exists() {
             return;
         }
-        copy_tree(&src, &dir);
+        common::copy_tree(&src, &dir);
         f(&dir.join("backing"));
     };
     let config = |b: &Path| b.join("envelopefs.toml");

@@ -65,22 +65,6 @@ fn backing_of(backing: &Path, key: &Path, rel: &str) -> PathBuf {
     backing.join(String::from_utf8_lossy(&out.stdout).trim())
 }
 
-fn copy_tree(from: &Path, to: &Path) {
-    fs::create_dir_all(to).unwrap();
-    for e in fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let dst = to.join(e.file_name());
-        let ft = e.file_type().unwrap();
-        if ft.is_dir() {
-            copy_tree(&e.path(), &dst);
-        } else if ft.is_symlink() {
-            std::os::unix::fs::symlink(fs::read_link(e.path()).unwrap(), &dst).unwrap();
-        } else {
-            fs::copy(e.path(), &dst).unwrap();
-        }
-    }
-}
-
 fn text(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
 }
@@ -191,7 +175,7 @@ fn values_move_between_directories_only() {
 #[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
 fn upgrade_from_format_5_reseals_every_file_xattr() {
     let tmp = tempfile::tempdir().unwrap();
-    copy_tree(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v5-shared-keyfile-4k"), tmp.path());
+    common::copy_tree(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v5-shared-keyfile-4k"), tmp.path());
     let backing = tmp.path().join("backing");
     let key = tmp.path().join("volume.key");
     let host = tmp.path().join("trust");

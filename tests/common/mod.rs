@@ -263,6 +263,23 @@ pub fn cli_with_trust(trust: &Path, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Out
 }
 
 /// Deterministic, incompressible-looking test data.
+/// A copy of the tree at `from` (a fixture) made at `to`, symlinks as symlinks.
+pub fn copy_tree(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for e in fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        let ft = e.file_type().unwrap();
+        if ft.is_dir() {
+            copy_tree(&e.path(), &dst);
+        } else if ft.is_symlink() {
+            std::os::unix::fs::symlink(fs::read_link(e.path()).unwrap(), &dst).unwrap();
+        } else {
+            fs::copy(e.path(), &dst).unwrap();
+        }
+    }
+}
+
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..len)
