@@ -63,6 +63,8 @@ impl EncryptedFs {
             ));
         }
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        // A file just created is empty: no key to load.
+        let created = file.is_some();
         // Partial-block writes read the block first, so writers always get read access.
         let file = match file {
             Some(f) => f,
@@ -79,7 +81,7 @@ impl EncryptedFs {
         // what it unwrapped, and the load under the lock (the file may have changed) finds
         // it there.
         let warm = match inode.content.read().unwrap().key {
-            None => match self.warm_key(&inode, &file, caller) {
+            None if !created => match self.warm_key(&inode, &file, caller) {
                 Ok(w) => w,
                 // A key store's answer is final (asking again would wait out its timeout
                 // twice). Anything else may be a read while a writer (a truncate, the first
@@ -89,15 +91,15 @@ impl EncryptedFs {
                 }
                 Err(_) => None,
             },
-            Some(_) => None,
+            _ => None,
         };
         {
             let mut st = inode.content.write().unwrap();
             if st.key.is_none() {
-                let len = crate::file::backing_len(&file, self.vol.config.shared)?;
+                let (len, now) = self.length_and_stamp(&file)?;
                 match warm {
                     // Unchanged since: the key loaded is still the header's.
-                    Some((key, was)) if !self.vol.config.shared && stamp(&file)? == was => st.key = Some(key),
+                    Some((key, was)) if !self.vol.config.shared && now == was => st.key = Some(key),
                     _ if len > 0 => {
                         st.key = Some(
                             self.load_key(&file, len, caller)
@@ -129,8 +131,7 @@ impl EncryptedFs {
     /// (None: empty). An open that had to wait for the key store tells the prefetcher,
     /// which may unwrap the directory's other files ahead.
     fn warm_key(&self, inode: &Inode, file: &File, caller: Caller) -> Result<Option<(Arc<FileKey>, Stamp)>> {
-        let was = stamp(file)?;
-        let len = crate::file::backing_len(file, self.vol.config.shared)?;
+        let (len, was) = self.length_and_stamp(file)?;
         if len == 0 {
             return Ok(None);
         }
@@ -297,7 +298,15 @@ impl EncryptedFs {
 /// What changes whenever the backing file's header may have: its size and change time.
 type Stamp = (i64, i64, i64);
 
-fn stamp(file: &File) -> Result<Stamp> {
-    let st = sys::fstat(file.as_raw_fd())?;
-    Ok((st.st_size, st.st_ctime, st.st_ctime_nsec))
+impl EncryptedFs {
+    /// The backing file's length and stamp from one fstat (a shared volume's length is read
+    /// fresh from its filesystem, and its stamp is not used).
+    fn length_and_stamp(&self, file: &File) -> Result<(u64, Stamp)> {
+        let st = sys::fstat(file.as_raw_fd())?;
+        let len = match self.vol.config.shared {
+            true => crate::file::backing_len(file, true)?,
+            false => st.st_size as u64,
+        };
+        Ok((len, (st.st_size, st.st_ctime, st.st_ctime_nsec)))
+    }
 }
