@@ -3,7 +3,7 @@
 //! changed in the backing directory are refused, and a kill -9 during renames of long
 //! names leaves no orphaned side file and no name that does not resolve.
 
-mod common;
+use crate::common;
 
 use std::ffi::OsStr;
 use std::fs;

@@ -1,6 +1,6 @@
 //! Rotation and re-keying, per provider, plus crash safety under kill -9.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::fs;

@@ -1,7 +1,7 @@
 //! Running as a service: the systemd unit, sd_notify readiness and stop, the mount helper,
 //! the status socket, completions and the man page.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::os::unix::net::UnixDatagram;

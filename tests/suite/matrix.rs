@@ -3,7 +3,7 @@
 //! (gocryptfs keeps such a matrix for the same reason: a bug that lives in one corner),
 //! and a few corners again with hidden names (format 4).
 
-mod common;
+use crate::common;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};

@@ -1,7 +1,7 @@
 //! The day-2 procedures of docs/OPERATIONS.md, each run as written: a backup of a live
 //! volume, its restore after the keys moved on, a move to another directory.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::path::Path;

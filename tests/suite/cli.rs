@@ -1,7 +1,7 @@
 //! The command line: clear errors and exit codes for bad input, never a panic or a
 //! half-made volume; daemonized mounts that return when ready.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::path::Path;
@@ -228,7 +228,7 @@ fn help_teaches() {
 
 /// Every documented exit status (`envelopefs man`, EXIT STATUS) and a case that produces
 /// it. None of these needs FUSE, SoftHSM2 or moto; 13 is also played against an
-/// unreachable KMS in `tests/aws_kms.rs`.
+/// unreachable KMS in `tests/suite/aws_kms.rs`.
 #[test]
 fn every_documented_exit_status_has_a_case() {
     let v = TestVolume::new(4096);

@@ -3,7 +3,7 @@
 //! after `rekey --reencrypt`, reads as EIO with a log line; `upgrade` from format 5 keeps
 //! every value readable; the limits THREAT-MODEL.md states (directories) hold as stated.
 
-mod common;
+use crate::common;
 
 use std::ffi::CString;
 use std::fs;

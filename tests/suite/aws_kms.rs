@@ -2,7 +2,7 @@
 //! 127.0.0.1. Behaviours moto does not have (disabled keys, throttling, outages) come from
 //! the fault-injection proxy in tests/support/kms_proxy.py.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::path::PathBuf;

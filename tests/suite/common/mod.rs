@@ -27,16 +27,20 @@ pub const EXIT_USAGE: i32 = 2;
 pub const EXIT_UNTRUSTED: i32 = 15;
 pub const EXIT_TAMPERED: i32 = 16;
 
-/// The host trust store every test process uses (the daemons and CLI runs it starts get it
-/// through ENVELOPEFS_TRUST_DIR), so tests never touch the machine's own.
-pub fn trust_dir() -> &'static Path {
-    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| tempfile::Builder::new().prefix("envelopefs-trust").tempdir().unwrap().keep())
+/// The host trust store of the running test (the daemons and CLI runs it starts get it
+/// through ENVELOPEFS_TRUST_DIR), so tests never touch the machine's own, nor each other's:
+/// the suites share one process, and a volume's places are recorded per store. One per test
+/// thread; a thread a test spawns must be given the path, not call this.
+pub fn trust_dir() -> PathBuf {
+    thread_local! {
+        static DIR: TempDir = tempfile::Builder::new().prefix("envelopefs-trust").tempdir().unwrap();
+    }
+    DIR.with(|d| d.path().to_path_buf())
 }
 
 /// The library's view of the same store.
 pub fn test_trust() -> envelopefs::volume::trust::TrustStore {
-    envelopefs::volume::trust::TrustStore::at(trust_dir())
+    envelopefs::volume::trust::TrustStore::at(&trust_dir())
 }
 
 /// Open options for library opens in tests: default, with the test trust store.
@@ -127,7 +131,7 @@ impl Mounted {
 
     /// Mount with a given secret flag (`--key-file` or `--passphrase-file`).
     pub fn start_with(backing: &Path, secret_flag: &str, secret: &Path, mnt: &Path, extra: &[&str]) -> Self {
-        Self::start_trusting(trust_dir(), backing, secret_flag, secret, mnt, extra, |_| {})
+        Self::start_trusting(&trust_dir(), backing, secret_flag, secret, mnt, extra, |_| {})
     }
 
     /// Mount as on a host whose trust store is `trust`, with `adjust` applied to the
@@ -249,7 +253,7 @@ impl Drop for Mounted {
 
 /// Run the CLI to completion.
 pub fn cli(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
-    cli_with_trust(trust_dir(), args)
+    cli_with_trust(&trust_dir(), args)
 }
 
 /// Run the CLI as on another host: with its own trust store.

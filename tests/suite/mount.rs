@@ -1,6 +1,6 @@
 //! Real FUSE mounts through the real binary: round trips, tampering, concurrency.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};

@@ -1,6 +1,6 @@
 //! Mounted volumes whose KEK lives in a real PKCS#11 token (SoftHSM2).
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::process::Command;

@@ -3,7 +3,7 @@
 //! through the mount, in both ways the inode table can find its objects again (file
 //! handles, and re-opening by parent and name).
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::os::unix::process::CommandExt;
@@ -46,7 +46,7 @@ fn tarball(dir: &Path) -> std::path::PathBuf {
 /// Mount with the daemon's RLIMIT_NOFILE (soft and hard) at `nofile`.
 fn mount_limited(v: &TestVolume, nofile: u64, extra: &[&str]) -> Mounted {
     let mnt = v.dir.path().join("mnt");
-    Mounted::start_trusting(trust_dir(), &v.backing, "--key-file", &v.key, &mnt, extra, move |cmd| {
+    Mounted::start_trusting(&trust_dir(), &v.backing, "--key-file", &v.key, &mnt, extra, move |cmd| {
         // SAFETY: setrlimit is async-signal-safe and touches only the child's own limits.
         unsafe {
             cmd.pre_exec(move || {

@@ -1,7 +1,7 @@
 //! One contract, every provider: the same tests run against `local` and against `pkcs11`
 //! on a real SoftHSM2 token.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

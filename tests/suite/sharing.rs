@@ -4,7 +4,7 @@
 //! backing range the daemons must lock: both writers are seen waiting (in /proc/locks)
 //! before it lets go.
 
-mod common;
+use crate::common;
 
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt};

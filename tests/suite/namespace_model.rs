@@ -5,7 +5,7 @@
 //! agree with a plain in-memory tree, and every failure must be the errno the model
 //! predicts. `PROPTEST_CASES` sets the number of cases (CI: the default below).
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;

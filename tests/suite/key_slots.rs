@@ -3,7 +3,7 @@
 //! offline age recovery recipient, and moving a volume local → PKCS#11 (SoftHSM2) →
 //! aws-kms by slots alone.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::fs;

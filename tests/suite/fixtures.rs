@@ -1,8 +1,8 @@
 //! Fixture volumes made by released format versions. Every later version must still open
 //! them and read back the same bytes. Regenerate only for a new format version:
-//! `ENVELOPEFS_WRITE_FIXTURES=1 cargo test --test fixtures -- --ignored make_fixtures`.
+//! `ENVELOPEFS_WRITE_FIXTURES=1 cargo test --test suite --features fuse_tests -- --ignored fixtures::make_fixtures`.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -3,7 +3,7 @@
 //! binary and checks that it now fails (docs/THREAT-MODEL.md, "An attacker with the backing
 //! directory").
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;

@@ -2,7 +2,7 @@
 //! server can write it), and the attacker waits for the admin to run `mount`, `fsck`,
 //! `rekey`. Each test plays the attack against the real binary and checks that it fails.
 
-mod common;
+use crate::common;
 
 use std::ffi::CString;
 use std::fs;

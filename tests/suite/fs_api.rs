@@ -1,6 +1,6 @@
 //! `EncryptedFs` driven directly (no mount): crash leftovers, repair, reserved names.
 
-mod common;
+use crate::common;
 
 use std::ffi::OsStr;
 use std::fs::{self, OpenOptions};

@@ -1,7 +1,7 @@
 //! Model test of the block layer: random writes, truncates, fallocates, reads and reopens
 //! through `EncryptedFs` (no mount) must always agree with a plain `Vec<u8>`.
 
-mod common;
+use crate::common;
 
 use std::ffi::OsStr;
 

@@ -6,7 +6,7 @@
 //!
 //! `ENVELOPEFS_KILLS` sets the number of kills (CI runs a few; the recorded run 200+).
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};

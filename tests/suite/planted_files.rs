@@ -1,7 +1,7 @@
 //! Objects planted in the backing directory (hard links, FIFOs) are never written through
 //! nor waited on, and the one remedy for a leaked key, re-encryption, reaches every name.
 
-mod common;
+use crate::common;
 
 use std::ffi::{CString, OsString};
 use std::fs;

@@ -11,7 +11,7 @@
 //!
 //! `ENVELOPEFS_CUT_OPS` sets the number of workload steps (CI runs a short workload).
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;

@@ -2,7 +2,7 @@
 //! space fail with ENOSPC, and every byte fsynced before the disk filled reads back, in
 //! every cache and journal mode, before and after a remount, with fsck clean.
 
-mod common;
+use crate::common;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
