@@ -21,7 +21,14 @@ pub fn key_cmd(cmd: KeyCmd) -> Result<ExitCode> {
         }
         KeyCmd::Rotate { backing, secret } => {
             let mut vol = Volume::open(&backing, &secret.source(), &OpenOptions::default())?;
-            let v = vol.provider.rotate()?;
+            let Some(rotation) = vol.provider.rotation() else {
+                return Err(crate::error::usage(format!(
+                    "{} has no versions to rotate: add a slot with the new key, then remove this one",
+                    vol.provider.describe()
+                ))
+                .into());
+            };
+            let v = rotation.rotate()?;
             vol.update_config(|_| {})?;
             println!("{}: KEK version {v} is now current; new files wrap under it", vol.provider.describe());
             println!("Existing files keep the version they have until `envelopefs rekey`.");

@@ -78,19 +78,24 @@ pub trait KeyProvider: Send + Sync {
     /// The KEK version new wraps use.
     fn current_version(&self) -> Result<u32>;
 
-    /// Make a new KEK version current and return it.
-    fn rotate(&self) -> Result<u32>;
-
     /// Every KEK version the store knows.
     fn versions(&self) -> Result<Vec<KekVersionInfo>>;
-
-    /// Take a KEK version out of service: it no longer unwraps. The caller has checked that
-    /// no header still needs it.
-    fn retire(&self, version: u32) -> Result<()>;
 
     /// Wrap the same DEK under the current KEK (header re-wrap). Providers that can do it
     /// without the plaintext DEK leaving the store (KMS ReEncrypt) override this.
     fn rewrap(&self, record: &KeyRecord, ctx: &KeyContext<'_>) -> Result<KeyRecord>;
+
+    /// The store makes new KEK versions (not a recovery recipient: it has one key, and a new
+    /// one is a new slot).
+    fn rotation(&self) -> Option<&dyn Rotation> {
+        None
+    }
+
+    /// The store takes KEK versions out of service (not KMS, which keeps every rotation of a
+    /// key; not a recovery recipient).
+    fn retirement(&self) -> Option<&dyn Retirement> {
+        None
+    }
 
     /// The store limits itself to key objects the volume's config pins (PKCS#11 tokens,
     /// which hold other keys too).
@@ -116,6 +121,19 @@ pub fn new_file_key(p: &dyn KeyProvider, volume_id: &VolumeId) -> Result<(FileId
     crate::crypto::fill_random(&mut file_id)?;
     let (dek, rec) = p.generate(&KeyContext { volume_id, file_id: &file_id })?;
     Ok((file_id, dek, rec))
+}
+
+/// New KEK versions.
+pub trait Rotation {
+    /// Make a new KEK version current and return it.
+    fn rotate(&self) -> Result<u32>;
+}
+
+/// KEK versions taken out of service.
+pub trait Retirement {
+    /// Take a KEK version out of service: it no longer unwraps. The caller has checked that
+    /// no header still needs it.
+    fn retire(&self, version: u32) -> Result<()>;
 }
 
 /// Key objects a store is limited to (the config's authenticated list).

@@ -173,19 +173,8 @@ impl KeyProvider for RecoveryProvider {
         Ok(VERSION)
     }
 
-    fn rotate(&self) -> Result<u32> {
-        Err(Error::new(
-            libc::EOPNOTSUPP,
-            "a recovery recipient has no versions: add a new recovery slot, then remove this one",
-        ))
-    }
-
     fn versions(&self) -> Result<Vec<KekVersionInfo>> {
         Ok(vec![KekVersionInfo { version: VERSION, current: true, retired: false }])
-    }
-
-    fn retire(&self, _version: u32) -> Result<()> {
-        Err(Error::new(libc::EOPNOTSUPP, "remove the recovery slot instead (`envelopefs key slot remove`)"))
     }
 
     fn rewrap(&self, record: &KeyRecord, ctx: &KeyContext<'_>) -> Result<KeyRecord> {

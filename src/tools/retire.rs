@@ -3,7 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::file::envelope_file::EnvelopeFile;
-use crate::format::decode_region;
+use crate::format::{decode_region, ProviderKind};
 use crate::tools::check::{walk_headers, HeaderRead};
 use crate::volume::Volume;
 
@@ -88,8 +88,17 @@ fn is_verdict(e: &Error) -> bool {
 
 /// Retire `version` once [`retire_guard`] allows it, and record the change in the config.
 pub fn retire(vol: &mut Volume, version: u32, force: bool) -> Result<()> {
+    let Some(store) = vol.provider.retirement() else {
+        return Err(crate::error::usage(match vol.provider.kind() {
+            ProviderKind::AwsKms => {
+                "KMS keeps every rotation of a key; retire the whole key in KMS (disable it or schedule its \
+                 deletion) instead"
+            }
+            _ => "this key store has no versions to retire; remove its slot instead (`envelopefs key slot remove`)",
+        }));
+    };
     retire_guard(vol, version, force)?;
-    vol.provider.retire(version)?;
+    store.retire(version)?;
     vol.update_config(|_| {})
 }
 
@@ -121,7 +130,7 @@ mod tests {
         let e = retire_guard(&vol, 1, false).unwrap_err();
         assert!(e.to_string().contains("still wraps the volume key"), "{e}");
 
-        assert_eq!(vol.provider.rotate().unwrap(), 2);
+        assert_eq!(vol.provider.rotation().unwrap().rotate().unwrap(), 2);
         vol.update_config(|_| {}).unwrap();
         let e = retire(&mut vol, 1, false).unwrap_err();
         assert!(e.to_string().contains("referenced by 1 file headers"), "{e}");

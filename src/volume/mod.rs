@@ -505,14 +505,8 @@ mod tests {
         fn current_version(&self) -> Result<u32> {
             Ok(1)
         }
-        fn rotate(&self) -> Result<u32> {
-            Ok(1)
-        }
         fn versions(&self) -> Result<Vec<KekVersionInfo>> {
             Ok(vec![])
-        }
-        fn retire(&self, _: u32) -> Result<()> {
-            Ok(())
         }
         fn rewrap(&self, r: &KeyRecord, _: &KeyContext<'_>) -> Result<KeyRecord> {
             Ok(r.clone())

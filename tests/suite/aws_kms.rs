@@ -244,6 +244,11 @@ fn kms_rotate_rewrap_with_reencrypt_then_move_to_another_key_and_disable_the_old
     assert_eq!(kms.calls("ReEncrypt") - before, 5, "re-wrapped by ReEncrypt, the DEK never left KMS");
     let status = ok(cli(&[&"key", &"status", &v.backing]));
     assert!(status.contains("version 1 (current): 5 files") && status.contains("version 0: 0 files"), "{status}");
+    // KMS keeps every rotation: retiring one is a request this store has no answer to.
+    let out = cli(&[&"key", &"retire", &v.backing, &"0"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(common::EXIT_USAGE), "{err}");
+    assert!(err.contains("retire the whole key in KMS"), "{err}");
 
     // Move to another key, then disable the first: every file still opens.
     let second_arn = kms.create_key("second");

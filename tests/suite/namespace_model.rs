@@ -486,7 +486,7 @@ fn run_on(vol: TestVolume, ops: Vec<Op>, evicting: bool) -> Result<(), TestCaseE
                     &common::open_options(),
                 )
                 .unwrap();
-                v.provider.rotate().unwrap();
+                v.provider.rotation().unwrap().rotate().unwrap();
                 v.update_config(|_| {}).unwrap();
             }
             // Out-of-band changes, each checked for its own errno; the damaged file then

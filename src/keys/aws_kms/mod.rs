@@ -444,16 +444,6 @@ impl KeyProvider for AwsKmsProvider {
         Ok(self.rotations.load(Ordering::Relaxed))
     }
 
-    fn rotate(&self) -> Result<u32> {
-        self.rt
-            .block_on(self.client.rotate_key_on_demand().key_id(&self.arn).send())
-            .map_err(|e| kms_error(e, "RotateKeyOnDemand"))?;
-        let n = self.count_rotations()?;
-        self.rotations.store(n, Ordering::Relaxed);
-        *self.current_ik.lock().unwrap() = None;
-        Ok(n)
-    }
-
     fn versions(&self) -> Result<Vec<KekVersionInfo>> {
         let n = self.count_rotations()?;
         Ok((0..=n).map(|v| KekVersionInfo { version: v, current: v == n, retired: false }).collect())
@@ -494,11 +484,20 @@ impl KeyProvider for AwsKmsProvider {
         })
     }
 
-    fn retire(&self, _version: u32) -> Result<()> {
-        Err(Error::new(
-            libc::EOPNOTSUPP,
-            "KMS keeps every rotation of a key; retire the whole key in KMS (disable or schedule deletion) instead",
-        ))
+    fn rotation(&self) -> Option<&dyn super::Rotation> {
+        Some(self)
+    }
+}
+
+impl super::Rotation for AwsKmsProvider {
+    fn rotate(&self) -> Result<u32> {
+        self.rt
+            .block_on(self.client.rotate_key_on_demand().key_id(&self.arn).send())
+            .map_err(|e| kms_error(e, "RotateKeyOnDemand"))?;
+        let n = self.count_rotations()?;
+        self.rotations.store(n, Ordering::Relaxed);
+        *self.current_ik.lock().unwrap() = None;
+        Ok(n)
     }
 }
 

@@ -342,34 +342,6 @@ impl KeyProvider for LocalProvider {
         Ok(self.ring.read().unwrap().current)
     }
 
-    fn retire(&self, version: u32) -> Result<()> {
-        {
-            let mut ring = self.ring.write().unwrap();
-            if ring.current == version {
-                return Err(Error::new(libc::EBUSY, format!("KEK version {version} is current: rotate first")));
-            }
-            let e = ring.entries.iter_mut().find(|e| e.version == version);
-            e.ok_or_else(|| Error::new(libc::ENOENT, format!("no KEK version {version}")))?.key = None;
-        }
-        self.revoked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.write_file(false)
-    }
-
-    fn rotate(&self) -> Result<u32> {
-        self.reload_if_changed()?;
-        let mut key = Zeroizing::new([0u8; KEY_LEN]);
-        fill_random(&mut key[..])?;
-        let version = {
-            let mut ring = self.ring.write().unwrap();
-            let version = ring.entries.iter().map(|e| e.version).max().unwrap_or(0) + 1;
-            ring.entries.push(Entry { version, key: Some(key) });
-            ring.current = version;
-            version
-        };
-        self.write_file(false)?;
-        Ok(version)
-    }
-
     fn versions(&self) -> Result<Vec<KekVersionInfo>> {
         let ring = self.ring.read().unwrap();
         Ok(ring
@@ -391,6 +363,46 @@ impl KeyProvider for LocalProvider {
 
     fn keyring(&self) -> Option<&dyn super::KeyringFile> {
         Some(self)
+    }
+
+    fn rotation(&self) -> Option<&dyn super::Rotation> {
+        Some(self)
+    }
+
+    fn retirement(&self) -> Option<&dyn super::Retirement> {
+        Some(self)
+    }
+}
+
+impl super::Rotation for LocalProvider {
+    fn rotate(&self) -> Result<u32> {
+        self.reload_if_changed()?;
+        let mut key = Zeroizing::new([0u8; KEY_LEN]);
+        fill_random(&mut key[..])?;
+        let version = {
+            let mut ring = self.ring.write().unwrap();
+            let version = ring.entries.iter().map(|e| e.version).max().unwrap_or(0) + 1;
+            ring.entries.push(Entry { version, key: Some(key) });
+            ring.current = version;
+            version
+        };
+        self.write_file(false)?;
+        Ok(version)
+    }
+}
+
+impl super::Retirement for LocalProvider {
+    fn retire(&self, version: u32) -> Result<()> {
+        {
+            let mut ring = self.ring.write().unwrap();
+            if ring.current == version {
+                return Err(Error::new(libc::EBUSY, format!("KEK version {version} is current: rotate first")));
+            }
+            let e = ring.entries.iter_mut().find(|e| e.version == version);
+            e.ok_or_else(|| Error::new(libc::ENOENT, format!("no KEK version {version}")))?.key = None;
+        }
+        self.revoked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.write_file(false)
     }
 }
 
@@ -417,6 +429,7 @@ impl super::KeyringFile for LocalProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::keys::{Retirement, Rotation};
 
     fn fast() -> KdfParams {
         KdfParams { m_kib: 256, t: 1, p: 1 }
