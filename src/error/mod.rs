@@ -3,16 +3,48 @@
 
 use std::fmt;
 use std::io;
+use std::sync::Arc;
 
-/// An error that knows which errno to reply with and says what went wrong.
-#[derive(Debug)]
+/// An error that knows which errno to reply with, how loudly to log it, and says what went
+/// wrong. Cloneable, cause included: one failed key load is every waiter's error.
+#[derive(Clone, Debug)]
 pub struct Error {
     errno: i32,
     context: String,
     class: Option<Class>,
     /// What failed to authenticate, when that is the error.
     integrity: Option<Integrity>,
-    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    level: Level,
+    source: Option<Arc<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+/// How a failure is logged where it is replied (the FUSE adapter). Decided where the error
+/// is made: the errno alone cannot tell a planted file's ESTALE from a forgotten inode's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    /// An answer a healthy filesystem gives all the time (ENOENT on lookup, ENOTEMPTY,
+    /// EEXIST): a debug line.
+    Answer,
+    /// Something to look at: tampering, key trouble, a failing or full backing store. A
+    /// warning, and a line in `status`.
+    Fault,
+}
+
+impl Level {
+    /// The level of an error made with only an errno: the errnos of faults.
+    const fn of(errno: i32) -> Level {
+        match errno {
+            libc::EIO
+            | libc::EACCES
+            | libc::ENOSPC
+            | libc::EDQUOT
+            | libc::EROFS
+            | libc::EMFILE
+            | libc::ENFILE
+            | libc::ESTALE => Level::Fault,
+            _ => Level::Answer,
+        }
+    }
 }
 
 /// What did not authenticate: the metrics count integrity failures by it.
@@ -106,18 +138,13 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn new(errno: i32, context: impl Into<String>) -> Self {
-        Self { errno, context: context.into(), class: None, integrity: None, source: None }
+        Self { errno, context: context.into(), class: None, integrity: None, level: Level::of(errno), source: None }
     }
 
     /// An I/O error from the backing store, keeping its errno.
     pub fn io(err: io::Error, context: impl Into<String>) -> Self {
-        Self {
-            errno: err.raw_os_error().unwrap_or(libc::EIO),
-            context: context.into(),
-            class: None,
-            integrity: None,
-            source: Some(Box::new(err)),
-        }
+        let errno = err.raw_os_error().unwrap_or(libc::EIO);
+        Self { source: Some(Arc::new(err)), ..Self::new(errno, context) }
     }
 
     /// The volume's own files do not authenticate: edited, swapped or rolled back.
@@ -132,7 +159,20 @@ impl Error {
 
     pub fn with_class(mut self, class: Class) -> Self {
         self.class = Some(class);
+        if matches!(class, Class::KeyStoreUnreachable | Class::Tampered | Class::Untrusted) {
+            self.level = Level::Fault;
+        }
         self
+    }
+
+    /// Log this one as a fault, whatever its errno.
+    pub fn fault(mut self) -> Self {
+        self.level = Level::Fault;
+        self
+    }
+
+    pub fn level(&self) -> Level {
+        self.level
     }
 
     pub fn class(&self) -> Option<Class> {
@@ -141,7 +181,7 @@ impl Error {
 
     /// Data that fails to authenticate: EIO, counted by what it was.
     pub fn integrity(kind: Integrity, context: impl Into<String>) -> Self {
-        Self { integrity: Some(kind), ..Self::new(libc::EIO, context) }
+        Self { integrity: Some(kind), ..Self::new(libc::EIO, context) }.fault()
     }
 
     pub fn integrity_kind(&self) -> Option<Integrity> {
@@ -150,24 +190,12 @@ impl Error {
 
     /// Data that does not authenticate or parse: never hand out wrong bytes.
     pub fn corrupt(context: impl Into<String>) -> Self {
-        Self::new(libc::EIO, context)
+        Self::new(libc::EIO, context).fault()
     }
 
     /// The key needed is missing, disabled or refused.
     pub fn access(context: impl Into<String>) -> Self {
-        Self::new(libc::EACCES, context)
-    }
-
-    /// One error handed to several waiters (the DEK cache gives one load's failure to every
-    /// open that waited for it): the same errno, class and cause for each.
-    pub fn shared(e: &std::sync::Arc<Error>) -> Self {
-        Self {
-            errno: e.errno,
-            context: e.context.clone(),
-            class: e.class,
-            integrity: e.integrity,
-            source: e.source.as_ref().map(|s| s.to_string().into()),
-        }
+        Self::new(libc::EACCES, context).fault()
     }
 
     /// Prefix more context (for example the path of the file concerned).
@@ -178,15 +206,6 @@ impl Error {
 
     pub fn errno(&self) -> i32 {
         self.errno
-    }
-
-    /// Errors a healthy filesystem returns all the time (ENOENT on lookup, ENOTEMPTY…)
-    /// are not worth a warning; tampering, key trouble and I/O failures are.
-    pub fn is_noteworthy(&self) -> bool {
-        matches!(
-            self.errno,
-            libc::EIO | libc::EACCES | libc::ENOSPC | libc::EROFS | libc::EMFILE | libc::ENFILE | libc::ESTALE
-        )
     }
 }
 
@@ -272,17 +291,30 @@ mod tests {
         let e = Error::io(io::Error::from_raw_os_error(libc::ENOENT), "open a/b");
         assert_eq!(e.errno(), libc::ENOENT);
         assert!(e.to_string().starts_with("open a/b: "));
-        assert!(!e.is_noteworthy());
+        assert_eq!(e.level(), Level::Answer);
         let e = Error::corrupt("block 3 does not authenticate").context("file x");
         assert_eq!(e.errno(), libc::EIO);
         assert_eq!(e.to_string(), "file x: block 3 does not authenticate");
-        assert!(e.is_noteworthy());
+        assert_eq!(e.level(), Level::Fault);
+    }
+
+    #[test]
+    fn the_level_is_decided_where_the_error_is_made_and_a_clone_keeps_the_cause() {
+        assert_eq!(Error::new(libc::ENOTEMPTY, "rmdir").level(), Level::Answer);
+        assert_eq!(Error::new(libc::EAGAIN, "store").with_class(Class::KeyStoreUnreachable).level(), Level::Fault);
+        assert_eq!(Error::new(libc::EEXIST, "planted").fault().level(), Level::Fault);
+        let e = Error::io(io::Error::from_raw_os_error(libc::ENOSPC), "append").context("file a");
+        let shared = e.clone();
+        assert_eq!(shared.level(), Level::Fault);
+        assert_eq!(chain(&shared), chain(&e));
+        let cause = std::error::Error::source(&shared).unwrap().downcast_ref::<io::Error>().unwrap();
+        assert_eq!(cause.raw_os_error(), Some(libc::ENOSPC));
     }
 
     #[test]
     fn a_chain_names_each_distinct_cause_once() {
         let inner = Error::io(io::Error::from_raw_os_error(libc::ECONNREFUSED), "io error");
-        let outer = Error { source: Some(Box::new(inner)), ..Error::new(libc::EIO, "dispatch failure") };
+        let outer = Error { source: Some(Arc::new(inner)), ..Error::new(libc::EIO, "dispatch failure") };
         assert_eq!(chain(&outer), "dispatch failure: io error: Connection refused (os error 111)");
     }
 

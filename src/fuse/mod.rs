@@ -14,7 +14,7 @@ use fuser::{
 };
 use tracing::{debug, warn};
 
-use crate::error::Error;
+use crate::error::{Error, Level};
 use crate::fs::{Attr, Caller, EncryptedFs, SetAttr, SetTime};
 
 mod options;
@@ -92,16 +92,15 @@ fn fuse_attr(a: &Attr) -> FileAttr {
 }
 
 impl FuseFs {
-    /// Log a failure once, where it is replied, and count the noteworthy ones for `status`.
     /// Log a failure once, where it is replied, naming what it concerned, and count the
-    /// noteworthy ones for `status`.
+    /// faults for `status`.
     fn errno(&self, op: &str, on: On<'_>, e: &Error) -> Errno {
         let what = || match on {
             On::Ino(ino) => self.fs.describe(ino),
             On::Name(parent, name) => format!("{name:?} in {}", self.fs.describe(parent)),
         };
         self.fs.stats.errno(e);
-        if e.is_noteworthy() {
+        if e.level() == Level::Fault {
             warn!("{op} {} failed: {e}", what());
             self.fs.stats.error(format!("{op} {}: {e}", what()));
         } else {

@@ -113,7 +113,7 @@ impl DekCache {
                     }
                     res
                 })
-                .map_err(|e: Arc<crate::error::Error>| crate::error::Error::shared(&e));
+                .map_err(|e: Arc<crate::error::Error>| (*e).clone());
             // Once at most: the retry's load is this caller's own, which clears the mark.
             if res.is_err() && load.is_some() && self.failed_ahead.lock().unwrap().contains(&key) {
                 continue;
