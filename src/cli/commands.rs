@@ -251,7 +251,7 @@ fn rekey_files(
         sum.changed,
         sum.unchanged,
         sum.failed.len(),
-        vol.provider.current_version()?
+        vol.keys.primary().current_version()?
     );
     Ok(if sum.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

@@ -21,16 +21,16 @@ pub fn key_cmd(cmd: KeyCmd) -> Result<ExitCode> {
         }
         KeyCmd::Rotate { backing, secret } => {
             let mut vol = Volume::open(&backing, &secret.source(), &OpenOptions::default())?;
-            let Some(rotation) = vol.provider.rotation() else {
+            let Some(rotation) = vol.keys.primary().rotation() else {
                 return Err(crate::error::usage(format!(
                     "{} has no versions to rotate: add a slot with the new key, then remove this one",
-                    vol.provider.describe()
+                    vol.keys.primary().describe()
                 ))
                 .into());
             };
             let v = rotation.rotate()?;
             vol.update_config(|_| {})?;
-            println!("{}: KEK version {v} is now current; new files wrap under it", vol.provider.describe());
+            println!("{}: KEK version {v} is now current; new files wrap under it", vol.keys.primary().describe());
             println!("Existing files keep the version they have until `envelopefs rekey`.");
         }
         KeyCmd::Passwd { backing, new_passphrase_file, new_key_file, kdf_memory_mib, kdf_iterations, secret } => {
@@ -68,13 +68,13 @@ pub fn key_cmd(cmd: KeyCmd) -> Result<ExitCode> {
         KeyCmd::Status { backing, secret } => {
             let vol = Volume::open(&backing, &secret.source(), &OpenOptions::default())?;
             let usage = crate::tools::check::key_usage(&vol)?;
-            let current = vol.provider.current_version().ok();
-            println!("{}", vol.provider.describe());
+            let current = vol.keys.primary().current_version().ok();
+            println!("{}", vol.keys.primary().describe());
             if volume_locked(&backing) {
                 println!("  note: the volume is mounted; a mount started before a rotation or --to-key may still");
                 println!("  wrap new files under the old key until it is remounted: remount before retiring a key");
             }
-            for v in vol.provider.versions()? {
+            for v in vol.keys.primary().versions()? {
                 let n = usage.files.get(&v.version).copied().unwrap_or(0);
                 let mark = if v.current {
                     " (current)"
@@ -86,7 +86,7 @@ pub fn key_cmd(cmd: KeyCmd) -> Result<ExitCode> {
                 println!("  version {}{mark}: {n} files", v.version);
             }
             for (v, n) in &usage.files {
-                if !vol.provider.versions()?.iter().any(|i| i.version == *v) {
+                if !vol.keys.primary().versions()?.iter().any(|i| i.version == *v) {
                     println!("  version {v} (MISSING from the key store): {n} files");
                 }
             }

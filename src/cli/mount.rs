@@ -137,7 +137,7 @@ pub fn mount(mut s: MountSettings, foreground: bool, argv: &[OsString]) -> Resul
     process::raise_fd_limit();
     process::unmask_modes();
     let (journal, recovered) = start_journal(&vol, &s)?;
-    let prefetch = s.prefetch(vol.unwraps_remotely());
+    let prefetch = s.prefetch(vol.keys.unwraps_remotely());
     let mut fs = EncryptedFs::new(Arc::new(vol))?.with_inode_fds(s.file_handles, s.max_inode_fds)?;
     info!("{}", fs.inode_fds_summary());
     if prefetch.files > 0 {
@@ -151,7 +151,8 @@ pub fn mount(mut s: MountSettings, foreground: bool, argv: &[OsString]) -> Resul
         fs = fs.with_journal(j.clone());
     }
     let fs = Arc::new(fs);
-    crate::volume::watch_config(fs.volume(), Duration::from_secs(2));
+    let vol = fs.volume().clone();
+    crate::volume::watch_config(&vol, Duration::from_secs(2));
     if let Some(addr) = &s.metrics {
         crate::daemon::metrics::serve(addr, fs.clone(), journal.clone(), recovered)?;
     }
@@ -233,6 +234,7 @@ pub fn mount(mut s: MountSettings, foreground: bool, argv: &[OsString]) -> Resul
     // Keep no directory of the host busy (everything given by path is open by now).
     let _ = std::env::set_current_dir("/");
     let served = session.run().context("serving the mount");
+    vol.keys.flush_audit();
     if let Some(j) = journal {
         // Every change is durable before the journal that covers it goes.
         if let Err(e) = j.close() {

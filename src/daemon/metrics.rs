@@ -61,15 +61,15 @@ impl Collector for Live {
             &mut e,
             "envelopefs_dek_cache_hits",
             "opens that found the data key cached",
-            v.cache.stats.hits.load(Relaxed),
+            v.keys.cache.stats.hits.load(Relaxed),
         )?;
         counter(
             &mut e,
             "envelopefs_dek_cache_misses",
             "opens that unwrapped the data key",
-            v.cache.stats.misses.load(Relaxed),
+            v.keys.cache.stats.misses.load(Relaxed),
         )?;
-        if let Some(pool) = v.key_pool() {
+        if let Some(pool) = v.keys.key_pool() {
             let (size, _, fallbacks) = pool.sizing();
             gauge(&mut e, "envelopefs_key_pool_ready", "data keys made ahead, ready for new files", pool.len() as i64)?;
             gauge(
@@ -102,13 +102,13 @@ impl Collector for Live {
             &mut e,
             "envelopefs_key_store_operations",
             "wraps and unwraps asked of the key stores",
-            v.provider_calls.load(Relaxed),
+            v.keys.calls.load(Relaxed),
         )?;
         counter(
             &mut e,
             "envelopefs_key_store_errors",
             "key-store operations that failed",
-            v.provider_errors.load(Relaxed),
+            v.keys.errors.load(Relaxed),
         )?;
         // By key slot: what the store behind it was asked when files were opened or
         // rewrapped (new files' keys are made ahead, in the pool, and counted in the totals).
@@ -121,7 +121,7 @@ impl Collector for Live {
             None,
             c.metric_type(),
         )?;
-        for s in &v.slots {
+        for s in v.keys.slots() {
             s.ops.encode(ops.encode_family(&slot_labels(s))?)?;
         }
         let mut failures = e.encode_descriptor(
@@ -130,21 +130,21 @@ impl Collector for Live {
             None,
             c.metric_type(),
         )?;
-        for s in &v.slots {
+        for s in v.keys.slots() {
             s.failures.encode(failures.encode_family(&slot_labels(s))?)?;
         }
-        if let Some(first) = v.slots.first() {
+        if let Some(first) = v.keys.slots().first() {
             let mut secs = e.encode_descriptor(
                 "envelopefs_key_slot_seconds",
                 "time a key slot's store took per operation",
                 None,
                 first.seconds.metric_type(),
             )?;
-            for s in &v.slots {
+            for s in v.keys.slots() {
                 s.seconds.encode(secs.encode_family(&slot_labels(s))?)?;
             }
         }
-        if let Some(n) = v.requests_sent() {
+        if let Some(n) = v.keys.requests_sent() {
             counter(
                 &mut e,
                 "envelopefs_kms_requests",

@@ -16,21 +16,21 @@ pub fn reporter(fs: Arc<EncryptedFs>, backing: &Path, mountpoint: &Path) -> Arc<
     let started = Instant::now();
     Arc::new(move || {
         let v = fs.volume();
-        let (hits, misses) = (v.cache.stats.hits.load(Relaxed), v.cache.stats.misses.load(Relaxed));
+        let (hits, misses) = (v.keys.cache.stats.hits.load(Relaxed), v.keys.cache.stats.misses.load(Relaxed));
         let last = fs.stats.last_error.lock().unwrap().clone();
         Status {
             pid: std::process::id(),
             backing: backing.clone(),
             mountpoint: mountpoint.clone(),
-            provider: v.provider.describe(),
+            provider: v.keys.primary().describe(),
             uptime_secs: started.elapsed().as_secs(),
             open_files: fs.open_files(),
-            dek_cache_entries: v.cache.entry_count(),
+            dek_cache_entries: v.keys.cache.entry_count(),
             dek_cache_hits: hits,
             dek_cache_misses: misses,
             dek_cache_hit_rate: if hits + misses == 0 { 0.0 } else { hits as f64 / (hits + misses) as f64 },
-            provider_calls: v.provider_calls.load(Relaxed),
-            provider_errors: v.provider_errors.load(Relaxed),
+            provider_calls: v.keys.calls.load(Relaxed),
+            provider_errors: v.keys.errors.load(Relaxed),
             errors: fs.stats.errors.load(Relaxed),
             last_error_secs_ago: last.as_ref().and_then(|(t, _)| t.elapsed().ok()).map(|d| d.as_secs()),
             last_error: last.map(|(_, e)| e),
@@ -38,7 +38,7 @@ pub fn reporter(fs: Arc<EncryptedFs>, backing: &Path, mountpoint: &Path) -> Arc<
             inode_fds: fs.inode_fds().0 as u64,
             inode_fd_limit: fs.inode_fds().1 as u64,
             requests: fs.stats.requests().map(|(o, n)| (o.to_owned(), n)).collect(),
-            kms_requests: v.requests_sent(),
+            kms_requests: v.keys.requests_sent(),
         }
     })
 }

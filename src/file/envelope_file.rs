@@ -107,7 +107,7 @@ impl EnvelopeFile<'_> {
                 }
             })
         };
-        let (opened, ok) = self.vol.open_header_for(&region, self.describe, self.who, &belongs)?;
+        let (opened, ok) = self.vol.keys.open_header_for(&region, self.describe, self.who, &belongs)?;
         Ok((Loaded { key: opened.key, header: opened.header, slot: opened.slot, region }, ok))
     }
 
@@ -141,7 +141,7 @@ impl EnvelopeFile<'_> {
     /// its header. With a journal the header is recorded as an append: a crash inside
     /// its write is cut back to 0 bytes by recovery.
     pub fn create_header(&self, journal: Option<&Target<'_>>) -> Result<Arc<FileKey>> {
-        let (region, key) = self.vol.new_header_for(self.describe, self.who)?;
+        let (region, key) = self.vol.keys.new_header_for(self.describe, self.who)?;
         let change = Change { offset: 0, bytes: &region, chunks: &[region.len()], old_len: 0, then_len: None };
         if let Err(e) = journal::apply(self.file, journal, &key.file_id, &change) {
             let _ = self.file.set_len(0);
@@ -209,7 +209,7 @@ impl EnvelopeFile<'_> {
         };
         let l = this.load_held(this.backing_len()?)?;
         let h = &l.header;
-        let wanted = vol.records_for_policy(h, &l.key, self.describe, self.who)?;
+        let wanted = vol.keys.records_for_policy(vol.config.policy(), h, &l.key, self.describe, self.who)?;
         let other = 1 - l.slot;
         let other_current = match decode_region(&l.region).into_iter().find(|(i, _)| *i == other) {
             Some((_, Ok(v))) => v.header.records == h.records && l.key.verify_header_tag(&v.authenticated, &v.tag),

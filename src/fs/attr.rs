@@ -154,7 +154,7 @@ impl EncryptedFs {
         if size == 0 && (st.key.is_some() || file.metadata().is_ok_and(|m| m.len() > 0)) {
             // An emptied file gets a new data key at its next write: without one to give,
             // emptying it would leave content that can no longer be written.
-            self.vol.can_make_keys(&|| sys::describe_fd(file.as_raw_fd()))?;
+            self.vol.keys.can_make_keys(&|| sys::describe_fd(file.as_raw_fd()))?;
         }
         let who = handle.as_ref().map_or(caller, |h| h.writer(caller));
         self.journaled(inode, |journal| {

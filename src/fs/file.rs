@@ -111,7 +111,7 @@ impl EncryptedFs {
             }
             // Content written to an empty file needs a new data key.
             if writable && (trunc || st.key.is_none()) {
-                self.vol.can_make_keys(&|| sys::describe_fd(file.as_raw_fd()))?;
+                self.vol.keys.can_make_keys(&|| sys::describe_fd(file.as_raw_fd()))?;
             }
             st.opens += 1;
         }
@@ -165,7 +165,7 @@ impl EncryptedFs {
         let p = self.inode(parent)?;
         let dir = self.fd(&p)?;
         let perm = mode & !umask & 0o7777;
-        self.vol.can_make_keys(&|| format!("{}/{}", sys::describe_fd(dir.as_raw_fd()), name.to_string_lossy()))?;
+        self.vol.keys.can_make_keys(&|| format!("{}/{}", sys::describe_fd(dir.as_raw_fd()), name.to_string_lossy()))?;
         self.room_for_a_file(dir.as_raw_fd())?;
         let mut made = None;
         let res = self.make_named(dir.as_raw_fd(), &b, |c| {

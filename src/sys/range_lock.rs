@@ -42,6 +42,7 @@ impl Kind {
 /// A range from `start`, `len` bytes long; `len` 0 reaches past any end.
 fn flock(kind: Kind, start: u64, len: u64) -> Result<libc::flock> {
     let too_far = || Error::new(libc::EOVERFLOW, format!("lock range {start}+{len} is past the largest offset"));
+    // SAFETY: flock is plain integers, for which all-zero bytes are a valid value.
     let mut l: libc::flock = unsafe { std::mem::zeroed() };
     l.l_type = kind.raw();
     l.l_whence = libc::SEEK_SET as libc::c_short;

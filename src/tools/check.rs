@@ -275,7 +275,7 @@ pub fn key_usage(vol: &Volume) -> Result<KeyUsage> {
     let policy: Vec<_> = vol.config.policy().cloned().collect();
     let mut usage = KeyUsage { per_slot: vec![0; policy.len()], ..KeyUsage::default() };
     let primary = &policy[0];
-    let current_id = vol.provider.kek_id();
+    let current_id = vol.keys.primary().kek_id();
     walk_headers(vol, &mut |_, read| {
         let region = match read {
             HeaderRead::Empty => return usage.empty += 1,

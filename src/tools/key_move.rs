@@ -23,7 +23,7 @@ pub fn move_to_key(backing: &Path, key: &str, secret: &SecretSource, opts: &Open
     let before = vol.config.provider.clone();
     vol.switch_provider(dest, settings)?;
     if vol.config.provider != before {
-        info!("the volume now names {}; rekey moves its files", vol.provider.kek_id());
+        info!("the volume now names {}; rekey moves its files", vol.keys.primary().kek_id());
     }
     Ok(vol)
 }

@@ -37,9 +37,9 @@ pub fn add(vol: &mut Volume, init: &ProviderInit, secret: &SecretSource) -> Resu
             b.bind_volume_key(&volume_key);
         }
         let ctx = KeyContext { volume_id: &vol.volume_id, file_id: &VOLUME_KEY_FILE_ID };
-        let rec = vol.count(provider.wrap(&volume_key.as_dek(), &ctx))?;
+        let rec = vol.keys.count(provider.wrap(&volume_key.as_dek(), &ctx))?;
         if provider.kind() != ProviderKind::Recovery {
-            let back = vol.count(provider.unwrap(&rec, &ctx))?;
+            let back = vol.keys.count(provider.unwrap(&rec, &ctx))?;
             if back.expose() != volume_key.as_dek().expose() {
                 return Err(Error::new(
                     libc::EIO,
@@ -50,12 +50,12 @@ pub fn add(vol: &mut Volume, init: &ProviderInit, secret: &SecretSource) -> Resu
         check_fits(vol, &rec)?;
         let index = vol.config.policy().count();
         let slot = SlotConfig { provider: settings.clone(), volume_key: WrappedKey::from_record(&rec) };
-        vol.slots.push(KeySlot::new(index, settings.clone(), provider.clone()));
+        vol.keys.add_slot(KeySlot::new(index, settings.clone(), provider.clone()));
         vol.update_config_with(|c| {
             c.format = c.format.max(SLOTS_FORMAT);
             c.slots.push(slot);
         })?;
-        for s in &vol.slots {
+        for s in vol.keys.slots() {
             if let Some(k) = s.provider.keyring() {
                 k.mark_volume_format(SLOTS_FORMAT)?;
             }
@@ -63,7 +63,7 @@ pub fn add(vol: &mut Volume, init: &ProviderInit, secret: &SecretSource) -> Resu
         Ok(index)
     })();
     if added.is_err() {
-        vol.slots.retain(|s| s.settings.host_view() != settings.host_view());
+        vol.keys.forget_slot(&settings);
         if let Some(k) = made_keyring {
             let _ = std::fs::remove_file(k);
         }
@@ -118,12 +118,7 @@ pub fn remove(vol: &mut Volume, index: usize) -> Result<ProviderConfig> {
     vol.update_config_with(|c| {
         c.slots.remove(index - 1);
     })?;
-    vol.slots.retain(|s| s.index != index);
-    for s in &mut vol.slots {
-        if s.index > index {
-            s.index -= 1;
-        }
-    }
+    vol.keys.remove_slot(index);
     Ok(removed)
 }
 
@@ -140,7 +135,7 @@ pub fn make_primary(vol: &mut Volume, index: usize) -> Result<()> {
     if matches!(vol.config.slots[index - 1].provider, ProviderConfig::Recovery { .. }) {
         return Err(usage("a recovery recipient cannot be the primary: it wraps, but only its offline key unwraps"));
     }
-    if !vol.slots.iter().any(|s| s.index == index) {
+    if !vol.keys.slots().iter().any(|s| s.index == index) {
         return Err(Error::access(format!("slot {index} is not open here: it cannot become the primary")));
     }
     vol.update_config_with(|c| {
@@ -149,15 +144,7 @@ pub fn make_primary(vol: &mut Volume, index: usize) -> Result<()> {
         let old = c.volume_key.replace(s.volume_key.clone()).expect("format 3 has a volume key");
         s.volume_key = old;
     })?;
-    for s in &mut vol.slots {
-        if s.index == 0 {
-            s.index = index;
-        } else if s.index == index {
-            s.index = 0;
-        }
-    }
-    vol.slots.sort_by_key(|s| s.index);
-    vol.provider = vol.slots[0].provider.clone();
+    vol.keys.swap_primary(index);
     Ok(())
 }
 
@@ -194,7 +181,7 @@ pub fn describe(vol: &Volume) -> Vec<String> {
         .enumerate()
         .map(|(i, p)| {
             let role = if i == 0 { "primary" } else { "slot" };
-            let open = if vol.slots.iter().any(|s| s.index == i) { "" } else { "  (not open here)" };
+            let open = if vol.keys.slots().iter().any(|s| s.index == i) { "" } else { "  (not open here)" };
             format!("{i}  {role:7}  {}{open}", p.summary())
         })
         .collect()

@@ -164,7 +164,7 @@ pub fn reencrypt_file(vol: &Volume, tree: &Tree, path: &Path) -> Result<bool> {
         sys::renameat2(dir, &tmp, dir, &name, 0).map_err(|e| e.context("renaming over the original"))?;
         rustix::fs::fsync(&dir_fd).map_err(|e| Error::io(e.into(), "fsync of the directory"))?;
         let rec = &opened.header.records[0];
-        vol.audit("reencrypt", &opened.header.file_id, &describe, rec, Ok(()), None, None);
+        vol.keys.audit("reencrypt", &opened.header.file_id, &describe, rec, Ok(()), None, None);
         Ok(())
     })();
     if let Err(e) = result {

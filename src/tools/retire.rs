@@ -88,8 +88,8 @@ fn is_verdict(e: &Error) -> bool {
 
 /// Retire `version` once [`retire_guard`] allows it, and record the change in the config.
 pub fn retire(vol: &mut Volume, version: u32, force: bool) -> Result<()> {
-    let Some(store) = vol.provider.retirement() else {
-        return Err(crate::error::usage(match vol.provider.kind() {
+    let Some(store) = vol.keys.primary().retirement() else {
+        return Err(crate::error::usage(match vol.keys.primary().kind() {
             ProviderKind::AwsKms => {
                 "KMS keeps every rotation of a key; retire the whole key in KMS (disable it or schedule its \
                  deletion) instead"
@@ -130,7 +130,7 @@ mod tests {
         let e = retire_guard(&vol, 1, false).unwrap_err();
         assert!(e.to_string().contains("still wraps the volume key"), "{e}");
 
-        assert_eq!(vol.provider.rotation().unwrap().rotate().unwrap(), 2);
+        assert_eq!(vol.keys.primary().rotation().unwrap().rotate().unwrap(), 2);
         vol.update_config(|_| {}).unwrap();
         let e = retire(&mut vol, 1, false).unwrap_err();
         assert!(e.to_string().contains("referenced by 1 file headers"), "{e}");
@@ -144,7 +144,7 @@ mod tests {
         std::fs::remove_file(backing.join("junk")).unwrap();
 
         retire(&mut vol, 1, false).unwrap();
-        assert!(vol.provider.versions().unwrap().iter().any(|v| v.version == 1 && v.retired));
+        assert!(vol.keys.primary().versions().unwrap().iter().any(|v| v.version == 1 && v.retired));
         // The volume still opens, and its file still reads.
         let fs = EncryptedFs::new(Arc::new(open(d.path()))).unwrap();
         let attr = fs.lookup(ROOT_INO, OsStr::new("f")).unwrap();

@@ -2,11 +2,10 @@
 //! every provider. CloudTrail covers KMS; this covers local and PKCS#11 too, and says which
 //! file and which local user caused it. The schema is in docs/AUDIT.md.
 
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -32,54 +31,85 @@ impl Requester {
 }
 
 #[derive(Serialize)]
-struct Event<'a> {
+struct Event {
     /// RFC 3339 UTC with milliseconds.
     time: String,
-    op: &'a str,
+    op: &'static str,
     volume: String,
     file_id: String,
     #[serde(skip_serializing_if = "Option::is_none")]
-    path: Option<&'a str>,
+    path: Option<String>,
     /// With hidden names: the path as the mount shows it (this log is the host's).
     #[serde(skip_serializing_if = "Option::is_none")]
-    plain_path: Option<&'a str>,
-    provider: &'a str,
-    key_id: &'a str,
+    plain_path: Option<String>,
+    provider: &'static str,
+    key_id: String,
     key_version: u32,
     /// The key slot that did it, on a volume with several (0: the primary).
     #[serde(skip_serializing_if = "Option::is_none")]
     slot: Option<usize>,
     uid: u32,
     pid: u32,
-    result: &'a str,
+    result: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
 }
 
+/// A backing path as the mount shows it (hidden names decrypted), when it can be found.
+pub type PlainPath = Box<dyn Fn(&Path) -> Option<String> + Send>;
+
+/// Events waiting for the writer; a key operation waits only when this many are queued.
+const QUEUE: usize = 4096;
+
+/// The log, written by a thread of its own: resolving a hidden name's plain path reads
+/// directories, which no key operation should wait on. Dropping it writes what is queued.
 pub struct AuditLog {
-    out: Mutex<File>,
+    queue: Option<std::sync::mpsc::SyncSender<Queued>>,
+    writer: Option<std::thread::JoinHandle<()>>,
 }
 
 impl AuditLog {
-    pub fn open(path: &Path) -> Result<Self> {
-        let f = OpenOptions::new()
+    pub fn open(path: &Path, plain_path: Option<PlainPath>) -> Result<Self> {
+        let mut out = OpenOptions::new()
             .create(true)
             .append(true)
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW)
             .open(path)
             .map_err(|e| Error::io(e, format!("opening audit log {}", path.display())))?;
-        Ok(Self { out: Mutex::new(f) })
+        let (queue, events) = std::sync::mpsc::sync_channel::<Queued>(QUEUE);
+        let writer = std::thread::Builder::new()
+            .name("audit-log".into())
+            .spawn(move || {
+                for queued in events {
+                    let mut ev = match queued {
+                        Queued::Event(ev) => ev,
+                        Queued::Flush(done) => {
+                            let _ = done.send(());
+                            continue;
+                        }
+                    };
+                    if let (Some(resolve), Some(p)) = (&plain_path, &ev.path) {
+                        ev.plain_path = resolve(Path::new(p));
+                    }
+                    let mut line = serde_json::to_vec(&ev).expect("audit event serializes");
+                    line.push(b'\n');
+                    if let Err(e) = out.write_all(&line) {
+                        tracing::error!("writing the audit log failed: {e}");
+                    }
+                }
+            })
+            .map_err(|e| Error::io(e, "starting the audit log's writer"))?;
+        Ok(Self { queue: Some(queue), writer: Some(writer) })
     }
 
     #[allow(clippy::too_many_arguments)]
     pub fn record(
         &self,
-        op: &str,
+        op: &'static str,
         volume: &VolumeId,
         file_id: &FileId,
-        path: Option<&str>,
-        plain_path: Option<&str>,
+        path: Option<String>,
         rec: &KeyRecord,
         result: std::result::Result<(), &Error>,
         who: Option<Requester>,
@@ -92,9 +122,9 @@ impl AuditLog {
             volume: hex::encode(volume),
             file_id: hex::encode(file_id),
             path,
-            plain_path,
+            plain_path: None,
             provider: rec.provider.name(),
-            key_id: &rec.kek_id,
+            key_id: rec.kek_id.clone(),
             key_version: rec.kek_version,
             slot,
             uid,
@@ -102,10 +132,32 @@ impl AuditLog {
             result: if result.is_ok() { "ok" } else { "error" },
             error: result.err().map(|e| e.to_string()),
         };
-        let mut line = serde_json::to_vec(&ev).expect("audit event serializes");
-        line.push(b'\n');
-        if let Err(e) = self.out.lock().unwrap().write_all(&line) {
-            tracing::error!("writing the audit log failed: {e}");
+        if let Some(q) = &self.queue {
+            let _ = q.send(Queued::Event(ev));
+        }
+    }
+
+    /// Wait until every event recorded so far is written (a daemon before it exits).
+    pub fn flush(&self) {
+        let (done, written) = std::sync::mpsc::sync_channel(1);
+        if let Some(q) = &self.queue {
+            if q.send(Queued::Flush(done)).is_ok() {
+                let _ = written.recv();
+            }
+        }
+    }
+}
+
+enum Queued {
+    Event(Event),
+    Flush(std::sync::mpsc::SyncSender<()>),
+}
+
+impl Drop for AuditLog {
+    fn drop(&mut self) {
+        drop(self.queue.take());
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
         }
     }
 }

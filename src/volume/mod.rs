@@ -2,7 +2,9 @@
 
 pub mod audit;
 pub mod config;
-mod headers;
+mod keys;
+
+pub use keys::{KeyService, KeySlot};
 mod init;
 pub mod lock;
 mod open;
@@ -27,7 +29,7 @@ use crate::keys::pool::{KeyPool, ReadyKey};
 use crate::keys::recovery::RecoveryProvider;
 use crate::keys::secret::SecretSource;
 use crate::keys::{KeyContext, KeyProvider, VolumeId};
-use crate::volume::audit::{AuditLog, Requester};
+use crate::volume::audit::{AuditLog, PlainPath, Requester};
 use crate::volume::trust::{TrustRecord, TrustStore};
 
 pub use crate::volume::config::{ProviderConfig, VolumeConfig, WrappedKey, CONFIG_NAME, FORMAT, KEYRING_NAME};
@@ -43,7 +45,7 @@ pub use crate::sys::TEMP_SUFFIX as REENCRYPT_SUFFIX;
 /// every `every`, for as long as the volume is open; nothing to do for a volume whose key
 /// store pins nothing.
 pub fn watch_config(vol: &Arc<Volume>, every: std::time::Duration) {
-    if vol.provider.pinning().and_then(|p| p.pinned_objects()).is_none() {
+    if vol.keys.primary().pinning().and_then(|p| p.pinned_objects()).is_none() {
         return;
     }
     let weak = Arc::downgrade(vol);
@@ -135,118 +137,26 @@ pub struct OpenOptions {
     pub trust: TrustStore,
 }
 
-/// How long a slot whose store did not answer is tried last.
-const SLOT_DOWN_FOR: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// One key slot opened in this process.
-pub struct KeySlot {
-    /// Its number in the volume's key policy (0: the primary).
-    pub index: usize,
-    /// Its settings, as this host trusts them.
-    pub settings: ProviderConfig,
-    pub provider: Arc<dyn KeyProvider>,
-    /// Until when it is tried last (its store failed to answer).
-    down_until: std::sync::Mutex<Option<std::time::Instant>>,
-    /// Operations asked of its store, failures, and how long each took (the metrics).
-    pub ops: prometheus_client::metrics::counter::Counter,
-    pub failures: prometheus_client::metrics::counter::Counter,
-    pub seconds: prometheus_client::metrics::histogram::Histogram,
-}
-
-impl KeySlot {
-    pub(crate) fn new(index: usize, settings: ProviderConfig, provider: Arc<dyn KeyProvider>) -> Self {
-        Self {
-            index,
-            settings,
-            provider,
-            down_until: std::sync::Mutex::new(None),
-            ops: Default::default(),
-            failures: Default::default(),
-            // 100 µs to about 100 s.
-            seconds: prometheus_client::metrics::histogram::Histogram::new(
-                prometheus_client::metrics::histogram::exponential_buckets(1e-4, 4.0, 11),
-            ),
-        }
-    }
-
-    /// Run one operation on this slot's store, timed and counted.
-    pub(crate) fn timed<T>(&self, op: impl FnOnce() -> Result<T>) -> Result<T> {
-        let start = std::time::Instant::now();
-        let r = op();
-        self.seconds.observe(start.elapsed().as_secs_f64());
-        self.ops.inc();
-        if r.is_err() {
-            self.failures.inc();
-        }
-        r
-    }
-
-    fn is_down(&self) -> bool {
-        self.down_until.lock().unwrap().is_some_and(|t| t > std::time::Instant::now())
-    }
-
-    fn mark(&self, res: &Result<Dek>) {
-        let down = match res {
-            Ok(_) => None,
-            Err(e) if e.errno() == libc::EACCES => return,
-            Err(_) => Some(std::time::Instant::now() + SLOT_DOWN_FOR),
-        };
-        let mut d = self.down_until.lock().unwrap();
-        if d.is_some() != down.is_some() {
-            match down {
-                Some(_) => tracing::warn!(
-                    "key slot {} ({}) failed: trying the others first",
-                    self.index,
-                    self.settings.summary()
-                ),
-                None => tracing::info!("key slot {} ({}) answers again", self.index, self.settings.summary()),
-            }
-        }
-        *d = down;
-    }
-
-    /// Whether `rec` is this slot's, wrapped under its current KEK.
-    fn current(&self, rec: &KeyRecord) -> bool {
-        rec.provider == self.provider.kind()
-            && rec.kek_id == self.provider.kek_id()
-            && self.provider.current_version().is_ok_and(|v| v == rec.kek_version)
-    }
-}
-
-/// An unlocked volume: geometry, provider, DEK cache.
+/// An unlocked volume: its config, geometry, names and key service.
 pub struct Volume {
     pub root: PathBuf,
     pub config: VolumeConfig,
     pub volume_id: VolumeId,
     pub geometry: Geometry,
-    /// The primary slot's store (in a recovery open, the recovery slot's).
-    pub provider: Arc<dyn KeyProvider>,
-    /// Every slot opened here, in policy order (the primary first).
-    pub slots: Vec<KeySlot>,
-    /// Slots of the policy not opened here, and why: new files cannot be made without them.
-    pub missing: Vec<(usize, String)>,
-    pub cache: DekCache,
-    pub backend: Backend,
-    pub audit: Option<AuditLog>,
-    /// Calls to the key store (wraps and unwraps) and how many failed, for `status`.
-    pub provider_calls: std::sync::atomic::AtomicU64,
-    pub provider_errors: std::sync::atomic::AtomicU64,
+    /// The key service: slots, DEK cache, keys made ahead, audit log.
+    pub keys: KeyService,
     /// Format 2: the authenticated volume key (None for format 1).
     volume_key: Option<VolumeKey>,
     /// Format 4: the keys of names, symlink targets and xattrs.
-    names: Option<crate::names::NameCipher>,
+    names: Option<Arc<crate::names::NameCipher>>,
     trust: TrustStore,
     /// What this host trusts and has seen of the volume (written back when it grows).
     trusted: TrustRecord,
     /// The canonical backing path the volume was opened at.
     place: PathBuf,
-    /// The provider's revocation counter when the DEK cache was last known good.
-    revocations_seen: std::sync::atomic::AtomicU64,
     /// When the config was last looked at for key objects pinned by another process.
     /// The config file as `follow_config` last read it (inode, size, mtime).
     config_seen: std::sync::Mutex<Option<(u64, u64, i64, i64)>>,
-    /// Several slots: record sets made ahead for new files.
-    pool: Option<KeyPool>,
 }
 
 /// The outcome of reading an envelope's header: its key and the slot it came from.
@@ -273,21 +183,9 @@ impl Volume {
         self.trusted.places.first().map(Path::new) == Some(self.place.as_path())
     }
 
-    /// Save what this host trusts and has seen of the volume (`envelopefs trust`).
-    /// Requests sent to remote key services (KMS) so far, by every slot; `None` when no
-    /// slot is one.
-    pub fn requests_sent(&self) -> Option<u64> {
-        self.slots.iter().filter_map(|s| s.provider.requests_sent()).reduce(|a, b| a + b)
-    }
-
     /// Record the volume's format in its keyring, for stores that keep one.
     fn mark_keyring_format(&self) -> Result<()> {
-        self.provider.keyring().map_or(Ok(()), |k| k.mark_volume_format(self.config.format))
-    }
-
-    /// The keys made ahead for new files, if this process keeps any.
-    pub fn key_pool(&self) -> Option<&KeyPool> {
-        self.pool.as_ref()
+        self.keys.primary().keyring().map_or(Ok(()), |k| k.mark_volume_format(self.config.format))
     }
 
     /// What this host trusts and has seen of the volume.
@@ -295,6 +193,7 @@ impl Volume {
         &self.trusted
     }
 
+    /// Save what this host trusts and has seen of the volume (`envelopefs trust`).
     pub fn save_trust(&self) -> Result<()> {
         self.trust.put(&self.trusted)
     }
@@ -305,7 +204,7 @@ impl Volume {
 
     /// Format 4: how names look in the backing directory (None: as they are).
     pub fn names(&self) -> Option<&crate::names::NameCipher> {
-        self.names.as_ref()
+        self.names.as_deref()
     }
 
     /// Rewrite the config after a change of keys (`key rotate`, `key retire`, `rekey
@@ -322,7 +221,7 @@ impl Volume {
         change(&mut cfg);
         // Each PKCS#11 slot pins its own store's objects (found by its settings: a change
         // may have moved slots, as `key slot primary` does).
-        for slot in &self.slots {
+        for slot in self.keys.slots() {
             let Some(i) = cfg.policy().position(|p| p.host_view() == slot.settings.host_view()) else { continue };
             let settings = if i == 0 { &mut cfg.provider } else { &mut cfg.slots[i - 1].provider };
             if let (ProviderConfig::Pkcs11 { objects, .. }, Some(pinned)) =
@@ -333,12 +232,12 @@ impl Volume {
         }
         if let Some(key) = &self.volume_key {
             let ctx = volume_key_context(&self.volume_id);
-            for slot in &self.slots {
+            for slot in self.keys.slots() {
                 let Some(i) = cfg.policy().position(|p| p.host_view() == slot.settings.host_view()) else { continue };
                 let wrapped = cfg.slot_volume_key(i).expect("format 2 has a volume key");
                 let rec = wrapped.record(slot.provider.kind())?;
                 if !slot.current(&rec) {
-                    let moved = self.count(slot.provider.wrap(&key.as_dek(), &ctx))?;
+                    let moved = self.keys.count(slot.provider.wrap(&key.as_dek(), &ctx))?;
                     let w = WrappedKey::from_record(&moved);
                     match i {
                         0 => cfg.volume_key = Some(w),
@@ -357,7 +256,7 @@ impl Volume {
         if let Some(key) = &self.volume_key {
             seen.volume_check = Some(crate::volume::trust::volume_check(key));
         }
-        for slot in &self.slots {
+        for slot in self.keys.slots() {
             if let Some((v, _)) = slot.provider.keyring().map(|k| k.state()) {
                 seen.keyring_version = seen.keyring_version.max(v);
             }
@@ -379,10 +278,10 @@ impl Volume {
     pub fn upgrade(&mut self) -> Result<bool> {
         let was = self.config.format;
         if was < 2 {
-            if let Some(p) = self.provider.pinning() {
+            if let Some(p) = self.keys.primary().pinning() {
                 p.pin_found()?;
             }
-            let (dek, rec) = self.count(self.provider.generate(&volume_key_context(&self.volume_id)))?;
+            let (dek, rec) = self.keys.count(self.keys.primary().generate(&volume_key_context(&self.volume_id)))?;
             self.volume_key = Some(VolumeKey::from_dek(&dek));
             self.config.format = 2;
             self.config.volume_key = Some(WrappedKey::from_record(&rec));
@@ -436,19 +335,8 @@ impl Volume {
     /// Use another key store from now on (`rekey --to-key`): records of the old key keep
     /// unwrapping through `dest` while files move.
     pub fn switch_provider(&mut self, dest: Arc<dyn KeyProvider>, settings: ProviderConfig) -> Result<()> {
-        self.provider = dest.clone();
-        self.slots[0].provider = dest;
-        self.slots[0].settings = settings.clone();
+        self.keys.switch_primary(dest, settings.clone());
         self.update_config(|p| *p = settings)
-    }
-
-    pub(crate) fn count<T>(&self, r: Result<T>) -> Result<T> {
-        use std::sync::atomic::Ordering::Relaxed;
-        self.provider_calls.fetch_add(1, Relaxed);
-        if r.is_err() {
-            self.provider_errors.fetch_add(1, Relaxed);
-        }
-        r
     }
 }
 

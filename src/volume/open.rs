@@ -202,72 +202,62 @@ impl Volume {
         if trusted.as_ref() != Some(&seen) && !(recovering && trusted.is_none()) {
             opts.trust.put(&seen)?;
         }
-        let primary = slots[0].provider.clone();
-        let mut vol = Self::with_provider(root, config, primary, opts)?;
-        if vol.config.names.is_some() {
-            vol.names = volume_key.as_ref().map(crate::names::NameCipher::new);
-        }
-        vol.volume_key = volume_key;
-        vol.trusted = seen;
-        vol.slots = slots;
-        vol.missing = missing;
-        vol.start_pool(opts);
-        Ok(vol)
+        let names = match config.names {
+            Some(_) => volume_key.as_ref().map(|k| Arc::new(crate::names::NameCipher::new(k))),
+            None => None,
+        };
+        Self::assemble(root, config, slots, missing, volume_key, names, seen, opts)
     }
 
+    /// A volume whose one key slot is `provider`, trusted as its config says (tests that
+    /// stand in for a key store).
     pub fn with_provider(
         root: &Path,
         config: VolumeConfig,
         provider: Arc<dyn KeyProvider>,
         opts: &OpenOptions,
     ) -> Result<Self> {
-        let slots = vec![KeySlot::new(0, config.provider.clone(), provider.clone())];
+        let slots = vec![KeySlot::new(0, config.provider.clone(), provider)];
+        let trusted = TrustRecord::for_config(&config);
+        Self::assemble(root, config, slots, Vec::new(), None, None, trusted, opts)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        root: &Path,
+        config: VolumeConfig,
+        slots: Vec<KeySlot>,
+        missing: Vec<(usize, String)>,
+        volume_key: Option<VolumeKey>,
+        names: Option<Arc<crate::names::NameCipher>>,
+        trusted: TrustRecord,
+        opts: &OpenOptions,
+    ) -> Result<Self> {
+        let (volume_id, geometry) = (config.volume_id()?, config.geometry()?);
+        let audit = match &opts.audit_log {
+            Some(path) => {
+                let (names, root) = (names.clone(), root.to_owned());
+                let plain: Option<PlainPath> = names.map(|n| -> PlainPath {
+                    Box::new(move |p| n.plain_path(&root, p).ok().map(|p| p.to_string_lossy().into_owned()))
+                });
+                Some(AuditLog::open(path, plain)?)
+            }
+            None => None,
+        };
+        let keys = KeyService::new(volume_id, geometry, opts, slots, missing, config.policy().count(), audit);
         Ok(Self {
             root: root.to_owned(),
             place: std::fs::canonicalize(root).unwrap_or_else(|_| root.to_owned()),
-            volume_id: config.volume_id()?,
-            geometry: config.geometry()?,
-            trusted: TrustRecord::for_config(&config),
+            volume_id,
+            geometry,
             config,
-            provider,
-            slots,
-            missing: Vec::new(),
-            cache: DekCache::new(opts.cache),
-            backend: opts.backend,
-            audit: opts.audit_log.as_deref().map(AuditLog::open).transpose()?,
-            provider_calls: Default::default(),
-            provider_errors: Default::default(),
-            volume_key: None,
-            names: None,
+            keys,
+            volume_key,
+            names,
             trust: opts.trust.clone(),
-            revocations_seen: Default::default(),
+            trusted,
             config_seen: std::sync::Mutex::new(None),
-            pool: None,
         })
-    }
-
-    /// A mount of a volume with a KMS key called per file among its slots: keep keys (a
-    /// record per slot) ready, so creates wait on no store.
-    pub(super) fn start_pool(&mut self, opts: &OpenOptions) {
-        let size = opts.kms_pool.unwrap_or(0);
-        let per_file_kms =
-            self.slots.iter().any(|s| matches!(s.settings, ProviderConfig::AwsKms { intermediate_key: false, .. }));
-        if !self.has_every_slot() || size == 0 || !per_file_kms {
-            return;
-        }
-        let providers: Vec<_> = self.slots.iter().map(|s| s.provider.clone()).collect();
-        let volume_id = self.volume_id;
-        let make: Box<dyn Fn() -> Result<ReadyKey> + Send + Sync> = match &providers[..] {
-            // One slot: KMS draws the DEK (GenerateDataKey), one call.
-            [one] => {
-                let one = one.clone();
-                Box::new(move || {
-                    crate::keys::new_file_key(&*one, &volume_id).map(|(id, dek, rec)| (id, dek, vec![rec]))
-                })
-            }
-            _ => Box::new(move || wrap_for_all(&providers, &volume_id)),
-        };
-        self.pool = Some(KeyPool::new(size, crate::keys::pool::DEFAULT_CONCURRENCY, make));
     }
 
     /// A running mount follows `key rotate` run by another process: when the config file
@@ -275,7 +265,7 @@ impl Volume {
     /// process holds, the key objects it pins are taken (an unauthenticated config changes
     /// nothing). Run by `watch_config`'s timer, never on a request's path.
     pub fn follow_config(&self) {
-        let (Some(key), Some(pins)) = (&self.volume_key, self.provider.pinning()) else { return };
+        let (Some(key), Some(pins)) = (&self.volume_key, self.keys.primary().pinning()) else { return };
         if pins.pinned_objects().is_none() {
             return;
         }

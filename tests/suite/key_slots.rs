@@ -187,6 +187,8 @@ fn a_second_region_slot_serves_through_a_primary_outage_and_the_recovery_key_thr
     // A create takes a record set made ahead (one record per slot), so it does not wait
     // on the region that is down; a file is never made with fewer records than slots.
     fs::write(m.path("during-outage"), b"x").unwrap();
+    // The audit log is written by a thread of its own; unmounting writes what is queued.
+    drop(m);
     let log = fs::read_to_string(&audit).unwrap();
     let served: Vec<serde_json::Value> = log
         .lines()
@@ -199,7 +201,6 @@ fn a_second_region_slot_serves_through_a_primary_outage_and_the_recovery_key_thr
         log.lines().any(|l| l.contains(r#""slot":0"#) && l.contains(r#""result":"error""#)),
         "the primary's failure is logged"
     );
-    drop(m);
     kms.proxy(r#"{"mode": "ok"}"#);
     let inspect = ok(cli(&[&"inspect", &backing.join("during-outage")]));
     assert_eq!(

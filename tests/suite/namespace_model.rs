@@ -486,7 +486,7 @@ fn run_on(vol: TestVolume, ops: Vec<Op>, evicting: bool) -> Result<(), TestCaseE
                     &common::open_options(),
                 )
                 .unwrap();
-                v.provider.rotation().unwrap().rotate().unwrap();
+                v.keys.primary().rotation().unwrap().rotate().unwrap();
                 v.update_config(|_| {}).unwrap();
             }
             // Out-of-band changes, each checked for its own errno; the damaged file then

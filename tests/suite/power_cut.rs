@@ -357,7 +357,7 @@ fn a_header_rewrap_cut_anywhere_opens_with_the_old_or_a_new_generation() {
     let before = region(&f);
     let v = vol.open();
     let generation = |r: &[u8]| {
-        v.open_header_for(r, &|| "f".into(), None, &|_| Ok(true)).map(|(o, _)| (o.header.generation, o.slot))
+        v.keys.open_header_for(r, &|| "f".into(), None, &|_| Ok(true)).map(|(o, _)| (o.header.generation, o.slot))
     };
     let (g0, newest) = generation(&before).unwrap();
     let describe = || "f".to_string();

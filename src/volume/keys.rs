@@ -1,5 +1,8 @@
-//! File headers through the key policy: a new file's header with a record per slot, and
-//! a header's key from the first slot that unwraps it (failover), with the audit line.
+//! The volume's key service: the key slots opened here, the DEK cache, keys made ahead for
+//! new files, the audit log and the rule that new files need every slot. The file layer
+//! asks it for a new file's header, or for the key of a header it read, in one call.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use super::*;
 
@@ -7,13 +10,260 @@ use super::*;
 /// round trips (a slow or failing store ends the wait sooner: its round of making stops).
 const POOL_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
-impl Volume {
+/// How long a slot whose store did not answer is tried last.
+const SLOT_DOWN_FOR: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// One key slot opened in this process.
+pub struct KeySlot {
+    /// Its number in the volume's key policy (0: the primary).
+    pub index: usize,
+    /// Its settings, as this host trusts them.
+    pub settings: ProviderConfig,
+    pub provider: Arc<dyn KeyProvider>,
+    /// Until when it is tried last (its store failed to answer).
+    down_until: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Operations asked of its store, failures, and how long each took (the metrics).
+    pub ops: prometheus_client::metrics::counter::Counter,
+    pub failures: prometheus_client::metrics::counter::Counter,
+    pub seconds: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl KeySlot {
+    pub(crate) fn new(index: usize, settings: ProviderConfig, provider: Arc<dyn KeyProvider>) -> Self {
+        Self {
+            index,
+            settings,
+            provider,
+            down_until: std::sync::Mutex::new(None),
+            ops: Default::default(),
+            failures: Default::default(),
+            // 100 µs to about 100 s.
+            seconds: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(1e-4, 4.0, 11),
+            ),
+        }
+    }
+
+    /// Run one operation on this slot's store, timed and counted.
+    pub(crate) fn timed<T>(&self, op: impl FnOnce() -> Result<T>) -> Result<T> {
+        let start = std::time::Instant::now();
+        let r = op();
+        self.seconds.observe(start.elapsed().as_secs_f64());
+        self.ops.inc();
+        if r.is_err() {
+            self.failures.inc();
+        }
+        r
+    }
+
+    pub(super) fn is_down(&self) -> bool {
+        self.down_until.lock().unwrap().is_some_and(|t| t > std::time::Instant::now())
+    }
+
+    pub(super) fn mark(&self, res: &Result<Dek>) {
+        let down = match res {
+            Ok(_) => None,
+            Err(e) if e.errno() == libc::EACCES => return,
+            Err(_) => Some(std::time::Instant::now() + SLOT_DOWN_FOR),
+        };
+        let mut d = self.down_until.lock().unwrap();
+        if d.is_some() != down.is_some() {
+            match down {
+                Some(_) => tracing::warn!(
+                    "key slot {} ({}) failed: trying the others first",
+                    self.index,
+                    self.settings.summary()
+                ),
+                None => tracing::info!("key slot {} ({}) answers again", self.index, self.settings.summary()),
+            }
+        }
+        *d = down;
+    }
+
+    /// Whether `rec` is this slot's, wrapped under its current KEK.
+    pub(super) fn current(&self, rec: &KeyRecord) -> bool {
+        rec.provider == self.provider.kind()
+            && rec.kek_id == self.provider.kek_id()
+            && self.provider.current_version().is_ok_and(|v| v == rec.kek_version)
+    }
+}
+
+/// The key service of one open volume.
+pub struct KeyService {
+    volume_id: VolumeId,
+    geometry: Geometry,
+    backend: Backend,
+    /// Every slot opened here, in policy order (the primary first; in a recovery open, the
+    /// recovery slot alone).
+    slots: Vec<KeySlot>,
+    /// Slots of the policy not opened here, and why: new files cannot be made without them.
+    missing: Vec<(usize, String)>,
+    /// Slots the volume's key policy has.
+    policy_len: usize,
+    pub cache: DekCache,
+    audit: Option<AuditLog>,
+    /// Calls to the key stores (wraps and unwraps) and how many failed, for `status`.
+    pub calls: AtomicU64,
+    pub errors: AtomicU64,
+    /// The primary's revocation counter when the DEK cache was last known good.
+    revocations_seen: AtomicU64,
+    /// Per-file KMS in a mount: keys (a record per slot) made ahead for new files.
+    pool: Option<KeyPool>,
+}
+
+impl KeyService {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        volume_id: VolumeId,
+        geometry: Geometry,
+        opts: &OpenOptions,
+        slots: Vec<KeySlot>,
+        missing: Vec<(usize, String)>,
+        policy_len: usize,
+        audit: Option<AuditLog>,
+    ) -> Self {
+        assert!(!slots.is_empty(), "a volume opens with at least one key slot");
+        let mut keys = Self {
+            volume_id,
+            geometry,
+            backend: opts.backend,
+            slots,
+            missing,
+            policy_len,
+            cache: DekCache::new(opts.cache),
+            audit,
+            calls: Default::default(),
+            errors: Default::default(),
+            revocations_seen: Default::default(),
+            pool: None,
+        };
+        keys.pool = keys.make_pool(opts.kms_pool.unwrap_or(0));
+        keys
+    }
+
+    /// A mount of a volume with a KMS key called per file among its slots keeps keys (a
+    /// record per slot) ready, so creates wait on no store.
+    fn make_pool(&self, size: usize) -> Option<KeyPool> {
+        let per_file_kms =
+            self.slots.iter().any(|s| matches!(s.settings, ProviderConfig::AwsKms { intermediate_key: false, .. }));
+        if !self.has_every_slot() || size == 0 || !per_file_kms {
+            return None;
+        }
+        let providers: Vec<_> = self.slots.iter().map(|s| s.provider.clone()).collect();
+        let volume_id = self.volume_id;
+        let make: Box<dyn Fn() -> Result<ReadyKey> + Send + Sync> = match &providers[..] {
+            // One slot: KMS draws the DEK (GenerateDataKey), one call.
+            [one] => {
+                let one = one.clone();
+                Box::new(move || {
+                    crate::keys::new_file_key(&*one, &volume_id).map(|(id, dek, rec)| (id, dek, vec![rec]))
+                })
+            }
+            _ => Box::new(move || wrap_for_all(&providers, &volume_id)),
+        };
+        Some(KeyPool::new(size, crate::keys::pool::DEFAULT_CONCURRENCY, make))
+    }
+
+    /// The primary slot's store (in a recovery open, the recovery slot's).
+    pub fn primary(&self) -> &Arc<dyn KeyProvider> {
+        &self.slots[0].provider
+    }
+
+    /// Every slot opened here, in policy order.
+    pub fn slots(&self) -> &[KeySlot] {
+        &self.slots
+    }
+
+    /// Slots of the policy not opened here, and why.
+    pub fn missing(&self) -> &[(usize, String)] {
+        &self.missing
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Use another store as the primary from now on (`rekey --to-key`).
+    pub(super) fn switch_primary(&mut self, dest: Arc<dyn KeyProvider>, settings: ProviderConfig) {
+        self.slots[0].provider = dest;
+        self.slots[0].settings = settings;
+    }
+
+    /// A slot added to the policy (`key slot add`), before the config names it.
+    pub fn add_slot(&mut self, slot: KeySlot) {
+        self.slots.push(slot);
+        self.policy_len += 1;
+    }
+
+    /// Take back a slot `add_slot` gave whose config change failed.
+    pub fn forget_slot(&mut self, settings: &ProviderConfig) {
+        let before = self.slots.len();
+        self.slots.retain(|s| s.settings.host_view() != settings.host_view());
+        self.policy_len -= before - self.slots.len();
+    }
+
+    /// Slot `index` left the policy (`key slot remove`): the later ones move up.
+    pub fn remove_slot(&mut self, index: usize) {
+        self.slots.retain(|s| s.index != index);
+        for s in &mut self.slots {
+            if s.index > index {
+                s.index -= 1;
+            }
+        }
+        self.missing.retain(|(i, _)| *i != index);
+        for (i, _) in &mut self.missing {
+            if *i > index {
+                *i -= 1;
+            }
+        }
+        self.policy_len -= 1;
+    }
+
+    /// Slot `index` and the primary changed places (`key slot primary`).
+    pub fn swap_primary(&mut self, index: usize) {
+        for s in &mut self.slots {
+            if s.index == 0 {
+                s.index = index;
+            } else if s.index == index {
+                s.index = 0;
+            }
+        }
+        self.slots.sort_by_key(|s| s.index);
+    }
+
+    /// Requests sent to remote key services (KMS) so far, by every slot; `None` when no
+    /// slot is one.
+    pub fn requests_sent(&self) -> Option<u64> {
+        self.slots.iter().filter_map(|s| s.provider.requests_sent()).reduce(|a, b| a + b)
+    }
+
+    /// The keys made ahead for new files, if this process keeps any.
+    pub fn key_pool(&self) -> Option<&KeyPool> {
+        self.pool.as_ref()
+    }
+
+    /// Write out every audit line recorded so far.
+    pub fn flush_audit(&self) {
+        if let Some(a) = &self.audit {
+            a.flush();
+        }
+    }
+
+    /// Count one key-store call for `status`.
+    pub(crate) fn count<T>(&self, r: Result<T>) -> Result<T> {
+        self.calls.fetch_add(1, Relaxed);
+        if r.is_err() {
+            self.errors.fetch_add(1, Relaxed);
+        }
+        r
+    }
+
     /// Record a key operation in the audit log, if there is one, as `who`'s (None: this
     /// process's), naming the key slot that did it on a volume with several.
     #[allow(clippy::too_many_arguments)]
     pub fn audit(
         &self,
-        op: &str,
+        op: &'static str,
         file_id: &FileId,
         path: &dyn Fn() -> String,
         rec: &KeyRecord,
@@ -22,10 +272,7 @@ impl Volume {
         slot: Option<usize>,
     ) {
         if let Some(a) = &self.audit {
-            let path = path();
-            let plain = self.names().and_then(|c| c.plain_path(&self.root, Path::new(&path)).ok());
-            let plain = plain.as_ref().map(|p| p.to_string_lossy());
-            a.record(op, &self.volume_id, file_id, Some(&path), plain.as_deref(), rec, result, who, slot);
+            a.record(op, &self.volume_id, file_id, Some(path()), rec, result, who, slot);
         }
     }
 
@@ -89,7 +336,7 @@ impl Volume {
         who: Option<Requester>,
         belongs: &dyn Fn(&FileKey) -> Result<bool>,
     ) -> Result<(OpenedHeader, bool)> {
-        let revocations = self.provider.keyring().map_or(0, |k| k.revocations());
+        let revocations = self.primary().keyring().map_or(0, |k| k.revocations());
         if self.revocations_seen.swap(revocations, std::sync::atomic::Ordering::SeqCst) != revocations {
             tracing::info!("a KEK version was retired: dropping every cached data key");
             self.cache.clear();
@@ -159,7 +406,7 @@ impl Volume {
         let ctx = KeyContext { volume_id: &self.volume_id, file_id: &h.file_id };
         let mut order: Vec<&KeySlot> = self.slots.iter().collect();
         order.sort_by_key(|s| s.is_down());
-        let several = self.config.policy().count() > 1;
+        let several = self.policy_len > 1;
         let (mut refused, mut failed): (Option<Error>, Option<Error>) = (None, None);
         for slot in order {
             for rec in h.records.iter().filter(|r| slot.settings.claims(r)) {
@@ -197,8 +444,9 @@ impl Volume {
     /// KEK; records of slots no longer in the policy are dropped. A slot not open here keeps
     /// the record it has. `key` is the header's authenticated key: a DEK unwrapped to wrap
     /// it for a new slot must be that one.
-    pub fn records_for_policy(
+    pub fn records_for_policy<'a>(
         &self,
+        policy: impl Iterator<Item = &'a ProviderConfig>,
         h: &Header,
         key: &FileKey,
         path: &dyn Fn() -> String,
@@ -207,7 +455,7 @@ impl Volume {
         let ctx = KeyContext { volume_id: &self.volume_id, file_id: &h.file_id };
         let mut dek: Option<Dek> = None;
         let mut out = Vec::new();
-        for (i, settings) in self.config.policy().enumerate() {
+        for (i, settings) in policy.enumerate() {
             let slot = self.slots.iter().find(|s| s.index == i);
             // A slot may claim another slot's record too (multi-Region replicas of one key):
             // its own current record first, or every pass would rewrap it.
@@ -261,6 +509,6 @@ impl Volume {
 
     /// Whether this process holds every slot of the policy (and so may make new files).
     pub fn has_every_slot(&self) -> bool {
-        self.missing.is_empty() && self.slots.len() == self.config.policy().count()
+        self.missing.is_empty() && self.slots.len() == self.policy_len
     }
 }
