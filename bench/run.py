@@ -2,7 +2,7 @@
 """Throughput of envelopefs beside its peers, measured side by side on one disk.
 
 Mounts fresh volumes of: the bare directory, a FUSE passthrough without crypto (bindfs),
-gocryptfs, and envelopefs (each crypto backend), then runs every workload interleaved
+gocryptfs, and envelopefs, then runs every workload interleaved
 across systems (A B C A B C ...) for several rounds so machine drift cancels out, and
 reports medians and ratios. Run as root:
 
@@ -597,7 +597,7 @@ def main():
     ap.add_argument("--open-files", type=int, default=2000)
     ap.add_argument("--small-files", type=int, default=2000, help="files in the smallfiles workload")
     ap.add_argument("--appends", type=int, default=20000, help="1000-byte appends in the appends workload")
-    ap.add_argument("--systems", default="bare,passthrough,gocryptfs,envelopefs,envelopefs-rustcrypto")
+    ap.add_argument("--systems", default="bare,passthrough,gocryptfs,envelopefs")
     ap.add_argument("--workloads", default="seq,rand,tree,opens", help="of: " + ", ".join(WORKLOADS))
     ap.add_argument("--dir", default="/var/tmp/envelopefs-bench", help="work directory (same disk for all)")
     ap.add_argument("--binary", default=str(REPO / "target/release/envelopefs"))
@@ -632,7 +632,6 @@ def main():
         # `init`'s default hides names (format 4); this is the same volume with them in the clear.
         "envelopefs-plaintext-names": lambda: Envelopefs("envelopefs-plaintext-names", work, cfg.binary, [],
                                                          ["--plaintext-names"]),
-        "envelopefs-rustcrypto": lambda: Envelopefs("envelopefs-rustcrypto", work, cfg.binary, ["--crypto", "rustcrypto"]),
         "envelopefs-no-writeback": lambda: Envelopefs("envelopefs-no-writeback", work, cfg.binary, ["--no-writeback-cache"]),
         # The crash journal (docs/FORMAT.md §8): ordered is the default; off is the earlier behaviour.
         "envelopefs-baseline": lambda: Envelopefs("envelopefs-baseline", work, cfg.baseline_binary, []),

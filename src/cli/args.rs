@@ -371,7 +371,7 @@ pub struct MountArgs {
     /// Mount options, comma separated, for fstab and `mount -t fuse.envelopefs`: allow_other, trust_backing_permissions,
     /// ro, rw, no_writeback_cache, threads=N, attr_timeout=S, entry_timeout=S, key_file=F,
     /// passphrase_file=F, pin_file=F, log_file=F, audit_log=F, cache_ttl=S, cache_tti=S,
-    /// cache_max=N, crypto=aws-lc|rustcrypto, journal=ordered|sync|off, file_handles=auto|always|never, max_inode_fds=N, exclusive, read_ahead_kb=N (fstab words such as _netdev, nofail, defaults,
+    /// cache_max=N, journal=ordered|sync|off, file_handles=auto|always|never, max_inode_fds=N, exclusive, read_ahead_kb=N (fstab words such as _netdev, nofail, defaults,
     /// x-systemd.*, comment=… are accepted and ignored). In a value, write a comma as \, and
     /// a backslash as \\.
     #[arg(short = 'o', value_name = "OPTIONS")]
@@ -405,8 +405,9 @@ pub struct MountArgs {
     /// cache (slower small writes; see docs/PERFORMANCE.md).
     #[arg(long)]
     pub no_writeback_cache: bool,
-    /// AES-GCM implementation.
-    #[arg(long, default_value = crate::daemon::options::DEFAULT_CRYPTO, value_parser = ["aws-lc", "rustcrypto"])]
+    /// AES-GCM implementation: aws-lc, the only one (the word is kept for scripts that
+    /// name it).
+    #[arg(long, hide = true, default_value = crate::daemon::options::DEFAULT_CRYPTO, value_parser = [crate::daemon::options::DEFAULT_CRYPTO])]
     pub crypto: String,
     /// Seconds an unwrapped data key stays cached after it was loaded. Also the bound on how
     /// long files already opened keep working after their KEK is disabled.
@@ -491,7 +492,6 @@ impl MountArgs {
             attr_timeout: self.attr_timeout,
             entry_timeout: self.entry_timeout,
             no_writeback_cache: self.no_writeback_cache,
-            crypto: self.crypto.clone(),
             cache_ttl: self.cache_ttl,
             cache_tti: self.cache_tti,
             cache_max: self.cache_max,

@@ -9,7 +9,6 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tracing::{info, warn};
 
-use crate::crypto::Backend;
 use crate::daemon::options::MountSettings;
 use crate::daemon::process;
 use crate::error::{Class, Error};
@@ -105,7 +104,6 @@ pub fn mount(mut s: MountSettings, foreground: bool, argv: &[OsString]) -> Resul
         }
         return Ok(ExitCode::from(crate::daemon::daemonize::daemonize(s.backing(), &s.secret, argv)?));
     }
-    let backend: Backend = s.crypto.parse()?;
     // The volume is this daemon's (or, shared, this host's among others) before anything
     // of it is opened. The config is authenticated only by `Volume::open`: the lock's kind
     // is checked against it there.
@@ -115,7 +113,6 @@ pub fn mount(mut s: MountSettings, foreground: bool, argv: &[OsString]) -> Resul
         s.backing(),
         &s.secret,
         &OpenOptions {
-            backend,
             cache: s.cache(),
             audit_log: s.audit_log.clone(),
             // A read-only mount makes no files: keys made ahead would be KMS calls for nothing.

@@ -1,8 +1,6 @@
-//! AES-256-GCM per block behind one seam, with two interchangeable backends that read and
-//! write the same bytes, and the data-encryption key type.
+//! AES-256-GCM per block, the header tag, and the key types.
 
 use std::fmt;
-use std::str::FromStr;
 
 use zeroize::{Zeroize, Zeroizing};
 
@@ -92,69 +90,24 @@ pub fn fill_random(buf: &mut [u8]) -> Result<()> {
     getrandom::getrandom(buf).map_err(|e| Error::new(libc::EIO, format!("system random source failed: {e}")))
 }
 
-/// Which AES-GCM implementation seals and opens blocks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum Backend {
-    /// aws-lc-rs: assembly AES-GCM (VAES/AVX-512 where the CPU has it). Default: the
-    /// benchmark in `benches/blocks.rs` measures it several times faster here.
-    #[default]
-    AwsLc,
-    /// The RustCrypto `aes-gcm` crate.
-    RustCrypto,
-}
-
-impl Backend {
-    pub const ALL: [Backend; 2] = [Backend::AwsLc, Backend::RustCrypto];
-    pub fn name(self) -> &'static str {
-        match self {
-            Backend::AwsLc => "aws-lc",
-            Backend::RustCrypto => "rustcrypto",
-        }
-    }
-}
-
-impl FromStr for Backend {
-    type Err = crate::error::Error;
-    fn from_str(s: &str) -> crate::error::Result<Self> {
-        match s {
-            "aws-lc" => Ok(Backend::AwsLc),
-            "rustcrypto" => Ok(Backend::RustCrypto),
-            _ => Err(crate::error::usage(format!("unknown crypto backend {s:?} (aws-lc or rustcrypto)"))),
-        }
-    }
-}
-
 /// A sealed block that does not open under its key, index and file id: tampered, moved,
 /// torn, or another file's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("does not authenticate")]
 pub struct Unauthentic;
 
-impl fmt::Display for Backend {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
+/// AES-256-GCM with a detached tag, in place: aws-lc-rs (assembly AES-GCM, VAES/AVX-512
+/// where the CPU has it; the TLS stack of the KMS client is aws-lc too).
+pub struct Aead(aws_lc_rs::aead::LessSafeKey);
+
+impl Aead {
+    pub fn new(key: &[u8; KEY_LEN]) -> Self {
+        let k = aws_lc_rs::aead::UnboundKey::new(&aws_lc_rs::aead::AES_256_GCM, key)
+            .expect("a 32-byte key is a valid AES-256 key");
+        Self(aws_lc_rs::aead::LessSafeKey::new(k))
     }
-}
 
-/// The seam: seal/open one block in place with a detached tag.
-pub trait BlockAead: Send + Sync {
-    fn seal(&self, nonce: &[u8; NONCE_LEN], aad: &[u8], buf: &mut [u8]) -> [u8; TAG_LEN];
-    /// Decrypt `ct` into `out` (same length). `Err` when the tag does not verify; `out`
-    /// is then unspecified.
-    fn open(
-        &self,
-        nonce: &[u8; NONCE_LEN],
-        aad: &[u8],
-        ct: &[u8],
-        tag: &[u8; TAG_LEN],
-        out: &mut [u8],
-    ) -> Result<(), Unauthentic>;
-}
-
-struct AwsLc(aws_lc_rs::aead::LessSafeKey);
-
-impl BlockAead for AwsLc {
-    fn seal(&self, nonce: &[u8; NONCE_LEN], aad: &[u8], buf: &mut [u8]) -> [u8; TAG_LEN] {
+    pub fn seal(&self, nonce: &[u8; NONCE_LEN], aad: &[u8], buf: &mut [u8]) -> [u8; TAG_LEN] {
         use aws_lc_rs::aead::{Aad, Nonce};
         let tag = self
             .0
@@ -163,7 +116,9 @@ impl BlockAead for AwsLc {
         tag.as_ref().try_into().unwrap()
     }
 
-    fn open(
+    /// Decrypt `ct` into `out` (same length). `Err` when the tag does not verify; `out`
+    /// is then unspecified.
+    pub fn open(
         &self,
         nonce: &[u8; NONCE_LEN],
         aad: &[u8],
@@ -178,49 +133,11 @@ impl BlockAead for AwsLc {
     }
 }
 
-struct RustCrypto(aes_gcm::Aes256Gcm);
-
-impl BlockAead for RustCrypto {
-    fn seal(&self, nonce: &[u8; NONCE_LEN], aad: &[u8], buf: &mut [u8]) -> [u8; TAG_LEN] {
-        use aes_gcm::aead::AeadInPlace;
-        let tag =
-            self.0.encrypt_in_place_detached(nonce.into(), aad, buf).expect("AES-GCM seal of a block cannot fail");
-        tag.into()
-    }
-
-    fn open(
-        &self,
-        nonce: &[u8; NONCE_LEN],
-        aad: &[u8],
-        ct: &[u8],
-        tag: &[u8; TAG_LEN],
-        out: &mut [u8],
-    ) -> Result<(), Unauthentic> {
-        use aes_gcm::aead::AeadInPlace;
-        out.copy_from_slice(ct);
-        self.0.decrypt_in_place_detached(nonce.into(), aad, out, tag.into()).map_err(|_| Unauthentic)
-    }
-}
-
-pub fn new_aead(backend: Backend, key: &[u8; KEY_LEN]) -> Box<dyn BlockAead> {
-    match backend {
-        Backend::AwsLc => {
-            let k = aws_lc_rs::aead::UnboundKey::new(&aws_lc_rs::aead::AES_256_GCM, key)
-                .expect("a 32-byte key is a valid AES-256 key");
-            Box::new(AwsLc(aws_lc_rs::aead::LessSafeKey::new(k)))
-        }
-        Backend::RustCrypto => {
-            use aes_gcm::KeyInit;
-            Box::new(RustCrypto(aes_gcm::Aes256Gcm::new(key.into())))
-        }
-    }
-}
-
 /// Everything needed to read and write one file's content: its id and its keyed ciphers.
 /// Cached and shared by `Arc`; the key schedule and the header key are wiped on drop.
 pub struct FileKey {
     pub file_id: FileId,
-    aead: Box<dyn BlockAead>,
+    aead: Aead,
     header_key: Zeroizing<[u8; 32]>,
 }
 
@@ -231,7 +148,7 @@ impl fmt::Debug for FileKey {
 }
 
 impl FileKey {
-    pub fn new(backend: Backend, file_id: FileId, dek: &Dek) -> Self {
+    pub fn new(file_id: FileId, dek: &Dek) -> Self {
         // The header tag uses a key derived from the DEK so one key never serves two
         // algorithms: HMAC-SHA256(DEK, label).
         let derived = aws_lc_rs::hmac::sign(
@@ -240,7 +157,7 @@ impl FileKey {
         );
         let mut header_key = Zeroizing::new([0u8; 32]);
         header_key.copy_from_slice(derived.as_ref());
-        Self { file_id, aead: new_aead(backend, dek.expose()), header_key }
+        Self { file_id, aead: Aead::new(dek.expose()), header_key }
     }
 
     pub fn header_tag(&self, bytes: &[u8]) -> [u8; HEADER_TAG_LEN] {
@@ -297,8 +214,7 @@ impl FileKey {
 mod tests {
     use super::*;
 
-    /// Shared vectors: both backends must produce these exact bytes (NIST-style AES-256-GCM
-    /// case from the GCM spec, test case 16 of McGrew & Viega).
+    /// AES-256-GCM test case 16 of McGrew & Viega (the GCM spec).
     const KEY: &str = "feffe9928665731c6d6a8f9467308308feffe9928665731c6d6a8f9467308308";
     const NONCE: &str = "cafebabefacedbaddecaf888";
     const PLAIN: &str = "d9313225f88406e5a55909c5aff5269a86a7a9531534f7da2e4c303d8a318a721c3c0c95956809532fcf0e2449a6b525b16aedf5aa0de657ba637b39";
@@ -307,48 +223,55 @@ mod tests {
     const TAG: &str = "76fc6ece0f4e1768cddf8853bb2d551b";
 
     #[test]
-    fn both_backends_match_the_shared_vector() {
+    fn the_cipher_matches_the_spec_vector() {
         let key: [u8; 32] = hex::decode(KEY).unwrap().try_into().unwrap();
         let nonce: [u8; 12] = hex::decode(NONCE).unwrap().try_into().unwrap();
         let aad = hex::decode(AAD).unwrap();
-        for b in Backend::ALL {
-            let aead = new_aead(b, &key);
-            let mut buf = hex::decode(PLAIN).unwrap();
-            let tag = aead.seal(&nonce, &aad, &mut buf);
-            assert_eq!(hex::encode(&buf), CIPHER, "{b}");
-            assert_eq!(hex::encode(tag), TAG, "{b}");
-            let mut out = vec![0u8; buf.len()];
-            aead.open(&nonce, &aad, &buf, &tag, &mut out).unwrap();
-            assert_eq!(hex::encode(&out), PLAIN, "{b}");
-            let mut bad = tag;
-            bad[0] ^= 1;
-            assert!(aead.open(&nonce, &aad, &buf, &bad, &mut out).is_err(), "{b}");
-        }
+        let aead = Aead::new(&key);
+        let mut buf = hex::decode(PLAIN).unwrap();
+        let tag = aead.seal(&nonce, &aad, &mut buf);
+        assert_eq!(hex::encode(&buf), CIPHER);
+        assert_eq!(hex::encode(tag), TAG);
+        let mut out = vec![0u8; buf.len()];
+        aead.open(&nonce, &aad, &buf, &tag, &mut out).unwrap();
+        assert_eq!(hex::encode(&out), PLAIN);
+        let mut bad = tag;
+        bad[0] ^= 1;
+        assert!(aead.open(&nonce, &aad, &buf, &bad, &mut out).is_err());
     }
 
+    /// An independent implementation (RustCrypto's `aes-gcm`, a test dependency only) opens
+    /// every block aws-lc seals, and seals what aws-lc opens: same bytes, same AAD rule.
     #[test]
-    fn blocks_sealed_by_one_backend_open_with_the_other() {
+    fn blocks_agree_with_an_independent_aes_gcm() {
+        use aes_gcm::aead::AeadInPlace;
+        use aes_gcm::KeyInit;
         let dek = Dek::generate().unwrap();
+        let other = aes_gcm::Aes256Gcm::new(dek.expose().into());
         let fid = [3u8; 16];
-        let keys: Vec<FileKey> = Backend::ALL.iter().map(|&b| FileKey::new(b, fid, &dek)).collect();
+        let key = FileKey::new(fid, &dek);
         let plain: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
-        for (i, sealer) in keys.iter().enumerate() {
-            for opener in &keys {
-                let mut stored = vec![0u8; plain.len() + 28];
-                sealer.seal_block(5, &plain, &[i as u8; 12], &mut stored);
-                let mut out = vec![0u8; plain.len()];
-                opener.open_block(5, &stored, &mut out).unwrap();
-                assert_eq!(out, plain);
-                // Same block at another index, or in another file, must not open.
-                assert!(opener.open_block(6, &stored, &mut out).is_err());
-                assert!(out.iter().all(|&b| b == 0), "failed open leaves no plaintext");
-                let other = FileKey::new(Backend::AwsLc, [4u8; 16], &dek);
-                assert!(other.open_block(5, &stored, &mut out).is_err());
-            }
-        }
-        assert_eq!(keys[0].header_tag(b"x"), keys[1].header_tag(b"x"));
-        assert!(keys[0].verify_header_tag(b"x", &keys[1].header_tag(b"x")));
-        assert!(!keys[0].verify_header_tag(b"y", &keys[1].header_tag(b"x")));
+        let mut stored = vec![0u8; plain.len() + 28];
+        key.seal_block(5, &plain, &[9; 12], &mut stored);
+        let (nonce, rest) = stored.split_at(NONCE_LEN);
+        let (ct, tag) = rest.split_at(plain.len());
+        let mut theirs = ct.to_vec();
+        other.decrypt_in_place_detached(nonce.into(), &block_aad(&fid, 5), &mut theirs, tag.into()).unwrap();
+        assert_eq!(theirs, plain);
+        let mut sealed = plain.clone();
+        let tag = other.encrypt_in_place_detached((&[1u8; 12]).into(), &block_aad(&fid, 6), &mut sealed).unwrap();
+        let mut mine = [1u8; 12].to_vec();
+        mine.extend_from_slice(&sealed);
+        mine.extend_from_slice(&tag);
+        let mut out = vec![0u8; plain.len()];
+        key.open_block(6, &mine, &mut out).unwrap();
+        assert_eq!(out, plain);
+        // Same block at another index, or in another file, must not open.
+        assert!(key.open_block(5, &mine, &mut out).is_err());
+        assert!(out.iter().all(|&b| b == 0), "failed open leaves no plaintext");
+        assert!(FileKey::new([4u8; 16], &dek).open_block(6, &mine, &mut out).is_err());
+        assert!(key.verify_header_tag(b"x", &key.header_tag(b"x")));
+        assert!(!key.verify_header_tag(b"y", &key.header_tag(b"x")));
     }
 
     #[test]

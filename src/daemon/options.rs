@@ -38,7 +38,6 @@ pub struct MountSettings {
     pub attr_timeout: f64,
     pub entry_timeout: f64,
     pub no_writeback_cache: bool,
-    pub crypto: String,
     pub cache_ttl: u64,
     pub cache_tti: u64,
     pub cache_max: u64,
@@ -77,7 +76,6 @@ impl Default for MountSettings {
             attr_timeout: DEFAULT_TIMEOUT,
             entry_timeout: DEFAULT_TIMEOUT,
             no_writeback_cache: false,
-            crypto: DEFAULT_CRYPTO.into(),
             cache_ttl: crate::keys::cache::DEFAULT_TTL_SECS,
             cache_tti: crate::keys::cache::DEFAULT_TTI_SECS,
             cache_max: crate::keys::cache::DEFAULT_MAX_ENTRIES,
@@ -176,7 +174,11 @@ pub fn apply_word(s: &mut MountSettings, word: &str) -> Result<()> {
         "cache_ttl" => s.cache_ttl = num()? as u64,
         "cache_tti" => s.cache_tti = num()? as u64,
         "cache_max" => s.cache_max = num()? as u64,
-        "crypto" => s.crypto = val()?.to_owned(),
+        // One AES-GCM implementation is left; the word stays for fstab lines that name it.
+        "crypto" => match val()? {
+            DEFAULT_CRYPTO => {}
+            other => return Err(usage(format!("crypto={other}: the only AES-GCM implementation is {DEFAULT_CRYPTO}"))),
+        },
         "key_file" => s.secret.key_file = Some(path()?),
         "passphrase_file" => s.secret.passphrase_file = Some(path()?),
         "pin_file" => s.secret.pin_file = Some(path()?),
@@ -343,7 +345,6 @@ mod tests {
             ("cache_ttl=10", |s| s.cache_ttl == 10),
             ("cache_tti=5", |s| s.cache_tti == 5),
             ("cache_max=7", |s| s.cache_max == 7),
-            ("crypto=rustcrypto", |s| s.crypto == "rustcrypto"),
             ("key_file=/k", |s| s.secret.key_file.as_deref() == Some(Path::new("/k"))),
             ("passphrase_file=/p", |s| s.secret.passphrase_file.as_deref() == Some(Path::new("/p"))),
             ("pin_file=/pin", |s| s.secret.pin_file.as_deref() == Some(Path::new("/pin"))),
@@ -422,6 +423,7 @@ mod tests {
             ("attr_timeout=1s", "not a number"),
             ("kms_timeout=", "not a number"),
             ("journal=maybe", "expected ordered, sync or off"),
+            ("crypto=rustcrypto", "the only AES-GCM implementation is aws-lc"),
             ("file_handles=sometimes", "expected auto, always or never"),
             ("cache_max=0x10", "not a number"),
         ];

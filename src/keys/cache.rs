@@ -146,10 +146,10 @@ impl DekCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crypto::{Backend, Dek};
+    use crate::crypto::Dek;
 
     fn key(id: u8) -> FileKey {
-        FileKey::new(Backend::AwsLc, [id; 16], &Dek::generate().unwrap())
+        FileKey::new([id; 16], &Dek::generate().unwrap())
     }
 
     #[test]

@@ -14,13 +14,13 @@ use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::io::{AsRawFd, RawFd};
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_siv::siv::Aes256Siv;
+use aes_siv::KeyInit;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use zeroize::Zeroizing;
 
-use crate::crypto::{fill_random, VolumeKey};
+use crate::crypto::{fill_random, Aead, VolumeKey};
 use crate::error::{Error, Result};
 use crate::format::FileId;
 
@@ -204,13 +204,13 @@ impl NameCipher {
     }
 
     /// The key and additional data of a value of `stored_name` bound by `binding`.
-    fn xattr_aead(&self, binding: XattrBinding, stored_name: &[u8]) -> (aes_gcm::Aes256Gcm, Vec<u8>) {
+    fn xattr_aead(&self, binding: XattrBinding, stored_name: &[u8]) -> (Aead, Vec<u8>) {
         match binding {
-            XattrBinding::Name => (aes_gcm::Aes256Gcm::new(self.xattr_values[..].into()), stored_name.to_vec()),
+            XattrBinding::Name => (Aead::new(&self.xattr_values), stored_name.to_vec()),
             XattrBinding::File(id) => {
                 // The file id has a fixed length: file id ‖ name is unambiguous.
                 let aad = [&id[..], stored_name].concat();
-                (aes_gcm::Aes256Gcm::new(self.file_xattr_values[..].into()), aad)
+                (Aead::new(&self.file_xattr_values), aad)
             }
         }
     }
@@ -221,11 +221,10 @@ impl NameCipher {
         let mut nonce = [0u8; NONCE_LEN];
         fill_random(&mut nonce)?;
         let (c, aad) = self.xattr_aead(binding, stored_name);
-        let ct = c
-            .encrypt((&nonce).into(), Payload { msg: value, aad: &aad })
-            .map_err(|_| Error::new(libc::EIO, "sealing an xattr value"))?;
         let mut out = nonce.to_vec();
-        out.extend_from_slice(&ct);
+        out.extend_from_slice(value);
+        let tag = c.seal(&nonce, &aad, &mut out[NONCE_LEN..]);
+        out.extend_from_slice(&tag);
         Ok(out)
     }
 
@@ -245,7 +244,11 @@ impl NameCipher {
             return Err(bad());
         }
         let (c, aad) = self.xattr_aead(binding, stored_name);
-        c.decrypt(stored[..NONCE_LEN].into(), Payload { msg: &stored[NONCE_LEN..], aad: &aad }).map_err(|_| bad())
+        let (nonce, rest) = stored.split_at(NONCE_LEN);
+        let (ct, tag) = rest.split_at(rest.len() - TAG_LEN);
+        let mut plain = vec![0u8; ct.len()];
+        c.open(nonce.try_into().unwrap(), &aad, ct, tag.try_into().unwrap(), &mut plain).map_err(|_| bad())?;
+        Ok(plain)
     }
 }
 

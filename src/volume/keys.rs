@@ -92,7 +92,6 @@ impl KeySlot {
 pub struct KeyService {
     volume_id: VolumeId,
     geometry: Geometry,
-    backend: Backend,
     /// Every slot opened here, in policy order (the primary first; in a recovery open, the
     /// recovery slot alone).
     slots: Vec<KeySlot>,
@@ -126,7 +125,6 @@ impl KeyService {
         let mut keys = Self {
             volume_id,
             geometry,
-            backend: opts.backend,
             slots,
             missing,
             policy_len,
@@ -177,10 +175,6 @@ impl KeyService {
     /// Slots of the policy not opened here, and why.
     pub fn missing(&self) -> &[(usize, String)] {
         &self.missing
-    }
-
-    pub fn backend(&self) -> Backend {
-        self.backend
     }
 
     /// Use another store as the primary from now on (`rekey --to-key`).
@@ -314,7 +308,7 @@ impl KeyService {
         for (i, record) in records.iter().enumerate() {
             self.audit("wrap", &file_id, path, record, Ok(()), who, Some(i).filter(|_| records.len() > 1));
         }
-        let key = Arc::new(FileKey::new(self.backend, file_id, &dek));
+        let key = Arc::new(FileKey::new(file_id, &dek));
         let header = Header { generation: 1, file_id, block_size: self.geometry.block_size as u32, records };
         let slot = header.encode_slot(self.geometry.slot_size(), |b| key.header_tag(b))?;
         let mut region = slot.clone();
@@ -372,7 +366,7 @@ impl KeyService {
                 continue;
             }
             let loaded = self.cache.get_or_load(h.file_id, h.generation, || {
-                self.unwrap_any(h, path, who).map(|dek| FileKey::new(self.backend, h.file_id, &dek))
+                self.unwrap_any(h, path, who).map(|dek| FileKey::new(h.file_id, &dek))
             });
             match loaded {
                 Ok(key) if key.verify_header_tag(&view.authenticated, &view.tag) => {
@@ -474,7 +468,7 @@ impl KeyService {
                 (Some(s), _) => {
                     if dek.is_none() {
                         let d = self.unwrap_any(h, path, who)?;
-                        if !FileKey::new(self.backend, h.file_id, &d).same_key(key) {
+                        if !FileKey::new(h.file_id, &d).same_key(key) {
                             return Err(Error::corrupt("a key record holds another key than the header's"));
                         }
                         dek = Some(d);

@@ -18,7 +18,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::crypto::{fill_random, Backend, Dek, FileKey, VolumeKey};
+use crate::crypto::{fill_random, Dek, FileKey, VolumeKey};
 use crate::error::{Class, Error, Result};
 use crate::format::{decode_region, FileId, Geometry, Header, KeyRecord, SlotError, FILE_ID_LEN};
 use crate::keys::aws_kms::{AwsKmsProvider, KmsSettings};
@@ -124,7 +124,6 @@ impl Default for InitOptions {
 /// Runtime options of an opened volume.
 #[derive(Clone, Debug, Default)]
 pub struct OpenOptions {
-    pub backend: Backend,
     pub cache: CacheConfig,
     /// Append one JSON line per key operation here.
     pub audit_log: Option<PathBuf>,

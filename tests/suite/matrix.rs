@@ -1,5 +1,5 @@
 //! The same battery through a real mount in every configuration that changes the data
-//! path: {aws-lc, rustcrypto} × {writeback cache on, off} × {512 B, 4 KiB, 64 KiB blocks}
+//! path: {writeback cache on, off} × {512 B, 4 KiB, 64 KiB blocks}
 //! (gocryptfs keeps such a matrix for the same reason: a bug that lives in one corner),
 //! and a few corners again with hidden names (format 4).
 
@@ -11,8 +11,8 @@ use std::os::unix::fs::FileExt;
 
 use common::{pattern, TestVolume, HEADER};
 
-fn battery(crypto: &str, writeback: bool, block: u32) {
-    run_battery(TestVolume::new(block), crypto, writeback, block)
+fn battery(writeback: bool, block: u32) {
+    run_battery(TestVolume::new(block), writeback, block)
 }
 
 /// Where a file of the volume's root is in the backing directory.
@@ -24,9 +24,9 @@ fn backing_of(vol: &TestVolume, name: &str) -> std::path::PathBuf {
     }
 }
 
-fn run_battery(vol: TestVolume, crypto: &str, writeback: bool, block: u32) {
+fn run_battery(vol: TestVolume, writeback: bool, block: u32) {
     let stored = block as u64 + 28;
-    let mut opts = vec!["--crypto", crypto];
+    let mut opts = vec![];
     if !writeback {
         opts.push("--no-writeback-cache");
     }
@@ -42,7 +42,7 @@ fn run_battery(vol: TestVolume, crypto: &str, writeback: bool, block: u32) {
     let m = vol.mount(&opts);
     for (i, n) in sizes.iter().enumerate() {
         let p = m.path(&format!("f{i}"));
-        assert_eq!(fs::read(&p).unwrap(), pattern(i as u64, *n), "{crypto} wb={writeback} {block}: size {n}");
+        assert_eq!(fs::read(&p).unwrap(), pattern(i as u64, *n), "wb={writeback} {block}: size {n}");
         let backing = fs::metadata(backing_of(&vol, &format!("f{i}"))).unwrap().len();
         let n = *n as u64;
         let want = if n == 0 {
@@ -70,7 +70,7 @@ fn run_battery(vol: TestVolume, crypto: &str, writeback: bool, block: u32) {
     f.write_all_at(b"end", 4 * b as u64 - 3).unwrap();
     model[4 * b - 3..].copy_from_slice(b"end");
     drop((f, app));
-    assert_eq!(fs::read(&p).unwrap(), model, "{crypto} wb={writeback} {block}: edits");
+    assert_eq!(fs::read(&p).unwrap(), model, "wb={writeback} {block}: edits");
 
     // A flipped bit in each block is EIO for that block only; restored, it reads again.
     let data = pattern(3, 3 * b);
@@ -138,36 +138,30 @@ fn run_battery(vol: TestVolume, crypto: &str, writeback: bool, block: u32) {
 }
 
 macro_rules! matrix {
-    ($($name:ident: $crypto:literal, $wb:literal, $block:literal;)*) => {
+    ($($name:ident: $wb:literal, $block:literal;)*) => {
         $(#[test]
         #[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
-        fn $name() { battery($crypto, $wb, $block); })*
+        fn $name() { battery($wb, $block); })*
     };
 }
 
 matrix! {
-    awslc_writeback_512: "aws-lc", true, 512;
-    awslc_writeback_4k: "aws-lc", true, 4096;
-    awslc_writeback_64k: "aws-lc", true, 65536;
-    awslc_direct_512: "aws-lc", false, 512;
-    awslc_direct_4k: "aws-lc", false, 4096;
-    awslc_direct_64k: "aws-lc", false, 65536;
-    rustcrypto_writeback_512: "rustcrypto", true, 512;
-    rustcrypto_writeback_4k: "rustcrypto", true, 4096;
-    rustcrypto_writeback_64k: "rustcrypto", true, 65536;
-    rustcrypto_direct_512: "rustcrypto", false, 512;
-    rustcrypto_direct_4k: "rustcrypto", false, 4096;
-    rustcrypto_direct_64k: "rustcrypto", false, 65536;
+    writeback_512: true, 512;
+    writeback_4k: true, 4096;
+    writeback_64k: true, 65536;
+    direct_512: false, 512;
+    direct_4k: false, 4096;
+    direct_64k: false, 65536;
 }
 
 #[test]
 #[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
-fn awslc_writeback_4k_hidden_names() {
-    run_battery(TestVolume::hidden(4096), "aws-lc", true, 4096);
+fn writeback_4k_hidden_names() {
+    run_battery(TestVolume::hidden(4096), true, 4096);
 }
 
 #[test]
 #[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
-fn rustcrypto_direct_512_hidden_names() {
-    run_battery(TestVolume::hidden(512), "rustcrypto", false, 512);
+fn direct_512_hidden_names() {
+    run_battery(TestVolume::hidden(512), false, 512);
 }

@@ -227,11 +227,7 @@ impl AwsKmsProvider {
         let mut nonce = [0u8; 12];
         fill_random(&mut nonce)?;
         let mut ct = Zeroizing::new(dek.expose().to_vec());
-        let tag = crate::crypto::new_aead(crate::crypto::Backend::AwsLc, &key).seal(
-            &nonce,
-            &ik_aad(volume_id, file_id, &id),
-            &mut ct,
-        );
+        let tag = crate::crypto::Aead::new(&key).seal(&nonce, &ik_aad(volume_id, file_id, &id), &mut ct);
         let mut sealed = nonce.to_vec();
         sealed.extend_from_slice(&ct);
         sealed.extend_from_slice(&tag);
@@ -296,7 +292,7 @@ impl AwsKmsProvider {
         let (nonce, rest) = w.sealed.split_at(12);
         let (ct, tag) = rest.split_at(32);
         let mut plain = Zeroizing::new([0u8; 32]);
-        crate::crypto::new_aead(crate::crypto::Backend::AwsLc, &key)
+        crate::crypto::Aead::new(&key)
             .open(
                 nonce.try_into().unwrap(),
                 &ik_aad(ctx.volume_id, ctx.file_id, &w.ik_id),

@@ -84,7 +84,7 @@ pub(super) fn open_sealed(raw: &[u8], key: &[u8; 32]) -> Option<Zeroizing<Vec<u8
     let body = &raw[PREAMBLE_LEN..];
     let (ct, tag) = body.split_at(body.len() - TAG_LEN);
     let mut plain = Zeroizing::new(vec![0u8; ct.len()]);
-    new_aead(Backend::AwsLc, key).open(&nonce, &raw[..PREAMBLE_LEN], ct, tag.try_into().ok()?, &mut plain).ok()?;
+    Aead::new(key).open(&nonce, &raw[..PREAMBLE_LEN], ct, tag.try_into().ok()?, &mut plain).ok()?;
     Some(plain)
 }
 

@@ -15,7 +15,7 @@ use zeroize::Zeroizing;
 
 use super::secret::Secret;
 use super::{KekVersionInfo, KeyContext, KeyProvider, VolumeId};
-use crate::crypto::{fill_random, new_aead, Backend, Dek, KEY_LEN};
+use crate::crypto::{fill_random, Aead, Dek, KEY_LEN};
 use crate::error::{Class, Error, Result};
 use crate::format::{KeyRecord, ProviderKind, NONCE_LEN, TAG_LEN};
 
@@ -201,7 +201,7 @@ impl LocalProvider {
         fill_random(&mut nonce)?;
         out.extend_from_slice(&nonce);
         let mut body = ring.encode();
-        let tag = new_aead(Backend::AwsLc, &self.seal.key).seal(&nonce, &out, &mut body);
+        let tag = Aead::new(&self.seal.key).seal(&nonce, &out, &mut body);
         out.extend_from_slice(&body);
         out.extend_from_slice(&tag);
         let ctx = |what: &str| format!("{what} keyring {}", self.path.display());
@@ -231,7 +231,7 @@ impl LocalProvider {
         let mut wrapped = Vec::with_capacity(WRAPPED_LEN);
         wrapped.extend_from_slice(&nonce);
         let mut ct = Zeroizing::new(dek.expose().to_vec());
-        let tag = new_aead(Backend::AwsLc, entry.key()?).seal(&nonce, &self.wrap_aad(ctx, version), &mut ct);
+        let tag = Aead::new(entry.key()?).seal(&nonce, &self.wrap_aad(ctx, version), &mut ct);
         wrapped.extend_from_slice(&ct);
         wrapped.extend_from_slice(&tag);
         Ok(KeyRecord { provider: ProviderKind::Local, kek_id: KEK_ID.into(), kek_version: version, wrapped })
@@ -327,7 +327,7 @@ impl KeyProvider for LocalProvider {
         let ct = &record.wrapped[NONCE_LEN..NONCE_LEN + KEY_LEN];
         let tag: &[u8; TAG_LEN] = record.wrapped[NONCE_LEN + KEY_LEN..].try_into().unwrap();
         let mut plain = Zeroizing::new([0u8; KEY_LEN]);
-        new_aead(Backend::AwsLc, entry.key()?)
+        Aead::new(entry.key()?)
             .open(&nonce, &self.wrap_aad(ctx, record.kek_version), ct, tag, &mut plain[..])
             .map_err(|_| {
                 Error::access(format!(
