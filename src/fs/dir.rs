@@ -7,41 +7,21 @@ impl EncryptedFs {
     pub fn opendir(&self, ino: u64) -> Result<u64> {
         let inode = self.inode(ino)?;
         let dir = sys::reopen(&*self.fd(&inode)?, libc::O_RDONLY | libc::O_DIRECTORY)?;
-        let path = format!("/proc/self/fd/{}", dir.as_raw_fd());
         let describe = || sys::describe_fd(dir.as_raw_fd());
         let mut entries = vec![
             DirEntry { ino, kind: libc::S_IFDIR, name: ".".into(), backing: ".".into() },
             DirEntry { ino: ROOT_INO, kind: libc::S_IFDIR, name: "..".into(), backing: "..".into() },
         ];
         let mut raw = Vec::new();
-        for e in std::fs::read_dir(&path).map_err(|e| Error::io(e, format!("readdir {}", describe())))? {
-            let e = e.map_err(|e| Error::io(e, format!("readdir {}", describe())))?;
-            let name = e.file_name();
-            if is_reserved(&name, ino == ROOT_INO) {
+        for e in sys::list_dir(dir.as_raw_fd(), &describe)? {
+            if is_reserved(&e.name, ino == ROOT_INO) {
                 continue;
             }
-            if self.vol.names().is_some() && crate::names::classify(&name) == crate::names::EntryKind::Side {
-                raw.push((name, (0, 0)));
+            if self.vol.names().is_some() && crate::names::classify(&e.name) == crate::names::EntryKind::Side {
+                raw.push((e.name, (0, 0)));
                 continue;
             }
-            let ft = e.file_type().map_err(|e| Error::io(e, "readdir"))?;
-            use std::os::unix::fs::FileTypeExt;
-            let kind = if ft.is_dir() {
-                libc::S_IFDIR
-            } else if ft.is_symlink() {
-                libc::S_IFLNK
-            } else if ft.is_fifo() {
-                libc::S_IFIFO
-            } else if ft.is_socket() {
-                libc::S_IFSOCK
-            } else if ft.is_char_device() {
-                libc::S_IFCHR
-            } else if ft.is_block_device() {
-                libc::S_IFBLK
-            } else {
-                libc::S_IFREG
-            };
-            raw.push((name, (e.ino(), kind)));
+            raw.push((e.name, (e.ino, e.kind)));
         }
         match self.vol.names() {
             None => entries.extend(raw.into_iter().map(|(name, (ino, kind))| DirEntry {

@@ -441,6 +441,40 @@ pub fn removexattr(fd: RawFd, name: &CStr) -> Result<()> {
     cvt(unsafe { libc::removexattr(p.as_ptr(), name.as_ptr()) }, || format!("removexattr {name:?}")).map(drop)
 }
 
+/// One entry of a directory: its name, inode number and file type bits (`S_IFMT`).
+pub struct Entry {
+    pub name: std::ffi::OsString,
+    pub ino: u64,
+    pub kind: u32,
+}
+
+/// The entries of the directory open at `dir` (".." and "." left out), read from the
+/// descriptor: no path is resolved. A type the filesystem does not report comes from
+/// `fstatat` without following the entry.
+pub fn list_dir(dir: RawFd, what: &dyn Fn() -> String) -> Result<Vec<Entry>> {
+    use std::os::unix::ffi::OsStringExt;
+    let err = |e: rustix::io::Errno| Error::io(e.into(), format!("listing {}", what()));
+    // SAFETY: the caller's descriptor stays open for this call.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(dir) };
+    let mut out = Vec::new();
+    for e in rustix::fs::Dir::read_from(fd).map_err(err)? {
+        let e = e.map_err(err)?;
+        let name = e.file_name().to_bytes();
+        if name == b"." || name == b".." {
+            continue;
+        }
+        let kind = match e.file_type() {
+            rustix::fs::FileType::Unknown => {
+                rustix::fs::statat(fd, e.file_name(), rustix::fs::AtFlags::SYMLINK_NOFOLLOW).map_err(err)?.st_mode
+                    & libc::S_IFMT
+            }
+            t => t.as_raw_mode(),
+        };
+        out.push(Entry { name: std::ffi::OsString::from_vec(name.to_vec()), ino: e.ino(), kind });
+    }
+    Ok(out)
+}
+
 /// Where an O_PATH handle points now, for log lines (best effort).
 pub fn describe_fd(fd: RawFd) -> String {
     std::fs::read_link(format!("/proc/self/fd/{fd}"))

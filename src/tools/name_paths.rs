@@ -81,9 +81,8 @@ fn unnamed_targets(
         Err(e) if e.errno() == libc::ENOENT => return Ok(()),
         Err(e) => return Err(e.context("opening the long-target store")),
     };
-    let listing = format!("/proc/self/fd/{}", store.as_raw_fd());
-    for e in std::fs::read_dir(&listing).map_err(|e| Error::io(e, "listing the long-target store"))? {
-        let name = e.map_err(|e| Error::io(e, "listing the long-target store"))?.file_name();
+    for e in sys::list_dir(store.as_raw_fd(), &|| "the long-target store".into())? {
+        let name = e.name;
         if !named.contains(&name) {
             let repaired = repair && sys::unlinkat(store.as_raw_fd(), &sys::cstr(&name)?, 0).is_ok();
             out.push(Finding {
@@ -106,13 +105,8 @@ struct Walk<'a> {
 }
 
 fn walk(w: &mut Walk<'_>, dir: RawFd, path: &Path, is_root: bool) -> Result<()> {
-    let listing = format!("/proc/self/fd/{dir}");
-    let mut entries: Vec<(OsString, std::fs::FileType)> = Vec::new();
-    for e in std::fs::read_dir(&listing).map_err(|e| Error::io(e, format!("listing {}", path.display())))? {
-        let e = e.map_err(|e| Error::io(e, format!("listing {}", path.display())))?;
-        let ft = e.file_type().map_err(|e| Error::io(e, format!("listing {}", path.display())))?;
-        entries.push((e.file_name(), ft));
-    }
+    let mut entries: Vec<(OsString, u32)> =
+        sys::list_dir(dir, &|| path.display().to_string())?.into_iter().map(|e| (e.name, e.kind)).collect();
     entries.sort_by(|a, b| a.0.cmp(&b.0));
     let names: std::collections::HashSet<&OsStr> = entries.iter().map(|(n, _)| n.as_os_str()).collect();
     let mut problems = Vec::new();
@@ -141,7 +135,7 @@ fn walk(w: &mut Walk<'_>, dir: RawFd, path: &Path, is_root: bool) -> Result<()> 
             problem(format!("name does not decrypt: {e}"), false);
             continue;
         }
-        if ft.is_symlink() {
+        if *ft == libc::S_IFLNK {
             // Read from this directory's descriptor: a directory above swapped for a
             // symlink since the walk opened it cannot redirect the read.
             let stored = sys::open_path(dir, &sys::cstr(name)?)
@@ -153,7 +147,7 @@ fn walk(w: &mut Walk<'_>, dir: RawFd, path: &Path, is_root: bool) -> Result<()> 
             if let Err(e) = crate::names::stored_target(w.root_fd, stored).and_then(|enc| w.c.decrypt_target(&enc)) {
                 problem(format!("symlink target: {e}"), false);
             }
-        } else if ft.is_dir() {
+        } else if *ft == libc::S_IFDIR {
             match sys::openat(dir, &sys::cstr(name)?, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0) {
                 Ok(sub) => walk(w, sub.as_raw_fd(), &p, false)?,
                 Err(e) if [libc::ENOENT, libc::ELOOP, libc::ENOTDIR].contains(&e.errno()) => {}

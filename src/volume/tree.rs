@@ -3,7 +3,6 @@
 //! a listing and an action on a file anything in it may have been swapped for a symlink.
 
 use std::ffi::{CStr, CString, OsStr};
-use std::fs;
 use std::os::unix::io::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Component, Path, PathBuf};
 
@@ -55,21 +54,17 @@ impl Tree {
     }
 
     fn walk_dir(&self, dir: RawFd, path: &Path, is_root: bool, f: &mut dyn FnMut(&Found<'_>)) -> Result<()> {
-        // The magic link names this very directory; nothing in the backing tree is followed.
-        let listing = format!("/proc/self/fd/{dir}");
         let mut entries = Vec::new();
-        for e in fs::read_dir(&listing).map_err(|e| Error::io(e, format!("listing {}", path.display())))? {
-            let e = e.map_err(|e| Error::io(e, format!("listing {}", path.display())))?;
-            let name = e.file_name();
+        for e in sys::list_dir(dir, &|| path.display().to_string())? {
+            let name = e.name;
             if is_root && RESERVED.iter().any(|r| OsStr::new(r) == name) {
                 continue;
             }
-            let ft = e.file_type().map_err(|e| Error::io(e, format!("readdir of {}", path.display())))?;
             if self.hidden_names && crate::names::classify(&name) == crate::names::EntryKind::Side {
                 continue;
             }
-            if ft.is_dir() || ft.is_file() {
-                entries.push((name, ft.is_dir()));
+            if e.kind == libc::S_IFDIR || e.kind == libc::S_IFREG {
+                entries.push((name, e.kind == libc::S_IFDIR));
             }
         }
         entries.sort();
