@@ -109,7 +109,7 @@ pub fn mount(mut s: MountSettings, foreground: bool, argv: &[OsString]) -> Resul
     // is checked against it there.
     let access = if VolumeConfig::load(s.backing())?.shared { Access::Shared } else { Access::Alone };
     let _lock = lock(s.backing(), access)?;
-    let vol = Volume::open(
+    let vol = Arc::new(Volume::open(
         s.backing(),
         &s.secret,
         &OpenOptions {
@@ -120,7 +120,10 @@ pub fn mount(mut s: MountSettings, foreground: bool, argv: &[OsString]) -> Resul
             kms_timeout: s.kms_timeout.map(Duration::from_secs_f64),
             ..OpenOptions::default()
         },
-    )?;
+    )?);
+    // Crash recovery below may unwrap keys already: their audit lines are written out
+    // whichever way this returns.
+    let _audit = FlushAudit(vol.clone());
     if vol.config.shared != (access == Access::Shared) {
         return Err(Error::tampered("envelopefs.toml changed while the volume was being opened").into());
     }
@@ -135,7 +138,7 @@ pub fn mount(mut s: MountSettings, foreground: bool, argv: &[OsString]) -> Resul
     process::unmask_modes();
     let (journal, recovered) = start_journal(&vol, &s)?;
     let prefetch = s.prefetch(vol.keys.unwraps_remotely());
-    let mut fs = EncryptedFs::new(Arc::new(vol))?.with_inode_fds(s.file_handles, s.max_inode_fds)?;
+    let mut fs = EncryptedFs::new(vol.clone())?.with_inode_fds(s.file_handles, s.max_inode_fds)?;
     info!("{}", fs.inode_fds_summary());
     if prefetch.files > 0 {
         info!(
@@ -148,7 +151,6 @@ pub fn mount(mut s: MountSettings, foreground: bool, argv: &[OsString]) -> Resul
         fs = fs.with_journal(j.clone());
     }
     let fs = Arc::new(fs);
-    let vol = fs.volume().clone();
     crate::volume::watch_config(&vol, Duration::from_secs(2));
     if let Some(addr) = &s.metrics {
         crate::daemon::metrics::serve(addr, fs.clone(), journal.clone(), recovered)?;
@@ -207,6 +209,7 @@ pub fn mount(mut s: MountSettings, foreground: bool, argv: &[OsString]) -> Resul
     let back = s.backing().display().to_string();
     let sock = socket.as_ref().map(|s| s.path().to_owned());
     let read_ahead_kb = s.read_ahead_kb;
+    let audited = vol.clone();
     // From a child process: see `sys::probe` (a kill -9 meanwhile would hang the mount).
     std::thread::spawn(move || match crate::sys::probe::stat_in_child(&probe) {
         Ok(st) => {
@@ -225,13 +228,13 @@ pub fn mount(mut s: MountSettings, foreground: bool, argv: &[OsString]) -> Resul
             if let Some(p) = sock {
                 let _ = std::fs::remove_file(p);
             }
+            audited.keys.flush_audit();
             std::process::exit(1);
         }
     });
     // Keep no directory of the host busy (everything given by path is open by now).
     let _ = std::env::set_current_dir("/");
     let served = session.run().context("serving the mount");
-    vol.keys.flush_audit();
     if let Some(j) = journal {
         // Every change is durable before the journal that covers it goes.
         if let Err(e) = j.close() {
@@ -273,4 +276,14 @@ fn start_journal(vol: &Volume, s: &MountSettings) -> Result<(Option<Arc<Journal>
     )
     .with_context(|| format!("starting the crash journal in {}", vol.journal_dir().display()))?;
     Ok((Some(j), recovered))
+}
+
+/// Writes out the audit lines queued so far when dropped (the daemon's volume lives on in
+/// its threads, so the log's own drop never comes).
+struct FlushAudit(Arc<Volume>);
+
+impl Drop for FlushAudit {
+    fn drop(&mut self) {
+        self.0.keys.flush_audit();
+    }
 }

@@ -19,7 +19,8 @@ pub struct Error {
 }
 
 /// How a failure is logged where it is replied (the FUSE adapter). Decided where the error
-/// is made: the errno alone cannot tell a planted file's ESTALE from a forgotten inode's.
+/// is made: integrity, tampering, trust and key-store failures are faults whatever their
+/// errno (a key store that did not answer may say EAGAIN); otherwise the errno decides.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Level {
     /// An answer a healthy filesystem gives all the time (ENOENT on lookup, ENOTEMPTY,

@@ -29,6 +29,7 @@ pub fn add(vol: &mut Volume, init: &ProviderInit, secret: &SecretSource) -> Resu
         return Err(usage("the volume has a local keyring slot already (one per volume)"));
     }
     let (settings, made_keyring, provider) = create_provider(&vol.root, init, vol.volume_id, secret, SLOTS_FORMAT)?;
+    let mut opened = None;
     let added = (|| -> Result<usize> {
         if vol.config.policy().any(|p| p.host_view() == settings.host_view()) {
             return Err(Error::new(libc::EEXIST, format!("the volume has a slot for {} already", settings.summary())));
@@ -51,6 +52,7 @@ pub fn add(vol: &mut Volume, init: &ProviderInit, secret: &SecretSource) -> Resu
         let index = vol.config.policy().count();
         let slot = SlotConfig { provider: settings.clone(), volume_key: WrappedKey::from_record(&rec) };
         vol.keys.add_slot(KeySlot::new(index, settings.clone(), provider.clone()));
+        opened = Some(index);
         vol.update_config_with(|c| {
             c.format = c.format.max(SLOTS_FORMAT);
             c.slots.push(slot);
@@ -62,8 +64,15 @@ pub fn add(vol: &mut Volume, init: &ProviderInit, secret: &SecretSource) -> Resu
         }
         Ok(index)
     })();
-    if added.is_err() {
-        vol.keys.forget_slot(&settings);
+    // Once the config on disk names the slot, its keyring stays, whatever failed after.
+    let named = || {
+        crate::volume::VolumeConfig::load(&vol.root)
+            .is_ok_and(|c| c.policy().any(|p| p.host_view() == settings.host_view()))
+    };
+    if added.is_err() && !named() {
+        if let Some(index) = opened {
+            vol.keys.remove_slot(index);
+        }
         if let Some(k) = made_keyring {
             let _ = std::fs::remove_file(k);
         }

@@ -183,20 +183,13 @@ impl KeyService {
         self.slots[0].settings = settings;
     }
 
-    /// A slot added to the policy (`key slot add`), before the config names it.
+    /// A slot opened for the policy (`key slot add`), before the config names it.
     pub fn add_slot(&mut self, slot: KeySlot) {
         self.slots.push(slot);
-        self.policy_len += 1;
     }
 
-    /// Take back a slot `add_slot` gave whose config change failed.
-    pub fn forget_slot(&mut self, settings: &ProviderConfig) {
-        let before = self.slots.len();
-        self.slots.retain(|s| s.settings.host_view() != settings.host_view());
-        self.policy_len -= before - self.slots.len();
-    }
-
-    /// Slot `index` left the policy (`key slot remove`): the later ones move up.
+    /// Slot `index` left the policy (`key slot remove`, or an add that failed before the
+    /// config named it): the later ones move up.
     pub fn remove_slot(&mut self, index: usize) {
         self.slots.retain(|s| s.index != index);
         for s in &mut self.slots {
@@ -210,7 +203,11 @@ impl KeyService {
                 *i -= 1;
             }
         }
-        self.policy_len -= 1;
+    }
+
+    /// The policy's slot count, as the config just written says (only config updates set it).
+    pub(super) fn set_policy_len(&mut self, n: usize) {
+        self.policy_len = n;
     }
 
     /// Slot `index` and the primary changed places (`key slot primary`).

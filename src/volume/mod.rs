@@ -263,6 +263,7 @@ impl Volume {
         if cfg != self.config {
             write_config(&self.root, &cfg)?;
         }
+        self.keys.set_policy_len(cfg.policy().count());
         if seen != self.trusted {
             self.trust.put(&seen)?;
         }

@@ -229,18 +229,36 @@ fn fsck_reports_files_that_share_a_file_id() {
 fn status_socket_is_removed_on_unmount() {
     let v = TestVolume::new(4096);
     let run = v.dir.path().join("run");
-    // Every test of this binary that mounts sees the same variable; only this one looks.
-    std::env::set_var("ENVELOPEFS_RUNTIME_DIR", &run);
-    let m = v.mount(&[]);
-    let sock = envelopefs::daemon::control::socket_path(&m.mnt);
-    assert!(sock.starts_with(&run), "{}", sock.display());
+    // The runtime directory is given to this daemon and this status query only: the suites
+    // share one process, and its environment.
+    let m = common::Mounted::start_trusting(
+        &common::trust_dir(),
+        &v.backing,
+        "--key-file",
+        &v.key,
+        &v.dir.path().join("mnt"),
+        &[],
+        |c| {
+            c.env("ENVELOPEFS_RUNTIME_DIR", &run);
+        },
+    );
+    let socket = || {
+        fs::read_dir(&run)
+            .ok()
+            .and_then(|d| d.flatten().map(|e| e.path()).find(|p| p.extension() == Some("sock".as_ref())))
+    };
     let start = Instant::now();
-    while !sock.exists() {
-        assert!(start.elapsed() < Duration::from_secs(10), "no status socket at {}", sock.display());
+    let sock = loop {
+        if let Some(s) = socket() {
+            break s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "no status socket in {}", run.display());
         std::thread::sleep(Duration::from_millis(20));
-    }
-    let st = envelopefs::daemon::control::query(&m.mnt).unwrap();
-    assert_eq!(st.pid as i32, m.pid());
+    };
+    let out =
+        common::bin().env("ENVELOPEFS_RUNTIME_DIR", &run).args(["status", "--json"]).arg(&m.mnt).output().unwrap();
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(st["pid"].as_i64(), Some(m.pid() as i64), "{st}");
     assert!(m.unmount().success());
     assert!(fs::symlink_metadata(&sock).is_err(), "status socket {} left after unmount", sock.display());
 }
@@ -370,7 +388,7 @@ fn allow_other_mkdir_race_does_not_give_away_another_directory() {
     ignore = "needs FUSE mounts as root and SoftHSM2: --features fuse_tests,pkcs11_tests"
 )]
 fn pkcs11_tampered_wrapped_key_is_eacces_and_says_why() {
-    let (dir, backing, pin, _) = common::pkcs11_volume("spare", "kek");
+    let (dir, backing, pin, _) = common::pkcs11_volume("retire", "kek");
     let mnt = dir.path().join("mnt");
     let m = common::Mounted::start_with(&backing, "--pin-file", &pin, &mnt, &[]);
     fs::write(m.path("f"), b"secret").unwrap();

@@ -187,8 +187,9 @@ fn a_second_region_slot_serves_through_a_primary_outage_and_the_recovery_key_thr
     // A create takes a record set made ahead (one record per slot), so it does not wait
     // on the region that is down; a file is never made with fewer records than slots.
     fs::write(m.path("during-outage"), b"x").unwrap();
-    // The audit log is written by a thread of its own; unmounting writes what is queued.
-    drop(m);
+    // The audit log is written by a thread of its own; a daemon that stops writes what it
+    // queued first.
+    assert!(m.unmount().success());
     let log = fs::read_to_string(&audit).unwrap();
     let served: Vec<serde_json::Value> = log
         .lines()
@@ -300,7 +301,7 @@ fn a_volume_moves_local_to_pkcs11_to_aws_kms_by_slots_alone() {
     const FILES: u64 = 1000;
     let kms = Kms::start();
     let kms_arn = kms.create_key("migration");
-    let pin = common::softhsm_token("spare");
+    let pin = common::softhsm_token("slot-spare");
     let dir = tempfile::Builder::new().prefix("envelopefs-test").tempdir().unwrap();
     let backing = dir.path().join("backing");
     fs::create_dir(&backing).unwrap();

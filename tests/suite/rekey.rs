@@ -283,10 +283,11 @@ fn audit_log_records_wrap_unwrap_and_rewrap() {
     let log_s = log.to_str().unwrap().to_owned();
     let m = v.mount(&["--audit-log", &log_s]);
     fs::write(m.path("audited.txt"), b"x").unwrap();
-    drop(m);
+    // A daemon that stops writes every audit line it queued first.
+    assert!(m.unmount().success());
     let m = v.mount(&["--audit-log", &log_s]);
     assert_eq!(fs::read(m.path("audited.txt")).unwrap(), b"x");
-    drop(m);
+    assert!(m.unmount().success());
     ok(v.run(&["key", "rotate", &b]));
     ok(v.run(&["rekey", "--audit-log", &log_s, &b]));
     let events: Vec<serde_json::Value> =

@@ -372,7 +372,7 @@ fn writeback_wraps_are_attributed_to_the_process_that_opened_the_file() {
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(fs::metadata(&target).unwrap().uid(), 65534);
-    drop(m);
+    assert!(m.unmount().success());
     let text = fs::read_to_string(&audit).unwrap();
     let wraps: Vec<serde_json::Value> = text
         .lines()
@@ -459,11 +459,11 @@ fn upgrade_makes_a_v1_volume_authenticated_and_refuses_the_old_config_after() {
     ignore = "needs FUSE mounts as root and SoftHSM2: --features fuse_tests,pkcs11_tests"
 )]
 fn a_key_object_the_volume_did_not_pin_is_never_used() {
-    let (d, backing, pin, _) = common::pkcs11_volume("pins", "kek");
+    let (d, backing, pin, _) = common::pkcs11_volume("trust-pins", "kek");
     // Someone with access to the token (not to the volume's keys) adds `kek/v9`: by its
     // label it would be the newest version.
     let out = Command::new("pkcs11-tool")
-        .args(["--module", common::SOFTHSM_MODULE, "--token-label", "pins", "--login", "--pin", "1234"])
+        .args(["--module", common::SOFTHSM_MODULE, "--token-label", "trust-pins", "--login", "--pin", "1234"])
         .args(["--keygen", "--key-type", "AES:32", "--label", "kek/v9", "--id", "00000009"])
         .output()
         .unwrap();
@@ -661,7 +661,7 @@ fn a_copy_of_a_volume_at_another_place_is_refused_until_accepted() {
 #[test]
 #[cfg_attr(not(feature = "pkcs11_tests"), ignore = "needs SoftHSM2: --features pkcs11_tests")]
 fn a_module_path_through_the_backing_directory_is_never_loaded() {
-    let (_d, backing, pin, _) = common::pkcs11_volume("stale", "dotdot");
+    let (_d, backing, pin, _) = common::pkcs11_volume("dotdot", "dotdot");
     let real = fs::canonicalize(common::SOFTHSM_MODULE).unwrap();
     fs::create_dir(backing.join("s")).unwrap();
     let ups = "../".repeat(backing.components().count());
@@ -677,7 +677,7 @@ fn a_module_path_through_the_backing_directory_is_never_loaded() {
 
     // A module pinned through a symlink (as /usr/lib/softhsm/libsofthsm2.so is on Debian)
     // is recorded with the canonical file that was checked.
-    let (_d2, backing2, pin2, _) = common::pkcs11_volume("fresh", "canon");
+    let (_d2, backing2, pin2, _) = common::pkcs11_volume("canon", "canon");
     let host = tempfile::tempdir().unwrap();
     ok(common::cli_with_trust(host.path(), &[&"trust", &"--yes", &"--pin-file", &pin2, &backing2]));
     let rec: String = fs::read_dir(host.path())
@@ -696,7 +696,7 @@ fn a_module_path_through_the_backing_directory_is_never_loaded() {
 #[test]
 #[cfg_attr(not(feature = "pkcs11_tests"), ignore = "needs SoftHSM2: --features pkcs11_tests")]
 fn trust_refuses_a_format_1_config_unless_the_admin_names_it() {
-    let (_d, backing, pin, _) = common::pkcs11_volume("pins", "downgrade");
+    let (_d, backing, pin, _) = common::pkcs11_volume("downgrade", "downgrade");
     edit_config(&backing, |t| {
         t.insert("format".into(), 1.into());
         for k in ["mac", "volume_key", "names", "generation"] {

@@ -288,7 +288,7 @@ impl AwsKmsProvider {
                 key.copy_from_slice(&plain);
                 Ok(Arc::new(key))
             })
-            .map_err(|e: Arc<Error>| Error::new(e.errno(), e.to_string()))?;
+            .map_err(|e: Arc<Error>| (*e).clone())?;
         let (nonce, rest) = w.sealed.split_at(12);
         let (ct, tag) = rest.split_at(32);
         let mut plain = Zeroizing::new([0u8; 32]);

@@ -207,8 +207,18 @@ impl Mounted {
 
     /// Unmount and wait for the daemon to exit by itself; returns its exit status.
     pub fn unmount(self) -> std::process::ExitStatus {
-        let out = bin().arg("umount").arg(&self.mnt).output().unwrap();
-        assert!(out.status.success(), "umount: {}", String::from_utf8_lossy(&out.stderr));
+        // Another test's fork holds copies of this process's descriptors, files open on
+        // this mount among them, until its exec: a busy mount for a moment.
+        let start = Instant::now();
+        loop {
+            let out = bin().arg("umount").arg(&self.mnt).output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            if out.status.success() {
+                break;
+            }
+            assert!(err.contains("is busy") && start.elapsed() < Duration::from_secs(5), "umount: {err}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
         self.wait_exit()
     }
 
@@ -332,9 +342,28 @@ pub fn softhsm() -> &'static Path {
     })
 }
 
-/// Tokens available to tests (user PIN 1234). One per test, so tests stay independent.
-pub const SOFTHSM_TOKENS: [&str; 12] =
-    ["contract", "errors", "attrs", "mount", "rotate", "pin", "deleted", "spare", "trust", "pins", "stale", "fresh"];
+/// Tokens available to tests (user PIN 1234). One per test, so tests stay independent: the
+/// suites share one process, and so one token directory.
+pub const SOFTHSM_TOKENS: [&str; 18] = [
+    "contract",
+    "errors",
+    "attrs",
+    "mount",
+    "rotate",
+    "pin",
+    "deleted",
+    "spare",
+    "trust",
+    "pins",
+    "stale",
+    "fresh",
+    "retire",
+    "slot-spare",
+    "trust-pins",
+    "dotdot",
+    "canon",
+    "downgrade",
+];
 
 /// The PIN file of a prepared token.
 pub fn softhsm_token(label: &str) -> PathBuf {
