@@ -45,6 +45,12 @@ pub struct Status {
     /// `provider_calls` counts the key operations asked of the key stores.
     #[serde(default)]
     pub kms_requests: Option<u64>,
+    /// What serves the FUSE requests: "/dev/fuse" or "io_uring" (`--io-uring`).
+    #[serde(default)]
+    pub transport: String,
+    /// Requests that came over io_uring.
+    #[serde(default)]
+    pub ring_requests: u64,
 }
 
 /// Where the socket of the mount at `mountpoint` lives.

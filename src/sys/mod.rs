@@ -1,6 +1,7 @@
 //! Thin, checked wrappers over the directory-fd-relative syscalls the filesystem uses.
 
 pub mod atomic_file;
+pub mod fuse_ring;
 pub mod probe;
 pub mod range_lock;
 pub mod sync;
