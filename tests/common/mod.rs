@@ -151,6 +151,10 @@ impl Mounted {
             cmd.arg(secret_flag).arg(secret);
         }
         adjust(&mut cmd);
+        // The whole mount suite over io_uring: ENVELOPEFS_TEST_IO_URING=1 (and enable_uring=Y).
+        if std::env::var_os("ENVELOPEFS_TEST_IO_URING").is_some() {
+            cmd.arg("--io-uring");
+        }
         let child = cmd
             .arg("--log-file")
             .arg(&log)
