@@ -176,6 +176,12 @@ impl Mounted {
             assert!(start.elapsed() < Duration::from_secs(20), "mount did not appear");
             std::thread::sleep(Duration::from_millis(20));
         }
+        // Over io_uring, it says so before it answers (see fuse::uring), or it fell back.
+        while std::env::var_os("ENVELOPEFS_TEST_IO_URING").is_some() && !m.log_text().contains("over io_uring") {
+            assert!(!m.log_text().contains("over /dev/fuse"), "not over io_uring: {}", m.log_text());
+            assert!(start.elapsed() < Duration::from_secs(20), "no io_uring: {}", m.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
         m
     }
 
