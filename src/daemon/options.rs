@@ -365,6 +365,8 @@ mod tests {
             ("exclusive", |s| s.exclusive),
             ("read_ahead_kb=0", |s| s.read_ahead_kb == 0),
             ("metrics=127.0.0.1:9100", |s| s.metrics.as_deref() == Some("127.0.0.1:9100")),
+            ("io_uring", |s| s.io_uring && s.mount_options().io_uring),
+            ("io_uring,no_io_uring", |s| !s.io_uring),
             (r"key_file=/etc/a\,b.key", |s| s.secret.key_file.as_deref() == Some(Path::new("/etc/a,b.key"))),
             (r"key_file=/etc/a\\b.key", |s| s.secret.key_file.as_deref() == Some(Path::new(r"/etc/a\b.key"))),
             ("threads=2,threads=3", |s| s.threads == 3),
