@@ -39,8 +39,10 @@ struct Slot {
     header: Box<[u8; HEADER_LEN]>,
     payload: Box<[u8]>,
     /// iov[0] the header, iov[1] the payload: what REGISTER's `addr` points to (read by
-    /// the kernel when it takes the command, kept until then and after).
-    _iov: Box<[libc::iovec; 2]>,
+    /// the kernel when it takes the command).
+    iov: Box<[libc::iovec; 2]>,
+    /// The command sent last (to send again after EAGAIN or EINTR).
+    last: u32,
 }
 
 /// What a completion said.
@@ -141,27 +143,38 @@ impl Ring {
             libc::iovec { iov_base: header.as_mut_ptr().cast(), iov_len: HEADER_LEN },
             libc::iovec { iov_base: payload.as_mut_ptr().cast(), iov_len: payload.len() },
         ]);
-        let addr = iov.as_ptr() as u64;
         let idx = self.slots.len();
-        self.slots.push(Slot { header, payload, _iov: iov });
-        let sqe = opcode::UringCmd80::new(types::Fd(self.fuse_fd()?), CMD_REGISTER)
-            .cmd(self.cmd(0))
-            .addr(Some(addr))
-            .build()
-            .user_data(idx as u64);
-        self.push(with_len(sqe, 2))?;
+        self.slots.push(Slot { header, payload, iov, last: CMD_REGISTER });
+        self.send(idx, CMD_REGISTER)?;
         Ok(idx)
     }
 
     /// Hand entry `slot` back with the reply written in it, and take the next request
     /// (`FUSE_IO_URING_CMD_COMMIT_AND_FETCH`).
     pub fn commit(&mut self, slot: usize) -> io::Result<()> {
-        let commit_id = u64::from_ne_bytes(self.slots[slot].header[COMMIT_ID..COMMIT_ID + 8].try_into().unwrap());
-        let sqe = opcode::UringCmd80::new(types::Fd(self.fuse_fd()?), CMD_COMMIT_AND_FETCH)
+        self.send(slot, CMD_COMMIT_AND_FETCH)
+    }
+
+    /// Send entry `slot`'s last command again (it completed with EAGAIN or EINTR).
+    pub fn resend(&mut self, slot: usize) -> io::Result<()> {
+        self.send(slot, self.slots[slot].last)
+    }
+
+    fn send(&mut self, slot: usize, cmd_op: u32) -> io::Result<()> {
+        let s = &mut self.slots[slot];
+        s.last = cmd_op;
+        let commit_id = match cmd_op {
+            CMD_COMMIT_AND_FETCH => u64::from_ne_bytes(s.header[COMMIT_ID..COMMIT_ID + 8].try_into().unwrap()),
+            _ => 0,
+        };
+        let addr = s.iov.as_ptr() as u64;
+        let sqe = opcode::UringCmd80::new(types::Fd(self.fuse_fd()?), cmd_op)
             .cmd(self.cmd(commit_id))
+            .addr(Some(addr))
             .build()
             .user_data(slot as u64);
-        self.push(sqe)
+        // REGISTER reads two iovecs at `addr`; COMMIT_AND_FETCH reads neither.
+        self.push(with_len(sqe, 2))
     }
 
     /// Listen for `Waker::wake`.
@@ -229,9 +242,21 @@ impl Ring {
         std::mem::forget(std::mem::take(&mut self.slots));
     }
 
+    pub fn qid(&self) -> u16 {
+        self.qid
+    }
+
     pub fn slots(&self) -> usize {
         self.slots.len()
     }
+}
+
+/// Run the calling thread on `cpu` only (a queue's thread beside the requests of its CPU,
+/// as libfuse does); false where that is refused.
+pub fn pin_to_cpu(cpu: usize) -> bool {
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(cpu);
+    rustix::thread::sched_setaffinity(None, &set).is_ok()
 }
 
 /// Set an SQE's `len` (offset 24 of `struct io_uring_sqe` in `include/uapi/linux/io_uring.h`):

@@ -179,6 +179,10 @@ impl Queues {
 /// One thread: register its entries, report whether the kernel took them, then serve
 /// until the kernel holds none of them any more.
 fn run(mut ring: Ring, fuse: Arc<OwnedFd>, core: Core, owner: Option<u32>, report: mpsc::Sender<Result<(), i32>>) {
+    // Its requests are issued on its CPU: served there, they stay in that CPU's caches.
+    if !crate::sys::fuse_ring::pin_to_cpu(ring.qid().into()) {
+        debug!("io_uring: queue {} not pinned to its CPU", ring.qid());
+    }
     ring.attach(fuse);
     let mailbox: Arc<Mutex<Vec<Deferred>>> = Arc::default();
     let waker = ring.waker();
@@ -194,7 +198,7 @@ fn run(mut ring: Ring, fuse: Arc<OwnedFd>, core: Core, owner: Option<u32>, repor
     let refused = match registered {
         Err(e) => Some(e.raw_os_error().unwrap_or(libc::EIO)),
         Ok(()) => events.iter().find_map(|e| match e {
-            Event::Failed(_, errno) => Some(*errno),
+            Event::Failed(_, errno) if ![libc::EAGAIN, libc::EINTR].contains(errno) => Some(*errno),
             _ => None,
         }),
     };
@@ -215,6 +219,10 @@ fn run(mut ring: Ring, fuse: Arc<OwnedFd>, core: Core, owner: Option<u32>, repor
                         // queue's capacity (the unlock must get through).
                         Served::Waiting => live = live - 1 + usize::from(ring.register().is_ok()),
                     }
+                }
+                // Not taken this time (the kernel said so): send it again.
+                Event::Failed(slot, libc::EAGAIN | libc::EINTR) => {
+                    live -= usize::from(ring.resend(slot).is_err());
                 }
                 Event::Failed(_, errno) => {
                     live = live.saturating_sub(1);
