@@ -151,8 +151,11 @@ impl Mounted {
             cmd.arg(secret_flag).arg(secret);
         }
         adjust(&mut cmd);
-        // The whole mount suite over io_uring: ENVELOPEFS_TEST_IO_URING=1 (and enable_uring=Y).
-        if std::env::var_os("ENVELOPEFS_TEST_IO_URING").is_some() {
+        // The whole mount suite over io_uring: ENVELOPEFS_TEST_IO_URING=1 (and enable_uring=Y),
+        // but for tests that choose their transport themselves.
+        let forced = std::env::var_os("ENVELOPEFS_TEST_IO_URING").is_some()
+            && !extra.iter().any(|a| a.contains("io-uring") || a.contains("io_uring"));
+        if forced {
             cmd.arg("--io-uring");
         }
         let child = cmd
@@ -177,7 +180,7 @@ impl Mounted {
             std::thread::sleep(Duration::from_millis(20));
         }
         // Over io_uring, it says so before it answers (see fuse::uring), or it fell back.
-        while std::env::var_os("ENVELOPEFS_TEST_IO_URING").is_some() && !m.log_text().contains("over io_uring") {
+        while forced && !m.log_text().contains("over io_uring") {
             assert!(!m.log_text().contains("over /dev/fuse"), "not over io_uring: {}", m.log_text());
             assert!(start.elapsed() < Duration::from_secs(20), "no io_uring: {}", m.log_text());
             std::thread::sleep(Duration::from_millis(20));
