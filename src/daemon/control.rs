@@ -135,7 +135,7 @@ pub fn query(mountpoint: &Path) -> Result<Status> {
         // A daemon killed (-9, OOM, a panic) leaves its socket file and a connection nobody
         // serves: say that, not only the socket's errno.
         // statfs always asks the daemon; a stat may be answered from the kernel's cache.
-        if rustix::fs::statvfs(mountpoint).is_err_and(|e| e == rustix::io::Errno::NOTCONN) {
+        if rustix::fs::statvfs(mountpoint).is_err_and(crate::sys::is_dead_fuse) {
             return Error::new(
                 libc::ENOTCONN,
                 format!(

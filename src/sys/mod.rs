@@ -49,6 +49,13 @@ fn owned(fd: libc::c_int, what: impl FnOnce() -> String) -> Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Whether a syscall on a FUSE mount failed because its daemon is gone: ENOTCONN, or
+/// ECONNABORTED for a request that was waiting on an io_uring queue when the daemon died
+/// (the kernel ends those when it tears the queues down; the next request gets ENOTCONN).
+pub fn is_dead_fuse(e: rustix::io::Errno) -> bool {
+    e == rustix::io::Errno::NOTCONN || e == rustix::io::Errno::CONNABORTED
+}
+
 /// The process's soft RLIMIT_NOFILE.
 pub fn nofile_limit() -> u64 {
     rustix::process::getrlimit(rustix::process::Resource::Nofile).current.unwrap_or(u64::MAX)
