@@ -13,6 +13,8 @@ reports medians and ratios. Run as root:
     python3 bench/run.py --systems envelopefs-kms-10ms,envelopefs-kms-2slots-10ms,envelopefs-kms-ik-10ms,envelopefs-kms-ik-2slots-10ms --workloads smallfiles
                                          # one KMS key slot vs two, per-file and intermediate-key mode
     python3 bench/run.py --systems gocryptfs,envelopefs,envelopefs-plaintext-names --workloads tree
+    python3 bench/run.py --systems envelopefs,envelopefs-uring --workloads tree,opens,rand
+                                         # FUSE over /dev/fuse vs over io_uring (--io-uring; sets enable_uring=Y)
                                          # hidden names (the default) vs gocryptfs and vs plaintext names
 
 Writes results/<stamp>/{results.json,results.csv,table.md,chart.svg} under bench/.
@@ -142,6 +144,28 @@ class Envelopefs(System):
     def unmount(self):
         if is_mounted(self.path):
             sh(self.binary, "umount", self.path, check=False)
+
+
+class EnvelopefsUring(Envelopefs):
+    """envelopefs serving FUSE over io_uring (--io-uring): enable_uring is set to Y while it
+    is mounted and put back after; a mount that fell back to /dev/fuse stops the run."""
+
+    PARAM = Path("/sys/module/fuse/parameters/enable_uring")
+
+    def mount(self):
+        self.before = self.PARAM.read_text().strip()
+        self.PARAM.write_text("Y")
+        super().mount()
+        for _ in range(100):
+            if "over io_uring" in self.log.read_text():
+                return
+            time.sleep(0.05)
+        sys.exit(f"{self.name}: not served over io_uring:\n{self.log.read_text()}")
+
+    def unmount(self):
+        super().unmount()
+        if getattr(self, "before", None):
+            self.PARAM.write_text(self.before)
 
 
 class EnvelopefsKms(Envelopefs):
@@ -632,6 +656,7 @@ def main():
         # `init`'s default hides names (format 4); this is the same volume with them in the clear.
         "envelopefs-plaintext-names": lambda: Envelopefs("envelopefs-plaintext-names", work, cfg.binary, [],
                                                          ["--plaintext-names"]),
+        "envelopefs-uring": lambda: EnvelopefsUring("envelopefs-uring", work, cfg.binary, ["--io-uring"]),
         "envelopefs-no-writeback": lambda: Envelopefs("envelopefs-no-writeback", work, cfg.binary, ["--no-writeback-cache"]),
         # The crash journal (docs/FORMAT.md §8): ordered is the default; off is the earlier behaviour.
         "envelopefs-baseline": lambda: Envelopefs("envelopefs-baseline", work, cfg.baseline_binary, []),

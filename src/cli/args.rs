@@ -371,7 +371,7 @@ pub struct MountArgs {
     /// Mount options, comma separated, for fstab and `mount -t fuse.envelopefs`: allow_other, trust_backing_permissions,
     /// ro, rw, no_writeback_cache, threads=N, attr_timeout=S, entry_timeout=S, key_file=F,
     /// passphrase_file=F, pin_file=F, log_file=F, audit_log=F, cache_ttl=S, cache_tti=S,
-    /// cache_max=N, journal=ordered|sync|off, file_handles=auto|always|never, max_inode_fds=N, exclusive, read_ahead_kb=N (fstab words such as _netdev, nofail, defaults,
+    /// cache_max=N, journal=ordered|sync|off, file_handles=auto|always|never, max_inode_fds=N, exclusive, read_ahead_kb=N, io_uring (fstab words such as _netdev, nofail, defaults,
     /// x-systemd.*, comment=… are accepted and ignored). In a value, write a comma as \, and
     /// a backslash as \\.
     #[arg(short = 'o', value_name = "OPTIONS")]
@@ -475,6 +475,13 @@ pub struct MountArgs {
     /// file, but bind it to an address only your monitoring reaches.
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
+    /// Serve FUSE requests over io_uring (FUSE_OVER_IO_URING, Linux 6.14+) instead of
+    /// reading and writing /dev/fuse: one queue per CPU, fewer syscalls per request. The
+    /// kernel allows it only after `echo Y > /sys/module/fuse/parameters/enable_uring` (as
+    /// root); where it refuses, the mount is served over /dev/fuse and the log says why.
+    /// `envelopefs status` shows which transport serves the mount.
+    #[arg(long)]
+    pub io_uring: bool,
     #[command(flatten)]
     pub secret: SecretArgs,
 }
@@ -506,6 +513,7 @@ impl MountArgs {
             exclusive: self.exclusive,
             read_ahead_kb: self.read_ahead_kb,
             metrics: self.metrics.clone(),
+            io_uring: self.io_uring,
             secret: self.secret.source(),
         }
     }

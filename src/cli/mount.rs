@@ -63,7 +63,7 @@ pub fn mount(mut s: MountSettings, foreground: bool, argv: &[OsString]) -> Resul
     };
     // statfs always asks the daemon; a stat may be answered from the kernel's cache for up
     // to a second after the daemon died.
-    let dead = rustix::fs::statvfs(s.mountpoint()).is_err_and(|e| e == rustix::io::Errno::NOTCONN);
+    let dead = rustix::fs::statvfs(s.mountpoint()).is_err_and(crate::sys::is_dead_fuse);
     let meta = match std::fs::metadata(s.mountpoint()) {
         // The daemon of the last mount here died (kill -9, OOM, a panic): what is left is
         // a connection nobody serves. Clear it if it was this volume's, then mount again,

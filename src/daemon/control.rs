@@ -45,6 +45,12 @@ pub struct Status {
     /// `provider_calls` counts the key operations asked of the key stores.
     #[serde(default)]
     pub kms_requests: Option<u64>,
+    /// What serves the FUSE requests: "/dev/fuse" or "io_uring" (`--io-uring`).
+    #[serde(default)]
+    pub transport: String,
+    /// Requests that came over io_uring.
+    #[serde(default)]
+    pub ring_requests: u64,
 }
 
 /// Where the socket of the mount at `mountpoint` lives.
@@ -129,7 +135,7 @@ pub fn query(mountpoint: &Path) -> Result<Status> {
         // A daemon killed (-9, OOM, a panic) leaves its socket file and a connection nobody
         // serves: say that, not only the socket's errno.
         // statfs always asks the daemon; a stat may be answered from the kernel's cache.
-        if rustix::fs::statvfs(mountpoint).is_err_and(|e| e == rustix::io::Errno::NOTCONN) {
+        if rustix::fs::statvfs(mountpoint).is_err_and(crate::sys::is_dead_fuse) {
             return Error::new(
                 libc::ENOTCONN,
                 format!(

@@ -167,6 +167,12 @@ impl Collector for Live {
             "files crash recovery settled when this mount started",
             self.recovered,
         )?;
+        counter(
+            &mut e,
+            "envelopefs_fuse_ring_requests",
+            "FUSE requests that came over io_uring (--io-uring)",
+            self.fs.stats.ring_requests.load(std::sync::atomic::Ordering::Relaxed),
+        )?;
         gauge(&mut e, "envelopefs_open_files", "files open through the mount", self.fs.open_files() as i64)?;
         gauge(&mut e, "envelopefs_inodes", "inodes the kernel knows", self.fs.inode_count() as i64)?;
         gauge(&mut e, "envelopefs_inode_fds", "descriptors of known inodes held open", self.fs.inode_fds().0 as i64)?;

@@ -61,6 +61,8 @@ pub struct MountSettings {
     pub read_ahead_kb: u32,
     /// Where the OpenMetrics endpoint listens (host:port); off when None.
     pub metrics: Option<String>,
+    /// Serve FUSE requests over io_uring where the kernel allows it (else /dev/fuse).
+    pub io_uring: bool,
     pub secret: SecretSource,
 }
 
@@ -90,6 +92,7 @@ impl Default for MountSettings {
             exclusive: false,
             read_ahead_kb: crate::fuse::DEFAULT_READ_AHEAD_KB,
             metrics: None,
+            io_uring: false,
             secret: SecretSource::default(),
         }
     }
@@ -197,6 +200,8 @@ pub fn apply_word(s: &mut MountSettings, word: &str) -> Result<()> {
         "exclusive" => s.exclusive = true,
         "read_ahead_kb" => s.read_ahead_kb = num()? as u32,
         "metrics" => s.metrics = Some(val()?.to_owned()),
+        "io_uring" => s.io_uring = true,
+        "no_io_uring" => s.io_uring = false,
         k if IGNORED.contains(&k) || k == "comment" || k.starts_with("x-") => {}
         _ => return Err(usage(format!("unknown mount option {word:?} (see envelopefs mount --help)"))),
     }
@@ -275,6 +280,7 @@ impl MountSettings {
             entry_timeout: Duration::from_secs_f64(timeout(self.entry_timeout)),
             read_ahead_kb: self.read_ahead_kb,
             writeback_cache: !self.no_writeback_cache,
+            io_uring: self.io_uring,
             fsname: self.backing().display().to_string(),
             ..MountOptions::default()
         }
@@ -360,6 +366,8 @@ mod tests {
             ("exclusive", |s| s.exclusive),
             ("read_ahead_kb=0", |s| s.read_ahead_kb == 0),
             ("metrics=127.0.0.1:9100", |s| s.metrics.as_deref() == Some("127.0.0.1:9100")),
+            ("io_uring", |s| s.io_uring && s.mount_options().io_uring),
+            ("io_uring,no_io_uring", |s| !s.io_uring),
             (r"key_file=/etc/a\,b.key", |s| s.secret.key_file.as_deref() == Some(Path::new("/etc/a,b.key"))),
             (r"key_file=/etc/a\\b.key", |s| s.secret.key_file.as_deref() == Some(Path::new(r"/etc/a\b.key"))),
             ("threads=2,threads=3", |s| s.threads == 3),

@@ -39,6 +39,8 @@ pub fn reporter(fs: Arc<EncryptedFs>, backing: &Path, mountpoint: &Path) -> Arc<
             inode_fd_limit: fs.inode_fds().1 as u64,
             requests: fs.stats.requests().map(|(o, n)| (o.to_owned(), n)).collect(),
             kms_requests: v.keys.requests_sent(),
+            transport: fs.stats.transport.get().copied().unwrap_or("/dev/fuse").to_owned(),
+            ring_requests: fs.stats.ring_requests.load(Relaxed),
         }
     })
 }
@@ -70,6 +72,11 @@ pub fn write_human(st: &Status, out: &mut dyn Write) -> io::Result<()> {
         by_count.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
         let list: Vec<String> = by_count.iter().map(|(o, n)| format!("{o} {n}")).collect();
         writeln!(out, "  FUSE requests  {}", list.join(", "))?;
+    }
+    if st.transport == "io_uring" {
+        writeln!(out, "  transport      io_uring ({} requests over the ring)", st.ring_requests)?;
+    } else if !st.transport.is_empty() {
+        writeln!(out, "  transport      {}", st.transport)?;
     }
     writeln!(out, "  errors         {}", st.errors)?;
     if let (Some(e), Some(ago)) = (&st.last_error, st.last_error_secs_ago) {
@@ -132,6 +139,8 @@ mod tests {
             inode_fd_limit: 512,
             requests: [("lookup".to_owned(), 3), ("getattr".to_owned(), 9)].into(),
             kms_requests: Some(6),
+            transport: "io_uring".into(),
+            ring_requests: 11,
         };
         let mut out = Vec::new();
         write_human(&st, &mut out).unwrap();
@@ -141,6 +150,7 @@ mod tests {
             "open files     2",
             "DEK cache      1 keys, 3 hits, 1 misses (75% hit rate)",
             "key-store operations 4 (0 failed)",
+            "transport      io_uring (11 requests over the ring)",
             "KMS requests   6",
             "last error     9 s ago: boom",
             "inodes         12 known, 5 descriptors open (at most 512)",

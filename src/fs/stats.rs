@@ -65,6 +65,10 @@ pub struct Stats {
     pub errnos: Family<Labels, Counter>,
     /// Replies that were EIO because something did not authenticate, by what.
     pub integrity: Family<Labels, Counter>,
+    /// What serves the mount's requests: "/dev/fuse" or "io_uring" (set once mounted).
+    pub transport: std::sync::OnceLock<&'static str>,
+    /// Requests that came over io_uring (`--io-uring`).
+    pub ring_requests: AtomicU64,
 }
 
 fn latency_histogram() -> Histogram {
@@ -81,6 +85,8 @@ impl Default for Stats {
             latency: std::array::from_fn(|_| latency_histogram()),
             errnos: Family::default(),
             integrity: Family::default(),
+            transport: std::sync::OnceLock::new(),
+            ring_requests: AtomicU64::new(0),
         }
     }
 }
@@ -107,6 +113,11 @@ impl Stats {
             self.requests[i].fetch_add(1, Ordering::Relaxed);
         }
         RequestTimer { histogram: i.map(|i| &self.latency[i]), start: std::time::Instant::now() }
+    }
+
+    /// Count one request that came over io_uring.
+    pub fn ring_request(&self) {
+        self.ring_requests.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Request latencies by opcode, for those sent at least once.

@@ -23,6 +23,9 @@ pub struct MountOptions {
     /// A shared volume's mount: byte-range and whole-file locks go to the daemon, which
     /// takes them on the backing file (`EncryptedFs::set_lock`).
     pub shared_locks: bool,
+    /// Serve requests over io_uring queues (FUSE_OVER_IO_URING) where the kernel allows it,
+    /// else over /dev/fuse.
+    pub io_uring: bool,
 }
 
 /// Large sequential reads reach the daemon in requests this large (the kernel's 128 KiB
@@ -63,6 +66,7 @@ impl Default for MountOptions {
             read_ahead_kb: DEFAULT_READ_AHEAD_KB,
             fsname: "envelopefs".into(),
             shared_locks: false,
+            io_uring: false,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Thin, checked wrappers over the directory-fd-relative syscalls the filesystem uses.
 
 pub mod atomic_file;
+pub mod fuse_ring;
 pub mod probe;
 pub mod range_lock;
 pub mod sync;
@@ -46,6 +47,13 @@ fn owned(fd: libc::c_int, what: impl FnOnce() -> String) -> Result<OwnedFd> {
     })?;
     // SAFETY: `fd` was just returned by the kernel and is owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Whether a syscall on a FUSE mount failed because its daemon is gone: ENOTCONN, or
+/// ECONNABORTED for a request that was waiting on an io_uring queue when the daemon died
+/// (the kernel ends those when it tears the queues down; the next request gets ENOTCONN).
+pub fn is_dead_fuse(e: rustix::io::Errno) -> bool {
+    e == rustix::io::Errno::NOTCONN || e == rustix::io::Errno::CONNABORTED
 }
 
 /// The process's soft RLIMIT_NOFILE.

@@ -12,6 +12,7 @@ mod fixtures;
 mod fs_api;
 mod full_disk;
 mod hidden_names;
+mod io_uring;
 mod key_slots;
 mod layers;
 mod matrix;

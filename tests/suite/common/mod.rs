@@ -155,6 +155,13 @@ impl Mounted {
             cmd.arg(secret_flag).arg(secret);
         }
         adjust(&mut cmd);
+        // The whole mount suite over io_uring: ENVELOPEFS_TEST_IO_URING=1 (and enable_uring=Y),
+        // but for tests that choose their transport themselves.
+        let forced = std::env::var_os("ENVELOPEFS_TEST_IO_URING").is_some()
+            && !extra.iter().any(|a| a.contains("io-uring") || a.contains("io_uring"));
+        if forced {
+            cmd.arg("--io-uring");
+        }
         let child = cmd
             .arg("--log-file")
             .arg(&log)
@@ -174,6 +181,12 @@ impl Mounted {
                 panic!("mount exited with {status}: {}", String::from_utf8_lossy(&out.stderr));
             }
             assert!(start.elapsed() < Duration::from_secs(20), "mount did not appear");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Over io_uring, it says so before it answers (see fuse::uring), or it fell back.
+        while forced && !m.log_text().contains("over io_uring") {
+            assert!(!m.log_text().contains("over /dev/fuse"), "not over io_uring: {}", m.log_text());
+            assert!(start.elapsed() < Duration::from_secs(20), "no io_uring: {}", m.log_text());
             std::thread::sleep(Duration::from_millis(20));
         }
         m
