@@ -74,7 +74,14 @@ pub fn mount(fs: Arc<EncryptedFs>, mountpoint: &Path, opts: MountOptions) -> io:
     // As root the mount is made here, typed `fuse.envelopefs` (fuser's own mount(2) says
     // `fuse`), so `findmnt -t fuse.envelopefs` and `umount -a -t fuse.envelopefs` find it.
     // Elsewhere fusermount3 makes it, with the subtype.
-    let (plan, hook) = uring::Plan::new(opts.io_uring, opts.threads, opts.max_write);
+    // Over the ring a granted lock's page invalidation can wait on a write queued behind
+    // the very thread that asked (and each blocking lock takes a ring entry of its own):
+    // locks reach the daemon only on shared volumes, which stay on /dev/fuse.
+    let io_uring = opts.io_uring && !opts.shared_locks;
+    if opts.io_uring && opts.shared_locks {
+        warn!("io_uring: a shared volume is served over /dev/fuse (its locks are not safe over the ring yet)");
+    }
+    let (plan, hook) = uring::Plan::new(io_uring, opts.threads, opts.max_write);
     let core = Core { fs, opts: opts.clone(), notifier: Arc::new(OnceLock::new()) };
     let ffs = FuseFs { core: core.clone(), uring: hook };
     let session =

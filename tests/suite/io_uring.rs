@@ -195,3 +195,29 @@ fn a_killed_io_uring_daemon_leaves_a_mount_that_fails_instead_of_hanging() {
     assert!(status(&m).contains("\"transport\": \"io_uring\""));
     assert!(m.unmount().success());
 }
+
+/// Locks reach the daemon only on a shared volume, and a granted lock's page invalidation
+/// could wait on a write queued behind its own ring thread: such a volume stays on
+/// /dev/fuse, and says so once.
+#[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
+fn a_shared_volume_is_served_over_dev_fuse_even_when_io_uring_is_asked_for() {
+    let _on = EnableUring::set(true);
+    let vol = TestVolume::new(4096);
+    // A shared volume beside the one TestVolume made, under the same key file.
+    let backing = vol.dir.path().join("shared");
+    fs::create_dir(&backing).unwrap();
+    let out = cli(&[&"init", &"--key-file", &vol.key, &"--shared", &backing]);
+    assert!(out.status.success(), "init --shared: {}", String::from_utf8_lossy(&out.stderr));
+    let m = Mounted::start(&backing, &vol.key, &vol.dir.path().join("mnt-shared"), &["--io-uring"]);
+    fs::write(m.path("f"), b"on a shared volume").unwrap();
+    assert_eq!(fs::read(m.path("f")).unwrap(), b"on a shared volume");
+    let st = status(&m);
+    assert!(st.contains("\"transport\": \"/dev/fuse\""), "{st}");
+    assert_eq!(field(&st, "ring_requests"), 0);
+    let log = m.log_text();
+    let warnings: Vec<&str> = log.lines().filter(|l| l.contains("WARN")).collect();
+    assert_eq!(warnings.len(), 1, "{log}");
+    assert!(warnings[0].contains("a shared volume is served over /dev/fuse"), "{log}");
+    assert!(m.unmount().success());
+}

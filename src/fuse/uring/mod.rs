@@ -160,18 +160,19 @@ impl Queues {
     }
 
     /// Wait for the threads, which end with the connection (their entries fail with
-    /// ENOTCONN); a thread still busy after `patience` is left to the process's exit.
-    pub fn join(self, patience: Duration) {
-        let deadline = std::time::Instant::now() + patience;
+    /// ENOTCONN), as long as they take: a request still being served finishes its change
+    /// before the journal closes. Every `nag` a thread is still busy is logged.
+    pub fn join(self, nag: Duration) {
         for t in self.threads {
-            while !t.is_finished() && std::time::Instant::now() < deadline {
+            let mut since = std::time::Instant::now();
+            while !t.is_finished() {
+                if since.elapsed() >= nag {
+                    warn!("io_uring: a queue thread is still serving a request after the unmount; waiting for it");
+                    since = std::time::Instant::now();
+                }
                 std::thread::sleep(Duration::from_millis(10));
             }
-            if t.is_finished() {
-                let _ = t.join();
-            } else {
-                warn!("io_uring: a queue thread is still busy at unmount; leaving it");
-            }
+            let _ = t.join();
         }
     }
 }
