@@ -54,6 +54,19 @@ fn field(json: &str, name: &str) -> u64 {
     json[at..].chars().take_while(char::is_ascii_digit).collect::<String>().parse().unwrap()
 }
 
+/// The mount asked for io_uring and got /dev/fuse: no request came over a ring, and one
+/// warning, saying `why`, was logged. Unmounts it.
+fn served_over_dev_fuse(m: Mounted, why: &str) {
+    let st = status(&m);
+    assert!(st.contains("\"transport\": \"/dev/fuse\""), "{st}");
+    assert_eq!(field(&st, "ring_requests"), 0);
+    let log = m.log_text();
+    let warnings: Vec<&str> = log.lines().filter(|l| l.contains("WARN")).collect();
+    assert_eq!(warnings.len(), 1, "{log}");
+    assert!(warnings[0].contains(why), "{log}");
+    assert!(m.unmount().success());
+}
+
 /// What a user does with a mount, checked as it goes.
 fn file_work(m: &Mounted) {
     fs::write(m.path("a.txt"), b"hello ring").unwrap();
@@ -149,14 +162,7 @@ fn when_the_kernel_refuses_the_ring_the_mount_is_served_over_dev_fuse_and_says_w
     let vol = TestVolume::new(4096);
     let m = vol.mount(&["--io-uring"]);
     file_work(&m);
-    let st = status(&m);
-    assert!(st.contains("\"transport\": \"/dev/fuse\""), "{st}");
-    assert_eq!(field(&st, "ring_requests"), 0);
-    let log = m.log_text();
-    let warnings: Vec<&str> = log.lines().filter(|l| l.contains("WARN")).collect();
-    assert_eq!(warnings.len(), 1, "{log}");
-    assert!(warnings[0].contains("echo Y > /sys/module/fuse/parameters/enable_uring"), "{log}");
-    assert!(m.unmount().success());
+    served_over_dev_fuse(m, "echo Y > /sys/module/fuse/parameters/enable_uring");
 }
 
 #[test]
@@ -212,12 +218,5 @@ fn a_shared_volume_is_served_over_dev_fuse_even_when_io_uring_is_asked_for() {
     let m = Mounted::start(&backing, &vol.key, &vol.dir.path().join("mnt-shared"), &["--io-uring"]);
     fs::write(m.path("f"), b"on a shared volume").unwrap();
     assert_eq!(fs::read(m.path("f")).unwrap(), b"on a shared volume");
-    let st = status(&m);
-    assert!(st.contains("\"transport\": \"/dev/fuse\""), "{st}");
-    assert_eq!(field(&st, "ring_requests"), 0);
-    let log = m.log_text();
-    let warnings: Vec<&str> = log.lines().filter(|l| l.contains("WARN")).collect();
-    assert_eq!(warnings.len(), 1, "{log}");
-    assert!(warnings[0].contains("a shared volume is served over /dev/fuse"), "{log}");
-    assert!(m.unmount().success());
+    served_over_dev_fuse(m, "a shared volume is served over /dev/fuse");
 }
