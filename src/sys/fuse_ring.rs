@@ -73,6 +73,19 @@ pub struct Ring {
 // they never move); nothing else shares them, so the `Ring` may move to another thread.
 unsafe impl Send for Ring {}
 
+/// Make the kernel serve the connection over /dev/fuse after all: a REGISTER for a queue
+/// that does not exist is refused, and a refused REGISTER turns the connection's io_uring
+/// off and wakes the requests that were waiting for every queue to have an entry (which a
+/// queue left without a thread would never get). True when the kernel refused it.
+pub fn refuse(fuse: Arc<OwnedFd>) -> io::Result<bool> {
+    let mut ring = Ring::new(u16::MAX, 8192)?;
+    ring.attach(fuse);
+    ring.register()?;
+    let mut events = Vec::new();
+    ring.wait(&mut events)?;
+    Ok(events.iter().any(|e| matches!(e, Event::Failed(0, _))))
+}
+
 /// Wakes a ring's thread from another thread (`Event::Wake`).
 #[derive(Clone)]
 pub struct Waker(Arc<UnixDatagram>);

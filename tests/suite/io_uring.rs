@@ -220,3 +220,26 @@ fn a_shared_volume_is_served_over_dev_fuse_even_when_io_uring_is_asked_for() {
     assert_eq!(fs::read(m.path("f")).unwrap(), b"on a shared volume");
     served_over_dev_fuse(m, "a shared volume is served over /dev/fuse");
 }
+
+/// The kernel uses the ring only once every queue has an entry, and holds every request
+/// until then: a queue whose threads never start (here by the daemon's fault-injection
+/// switch) must turn the ring off, or the mount would answer nothing.
+#[test]
+#[cfg_attr(not(feature = "fuse_tests"), ignore = "mounts through FUSE as root: --features fuse_tests")]
+fn a_queue_left_without_a_thread_turns_the_ring_off_instead_of_holding_every_request() {
+    let _on = EnableUring::set(true);
+    let vol = TestVolume::new(4096);
+    let m = Mounted::start_trusting(
+        &common::trust_dir(),
+        &vol.backing,
+        "--key-file",
+        &vol.key,
+        &vol.dir.path().join("mnt"),
+        &["--io-uring"],
+        |c| {
+            c.env("ENVELOPEFS_TEST_URING_UNSERVED_QUEUE", "0");
+        },
+    );
+    file_work(&m);
+    served_over_dev_fuse(m, "so the mount is served over /dev/fuse");
+}

@@ -101,21 +101,30 @@ impl Plan {
     /// serve them, or say why the mount stays on /dev/fuse. Never fails the mount.
     pub fn start(self, fuse: impl AsFd, core: &Core, owner: Option<u32>) -> Queues {
         let mut queues = Queues { threads: Vec::new(), transport: "/dev/fuse" };
+        // Fault injection for tests: the threads of this queue are not started.
+        let unserved: Option<u16> =
+            std::env::var("ENVELOPEFS_TEST_URING_UNSERVED_QUEUE").ok().and_then(|q| q.parse().ok());
         if self.rings.is_empty() || !self.granted.load(Ordering::SeqCst) {
             return queues;
         }
         let fd = match fuse.as_fd().try_clone_to_owned() {
             Ok(fd) => Arc::new(fd),
             Err(e) => {
-                // Granted but never registered, the kernel would wait for the queues forever.
                 warn!("io_uring: the /dev/fuse descriptor could not be duplicated ({e})");
+                // Granted but never registered, the kernel would wait for the queues forever.
+                match fuse.as_fd().try_clone_to_owned() {
+                    Ok(fd) => fall_back(Arc::new(fd), "no queue could start"),
+                    Err(e) => tracing::error!(
+                        "io_uring: the kernel waits for ring entries that cannot be given ({e}): unmount this mount"
+                    ),
+                }
                 return queues;
             }
         };
         let nqueues = self.rings.len();
         let started_wanted = self.rings.iter().map(Vec::len).sum::<usize>();
         let (tx, rx) = mpsc::channel();
-        for ring in self.rings.into_iter().flatten() {
+        for ring in self.rings.into_iter().flatten().filter(|r| Some(r.qid()) != unserved) {
             let (core, tx, fd) = (core.clone(), tx.clone(), fd.clone());
             let spawned =
                 std::thread::Builder::new().name("fuse-uring".into()).spawn(move || run(ring, fd, core, owner, tx));
@@ -126,13 +135,20 @@ impl Plan {
         }
         drop(tx);
         let all_started = queues.threads.len() == started_wanted;
-        let refused: Vec<i32> = rx.iter().take(queues.threads.len()).filter_map(|r: Result<(), i32>| r.err()).collect();
+        let reports: Vec<Report> = rx.iter().take(queues.threads.len()).collect();
+        let refused: Vec<i32> = reports.iter().filter_map(|(_, r)| r.err()).collect();
+        // A queue none of whose threads registered leaves every request waiting.
+        let served: std::collections::HashSet<u16> =
+            reports.iter().filter(|(_, r)| r.is_ok()).map(|(q, _)| *q).collect();
         match refused.first() {
-            None if all_started => {
+            None if served.len() == nqueues => {
                 queues.transport = "io_uring";
                 info!("serving FUSE requests over io_uring: {nqueues} queues, {} threads", queues.threads.len());
+                if !all_started {
+                    warn!("io_uring: {} of {started_wanted} queue threads started", queues.threads.len());
+                }
             }
-            None => {}
+            None => fall_back(fd, &format!("{} of {nqueues} queues have a thread", served.len())),
             Some(&errno) => warn!(
                 "io_uring: the kernel refused a ring entry ({}), so the mount is served over /dev/fuse; {}",
                 std::io::Error::from_raw_os_error(errno),
@@ -144,6 +160,20 @@ impl Plan {
             ),
         }
         queues
+    }
+}
+
+/// What a queue thread tells `start`: its queue, and whether the kernel took its entry.
+type Report = (u16, Result<(), i32>);
+
+/// Turn the connection's io_uring off (`why` a queue is left without entries), so its
+/// requests come over /dev/fuse.
+fn fall_back(fuse: Arc<OwnedFd>, why: &str) {
+    match crate::sys::fuse_ring::refuse(fuse) {
+        Ok(true) => warn!("io_uring: {why}, so the mount is served over /dev/fuse"),
+        r => tracing::error!(
+            "io_uring: {why}, and the kernel would not turn the ring off ({r:?}): requests wait; unmount this mount"
+        ),
     }
 }
 
@@ -179,7 +209,7 @@ impl Queues {
 
 /// One thread: register its entries, report whether the kernel took them, then serve
 /// until the kernel holds none of them any more.
-fn run(mut ring: Ring, fuse: Arc<OwnedFd>, core: Core, owner: Option<u32>, report: mpsc::Sender<Result<(), i32>>) {
+fn run(mut ring: Ring, fuse: Arc<OwnedFd>, core: Core, owner: Option<u32>, report: mpsc::Sender<Report>) {
     // Its requests are issued on its CPU: served there, they stay in that CPU's caches.
     if !crate::sys::fuse_ring::pin_to_cpu(ring.qid().into()) {
         debug!("io_uring: queue {} not pinned to its CPU", ring.qid());
@@ -203,7 +233,7 @@ fn run(mut ring: Ring, fuse: Arc<OwnedFd>, core: Core, owner: Option<u32>, repor
             _ => None,
         }),
     };
-    let _ = report.send(refused.map_or(Ok(()), Err));
+    let _ = report.send((ring.qid(), refused.map_or(Ok(()), Err)));
     if refused.is_some() {
         return;
     }
