@@ -241,5 +241,5 @@ fn a_queue_left_without_a_thread_turns_the_ring_off_instead_of_holding_every_req
         },
     );
     file_work(&m);
-    served_over_dev_fuse(m, "so the mount is served over /dev/fuse");
+    served_over_dev_fuse(m, "queues have a thread, so the mount is served over /dev/fuse");
 }
